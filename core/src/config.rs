@@ -1,0 +1,195 @@
+//! Run configuration: everything a replica must agree on before step 0.
+//!
+//! A config arrives over the wire in the handshake, so [`RunConfig::validate`]
+//! bounds every field: a hostile server or a typo must not make a client
+//! allocate terabytes or divide by zero.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Shape of the character-level RNN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Number of distinct characters; the input is one-hot over these.
+    pub vocab: u32,
+    /// Width of every hidden layer.
+    pub hidden: u32,
+    /// Number of stacked tanh layers.
+    pub layers: u32,
+}
+
+/// Which perturbations members evaluate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoiseKind {
+    /// Full-rank Gaussian noise on every parameter (OpenAI-ES).
+    Full,
+    /// EGGROLL noise: each matrix gets `A B^T / sqrt(rank)`, biases plain
+    /// Gaussian. Lets a whole population share one GEMM per layer and step.
+    LowRank {
+        /// Rank r of the matrix perturbation.
+        rank: u32,
+    },
+}
+
+/// Evolution-strategies settings.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EsConfig {
+    /// The perturbation family.
+    pub noise: NoiseKind,
+    /// Noise scale: members evaluate `theta + sigma * eps`.
+    pub sigma: f32,
+    /// Members per step; even, because members come in antithetic pairs.
+    pub population: u32,
+    /// Sequences per minibatch, shared by every member of a step.
+    pub batch: u32,
+    /// Predicted tokens per sequence (each sequence holds `seq_len + 1` tokens).
+    pub seq_len: u32,
+}
+
+/// Adam settings. The update path must be bit-identical on every replica, so
+/// these are plain f32 values applied in a fixed order (see [`crate::adam`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamConfig {
+    /// Step size.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator guard.
+    pub eps: f32,
+    /// Decoupled weight decay (AdamW); 0 disables it.
+    pub weight_decay: f32,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Everything that defines a training run; replicas with equal configs and
+/// equal update lists hold bit-identical weights.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// Root of every random stream (init, noise, minibatches).
+    pub seed: u64,
+    /// Model shape.
+    pub model: ModelConfig,
+    /// ES settings.
+    pub es: EsConfig,
+    /// Optimizer settings.
+    pub adam: AdamConfig,
+    /// Init weights are uniform in `±init_scale / sqrt(fan_in)`.
+    pub init_scale: f32,
+}
+
+/// Largest sizes a replica accepts, so a config from the wire cannot exhaust memory.
+pub mod limits {
+    /// Largest vocabulary (tokens are u16 on the wire).
+    pub const MAX_VOCAB: u32 = 1 << 16;
+    /// Largest hidden width.
+    pub const MAX_HIDDEN: u32 = 4096;
+    /// Largest depth.
+    pub const MAX_LAYERS: u32 = 16;
+    /// Largest population.
+    pub const MAX_POPULATION: u32 = 1 << 20;
+    /// Largest low-rank rank.
+    pub const MAX_RANK: u32 = 64;
+    /// Largest sequences per minibatch.
+    pub const MAX_BATCH: u32 = 4096;
+    /// Largest sequence length.
+    pub const MAX_SEQ_LEN: u32 = 4096;
+}
+
+impl RunConfig {
+    /// The reference workload RW-256 of DESIGN.md section 5 for a given vocabulary.
+    pub fn rw256(vocab: u32) -> Self {
+        Self {
+            seed: 0,
+            model: ModelConfig {
+                vocab,
+                hidden: 256,
+                layers: 2,
+            },
+            es: EsConfig {
+                noise: NoiseKind::LowRank { rank: 1 },
+                sigma: 0.02,
+                population: 256,
+                batch: 16,
+                seq_len: 64,
+            },
+            adam: AdamConfig::default(),
+            init_scale: 1.0,
+        }
+    }
+
+    /// Checks every field against [`limits`]; call on any config from outside.
+    pub fn validate(&self) -> Result<()> {
+        use limits::*;
+        let m = &self.model;
+        let e = &self.es;
+        let a = &self.adam;
+        let bad = |s: &str| Err(Error::Config(s.into()));
+        if m.vocab < 2 || m.vocab > MAX_VOCAB {
+            return bad("vocab must be in 2..=65536");
+        }
+        if m.hidden == 0 || m.hidden > MAX_HIDDEN {
+            return bad("hidden must be in 1..=4096");
+        }
+        if m.layers == 0 || m.layers > MAX_LAYERS {
+            return bad("layers must be in 1..=16");
+        }
+        if e.population < 2 || e.population > MAX_POPULATION || e.population % 2 != 0 {
+            return bad("population must be even and in 2..=2^20");
+        }
+        if let NoiseKind::LowRank { rank } = e.noise {
+            if rank == 0 || rank > MAX_RANK {
+                return bad("rank must be in 1..=64");
+            }
+        }
+        if e.batch == 0 || e.batch > MAX_BATCH {
+            return bad("batch must be in 1..=4096");
+        }
+        if e.seq_len == 0 || e.seq_len > MAX_SEQ_LEN {
+            return bad("seq_len must be in 1..=4096");
+        }
+        if !(e.sigma.is_finite() && e.sigma > 0.0) {
+            return bad("sigma must be finite and positive");
+        }
+        let unit = |x: f32| x.is_finite() && (0.0..1.0).contains(&x);
+        if !(a.lr.is_finite() && a.lr >= 0.0 && unit(a.beta1) && unit(a.beta2)) {
+            return bad("adam lr must be finite and >= 0, betas in [0, 1)");
+        }
+        let positive = |x: f32| x.is_finite() && x > 0.0;
+        if !(positive(a.eps) && a.weight_decay.is_finite() && a.weight_decay >= 0.0) {
+            return bad("adam eps must be > 0 and weight decay >= 0");
+        }
+        if !(self.init_scale.is_finite() && self.init_scale >= 0.0) {
+            return bad("init_scale must be finite and >= 0");
+        }
+        Ok(())
+    }
+
+    /// Tokens in one minibatch: `batch` sequences of `seq_len + 1` tokens.
+    pub fn batch_tokens(&self) -> usize {
+        self.es.batch as usize * (self.es.seq_len as usize + 1)
+    }
+}
+
+impl NoiseKind {
+    /// The rank for low-rank noise, `None` for full noise.
+    pub fn rank(&self) -> Option<usize> {
+        match self {
+            NoiseKind::Full => None,
+            NoiseKind::LowRank { rank } => Some(*rank as usize),
+        }
+    }
+}

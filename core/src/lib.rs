@@ -1,0 +1,55 @@
+//! seedling-core: the deterministic heart of Seedling.
+//!
+//! Seedling trains a character-level RNN with evolution strategies (ES) on
+//! compute donated by volunteers. Every replica (the server, each browser tab,
+//! each native worker) runs this crate, so it must compute the same thing on
+//! x86_64 and wasm32: losses for perturbed models (fast, may differ in the last
+//! bits) and weight updates (bit-identical everywhere, see `update` and `adam`).
+//!
+//! The crate knows nothing of I/O, threads or clocks: callers bring bytes and
+//! token buffers, and parallelism is done by splitting member lists.
+//!
+//! # Layout
+//!
+//! - [`error`]: the one error type; input never panics the core.
+//! - [`config`]: run, model, ES and Adam settings, validated at the boundary.
+//! - [`tokenizer`]: the character vocabulary, built from a corpus.
+//! - [`model`]: the parameter buffer layout (named tensor views) and init.
+//! - [`noise`]: the counter-based Gaussian generator keyed by
+//!   (run, step, pair, tensor).
+//! - [`activation`]: tanh and cross-entropy, fast and reference flavours.
+//! - [`gemm`]: the matrix multiply used by the forward pass (fast and reference).
+//! - [`forward`]: population-batched loss evaluation (low-rank and full noise).
+//! - [`shaping`]: centered ranks of the losses.
+//! - [`update`]: the ES gradient rebuilt from seeds and weights.
+//! - [`adam`]: the optimizer, bit-identical on every target.
+//! - [`replica`]: one replica's state (weights, moments, step) tying it together.
+//! - [`batch`]: deterministic minibatch selection from a token stream.
+//! - [`generate`]: single-step state, sampling and beam search.
+//! - [`hash`]: the 64-bit weights hash replicas compare.
+//! - [`protocol`]: the wire messages every client speaks.
+#![cfg_attr(not(feature = "std"), no_std)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+pub mod activation;
+pub mod adam;
+pub mod batch;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod gemm;
+pub mod generate;
+pub mod hash;
+pub mod model;
+pub mod noise;
+pub mod protocol;
+pub mod replica;
+pub mod shaping;
+pub mod tokenizer;
+pub mod update;
+
+pub use config::{AdamConfig, EsConfig, ModelConfig, NoiseKind, RunConfig};
+pub use error::{Error, Result};
+pub use replica::Replica;

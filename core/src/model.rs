@@ -1,0 +1,181 @@
+//! Parameter layout of the stacked tanh RNN.
+//!
+//! All parameters live in one contiguous f32 buffer so that hashing, Adam,
+//! snapshots and checkpoints are single slices. [`Layout`] names the tensors
+//! inside it. Tensor ids (their index in [`Layout::tensors`]) key the noise
+//! streams, so the order here is part of the determinism contract.
+//!
+//! Per layer `l`: `h_t = tanh(x_t W_ih + h_{t-1} W_hh + b)`, with layer 0's
+//! `W_ih` a `[vocab, hidden]` table (one-hot input times a matrix is a row
+//! lookup). Then `logits = h_t W_out + b_out`.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::config::ModelConfig;
+use crate::noise;
+
+/// One named tensor inside the parameter buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// Name used in checkpoints (safetensors keys).
+    pub name: String,
+    /// Start in the parameter buffer.
+    pub offset: usize,
+    /// Rows (1 for a vector).
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Matrices get low-rank noise; vectors get plain Gaussian noise.
+    pub is_matrix: bool,
+}
+
+impl TensorSpec {
+    /// Number of parameters.
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// True for an empty tensor (never produced by a valid config).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The range of this tensor in the parameter buffer.
+    pub fn range(&self) -> core::ops::Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// Where each tensor lives in the parameter buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// The shape this layout was built for.
+    pub config: ModelConfig,
+    /// Tensors in buffer (and noise-stream) order.
+    pub tensors: Vec<TensorSpec>,
+    /// Total parameter count.
+    pub len: usize,
+}
+
+impl Layout {
+    /// Lays out the tensors of a model shape.
+    pub fn new(config: ModelConfig) -> Self {
+        let v = config.vocab as usize;
+        let h = config.hidden as usize;
+        let mut tensors = Vec::new();
+        let mut offset = 0;
+        let mut push = |name: String, rows: usize, cols: usize, is_matrix: bool| {
+            tensors.push(TensorSpec {
+                name,
+                offset,
+                rows,
+                cols,
+                is_matrix,
+            });
+            offset += rows * cols;
+        };
+        for l in 0..config.layers as usize {
+            let input = if l == 0 { v } else { h };
+            push(format!("layers.{l}.w_ih"), input, h, true);
+            push(format!("layers.{l}.w_hh"), h, h, true);
+            push(format!("layers.{l}.b"), 1, h, false);
+        }
+        push("out.w".into(), h, v, true);
+        push("out.b".into(), 1, v, false);
+        Self {
+            config,
+            tensors,
+            len: offset,
+        }
+    }
+
+    /// Layer `l`'s input matrix.
+    pub fn w_ih(&self, l: usize) -> &TensorSpec {
+        &self.tensors[3 * l]
+    }
+
+    /// Layer `l`'s recurrent matrix.
+    pub fn w_hh(&self, l: usize) -> &TensorSpec {
+        &self.tensors[3 * l + 1]
+    }
+
+    /// Layer `l`'s bias.
+    pub fn b(&self, l: usize) -> &TensorSpec {
+        &self.tensors[3 * l + 2]
+    }
+
+    /// The output matrix.
+    pub fn w_out(&self) -> &TensorSpec {
+        &self.tensors[3 * self.layers()]
+    }
+
+    /// The output bias.
+    pub fn b_out(&self) -> &TensorSpec {
+        &self.tensors[3 * self.layers() + 1]
+    }
+
+    /// Number of RNN layers.
+    pub fn layers(&self) -> usize {
+        self.config.layers as usize
+    }
+
+    /// Hidden width.
+    pub fn hidden(&self) -> usize {
+        self.config.hidden as usize
+    }
+
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.config.vocab as usize
+    }
+
+    /// Deterministic initial weights: uniform in `±scale / sqrt(fan_in)`
+    /// (PyTorch's RNN init with scale 1), from the run seed alone.
+    pub fn init_params(&self, seed: u64, scale: f32) -> Vec<f32> {
+        let mut p = alloc::vec![0.0f32; self.len];
+        let bound = scale / libm::sqrtf(self.hidden() as f32);
+        for (id, t) in self.tensors.iter().enumerate() {
+            let key = noise::derive(&[noise::DOMAIN_INIT, seed, id as u64]);
+            let dst = &mut p[t.range()];
+            noise::fill_uniform(key, dst);
+            for x in dst.iter_mut() {
+                *x = (*x * 2.0 - 1.0) * bound;
+            }
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rw256_has_about_230k_parameters() {
+        let l = Layout::new(ModelConfig {
+            vocab: 65,
+            hidden: 256,
+            layers: 2,
+        });
+        // 65*256 + 256*256 + 256 + 2*(256*256) + 256 + 256*65 + 65
+        assert_eq!(l.len, 16640 + 65536 + 256 + 131072 + 256 + 16640 + 65);
+        assert_eq!(l.tensors.last().unwrap().range().end, l.len);
+        assert_eq!(l.w_out().rows, 256);
+        assert_eq!(l.b(1).name, "layers.1.b");
+    }
+
+    #[test]
+    fn init_is_deterministic_and_bounded() {
+        let l = Layout::new(ModelConfig {
+            vocab: 7,
+            hidden: 16,
+            layers: 2,
+        });
+        let a = l.init_params(5, 1.0);
+        assert_eq!(a, l.init_params(5, 1.0));
+        assert_ne!(a, l.init_params(6, 1.0));
+        assert!(a.iter().all(|x| x.abs() <= 0.25));
+    }
+}

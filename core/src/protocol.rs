@@ -1,0 +1,185 @@
+//! The wire protocol every client speaks: one serde enum per direction,
+//! encoded with postcard in binary WebSocket messages.
+//!
+//! postcard rather than bincode: bincode is unmaintained (its 3.0.0 release
+//! is only a `compile_error!`). Decoding is the trust boundary, so
+//! [`decode_client`] and [`decode_server`] cap sizes, reject trailing bytes
+//! and validate what serde alone cannot (configs, vocabularies, finiteness);
+//! arbitrary bytes give an [`Error::Wire`], never a panic.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+
+use crate::adam::AdamState;
+use crate::config::RunConfig;
+use crate::error::{Error, Result};
+use crate::tokenizer::{Token, Tokenizer};
+
+/// Bumped on any incompatible change; the handshake refuses a mismatch.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest client message: losses for 2^16 members fit with room to spare.
+pub const MAX_CLIENT_MESSAGE: usize = 1 << 20;
+
+/// Largest server message: a snapshot of a 16M-parameter model with Adam moments.
+pub const MAX_SERVER_MESSAGE: usize = 256 << 20;
+
+/// What kind of volunteer is connecting; shown in the status page and used
+/// to size jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientKind {
+    /// A Web Worker in a browser tab.
+    Browser,
+    /// The native `seedling worker`.
+    Native,
+    /// A test double that computes nothing.
+    Simulated,
+}
+
+/// Client to server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// First message on a connection.
+    Hello {
+        /// Must equal [`PROTOCOL_VERSION`].
+        version: u32,
+        /// What the client is.
+        kind: ClientKind,
+        /// Members the client evaluates in parallel.
+        threads: u32,
+        /// Estimated member evaluations per second, 0 if unknown.
+        speed: f32,
+    },
+    /// Results of one job.
+    Losses {
+        /// The step the job was for.
+        step: u64,
+        /// The job id from [`ServerMsg::Job`].
+        job: u64,
+        /// `(member, loss)` for every member of the job.
+        losses: Vec<(u32, f32)>,
+    },
+    /// The client's weights hash after applying the update of `step - 1`.
+    Hash {
+        /// The step the replica is now at.
+        step: u64,
+        /// [`crate::hash::weights_hash`] of its weights.
+        hash: u64,
+    },
+    /// Polite goodbye.
+    Bye,
+}
+
+/// Server to client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// Accepts a Hello: everything needed to build a replica except weights.
+    Welcome {
+        /// Identifies the run (changes when a new run starts).
+        run: u64,
+        /// The client's id on this server.
+        client: u64,
+        /// The run configuration.
+        config: RunConfig,
+        /// The vocabulary.
+        tokenizer: Tokenizer,
+    },
+    /// Full replica state; sent on join and to a diverged client.
+    Snapshot {
+        /// The step the state is at.
+        step: u64,
+        /// Weights.
+        params: Vec<f32>,
+        /// Adam moments.
+        adam: AdamState,
+    },
+    /// Work: evaluate `members` at `step` on the minibatch `tokens`.
+    Job {
+        /// Step the members belong to.
+        step: u64,
+        /// Id to quote in the reply.
+        job: u64,
+        /// Member indices to evaluate.
+        members: Vec<u32>,
+        /// The step's minibatch, `batch * (seq_len + 1)` tokens.
+        tokens: Vec<Token>,
+        /// Milliseconds the client has before the job is reissued.
+        deadline_ms: u32,
+    },
+    /// Closes `step`: the `(member, weight)` list every replica applies.
+    Update {
+        /// The step being closed.
+        step: u64,
+        /// Shaped weights of exactly the members that counted.
+        weights: Vec<(u32, f32)>,
+    },
+    /// The client should drop its state and wait for a snapshot.
+    Resync,
+    /// The connection is refused or about to be closed, and why.
+    Reject {
+        /// Human-readable reason.
+        reason: String,
+    },
+}
+
+/// Encodes any message; fails only if it exceeds `cap` bytes.
+pub fn encode<T: Serialize>(msg: &T, cap: usize) -> Result<Vec<u8>> {
+    let bytes = postcard::to_allocvec(msg).map_err(|e| Error::Wire(format!("encode: {e}")))?;
+    if bytes.len() > cap {
+        return Err(Error::Wire(format!(
+            "message of {} bytes exceeds {cap}",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], cap: usize) -> Result<T> {
+    if bytes.len() > cap {
+        return Err(Error::Wire(format!(
+            "message of {} bytes exceeds {cap}",
+            bytes.len()
+        )));
+    }
+    let (msg, rest) = postcard::take_from_bytes(bytes).map_err(|e| Error::Wire(format!("decode: {e}")))?;
+    if !rest.is_empty() {
+        return Err(Error::Wire(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(msg)
+}
+
+/// Decodes and sanity-checks a client message (server side).
+pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg> {
+    let msg: ClientMsg = decode(bytes, MAX_CLIENT_MESSAGE)?;
+    match &msg {
+        ClientMsg::Hello { speed, .. } if !speed.is_finite() => Err(Error::NonFinite),
+        ClientMsg::Losses { losses, .. } if losses.iter().any(|(_, l)| !l.is_finite()) => {
+            Err(Error::NonFinite)
+        }
+        _ => Ok(msg),
+    }
+}
+
+/// Decodes and sanity-checks a server message (client side).
+pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg> {
+    let msg: ServerMsg = decode(bytes, MAX_SERVER_MESSAGE)?;
+    match &msg {
+        ServerMsg::Welcome {
+            config, tokenizer, ..
+        } => {
+            config.validate()?;
+            if tokenizer.len() != config.model.vocab as usize {
+                return Err(Error::Config(
+                    "tokenizer size differs from the model's vocab".into(),
+                ));
+            }
+        }
+        ServerMsg::Update { weights, .. } if weights.iter().any(|(_, w)| !w.is_finite()) => {
+            return Err(Error::NonFinite);
+        }
+        _ => {}
+    }
+    Ok(msg)
+}

@@ -1,0 +1,146 @@
+//! The ES gradient, rebuilt by every replica from seeds and shaped weights.
+//!
+//! `g = sum_i w_i eps_i / (n sigma)` over the members the server counted. The
+//! two members of antithetic pair k share `eps_k` with opposite signs, so the
+//! sum runs over pairs with coefficient `(w_2k - w_2k+1) / (n sigma)`.
+//!
+//! Determinism (DESIGN.md section 3): pairs are accumulated in ascending
+//! order, each element of `g` receives its terms in that order, and every
+//! term is computed by the same expression, `(coef * a_i) * b_j` for a
+//! low-rank matrix and `coef * e_j` otherwise. Loops run over elements with
+//! no cross-element reduction, so the compiler's vectorization cannot reorder
+//! a sum, and the result is bit-identical on x86_64 and wasm32.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::config::RunConfig;
+use crate::error::{Error, Result};
+use crate::model::Layout;
+use crate::noise;
+
+/// One pair's coefficient in the gradient, in ascending pair order.
+fn pair_coefficients(cfg: &RunConfig, weights: &[(u32, f32)]) -> Result<Vec<(u32, f32)>> {
+    let mut sorted = weights.to_vec();
+    sorted.sort_by_key(|&(m, _)| m);
+    for w in sorted.windows(2) {
+        if w[0].0 == w[1].0 {
+            return Err(Error::Member(w[0].0));
+        }
+    }
+    if let Some(&(m, _)) = sorted.iter().find(|&&(m, _)| m >= cfg.es.population) {
+        return Err(Error::Member(m));
+    }
+    if sorted.iter().any(|(_, w)| !w.is_finite()) {
+        return Err(Error::NonFinite);
+    }
+    let scale = 1.0 / (sorted.len() as f32 * cfg.es.sigma);
+    let mut out: Vec<(u32, f32)> = Vec::new();
+    for &(m, w) in &sorted {
+        let signed = if m % 2 == 0 { w } else { -w };
+        match out.last_mut() {
+            Some((p, c)) if *p == m / 2 => *c += signed,
+            _ => out.push((m / 2, signed)),
+        }
+    }
+    for (_, c) in &mut out {
+        *c *= scale;
+    }
+    Ok(out)
+}
+
+/// The ES estimate of the gradient of fitness (`-loss`) from the step's
+/// `(member, weight)` list. Refuses repeated or out-of-range members and
+/// non-finite weights, since the list comes from the network.
+pub fn es_gradient(layout: &Layout, cfg: &RunConfig, step: u64, weights: &[(u32, f32)]) -> Result<Vec<f32>> {
+    let coefs = pair_coefficients(cfg, weights)?;
+    let mut g = vec![0.0f32; layout.len];
+    let rank = cfg.es.noise.rank();
+    let mut buf = Vec::new();
+    for (id, t) in layout.tensors.iter().enumerate() {
+        let n = noise::tensor_noise_len(t.rows, t.cols, t.is_matrix, rank);
+        buf.resize(n, 0.0);
+        let dst = &mut g[t.range()];
+        for &(pair, c) in &coefs {
+            noise::fill_normal(noise::pair_key(cfg.seed, step, pair as u64, id), &mut buf);
+            match rank {
+                Some(r) if t.is_matrix => {
+                    let c = c / libm::sqrtf(r as f32);
+                    let (a, b) = buf.split_at(t.rows * r);
+                    for q in 0..r {
+                        for i in 0..t.rows {
+                            let ca = c * a[i * r + q];
+                            let row = &mut dst[i * t.cols..(i + 1) * t.cols];
+                            for (d, bj) in row.iter_mut().zip(b.iter().skip(q).step_by(r)) {
+                                *d += ca * bj;
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    for (d, &e) in dst.iter_mut().zip(&buf) {
+                        *d += c * e;
+                    }
+                }
+            }
+        }
+    }
+    Ok(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ModelConfig, NoiseKind};
+    use crate::forward::perturbed_params;
+
+    fn cfg(noise: NoiseKind) -> RunConfig {
+        let mut c = RunConfig::rw256(5);
+        c.model = ModelConfig {
+            vocab: 5,
+            hidden: 6,
+            layers: 1,
+        };
+        c.es.noise = noise;
+        c.es.population = 6;
+        c.es.sigma = 0.5;
+        c
+    }
+
+    #[test]
+    fn gradient_is_the_weighted_sum_of_materialized_noise() {
+        for noise in [NoiseKind::Full, NoiseKind::LowRank { rank: 2 }] {
+            let c = cfg(noise);
+            let layout = Layout::new(c.model);
+            let zero = vec![0.0; layout.len];
+            let weights = [(0u32, 0.5f32), (1, -0.5), (4, 0.25), (3, 0.1)];
+            let g = es_gradient(&layout, &c, 7, &weights).unwrap();
+            let mut want = vec![0.0f32; layout.len];
+            for &(m, w) in &weights {
+                // perturbed_params(0) = sign * sigma * eps.
+                let p = perturbed_params(&layout, &zero, &c, 7, m);
+                for (x, e) in want.iter_mut().zip(p) {
+                    *x += w * e / (c.es.sigma * c.es.sigma * weights.len() as f32);
+                }
+            }
+            for (a, b) in g.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{noise:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_lists_are_refused() {
+        let c = cfg(NoiseKind::Full);
+        let layout = Layout::new(c.model);
+        assert_eq!(es_gradient(&layout, &c, 0, &[(6, 0.1)]), Err(Error::Member(6)));
+        assert_eq!(
+            es_gradient(&layout, &c, 0, &[(1, 0.1), (1, 0.2)]),
+            Err(Error::Member(1))
+        );
+        assert_eq!(
+            es_gradient(&layout, &c, 0, &[(1, f32::NAN)]),
+            Err(Error::NonFinite)
+        );
+    }
+}
