@@ -1,0 +1,18 @@
+//! Cross-platform determinism golden: the same constants natively and in wasm.
+
+include!("golden_cases.rs");
+
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+#[test]
+fn golden_lowrank() {
+    let h = golden_hash(NoiseKind::LowRank { rank: 2 });
+    assert_eq!(h, GOLDEN_LOWRANK, "low-rank golden hash {h:#018x}");
+}
+
+#[test]
+fn golden_full() {
+    let h = golden_hash(NoiseKind::Full);
+    assert_eq!(h, GOLDEN_FULL, "full-rank golden hash {h:#018x}");
+}
