@@ -179,6 +179,15 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg> {
         ServerMsg::Update { weights, .. } if weights.iter().any(|(_, w)| !w.is_finite()) => {
             return Err(Error::NonFinite);
         }
+        ServerMsg::Snapshot { params, adam, .. }
+            if params
+                .iter()
+                .chain(&adam.m)
+                .chain(&adam.v)
+                .any(|x| !x.is_finite()) =>
+        {
+            return Err(Error::NonFinite);
+        }
         _ => {}
     }
     Ok(msg)

@@ -21,8 +21,9 @@ pub fn centered_ranks(losses: &[(u32, f32)]) -> Result<Vec<(u32, f32)>> {
         return Err(Error::NonFinite);
     }
     let mut order: Vec<(u32, f32)> = losses.to_vec();
-    // Ascending fitness = descending loss; ties by member index.
-    order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    // Ascending fitness = descending loss; ties by member index. Adding 0.0
+    // folds -0.0 into +0.0 so that the two count as the tie they are.
+    order.sort_by(|a, b| (b.1 + 0.0).total_cmp(&(a.1 + 0.0)).then(a.0.cmp(&b.0)));
     if let Some(w) = order.windows(2).find(|w| w[0].0 == w[1].0 && w[0].1 == w[1].1) {
         return Err(Error::Member(w[0].0));
     }

@@ -25,7 +25,11 @@ pub const GOLDEN_FULL: u64 = 0xa3a8_1edb_04d7_aaa5;
 pub fn golden_hash(noise: NoiseKind) -> u64 {
     let mut cfg = RunConfig::rw256(13);
     cfg.seed = 2024;
-    cfg.model = ModelConfig { vocab: 13, hidden: 16, layers: 2 };
+    cfg.model = ModelConfig {
+        vocab: 13,
+        hidden: 16,
+        layers: 2,
+    };
     cfg.es.noise = noise;
     cfg.es.population = 16;
     cfg.es.batch = 4;

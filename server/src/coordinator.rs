@@ -1,0 +1,803 @@
+//! The step state machine: who evaluates which members, which losses count,
+//! and which update every replica applies.
+//!
+//! It runs on one dedicated thread and owns all run state, so there are no
+//! locks on the training path: connection tasks send it [`Event`]s and it
+//! answers through each client's bounded outbox. Everything here is plain
+//! logic over a clock the caller passes in, which keeps it testable without
+//! sockets.
+//!
+//! Rules (DESIGN.md sections 1, 4 and 6):
+//! - a step's members are handed out in jobs of consecutive members sized to
+//!   each client's measured speed, with a deadline; a late job's members go
+//!   back to the pool and are reissued to an idle client;
+//! - results for another step or for a job that was reissued are stale:
+//!   dropped and counted, never an error (a slow volunteer is not hostile);
+//! - a result that names members outside its job, or a malformed message,
+//!   gets the client rejected and disconnected; nobody else notices;
+//! - a step closes when every member is in, or at the step deadline with at
+//!   least `min_fraction` of them; the update lists exactly the members that
+//!   counted;
+//! - each client reports its weights hash after every update; a mismatch
+//!   is counted and answered with a fresh snapshot.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use seedling_core::protocol::{self, ClientKind, ClientMsg, MAX_SERVER_MESSAGE, PROTOCOL_VERSION, ServerMsg};
+use seedling_core::shaping::centered_ranks;
+use seedling_core::tokenizer::{Token, Tokenizer};
+use seedling_core::{Replica, batch};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::checkpoint::{self, Checkpoint, HistoryPoint};
+
+/// Recent job owners remembered to classify late results.
+const MAX_OWNERS: usize = 100_000;
+
+/// A connected client's id, unique for the server's lifetime.
+pub type ClientId = u64;
+
+/// What a connection task should do next.
+#[derive(Clone, Debug)]
+pub enum Outgoing {
+    /// Send this encoded message (shared, so a broadcast is encoded once).
+    Frame(Bytes),
+    /// Send a close frame with this reason and end the connection.
+    Close(String),
+}
+
+/// Inputs to the coordinator.
+#[derive(Debug)]
+pub enum Event {
+    /// A WebSocket was accepted; `out` is its bounded send queue.
+    Connected {
+        /// The new client's id.
+        client: ClientId,
+        /// Its outbox.
+        out: mpsc::Sender<Outgoing>,
+    },
+    /// A decoded message from a client.
+    Message {
+        /// Sender.
+        client: ClientId,
+        /// The message.
+        msg: ClientMsg,
+    },
+    /// The connection sent something undecodable; reject and drop it.
+    Invalid {
+        /// Offender.
+        client: ClientId,
+        /// Why.
+        reason: String,
+    },
+    /// The connection ended (cleanly or not).
+    Disconnected {
+        /// Who left.
+        client: ClientId,
+    },
+    /// Time passes: deadlines are checked.
+    Tick,
+    /// Write a final checkpoint and stop.
+    Shutdown,
+}
+
+/// Knobs of the coordinator (a subset of `seedling serve`'s flags).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Close a step at its deadline once this fraction of members is in.
+    pub min_fraction: f32,
+    /// Deadline of a step, from its start.
+    pub step_timeout: Duration,
+    /// Aim for jobs that take this long on the client.
+    pub job_target: Duration,
+    /// Shortest job deadline, whatever the client's speed.
+    pub job_timeout_min: Duration,
+    /// Compute the validation loss every this many steps (0 = never).
+    pub eval_every: u64,
+    /// Write a checkpoint every this many steps (0 = only at shutdown).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept in the run dir.
+    pub keep: usize,
+    /// Where checkpoints go; `None` keeps nothing on disk.
+    pub run_dir: Option<PathBuf>,
+    /// Stop after this step (None = run until shut down).
+    pub max_steps: Option<u64>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            min_fraction: 1.0,
+            step_timeout: Duration::from_secs(60),
+            job_target: Duration::from_millis(500),
+            job_timeout_min: Duration::from_secs(10),
+            eval_every: 50,
+            checkpoint_every: 100,
+            keep: 3,
+            run_dir: None,
+            max_steps: None,
+        }
+    }
+}
+
+/// The data a run trains and validates on, already tokenized.
+#[derive(Clone, Debug)]
+pub struct RunData {
+    /// The vocabulary, shared with every client.
+    pub tokenizer: Tokenizer,
+    /// Training tokens.
+    pub train: Arc<Vec<Token>>,
+    /// A fixed set of validation windows (`seq_len + 1` tokens each).
+    pub val_windows: Vec<Token>,
+    /// A name for the data, shown to volunteers.
+    pub name: String,
+}
+
+/// Public, read-only view of the run for `/api/status` and `/metrics`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    /// Identifies the run.
+    pub run: u64,
+    /// What is being trained on.
+    pub data: String,
+    /// The step being evaluated now.
+    pub step: u64,
+    /// Steps closed by this server process.
+    pub steps_closed: u64,
+    /// Members per step.
+    pub population: u32,
+    /// Members evaluated in the current step so far.
+    pub members_done: u32,
+    /// Parameters of the model.
+    pub params: usize,
+    /// Hash of the authoritative weights.
+    pub hash: String,
+    /// Clients that completed the handshake, by kind.
+    pub volunteers: Volunteers,
+    /// Member evaluations per second over the last closed steps.
+    pub members_per_s: f64,
+    /// Steps per second over the last closed steps.
+    pub steps_per_s: f64,
+    /// Replicas found diverged (and resynced).
+    pub divergences: u64,
+    /// Stale results dropped.
+    pub stale_results: u64,
+    /// Jobs reissued after their deadline or their client leaving.
+    pub reissued_jobs: u64,
+    /// Clients rejected for bad input.
+    pub rejected_clients: u64,
+    /// Recent history: step, train loss, validation loss.
+    pub history: Vec<HistoryPoint>,
+    /// Latest validation loss, nats per character.
+    pub val_loss: Option<f32>,
+    /// Per-client hash of the last report, for the end-to-end tests.
+    pub client_hashes: BTreeMap<ClientId, ClientReport>,
+    /// True once `max_steps` is reached.
+    pub finished: bool,
+}
+
+/// Counts of connected volunteers.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Volunteers {
+    /// All clients past the handshake.
+    pub total: usize,
+    /// Browser tabs (Web Workers).
+    pub browser: usize,
+    /// Native workers.
+    pub native: usize,
+    /// Simulated test clients.
+    pub simulated: usize,
+}
+
+/// What the server knows about one client.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ClientReport {
+    /// Browser, native or simulated.
+    pub kind: String,
+    /// The step of its last hash report.
+    pub step: u64,
+    /// Its last reported hash (hex).
+    pub hash: String,
+    /// Members it evaluated that counted.
+    pub members: u64,
+}
+
+struct Job {
+    client: ClientId,
+    step: u64,
+    members: Vec<u32>,
+    sent: Instant,
+    deadline: Instant,
+}
+
+struct Client {
+    out: mpsc::Sender<Outgoing>,
+    hello: Option<(ClientKind, u32)>,
+    job: Option<u64>,
+    /// Members per second, exponential moving average of completed jobs.
+    speed: f64,
+    members: u64,
+}
+
+/// The coordinator's state. See the module docs for the rules.
+pub struct Coordinator {
+    settings: Settings,
+    data: RunData,
+    replica: Replica,
+    run: u64,
+    clients: BTreeMap<ClientId, Client>,
+    jobs: HashMap<u64, Job>,
+    /// Who each recent job was issued to, live or not, to tell a late
+    /// result (stale, dropped) from a forged one (rejected).
+    owners: BTreeMap<u64, ClientId>,
+    next_job: u64,
+    /// Members of the current step not yet handed out (or handed back).
+    pool: BTreeSet<u32>,
+    /// Clients that let a job with this member expire in the current step;
+    /// the member is reissued to someone else, so one stuck client cannot
+    /// starve a step by taking the same members again and again.
+    missed: HashMap<u32, Vec<ClientId>>,
+    results: BTreeMap<u32, f32>,
+    tokens: Vec<Token>,
+    step_started: Instant,
+    /// Hashes of the authoritative replica after recent steps.
+    hashes: VecDeque<(u64, u64)>,
+    history: Vec<HistoryPoint>,
+    started: Instant,
+    elapsed_before: f64,
+    tokens_before: u64,
+    closes: VecDeque<(Instant, u32)>,
+    status: Arc<Mutex<Status>>,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    steps_closed: u64,
+    divergences: u64,
+    stale: u64,
+    reissued: u64,
+    rejected: u64,
+    client_hashes: BTreeMap<ClientId, ClientReport>,
+}
+
+impl Coordinator {
+    /// A coordinator at the replica's step (fresh or resumed from a checkpoint).
+    pub fn new(settings: Settings, data: RunData, replica: Replica, history: Vec<HistoryPoint>) -> Self {
+        let now = Instant::now();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let run = seedling_core::noise::derive(&[replica.config.seed, replica.step, wall.as_nanos() as u64]);
+        let elapsed_before = history.last().map_or(0.0, |h| h.elapsed_s);
+        let tokens_before = history.last().map_or(0, |h| h.tokens);
+        let mut c = Self {
+            settings,
+            data,
+            run,
+            clients: BTreeMap::new(),
+            jobs: HashMap::new(),
+            owners: BTreeMap::new(),
+            next_job: 1,
+            pool: BTreeSet::new(),
+            missed: HashMap::new(),
+            results: BTreeMap::new(),
+            tokens: Vec::new(),
+            step_started: now,
+            hashes: VecDeque::new(),
+            history,
+            started: now,
+            elapsed_before,
+            tokens_before,
+            closes: VecDeque::new(),
+            status: Arc::new(Mutex::new(Status::default())),
+            counters: Counters::default(),
+            replica,
+        };
+        c.hashes.push_back((c.replica.step, c.replica.hash()));
+        c.start_step(now);
+        c.publish();
+        c
+    }
+
+    /// The shared status the HTTP handlers read.
+    pub fn status(&self) -> Arc<Mutex<Status>> {
+        self.status.clone()
+    }
+
+    /// The authoritative replica.
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    /// True once `max_steps` steps are done.
+    pub fn finished(&self) -> bool {
+        self.settings.max_steps.is_some_and(|m| self.replica.step >= m)
+    }
+
+    /// Runs until [`Event::Shutdown`] or every sender is gone, then writes a
+    /// final checkpoint.
+    pub fn run(mut self, mut events: mpsc::Receiver<Event>) {
+        while let Some(ev) = events.blocking_recv() {
+            if matches!(ev, Event::Shutdown) {
+                break;
+            }
+            self.handle(ev, Instant::now());
+        }
+        self.shutdown();
+    }
+
+    /// Closes every connection and writes the final checkpoint.
+    pub fn shutdown(&mut self) {
+        for c in self.clients.values() {
+            let _ = c.out.try_send(Outgoing::Close("server shutting down".into()));
+        }
+        if let Err(e) = self.checkpoint() {
+            tracing::error!("final checkpoint failed: {e:#}");
+        }
+    }
+
+    /// Handles one event at time `now`.
+    pub fn handle(&mut self, ev: Event, now: Instant) {
+        match ev {
+            Event::Connected { client, out } => {
+                self.clients.insert(
+                    client,
+                    Client {
+                        out,
+                        hello: None,
+                        job: None,
+                        speed: 0.0,
+                        members: 0,
+                    },
+                );
+            }
+            Event::Message { client, msg } => self.on_message(client, msg, now),
+            Event::Invalid { client, reason } => self.reject(client, &reason),
+            Event::Disconnected { client } => self.drop_client(client),
+            Event::Tick => {
+                self.on_tick(now);
+                self.assign(now);
+                return self.publish();
+            }
+            Event::Shutdown => {}
+        }
+        self.assign(now);
+    }
+
+    fn on_message(&mut self, id: ClientId, msg: ClientMsg, now: Instant) {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        match msg {
+            ClientMsg::Hello {
+                version,
+                kind,
+                threads,
+                speed,
+            } => {
+                if client.hello.is_some() {
+                    return self.reject(id, "second Hello on one connection");
+                }
+                if version != PROTOCOL_VERSION {
+                    return self.reject(
+                        id,
+                        &format!(
+                            "protocol version {version} is not supported (server speaks {PROTOCOL_VERSION})"
+                        ),
+                    );
+                }
+                client.hello = Some((kind, threads.clamp(1, 1024)));
+                client.speed = speed as f64;
+                let welcome = ServerMsg::Welcome {
+                    run: self.run,
+                    client: id,
+                    config: self.replica.config,
+                    tokenizer: self.data.tokenizer.clone(),
+                };
+                self.send(id, &welcome);
+                self.send_snapshot(id);
+                tracing::info!(client = id, ?kind, threads, "volunteer joined");
+            }
+            _ if client.hello.is_none() => self.reject(id, "the first message must be Hello"),
+            ClientMsg::Losses { step, job, losses } => self.on_losses(id, step, job, losses, now),
+            ClientMsg::Hash { step, hash } => self.on_hash(id, step, hash),
+            ClientMsg::Bye => self.drop_client(id),
+        }
+    }
+
+    fn on_losses(&mut self, id: ClientId, step: u64, job_id: u64, losses: Vec<(u32, f32)>, now: Instant) {
+        let current = self.replica.step;
+        let live = self
+            .jobs
+            .get(&job_id)
+            .is_some_and(|j| j.step == current && step == current);
+        if !live {
+            // A job that was reissued or whose step closed: a slow volunteer,
+            // not a hostile one. A job never issued to this client is hostile.
+            let ours = self.owners.get(&job_id) == Some(&id);
+            if !ours || step > current {
+                return self.reject(
+                    id,
+                    &format!("result for job {job_id} at step {step}, which was never issued to this client"),
+                );
+            }
+            self.counters.stale += 1;
+            if let Some(c) = self.clients.get_mut(&id) {
+                c.job = c.job.filter(|&j| j != job_id);
+            }
+            return;
+        }
+        let job = &self.jobs[&job_id];
+        if job.client != id {
+            return self.reject(
+                id,
+                &format!("result for job {job_id}, which belongs to another client"),
+            );
+        }
+        let mut got: Vec<u32> = losses.iter().map(|&(m, _)| m).collect();
+        got.sort_unstable();
+        let mut want = job.members.clone();
+        want.sort_unstable();
+        if got != want {
+            return self.reject(id, "result names members that were not assigned in this job");
+        }
+        let job = self.jobs.remove(&job_id).unwrap();
+        let secs = now.saturating_duration_since(job.sent).as_secs_f64().max(1e-3);
+        let client = self.clients.get_mut(&id).unwrap();
+        client.job = None;
+        let rate = job.members.len() as f64 / secs;
+        client.speed = if client.speed > 0.0 {
+            0.7 * client.speed + 0.3 * rate
+        } else {
+            rate
+        };
+        client.members += losses.len() as u64;
+        for (m, l) in losses {
+            self.results.insert(m, l);
+        }
+        self.maybe_close(now);
+    }
+
+    fn on_hash(&mut self, id: ClientId, step: u64, hash: u64) {
+        let kind = self.clients[&id].hello.map_or(ClientKind::Simulated, |h| h.0);
+        let members = self.clients[&id].members;
+        self.counters.client_hashes.insert(
+            id,
+            ClientReport {
+                kind: format!("{kind:?}").to_lowercase(),
+                step,
+                hash: format!("{hash:016x}"),
+                members,
+            },
+        );
+        match self.hashes.iter().find(|&&(s, _)| s == step) {
+            Some(&(_, want)) if want == hash => {}
+            Some(_) => {
+                self.counters.divergences += 1;
+                tracing::warn!(client = id, step, "replica diverged; sending a snapshot");
+                self.send_snapshot(id);
+            }
+            None if step > self.replica.step => self.reject(id, &format!("hash for future step {step}")),
+            None => {} // too old to check; the next report will be checked
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        let expired: Vec<u64> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.deadline <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            let job = self.jobs.remove(&id).unwrap();
+            if let Some(c) = self.clients.get_mut(&job.client) {
+                c.job = None;
+                // The client is slower than it looked: halve its estimate.
+                c.speed *= 0.5;
+            }
+            tracing::debug!(job = id, client = job.client, "job deadline passed; reissuing");
+            self.counters.reissued += 1;
+            for &m in &job.members {
+                self.missed.entry(m).or_default().push(job.client);
+            }
+            self.pool.extend(job.members);
+        }
+        self.maybe_close(now);
+    }
+
+    fn drop_client(&mut self, id: ClientId) {
+        let Some(c) = self.clients.remove(&id) else { return };
+        self.counters.client_hashes.remove(&id);
+        if let Some(job_id) = c.job {
+            if let Some(job) = self.jobs.remove(&job_id) {
+                self.counters.reissued += 1;
+                self.pool.extend(job.members);
+            }
+        }
+        if c.hello.is_some() {
+            tracing::info!(client = id, "volunteer left");
+        }
+    }
+
+    /// Tells a client why and disconnects it; its job goes back to the pool.
+    fn reject(&mut self, id: ClientId, reason: &str) {
+        tracing::warn!(client = id, reason, "rejecting client");
+        self.counters.rejected += 1;
+        self.send(
+            id,
+            &ServerMsg::Reject {
+                reason: reason.to_string(),
+            },
+        );
+        if let Some(c) = self.clients.get(&id) {
+            let _ = c
+                .out
+                .try_send(Outgoing::Close(reason.chars().take(100).collect()));
+        }
+        self.drop_client(id);
+    }
+
+    fn send(&mut self, id: ClientId, msg: &ServerMsg) {
+        match protocol::encode(msg, MAX_SERVER_MESSAGE) {
+            Ok(bytes) => self.send_frame(id, Bytes::from(bytes)),
+            Err(e) => tracing::error!("cannot encode a message: {e}"),
+        }
+    }
+
+    /// Queues a frame; a client whose queue is full reads too slowly to keep
+    /// up and is dropped rather than let its queue grow without bound.
+    fn send_frame(&mut self, id: ClientId, frame: Bytes) {
+        let Some(c) = self.clients.get(&id) else { return };
+        if c.out.try_send(Outgoing::Frame(frame)).is_err() {
+            let _ = c.out.try_send(Outgoing::Close("send queue full".into()));
+            tracing::warn!(client = id, "send queue full; dropping client");
+            self.drop_client(id);
+        }
+    }
+
+    fn send_snapshot(&mut self, id: ClientId) {
+        let snap = ServerMsg::Snapshot {
+            step: self.replica.step,
+            params: self.replica.params.clone(),
+            adam: self.replica.adam.clone(),
+        };
+        self.send(id, &snap);
+    }
+
+    fn start_step(&mut self, now: Instant) {
+        let es = self.replica.config.es;
+        self.tokens = batch::step_batch(
+            &self.data.train,
+            self.replica.config.seed,
+            self.replica.step,
+            es.batch as usize,
+            es.seq_len as usize,
+        )
+        .expect("training data was checked to hold at least one window");
+        self.pool = (0..es.population).collect();
+        self.missed.clear();
+        self.results.clear();
+        self.step_started = now;
+    }
+
+    /// Hands every idle client a job of consecutive members from the pool.
+    fn assign(&mut self, now: Instant) {
+        if self.finished() {
+            return;
+        }
+        let idle: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.hello.is_some() && c.job.is_none())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in idle {
+            if self.pool.is_empty() {
+                break;
+            }
+            let c = &self.clients[&id];
+            let threads = c.hello.map_or(1, |h| h.1) as usize;
+            let target = if c.speed > 0.0 {
+                (c.speed * self.settings.job_target.as_secs_f64()) as usize
+            } else {
+                2 * threads
+            };
+            let size = target.max(threads).max(2);
+            let missed = &self.missed;
+            let members: Vec<u32> = self
+                .pool
+                .iter()
+                .copied()
+                .filter(|m| missed.get(m).is_none_or(|who| !who.contains(&id)))
+                .take(size)
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            for m in &members {
+                self.pool.remove(m);
+            }
+            let expected = if c.speed > 0.0 {
+                members.len() as f64 / c.speed
+            } else {
+                0.0
+            };
+            let timeout = self
+                .settings
+                .job_timeout_min
+                .max(Duration::from_secs_f64(3.0 * expected));
+            let job_id = self.next_job;
+            self.next_job += 1;
+            let msg = ServerMsg::Job {
+                step: self.replica.step,
+                job: job_id,
+                members: members.clone(),
+                tokens: self.tokens.clone(),
+                deadline_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
+            };
+            self.jobs.insert(
+                job_id,
+                Job {
+                    client: id,
+                    step: self.replica.step,
+                    members,
+                    sent: now,
+                    deadline: now + timeout,
+                },
+            );
+            self.clients.get_mut(&id).unwrap().job = Some(job_id);
+            self.owners.insert(job_id, id);
+            if self.owners.len() > MAX_OWNERS {
+                self.owners.pop_first();
+            }
+            self.send(id, &msg);
+        }
+    }
+
+    fn maybe_close(&mut self, now: Instant) {
+        let n = self.replica.config.es.population as usize;
+        let have = self.results.len();
+        let late = now.saturating_duration_since(self.step_started) >= self.settings.step_timeout;
+        let enough = have as f64 >= (self.settings.min_fraction as f64 * n as f64).ceil().max(2.0);
+        if have == n || (late && enough) {
+            self.close_step(now);
+        }
+    }
+
+    fn close_step(&mut self, now: Instant) {
+        let step = self.replica.step;
+        let losses: Vec<(u32, f32)> = self.results.iter().map(|(&m, &l)| (m, l)).collect();
+        let weights = centered_ranks(&losses).expect("losses were checked finite on arrival");
+        self.replica
+            .apply(step, &weights)
+            .expect("the update list was built by this coordinator");
+        let msg = protocol::encode(&ServerMsg::Update { step, weights }, MAX_SERVER_MESSAGE)
+            .map(Bytes::from)
+            .expect("an update always encodes");
+        let ids: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.hello.is_some())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.send_frame(id, msg.clone());
+        }
+        // Jobs of the closed step are void; their results will be stale.
+        self.jobs.retain(|_, j| j.step > step);
+        for c in self.clients.values_mut() {
+            c.job = c.job.filter(|j| self.jobs.contains_key(j));
+        }
+        self.hashes.push_back((self.replica.step, self.replica.hash()));
+        if self.hashes.len() > 256 {
+            self.hashes.pop_front();
+        }
+        let es = self.replica.config.es;
+        let train_loss = losses.iter().map(|&(_, l)| l as f64).sum::<f64>() / losses.len() as f64;
+        let tokens_step = losses.len() as u64 * es.batch as u64 * es.seq_len as u64;
+        let val = (self.settings.eval_every > 0 && self.replica.step % self.settings.eval_every == 0)
+            .then(|| self.validation_loss())
+            .flatten();
+        let prev_tokens = self.history.last().map_or(self.tokens_before, |h| h.tokens);
+        self.history.push(HistoryPoint {
+            step: self.replica.step,
+            elapsed_s: self.elapsed_before + now.saturating_duration_since(self.started).as_secs_f64(),
+            tokens: prev_tokens + tokens_step,
+            train_loss: train_loss as f32,
+            val_loss: val,
+        });
+        if let Some(v) = val {
+            tracing::info!(step = self.replica.step, train_loss, val_loss = v, "validation");
+        }
+        self.counters.steps_closed += 1;
+        self.closes.push_back((now, losses.len() as u32));
+        if self.closes.len() > 20 {
+            self.closes.pop_front();
+        }
+        let every = self.settings.checkpoint_every;
+        if every > 0 && self.replica.step % every == 0 {
+            if let Err(e) = self.checkpoint() {
+                tracing::error!("checkpoint failed: {e:#}");
+            }
+        }
+        self.start_step(now);
+        self.publish();
+    }
+
+    /// Validation loss of the authoritative weights on the fixed held-out set.
+    pub fn validation_loss(&self) -> Option<f32> {
+        if self.data.val_windows.is_empty() {
+            return None;
+        }
+        self.replica.loss(&self.data.val_windows).ok()
+    }
+
+    /// Writes a checkpoint of the authoritative replica, if there is a run dir.
+    pub fn checkpoint(&self) -> anyhow::Result<Option<PathBuf>> {
+        let Some(dir) = &self.settings.run_dir else {
+            return Ok(None);
+        };
+        let ckpt = Checkpoint {
+            config: self.replica.config,
+            tokenizer: self.data.tokenizer.clone(),
+            step: self.replica.step,
+            params: self.replica.params.clone(),
+            adam: self.replica.adam.clone(),
+            history: self.history.clone(),
+        };
+        let path = checkpoint::save(dir, &ckpt, self.settings.keep)?;
+        tracing::info!(step = self.replica.step, path = %path.display(), "checkpoint written");
+        Ok(Some(path))
+    }
+
+    fn publish(&self) {
+        let mut v = Volunteers::default();
+        for c in self.clients.values() {
+            match c.hello.map(|h| h.0) {
+                Some(ClientKind::Browser) => v.browser += 1,
+                Some(ClientKind::Native) => v.native += 1,
+                Some(ClientKind::Simulated) => v.simulated += 1,
+                None => continue,
+            }
+            v.total += 1;
+        }
+        let (members_per_s, steps_per_s) = match (self.closes.front(), self.closes.back()) {
+            (Some(a), Some(b)) if self.closes.len() > 1 => {
+                let dt = b.0.saturating_duration_since(a.0).as_secs_f64().max(1e-9);
+                let members: u32 = self.closes.iter().skip(1).map(|c| c.1).sum();
+                (members as f64 / dt, (self.closes.len() - 1) as f64 / dt)
+            }
+            _ => (0.0, 0.0),
+        };
+        let tail = self.history.len().saturating_sub(500);
+        let s = Status {
+            run: self.run,
+            data: self.data.name.clone(),
+            step: self.replica.step,
+            steps_closed: self.counters.steps_closed,
+            population: self.replica.config.es.population,
+            members_done: self.results.len() as u32,
+            params: self.replica.layout.len,
+            hash: format!("{:016x}", self.replica.hash()),
+            volunteers: v,
+            members_per_s,
+            steps_per_s,
+            divergences: self.counters.divergences,
+            stale_results: self.counters.stale,
+            reissued_jobs: self.counters.reissued,
+            rejected_clients: self.counters.rejected,
+            history: self.history[tail..].to_vec(),
+            val_loss: self.history.iter().rev().find_map(|h| h.val_loss),
+            client_hashes: self.counters.client_hashes.clone(),
+            finished: self.finished(),
+        };
+        *self.status.lock().unwrap() = s;
+    }
+}

@@ -1,0 +1,32 @@
+//! seedling-server: the coordinator of a Seedling training run.
+//!
+//! Training needs one place that decides what every replica does next: which
+//! minibatch and members each volunteer evaluates, which losses count, and
+//! which update everyone applies. This crate is that place. It also holds the
+//! authoritative replica, so a volunteer whose weights diverge can be resynced
+//! from it, and writes the checkpoints a restarted run resumes from.
+//!
+//! It is a library first so that tests can start the very same server the
+//! `seedling` binary runs, on port 0; the binary only parses arguments.
+
+//!
+//! # Layout
+//!
+//! - [`cli`]: flags and dispatch of the `seedling` binary.
+//! - [`app`]: HTTP routes, the WebSocket handler, [`app::start`] and [`app::run`].
+//! - [`coordinator`]: the step state machine (jobs, deadlines, reissue, ranks,
+//!   updates, hash checks) on its own thread.
+//! - [`worker`]: the native volunteer.
+//! - [`train`]: `seedling train`, a server plus in-process workers.
+//! - [`data`]: corpus loading, the default-corpus search path, baselines.
+//! - [`checkpoint`]: safetensors checkpoints, atomic writes, resume.
+//! - [`commands`]: generate, eval and inspect on a checkpoint.
+
+pub mod app;
+pub mod checkpoint;
+pub mod cli;
+pub mod commands;
+pub mod coordinator;
+pub mod data;
+pub mod train;
+pub mod worker;

@@ -1,0 +1,268 @@
+//! seedling-tests: end-to-end tests that span crates.
+//!
+//! Unit tests inside each crate cannot catch the failures that matter most in
+//! Seedling: a browser and the server disagreeing on the wire format, on the
+//! vocabulary, or on the weights after a step. The tests in `tests/` drive
+//! the real crates together, the way a deployment does. This library holds
+//! the helpers those tests share: a small run on a synthetic corpus, a
+//! server on a loopback port 0, in-process workers, and a raw protocol
+//! client that can misbehave on purpose.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use seedling_core::protocol::{self, ClientKind, ClientMsg, MAX_CLIENT_MESSAGE, PROTOCOL_VERSION, ServerMsg};
+use seedling_core::tokenizer::Tokenizer;
+use seedling_core::{NoiseKind, RunConfig};
+use seedling_server::app::{self, ServeOptions, Server};
+use seedling_server::coordinator::{RunData, Settings, Status};
+use seedling_server::{data, worker};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// A deterministic text with learnable structure: words drawn from a small
+/// vocabulary by a fixed generator.
+pub fn tiny_corpus(chars: usize) -> String {
+    const WORDS: [&str; 12] = [
+        "the ", "cat ", "sat ", "on ", "a ", "mat. ", "dog ", "ran ", "to ", "me, ", "and ", "then ",
+    ];
+    let mut out = String::new();
+    let mut x = 12345u64;
+    while out.len() < chars {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        out.push_str(WORDS[(x >> 33) as usize % WORDS.len()]);
+    }
+    out.truncate(chars);
+    out
+}
+
+/// A small run's config for `vocab` characters: fast enough for many steps in a test.
+pub fn tiny_config(vocab: u32, noise: NoiseKind) -> RunConfig {
+    let mut c = RunConfig::rw256(vocab);
+    c.seed = 11;
+    c.model.hidden = 24;
+    c.model.layers = 1;
+    c.es.noise = noise;
+    c.es.population = 32;
+    c.es.batch = 4;
+    c.es.seq_len = 16;
+    c.es.sigma = 0.05;
+    c.adam.lr = 0.02;
+    c
+}
+
+/// Server options for a tiny run on the synthetic corpus.
+pub fn tiny_options(settings: Settings) -> ServeOptions {
+    let text = tiny_corpus(20_000);
+    let tokenizer = Tokenizer::from_corpus(&text).unwrap();
+    let tokens = tokenizer.encode(&text).unwrap();
+    let split = tokens.len() * 9 / 10;
+    let config = tiny_config(tokenizer.len() as u32, NoiseKind::LowRank { rank: 1 });
+    let val_windows = data::validation_windows(&tokens[split..], config.es.seq_len as usize, 64);
+    ServeOptions {
+        config,
+        settings,
+        data: RunData {
+            tokenizer,
+            train: Arc::new(tokens[..split].to_vec()),
+            val_windows,
+            name: "synthetic test corpus".into(),
+        },
+        www: None,
+    }
+}
+
+/// Test-friendly coordinator settings: short deadlines, frequent evals.
+pub fn test_settings(max_steps: u64) -> Settings {
+    Settings {
+        min_fraction: 1.0,
+        job_target: Duration::from_millis(50),
+        job_timeout_min: Duration::from_millis(1500),
+        eval_every: 5,
+        checkpoint_every: 0,
+        max_steps: Some(max_steps),
+        ..Settings::default()
+    }
+}
+
+/// Starts a server on a free loopback port.
+pub async fn start(opts: ServeOptions) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    app::start(listener, opts).await.unwrap()
+}
+
+/// The server's volunteer URL.
+pub fn ws_url(server: &Server) -> String {
+    format!("ws://{}/ws", server.addr)
+}
+
+/// A running in-process native worker; dropping the handle does not stop it,
+/// [`WorkerHandle::stop`] does.
+pub struct WorkerHandle {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl WorkerHandle {
+    /// Stops the worker gracefully.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Kills the worker's task at once: its socket drops with no close frame.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a native worker with `threads` threads.
+pub fn spawn_worker(url: &str, threads: usize) -> WorkerHandle {
+    let mut opts = worker::WorkerOptions::new(url);
+    opts.threads = threads;
+    opts.progress = None;
+    opts.max_backoff = Duration::from_millis(500);
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(worker::run(opts, async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    WorkerHandle { stop, task }
+}
+
+/// Polls the server's status until `pred` holds; panics with the last
+/// status after `timeout`.
+pub async fn wait_for(
+    server: &Server,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&Status) -> bool,
+) -> Status {
+    let start = Instant::now();
+    loop {
+        let s = server.status();
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out waiting for {what}; status: step {} volunteers {} reissued {} stale {} rejected {} clients {:?}",
+            s.step,
+            s.volunteers.total,
+            s.reissued_jobs,
+            s.stale_results,
+            s.rejected_clients,
+            s.client_hashes
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// True when every connected client reported the server's final hash at the final step.
+pub fn all_replicas_agree(s: &Status) -> bool {
+    !s.client_hashes.is_empty()
+        && s.client_hashes
+            .values()
+            .all(|c| c.step == s.step && c.hash == s.hash)
+}
+
+/// A protocol client driven by hand, for faults and hostile input.
+pub struct RawClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl RawClient {
+    /// Connects without saying anything.
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        Self { ws }
+    }
+
+    /// Connects and completes the handshake (Welcome and Snapshot consumed).
+    pub async fn join(url: &str) -> Self {
+        let mut c = Self::connect(url).await;
+        c.send(&ClientMsg::Hello {
+            version: PROTOCOL_VERSION,
+            kind: ClientKind::Simulated,
+            threads: 1,
+            speed: 0.0,
+        })
+        .await;
+        assert!(matches!(c.recv().await, Some(ServerMsg::Welcome { .. })));
+        assert!(matches!(c.recv().await, Some(ServerMsg::Snapshot { .. })));
+        c
+    }
+
+    /// Sends a message.
+    pub async fn send(&mut self, msg: &ClientMsg) {
+        let bytes = protocol::encode(msg, usize::MAX).unwrap();
+        self.send_bytes(bytes).await;
+    }
+
+    /// Sends raw bytes as one binary frame (ignoring a closed socket).
+    pub async fn send_bytes(&mut self, bytes: Vec<u8>) {
+        let _ = self.ws.send(Message::Binary(bytes.into())).await;
+    }
+
+    /// The next server message; None once the connection is closed.
+    pub async fn recv(&mut self) -> Option<ServerMsg> {
+        self.recv_or_close().await.ok()
+    }
+
+    /// The next server message, or the close reason once the server closes.
+    pub async fn recv_or_close(&mut self) -> Result<ServerMsg, String> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), self.ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => return Ok(protocol::decode_server(&b).unwrap()),
+                Ok(Some(Ok(Message::Close(f)))) => {
+                    return Err(f.map(|f| f.reason.to_string()).unwrap_or_default());
+                }
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(e))) => return Err(e.to_string()),
+                Ok(None) => return Err("closed".into()),
+                Err(_) => return Err("timed out".into()),
+            }
+        }
+    }
+
+    /// Waits for the next job, skipping other messages.
+    pub async fn next_job(&mut self) -> Option<(u64, u64, Vec<u32>)> {
+        loop {
+            match self.recv().await? {
+                ServerMsg::Job {
+                    step, job, members, ..
+                } => return Some((step, job, members)),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads until the server closes the connection; returns the Reject reason seen.
+    pub async fn expect_rejected(&mut self) -> String {
+        let mut reason = String::new();
+        loop {
+            match self.recv_or_close().await {
+                Ok(ServerMsg::Reject { reason: r }) => reason = r,
+                Ok(_) => continue,
+                Err(close) => {
+                    assert!(close != "timed out", "server did not close the connection");
+                    assert!(!reason.is_empty(), "closed without a Reject (close: {close})");
+                    return reason;
+                }
+            }
+        }
+    }
+
+    /// Drops the TCP connection without a close frame.
+    pub fn vanish(self) {
+        drop(self.ws);
+    }
+}
+
+/// A frame larger than any client message may be.
+pub fn oversized_frame() -> Vec<u8> {
+    vec![0u8; MAX_CLIENT_MESSAGE + 1]
+}

@@ -1,0 +1,118 @@
+//! A server and native workers training together over loopback.
+
+use std::time::Duration;
+
+use seedling_core::protocol::ClientMsg;
+use seedling_tests::*;
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// Final hash of a fault-free run of `steps` steps with two workers.
+async fn clean_run(steps: u64) -> String {
+    let server = start(tiny_options(test_settings(steps))).await;
+    let w = [
+        spawn_worker(&ws_url(&server), 1),
+        spawn_worker(&ws_url(&server), 2),
+    ];
+    let s = wait_for(&server, LONG, "the clean run to finish", |s| {
+        s.finished && all_replicas_agree(s)
+    })
+    .await;
+    for w in w {
+        w.stop().await;
+    }
+    server.shutdown().await.unwrap();
+    s.hash
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_train_and_agree() {
+    let server = start(tiny_options(test_settings(40))).await;
+    let url = ws_url(&server);
+    let workers: Vec<_> = (0..3).map(|_| spawn_worker(&url, 1)).collect();
+    let s = wait_for(&server, LONG, "40 steps with agreeing replicas", |s| {
+        s.finished && s.client_hashes.len() == 3 && all_replicas_agree(s)
+    })
+    .await;
+    let vals: Vec<f32> = s.history.iter().filter_map(|h| h.val_loss).collect();
+    assert!(vals.len() >= 4, "validation ran {} times", vals.len());
+    assert!(
+        vals.last().unwrap() < &(vals[0] - 0.2),
+        "validation loss did not fall: {vals:?}"
+    );
+    assert_eq!(s.divergences, 0);
+    assert_eq!(s.rejected_clients, 0);
+    assert!(
+        s.client_hashes.values().all(|c| c.members > 0),
+        "every worker evaluated members"
+    );
+    for w in workers {
+        w.stop().await;
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_do_not_change_the_weights() {
+    let steps = 12;
+    let clean = clean_run(steps).await;
+
+    let mut settings = test_settings(steps);
+    settings.job_timeout_min = Duration::from_millis(300);
+    let server = start(tiny_options(settings)).await;
+    let url = ws_url(&server);
+    // Hostile timing first, so the faulty clients grab the first jobs.
+    let mut vanisher = RawClient::join(&url).await;
+    let mut sleeper = RawClient::join(&url).await;
+    let mut late = RawClient::join(&url).await;
+    let _ = vanisher.next_job().await.expect("a job for the vanisher");
+    vanisher.vanish(); // killed mid-job, no close frame
+    let _ = sleeper.next_job().await.expect("a job for the sleeper"); // never answers
+    let (step, job, members) = late.next_job().await.expect("a job for the late client");
+    let workers = [spawn_worker(&url, 1), spawn_worker(&url, 1)];
+    // A worker killed mid-run; its jobs are reissued.
+    let doomed = spawn_worker(&url, 1);
+    wait_for(&server, LONG, "step 3", |s| s.step >= 3).await;
+    doomed.kill();
+    // Answer long after the deadline: dropped as stale, not counted.
+    let losses = members.iter().map(|&m| (m, 0.0)).collect();
+    late.send(&ClientMsg::Losses { step, job, losses }).await;
+    let s = wait_for(&server, LONG, "the faulty run to finish", |s| s.finished).await;
+    assert_eq!(s.hash, clean, "faults changed the final weights");
+    assert!(
+        s.reissued_jobs >= 2,
+        "expected reissued jobs, got {}",
+        s.reissued_jobs
+    );
+    assert!(s.stale_results >= 1, "expected the late result to be stale");
+    assert_eq!(s.divergences, 0);
+    drop(sleeper);
+    for w in workers {
+        w.stop().await;
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiner_catches_up() {
+    let server = start(tiny_options(test_settings(12))).await;
+    let url = ws_url(&server);
+    let first = spawn_worker(&url, 1);
+    let k = wait_for(&server, LONG, "step 6", |s| s.step >= 6).await.step;
+    let joiner = spawn_worker(&url, 1);
+    // The joiner reports a hash for the snapshot step, then after each update;
+    // every report is checked by the server against its own history.
+    let s = wait_for(&server, LONG, "the joiner to report past its join step", |s| {
+        s.client_hashes.len() == 2 && s.client_hashes.values().all(|c| c.step > k)
+    })
+    .await;
+    assert_eq!(s.divergences, 0, "the late joiner diverged");
+    let s = wait_for(&server, LONG, "the run to finish", |s| {
+        s.finished && all_replicas_agree(s)
+    })
+    .await;
+    assert_eq!(s.client_hashes.len(), 2);
+    first.stop().await;
+    joiner.stop().await;
+    server.shutdown().await.unwrap();
+}
