@@ -598,6 +598,7 @@ impl Coordinator {
             .filter(|(_, c)| c.hello.is_some() && c.job.is_none())
             .map(|(&id, _)| id)
             .collect();
+        let ready = self.clients.values().filter(|c| c.hello.is_some()).count();
         for id in idle {
             if self.pool.is_empty() {
                 break;
@@ -609,7 +610,12 @@ impl Coordinator {
             } else {
                 2 * threads
             };
-            let size = target.max(threads).max(2);
+            // Never more than an even share of the step, so every volunteer
+            // gets work (and a speed measurement), not just the fastest.
+            let fair = (self.replica.config.es.population as usize)
+                .div_ceil(ready.max(1))
+                .next_multiple_of(2);
+            let size = target.max(threads).max(2).min(fair);
             let missed = &self.missed;
             let members: Vec<u32> = self
                 .pool

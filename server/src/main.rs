@@ -1,5 +1,7 @@
 //! The `seedling` command; all logic lives in the `seedling_server` library.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use seedling_server::cli::{Cli, Command, dispatch};
 use tracing_subscriber::EnvFilter;
@@ -16,6 +18,7 @@ async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match dispatch(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

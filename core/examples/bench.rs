@@ -1,0 +1,563 @@
+//! `cargo xtask bench [--quick]`: the figures DESIGN.md section 5 asks for, on
+//! the reference workload RW-256 (vocab 65, H = 256, 2 tanh layers, T = 64,
+//! B = 16, N = 256, sigma 0.02, low-rank rank 1), as one JSON object per line.
+//!
+//! Every line has `bench`, `workload`, `target`, `threads`, `tokens_per_s`,
+//! `seconds_per_step` and `gflops` (`null` where a figure has no meaning for
+//! that bench); extra keys say what a line is compared with. A "step" is one
+//! ES step of RW-256: N * B * T = 262,144 predicted tokens, and
+//! 2 * N * B * T * (H^2 + 2 H^2 + H V) = 111.8 GFLOP of forward matmuls (layer
+//! 0's input is one-hot, so its `x W_ih` is a row lookup and is not counted).
+//!
+//! Why each figure exists:
+//! - `inference`: [`forward::loss`] of the unperturbed model over N * B = 4096
+//!   sequences, the ES minibatch repeated N times, so it reads exactly the
+//!   tokens an ES step reads. No ES method can beat plain inference on the
+//!   same tokens; this is the ceiling the others are divided by.
+//! - `es-lowrank`: [`forward::member_losses`] for all 256 members (EGGROLL,
+//!   population-batched: one `[N*B, H] x [H, H]` GEMM per layer and time step
+//!   plus rank-1 corrections). `ratio_to_inference` is its tokens/s over
+//!   inference's; EGGROLL reports 0.91, and Seedling's target is >= 0.90.
+//!   Inference and es-lowrank repetitions are interleaved, so that both see
+//!   the same machine load.
+//! - `es-full`: the same with full-rank (OpenAI-ES) noise, where every member
+//!   runs its own `[B, H] x [H, H]` GEMMs. It is slow, so a subset of whole
+//!   antithetic pairs is timed and scaled to N (`note` says how many). Its
+//!   `ratio_to_inference` is the number EGGROLL quotes as 0.41% for OpenAI-ES.
+//! - `update-lowrank-N256`, `update-lowrank-N4096`, `update-full-N256`:
+//!   [`update::es_gradient`] plus [`adam::step`] for a list of N centered
+//!   ranks. Every replica (browser tabs included) pays this per step on one
+//!   core, whatever share of the evaluation it did, so it must stay small
+//!   next to evaluation: `ratio_to_eval_one_core` for N = 4096 is the update
+//!   time over 16 x the single-thread es-lowrank step (the time one core
+//!   needs to evaluate 4096 members); the target is <= 0.05. `gflops` counts
+//!   the 2 flops per parameter and pair of the accumulation.
+//! - `noise`: [`noise::fill_normal`] samples/s (also in `tokens_per_s`).
+//!   `seconds_per_step` is the time to draw one full-rank step's noise once
+//!   (128 pairs x 230,465 values): the floor of full-rank ES's noise cost.
+//! - `gemm`: [`gemm::sgemm`] with [`Backend::Fast`] at [4096,256]x[256,256],
+//!   the shape of one population-batched step, to set beside OpenBLAS's sgemm
+//!   at the same shape (measured by `../shared/peers/jax_es_step.py`).
+//!   `seconds_per_step` is one call.
+//! - `threads: 2`: inference and es-lowrank again, with rows (inference) or
+//!   members (es-lowrank) split into two contiguous halves on two
+//!   `std::thread`s, the way a native worker splits a job. The core itself
+//!   has no threads.
+//!
+//! Timing: one warm-up, then the median of several repetitions. `--quick`
+//! uses fewer repetitions and smaller subsets (about half a minute); the
+//! default takes a couple of minutes on two cores. `--only a,b` runs the
+//! benches whose names start with one of the prefixes; `--threads 1` or
+//! `--threads 2` restricts the inference/es-lowrank thread counts.
+
+use std::thread;
+use std::time::Instant;
+
+use seedling_core::adam::{self, AdamState};
+use seedling_core::forward::{self, Minibatch};
+use seedling_core::gemm::{self, Backend};
+use seedling_core::model::Layout;
+use seedling_core::noise;
+use seedling_core::shaping::centered_ranks;
+use seedling_core::tokenizer::Token;
+use seedling_core::update;
+use seedling_core::{NoiseKind, RunConfig};
+
+const VOCAB: u32 = 65;
+
+/// A JSON value of an extra key.
+enum Val {
+    Num(f64),
+    Str(String),
+}
+
+/// One output line.
+struct Line {
+    bench: String,
+    threads: usize,
+    tokens_per_s: Option<f64>,
+    seconds_per_step: f64,
+    gflops: Option<f64>,
+    extra: Vec<(&'static str, Val)>,
+}
+
+fn json_num(x: f64) -> String {
+    if x.is_finite() {
+        // Four significant digits are plenty for timings and avoid float noise.
+        let digits = if x == 0.0 {
+            0
+        } else {
+            x.abs().log10().floor() as i32
+        };
+        let decimals = (3 - digits).clamp(0, 12) as usize;
+        format!("{x:.decimals$}")
+    } else {
+        "null".into()
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+impl Line {
+    fn print(&self) {
+        let opt = |x: Option<f64>| x.map_or("null".into(), json_num);
+        let mut s = format!(
+            "{{\"bench\":{},\"workload\":\"RW-256\",\"target\":\"native\",\"threads\":{},\
+             \"tokens_per_s\":{},\"seconds_per_step\":{},\"gflops\":{}",
+            json_str(&self.bench),
+            self.threads,
+            opt(self.tokens_per_s),
+            json_num(self.seconds_per_step),
+            opt(self.gflops),
+        );
+        for (k, v) in &self.extra {
+            let v = match v {
+                Val::Num(x) => json_num(*x),
+                Val::Str(t) => json_str(t),
+            };
+            s.push_str(&format!(",{}:{}", json_str(k), v));
+        }
+        s.push('}');
+        println!("{s}");
+    }
+}
+
+/// Command-line options.
+struct Opts {
+    quick: bool,
+    only: Vec<String>,
+    threads: Vec<usize>,
+}
+
+impl Opts {
+    fn parse() -> Result<Self, String> {
+        let mut o = Opts {
+            quick: false,
+            only: Vec::new(),
+            threads: vec![1, 2],
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--quick" => o.quick = true,
+                "--only" => {
+                    let v = args.next().ok_or("--only needs a list")?;
+                    o.only = v.split(',').map(str::to_owned).collect();
+                }
+                "--threads" => {
+                    let v = args.next().ok_or("--threads needs a list")?;
+                    o.threads = v
+                        .split(',')
+                        .map(|t| t.parse().map_err(|_| format!("bad thread count {t}")))
+                        .collect::<Result<_, _>>()?;
+                    if o.threads.iter().any(|&t| t != 1 && t != 2) {
+                        return Err("--threads takes 1 and/or 2".into());
+                    }
+                }
+                "-h" | "--help" => {
+                    println!("usage: bench [--quick] [--only PREFIX[,PREFIX...]] [--threads 1|2|1,2]");
+                    std::process::exit(0);
+                }
+                other => return Err(format!("unknown argument {other}")),
+            }
+        }
+        Ok(o)
+    }
+
+    fn wants(&self, bench: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| bench.starts_with(p.as_str()))
+    }
+
+    /// (repetitions of a whole ES step, of a sub-second kernel)
+    fn reps(&self) -> (usize, usize) {
+        if self.quick { (2, 10) } else { (7, 30) }
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// Seconds taken by `f`, and its result.
+fn timed<R>(f: impl FnOnce() -> R) -> (f64, R) {
+    let t0 = Instant::now();
+    let r = f();
+    (t0.elapsed().as_secs_f64(), r)
+}
+
+/// One warm-up call, then the median time of `reps` calls.
+fn median_time<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
+    std::hint::black_box(f());
+    median((0..reps).map(|_| timed(|| std::hint::black_box(f())).0).collect())
+}
+
+/// RW-256's model, weights and tokens.
+struct Rw {
+    cfg: RunConfig,
+    layout: Layout,
+    params: Vec<f32>,
+    /// The ES minibatch: B sequences of T + 1 random tokens.
+    tokens: Vec<Token>,
+    /// The minibatch repeated N times: the N * B sequences inference reads.
+    big: Vec<Token>,
+}
+
+impl Rw {
+    fn new() -> Self {
+        let cfg = RunConfig::rw256(VOCAB);
+        let layout = Layout::new(cfg.model);
+        let params = layout.init_params(cfg.seed, cfg.init_scale);
+        let key = noise::derive(&[0xBE4C]);
+        let tokens: Vec<Token> = (0..cfg.batch_tokens() as u64)
+            .map(|j| (noise::mix64(key ^ j) % VOCAB as u64) as Token)
+            .collect();
+        let big = tokens.repeat(cfg.es.population as usize);
+        Self {
+            cfg,
+            layout,
+            params,
+            tokens,
+            big,
+        }
+    }
+
+    fn n(&self) -> usize {
+        self.cfg.es.population as usize
+    }
+    fn b(&self) -> usize {
+        self.cfg.es.batch as usize
+    }
+    fn t(&self) -> usize {
+        self.cfg.es.seq_len as usize
+    }
+
+    /// Predicted tokens per ES step.
+    fn tokens_per_step(&self) -> f64 {
+        (self.n() * self.b() * self.t()) as f64
+    }
+
+    /// Forward matmul FLOPs per ES step (DESIGN.md section 5).
+    fn flops_per_step(&self) -> f64 {
+        let (h, v) = (self.layout.hidden() as f64, self.layout.vocab() as f64);
+        2.0 * self.tokens_per_step() * (h * h + 2.0 * h * h + h * v)
+    }
+
+    /// Mean loss of the plain model over the N * B sequences, on `threads`
+    /// threads that each take a contiguous half of the sequences.
+    fn inference(&self, threads: usize) -> f32 {
+        let rows = self.n() * self.b();
+        let per = rows / threads;
+        let chunk = per * (self.t() + 1);
+        let losses: Vec<f32> = thread::scope(|s| {
+            let handles: Vec<_> = self
+                .big
+                .chunks(chunk)
+                .map(|toks| {
+                    s.spawn(move || {
+                        let mb = Minibatch::new(toks, per, self.t(), VOCAB as usize).unwrap();
+                        forward::loss(&self.layout, &self.params, &mb, Backend::Fast).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        losses.iter().sum::<f32>() / threads as f32
+    }
+
+    /// Every listed member's loss, members split into `threads` contiguous parts.
+    fn members(&self, cfg: &RunConfig, members: &[u32], threads: usize) -> Vec<f32> {
+        let mb = Minibatch::new(&self.tokens, self.b(), self.t(), VOCAB as usize).unwrap();
+        let part = members.len().div_ceil(threads);
+        thread::scope(|s| {
+            let handles: Vec<_> = members
+                .chunks(part)
+                .map(|ms| {
+                    s.spawn(move || {
+                        forward::member_losses(&self.layout, &self.params, cfg, 1, &mb, ms, Backend::Fast)
+                            .unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        })
+    }
+}
+
+fn mean(xs: &[f32]) -> f64 {
+    xs.iter().map(|&x| x as f64).sum::<f64>() / xs.len() as f64
+}
+
+/// Figures later lines are compared with.
+#[derive(Default)]
+struct Seen {
+    /// Single-thread inference and es-lowrank step times.
+    inference_1t: Option<f64>,
+    lowrank_1t: Option<f64>,
+}
+
+fn bench_gemm(o: &Opts) {
+    let (m, k, n) = (4096, 256, 256);
+    let mut a = vec![0.0f32; m * k];
+    let mut b = vec![0.0f32; k * n];
+    let mut c = vec![0.0f32; m * n];
+    noise::fill_normal(noise::derive(&[1]), &mut a);
+    noise::fill_normal(noise::derive(&[2]), &mut b);
+    let reps = o.reps().1;
+    let t = median_time(reps, || {
+        gemm::sgemm(Backend::Fast, m, k, n, &a, k, &b, n, &mut c, n, 0.0);
+        c[0]
+    });
+    Line {
+        bench: "gemm".into(),
+        threads: 1,
+        tokens_per_s: None,
+        seconds_per_step: t,
+        gflops: Some(2.0 * (m * k * n) as f64 / t / 1e9),
+        extra: vec![
+            ("shape", Val::Str("[4096,256]x[256,256]".into())),
+            (
+                "note",
+                Val::Str(format!(
+                    "matrixmultiply sgemm (Backend::Fast); seconds_per_step = one call, median of {reps}"
+                )),
+            ),
+        ],
+    }
+    .print();
+}
+
+fn bench_noise(o: &Opts, rw: &Rw) {
+    let mut buf = vec![0.0f32; 1 << 20];
+    let reps = o.reps().1;
+    let mut key = 0;
+    let t = median_time(reps, || {
+        key += 1;
+        noise::fill_normal(key, &mut buf);
+        buf[0]
+    });
+    let rate = buf.len() as f64 / t;
+    let step_samples = (rw.n() / 2 * rw.layout.len) as f64;
+    Line {
+        bench: "noise".into(),
+        threads: 1,
+        tokens_per_s: Some(rate),
+        seconds_per_step: step_samples / rate,
+        gflops: None,
+        extra: vec![
+            ("samples_per_s", Val::Num(rate)),
+            (
+                "note",
+                Val::Str(format!(
+                    "fill_normal of 2^20 values, median of {reps}; tokens_per_s holds samples/s; \
+                     seconds_per_step = one step's full-rank noise ({} pairs x {} params) drawn once",
+                    rw.n() / 2,
+                    rw.layout.len
+                )),
+            ),
+        ],
+    }
+    .print();
+}
+
+/// Inference and es-lowrank at one thread count, repetitions interleaved.
+fn bench_lowrank(o: &Opts, rw: &Rw, threads: usize, seen: &mut Seen) {
+    let do_inf = o.wants("inference");
+    let do_es = o.wants("es-lowrank");
+    let members: Vec<u32> = (0..rw.cfg.es.population).collect();
+    let reps = o.reps().0;
+    let (mut ti, mut te) = (Vec::new(), Vec::new());
+    let (mut inf_loss, mut es_loss) = (0.0, 0.0);
+    for rep in 0..=reps {
+        if do_inf {
+            let (t, l) = timed(|| rw.inference(threads));
+            inf_loss = l as f64;
+            if rep > 0 {
+                ti.push(t);
+            }
+        }
+        if do_es {
+            let (t, l) = timed(|| rw.members(&rw.cfg, &members, threads));
+            es_loss = mean(&l);
+            if rep > 0 {
+                te.push(t);
+            }
+        }
+    }
+    let note = format!("median of {reps} after 1 warm-up, inference and es-lowrank interleaved");
+    let ti = do_inf.then(|| median(ti));
+    let te = do_es.then(|| median(te));
+    if threads == 1 {
+        seen.inference_1t = ti;
+        seen.lowrank_1t = te;
+    }
+    if let Some(t) = ti {
+        Line {
+            bench: "inference".into(),
+            threads,
+            tokens_per_s: Some(rw.tokens_per_step() / t),
+            seconds_per_step: t,
+            gflops: Some(rw.flops_per_step() / t / 1e9),
+            extra: vec![("loss", Val::Num(inf_loss)), ("note", Val::Str(note.clone()))],
+        }
+        .print();
+    }
+    if let Some(t) = te {
+        let mut extra = Vec::new();
+        if let Some(i) = ti {
+            extra.push(("ratio_to_inference", Val::Num(i / t)));
+        }
+        extra.push(("mean_member_loss", Val::Num(es_loss)));
+        extra.push(("note", Val::Str(note)));
+        Line {
+            bench: "es-lowrank".into(),
+            threads,
+            tokens_per_s: Some(rw.tokens_per_step() / t),
+            seconds_per_step: t,
+            gflops: Some(rw.flops_per_step() / t / 1e9),
+            extra,
+        }
+        .print();
+    }
+}
+
+fn bench_full(o: &Opts, rw: &Rw, seen: &Seen) {
+    let mut cfg = rw.cfg;
+    cfg.es.noise = NoiseKind::Full;
+    let subset: u32 = if o.quick { 8 } else { 32 };
+    let members: Vec<u32> = (0..subset).collect();
+    let reps = if o.quick { 2 } else { 5 };
+    let mut loss = 0.0;
+    let t_sub = median_time(reps, || {
+        loss = mean(&rw.members(&cfg, &members, 1));
+    });
+    let t = t_sub * rw.n() as f64 / subset as f64;
+    let mut extra = Vec::new();
+    if let Some(i) = seen.inference_1t {
+        extra.push(("ratio_to_inference", Val::Num(i / t)));
+    }
+    extra.push(("mean_member_loss", Val::Num(loss)));
+    extra.push((
+        "note",
+        Val::Str(format!(
+            "timed members 0..{subset} ({} pairs, median of {reps}), scaled x{} to N = {}",
+            subset / 2,
+            rw.n() as u32 / subset,
+            rw.n()
+        )),
+    ));
+    Line {
+        bench: "es-full".into(),
+        threads: 1,
+        tokens_per_s: Some(rw.tokens_per_step() / t),
+        seconds_per_step: t,
+        gflops: Some(rw.flops_per_step() / t / 1e9),
+        extra,
+    }
+    .print();
+}
+
+fn bench_update(o: &Opts, rw: &Rw, noise_kind: NoiseKind, n: u32, seen: &Seen) {
+    let kind = if noise_kind == NoiseKind::Full {
+        "full"
+    } else {
+        "lowrank"
+    };
+    let name = format!("update-{kind}-N{n}");
+    if !o.wants(&name) {
+        return;
+    }
+    let mut cfg = rw.cfg;
+    cfg.es.noise = noise_kind;
+    cfg.es.population = n;
+    let key = noise::derive(&[0x1055, n as u64]);
+    let losses: Vec<(u32, f32)> = (0..n)
+        .map(|m| {
+            (
+                m,
+                4.0 + (noise::mix64(key ^ m as u64) >> 40) as f32 / 16_777_216.0,
+            )
+        })
+        .collect();
+    let weights = centered_ranks(&losses).unwrap();
+    let mut params = rw.params.clone();
+    let mut state = AdamState::new(rw.layout.len);
+    let reps = if n > 256 { o.reps().0 } else { o.reps().1 / 2 };
+    let t = median_time(reps, || {
+        let g = update::es_gradient(&rw.layout, &cfg, 1, &weights).unwrap();
+        adam::step(&cfg.adam, cfg.adam.lr, &mut params, &mut state, &g);
+    });
+    let pairs = (n / 2) as f64;
+    let mut extra = Vec::new();
+    if n == 4096 {
+        if let Some(e) = seen.lowrank_1t {
+            let eval = 16.0 * e;
+            extra.push(("ratio_to_eval_one_core", Val::Num(t / eval)));
+            extra.push(("eval_4096_one_core_seconds", Val::Num(eval)));
+        }
+    }
+    extra.push((
+        "note",
+        Val::Str(format!(
+            "es_gradient + adam::step over {n} centered ranks, median of {reps}; \
+             gflops = 2 flops x {} params x {} pairs",
+            rw.layout.len, pairs
+        )),
+    ));
+    Line {
+        bench: name,
+        threads: 1,
+        tokens_per_s: None,
+        seconds_per_step: t,
+        gflops: Some(2.0 * pairs * rw.layout.len as f64 / t / 1e9),
+        extra,
+    }
+    .print();
+}
+
+fn main() {
+    let o = match Opts::parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let rw = Rw::new();
+    let mut seen = Seen::default();
+    if o.wants("gemm") {
+        bench_gemm(&o);
+    }
+    if o.wants("noise") {
+        bench_noise(&o, &rw);
+    }
+    for &threads in &o.threads {
+        if o.wants("inference") || o.wants("es-lowrank") {
+            bench_lowrank(&o, &rw, threads, &mut seen);
+        }
+    }
+    if o.wants("es-full") {
+        bench_full(&o, &rw, &seen);
+    }
+    let lowrank = NoiseKind::LowRank { rank: 1 };
+    bench_update(&o, &rw, lowrank, 256, &seen);
+    bench_update(&o, &rw, lowrank, 4096, &seen);
+    bench_update(&o, &rw, NoiseKind::Full, 256, &seen);
+}

@@ -1,0 +1,265 @@
+//! The real `seedling` binary: SIGKILL and restart on the same run dir,
+//! graceful shutdown on SIGTERM, and the checkpoint commands.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use seedling_server::checkpoint;
+use seedling_server::cli::{Cli, Command as Sub};
+use seedling_server::worker::{self, WorkerOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_seedling");
+
+fn corpus(dir: &Path) -> PathBuf {
+    const WORDS: [&str; 10] = [
+        "the ", "cat ", "sat ", "on ", "a ", "mat. ", "dog ", "ran ", "to ", "me, ",
+    ];
+    let mut text = String::new();
+    let mut x = 7u64;
+    while text.len() < 20_000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        text.push_str(WORDS[(x >> 33) as usize % WORDS.len()]);
+    }
+    let path = dir.join("corpus.txt");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run_args(data: &Path, run_dir: &Path, port: u16, max_steps: u64) -> Vec<String> {
+    let s = |x: &str| x.to_string();
+    vec![
+        s("serve"),
+        s("--port"),
+        port.to_string(),
+        s("--data"),
+        data.display().to_string(),
+        s("--run-dir"),
+        run_dir.display().to_string(),
+        s("--hidden"),
+        s("24"),
+        s("--layers"),
+        s("1"),
+        s("--population"),
+        s("32"),
+        s("--batch"),
+        s("4"),
+        s("--seq-len"),
+        s("16"),
+        s("--sigma"),
+        s("0.05"),
+        s("--lr"),
+        s("0.02"),
+        s("--seed"),
+        s("11"),
+        s("--checkpoint-every"),
+        s("5"),
+        s("--eval-every"),
+        s("0"),
+        s("--max-steps"),
+        max_steps.to_string(),
+        s("--job-timeout"),
+        s("2"),
+    ]
+}
+
+fn spawn_server(args: &[String], log: &Path) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// GET /api/status over plain HTTP/1.0; None while the server is down.
+fn status(port: u16) -> Option<serde_json::Value> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(b"GET /api/status HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    serde_json::from_str(body.split("\r\n\r\n").nth(1)?).ok()
+}
+
+fn wait_status(port: u16, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = status(port) {
+            if pred(&s) {
+                return s;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn agree(s: &serde_json::Value) -> bool {
+    let clients = s["client_hashes"].as_object().unwrap();
+    s["finished"] == true
+        && !clients.is_empty()
+        && clients
+            .values()
+            .all(|c| c["step"] == s["step"] && c["hash"] == s["hash"])
+}
+
+fn workers(rt: &tokio::runtime::Runtime, port: u16, n: usize) -> tokio::sync::watch::Sender<bool> {
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    for _ in 0..n {
+        let mut opts = WorkerOptions::new(format!("ws://127.0.0.1:{port}/ws"));
+        opts.threads = 1;
+        opts.progress = None;
+        opts.max_backoff = Duration::from_millis(300);
+        let mut rx = rx.clone();
+        rt.spawn(worker::run(opts, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+    }
+    stop
+}
+
+fn run_cli(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "seedling {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn sigkill_restart_resumes_and_matches_an_uninterrupted_run() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let steps = 20;
+
+    // Uninterrupted reference, in-process, same flags.
+    let ref_dir = tmp.path().join("reference");
+    let port = free_port();
+    let reference = {
+        let cli = Cli::try_parse_from(
+            std::iter::once("seedling".to_string()).chain(run_args(&data, &ref_dir, port, steps)),
+        )
+        .unwrap();
+        let Sub::Serve(args) = cli.command else {
+            unreachable!()
+        };
+        let opts = args.serve_options().unwrap();
+        let server = rt.block_on(async {
+            let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+            seedling_server::app::start(l, opts).await.unwrap()
+        });
+        let stop = workers(&rt, port, 2);
+        let s = wait_status(port, "the reference run", agree);
+        let _ = stop.send(true);
+        rt.block_on(server.shutdown()).unwrap();
+        s["hash"].as_str().unwrap().to_string()
+    };
+
+    // The same run, SIGKILLed after step 12 and restarted.
+    let run_dir = tmp.path().join("run");
+    let port = free_port();
+    let args = run_args(&data, &run_dir, port, steps);
+    let mut first = spawn_server(&args, &tmp.path().join("first.log"));
+    let stop = workers(&rt, port, 2);
+    wait_status(port, "step 12", |s| s["step"].as_u64().unwrap() >= 12);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let (_, ckpt) = checkpoint::latest(&run_dir)
+        .unwrap()
+        .expect("a checkpoint before the kill");
+    assert!(
+        ckpt.step >= 10 && ckpt.step % 5 == 0,
+        "checkpoint at step {}",
+        ckpt.step
+    );
+    let want_hash = format!("{:016x}", seedling_core::hash::weights_hash(&ckpt.params));
+
+    let log = tmp.path().join("second.log");
+    let mut second = spawn_server(&args, &log);
+    let s = wait_status(port, "the restarted run to finish", agree);
+    assert_eq!(
+        s["hash"].as_str().unwrap(),
+        reference,
+        "restarted run differs from the uninterrupted one"
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resumed"))
+        .expect("a resume log line");
+    assert!(
+        resumed.contains(&format!("step={}", ckpt.step)) && resumed.contains(&want_hash),
+        "{resumed}"
+    );
+    let _ = stop.send(true);
+
+    // SIGTERM: graceful stop with a final checkpoint at the last step.
+    let _ = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status();
+    assert!(second.wait().unwrap().success());
+    let (_, last) = checkpoint::latest(&run_dir).unwrap().unwrap();
+    assert_eq!(last.step, steps);
+
+    // The checkpoint commands on the real binary.
+    let dir = run_dir.display().to_string();
+    let inspect = run_cli(&["inspect", &dir]);
+    assert!(inspect.contains(&reference), "inspect shows the hash: {inspect}");
+    let eval = run_cli(&[
+        "eval",
+        "--checkpoint",
+        &dir,
+        "--data",
+        &data.display().to_string(),
+    ]);
+    assert!(eval.contains("nats/char") && eval.contains("bits/char"), "{eval}");
+    let text = run_cli(&[
+        "generate",
+        "--checkpoint",
+        &dir,
+        "--prompt",
+        "the ",
+        "--len",
+        "40",
+    ]);
+    assert!(
+        text.starts_with("the ") && text.trim_end().chars().count() >= 40,
+        "{text:?}"
+    );
+    let beams = run_cli(&[
+        "generate",
+        "--checkpoint",
+        &dir,
+        "--prompt",
+        "the ",
+        "--len",
+        "10",
+        "--beam",
+        "3",
+    ]);
+    assert_eq!(
+        beams.lines().filter(|l| !l.trim().is_empty()).count(),
+        3,
+        "{beams}"
+    );
+}
