@@ -42,6 +42,47 @@ pub enum Command {
     Eval(EvalArgs),
     /// Print a checkpoint's config, step, size, history and hash.
     Inspect(InspectArgs),
+    /// Draw a run's learning curve (SVG) beside the n-gram baselines.
+    Plot(PlotArgs),
+    /// Print the add-one n-gram cross-entropy of the validation split.
+    Baseline(BaselineArgs),
+}
+
+/// Flags of `seedling plot`.
+#[derive(Args, Debug, Clone)]
+pub struct PlotArgs {
+    /// Checkpoint file or run dir whose history is drawn.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Output SVG file.
+    #[arg(long, default_value = "docs/learning-curve.svg")]
+    pub out: PathBuf,
+    /// Horizontal axis: `minutes` or `tokens`.
+    #[arg(long, default_value = "minutes")]
+    pub x: String,
+    /// Text for the unigram/bigram baselines [default: tiny-shakespeare].
+    #[arg(long)]
+    pub data: Vec<PathBuf>,
+}
+
+/// Flags of `seedling baseline`.
+#[derive(Args, Debug, Clone)]
+pub struct BaselineArgs {
+    /// Order of the n-gram model (1 = unigram, 2 = bigram).
+    #[arg(long, default_value_t = 2)]
+    pub ngram: usize,
+    /// Text (its last 10% is validation) [default: tiny-shakespeare].
+    #[arg(long)]
+    pub data: Vec<PathBuf>,
+}
+
+/// The given data paths, or the default corpus.
+fn data_paths(paths: Vec<PathBuf>) -> anyhow::Result<Vec<PathBuf>> {
+    if paths.is_empty() {
+        Ok(vec![data::find_default_corpus()?])
+    } else {
+        Ok(paths)
+    }
 }
 
 /// Flags shared by `serve` and `train`.
@@ -398,6 +439,38 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => {
             let (path, ckpt) = open_checkpoint(&a.path)?;
             println!("{}", commands::inspect(&ckpt, &path));
+            Ok(())
+        }
+        Command::Plot(a) => {
+            let (_, ckpt) = open_checkpoint(&a.checkpoint)?;
+            let corpus = data::load_corpus(&data_paths(a.data)?)?;
+            let v = corpus.tokenizer.len();
+            let baselines = [
+                ("unigram", data::ngram_baseline(&corpus.train, &corpus.val, v, 1)),
+                ("bigram", data::ngram_baseline(&corpus.train, &corpus.val, v, 2)),
+            ];
+            let x = match a.x.as_str() {
+                "minutes" => crate::plot::XAxis::Minutes,
+                "tokens" => crate::plot::XAxis::Tokens,
+                other => anyhow::bail!("--x must be `minutes` or `tokens`, not `{other}`"),
+            };
+            let curves = [crate::plot::Curve {
+                name: "ES",
+                history: &ckpt.history,
+            }];
+            crate::plot::learning_curve(&curves, &baselines, x, &a.out)?;
+            println!("wrote {}", a.out.display());
+            Ok(())
+        }
+        Command::Baseline(a) => {
+            let corpus = data::load_corpus(&data_paths(a.data)?)?;
+            let v = corpus.tokenizer.len();
+            let nats = data::ngram_baseline(&corpus.train, &corpus.val, v, a.ngram);
+            println!(
+                "{}-gram (add-one) validation loss {nats:.4} nats/char ({:.4} bits/char)",
+                a.ngram,
+                nats / std::f64::consts::LN_2
+            );
             Ok(())
         }
     }

@@ -21,6 +21,7 @@
 //! - [`data`]: corpus loading, the default-corpus search path, baselines.
 //! - [`checkpoint`]: safetensors checkpoints, atomic writes, resume.
 //! - [`commands`]: generate, eval and inspect on a checkpoint.
+//! - [`plot`]: the learning-curve SVG.
 
 pub mod app;
 pub mod checkpoint;
@@ -28,5 +29,6 @@ pub mod cli;
 pub mod commands;
 pub mod coordinator;
 pub mod data;
+pub mod plot;
 pub mod train;
 pub mod worker;
