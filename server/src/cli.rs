@@ -87,7 +87,7 @@ fn data_paths(paths: Vec<PathBuf>) -> anyhow::Result<Vec<PathBuf>> {
 
 /// Flags shared by `serve` and `train`.
 #[derive(Args, Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RunArgs {
     /// TOML file with any of these flags as keys (command-line flags win).
     #[arg(long)]
