@@ -5,7 +5,9 @@
 //! a send task and a receive task that end each other, and [`run`] serves
 //! with graceful shutdown. Tests start the very same [`start`] on port 0.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::State;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
-use axum::http::{HeaderValue, header};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use futures_util::{SinkExt, StreamExt};
 use seedling_core::Replica;
 use seedling_core::RunConfig;
@@ -28,7 +30,9 @@ use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::checkpoint;
-use crate::coordinator::{ClientId, Coordinator, Event, Outgoing, RunData, Settings, Status};
+use crate::coordinator::{
+    AdminCommand, ClientId, Coordinator, Event, Outgoing, RunData, Settings, Status, close,
+};
 
 /// Frames queued per client before it counts as too slow and is dropped.
 const OUTBOX: usize = 256;
@@ -47,6 +51,121 @@ pub struct ServeOptions {
     pub data: RunData,
     /// The volunteer page's directory, served at `/`.
     pub www: Option<PathBuf>,
+    /// Connection limits and heartbeat.
+    pub limits: Limits,
+    /// Bearer token for the admin routes; `None` disables them.
+    pub admin_token: Option<String>,
+}
+
+/// What one server accepts from the open internet.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Open volunteer connections in total.
+    pub max_connections: usize,
+    /// Open volunteer connections from one IP address.
+    pub max_per_ip: usize,
+    /// Sustained WebSocket handshakes per second, all clients together.
+    pub handshakes_per_s: f64,
+    /// Handshakes allowed in a burst above that rate.
+    pub handshake_burst: f64,
+    /// The server pings every connection this often.
+    pub ping_every: Duration,
+    /// A connection silent for this long (no frame, no pong) is dropped.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_per_ip: 64,
+            handshakes_per_s: 200.0,
+            handshake_burst: 400.0,
+            ping_every: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(45),
+        }
+    }
+}
+
+/// Open connections per IP and a token bucket for handshakes.
+#[derive(Debug)]
+struct Admission {
+    limits: Limits,
+    state: Mutex<AdmissionState>,
+}
+
+#[derive(Debug)]
+struct AdmissionState {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+    tokens: f64,
+    refilled: Instant,
+}
+
+/// Releases a connection's slot when the connection ends.
+struct Slot {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut st = self.admission.state.lock().unwrap();
+        st.total -= 1;
+        if let Some(n) = st.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                st.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Admission {
+    fn new(limits: Limits) -> Self {
+        let tokens = limits.handshake_burst;
+        Self {
+            limits,
+            state: Mutex::new(AdmissionState {
+                total: 0,
+                per_ip: HashMap::new(),
+                tokens,
+                refilled: Instant::now(),
+            }),
+        }
+    }
+
+    /// A slot for a new connection from `ip`, or why not.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, (StatusCode, &'static str)> {
+        let l = &self.limits;
+        let mut st = self.state.lock().unwrap();
+        let now = Instant::now();
+        let dt = now.saturating_duration_since(st.refilled).as_secs_f64();
+        st.tokens = (st.tokens + dt * l.handshakes_per_s).min(l.handshake_burst);
+        st.refilled = now;
+        if st.tokens < 1.0 {
+            return Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many new connections; retry in a few seconds",
+            ));
+        }
+        if st.total >= l.max_connections {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, "the server is full; retry later"));
+        }
+        if st.per_ip.get(&ip).copied().unwrap_or(0) >= l.max_per_ip {
+            return Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections from your address",
+            ));
+        }
+        st.tokens -= 1.0;
+        st.total += 1;
+        *st.per_ip.entry(ip).or_insert(0) += 1;
+        Ok(Slot {
+            admission: self.clone(),
+            ip,
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -54,12 +173,14 @@ struct AppState {
     events: mpsc::Sender<Event>,
     status: Arc<Mutex<Status>>,
     next_id: Arc<AtomicU64>,
+    admission: Arc<Admission>,
+    admin_token: Option<Arc<str>>,
 }
 
 /// A running server.
 pub struct Server {
     /// The address it listens on.
-    pub addr: std::net::SocketAddr,
+    pub addr: SocketAddr,
     status: Arc<Mutex<Status>>,
     events: mpsc::Sender<Event>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -145,16 +266,21 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
         events: events.clone(),
         status: status.clone(),
         next_id: Arc::new(AtomicU64::new(1)),
+        admission: Arc::new(Admission::new(opts.limits.clone())),
+        admin_token: opts.admin_token.clone().filter(|t| !t.is_empty()).map(Arc::from),
     };
     let addr = listener.local_addr()?;
     let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
     let router = app(state, opts.www.clone());
     let http = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .await
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stopped.await;
+        })
+        .await
     });
     tracing::info!(%addr, "serving");
     Ok(Server {
@@ -187,6 +313,7 @@ fn app(state: AppState, www: Option<PathBuf>) -> Router {
         .route("/ws", get(ws_handler))
         .route("/api/status", get(status_handler))
         .route("/metrics", get(metrics_handler))
+        .route("/admin/{command}", post(admin_handler))
         .with_state(state);
     if let Some(dir) = www {
         router = router.fallback_service(ServeDir::new(dir));
@@ -277,12 +404,73 @@ async fn metrics_handler(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-async fn ws_handler(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+/// Operator commands: `POST /admin/pause|resume|checkpoint`, `POST
+/// /admin/kick?client=ID`, with `Authorization: Bearer TOKEN`. Refused with
+/// 403 when the server has no token, 401 without the right one.
+async fn admin_handler(
+    State(state): State<AppState>,
+    Path(command): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(token) = &state.admin_token else {
+        return (
+            StatusCode::FORBIDDEN,
+            "admin routes are off: start the server with --admin-token",
+        )
+            .into_response();
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        return (StatusCode::UNAUTHORIZED, "missing or wrong admin token").into_response();
+    }
+    let command = match command.as_str() {
+        "pause" => AdminCommand::Pause,
+        "resume" => AdminCommand::Resume,
+        "checkpoint" => AdminCommand::Checkpoint,
+        "kick" => match query.get("client").and_then(|c| c.parse().ok()) {
+            Some(id) => AdminCommand::Kick(id),
+            None => return (StatusCode::BAD_REQUEST, "kick needs ?client=ID").into_response(),
+        },
+        _ => return (StatusCode::NOT_FOUND, "unknown admin command").into_response(),
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if state.events.send(Event::Admin { command, reply }).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down").into_response();
+    }
+    match answer.await {
+        Ok(Ok(msg)) => (StatusCode::OK, msg).into_response(),
+        Ok(Err(msg)) => (StatusCode::CONFLICT, msg).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down").into_response(),
+    }
+}
+
+/// Compares secrets without an early exit that would leak their prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn ws_handler(
+    ws: WebSocketUpgrade,
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let slot = match state.admission.admit(peer.ip()) {
+        Ok(slot) => slot,
+        Err((code, why)) => return (code, why).into_response(),
+    };
     // Frames up to 4x the cap reach the decoder, which rejects an oversized
     // message with a clear reason; larger ones are cut off by the socket.
     ws.max_message_size(4 * MAX_CLIENT_MESSAGE)
         .max_frame_size(4 * MAX_CLIENT_MESSAGE)
-        .on_upgrade(move |socket| handle_socket(socket, state))
+        .on_upgrade(move |socket| async move {
+            handle_socket(socket, state).await;
+            drop(slot);
+        })
 }
 
 /// One volunteer connection: decodes frames into events and drains the
@@ -299,13 +487,33 @@ async fn handle_socket(socket: WebSocket, state: AppState) {
         return;
     }
     let (mut sink, mut stream) = socket.split();
+    let limits = state.admission.limits.clone();
+    let last_seen = Arc::new(Mutex::new(Instant::now()));
+    let seen = last_seen.clone();
     let mut send_task = tokio::spawn(async move {
-        while let Some(item) = outbox.recv().await {
+        let mut ping = tokio::time::interval(limits.ping_every);
+        ping.tick().await;
+        loop {
+            let item = tokio::select! {
+                item = outbox.recv() => match item {
+                    Some(item) => item,
+                    None => break,
+                },
+                _ = ping.tick() => {
+                    if seen.lock().unwrap().elapsed() > limits.idle_timeout {
+                        Outgoing::Close(close::POLICY, "no heartbeat".into())
+                    } else if sink.send(Message::Ping(Default::default())).await.is_err() {
+                        break;
+                    } else {
+                        continue;
+                    }
+                }
+            };
             let res = match item {
                 Outgoing::Frame(bytes) => sink.send(Message::Binary(bytes)).await,
-                Outgoing::Close(reason) => {
+                Outgoing::Close(code, reason) => {
                     let frame = CloseFrame {
-                        code: close_code::POLICY,
+                        code,
                         reason: reason.into(),
                     };
                     let _ = sink.send(Message::Close(Some(frame))).await;
@@ -320,16 +528,23 @@ async fn handle_socket(socket: WebSocket, state: AppState) {
     let events = state.events.clone();
     let mut recv_task = tokio::spawn(async move {
         while let Some(frame) = stream.next().await {
+            *last_seen.lock().unwrap() = Instant::now();
             let ev = match frame {
                 Ok(Message::Binary(bytes)) => match decode_client(&bytes) {
                     Ok(msg) => Event::Message { client: id, msg },
                     Err(e) => Event::Invalid {
                         client: id,
+                        code: if bytes.len() > MAX_CLIENT_MESSAGE {
+                            close::TOO_BIG
+                        } else {
+                            close::INVALID
+                        },
                         reason: e.to_string(),
                     },
                 },
                 Ok(Message::Text(_)) => Event::Invalid {
                     client: id,
+                    code: close::UNSUPPORTED,
                     reason: "text frames are not part of the protocol".into(),
                 },
                 Ok(Message::Close(_)) | Err(_) => break,

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use seedling_core::{NoiseKind, RunConfig};
 use serde::Deserialize;
 
-use crate::app::ServeOptions;
+use crate::app::{Limits, ServeOptions};
 use crate::coordinator::{RunData, Settings};
 use crate::{checkpoint, commands, data};
 
@@ -169,6 +169,15 @@ pub struct RunArgs {
     /// Stop after this many steps [default: never].
     #[arg(long)]
     pub max_steps: Option<u64>,
+    /// Token for the admin routes (pause, resume, checkpoint, kick) [default: admin off].
+    #[arg(long, env = "SEEDLING_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Most volunteer connections at once [default: 10000].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Most volunteer connections from one IP address [default: 64].
+    #[arg(long)]
+    pub max_per_ip: Option<usize>,
 }
 
 macro_rules! merge {
@@ -188,7 +197,7 @@ impl RunArgs {
         }
         merge!(self, f; run_dir, bind, port, www, seed, hidden, layers, population, batch, seq_len, sigma, lr,
             weight_decay, noise, rank, init_scale, min_fraction, step_timeout, job_timeout, eval_every,
-            eval_windows, checkpoint_every, keep, max_steps);
+            eval_windows, checkpoint_every, keep, max_steps, admin_token, max_connections, max_per_ip);
         Ok(self)
     }
 
@@ -265,6 +274,12 @@ impl RunArgs {
                 name,
             },
             www: self.www.clone().or_else(default_www),
+            limits: Limits {
+                max_connections: self.max_connections.unwrap_or(Limits::default().max_connections),
+                max_per_ip: self.max_per_ip.unwrap_or(Limits::default().max_per_ip),
+                ..Limits::default()
+            },
+            admin_token: self.admin_token.clone(),
         })
     }
 

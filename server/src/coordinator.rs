@@ -47,8 +47,8 @@ pub type ClientId = u64;
 pub enum Outgoing {
     /// Send this encoded message (shared, so a broadcast is encoded once).
     Frame(Bytes),
-    /// Send a close frame with this reason and end the connection.
-    Close(String),
+    /// Send a close frame with this code and reason and end the connection.
+    Close(u16, String),
 }
 
 /// Inputs to the coordinator.
@@ -74,6 +74,15 @@ pub enum Event {
         client: ClientId,
         /// Why.
         reason: String,
+        /// The WebSocket close code that names the fault (RFC 6455 7.4.1).
+        code: u16,
+    },
+    /// An operator's command from the admin routes.
+    Admin {
+        /// What to do.
+        command: AdminCommand,
+        /// Where the outcome goes.
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
     },
     /// The connection ended (cleanly or not).
     Disconnected {
@@ -84,6 +93,33 @@ pub enum Event {
     Tick,
     /// Write a final checkpoint and stop.
     Shutdown,
+}
+
+/// Run-changing commands, available only behind the admin token.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AdminCommand {
+    /// Stop handing out jobs; the current step waits.
+    Pause,
+    /// Hand out jobs again.
+    Resume,
+    /// Write a checkpoint now.
+    Checkpoint,
+    /// Disconnect a client (it may reconnect; use a firewall to ban).
+    Kick(ClientId),
+}
+
+/// WebSocket close codes the server uses (RFC 6455 section 7.4.1).
+pub mod close {
+    /// The server is going away.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A frame type the protocol does not use (text).
+    pub const UNSUPPORTED: u16 = 1003;
+    /// Bytes that do not decode to a valid message.
+    pub const INVALID: u16 = 1007;
+    /// A message that breaks the protocol's rules.
+    pub const POLICY: u16 = 1008;
+    /// A message over the size cap.
+    pub const TOO_BIG: u16 = 1009;
 }
 
 /// Knobs of the coordinator (a subset of `seedling serve`'s flags).
@@ -179,6 +215,8 @@ pub struct Status {
     pub client_hashes: BTreeMap<ClientId, ClientReport>,
     /// True once `max_steps` is reached.
     pub finished: bool,
+    /// True while the operator has paused the run.
+    pub paused: bool,
 }
 
 /// Counts of connected volunteers.
@@ -254,6 +292,8 @@ pub struct Coordinator {
     closes: VecDeque<(Instant, u32)>,
     status: Arc<Mutex<Status>>,
     counters: Counters,
+    /// Set by the operator: no jobs are handed out.
+    paused: bool,
 }
 
 #[derive(Default)]
@@ -297,6 +337,7 @@ impl Coordinator {
             closes: VecDeque::new(),
             status: Arc::new(Mutex::new(Status::default())),
             counters: Counters::default(),
+            paused: false,
             replica,
         };
         c.hashes.push_back((c.replica.step, c.replica.hash()));
@@ -335,7 +376,9 @@ impl Coordinator {
     /// Closes every connection and writes the final checkpoint.
     pub fn shutdown(&mut self) {
         for c in self.clients.values() {
-            let _ = c.out.try_send(Outgoing::Close("server shutting down".into()));
+            let _ = c
+                .out
+                .try_send(Outgoing::Close(close::GOING_AWAY, "server shutting down".into()));
         }
         if let Err(e) = self.checkpoint() {
             tracing::error!("final checkpoint failed: {e:#}");
@@ -358,7 +401,10 @@ impl Coordinator {
                 );
             }
             Event::Message { client, msg } => self.on_message(client, msg, now),
-            Event::Invalid { client, reason } => self.reject(client, &reason),
+            Event::Invalid { client, reason, code } => self.reject_with(client, &reason, code),
+            Event::Admin { command, reply } => {
+                let _ = reply.send(self.admin(command));
+            }
             Event::Disconnected { client } => self.drop_client(client),
             Event::Tick => {
                 self.on_tick(now);
@@ -526,8 +572,36 @@ impl Coordinator {
         }
     }
 
+    fn admin(&mut self, command: AdminCommand) -> Result<String, String> {
+        tracing::info!(?command, "admin command");
+        match command {
+            AdminCommand::Pause => {
+                self.paused = true;
+                Ok(format!("paused at step {}", self.replica.step))
+            }
+            AdminCommand::Resume => {
+                self.paused = false;
+                Ok(format!("resumed at step {}", self.replica.step))
+            }
+            AdminCommand::Checkpoint => match self.checkpoint() {
+                Ok(Some(path)) => Ok(format!("wrote {}", path.display())),
+                Ok(None) => Err("no --run-dir: checkpoints are off".into()),
+                Err(e) => Err(format!("{e:#}")),
+            },
+            AdminCommand::Kick(id) if self.clients.contains_key(&id) => {
+                self.reject(id, "disconnected by the operator");
+                Ok(format!("kicked client {id}"))
+            }
+            AdminCommand::Kick(id) => Err(format!("no client {id}")),
+        }
+    }
+
     /// Tells a client why and disconnects it; its job goes back to the pool.
     fn reject(&mut self, id: ClientId, reason: &str) {
+        self.reject_with(id, reason, close::POLICY)
+    }
+
+    fn reject_with(&mut self, id: ClientId, reason: &str, code: u16) {
         tracing::warn!(client = id, reason, "rejecting client");
         self.counters.rejected += 1;
         self.send(
@@ -539,7 +613,7 @@ impl Coordinator {
         if let Some(c) = self.clients.get(&id) {
             let _ = c
                 .out
-                .try_send(Outgoing::Close(reason.chars().take(100).collect()));
+                .try_send(Outgoing::Close(code, reason.chars().take(100).collect()));
         }
         self.drop_client(id);
     }
@@ -556,7 +630,9 @@ impl Coordinator {
     fn send_frame(&mut self, id: ClientId, frame: Bytes) {
         let Some(c) = self.clients.get(&id) else { return };
         if c.out.try_send(Outgoing::Frame(frame)).is_err() {
-            let _ = c.out.try_send(Outgoing::Close("send queue full".into()));
+            let _ = c
+                .out
+                .try_send(Outgoing::Close(close::POLICY, "send queue full".into()));
             tracing::warn!(client = id, "send queue full; dropping client");
             self.drop_client(id);
         }
@@ -589,7 +665,7 @@ impl Coordinator {
 
     /// Hands every idle client a job of consecutive members from the pool.
     fn assign(&mut self, now: Instant) {
-        if self.finished() {
+        if self.finished() || self.paused {
             return;
         }
         let idle: Vec<ClientId> = self
@@ -803,6 +879,7 @@ impl Coordinator {
             val_loss: self.history.iter().rev().find_map(|h| h.val_loss),
             client_hashes: self.counters.client_hashes.clone(),
             finished: self.finished(),
+            paused: self.paused,
         };
         *self.status.lock().unwrap() = s;
     }

@@ -73,6 +73,8 @@ pub fn tiny_options(settings: Settings) -> ServeOptions {
             name: "synthetic test corpus".into(),
         },
         www: None,
+        limits: Default::default(),
+        admin_token: None,
     }
 }
 
@@ -172,13 +174,15 @@ pub fn all_replicas_agree(s: &Status) -> bool {
 /// A protocol client driven by hand, for faults and hostile input.
 pub struct RawClient {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The id from the server's Welcome (0 before the handshake).
+    pub id: u64,
 }
 
 impl RawClient {
     /// Connects without saying anything.
     pub async fn connect(url: &str) -> Self {
         let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        Self { ws }
+        Self { ws, id: 0 }
     }
 
     /// Connects and completes the handshake (Welcome and Snapshot consumed).
@@ -191,7 +195,10 @@ impl RawClient {
             speed: 0.0,
         })
         .await;
-        assert!(matches!(c.recv().await, Some(ServerMsg::Welcome { .. })));
+        match c.recv().await {
+            Some(ServerMsg::Welcome { client, .. }) => c.id = client,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
         assert!(matches!(c.recv().await, Some(ServerMsg::Snapshot { .. })));
         c
     }
@@ -205,6 +212,11 @@ impl RawClient {
     /// Sends raw bytes as one binary frame (ignoring a closed socket).
     pub async fn send_bytes(&mut self, bytes: Vec<u8>) {
         let _ = self.ws.send(Message::Binary(bytes.into())).await;
+    }
+
+    /// Sends a text frame, which the protocol does not allow.
+    pub async fn send_text(&mut self, text: &str) {
+        let _ = self.ws.send(Message::Text(text.into())).await;
     }
 
     /// The next server message; None once the connection is closed.
@@ -256,6 +268,17 @@ impl RawClient {
         }
     }
 
+    /// Reads until the server closes; returns the close frame's code.
+    pub async fn close_code(&mut self) -> u16 {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), self.ws.next()).await {
+                Ok(Some(Ok(Message::Close(f)))) => return f.map_or(0, |f| u16::from(f.code)),
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
     /// Drops the TCP connection without a close frame.
     pub fn vanish(self) {
         drop(self.ws);
@@ -269,11 +292,20 @@ pub fn oversized_frame() -> Vec<u8> {
 
 /// A plain HTTP/1.0 GET on loopback: (status line and headers, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    http_request(addr, "GET", path, "").await
+}
+
+/// A plain HTTP/1.0 request with extra header lines (each ending in CRLF).
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let req = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n{headers}\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).await.unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));

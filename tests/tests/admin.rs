@@ -1,0 +1,85 @@
+//! Operator routes behind a token, connection limits and close codes.
+
+use std::time::Duration;
+
+use seedling_server::app::Limits;
+use seedling_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_routes_need_the_token() {
+    let mut opts = tiny_options(test_settings(100_000));
+    opts.admin_token = Some("s3cret".into());
+    let server = start(opts).await;
+    let auth = "Authorization: Bearer s3cret\r\n";
+    for (headers, want) in [
+        ("", "401"),
+        ("Authorization: Bearer nope\r\n", "401"),
+        (auth, "200"),
+    ] {
+        let (head, body) = http_request(server.addr, "POST", "/admin/pause", headers).await;
+        assert!(head.contains(want), "pause with {headers:?}: {head} {body}");
+    }
+    assert!(
+        server.status().paused
+            || wait_for(&server, Duration::from_secs(5), "paused", |s| s.paused)
+                .await
+                .paused
+    );
+    // Paused: a volunteer joins but gets no work.
+    let mut c = RawClient::join(&ws_url(&server)).await;
+    let step = server.status().step;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.status().step, step);
+    let (head, _) = http_request(server.addr, "POST", "/admin/resume", auth).await;
+    assert!(head.contains("200"), "{head}");
+    assert!(c.next_job().await.is_some(), "work resumes");
+    // No run dir: checkpoint is refused with a reason.
+    let (head, body) = http_request(server.addr, "POST", "/admin/checkpoint", auth).await;
+    assert!(head.contains("409") && body.contains("run-dir"), "{head} {body}");
+    // Kick the only client.
+    let id = c.id;
+    let (head, _) = http_request(server.addr, "POST", &format!("/admin/kick?client={id}"), auth).await;
+    assert!(head.contains("200"), "{head}");
+    assert!(c.expect_rejected().await.contains("operator"));
+    let (head, _) = http_request(server.addr, "POST", "/admin/kick?client=424242", auth).await;
+    assert!(head.contains("409"), "{head}");
+    server.shutdown().await.unwrap();
+
+    // A server without a token has no admin at all.
+    let server = start(tiny_options(test_settings(10))).await;
+    let (head, _) = http_request(server.addr, "POST", "/admin/pause", auth).await;
+    assert!(head.contains("403"), "{head}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_ip_cap_and_close_codes() {
+    let mut opts = tiny_options(test_settings(100_000));
+    opts.limits = Limits {
+        max_per_ip: 3,
+        ..Limits::default()
+    };
+    let server = start(opts).await;
+    let url = ws_url(&server);
+    let mut a = RawClient::connect(&url).await;
+    let mut b = RawClient::connect(&url).await;
+    let mut c = RawClient::connect(&url).await;
+    let refused = tokio_tungstenite::connect_async(&url).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 429),
+        other => panic!(
+            "a fourth connection from one address was not refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    a.send_bytes(vec![0xde, 0xad]).await;
+    assert_eq!(a.close_code().await, 1007, "undecodable bytes");
+    b.send_bytes(oversized_frame()).await;
+    assert_eq!(b.close_code().await, 1009, "oversized frame");
+    c.send_text("hello").await;
+    assert_eq!(c.close_code().await, 1003, "text frame");
+    // The slots are free again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _d = RawClient::join(&url).await;
+    server.shutdown().await.unwrap();
+}

@@ -1,0 +1,160 @@
+//! Browser tests of seedling-wasm, run in headless Chromium by
+//! `wasm-pack test --headless --chrome wasm-client` (or `cargo xtask test`).
+//!
+//! They prove the two things the browser volunteer rests on: the wasm build
+//! computes bit-identical weights to the native one (the determinism golden,
+//! DESIGN.md section 3), and the exported handle follows the server's replica
+//! through a real message sequence.
+//!
+//! Browser-only (the handle calls JavaScript); natively, the same golden runs
+//! in seedling-core's tests and the session logic in this crate's unit tests.
+
+#![cfg(target_arch = "wasm32")]
+
+use seedling_core::protocol::{self, ClientMsg, MAX_SERVER_MESSAGE, ServerMsg};
+use seedling_core::shaping::centered_ranks;
+use seedling_core::tokenizer::Tokenizer;
+use seedling_wasm::Volunteer;
+use wasm_bindgen_test::{wasm_bindgen_test, wasm_bindgen_test_configure};
+
+include!("../../core/tests/golden_cases.rs");
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+#[wasm_bindgen_test]
+fn version_is_not_empty() {
+    assert!(!Volunteer::version().is_empty());
+    assert_eq!(Volunteer::protocol_version(), protocol::PROTOCOL_VERSION);
+}
+
+#[wasm_bindgen_test]
+fn golden_lowrank_matches_native() {
+    assert_eq!(
+        golden_hash(NoiseKind::LowRank { rank: 2 }),
+        GOLDEN_LOWRANK,
+        "wasm weights differ from the native golden (low-rank noise)"
+    );
+}
+
+#[wasm_bindgen_test]
+fn golden_full_matches_native() {
+    assert_eq!(
+        golden_hash(NoiseKind::Full),
+        GOLDEN_FULL,
+        "wasm weights differ from the native golden (full-rank noise)"
+    );
+}
+
+fn server(msg: &ServerMsg) -> Vec<u8> {
+    protocol::encode(msg, MAX_SERVER_MESSAGE).unwrap()
+}
+
+/// Drives the handle as the server would and checks every reply against a
+/// replica computed here with seedling-core directly, for a few steps.
+#[wasm_bindgen_test]
+fn handle_follows_the_server_replica() {
+    let text = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n";
+    let tokenizer = Tokenizer::from_corpus(text).unwrap();
+    let corpus = tokenizer.encode(text).unwrap();
+    let mut config = RunConfig::rw256(tokenizer.len() as u32);
+    config.seed = 5;
+    config.model = ModelConfig {
+        vocab: tokenizer.len() as u32,
+        hidden: 32,
+        layers: 2,
+    };
+    config.es.population = 8;
+    config.es.batch = 4;
+    config.es.seq_len = 16;
+    // The "server": trained a few steps before the volunteer joins, so the
+    // snapshot carries non-trivial weights and Adam moments.
+    let mut want = Replica::new(config).unwrap();
+    for step in 0..3 {
+        let tokens = batch::step_batch(&corpus, config.seed, step, 4, 16).unwrap();
+        want.local_step(&tokens).unwrap();
+    }
+
+    let v = Volunteer::new();
+    assert!(v.step().is_none());
+    let hello = protocol::decode_client(&v.hello().unwrap()).unwrap();
+    assert!(matches!(hello, ClientMsg::Hello { .. }));
+    let welcome = ServerMsg::Welcome {
+        run: 1,
+        client: 42,
+        config,
+        tokenizer,
+    };
+    assert_eq!(v.receive(&server(&welcome)).unwrap(), None);
+    let snapshot = ServerMsg::Snapshot {
+        step: want.step,
+        params: want.params.clone(),
+        adam: want.adam.clone(),
+    };
+    let reply = protocol::decode_client(&v.receive(&server(&snapshot)).unwrap().unwrap()).unwrap();
+    assert_eq!(
+        reply,
+        ClientMsg::Hash {
+            step: 3,
+            hash: want.hash()
+        }
+    );
+
+    for job in 0..3u64 {
+        let step = want.step;
+        let tokens = batch::step_batch(&corpus, config.seed, step, 4, 16).unwrap();
+        // The volunteer evaluates half the population; the "server" the rest.
+        let members = vec![2, 3, 4, 5];
+        let msg = ServerMsg::Job {
+            step,
+            job,
+            members: members.clone(),
+            tokens: tokens.clone(),
+            deadline_ms: 10_000,
+        };
+        let reply = protocol::decode_client(&v.receive(&server(&msg)).unwrap().unwrap()).unwrap();
+        let ClientMsg::Losses {
+            step: s,
+            job: j,
+            losses,
+        } = reply
+        else {
+            panic!("a job is answered with losses, got {reply:?}");
+        };
+        assert_eq!((s, j), (step, job));
+        let all: Vec<u32> = (0..8).collect();
+        let native = want.evaluate(&tokens, &all).unwrap();
+        // Same code, same target: the losses are bit-identical too.
+        let expected: Vec<(u32, f32)> = members.iter().map(|&m| (m, native[m as usize])).collect();
+        assert_eq!(losses, expected);
+
+        let pairs: Vec<(u32, f32)> = all.iter().copied().zip(native).collect();
+        let weights = centered_ranks(&pairs).unwrap();
+        want.apply(step, &weights).unwrap();
+        let update = ServerMsg::Update { step, weights };
+        let reply = protocol::decode_client(&v.receive(&server(&update)).unwrap().unwrap()).unwrap();
+        assert_eq!(
+            reply,
+            ClientMsg::Hash {
+                step: want.step,
+                hash: want.hash()
+            }
+        );
+    }
+    assert_eq!(v.step(), Some(want.step as f64));
+    assert_eq!(v.hash(), Some(format!("{:016x}", want.hash())));
+    assert_eq!(v.members_evaluated(), 12.0);
+    let sample = v.sample(50, 0.8).unwrap().unwrap();
+    assert_eq!(sample.chars().count(), 50);
+
+    // An update for a step the replica is not at is a protocol error, not a panic.
+    let stale = ServerMsg::Update {
+        step: 0,
+        weights: vec![(0, 0.5)],
+    };
+    assert!(v.receive(&server(&stale)).is_err());
+    // A rejection surfaces as an error carrying the server's reason.
+    let reject = ServerMsg::Reject {
+        reason: "testing".into(),
+    };
+    assert!(v.receive(&server(&reject)).is_err());
+}

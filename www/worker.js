@@ -1,0 +1,41 @@
+// One Seedling volunteer: a dedicated Web Worker with its own wasm instance.
+//
+// This file only loads the wasm module and forwards messages. The job loop
+// (WebSocket, handshake, evaluation, updates, reconnection) lives in Rust
+// (wasm-client/src/net.rs) and posts plain objects back to the page:
+// {type: 'status' | 'hash' | 'sample' | 'error', ...}.
+//
+// Page -> worker:
+//   {type: 'start', url, sampleEvery}   join the run at the WebSocket `url`
+//   {type: 'stop'}                       say goodbye and close
+// (The page stops workers with worker.terminate(); 'stop' is the polite way.)
+
+import init, { Volunteer } from './pkg/seedling_wasm.js';
+
+const ready = init().catch((err) => {
+  self.postMessage({
+    type: 'error',
+    fatal: true,
+    message: `Could not load the WebAssembly module: ${err}`,
+  });
+  throw err;
+});
+
+let volunteer = null;
+
+self.onmessage = async ({ data }) => {
+  try {
+    await ready;
+  } catch {
+    return;
+  }
+  if (data.type === 'start' && !volunteer) {
+    volunteer = new Volunteer();
+    self.postMessage({ type: 'version', version: Volunteer.version(), protocol: Volunteer.protocolVersion() });
+    volunteer.start(data.url, (msg) => self.postMessage(msg), data.sampleEvery ?? 0);
+  } else if (data.type === 'stop' && volunteer) {
+    volunteer.stop();
+    volunteer.free();
+    volunteer = null;
+  }
+};
