@@ -169,6 +169,16 @@ pub struct RunArgs {
     /// Stop after this many steps [default: never].
     #[arg(long)]
     pub max_steps: Option<u64>,
+    /// Fraction of members replicated on a second volunteer once trusted;
+    /// new volunteers are replicated more [default: 0.05].
+    #[arg(long)]
+    pub replicate: Option<f32>,
+    /// Relative tolerance for replicated losses to agree [default: 0.001].
+    #[arg(long)]
+    pub tolerance: Option<f32>,
+    /// Disagreements before a volunteer is disconnected [default: 2].
+    #[arg(long)]
+    pub max_strikes: Option<u32>,
     /// Token for the admin routes (pause, resume, checkpoint, kick) [default: admin off].
     #[arg(long, env = "SEEDLING_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -197,7 +207,7 @@ impl RunArgs {
         }
         merge!(self, f; run_dir, bind, port, www, seed, hidden, layers, population, batch, seq_len, sigma, lr,
             weight_decay, noise, rank, init_scale, min_fraction, step_timeout, job_timeout, eval_every,
-            eval_windows, checkpoint_every, keep, max_steps, admin_token, max_connections, max_per_ip);
+            eval_windows, checkpoint_every, keep, max_steps, admin_token, max_connections, max_per_ip, replicate, tolerance, max_strikes);
         Ok(self)
     }
 
@@ -239,6 +249,9 @@ impl RunArgs {
             keep: self.keep.unwrap_or(d.keep),
             run_dir: self.run_dir.clone(),
             max_steps: self.max_steps,
+            replicate: self.replicate.unwrap_or(d.replicate).clamp(0.0, 1.0),
+            tolerance: self.tolerance.unwrap_or(d.tolerance).max(0.0),
+            max_strikes: self.max_strikes.unwrap_or(d.max_strikes).max(1),
             ..d
         }
     }

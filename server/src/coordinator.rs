@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rand_core::RngCore;
 use seedling_core::protocol::{self, ClientKind, ClientMsg, MAX_SERVER_MESSAGE, PROTOCOL_VERSION, ServerMsg};
 use seedling_core::shaping::centered_ranks;
 use seedling_core::tokenizer::{Token, Tokenizer};
@@ -143,6 +144,14 @@ pub struct Settings {
     pub run_dir: Option<PathBuf>,
     /// Stop after this step (None = run until shut down).
     pub max_steps: Option<u64>,
+    /// Fraction of members evaluated twice by different clients once those
+    /// clients are trusted; new clients are replicated more (see [`Replication`]).
+    pub replicate: f32,
+    /// Losses agree when `|a - b| <= tolerance * max(1, |a|)`; native and wasm
+    /// kernels differ in the last bits, liars by far more.
+    pub tolerance: f32,
+    /// Disagreements that get a client disconnected.
+    pub max_strikes: u32,
 }
 
 impl Default for Settings {
@@ -157,6 +166,9 @@ impl Default for Settings {
             keep: 3,
             run_dir: None,
             max_steps: None,
+            replicate: 0.05,
+            tolerance: 1e-3,
+            max_strikes: 2,
         }
     }
 }
@@ -207,6 +219,12 @@ pub struct Status {
     pub reissued_jobs: u64,
     /// Clients rejected for bad input.
     pub rejected_clients: u64,
+    /// Member evaluations done a second time by another client.
+    pub replicated_members: u64,
+    /// Replicated members whose losses disagreed.
+    pub disagreements: u64,
+    /// Clients disconnected for disagreeing too often.
+    pub liars_disconnected: u64,
     /// Recent history: step, train loss, validation loss.
     pub history: Vec<HistoryPoint>,
     /// Latest validation loss, nats per character.
@@ -255,6 +273,11 @@ struct Job {
 
 struct Client {
     out: mpsc::Sender<Outgoing>,
+    /// Results that matched another client's: trust, which lowers how often
+    /// this client's results are replicated (BOINC's adaptive replication).
+    agreed: u64,
+    /// Results in the minority of a replicated member.
+    strikes: u32,
     hello: Option<(ClientKind, u32)>,
     job: Option<u64>,
     /// Members per second, exponential moving average of completed jobs.
@@ -281,6 +304,12 @@ pub struct Coordinator {
     /// starve a step by taking the same members again and again.
     missed: HashMap<u32, Vec<ClientId>>,
     results: BTreeMap<u32, f32>,
+    /// Every evaluation of a member this step, by distinct clients, in order.
+    claims: BTreeMap<u32, Vec<(ClientId, f32)>>,
+    /// Members whose claims need one more evaluation by another client.
+    verify: BTreeSet<u32>,
+    /// Decides which results are replicated.
+    coin: seedling_core::noise::Stream,
     tokens: Vec<Token>,
     step_started: Instant,
     /// Hashes of the authoritative replica after recent steps.
@@ -303,6 +332,9 @@ struct Counters {
     stale: u64,
     reissued: u64,
     rejected: u64,
+    replicated: u64,
+    disagreements: u64,
+    liars: u64,
     client_hashes: BTreeMap<ClientId, ClientReport>,
 }
 
@@ -327,6 +359,9 @@ impl Coordinator {
             pool: BTreeSet::new(),
             missed: HashMap::new(),
             results: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            verify: BTreeSet::new(),
+            coin: seedling_core::noise::Stream::new(run),
             tokens: Vec::new(),
             step_started: now,
             hashes: VecDeque::new(),
@@ -393,6 +428,8 @@ impl Coordinator {
                     client,
                     Client {
                         out,
+                        agreed: 0,
+                        strikes: 0,
                         hello: None,
                         job: None,
                         speed: 0.0,
@@ -505,9 +542,110 @@ impl Coordinator {
         };
         client.members += losses.len() as u64;
         for (m, l) in losses {
-            self.results.insert(m, l);
+            self.claim(id, m, l);
+            if !self.clients.contains_key(&id) {
+                break; // disconnected as a liar; its claims are gone
+            }
         }
         self.maybe_close(now);
+    }
+
+    /// Records one evaluation and decides whether the member's loss counts,
+    /// needs another opinion, or exposes a liar.
+    fn claim(&mut self, id: ClientId, m: u32, loss: f32) {
+        let claims = self.claims.entry(m).or_default();
+        claims.push((id, loss));
+        let tol = self.settings.tolerance;
+        let agree = |a: f32, b: f32| (a - b).abs() <= tol * a.abs().max(1.0);
+        match claims.len() {
+            1 => {
+                let agreed = self.clients[&id].agreed as f64;
+                let p = (self.settings.replicate as f64).max(4.0 / (4.0 + agreed));
+                let others = self.clients.iter().any(|(&c, cl)| c != id && cl.hello.is_some());
+                let u = (self.coin.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                if others && u < p {
+                    self.verify.insert(m);
+                } else {
+                    self.results.insert(m, loss);
+                }
+            }
+            2 => {
+                let (a, b) = (claims[0], claims[1]);
+                self.counters.replicated += 1;
+                if agree(a.1, b.1) {
+                    self.results.insert(m, a.1);
+                    for c in [a.0, b.0] {
+                        if let Some(cl) = self.clients.get_mut(&c) {
+                            cl.agreed += 1;
+                        }
+                    }
+                } else {
+                    self.counters.disagreements += 1;
+                    self.verify.insert(m);
+                }
+            }
+            _ => {
+                // Majority of three: the claim that agrees with another wins.
+                let n = claims.len();
+                let pair = (0..n)
+                    .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+                    .find(|&(i, j)| agree(claims[i].1, claims[j].1));
+                match pair {
+                    Some((i, _)) => {
+                        let good = claims[i].1;
+                        let losers: Vec<ClientId> =
+                            claims.iter().filter(|c| !agree(c.1, good)).map(|c| c.0).collect();
+                        self.results.insert(m, good);
+                        for liar in losers {
+                            self.strike(liar);
+                        }
+                    }
+                    None => {
+                        // Nobody agrees: start the member over.
+                        self.claims.remove(&m);
+                        self.pool.insert(m);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A client ended up in the minority of a replicated member. After
+    /// `max_strikes` it is disconnected and everything it claimed this step
+    /// is discarded and, where nothing else vouches for it, reissued.
+    fn strike(&mut self, id: ClientId) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        c.strikes += 1;
+        c.agreed = 0;
+        if c.strikes < self.settings.max_strikes {
+            return;
+        }
+        self.counters.liars += 1;
+        let touched: Vec<u32> = self
+            .claims
+            .iter()
+            .filter(|(_, v)| v.iter().any(|c| c.0 == id))
+            .map(|(&m, _)| m)
+            .collect();
+        for m in touched {
+            let v = self.claims.get_mut(&m).unwrap();
+            v.retain(|c| c.0 != id);
+            self.results.remove(&m);
+            self.verify.remove(&m);
+            match v.first() {
+                // A surviving claim is re-checked by someone else.
+                Some(_) => {
+                    self.verify.insert(m);
+                }
+                None => {
+                    self.claims.remove(&m);
+                    self.pool.insert(m);
+                }
+            }
+        }
+        self.reject(id, "its results disagreed with other volunteers' too often");
     }
 
     fn on_hash(&mut self, id: ClientId, step: u64, hash: u64) {
@@ -553,7 +691,7 @@ impl Coordinator {
             for &m in &job.members {
                 self.missed.entry(m).or_default().push(job.client);
             }
-            self.pool.extend(job.members);
+            self.give_back(job.members);
         }
         self.maybe_close(now);
     }
@@ -564,7 +702,7 @@ impl Coordinator {
         if let Some(job_id) = c.job {
             if let Some(job) = self.jobs.remove(&job_id) {
                 self.counters.reissued += 1;
-                self.pool.extend(job.members);
+                self.give_back(job.members);
             }
         }
         if c.hello.is_some() {
@@ -660,6 +798,8 @@ impl Coordinator {
         self.pool = (0..es.population).collect();
         self.missed.clear();
         self.results.clear();
+        self.claims.clear();
+        self.verify.clear();
         self.step_started = now;
     }
 
@@ -675,8 +815,9 @@ impl Coordinator {
             .map(|(&id, _)| id)
             .collect();
         let ready = self.clients.values().filter(|c| c.hello.is_some()).count();
+        self.settle_unverifiable();
         for id in idle {
-            if self.pool.is_empty() {
+            if self.pool.is_empty() && self.verify.is_empty() {
                 break;
             }
             let c = &self.clients[&id];
@@ -693,18 +834,28 @@ impl Coordinator {
                 .next_multiple_of(2);
             let size = target.max(threads).max(2).min(fair);
             let missed = &self.missed;
-            let members: Vec<u32> = self
+            let claims = &self.claims;
+            let eligible = |m: &u32| {
+                missed.get(m).is_none_or(|who| !who.contains(&id))
+                    && claims.get(m).is_none_or(|v| v.iter().all(|c| c.0 != id))
+            };
+            let verify: Vec<u32> = self.verify.iter().copied().filter(eligible).take(size).collect();
+            let fresh: Vec<u32> = self
                 .pool
                 .iter()
                 .copied()
-                .filter(|m| missed.get(m).is_none_or(|who| !who.contains(&id)))
-                .take(size)
+                .filter(eligible)
+                .take(size - verify.len())
                 .collect();
+            for m in &verify {
+                self.verify.remove(m);
+            }
+            for m in &fresh {
+                self.pool.remove(m);
+            }
+            let members: Vec<u32> = verify.into_iter().chain(fresh).collect();
             if members.is_empty() {
                 continue;
-            }
-            for m in &members {
-                self.pool.remove(m);
             }
             let expected = if c.speed > 0.0 {
                 members.len() as f64 / c.speed
@@ -740,6 +891,48 @@ impl Coordinator {
                 self.owners.pop_first();
             }
             self.send(id, &msg);
+        }
+    }
+
+    /// A member waiting for another opinion when every connected client has
+    /// already given one: count the most trusted claim and move on.
+    fn settle_unverifiable(&mut self) {
+        let ready: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.hello.is_some())
+            .map(|(&id, _)| id)
+            .collect();
+        let stuck: Vec<u32> = self
+            .verify
+            .iter()
+            .copied()
+            .filter(|m| {
+                self.claims
+                    .get(m)
+                    .is_some_and(|v| ready.iter().all(|r| v.iter().any(|c| c.0 == *r)))
+            })
+            .collect();
+        for m in stuck {
+            self.verify.remove(&m);
+            let v = &self.claims[&m];
+            let trust = |c: &ClientId| self.clients.get(c).map_or(0, |c| c.agreed);
+            let best = v
+                .iter()
+                .max_by_key(|c| (trust(&c.0), std::cmp::Reverse(c.0)))
+                .unwrap();
+            self.results.insert(m, best.1);
+        }
+    }
+
+    /// Puts a job's members back: verifications to the verify set, the rest to the pool.
+    fn give_back(&mut self, members: Vec<u32>) {
+        for m in members {
+            if self.claims.get(&m).is_some_and(|v| !v.is_empty()) {
+                self.verify.insert(m);
+            } else {
+                self.pool.insert(m);
+            }
         }
     }
 
@@ -875,6 +1068,9 @@ impl Coordinator {
             stale_results: self.counters.stale,
             reissued_jobs: self.counters.reissued,
             rejected_clients: self.counters.rejected,
+            replicated_members: self.counters.replicated,
+            disagreements: self.counters.disagreements,
+            liars_disconnected: self.counters.liars,
             history: self.history[tail..].to_vec(),
             val_loss: self.history.iter().rev().find_map(|h| h.val_loss),
             client_hashes: self.counters.client_hashes.clone(),

@@ -85,3 +85,72 @@ async fn hostile_clients_are_rejected_and_nobody_else_notices() {
     honest.stop().await;
     server.shutdown().await.unwrap();
 }
+
+/// A volunteer that answers every job with made-up losses.
+async fn liar(url: String, lie: fn(u32) -> f32) -> String {
+    let mut c = RawClient::join(&url).await;
+    loop {
+        match c.recv_or_close().await {
+            Ok(seedling_core::protocol::ServerMsg::Job {
+                step, job, members, ..
+            }) => {
+                let losses = members.iter().map(|&m| (m, lie(m))).collect();
+                c.send(&ClientMsg::Losses { step, job, losses }).await;
+            }
+            Ok(seedling_core::protocol::ServerMsg::Reject { reason }) => return reason,
+            Ok(_) => {}
+            Err(close) => return format!("closed: {close}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liars_are_outvoted_and_disconnected() {
+    let steps = 15;
+    let clean = {
+        let server = start(tiny_options(test_settings(steps))).await;
+        let url = ws_url(&server);
+        let w: Vec<_> = (0..4).map(|_| spawn_worker(&url, 1)).collect();
+        let s = wait_for(&server, Duration::from_secs(120), "the clean run", |s| {
+            s.finished && all_replicas_agree(s)
+        })
+        .await;
+        for w in w {
+            w.stop().await;
+        }
+        server.shutdown().await.unwrap();
+        s.hash
+    };
+    for (name, lie) in [
+        ("lowest loss", (|_| 0.0) as fn(u32) -> f32),
+        ("random losses", |m| (m % 7) as f32),
+    ] {
+        let server = start(tiny_options(test_settings(steps))).await;
+        let url = ws_url(&server);
+        // The liar joins first, so it is handed work before anyone can check it.
+        let liar = tokio::spawn(liar(url.clone(), lie));
+        wait_for(&server, Duration::from_secs(10), "the liar", |s| {
+            s.volunteers.total == 1
+        })
+        .await;
+        let w: Vec<_> = (0..4).map(|_| spawn_worker(&url, 1)).collect();
+        let reason = liar.await.unwrap();
+        assert!(reason.contains("disagreed"), "{name}: liar left with {reason:?}");
+        let at = server.status().step;
+        let s = wait_for(&server, Duration::from_secs(120), "the run to finish", |s| {
+            s.finished && all_replicas_agree(s)
+        })
+        .await;
+        println!(
+            "{name}: liar disconnected at step {at}, {} disagreements",
+            s.disagreements
+        );
+        assert!(at <= 2, "{name}: liar detected only at step {at}");
+        assert_eq!(s.liars_disconnected, 1);
+        assert_eq!(s.hash, clean, "{name}: the liar changed the weights");
+        for w in w {
+            w.stop().await;
+        }
+        server.shutdown().await.unwrap();
+    }
+}

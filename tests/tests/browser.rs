@@ -1,0 +1,393 @@
+//! The volunteer page, whole, in headless Chromium: the real `www/` served by a
+//! real server, the real wasm module in Web Workers, driven through WebDriver
+//! the way a person would (type a worker count, press Contribute, press Stop).
+//!
+//! Why these tests exist next to the wasm unit tests: those prove the wasm
+//! core computes the right numbers, but a volunteer's tab also needs the page,
+//! its Web Workers, the module's loading (COOP/COEP headers, MIME types), the
+//! WebSocket loop and the DOM updates to work together with the server. Only a
+//! browser on the served page exercises all of that.
+//!
+//! Two tests share one binary because each starts Chromium, which two busy
+//! cores cannot run twice at once without timeouts; a lock runs them one at a
+//! time.
+//! - `the_page_trains_alone_and_agrees`: browser workers only (no native
+//!   worker at all) train a run to its end; the tab's replicas report the
+//!   server's hash, the chart and the sample update, and Stop leaves the run.
+//! - `browser_and_native_workers_train_together`: browser and native workers
+//!   share one run, and every replica, of both kinds, ends on the server's
+//!   weights (their forward kernels differ in the last bits; the update path
+//!   must not).
+//!
+//! Prerequisites are never skipped: without `www/pkg` (built by
+//! `cargo xtask test`'s `wasm-pack-build` step), Chromium or chromedriver the
+//! tests fail and say what is missing, so a machine that cannot run them can
+//! never pass `cargo xtask test` by accident.
+
+use std::os::unix::process::CommandExt;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use futures_util::FutureExt;
+use hyper_util::client::legacy::connect::HttpConnector;
+use seedling_server::app::Server;
+use seedling_tests::*;
+use serde_json::{Value, json};
+
+/// Debian's Chromium and its driver (the versions match by construction);
+/// `cargo xtask test` installs both.
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// Headless in a container, as root: no sandbox (Chromium refuses to start as
+/// root otherwise), no GPU, `/tmp` instead of a small `/dev/shm`, and none of
+/// the background traffic that would wait on a network the tests do not have.
+/// The window size fixes the layout the screenshot shows.
+const CHROMIUM_ARGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1280,800",
+];
+
+/// Bound on every wait: generous for two busy cores, and short enough that
+/// a test which hangs still fails well within two minutes.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One Chromium at a time (see the module docs). A tokio mutex, because it is
+/// held across awaits; it works across the tests' separate runtimes.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The repository's `www/`, after checking that everything a browser test
+/// needs is there; panics naming what is missing and how to get it.
+fn prerequisites() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let www = root.join("www");
+    let wasm = www.join("pkg").join("seedling_wasm_bg.wasm");
+    let mut missing = Vec::new();
+    if !wasm.is_file() {
+        missing.push(format!(
+            "{} (build it with `cargo xtask test --only wasm-pack-build`)",
+            wasm.display()
+        ));
+    }
+    for (bin, package) in [(CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")] {
+        if !Path::new(bin).is_file() {
+            missing.push(format!("{bin} (Debian package {package}; `cargo xtask test` installs it)"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the browser tests cannot run; missing:\n  {}",
+        missing.join("\n  ")
+    );
+    www
+}
+
+/// Where tests leave files for people to look at: `target/test-output/`.
+fn output_dir() -> PathBuf {
+    // CARGO_TARGET_TMPDIR is `<target>/tmp`, so this follows CARGO_TARGET_DIR.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("test-output");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A chromedriver process on a free loopback port. Dropping it kills its
+/// whole process group, so a Chromium it started cannot outlive a failed test.
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Driver {
+    fn spawn() -> Self {
+        // Bind to learn a free port, then release it for chromedriver; nothing
+        // else on this machine races for loopback ports in between.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own process group, which Chromium's processes join.
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {CHROMEDRIVER}: {e}"));
+        Self { child, port }
+    }
+
+    /// A new headless Chromium session. chromedriver needs a moment before it
+    /// listens, so connection errors are retried for a while.
+    async fn session(&self) -> Client {
+        let Value::Object(caps) = json!({
+            "goog:chromeOptions": { "binary": CHROMIUM, "args": CHROMIUM_ARGS }
+        }) else {
+            unreachable!()
+        };
+        let mut builder = ClientBuilder::new(HttpConnector::new());
+        builder.capabilities(caps);
+        let url = format!("http://127.0.0.1:{}", self.port);
+        let start = Instant::now();
+        loop {
+            match builder.connect(&url).await {
+                Ok(client) => return client,
+                Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                    panic!("no Chromium session through chromedriver at {url}: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // The group id is chromedriver's pid (`process_group(0)`): this ends
+        // the processes this test started and nothing else.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `body` with a fresh Chromium session, then closes the session and
+/// the driver whether `body` passed or panicked (and re-raises the panic).
+async fn in_browser(body: impl AsyncFnOnce(&Client)) {
+    let _one = ONE_BROWSER.lock().await;
+    let driver = Driver::spawn();
+    let client = driver.session().await;
+    let result = AssertUnwindSafe(body(&client)).catch_unwind().await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), client.close()).await;
+    drop(driver);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Evaluates a JavaScript expression in the page.
+async fn js(page: &Client, expr: &str) -> Value {
+    page.execute(&format!("return {expr};"), vec![])
+        .await
+        .unwrap_or_else(|e| panic!("evaluating `{expr}` in the page: {e}"))
+}
+
+/// Polls `expr` in the page until `pred` holds; panics with the last value.
+async fn page_wait(page: &Client, what: &str, expr: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let v = js(page, expr).await;
+        if pred(&v) {
+            return v;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "timed out waiting for {what}; `{expr}` is {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Opens the server's page and waits for its script to start.
+async fn open(page: &Client, server: &Server) {
+    page.goto(&format!("http://{}/", server.addr)).await.unwrap();
+    page_wait(page, "the page script", "typeof window.seedling", |v| v == "object").await;
+}
+
+/// Sets the worker count the way a person would (clear the field, type the
+/// number) and presses Contribute.
+async fn contribute(page: &Client, workers: u32) {
+    let input = page.find(Locator::Id("workers")).await.unwrap();
+    input.clear().await.unwrap();
+    input.send_keys(&workers.to_string()).await.unwrap();
+    let button = page.find(Locator::Id("contribute")).await.unwrap();
+    assert_eq!(button.text().await.unwrap(), "Contribute");
+    button.click().await.unwrap();
+    assert_eq!(button.text().await.unwrap(), "Stop", "the button toggles");
+    let running = js(page, "[window.seedling.running, window.seedling.workers]").await;
+    assert_eq!(running, json!([true, workers]), "the page runs the workers asked for");
+}
+
+/// Presses Stop and waits for every volunteer to leave the server.
+async fn stop(page: &Client, server: &Server) {
+    let button = page.find(Locator::Id("contribute")).await.unwrap();
+    button.click().await.unwrap();
+    assert_eq!(button.text().await.unwrap(), "Contribute", "the button toggles back");
+    assert_eq!(js(page, "window.seedling.running").await, json!(false));
+    wait_for(server, WAIT, "the tab's volunteers to leave", |s| s.volunteers.total == 0).await;
+}
+
+/// Steps of the browser-only run: enough that its worker 0 posts more than
+/// one text sample (every 3 steps and at most every 2 s) and the page's
+/// status poll (every 1.5 s) sees a history to chart.
+const PAGE_STEPS: u64 = 60;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_trains_alone_and_agrees() {
+    let www = prerequisites();
+    let mut opts = tiny_options(test_settings(PAGE_STEPS));
+    opts.www = Some(www);
+    let server = start(opts).await;
+    let started = Instant::now();
+    in_browser(async |page| {
+        let workers = 2;
+        open(page, &server).await;
+        let sample = page.find(Locator::Id("sample")).await.unwrap();
+        let placeholder = sample.text().await.unwrap();
+        contribute(page, workers).await;
+
+        // Only this tab is connected, so every member of every step is the
+        // browser's work; the predicate also watches that no other kind of
+        // client ever shows up.
+        let intruder = AtomicBool::new(false);
+        let only_browsers = |s: &seedling_server::coordinator::Status| {
+            if s.volunteers.native + s.volunteers.simulated > 0 {
+                intruder.store(true, Ordering::Relaxed);
+            }
+        };
+        wait_for(&server, WAIT, "the tab's workers to join", |s| {
+            only_browsers(s);
+            s.volunteers.browser == workers as usize
+        })
+        .await;
+        let first = page_wait(page, "a first text sample", "document.getElementById('sample').textContent", |v| {
+            v.as_str().is_some_and(|t| !t.trim().is_empty() && t != placeholder)
+        })
+        .await;
+        let s = wait_for(&server, WAIT, "the browser-only run to finish", |s| {
+            only_browsers(s);
+            s.finished
+                && s.client_hashes.len() == workers as usize
+                && s.client_hashes.values().all(|c| c.kind == "browser")
+                && all_replicas_agree(s)
+        })
+        .await;
+        assert!(!intruder.load(Ordering::Relaxed), "a non-browser client joined");
+        assert_eq!(s.step, PAGE_STEPS);
+        assert!(s.steps_closed >= 5, "only {} steps closed", s.steps_closed);
+        let members: u64 = s.client_hashes.values().map(|c| c.members).sum();
+        assert!(
+            members >= s.steps_closed * u64::from(s.population),
+            "the browser evaluated {members} members over {} steps of {}",
+            s.steps_closed,
+            s.population
+        );
+        assert!(
+            s.client_hashes.values().all(|c| c.members > 0),
+            "every worker evaluated members: {:?}",
+            s.client_hashes
+        );
+        assert_eq!((s.divergences, s.rejected_clients), (0, 0));
+
+        // The page's own record of its replicas: one {step, hash} per worker,
+        // equal to the server's final weights.
+        let want = json!({ "step": s.step, "hash": s.hash });
+        page_wait(page, "the tab's hashes to reach the final step", "window.seedling.hashes", |v| {
+            v.as_array()
+                .is_some_and(|h| h.len() == workers as usize && h.iter().all(|x| *x == want))
+        })
+        .await;
+
+        // The DOM: the step, the loss chart (the page polls every 1.5 s), a
+        // sample that moved on from the first one, and the tab's count.
+        let step = s.step.to_string();
+        page_wait(page, "the final step on the page", "document.getElementById('step').textContent", |v| {
+            *v == step.as_str()
+        })
+        .await;
+        page_wait(page, "the loss chart", "+document.getElementById('chart').getAttribute('data-points')", |v| {
+            v.as_f64().is_some_and(|n| n > 0.0)
+        })
+        .await;
+        let last = page_wait(page, "a newer text sample", "document.getElementById('sample').textContent", |v| {
+            v.as_str().is_some_and(|t| !t.trim().is_empty()) && *v != first
+        })
+        .await;
+        assert_ne!(last.as_str(), Some(placeholder.as_str()));
+        // The tab counts every member it evaluated; the server only those
+        // that counted (a late answer is dropped), so the tab's is not less.
+        let evaluated = js(page, "window.seedling.membersEvaluated").await.as_u64().unwrap();
+        assert!(evaluated >= members, "the tab counted {evaluated}, the server {members}");
+        let shown = page.find(Locator::Id("tab-members")).await.unwrap().text().await.unwrap();
+        assert_eq!(shown.replace(',', ""), evaluated.to_string(), "#tab-members");
+
+        let png = page.screenshot().await.unwrap();
+        let path = output_dir().join("browser-page.png");
+        std::fs::write(&path, png).unwrap();
+        eprintln!("screenshot of the page: {}", path.display());
+
+        stop(page, &server).await;
+    })
+    .await;
+    eprintln!("browser-only run and page checks took {:.1?}", started.elapsed());
+    server.shutdown().await.unwrap();
+}
+
+/// Steps of the mixed run.
+const MIXED_STEPS: u64 = 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_and_native_workers_train_together() {
+    let www = prerequisites();
+    let mut opts = tiny_options(test_settings(MIXED_STEPS));
+    opts.www = Some(www);
+    // Paused until both kinds have joined: a tiny run is so fast that
+    // whichever joins first could otherwise finish it alone.
+    opts.admin_token = Some("mixed".into());
+    let auth = "Authorization: Bearer mixed\r\n";
+    let server = start(opts).await;
+    let (head, _) = http_request(server.addr, "POST", "/admin/pause", auth).await;
+    assert!(head.contains("200"), "pause: {head}");
+    wait_for(&server, WAIT, "the pause", |s| s.paused).await;
+    let url = ws_url(&server);
+    in_browser(async |page| {
+        open(page, &server).await;
+        contribute(page, 1).await;
+        let natives = [spawn_worker(&url, 1), spawn_worker(&url, 1)];
+        wait_for(&server, WAIT, "browser and native workers to join", |s| {
+            s.volunteers.browser == 1 && s.volunteers.native == 2
+        })
+        .await;
+        let (head, _) = http_request(server.addr, "POST", "/admin/resume", auth).await;
+        assert!(head.contains("200"), "resume: {head}");
+        let s = wait_for(&server, WAIT, "the mixed run to finish with agreeing replicas", |s| {
+            s.finished && s.client_hashes.len() == 3 && all_replicas_agree(s)
+        })
+        .await;
+        let kinds = |k: &str| s.client_hashes.values().filter(|c| c.kind == k).count();
+        assert_eq!((kinds("browser"), kinds("native")), (1, 2), "{:?}", s.client_hashes);
+        assert!(
+            s.client_hashes.values().all(|c| c.members > 0),
+            "every replica evaluated members: {:?}",
+            s.client_hashes
+        );
+        assert_eq!((s.divergences, s.rejected_clients), (0, 0));
+        // The tab's own view agrees too.
+        let want = json!([{ "step": s.step, "hash": s.hash }]);
+        page_wait(page, "the tab's hash at the final step", "window.seedling.hashes", |v| *v == want).await;
+        stop(page, &server).await;
+        for w in natives {
+            w.stop().await;
+        }
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
