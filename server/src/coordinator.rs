@@ -1080,3 +1080,99 @@ impl Coordinator {
         *self.status.lock().unwrap() = s;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use seedling_core::{NoiseKind, RunConfig};
+
+    fn coordinator() -> Coordinator {
+        let text = "abcdefghij ".repeat(200);
+        let tokenizer = Tokenizer::from_corpus(&text).unwrap();
+        let tokens = tokenizer.encode(&text).unwrap();
+        let mut cfg = RunConfig::rw256(tokenizer.len() as u32);
+        cfg.model.hidden = 8;
+        cfg.model.layers = 1;
+        cfg.es.noise = NoiseKind::LowRank { rank: 1 };
+        cfg.es.population = 8;
+        cfg.es.batch = 2;
+        cfg.es.seq_len = 8;
+        let data = RunData {
+            tokenizer,
+            train: Arc::new(tokens),
+            val_windows: Vec::new(),
+            name: "test".into(),
+        };
+        let settings = Settings {
+            job_timeout_min: Duration::from_millis(5),
+            ..Settings::default()
+        };
+        Coordinator::new(settings, data, Replica::new(cfg).unwrap(), Vec::new())
+    }
+
+    /// Arbitrary client behaviour, honest or not.
+    fn event(clients: u64) -> impl Strategy<Value = (u64, u8, u64, u64, Vec<(u32, f32)>)> {
+        (
+            0..clients,
+            0u8..8,
+            0u64..4,
+            0u64..40,
+            prop::collection::vec((0u32..12, -1.0f32..10.0), 0..6),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Whatever clients send, in any order, the coordinator neither
+        /// panics nor breaks its bookkeeping.
+        #[test]
+        fn any_message_sequence_keeps_the_books_straight(events in prop::collection::vec(event(4), 1..120)) {
+            let mut c = coordinator();
+            let mut outboxes = Vec::new();
+            let t0 = Instant::now();
+            for (i, (client, kind, step, job, losses)) in events.into_iter().enumerate() {
+                let now = t0 + Duration::from_millis(i as u64 * 3);
+                if !c.clients.contains_key(&client) && kind != 7 {
+                    let (tx, rx) = mpsc::channel(1024);
+                    outboxes.push(rx);
+                    c.handle(Event::Connected { client, out: tx }, now);
+                }
+                let ev = match kind {
+                    0 | 1 => Event::Message {
+                        client,
+                        msg: ClientMsg::Hello { version: PROTOCOL_VERSION, kind: ClientKind::Simulated, threads: 1, speed: 0.0 },
+                    },
+                    2 | 3 => {
+                        // Sometimes a correct answer to the client's live job.
+                        let live = c.clients.get(&client).and_then(|cl| cl.job).and_then(|j| c.jobs.get(&j).map(|jb| (j, jb.members.clone())));
+                        match (kind, live) {
+                            (2, Some((j, members))) => Event::Message {
+                                client,
+                                msg: ClientMsg::Losses { step: c.replica.step, job: j, losses: members.iter().map(|&m| (m, m as f32 * 0.1)).collect() },
+                            },
+                            _ => Event::Message { client, msg: ClientMsg::Losses { step, job, losses } },
+                        }
+                    }
+                    4 => Event::Message { client, msg: ClientMsg::Hash { step, hash: job } },
+                    5 => Event::Tick,
+                    6 => Event::Invalid { client, reason: "garbage".into(), code: close::INVALID },
+                    _ => Event::Disconnected { client },
+                };
+                c.handle(ev, now);
+                for rx in &mut outboxes {
+                    while rx.try_recv().is_ok() {}
+                }
+                let n = c.replica.config.es.population;
+                prop_assert!(c.results.keys().all(|&m| m < n));
+                prop_assert!(c.pool.iter().all(|m| !c.results.contains_key(m)));
+                prop_assert!(c.verify.iter().all(|m| !c.pool.contains(m)));
+                for job in c.jobs.values() {
+                    prop_assert!(c.clients.contains_key(&job.client), "a job outlived its client");
+                    prop_assert!(job.members.iter().all(|m| !c.pool.contains(m)));
+                }
+            }
+        }
+    }
+}
