@@ -118,10 +118,10 @@ pub struct RunArgs {
     /// Stacked tanh layers [default: 2].
     #[arg(long)]
     pub layers: Option<u32>,
-    /// Members per step, even [default: 256].
+    /// Members per step, even [default: 512].
     #[arg(long)]
     pub population: Option<u32>,
-    /// Sequences per minibatch [default: 16].
+    /// Sequences per minibatch [default: 2].
     #[arg(long)]
     pub batch: Option<u32>,
     /// Predicted characters per sequence [default: 64].
@@ -130,7 +130,7 @@ pub struct RunArgs {
     /// Noise scale [default: 0.02].
     #[arg(long)]
     pub sigma: Option<f32>,
-    /// Adam step size [default: 0.001].
+    /// Adam step size [default: 0.003].
     #[arg(long)]
     pub lr: Option<f32>,
     /// Decoupled weight decay [default: 0].
@@ -217,11 +217,13 @@ impl RunArgs {
         c.seed = self.seed.unwrap_or(0);
         c.model.hidden = self.hidden.unwrap_or(256);
         c.model.layers = self.layers.unwrap_or(2);
-        c.es.population = self.population.unwrap_or(256);
-        c.es.batch = self.batch.unwrap_or(16);
+        // Defaults from the sweep in docs/LEARNING.md: at equal forward
+        // tokens, more members on shorter batches learn faster.
+        c.es.population = self.population.unwrap_or(512);
+        c.es.batch = self.batch.unwrap_or(2);
         c.es.seq_len = self.seq_len.unwrap_or(64);
         c.es.sigma = self.sigma.unwrap_or(0.02);
-        c.adam.lr = self.lr.unwrap_or(1e-3);
+        c.adam.lr = self.lr.unwrap_or(3e-3);
         c.adam.weight_decay = self.weight_decay.unwrap_or(0.0);
         c.init_scale = self.init_scale.unwrap_or(1.0);
         c.es.noise = match self.noise.as_deref().unwrap_or("lowrank") {
