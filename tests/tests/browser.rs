@@ -12,12 +12,14 @@
 //! cores cannot run twice at once without timeouts; a lock runs them one at a
 //! time.
 //! - `the_page_trains_alone_and_agrees`: browser workers only (no native
-//!   worker at all) train a run to its end; the tab's replicas report the
-//!   server's hash, the chart and the sample update, and Stop leaves the run.
+//!   worker at all) train; the chart and the text sample update, a
+//!   screenshot goes to `target/test-output/browser-page.png`, the run is
+//!   paused and the tab's replicas hold the server's weights, and Stop
+//!   leaves the run.
 //! - `browser_and_native_workers_train_together`: browser and native workers
-//!   share one run, and every replica, of both kinds, ends on the server's
-//!   weights (their forward kernels differ in the last bits; the update path
-//!   must not).
+//!   share one run to its last step, and every replica, of both kinds, ends
+//!   on the server's weights (their forward kernels differ in the last bits;
+//!   the update path must not).
 //!
 //! Prerequisites are never skipped: without `www/pkg` (built by
 //! `cargo xtask test`'s `wasm-pack-build` step), Chromium or chromedriver the
@@ -35,6 +37,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use futures_util::FutureExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use seedling_server::app::Server;
+use seedling_server::coordinator::Status;
 use seedling_tests::*;
 use serde_json::{Value, json};
 
@@ -59,9 +62,12 @@ const CHROMIUM_ARGS: &[&str] = &[
     "--window-size=1280,800",
 ];
 
-/// Bound on every wait: generous for two busy cores, and short enough that
-/// a test which hangs still fails well within two minutes.
+/// Bound on every single wait: generous for two busy cores (a passing test
+/// needs about 10 s in all).
 const WAIT: Duration = Duration::from_secs(60);
+/// Bound on a whole test's time in the browser, so that several slow waits
+/// cannot add up past two minutes.
+const BUDGET: Duration = Duration::from_secs(100);
 
 /// One Chromium at a time (see the module docs). A tokio mutex, because it is
 /// held across awaits; it works across the tests' separate runtimes.
@@ -82,7 +88,9 @@ fn prerequisites() -> PathBuf {
     }
     for (bin, package) in [(CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")] {
         if !Path::new(bin).is_file() {
-            missing.push(format!("{bin} (Debian package {package}; `cargo xtask test` installs it)"));
+            missing.push(format!(
+                "{bin} (Debian package {package}; `cargo xtask test` installs it)"
+            ));
         }
     }
     assert!(
@@ -109,6 +117,9 @@ fn output_dir() -> PathBuf {
 struct Driver {
     child: Child,
     port: u16,
+    /// Set once chromedriver exited and was reaped: its pid (the group id)
+    /// may then belong to someone else, so the group is left alone.
+    exited: bool,
 }
 
 impl Driver {
@@ -129,7 +140,11 @@ impl Driver {
             .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {CHROMEDRIVER}: {e}"));
-        Self { child, port }
+        Self {
+            child,
+            port,
+            exited: false,
+        }
     }
 
     /// A new headless Chromium session. chromedriver needs a moment before it
@@ -156,10 +171,31 @@ impl Driver {
     }
 }
 
+impl Driver {
+    /// Asks chromedriver to quit (it ends its browsers and reaps them) and
+    /// waits a little for it; [`Drop`] kills whatever is left.
+    async fn shutdown(mut self) {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        let _ = tokio::time::timeout(Duration::from_secs(5), http_get(addr, "/shutdown")).await;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                self.exited = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 impl Drop for Driver {
     fn drop(&mut self) {
-        // The group id is chromedriver's pid (`process_group(0)`): this ends
-        // the processes this test started and nothing else.
+        if self.exited {
+            return;
+        }
+        // The group id is chromedriver's pid (`process_group(0)`), still ours
+        // while it is unreaped: this ends the processes this test started
+        // (the driver and its browser) and nothing else.
         let _ = Command::new("kill")
             .args(["-KILL", "--", &format!("-{}", self.child.id())])
             .stderr(Stdio::null())
@@ -170,16 +206,21 @@ impl Drop for Driver {
 }
 
 /// Runs `body` with a fresh Chromium session, then closes the session and
-/// the driver whether `body` passed or panicked (and re-raises the panic).
+/// the driver whether `body` passed, panicked (the panic is re-raised) or
+/// overran [`BUDGET`].
 async fn in_browser(body: impl AsyncFnOnce(&Client)) {
     let _one = ONE_BROWSER.lock().await;
     let driver = Driver::spawn();
     let client = driver.session().await;
-    let result = AssertUnwindSafe(body(&client)).catch_unwind().await;
+    let result = AssertUnwindSafe(tokio::time::timeout(BUDGET, body(&client)))
+        .catch_unwind()
+        .await;
     let _ = tokio::time::timeout(Duration::from_secs(10), client.close()).await;
-    drop(driver);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
+    driver.shutdown().await;
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => panic!("the browser test ran over its budget of {BUDGET:?}"),
+        Err(panic) => std::panic::resume_unwind(panic),
     }
 }
 
@@ -209,56 +250,94 @@ async fn page_wait(page: &Client, what: &str, expr: &str, pred: impl Fn(&Value) 
 /// Opens the server's page and waits for its script to start.
 async fn open(page: &Client, server: &Server) {
     page.goto(&format!("http://{}/", server.addr)).await.unwrap();
-    page_wait(page, "the page script", "typeof window.seedling", |v| v == "object").await;
+    page_wait(page, "the page script", "typeof window.seedling", |v| {
+        v == "object"
+    })
+    .await;
 }
 
-/// Sets the worker count the way a person would (clear the field, type the
-/// number) and presses Contribute.
+/// Sets the worker count the way a person would, with the page's − and +
+/// buttons (typing into the field fires `change` on clear, which the page
+/// clamps back to 1), and presses Contribute.
 async fn contribute(page: &Client, workers: u32) {
+    let max: u32 = js(page, "+document.getElementById('workers').max")
+        .await
+        .as_u64()
+        .unwrap() as u32;
+    assert!(workers <= max, "the page allows at most {max} workers here");
+    let minus = page.find(Locator::Id("workers-minus")).await.unwrap();
+    for _ in 1..max {
+        minus.click().await.unwrap();
+    }
+    let plus = page.find(Locator::Id("workers-plus")).await.unwrap();
+    for _ in 1..workers {
+        plus.click().await.unwrap();
+    }
     let input = page.find(Locator::Id("workers")).await.unwrap();
-    input.clear().await.unwrap();
-    input.send_keys(&workers.to_string()).await.unwrap();
+    assert_eq!(input.prop("value").await.unwrap(), Some(workers.to_string()));
     let button = page.find(Locator::Id("contribute")).await.unwrap();
     assert_eq!(button.text().await.unwrap(), "Contribute");
     button.click().await.unwrap();
     assert_eq!(button.text().await.unwrap(), "Stop", "the button toggles");
     let running = js(page, "[window.seedling.running, window.seedling.workers]").await;
-    assert_eq!(running, json!([true, workers]), "the page runs the workers asked for");
+    assert_eq!(
+        running,
+        json!([true, workers]),
+        "the page runs the workers asked for"
+    );
 }
 
-/// Presses Stop and waits for every volunteer to leave the server.
+/// Presses Stop and waits for the tab's volunteers to leave the server.
 async fn stop(page: &Client, server: &Server) {
     let button = page.find(Locator::Id("contribute")).await.unwrap();
     button.click().await.unwrap();
-    assert_eq!(button.text().await.unwrap(), "Contribute", "the button toggles back");
+    assert_eq!(
+        button.text().await.unwrap(),
+        "Contribute",
+        "the button toggles back"
+    );
     assert_eq!(js(page, "window.seedling.running").await, json!(false));
-    wait_for(server, WAIT, "the tab's volunteers to leave", |s| s.volunteers.total == 0).await;
+    wait_for(server, WAIT, "the tab's volunteers to leave", |s| {
+        s.volunteers.browser == 0
+    })
+    .await;
 }
 
-/// Steps of the browser-only run: enough that its worker 0 posts more than
-/// one text sample (every 3 steps and at most every 2 s) and the page's
-/// status poll (every 1.5 s) sees a history to chart.
-const PAGE_STEPS: u64 = 60;
+/// Pauses the run through the admin route (the server must have been started
+/// with `admin_token = Some(TOKEN)`) and waits until it is paused.
+async fn pause(server: &Server) {
+    let (head, _) = http_request(server.addr, "POST", "/admin/pause", AUTH).await;
+    assert!(head.contains("200"), "pause: {head}");
+    wait_for(server, WAIT, "the pause", |s| s.paused).await;
+}
+
+/// The operator token of the tests' servers, and its header line.
+const TOKEN: &str = "browser-tests";
+const AUTH: &str = "Authorization: Bearer browser-tests\r\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_trains_alone_and_agrees() {
     let www = prerequisites();
-    let mut opts = tiny_options(test_settings(PAGE_STEPS));
+    // Open-ended: a tiny run takes about 80 steps/s here and could end before
+    // the page shows a second sample (samples are at least 2 s apart), and
+    // on a faster machine any fixed step count is a race. The test pauses the
+    // run once it has seen the page work, then compares the replicas.
+    let mut opts = tiny_options(test_settings(1_000_000));
     opts.www = Some(www);
+    opts.admin_token = Some(TOKEN.into());
     let server = start(opts).await;
     let started = Instant::now();
     in_browser(async |page| {
         let workers = 2;
         open(page, &server).await;
-        let sample = page.find(Locator::Id("sample")).await.unwrap();
-        let placeholder = sample.text().await.unwrap();
+        let placeholder = js(page, "document.getElementById('sample').textContent").await;
         contribute(page, workers).await;
 
         // Only this tab is connected, so every member of every step is the
         // browser's work; the predicate also watches that no other kind of
         // client ever shows up.
         let intruder = AtomicBool::new(false);
-        let only_browsers = |s: &seedling_server::coordinator::Status| {
+        let only_browsers = |s: &Status| {
             if s.volunteers.native + s.volunteers.simulated > 0 {
                 intruder.store(true, Ordering::Relaxed);
             }
@@ -268,20 +347,71 @@ async fn the_page_trains_alone_and_agrees() {
             s.volunteers.browser == workers as usize
         })
         .await;
-        let first = page_wait(page, "a first text sample", "document.getElementById('sample').textContent", |v| {
-            v.as_str().is_some_and(|t| !t.trim().is_empty() && t != placeholder)
+        let joined = Instant::now();
+        let sample = "document.getElementById('sample').textContent";
+        let first = page_wait(page, "a first text sample", sample, |v| {
+            v.as_str().is_some_and(|t| !t.trim().is_empty()) && *v != placeholder
         })
         .await;
-        let s = wait_for(&server, WAIT, "the browser-only run to finish", |s| {
-            only_browsers(s);
-            s.finished
-                && s.client_hashes.len() == workers as usize
+
+        // The DOM follows the run: a newer sample from later weights, the
+        // loss chart (the page polls the status every 1.5 s), the step.
+        page_wait(page, "a newer text sample", sample, |v| {
+            v.as_str().is_some_and(|t| !t.trim().is_empty()) && *v != first
+        })
+        .await;
+        let chart = "+document.getElementById('chart').getAttribute('data-points')";
+        page_wait(page, "the loss chart", chart, |v| {
+            v.as_f64().is_some_and(|n| n > 0.0)
+        })
+        .await;
+        let step_shown = "+document.getElementById('step').textContent.replace(/,/g, '')";
+        page_wait(page, "a step past 5 on the page", step_shown, |v| {
+            v.as_f64().is_some_and(|n| n > 5.0)
+        })
+        .await;
+        let png = page.screenshot().await.unwrap();
+        let path = output_dir().join("browser-page.png");
+        std::fs::write(&path, png).unwrap();
+        eprintln!("screenshot of the page: {}", path.display());
+
+        // Freeze the run and compare every replica with the server's weights:
+        // the server's record of the tab's reports and the page's own record
+        // (one {step, hash} per worker) must both equal the server's hash at
+        // the paused step. Jobs already out when the pause lands may still
+        // close one more step, so the two are read together until they agree.
+        pause(&server).await;
+        let deadline = Instant::now() + WAIT;
+        let s = loop {
+            let s = server.status();
+            only_browsers(&s);
+            let hashes = js(page, "window.seedling.hashes").await;
+            let want = json!({ "step": s.step, "hash": s.hash });
+            let agree = s.client_hashes.len() == workers as usize
                 && s.client_hashes.values().all(|c| c.kind == "browser")
-                && all_replicas_agree(s)
-        })
-        .await;
+                && all_replicas_agree(&s)
+                && hashes
+                    .as_array()
+                    .is_some_and(|h| h.len() == workers as usize && h.iter().all(|x| *x == want));
+            if agree && server.status().step == s.step {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replicas disagree with the paused server at step {} ({}): server saw {:?}, the page has {hashes}",
+                s.step,
+                s.hash,
+                s.client_hashes
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let secs = joined.elapsed().as_secs_f64();
+        eprintln!(
+            "browser-only: {} steps in {secs:.1} s ({:.1} steps/s)",
+            s.steps_closed,
+            s.steps_closed as f64 / secs
+        );
         assert!(!intruder.load(Ordering::Relaxed), "a non-browser client joined");
-        assert_eq!(s.step, PAGE_STEPS);
         assert!(s.steps_closed >= 5, "only {} steps closed", s.steps_closed);
         let members: u64 = s.client_hashes.values().map(|c| c.members).sum();
         assert!(
@@ -297,47 +427,35 @@ async fn the_page_trains_alone_and_agrees() {
         );
         assert_eq!((s.divergences, s.rejected_clients), (0, 0));
 
-        // The page's own record of its replicas: one {step, hash} per worker,
-        // equal to the server's final weights.
-        let want = json!({ "step": s.step, "hash": s.hash });
-        page_wait(page, "the tab's hashes to reach the final step", "window.seedling.hashes", |v| {
-            v.as_array()
-                .is_some_and(|h| h.len() == workers as usize && h.iter().all(|x| *x == want))
-        })
-        .await;
-
-        // The DOM: the step, the loss chart (the page polls every 1.5 s), a
-        // sample that moved on from the first one, and the tab's count.
-        let step = s.step.to_string();
-        page_wait(page, "the final step on the page", "document.getElementById('step').textContent", |v| {
-            *v == step.as_str()
-        })
-        .await;
-        page_wait(page, "the loss chart", "+document.getElementById('chart').getAttribute('data-points')", |v| {
-            v.as_f64().is_some_and(|n| n > 0.0)
-        })
-        .await;
-        let last = page_wait(page, "a newer text sample", "document.getElementById('sample').textContent", |v| {
-            v.as_str().is_some_and(|t| !t.trim().is_empty()) && *v != first
-        })
-        .await;
-        assert_ne!(last.as_str(), Some(placeholder.as_str()));
         // The tab counts every member it evaluated; the server only those
         // that counted (a late answer is dropped), so the tab's is not less.
-        let evaluated = js(page, "window.seedling.membersEvaluated").await.as_u64().unwrap();
-        assert!(evaluated >= members, "the tab counted {evaluated}, the server {members}");
-        let shown = page.find(Locator::Id("tab-members")).await.unwrap().text().await.unwrap();
+        let evaluated = js(page, "window.seedling.membersEvaluated")
+            .await
+            .as_u64()
+            .unwrap();
+        assert!(
+            evaluated >= members,
+            "the tab counted {evaluated}, the server {members}"
+        );
+        let shown = page
+            .find(Locator::Id("tab-members"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         assert_eq!(shown.replace(',', ""), evaluated.to_string(), "#tab-members");
 
-        let png = page.screenshot().await.unwrap();
-        let path = output_dir().join("browser-page.png");
-        std::fs::write(&path, png).unwrap();
-        eprintln!("screenshot of the page: {}", path.display());
-
         stop(page, &server).await;
+        let s = server.status();
+        assert_eq!(
+            s.volunteers.total, 0,
+            "Stop left volunteers behind: {:?}",
+            s.volunteers
+        );
     })
     .await;
-    eprintln!("browser-only run and page checks took {:.1?}", started.elapsed());
+    eprintln!("the page test took {:.1?}", started.elapsed());
     server.shutdown().await.unwrap();
 }
 
@@ -351,12 +469,9 @@ async fn browser_and_native_workers_train_together() {
     opts.www = Some(www);
     // Paused until both kinds have joined: a tiny run is so fast that
     // whichever joins first could otherwise finish it alone.
-    opts.admin_token = Some("mixed".into());
-    let auth = "Authorization: Bearer mixed\r\n";
+    opts.admin_token = Some(TOKEN.into());
     let server = start(opts).await;
-    let (head, _) = http_request(server.addr, "POST", "/admin/pause", auth).await;
-    assert!(head.contains("200"), "pause: {head}");
-    wait_for(&server, WAIT, "the pause", |s| s.paused).await;
+    pause(&server).await;
     let url = ws_url(&server);
     in_browser(async |page| {
         open(page, &server).await;
@@ -366,14 +481,22 @@ async fn browser_and_native_workers_train_together() {
             s.volunteers.browser == 1 && s.volunteers.native == 2
         })
         .await;
-        let (head, _) = http_request(server.addr, "POST", "/admin/resume", auth).await;
+        let (head, _) = http_request(server.addr, "POST", "/admin/resume", AUTH).await;
         assert!(head.contains("200"), "resume: {head}");
-        let s = wait_for(&server, WAIT, "the mixed run to finish with agreeing replicas", |s| {
-            s.finished && s.client_hashes.len() == 3 && all_replicas_agree(s)
-        })
+        let s = wait_for(
+            &server,
+            WAIT,
+            "the mixed run to finish with agreeing replicas",
+            |s| s.finished && s.client_hashes.len() == 3 && all_replicas_agree(s),
+        )
         .await;
         let kinds = |k: &str| s.client_hashes.values().filter(|c| c.kind == k).count();
-        assert_eq!((kinds("browser"), kinds("native")), (1, 2), "{:?}", s.client_hashes);
+        assert_eq!(
+            (kinds("browser"), kinds("native")),
+            (1, 2),
+            "{:?}",
+            s.client_hashes
+        );
         assert!(
             s.client_hashes.values().all(|c| c.members > 0),
             "every replica evaluated members: {:?}",
@@ -382,7 +505,13 @@ async fn browser_and_native_workers_train_together() {
         assert_eq!((s.divergences, s.rejected_clients), (0, 0));
         // The tab's own view agrees too.
         let want = json!([{ "step": s.step, "hash": s.hash }]);
-        page_wait(page, "the tab's hash at the final step", "window.seedling.hashes", |v| *v == want).await;
+        page_wait(
+            page,
+            "the tab's hash at the final step",
+            "window.seedling.hashes",
+            |v| *v == want,
+        )
+        .await;
         stop(page, &server).await;
         for w in natives {
             w.stop().await;

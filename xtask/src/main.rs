@@ -15,9 +15,13 @@
 //! - `main.rs`: argument dispatch, the shared [`Ctx`] and command helpers.
 //! - [`test`]: the ordered step list behind `cargo xtask test` and its summary.
 //! - [`setup`]: the idempotent tool installs the test steps depend on.
+//! - [`wasm`]: the browser volunteer's build (`www/pkg`) and the wasm benches.
+//! - [`bench`]: `cargo xtask bench`, native and wasm figures side by side.
 
+mod bench;
 mod setup;
 mod test;
+mod wasm;
 
 use std::env;
 use std::ffi::{OsStr, OsString};
@@ -34,9 +38,12 @@ commands:
         --only runs just the named steps (plus the set-up they need);
         --list prints the steps.
   run [ARGS...]
-        train: cargo run --release -p seedling-server --bin seedling -- train ARGS
-  bench [--quick] [ARGS...]
-        cargo run --release -p seedling-core --example bench -- [--quick] ARGS
+        build the volunteer page's wasm (www/pkg), then train:
+        cargo run --release -p seedling-server --bin seedling -- train ARGS
+  bench [--native-only|--wasm-only] [--quick] [ARGS...]
+        cargo run --release -p seedling-core --example bench -- [--quick] ARGS,
+        then the same es-lowrank workload as wasm under Node and in headless
+        Chromium, with each wasm figure's ratio to the native one-thread figure
 ";
 
 fn main() -> ExitCode {
@@ -48,18 +55,27 @@ fn main() -> ExitCode {
     };
     match command.as_str() {
         "test" => test::main(&ctx, rest),
-        "run" => passthrough(
-            ctx.cargo()
-                .args(["run", "--release", "-p", "seedling-server"])
-                .args(["--bin", "seedling", "--", "train"])
-                .args(rest),
-        ),
-        "bench" => passthrough(
-            ctx.cargo()
-                .args(["run", "--release", "-p", "seedling-core"])
-                .args(["--example", "bench", "--"])
-                .args(rest),
-        ),
+        "run" => {
+            // The trainer prints an address for browsers to join; without a
+            // fresh www/pkg that page could not contribute (or would run an
+            // older core than the server's).
+            if let Err(err) = wasm::build_tools(&ctx).and_then(|()| wasm::build_pkg(&ctx)) {
+                eprintln!(
+                    "xtask run: could not build the volunteer page ({}): {err}\n\
+                     `cargo xtask test --only wasm-pack-build` installs what the build needs; \
+                     `cargo run --release -p seedling-server --bin seedling -- train` trains without it",
+                    wasm::PKG_DIR
+                );
+                return ExitCode::FAILURE;
+            }
+            passthrough(
+                ctx.cargo()
+                    .args(["run", "--release", "-p", "seedling-server"])
+                    .args(["--bin", "seedling", "--", "train"])
+                    .args(rest),
+            )
+        }
+        "bench" => bench::main(&ctx, rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             ExitCode::SUCCESS

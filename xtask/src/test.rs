@@ -21,6 +21,16 @@
 //! has to carry a copy. Browser runs also set `WASM_BINDGEN_USE_BROWSER=1`:
 //! a test binary without `wasm_bindgen_test_configure!(run_in_browser)`
 //! (all of core's) counts as a Node test, which `--chrome` would silently skip.
+//!
+//! `chrome-wasm-client` names its targets (`--lib --test web`) because
+//! `wasm-client/tests/bench.rs` is a benchmark, run only by
+//! `cargo xtask bench`: minutes of timing would prove nothing here.
+//!
+//! # The whole page
+//!
+//! `wasm-pack-build` builds `www/pkg` exactly as `cargo xtask run` does, before
+//! `native-tests`, because `tests/tests/browser.rs` (part of the native tests)
+//! serves the real page to headless Chromium and fails without it.
 
 use std::fs;
 use std::path::PathBuf;
@@ -28,7 +38,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use crate::setup::{self, CHROMEDRIVER, CHROMIUM, WASM_TARGET};
-use crate::{Ctx, run};
+use crate::{Ctx, run, wasm};
 
 /// One step of `cargo xtask test`.
 struct Step {
@@ -104,28 +114,37 @@ const STEPS: &[Step] = &[
         },
     },
     Step {
+        name: "wasm-pack-build",
+        about: "the volunteer page's wasm (www/pkg), release, wasm-opt",
+        needs: &["wasm32-target", "wasm-bindgen-cli", "wasm-pack", "wasm-opt"],
+        run: wasm::build_pkg,
+    },
+    Step {
         name: "native-tests",
-        about: "every crate's tests, natively, in release",
-        needs: &[],
+        about: "every crate's tests, natively, in release (with the whole-page browser tests)",
+        // tests/tests/browser.rs drives the real page in Chromium: it needs
+        // www/pkg and the browser, and fails (never skips) without them.
+        needs: &["apt-packages", "wasm-pack-build"],
         run: |ctx| cargo(ctx, &["test", "--workspace", "--release"]),
     },
     Step {
         name: "wasm-node-core",
         about: "seedling-core's tests compiled to wasm, under Node",
         needs: WASM_TEST_TOOLS,
-        run: |ctx| wasm_pack_test(ctx, "core", Browser::No),
+        run: |ctx| wasm_pack_test(ctx, "core", Browser::No, &[]),
     },
     Step {
         name: "chrome-core",
         about: "seedling-core's tests compiled to wasm, in headless Chromium",
         needs: WASM_TEST_TOOLS,
-        run: |ctx| wasm_pack_test(ctx, "core", Browser::Chrome),
+        run: |ctx| wasm_pack_test(ctx, "core", Browser::Chrome, &[]),
     },
     Step {
         name: "chrome-wasm-client",
         about: "seedling-wasm's tests in headless Chromium",
         needs: WASM_TEST_TOOLS,
-        run: |ctx| wasm_pack_test(ctx, "wasm-client", Browser::Chrome),
+        // Named targets only: tests/bench.rs is `cargo xtask bench`'s.
+        run: |ctx| wasm_pack_test(ctx, "wasm-client", Browser::Chrome, &["--lib", "--test", "web"]),
     },
 ];
 
@@ -272,8 +291,9 @@ const CHROMIUM_ARGS: &[&str] = &[
 const WASM_TEST_TIMEOUT_SECS: &str = "600";
 
 /// `wasm-pack test` for the crate in directory `krate`, in release (the
-/// learning and golden tests need optimized code).
-fn wasm_pack_test(ctx: &Ctx, krate: &str, browser: Browser) -> Result<String, String> {
+/// learning and golden tests need optimized code); `cargo_args` (such as
+/// `--test web`) go to cargo and select the test targets.
+fn wasm_pack_test(ctx: &Ctx, krate: &str, browser: Browser, cargo_args: &[&str]) -> Result<String, String> {
     let mut cmd = ctx.cmd("wasm-pack");
     cmd.arg("test");
     match browser {
@@ -294,7 +314,8 @@ fn wasm_pack_test(ctx: &Ctx, krate: &str, browser: Browser) -> Result<String, St
     }
     // Flags must come before the crate path: wasm-pack passes everything
     // after the path through to cargo.
-    cmd.args(["--release", "--mode", "no-install", krate]);
+    cmd.args(["--release", "--mode", "no-install", krate])
+        .args(cargo_args);
     if std::env::var_os("WASM_BINDGEN_TEST_TIMEOUT").is_none() {
         cmd.env("WASM_BINDGEN_TEST_TIMEOUT", WASM_TEST_TIMEOUT_SECS);
     }
@@ -304,7 +325,7 @@ fn wasm_pack_test(ctx: &Ctx, krate: &str, browser: Browser) -> Result<String, St
 /// Writes the WebDriver capabilities for Debian's Chromium and returns the
 /// file's path. wasm-bindgen-test-runner merges them into the new session
 /// (it appends its own `headless`/`no-sandbox` arguments to ours).
-fn webdriver_json(ctx: &Ctx) -> Result<PathBuf, String> {
+pub fn webdriver_json(ctx: &Ctx) -> Result<PathBuf, String> {
     let args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| format!("\"{a}\"")).collect();
     let json = format!(
         "{{\n  \"goog:chromeOptions\": {{\n    \"binary\": \"{CHROMIUM}\",\n    \"args\": [{}]\n  }}\n}}\n",

@@ -1,0 +1,97 @@
+//! The browser's share of `cargo xtask bench`: RW-256 low-rank member
+//! evaluation compiled to wasm, timed where volunteers run it.
+//!
+//! Why a test file and not a bench target: `wasm-pack test` is the one
+//! harness that already runs our wasm under Node and in headless Chromium
+//! (the same release build, simd128 and all, as `www/pkg`). xtask runs this
+//! file alone with `--test bench`, once with `--node` and once in Chromium,
+//! and reads the JSON line it logs. The normal suite never runs it: the test
+//! steps name `--test web` explicitly, so adding a bench costs `cargo xtask
+//! test` nothing.
+//!
+//! The workload is the native `es-lowrank` bench's exactly (core/examples/
+//! bench.rs): the same config, weights, minibatch and all 256 members in one
+//! `member_losses` call with `Backend::Fast`, so the two `tokens_per_s`
+//! figures divide into the wasm/native ratio without any scaling.
+//!
+//! No `wasm_bindgen_test_configure!`: the binary defaults to Node, and xtask
+//! sets `WASM_BINDGEN_USE_BROWSER=1` for the Chromium run (as for core's tests).
+
+#![cfg(target_arch = "wasm32")]
+
+use seedling_core::RunConfig;
+use seedling_core::forward::{self, Minibatch};
+use seedling_core::gemm::Backend;
+use seedling_core::model::Layout;
+use seedling_core::noise;
+use seedling_core::tokenizer::Token;
+use wasm_bindgen::prelude::wasm_bindgen;
+use wasm_bindgen_test::{console_log, wasm_bindgen_test};
+
+const VOCAB: u32 = 65;
+/// Timed repetitions after one warm-up; the median is reported. Each is one
+/// whole RW-256 step (262,144 predicted tokens), several seconds in wasm.
+const REPS: usize = 3;
+
+#[wasm_bindgen]
+extern "C" {
+    /// `performance.now()`: a monotonic millisecond clock in both Node and
+    /// browsers (`Date.now()` can jump and is coarser).
+    #[wasm_bindgen(js_namespace = performance, js_name = now)]
+    fn performance_now() -> f64;
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+#[wasm_bindgen_test]
+fn es_lowrank_rw256() {
+    let cfg = RunConfig::rw256(VOCAB);
+    let layout = Layout::new(cfg.model);
+    let params = layout.init_params(cfg.seed, cfg.init_scale);
+    // The native bench's minibatch, token for token.
+    let key = noise::derive(&[0xBE4C]);
+    let tokens: Vec<Token> = (0..cfg.batch_tokens() as u64)
+        .map(|j| (noise::mix64(key ^ j) % VOCAB as u64) as Token)
+        .collect();
+    let (b, t) = (cfg.es.batch as usize, cfg.es.seq_len as usize);
+    let mb = Minibatch::new(&tokens, b, t, VOCAB as usize).unwrap();
+    let members: Vec<u32> = (0..cfg.es.population).collect();
+    let run = || forward::member_losses(&layout, &params, &cfg, 1, &mb, &members, Backend::Fast).unwrap();
+
+    let losses = run(); // warm-up: compiles hot paths, touches every page
+    let times: Vec<f64> = (0..REPS)
+        .map(|_| {
+            let t0 = performance_now();
+            std::hint::black_box(run());
+            (performance_now() - t0) / 1e3
+        })
+        .collect();
+    let secs = median(times);
+    let tokens_per_step = (members.len() * b * t) as f64;
+    // Forward matmul FLOPs, counted as the native bench does: 2 per multiply-add
+    // of the two H x H recurrences, layer 1's H x H input and the H x V head
+    // (layer 0's one-hot input is a row lookup).
+    let (h, v) = (cfg.model.hidden as f64, VOCAB as f64);
+    let gflops = 2.0 * tokens_per_step * (3.0 * h * h + h * v) / secs / 1e9;
+    let mean_loss = losses.iter().map(|&l| l as f64).sum::<f64>() / losses.len() as f64;
+    // Node has a global `process` and browsers do not: the line names its
+    // target without the caller having to pass one in.
+    let node = js_sys::Reflect::get(&js_sys::global(), &"process".into()).is_ok_and(|p| !p.is_undefined());
+    let target = if node { "wasm-node" } else { "wasm-chromium" };
+    console_log!(
+        "{{\"bench\":\"es-lowrank\",\"workload\":\"RW-256\",\"target\":\"{target}\",\"threads\":1,\
+         \"tokens_per_s\":{:.0},\"seconds_per_step\":{secs:.4},\"gflops\":{gflops:.2},\"members\":{},\"mean_member_loss\":{mean_loss:.4},\
+         \"note\":\"median of {REPS} after 1 warm-up, one member_losses call, Backend::Fast, simd128\"}}",
+        tokens_per_step / secs,
+        members.len(),
+    );
+    assert!(mean_loss.is_finite(), "member losses are not finite: {mean_loss}");
+}

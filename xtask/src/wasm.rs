@@ -1,0 +1,161 @@
+//! The browser volunteer's build (`www/pkg`) and the wasm half of
+//! `cargo xtask bench`.
+//!
+//! `www/pkg` is generated, not committed (it is gitignored): the page's wasm
+//! must come from the sources in this checkout, or a browser would join a run
+//! with a different core than the server's. So every command that needs the
+//! page builds it first: the `wasm-pack-build` test step (the whole-page
+//! browser tests load it) and `cargo xtask run` (so the address it prints
+//! serves a page that can contribute).
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use crate::setup::{self, CHROMEDRIVER};
+use crate::{Ctx, run, show};
+
+/// Where wasm-pack writes the page's module, relative to the workspace root.
+pub const PKG_DIR: &str = "www/pkg";
+/// The optimized module inside [`PKG_DIR`]; the browser tests check for it.
+pub const WASM_FILE: &str = "seedling_wasm_bg.wasm";
+
+/// The set-up `wasm-pack build` needs (no browser, unlike the tests).
+pub fn build_tools(ctx: &Ctx) -> Result<(), String> {
+    setup::wasm_target(ctx)?;
+    setup::wasm_bindgen_cli(ctx)?;
+    setup::wasm_pack(ctx)?;
+    setup::wasm_opt(ctx)?;
+    Ok(())
+}
+
+/// Builds `www/pkg` in release, with wasm-opt, and returns a note with the
+/// module's size.
+///
+/// `--mode no-install` keeps wasm-pack from downloading anything: it uses the
+/// pinned wasm-bindgen and npm's wasm-opt found on [`Ctx::path`]. A stale
+/// module is removed first, so a failed build can never leave an old one
+/// behind for the browser tests to pass against.
+pub fn build_pkg(ctx: &Ctx) -> Result<String, String> {
+    let wasm = ctx.root.join(PKG_DIR).join(WASM_FILE);
+    if wasm.exists() {
+        fs::remove_file(&wasm).map_err(|err| format!("cannot remove stale {}: {err}", wasm.display()))?;
+    }
+    run(ctx
+        .cmd("wasm-pack")
+        .args(["build", "--target", "web", "--release", "--mode", "no-install"])
+        .args(["--out-dir", "../www/pkg", "wasm-client"]))?;
+    let bytes = fs::metadata(&wasm)
+        .map_err(|err| format!("wasm-pack succeeded but {} is missing: {err}", wasm.display()))?
+        .len();
+    let note = format!(
+        "{PKG_DIR}/{WASM_FILE}: {bytes} bytes ({:.1} KiB)",
+        bytes as f64 / 1024.0
+    );
+    println!("{note}");
+    Ok(note)
+}
+
+/// Where a wasm bench runs.
+#[derive(Clone, Copy)]
+pub enum WasmTarget {
+    Node,
+    Chromium,
+}
+
+/// Runs `wasm-client/tests/bench.rs` (and nothing else) on `target` and
+/// returns the benchmark JSON lines it logged, echoing all output.
+///
+/// `--test bench` selects the file; the test steps pass `--test web`, so the
+/// bench never runs as part of `cargo xtask test`.
+pub fn bench(ctx: &Ctx, target: WasmTarget) -> Result<Vec<String>, String> {
+    let mut cmd = ctx.cmd("wasm-pack");
+    cmd.arg("test");
+    match target {
+        WasmTarget::Node => {
+            cmd.arg("--node");
+        }
+        WasmTarget::Chromium => {
+            cmd.args(["--headless", "--chrome", "--chromedriver", CHROMEDRIVER])
+                .env("CHROMEDRIVER", CHROMEDRIVER)
+                .env(
+                    "WASM_BINDGEN_TEST_WEBDRIVER_JSON",
+                    crate::test::webdriver_json(ctx)?,
+                )
+                .env("WASM_BINDGEN_USE_BROWSER", "1");
+        }
+    }
+    cmd.args(["--release", "--mode", "no-install", "wasm-client"]);
+    cmd.args(["--test", "bench"]);
+    // One warm-up and three timed RW-256 steps take about half a minute, past
+    // the runner's default 20 s for a whole binary.
+    if std::env::var_os("WASM_BINDGEN_TEST_TIMEOUT").is_none() {
+        cmd.env("WASM_BINDGEN_TEST_TIMEOUT", "600");
+    }
+    // The runner shows a passing test's console output only when told not to
+    // capture it.
+    cmd.args(["--", "--nocapture"]);
+    let lines = run_lines(&mut cmd)?;
+    Ok(lines
+        .into_iter()
+        .filter_map(|line| line.find("{\"bench\"").map(|i| line[i..].trim().to_string()))
+        .collect())
+}
+
+/// Runs a command with stderr inherited and stdout echoed line by line as it
+/// arrives (a bench takes minutes; nobody should stare at a silent terminal),
+/// returning the stdout lines once it succeeded.
+pub fn run_lines(cmd: &mut Command) -> Result<Vec<String>, String> {
+    let line = show(cmd);
+    println!("$ {line}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|err| format!("could not start `{line}`: {err}"))?;
+    let mut lines = Vec::new();
+    for l in BufReader::new(child.stdout.take().expect("stdout is piped")).lines() {
+        let l = l.map_err(|err| format!("reading the output of `{line}`: {err}"))?;
+        println!("{l}");
+        lines.push(l);
+    }
+    let status = child
+        .wait()
+        .map_err(|err| format!("waiting for `{line}`: {err}"))?;
+    if status.success() {
+        Ok(lines)
+    } else {
+        Err(format!("`{line}` failed ({status})"))
+    }
+}
+
+/// The number after `"key":` in a one-line JSON object, for the flat lines
+/// the benches print (xtask has no JSON parser on purpose: no dependencies).
+pub fn json_number(line: &str, key: &str) -> Option<f64> {
+    let pat = format!("\"{key}\":");
+    let rest = &line[line.find(&pat)? + pat.len()..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+/// The string after `"key":` in a one-line JSON object (no escapes inside).
+pub fn json_string<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("\"{key}\":\"");
+    let rest = &line[line.find(&pat)? + pat.len()..];
+    Some(&rest[..rest.find('"')?])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_flat_json() {
+        let line =
+            r#"{"bench":"es-lowrank","workload":"RW-256","threads":1,"tokens_per_s":12345.5,"x":null}"#;
+        assert_eq!(json_string(line, "bench"), Some("es-lowrank"));
+        assert_eq!(json_number(line, "threads"), Some(1.0));
+        assert_eq!(json_number(line, "tokens_per_s"), Some(12345.5));
+        assert_eq!(json_number(line, "x"), None);
+        assert_eq!(json_number(line, "missing"), None);
+    }
+}
