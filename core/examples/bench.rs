@@ -46,7 +46,7 @@
 //!
 //! Timing: one warm-up, then the median of several repetitions. `--quick`
 //! uses fewer repetitions and smaller subsets (about half a minute); the
-//! default takes a couple of minutes on two cores. `--only a,b` runs the
+//! default takes about a minute and a half on two cores. `--only a,b` runs the
 //! benches whose names start with one of the prefixes; `--threads 1` or
 //! `--threads 2` restricts the inference/es-lowrank thread counts.
 
@@ -151,6 +151,8 @@ impl Opts {
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
             match a.as_str() {
+                // `cargo xtask bench -- ARGS` passes the separator through.
+                "--" => {}
                 "--quick" => o.quick = true,
                 "--only" => {
                     let v = args.next().ok_or("--only needs a list")?;
