@@ -40,6 +40,20 @@ pub fn tanh_slice(fast: bool, xs: &mut [f32]) {
     }
 }
 
+/// `dst = tanh(src)` in one pass (no copy first), with the backend's flavour.
+#[inline]
+pub fn tanh_into(fast: bool, src: &[f32], dst: &mut [f32]) {
+    if fast {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = tanh_fast(x);
+        }
+    } else {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = libm::tanhf(x);
+        }
+    }
+}
+
 /// `log(sum(exp(row))) - row[target]`: the cross-entropy of one prediction,
 /// computed around the row maximum so large logits cannot overflow.
 #[inline]

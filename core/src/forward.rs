@@ -15,7 +15,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::activation::{nll, tanh_slice};
+use crate::activation::{nll, tanh_into};
 use crate::config::RunConfig;
 use crate::error::{Error, Result, check_len};
 use crate::gemm::{Backend, sgemm};
@@ -125,10 +125,14 @@ impl LowRankPop {
             let c = self.mat_coef[k];
             for row in k * rows_per_member..(k + 1) * rows_per_member {
                 let xr = &x[row * m..(row + 1) * m];
-                u.fill(0.0);
-                for (i, &xi) in xr.iter().enumerate() {
-                    for (uq, &aq) in u.iter_mut().zip(&a[i * r..(i + 1) * r]) {
-                        *uq += xi * aq;
+                if r == 1 {
+                    u[0] = dot(xr, a);
+                } else {
+                    u.fill(0.0);
+                    for (i, &xi) in xr.iter().enumerate() {
+                        for (uq, &aq) in u.iter_mut().zip(&a[i * r..(i + 1) * r]) {
+                            *uq += xi * aq;
+                        }
                     }
                 }
                 add_rank_r(&mut out[row * n..(row + 1) * n], b, u, c);
@@ -164,6 +168,22 @@ impl LowRankPop {
     fn bias(&self, member: usize, tensor: usize, len: usize) -> (&[f32], f32) {
         (self.tensor(member, tensor, len), self.vec_coef[member])
     }
+}
+
+/// A dot product with eight independent partial sums, so the compiler keeps
+/// it in SIMD registers instead of one serial chain of adds. The forward path
+/// may reorder sums (losses only feed ranks).
+#[inline]
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail: f32 = xc.remainder().iter().zip(yc.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in xc.zip(yc) {
+        for k in 0..8 {
+            acc[k] += a[k] * b[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `out[j] += c * sum_q u[q] * b[j, q]` with `b` row-major `[n, r]`.
@@ -266,8 +286,7 @@ fn forward(
                     }
                 }
             }
-            hl.copy_from_slice(&pre);
-            tanh_slice(fast, hl);
+            tanh_into(fast, &pre, hl);
         }
         let top = &hs[layers - 1];
         let (w_out, b_out) = (layout.w_out(), layout.b_out());
