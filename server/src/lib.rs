@@ -22,6 +22,7 @@
 //! - [`checkpoint`]: safetensors checkpoints, atomic writes, resume.
 //! - [`commands`]: generate, eval and inspect on a checkpoint.
 //! - [`plot`]: the learning-curve SVG.
+//! - [`timing`]: the coordinator's busy time per step (overhead against replica work).
 
 pub mod app;
 pub mod checkpoint;
@@ -30,5 +31,6 @@ pub mod commands;
 pub mod coordinator;
 pub mod data;
 pub mod plot;
+pub mod timing;
 pub mod train;
 pub mod worker;
