@@ -1,0 +1,307 @@
+//! Simulated volunteers: compute-free clients for load tests and system
+//! benchmarks, and the few measuring tools those need.
+//!
+//! A simulated volunteer does everything a real one does on the wire (a real
+//! WebSocket, the handshake, a reply to every job) except compute: its loss
+//! for a member is a hash of (step, member). Two simulated clients that
+//! evaluate the same member therefore agree, so replicated validation sees
+//! honest volunteers, while the server does all of its real work:
+//! bookkeeping, replication, shaping, the update and its broadcast. Thousands
+//! of them fit on one machine, which is what a test of the coordinator's
+//! scaling needs and real workers could never give.
+//!
+//! A client does not decode the Update broadcasts (two thousand clients
+//! decoding every update would measure the clients, not the server), except
+//! a *verifier*: it keeps a real replica, applies every update and reports
+//! its hash, so a load run still checks that replicas agree.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use seedling_core::Replica;
+use seedling_core::protocol::{self, ClientMsg, ServerMsg};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The loss a simulated client reports for `member` at `step`: a fixed
+/// function of the two, so every simulated client agrees, spread over
+/// [1, 2) so centered ranks see distinct values.
+pub fn synthetic_loss(step: u64, member: u32) -> f32 {
+    let h = seedling_core::noise::derive(&[0x51u64, step, member as u64]);
+    1.0 + (h >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// The reply to job `job` of `step`: one loss per member, in the job's
+/// order. The one place a test builds a Losses message.
+pub fn losses(step: u64, job: u64, members: &[u32], loss: impl Fn(u32) -> f32) -> ClientMsg {
+    ClientMsg::Losses {
+        step,
+        job,
+        losses: members.iter().map(|&m| loss(m)).collect(),
+    }
+}
+
+/// The first byte of an encoded Update: postcard writes the variant index
+/// first, so a client can skip an update without decoding it.
+fn update_tag() -> u8 {
+    let update = ServerMsg::Update {
+        step: 0,
+        lr: 0.0,
+        weights: Vec::new(),
+    };
+    protocol::encode(&update, usize::MAX).expect("an update encodes")[0]
+}
+
+/// What a crowd of simulated clients did; shared by their tasks.
+#[derive(Debug, Default)]
+pub struct SimCounters {
+    /// Clients that completed the handshake.
+    pub joined: AtomicU64,
+    /// Jobs answered.
+    pub jobs: AtomicU64,
+    /// Member losses sent.
+    pub members: AtomicU64,
+    /// Hash reports sent by verifiers.
+    pub hashes: AtomicU64,
+    /// Clients the server rejected or disconnected (none should be).
+    pub dropped: AtomicU64,
+    /// Connection attempts refused (retried after a pause).
+    pub refused: AtomicU64,
+}
+
+impl SimCounters {
+    /// The counters as one JSON object.
+    pub fn json(&self) -> String {
+        format!(
+            "{{\"joined\":{},\"jobs\":{},\"members\":{},\"hashes\":{},\"dropped\":{},\"refused\":{}}}",
+            self.joined.load(Relaxed),
+            self.jobs.load(Relaxed),
+            self.members.load(Relaxed),
+            self.hashes.load(Relaxed),
+            self.dropped.load(Relaxed),
+            self.refused.load(Relaxed),
+        )
+    }
+}
+
+/// One simulated volunteer: connects (retrying a refused connection),
+/// completes the handshake and answers jobs until `stop` turns true or the
+/// server closes the connection.
+pub async fn sim_client(url: String, verifier: bool, counters: Arc<SimCounters>, mut stop: watch::Receiver<bool>) {
+    let update = update_tag();
+    let mut ws = loop {
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((ws, _)) => break ws,
+            Err(_) => {
+                counters.refused.fetch_add(1, Relaxed);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = stopped(&mut stop) => return,
+                }
+            }
+        }
+    };
+    let encode = |m: &ClientMsg| Message::Binary(protocol::encode(m, usize::MAX).unwrap().into());
+    if ws.send(encode(&crate::hello(None))).await.is_err() {
+        counters.dropped.fetch_add(1, Relaxed);
+        return;
+    }
+    let mut config = None;
+    let mut replica: Option<Replica> = None;
+    loop {
+        let frame = tokio::select! {
+            f = ws.next() => f,
+            _ = stopped(&mut stop) => {
+                let _ = ws.close(None).await;
+                return;
+            }
+        };
+        let bytes = match frame {
+            Some(Ok(Message::Binary(b))) => b,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+            Some(Ok(_)) => continue,
+        };
+        if !verifier && bytes.first() == Some(&update) {
+            continue;
+        }
+        let reply = match protocol::decode_server(&bytes) {
+            Ok(ServerMsg::Welcome { config: c, .. }) => {
+                counters.joined.fetch_add(1, Relaxed);
+                config = Some(c);
+                None
+            }
+            Ok(ServerMsg::Snapshot { step, params, adam }) if verifier => {
+                let c = config.expect("Welcome comes before Snapshot");
+                let r = Replica::from_snapshot(c, step, params, adam).expect("a valid snapshot");
+                let hash = ClientMsg::Hash { step, hash: r.hash() };
+                replica = Some(r);
+                Some(hash)
+            }
+            Ok(ServerMsg::Update { step, lr, weights }) => replica.as_mut().and_then(|r| {
+                r.apply(step, lr, &weights).ok()?;
+                Some(ClientMsg::Hash {
+                    step: r.step,
+                    hash: r.hash(),
+                })
+            }),
+            Ok(ServerMsg::Job {
+                step, job, members, ..
+            }) => {
+                counters.jobs.fetch_add(1, Relaxed);
+                counters.members.fetch_add(members.len() as u64, Relaxed);
+                Some(losses(step, job, &members, |m| synthetic_loss(step, m)))
+            }
+            Ok(ServerMsg::Reject { .. }) | Err(_) => break,
+            Ok(_) => None,
+        };
+        if let Some(msg) = reply {
+            if matches!(msg, ClientMsg::Hash { .. }) {
+                counters.hashes.fetch_add(1, Relaxed);
+            }
+            if ws.send(encode(&msg)).await.is_err() {
+                break;
+            }
+        }
+    }
+    if !*stop.borrow() {
+        counters.dropped.fetch_add(1, Relaxed);
+    }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Starts `clients` simulated volunteers (the first `verifiers` of them
+/// verifiers), at most `per_s` new connections a second so the listen
+/// backlog never overflows. They run until `stop` turns true.
+pub fn spawn_crowd(
+    url: &str,
+    clients: usize,
+    verifiers: usize,
+    per_s: f64,
+    stop: watch::Receiver<bool>,
+) -> (Arc<SimCounters>, tokio::task::JoinHandle<()>) {
+    let counters = Arc::new(SimCounters::default());
+    let (url, c) = (url.to_string(), counters.clone());
+    let task = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut tasks = Vec::with_capacity(clients);
+        for i in 0..clients {
+            let due = started + Duration::from_secs_f64(i as f64 / per_s);
+            tokio::time::sleep_until(due.into()).await;
+            tasks.push(tokio::spawn(sim_client(url.clone(), i < verifiers, c.clone(), stop.clone())));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+    (counters, task)
+}
+
+/// Resident set size of this process, in KiB (Linux `/proc/self/status`).
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Raises this process's soft limit on open files to its hard limit, and
+/// returns the new soft limit: thousands of loopback connections need two
+/// descriptors each (both ends live in one process in the tests).
+pub fn raise_nofile_limit() -> u64 {
+    // libc rather than a wrapper crate: it is already in the dependency tree
+    // (through tokio) and this is two calls.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur as u64
+}
+
+/// A TCP stream that adds every byte written through it to a counter.
+struct Counted<S> {
+    inner: S,
+    written: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.written.fetch_add(n as u64, Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A loopback TCP relay to `upstream` that counts the bytes clients send
+/// through it (the uplink), WebSocket framing, masks and the HTTP upgrade
+/// included. Returns its address and the counter.
+pub async fn uplink_meter(upstream: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let uplink = Arc::new(AtomicU64::new(0));
+    let counter = uplink.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let written = counter.clone();
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect(upstream).await else { return };
+                let (mut cr, mut cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let mut up = Counted { inner: sw, written };
+                let mut sr = sr;
+                tokio::select! {
+                    _ = tokio::io::copy(&mut cr, &mut up) => {}
+                    _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                }
+            });
+        }
+    });
+    (addr, uplink)
+}
