@@ -23,22 +23,25 @@ pub struct Quantiles {
     pub p50: f64,
     /// 99th percentile (nearest rank).
     pub p99: f64,
+    /// The most recent step's, so a poller can collect every step's value.
+    pub last: f64,
     /// Steps the figures cover.
     pub steps: usize,
 }
 
 impl Quantiles {
-    /// Nearest-rank quantiles of `samples` (any order).
+    /// Nearest-rank quantiles of `samples`, oldest first.
     pub fn of(samples: impl IntoIterator<Item = f64>) -> Self {
         let mut v: Vec<f64> = samples.into_iter().collect();
-        if v.is_empty() {
+        let Some(&last) = v.last() else {
             return Self::default();
-        }
+        };
         v.sort_by(f64::total_cmp);
         let rank = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
         Self {
             p50: rank(0.5),
             p99: rank(0.99),
+            last,
             steps: v.len(),
         }
     }
@@ -113,7 +116,7 @@ mod tests {
         let q = Quantiles::of((1..=100).map(f64::from));
         assert_eq!((q.p50, q.p99, q.steps), (50.0, 99.0, 100));
         let q = Quantiles::of([3.0, 1.0, 2.0]);
-        assert_eq!((q.p50, q.p99), (2.0, 3.0));
+        assert_eq!((q.p50, q.p99, q.last), (2.0, 3.0, 2.0));
         assert_eq!(Quantiles::of([]), Quantiles::default());
     }
 
