@@ -75,6 +75,62 @@ impl Default for AdamConfig {
     }
 }
 
+/// How the learning rate changes over the steps of a run.
+///
+/// The server evaluates it ([`RunConfig::lr_at`]) and sends each step's rate
+/// with the update, so replicas never compute it themselves; it is part of
+/// the config so that a resumed run keeps its schedule.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub enum LrSchedule {
+    /// The configured lr at every step.
+    #[default]
+    Constant,
+    /// Linear warm-up from `lr / warmup` to `lr` over the first `warmup`
+    /// steps, then a half cosine down to `min_ratio * lr` at step `total`,
+    /// constant after.
+    Cosine {
+        /// Warm-up steps (0 for none).
+        warmup: u32,
+        /// The step where the decay ends.
+        total: u32,
+        /// Final lr as a fraction of the peak, in [0, 1].
+        min_ratio: f32,
+    },
+    /// The same warm-up, then the lr is multiplied by `gamma` every `every`
+    /// steps.
+    Step {
+        /// Warm-up steps (0 for none).
+        warmup: u32,
+        /// Steps between decays.
+        every: u32,
+        /// Factor per decay, in (0, 1].
+        gamma: f32,
+    },
+}
+
+/// How member losses become update weights (see [`crate::shaping`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Shaping {
+    /// Centered ranks in [-0.5, 0.5]: invariant to monotone transforms of
+    /// the loss, and a lying volunteer moves its members by at most 0.5.
+    #[default]
+    CenteredRanks,
+    /// Standardized fitness `(f - mean) / std`, clipped to ±3: keeps how much
+    /// better a member is, not only its order; a liar is bounded by the clip.
+    ZScores,
+}
+
+/// Choices of the training recipe beyond the model, ES and Adam settings.
+/// The defaults (constant lr, centered ranks) reproduce runs made before
+/// these choices existed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    /// Learning-rate schedule.
+    pub schedule: LrSchedule,
+    /// Fitness shaping.
+    pub shaping: Shaping,
+}
+
 /// Everything that defines a training run; replicas with equal configs and
 /// equal update lists hold bit-identical weights.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -89,6 +145,10 @@ pub struct RunConfig {
     pub adam: AdamConfig,
     /// Init weights are uniform in `±init_scale / sqrt(fan_in)`.
     pub init_scale: f32,
+    /// Learning-rate schedule and fitness shaping. Checkpoints written
+    /// before it existed read as the default.
+    #[serde(default)]
+    pub recipe: Recipe,
 }
 
 /// Largest sizes a replica accepts, so a config from the wire cannot exhaust memory.
@@ -107,6 +167,8 @@ pub mod limits {
     pub const MAX_BATCH: u32 = 4096;
     /// Largest sequence length.
     pub const MAX_SEQ_LEN: u32 = 4096;
+    /// Longest warm-up or decay horizon of a schedule, in steps.
+    pub const MAX_SCHEDULE_STEPS: u32 = 1 << 30;
 }
 
 impl RunConfig {
@@ -128,6 +190,7 @@ impl RunConfig {
             },
             adam: AdamConfig::default(),
             init_scale: 1.0,
+            recipe: Recipe::default(),
         }
     }
 
@@ -175,7 +238,62 @@ impl RunConfig {
         if !(self.init_scale.is_finite() && self.init_scale >= 0.0) {
             return bad("init_scale must be finite and >= 0");
         }
+        let steps = |n: u32| n <= MAX_SCHEDULE_STEPS;
+        match self.recipe.schedule {
+            LrSchedule::Constant => {}
+            LrSchedule::Cosine {
+                warmup,
+                total,
+                min_ratio,
+            } => {
+                if !(steps(warmup)
+                    && steps(total)
+                    && min_ratio.is_finite()
+                    && (0.0..=1.0).contains(&min_ratio))
+                {
+                    return bad("cosine schedule: steps must be <= 2^30 and min_ratio in [0, 1]");
+                }
+            }
+            LrSchedule::Step { warmup, every, gamma } => {
+                if !(steps(warmup)
+                    && every >= 1
+                    && steps(every)
+                    && gamma.is_finite()
+                    && gamma > 0.0
+                    && gamma <= 1.0)
+                {
+                    return bad("step schedule: every must be in 1..=2^30, warmup <= 2^30, gamma in (0, 1]");
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The learning rate of the update that closes `step` under the
+    /// schedule. Always finite and in `[0, lr]` for a valid config.
+    pub fn lr_at(&self, step: u64) -> f32 {
+        let lr = self.adam.lr as f64;
+        let warm = |warmup: u32| -> Option<f64> {
+            (step < warmup as u64).then(|| lr * (step + 1) as f64 / warmup as f64)
+        };
+        let out = match self.recipe.schedule {
+            LrSchedule::Constant => lr,
+            LrSchedule::Cosine {
+                warmup,
+                total,
+                min_ratio,
+            } => warm(warmup).unwrap_or_else(|| {
+                let span = (total as u64).saturating_sub(warmup as u64).max(1) as f64;
+                let p = ((step - warmup as u64) as f64 / span).min(1.0);
+                let min = min_ratio as f64;
+                lr * (min + (1.0 - min) * 0.5 * (1.0 + libm::cos(core::f64::consts::PI * p)))
+            }),
+            LrSchedule::Step { warmup, every, gamma } => warm(warmup).unwrap_or_else(|| {
+                let k = (step - warmup as u64) / every.max(1) as u64;
+                lr * libm::pow(gamma as f64, k.min(1 << 20) as f64)
+            }),
+        };
+        out as f32
     }
 
     /// Tokens in one minibatch: `batch` sequences of `seq_len + 1` tokens.
@@ -190,6 +308,77 @@ impl NoiseKind {
         match self {
             NoiseKind::Full => None,
             NoiseKind::LowRank { rank } => Some(*rank as usize),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(schedule: LrSchedule) -> RunConfig {
+        let mut c = RunConfig::rw256(10);
+        c.adam.lr = 0.01;
+        c.recipe.schedule = schedule;
+        c
+    }
+
+    #[test]
+    fn schedules_warm_up_and_decay() {
+        let c = with(LrSchedule::Constant);
+        assert_eq!((c.lr_at(0), c.lr_at(1 << 40)), (0.01, 0.01));
+        let c = with(LrSchedule::Cosine {
+            warmup: 10,
+            total: 110,
+            min_ratio: 0.1,
+        });
+        c.validate().unwrap();
+        assert!((c.lr_at(0) - 0.001).abs() < 1e-9 && (c.lr_at(9) - 0.01).abs() < 1e-9);
+        assert!((c.lr_at(10) - 0.01).abs() < 1e-9);
+        assert!((c.lr_at(60) - 0.0055).abs() < 1e-7, "{}", c.lr_at(60));
+        assert!((c.lr_at(110) - 0.001).abs() < 1e-9 && c.lr_at(u64::MAX) == c.lr_at(110));
+        let mut last = f32::INFINITY;
+        for s in 10..200 {
+            assert!(c.lr_at(s) <= last);
+            last = c.lr_at(s);
+        }
+        let c = with(LrSchedule::Step {
+            warmup: 0,
+            every: 100,
+            gamma: 0.5,
+        });
+        assert_eq!(
+            (c.lr_at(0), c.lr_at(99), c.lr_at(100), c.lr_at(250)),
+            (0.01, 0.01, 0.005, 0.0025)
+        );
+        assert!(c.lr_at(u64::MAX).is_finite());
+    }
+
+    #[test]
+    fn bad_schedules_are_refused() {
+        for s in [
+            LrSchedule::Cosine {
+                warmup: 0,
+                total: 10,
+                min_ratio: 1.5,
+            },
+            LrSchedule::Cosine {
+                warmup: u32::MAX,
+                total: 10,
+                min_ratio: 0.0,
+            },
+            LrSchedule::Step {
+                warmup: 0,
+                every: 0,
+                gamma: 0.5,
+            },
+            LrSchedule::Step {
+                warmup: 0,
+                every: 5,
+                gamma: f32::NAN,
+            },
+        ] {
+            assert!(with(s).validate().is_err(), "{s:?}");
         }
     }
 }

@@ -23,6 +23,8 @@
 //! - [`shaping`]: centered ranks of the losses.
 //! - [`update`]: the ES gradient rebuilt from seeds and weights.
 //! - [`adam`]: the optimizer, bit-identical on every target.
+//! - `backprop` (feature `bptt`): the exact gradient by backpropagation
+//!   through time, the baseline ES is measured against.
 //! - [`replica`]: one replica's state (weights, moments, step) tying it together.
 //! - [`batch`]: deterministic minibatch selection from a token stream.
 //! - [`generate`]: single-step state, sampling and beam search.
@@ -35,6 +37,8 @@ extern crate alloc;
 
 pub mod activation;
 pub mod adam;
+#[cfg(feature = "bptt")]
+pub mod backprop;
 pub mod batch;
 pub mod config;
 pub mod error;
@@ -50,6 +54,6 @@ pub mod shaping;
 pub mod tokenizer;
 pub mod update;
 
-pub use config::{AdamConfig, EsConfig, ModelConfig, NoiseKind, RunConfig};
+pub use config::{AdamConfig, EsConfig, LrSchedule, ModelConfig, NoiseKind, Recipe, RunConfig, Shaping};
 pub use error::{Error, Result};
 pub use replica::Replica;

@@ -1,12 +1,55 @@
 //! Fitness shaping: turning losses into the weights of the ES update.
 //!
-//! Centered ranks make the update invariant to any monotone transform of the
-//! loss and bound each member's influence: a lying client can give the
-//! members it evaluated at most weight 0.5.
+//! Centered ranks (the default) make the update invariant to any monotone
+//! transform of the loss and bound each member's influence: a lying client
+//! can give the members it evaluated at most weight 0.5. Z-scores keep the
+//! size of each member's advantage, clipped at ±3 so a liar stays bounded.
+//! Only the server shapes (the update list carries the weights), so neither
+//! needs to be bit-identical across targets, but both are deterministic.
 
 use alloc::vec::Vec;
 
+use crate::config::Shaping;
 use crate::error::{Error, Result};
+
+/// Shapes `(member, loss)` pairs with the run's [`Shaping`]; the result is
+/// sorted by member. Refuses non-finite losses and repeated members.
+pub fn shape(kind: Shaping, losses: &[(u32, f32)]) -> Result<Vec<(u32, f32)>> {
+    match kind {
+        Shaping::CenteredRanks => centered_ranks(losses),
+        Shaping::ZScores => z_scores(losses),
+    }
+}
+
+/// Largest |weight| a z-scored member gets.
+pub const Z_CLIP: f32 = 3.0;
+
+/// Standardized fitness: `(mean - loss) / std` (fitness is `-loss`),
+/// clipped to `±Z_CLIP`, sorted by member. Mean and variance are summed in
+/// f64 in member order. All weights are 0 when every loss is equal (or a
+/// single member is given).
+pub fn z_scores(losses: &[(u32, f32)]) -> Result<Vec<(u32, f32)>> {
+    if losses.iter().any(|(_, l)| !l.is_finite()) {
+        return Err(Error::NonFinite);
+    }
+    let mut out: Vec<(u32, f32)> = losses.to_vec();
+    out.sort_by_key(|&(m, _)| m);
+    if let Some(w) = out.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(Error::Member(w[0].0));
+    }
+    let n = out.len().max(1) as f64;
+    let mean = out.iter().map(|&(_, l)| l as f64).sum::<f64>() / n;
+    let var = out.iter().map(|&(_, l)| (l as f64 - mean).powi(2)).sum::<f64>() / n;
+    let std = var.sqrt();
+    for (_, w) in &mut out {
+        *w = if std > 0.0 {
+            (((mean - *w as f64) / std) as f32).clamp(-Z_CLIP, Z_CLIP)
+        } else {
+            0.0
+        };
+    }
+    Ok(out)
+}
 
 /// Centered ranks of `(member, loss)` pairs: fitness is `-loss`, the member
 /// with the highest fitness gets `+0.5`, the lowest `-0.5`, evenly spaced
@@ -64,5 +107,31 @@ mod tests {
         assert_eq!(centered_ranks(&[(0, f32::NAN)]), Err(Error::NonFinite));
         assert_eq!(centered_ranks(&[(1, 1.0), (1, 2.0)]), Err(Error::Member(1)));
         assert_eq!(centered_ranks(&[(3, 1.0)]).unwrap(), [(3, 0.0)]);
+    }
+
+    #[test]
+    fn z_scores_standardize_fitness() {
+        let w = shape(Shaping::ZScores, &[(2, 3.0), (0, 1.0), (1, 2.0)]).unwrap();
+        let s = (2.0f32 / 3.0).sqrt();
+        let want = [(0, 1.0 / s), (1, 0.0), (2, -1.0 / s)];
+        for (a, b) in w.iter().zip(want) {
+            assert!(a.0 == b.0 && (a.1 - b.1).abs() < 1e-6, "{w:?}");
+        }
+        // One outlier among many is clipped; equal losses give zeros.
+        let mut many: Vec<(u32, f32)> = (0..100).map(|m| (m, 1.0)).collect();
+        many[7].1 = -1e6;
+        assert_eq!(z_scores(&many).unwrap()[7].1, Z_CLIP);
+        assert!(
+            z_scores(&[(0, 2.0), (1, 2.0)])
+                .unwrap()
+                .iter()
+                .all(|w| w.1 == 0.0)
+        );
+        assert_eq!(z_scores(&[(0, f32::INFINITY)]), Err(Error::NonFinite));
+        assert_eq!(z_scores(&[(1, 1.0), (1, 2.0)]), Err(Error::Member(1)));
+        assert_eq!(
+            shape(Shaping::CenteredRanks, &[(0, 1.0), (1, 2.0)]).unwrap(),
+            [(0, 0.5), (1, -0.5)]
+        );
     }
 }

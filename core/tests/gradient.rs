@@ -60,6 +60,7 @@ fn config(noise: NoiseKind, population: u32) -> RunConfig {
         },
         adam: AdamConfig::default(),
         init_scale: 1.0,
+        recipe: Default::default(),
     }
 }
 
