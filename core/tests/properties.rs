@@ -192,6 +192,7 @@ fn run_config(model: ModelConfig, noise: NoiseKind, sigma: f32, seed: u64, popul
         },
         adam: AdamConfig::default(),
         init_scale: 1.0,
+        recipe: Default::default(),
     }
 }
 
@@ -299,6 +300,7 @@ fn valid_config(vocab: u32) -> impl Strategy<Value = RunConfig> {
         es,
         adam,
         init_scale,
+        recipe: Default::default(),
     })
 }
 

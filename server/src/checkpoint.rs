@@ -447,6 +447,7 @@ pub(crate) mod tests {
                 ..AdamConfig::default()
             },
             init_scale: 1.0,
+            recipe: Default::default(),
         };
         let tokens = tokenizer.encode(&TEXT.repeat(4)).unwrap();
         let mut r = Replica::new(config).unwrap();

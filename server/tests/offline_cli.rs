@@ -39,6 +39,7 @@ fn train_checkpoint_resume_generate_eval_inspect() {
             ..AdamConfig::default()
         },
         init_scale: 1.0,
+        recipe: Default::default(),
     };
 
     let ckpts = dir.path().join("ckpts");
