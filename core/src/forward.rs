@@ -23,6 +23,8 @@ use crate::model::Layout;
 use crate::noise;
 use crate::tokenizer::Token;
 
+mod fused;
+
 /// A minibatch: `batch` sequences of `seq_len + 1` tokens, row-major. Position
 /// t predicts token t + 1.
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +62,16 @@ impl<'a> Minibatch<'a> {
     #[inline]
     fn token(&self, b: usize, t: usize) -> usize {
         self.tokens[b * (self.seq_len + 1) + t] as usize
+    }
+
+    /// Sequences `first..first + n` as a minibatch of their own.
+    fn rows(&self, first: usize, n: usize) -> Minibatch<'a> {
+        let len = self.seq_len + 1;
+        Minibatch {
+            tokens: &self.tokens[first * len..(first + n) * len],
+            batch: n,
+            seq_len: self.seq_len,
+        }
     }
 }
 
@@ -208,8 +220,10 @@ fn add_rank_r(out: &mut [f32], b: &[f32], u: &[f32], c: f32) {
     }
 }
 
-/// Runs the RNN over `rows_per_member * members` rows and returns each
-/// member's mean cross-entropy (nats per predicted token).
+/// Runs the RNN over `batch.batch() * members` rows and returns each
+/// member's mean cross-entropy (nats per predicted token): the fused pass
+/// for [`Backend::Fast`], the fixed-order loop below for
+/// [`Backend::Reference`].
 fn forward(
     layout: &Layout,
     params: &[f32],
@@ -218,10 +232,27 @@ fn forward(
     pert: Option<&LowRankPop>,
     backend: Backend,
 ) -> Vec<f32> {
+    match backend {
+        Backend::Fast => fused::forward(layout, params, batch, members, pert),
+        Backend::Reference => forward_reference(layout, params, batch, members, pert),
+    }
+}
+
+/// The reference forward pass: one operation order on every target (the
+/// cross-platform golden hashes losses computed by it). Each step and layer
+/// is a GEMM per input, each member's rank-r corrections, the bias, and
+/// libm's tanh, in that order.
+fn forward_reference(
+    layout: &Layout,
+    params: &[f32],
+    batch: &Minibatch,
+    members: usize,
+    pert: Option<&LowRankPop>,
+) -> Vec<f32> {
+    let backend = Backend::Reference;
     let (h, v, layers) = (layout.hidden(), layout.vocab(), layout.layers());
     let bsz = batch.batch();
     let rows = members * bsz;
-    let fast = backend == Backend::Fast;
     let mut hs: Vec<Vec<f32>> = (0..layers).map(|_| vec![0.0; rows * h]).collect();
     let mut pre = vec![0.0f32; rows * h];
     let mut logits = vec![0.0f32; rows * v];
@@ -291,7 +322,7 @@ fn forward(
                     }
                 }
             }
-            tanh_into(fast, &pre, hl);
+            tanh_into(false, &pre, hl);
         }
         let top = &hs[layers - 1];
         let (w_out, b_out) = (layout.w_out(), layout.b_out());
@@ -465,6 +496,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn fused_blocks_match_the_reference_pass() {
+        // Enough rows that the fast pass splits members (and, for inference,
+        // sequences) into several blocks, the last one partial.
+        let (mut cfg, layout, params, _) = tiny(NoiseKind::LowRank { rank: 1 });
+        cfg.es.batch = 50;
+        let tokens: Vec<Token> = (0..300 * 6).map(|i| ((i * 7 + i / 5) % 11) as Token).collect();
+        let mb = Minibatch::new(&tokens[..50 * 6], 50, 5, 11).unwrap();
+        let members = [0u32, 1, 2, 3, 4, 5, 6];
+        let fast = member_losses(&layout, &params, &cfg, 3, &mb, &members, Backend::Fast).unwrap();
+        let slow = member_losses(&layout, &params, &cfg, 3, &mb, &members, Backend::Reference).unwrap();
+        for (f, s) in fast.iter().zip(&slow) {
+            assert!((f - s).abs() < 1e-5, "{f} vs {s}");
+        }
+        let big = Minibatch::new(&tokens, 300, 5, 11).unwrap();
+        let f = loss(&layout, &params, &big, Backend::Fast).unwrap();
+        let s = loss(&layout, &params, &big, Backend::Reference).unwrap();
+        assert!((f - s).abs() < 1e-5, "{f} vs {s}");
     }
 
     #[test]

@@ -15,7 +15,10 @@
 //! figures divide into the wasm/native ratio without any scaling.
 //!
 //! No `wasm_bindgen_test_configure!`: the binary defaults to Node, and xtask
-//! sets `WASM_BINDGEN_USE_BROWSER=1` for the Chromium run (as for core's tests).
+//! sets `WASM_BINDGEN_USE_DEDICATED_WORKER=1` for the Chromium run, so the
+//! bench runs in a Web Worker, where the volunteer page runs the kernel (on
+//! the page's main thread its half-minute of blocking made chromedriver give
+//! up on the renderer).
 
 #![cfg(target_arch = "wasm32")]
 

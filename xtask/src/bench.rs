@@ -72,13 +72,19 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<(), String> {
     setup::wasm_target(ctx)?;
     setup::wasm_bindgen_cli(ctx)?;
     setup::wasm_pack(ctx)?;
+    // A failed target does not hide the other's figure: both run, and the
+    // failure is reported (and fails the command) after the ratio lines.
     let mut wasm_lines = Vec::new();
+    let mut failures = Vec::new();
     for target in [WasmTarget::Node, WasmTarget::Chromium] {
-        let lines = wasm::bench(ctx, target)?;
-        if lines.is_empty() {
-            return Err("the wasm bench passed but logged no JSON line (is its output captured?)".into());
+        match wasm::bench(ctx, target) {
+            Ok(lines) if lines.is_empty() => failures.push(format!(
+                "the {} bench passed but logged no JSON line (is its output captured?)",
+                target.name()
+            )),
+            Ok(lines) => wasm_lines.extend(lines),
+            Err(err) => failures.push(format!("the {} bench failed: {err}", target.name())),
         }
-        wasm_lines.extend(lines);
     }
 
     println!("\n==> wasm vs native (es-lowrank, RW-256, one thread)");
@@ -100,7 +106,11 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<(), String> {
     if native_1t.is_none() {
         println!("(no native single-thread es-lowrank line to compare with; run without --wasm-only)");
     }
-    Ok(())
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
 }
 
 /// The prefixes of the example's `--only` flag, if given.

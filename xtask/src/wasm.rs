@@ -63,6 +63,16 @@ pub enum WasmTarget {
     Chromium,
 }
 
+impl WasmTarget {
+    /// The `target` value the bench's JSON line carries.
+    pub fn name(self) -> &'static str {
+        match self {
+            WasmTarget::Node => "wasm-node",
+            WasmTarget::Chromium => "wasm-chromium",
+        }
+    }
+}
+
 /// Runs `wasm-client/tests/bench.rs` (and nothing else) on `target` and
 /// returns the benchmark JSON lines it logged, echoing all output.
 ///
@@ -82,7 +92,18 @@ pub fn bench(ctx: &Ctx, target: WasmTarget) -> Result<Vec<String>, String> {
                     "WASM_BINDGEN_TEST_WEBDRIVER_JSON",
                     crate::test::webdriver_json(ctx)?,
                 )
-                .env("WASM_BINDGEN_USE_BROWSER", "1");
+                // In a dedicated Web Worker, as the volunteer page runs the
+                // kernel. On the page's main thread the bench blocks the
+                // renderer for its whole run (four RW-256 steps, 25 s on a
+                // quiet machine), and chromedriver gives up on a renderer
+                // that has not answered for 30 s ("Timed out receiving
+                // message from renderer"): under load the browser run failed.
+                .env("WASM_BINDGEN_USE_DEDICATED_WORKER", "1");
+            // The runner allows chromedriver 5 s to bind its port, which a
+            // machine busy compiling can exceed.
+            if std::env::var_os("WASM_BINDGEN_TEST_DRIVER_TIMEOUT").is_none() {
+                cmd.env("WASM_BINDGEN_TEST_DRIVER_TIMEOUT", "60");
+            }
         }
     }
     cmd.args(["--release", "--mode", "no-install", "wasm-client"]);
