@@ -1,14 +1,19 @@
 //! Matrix multiply for the forward pass.
 //!
 //! [`Backend::Fast`] is `matrixmultiply`'s sgemm: packed, cache-blocked, with
-//! AVX2/FMA kernels chosen at run time natively (its `std` feature) and a
-//! simd128 kernel in wasm. FMA and blocking make its last bits
-//! target-dependent, which the forward path allows (losses only feed ranks).
+//! AVX2/FMA kernels chosen at run time natively (its `std` feature); in wasm,
+//! our own simd128 kernel (`simd128.rs`, which says why) for the RNN's
+//! shapes and `matrixmultiply`'s for the rest (the head's n = V). FMA and
+//! blocking make its last bits target-dependent, which the forward path
+//! allows (losses only feed ranks).
 //!
 //! [`Backend::Reference`] is a plain loop with one fixed summation order and
 //! no FMA, so it gives bit-identical results on every target. Tests check the
 //! fast kernels against it, and the cross-platform golden uses it to make
 //! even the losses identical.
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod simd128;
 
 /// Which kernel the forward pass uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,6 +51,11 @@ pub fn sgemm(
     assert!(k == 0 || (b.len() >= (k - 1) * ldb + n && ldb >= n));
     assert!(c.len() >= (m - 1) * ldc + n && ldc >= n);
     match backend {
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        Backend::Fast if simd128::supports(n) => {
+            // SAFETY: the asserts above keep every access inside the slices.
+            unsafe { simd128::sgemm(m, k, n, a, lda, b, ldb, c, ldc, beta) }
+        }
         Backend::Fast => {
             // SAFETY: the asserts above keep every access of an m x k, k x n
             // and m x n row-major matrix with these strides inside the slices;
@@ -94,7 +104,14 @@ mod tests {
 
     #[test]
     fn fast_matches_reference() {
-        for &(m, k, n) in &[(1, 1, 1), (3, 5, 7), (33, 65, 17), (64, 256, 65)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (33, 65, 17),
+            (64, 256, 65),
+            (7, 512, 256),
+            (13, 24, 24),
+        ] {
             let mut a = alloc::vec![0.0; m * k];
             let mut b = alloc::vec![0.0; k * n];
             let mut c0 = alloc::vec![0.0; m * n];
