@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use seedling_core::{NoiseKind, RunConfig};
+use seedling_core::{LrSchedule, NoiseKind, RunConfig, Shaping};
 use serde::Deserialize;
 
 use crate::app::{Limits, ServeOptions};
@@ -51,13 +51,17 @@ pub enum Command {
 /// Flags of `seedling plot`.
 #[derive(Args, Debug, Clone)]
 pub struct PlotArgs {
-    /// Checkpoint file or run dir whose history is drawn.
+    /// Checkpoint file or run dir whose history is drawn; repeat to draw
+    /// several runs on one plot.
+    #[arg(long, required = true)]
+    pub checkpoint: Vec<PathBuf>,
+    /// Legend name of each checkpoint, in order [default: its directory name].
     #[arg(long)]
-    pub checkpoint: PathBuf,
+    pub label: Vec<String>,
     /// Output SVG file.
     #[arg(long, default_value = "docs/learning-curve.svg")]
     pub out: PathBuf,
-    /// Horizontal axis: `minutes` or `tokens`.
+    /// Horizontal axis: `minutes`, `tokens` or `both` (two panels).
     #[arg(long, default_value = "minutes")]
     pub x: String,
     /// Text for the unigram/bigram baselines [default: tiny-shakespeare].
@@ -112,16 +116,16 @@ pub struct RunArgs {
     /// Root of every random stream [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Hidden width [default: 256].
+    /// Hidden width [default: 64].
     #[arg(long)]
     pub hidden: Option<u32>,
-    /// Stacked tanh layers [default: 2].
+    /// Stacked tanh layers [default: 1].
     #[arg(long)]
     pub layers: Option<u32>,
     /// Members per step, even [default: 512].
     #[arg(long)]
     pub population: Option<u32>,
-    /// Sequences per minibatch [default: 2].
+    /// Sequences per minibatch [default: 1; 32 with --method bptt].
     #[arg(long)]
     pub batch: Option<u32>,
     /// Predicted characters per sequence [default: 64].
@@ -130,9 +134,15 @@ pub struct RunArgs {
     /// Noise scale [default: 0.02].
     #[arg(long)]
     pub sigma: Option<f32>,
-    /// Adam step size [default: 0.003].
+    /// Adam step size [default: 0.01].
     #[arg(long)]
     pub lr: Option<f32>,
+    /// Adam's first-moment decay [default: 0.9].
+    #[arg(long)]
+    pub beta1: Option<f32>,
+    /// Adam's second-moment decay [default: 0.999].
+    #[arg(long)]
+    pub beta2: Option<f32>,
     /// Decoupled weight decay [default: 0].
     #[arg(long)]
     pub weight_decay: Option<f32>,
@@ -145,6 +155,27 @@ pub struct RunArgs {
     /// Init weights uniform in ±scale/sqrt(hidden) [default: 1].
     #[arg(long)]
     pub init_scale: Option<f32>,
+    /// Learning-rate schedule: `constant`, `cosine` (warm-up, then a half
+    /// cosine to min-lr-ratio * lr at decay-steps) or `step` (warm-up, then
+    /// times decay-gamma every decay-steps) [default: constant].
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Warm-up steps of the schedule [default: 0].
+    #[arg(long)]
+    pub warmup: Option<u32>,
+    /// Cosine: the step where the decay ends [default: max-steps];
+    /// step: steps between decays [required].
+    #[arg(long)]
+    pub decay_steps: Option<u32>,
+    /// Cosine: final lr as a fraction of lr [default: 0.1].
+    #[arg(long)]
+    pub min_lr_ratio: Option<f32>,
+    /// Step: factor per decay [default: 0.5].
+    #[arg(long)]
+    pub decay_gamma: Option<f32>,
+    /// Fitness shaping: `ranks` (centered ranks) or `zscores` [default: ranks].
+    #[arg(long)]
+    pub shaping: Option<String>,
     /// At the step deadline, close with this fraction of members [default: 1.0].
     #[arg(long)]
     pub min_fraction: Option<f32>,
@@ -206,7 +237,8 @@ impl RunArgs {
             self.data = std::mem::take(&mut f.data);
         }
         merge!(self, f; run_dir, bind, port, www, seed, hidden, layers, population, batch, seq_len, sigma, lr,
-            weight_decay, noise, rank, init_scale, min_fraction, step_timeout, job_timeout, eval_every,
+            weight_decay, beta1, beta2, noise, rank, init_scale, schedule, warmup, decay_steps, min_lr_ratio, decay_gamma,
+            shaping, min_fraction, step_timeout, job_timeout, eval_every,
             eval_windows, checkpoint_every, keep, max_steps, admin_token, max_connections, max_per_ip, replicate, tolerance, max_strikes);
         Ok(self)
     }
@@ -215,16 +247,22 @@ impl RunArgs {
     pub fn run_config(&self, vocab: u32) -> anyhow::Result<RunConfig> {
         let mut c = RunConfig::rw256(vocab);
         c.seed = self.seed.unwrap_or(0);
-        c.model.hidden = self.hidden.unwrap_or(256);
-        c.model.layers = self.layers.unwrap_or(2);
-        // Defaults from the sweep in docs/LEARNING.md: at equal forward
-        // tokens, more members on shorter batches learn faster.
+        // Defaults from the study in docs/LEARNING.md. ES's gradient
+        // estimate degrades with the parameter count d (its cosine with the
+        // true gradient is about 1 / sqrt(1 + 2d / N)), so the small 1x64
+        // model learns faster per token and per second than 2x256; and
+        // tokens go further spread over members (one sequence each) than
+        // over longer minibatches.
+        c.model.hidden = self.hidden.unwrap_or(64);
+        c.model.layers = self.layers.unwrap_or(1);
         c.es.population = self.population.unwrap_or(512);
-        c.es.batch = self.batch.unwrap_or(2);
+        c.es.batch = self.batch.unwrap_or(1);
         c.es.seq_len = self.seq_len.unwrap_or(64);
         c.es.sigma = self.sigma.unwrap_or(0.02);
-        c.adam.lr = self.lr.unwrap_or(3e-3);
+        c.adam.lr = self.lr.unwrap_or(1e-2);
         c.adam.weight_decay = self.weight_decay.unwrap_or(0.0);
+        c.adam.beta1 = self.beta1.unwrap_or(c.adam.beta1);
+        c.adam.beta2 = self.beta2.unwrap_or(c.adam.beta2);
         c.init_scale = self.init_scale.unwrap_or(1.0);
         c.es.noise = match self.noise.as_deref().unwrap_or("lowrank") {
             "lowrank" | "low-rank" => NoiseKind::LowRank {
@@ -232,6 +270,32 @@ impl RunArgs {
             },
             "full" => NoiseKind::Full,
             other => anyhow::bail!("--noise must be `lowrank` or `full`, not `{other}`"),
+        };
+        let warmup = self.warmup.unwrap_or(0);
+        c.recipe.schedule = match self.schedule.as_deref().unwrap_or("constant") {
+            "constant" => LrSchedule::Constant,
+            "cosine" => LrSchedule::Cosine {
+                warmup,
+                total: match (self.decay_steps, self.max_steps) {
+                    (Some(n), _) => n,
+                    (None, Some(m)) => u32::try_from(m).unwrap_or(u32::MAX),
+                    (None, None) => anyhow::bail!("--schedule cosine needs --decay-steps or --max-steps"),
+                },
+                min_ratio: self.min_lr_ratio.unwrap_or(0.1),
+            },
+            "step" => LrSchedule::Step {
+                warmup,
+                every: self
+                    .decay_steps
+                    .context("--schedule step needs --decay-steps (steps between decays)")?,
+                gamma: self.decay_gamma.unwrap_or(0.5),
+            },
+            other => anyhow::bail!("--schedule must be `constant`, `cosine` or `step`, not `{other}`"),
+        };
+        c.recipe.shaping = match self.shaping.as_deref().unwrap_or("ranks") {
+            "ranks" => Shaping::CenteredRanks,
+            "zscores" => Shaping::ZScores,
+            other => anyhow::bail!("--shaping must be `ranks` or `zscores`, not `{other}`"),
         };
         c.validate()?;
         Ok(c)
@@ -318,12 +382,27 @@ fn default_www() -> Option<PathBuf> {
     .find(|p| p.join("index.html").is_file())
 }
 
+/// How `seedling train` computes its updates.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Method {
+    /// Evolution strategies through the server and in-process workers.
+    #[default]
+    Es,
+    /// The exact gradient by backpropagation through time, on one thread
+    /// with no server: the baseline ES is compared against.
+    Bptt,
+}
+
 /// Flags of `seedling train`.
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// Server flags.
     #[command(flatten)]
     pub run: RunArgs,
+    /// `es`, or `bptt` for the exact-gradient baseline (its --batch defaults
+    /// to 32 sequences; population, sigma, noise and rank do not apply).
+    #[arg(long, value_enum, default_value_t = Method::Es)]
+    pub method: Method,
     /// In-process workers.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
@@ -472,7 +551,20 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Plot(a) => {
-            let (_, ckpt) = open_checkpoint(&a.checkpoint)?;
+            let mut runs = Vec::new();
+            for (i, path) in a.checkpoint.iter().enumerate() {
+                let (_, ckpt) = open_checkpoint(path)?;
+                let name = a.label.get(i).cloned().unwrap_or_else(|| {
+                    let p = if path.is_dir() {
+                        path.as_path()
+                    } else {
+                        path.parent().unwrap_or(path)
+                    };
+                    p.file_name()
+                        .map_or("run".into(), |n| n.to_string_lossy().into_owned())
+                });
+                runs.push((name, ckpt.history));
+            }
             let corpus = data::load_corpus(&data_paths(a.data)?)?;
             let v = corpus.tokenizer.len();
             let baselines = [
@@ -482,12 +574,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let x = match a.x.as_str() {
                 "minutes" => crate::plot::XAxis::Minutes,
                 "tokens" => crate::plot::XAxis::Tokens,
-                other => anyhow::bail!("--x must be `minutes` or `tokens`, not `{other}`"),
+                "both" => crate::plot::XAxis::Both,
+                other => anyhow::bail!("--x must be `minutes`, `tokens` or `both`, not `{other}`"),
             };
-            let curves = [crate::plot::Curve {
-                name: "ES",
-                history: &ckpt.history,
-            }];
+            let curves: Vec<_> = runs
+                .iter()
+                .map(|(name, history)| crate::plot::Curve { name, history })
+                .collect();
             crate::plot::learning_curve(&curves, &baselines, x, &a.out)?;
             println!("wrote {}", a.out.display());
             Ok(())
