@@ -44,34 +44,59 @@ impl WorkerOptions {
     }
 }
 
-/// Losses of `members` on `replica`, split across `threads` threads in
-/// contiguous shares that keep antithetic pairs together.
+/// Members per unit of work in [`evaluate_parallel`]: whole antithetic
+/// pairs, and two of the forward pass's L2-sized blocks (8 RW-256 members).
+const PARALLEL_CHUNK: usize = 16;
+
+/// Losses of `members` on `replica`, in order, on `threads` threads.
+///
+/// The members are cut into chunks of [`PARALLEL_CHUNK`] handed out in order
+/// through one atomic counter, not into fixed shares: on a volunteer's
+/// machine other programs share the cores, and a thread that gets less of
+/// its core simply takes fewer chunks instead of holding up the whole job.
+/// Each thread runs its own forward passes on its own buffers and keeps its
+/// results in its own vector until the join, so the threads share no
+/// written memory (no false sharing).
 pub fn evaluate_parallel(
     replica: &Replica,
     tokens: &[Token],
     members: &[u32],
     threads: usize,
 ) -> anyhow::Result<Vec<f32>> {
-    let threads = threads.clamp(1, members.len().max(1));
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let threads = threads.clamp(1, members.len().div_ceil(PARALLEL_CHUNK).max(1));
     if threads == 1 {
         return Ok(replica.evaluate(tokens, members)?);
     }
-    let share = members.len().div_ceil(threads).next_multiple_of(2);
-    let parts: Vec<anyhow::Result<Vec<f32>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = members
-            .chunks(share)
-            .map(|chunk| s.spawn(move || replica.evaluate(tokens, chunk).map_err(anyhow::Error::from)))
+    let chunks: Vec<&[u32]> = members.chunks(PARALLEL_CHUNK).collect();
+    let next = AtomicUsize::new(0);
+    let done: Vec<Vec<(usize, seedling_core::Result<Vec<f32>>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(chunk) = chunks.get(i) else {
+                            break mine;
+                        };
+                        mine.push((i, replica.evaluate(tokens, chunk)));
+                    }
+                })
+            })
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("evaluation thread panicked"))
             .collect()
     });
-    let mut out = Vec::with_capacity(members.len());
-    for p in parts {
-        out.extend(p?);
+    // Every chunk index was handed out exactly once.
+    let mut slots: Vec<Option<Vec<f32>>> = vec![None; chunks.len()];
+    for (i, losses) in done.into_iter().flatten() {
+        slots[i] = Some(losses?);
     }
-    Ok(out)
+    Ok(slots.into_iter().flatten().flatten().collect())
 }
 
 /// Runs the worker until `shutdown` resolves, reconnecting whenever the
