@@ -39,10 +39,10 @@
 //!   the shape of one population-batched step, to set beside OpenBLAS's sgemm
 //!   at the same shape (measured by `../shared/peers/jax_es_step.py`).
 //!   `seconds_per_step` is one call.
-//! - `threads: 2`: inference and es-lowrank again, with rows (inference) or
-//!   members (es-lowrank) split into two contiguous halves on two
-//!   `std::thread`s, the way a native worker splits a job. The core itself
-//!   has no threads.
+//! - `threads: 2`: inference and es-lowrank again on two `std::thread`s that
+//!   claim chunks of 16 members (es-lowrank) or 256 sequences (inference)
+//!   from an atomic counter, the way the native worker splits a job. The
+//!   core itself has no threads.
 //!
 //! Timing: one warm-up, then the median of several repetitions. `--quick`
 //! uses fewer repetitions and smaller subsets (about half a minute); the
@@ -50,6 +50,7 @@
 //! benches whose names start with one of the prefixes; `--threads 1` or
 //! `--threads 2` restricts the inference/es-lowrank thread counts.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Instant;
 
@@ -263,44 +264,69 @@ impl Rw {
     }
 
     /// Mean loss of the plain model over the N * B sequences, on `threads`
-    /// threads that each take a contiguous half of the sequences.
+    /// threads that take chunks of [`CHUNK_SEQS`] sequences as they go.
     fn inference(&self, threads: usize) -> f32 {
-        let rows = self.n() * self.b();
-        let per = rows / threads;
-        let chunk = per * (self.t() + 1);
-        let losses: Vec<f32> = thread::scope(|s| {
-            let handles: Vec<_> = self
-                .big
-                .chunks(chunk)
-                .map(|toks| {
-                    s.spawn(move || {
-                        let mb = Minibatch::new(toks, per, self.t(), VOCAB as usize).unwrap();
-                        forward::loss(&self.layout, &self.params, &mb, Backend::Fast).unwrap()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let len = self.t() + 1;
+        let chunks: Vec<&[Token]> = self.big.chunks(CHUNK_SEQS * len).collect();
+        let losses = par_chunks(chunks.len(), threads, |i| {
+            let n = chunks[i].len() / len;
+            let mb = Minibatch::new(chunks[i], n, self.t(), VOCAB as usize).unwrap();
+            let l = forward::loss(&self.layout, &self.params, &mb, Backend::Fast).unwrap();
+            (l as f64 * n as f64, n)
         });
-        losses.iter().sum::<f32>() / threads as f32
+        let (sum, n) = losses.iter().fold((0.0, 0), |(s, c), &(l, n)| (s + l, c + n));
+        (sum / n as f64) as f32
     }
 
-    /// Every listed member's loss, members split into `threads` contiguous parts.
+    /// Every listed member's loss, in order, on `threads` threads taking
+    /// chunks of [`CHUNK_MEMBERS`] members as they go (as the native worker's
+    /// `evaluate_parallel` does).
     fn members(&self, cfg: &RunConfig, members: &[u32], threads: usize) -> Vec<f32> {
         let mb = Minibatch::new(&self.tokens, self.b(), self.t(), VOCAB as usize).unwrap();
-        let part = members.len().div_ceil(threads);
-        thread::scope(|s| {
-            let handles: Vec<_> = members
-                .chunks(part)
-                .map(|ms| {
-                    s.spawn(move || {
-                        forward::member_losses(&self.layout, &self.params, cfg, 1, &mb, ms, Backend::Fast)
-                            .unwrap()
-                    })
-                })
-                .collect();
-            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        if threads == 1 {
+            return forward::member_losses(&self.layout, &self.params, cfg, 1, &mb, members, Backend::Fast)
+                .unwrap();
+        }
+        let chunks: Vec<&[u32]> = members.chunks(CHUNK_MEMBERS).collect();
+        par_chunks(chunks.len(), threads, |i| {
+            forward::member_losses(&self.layout, &self.params, cfg, 1, &mb, chunks[i], Backend::Fast).unwrap()
         })
+        .concat()
     }
+}
+
+/// Members per unit of work on two threads: whole antithetic pairs, the
+/// native worker's chunk (server/src/worker.rs, `evaluate_parallel`).
+const CHUNK_MEMBERS: usize = 16;
+/// Sequences per unit of work of two-thread inference: as many rows as a
+/// chunk of members.
+const CHUNK_SEQS: usize = 256;
+
+/// `f(0..n)` on `threads` threads that claim indices from one atomic counter
+/// (a thread slowed by other work on its core takes fewer), results in index
+/// order. Each thread keeps its results to itself until the join.
+fn par_chunks<R: Send>(n: usize, threads: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    let next = AtomicUsize::new(0);
+    let done: Vec<Vec<(usize, R)>> = thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break mine;
+                        }
+                        mine.push((i, f(i)));
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all: Vec<(usize, R)> = done.into_iter().flatten().collect();
+    all.sort_by_key(|&(i, _)| i);
+    all.into_iter().map(|(_, r)| r).collect()
 }
 
 fn mean(xs: &[f32]) -> f64 {
