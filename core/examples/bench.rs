@@ -39,6 +39,11 @@
 //!   the shape of one population-batched step, to set beside OpenBLAS's sgemm
 //!   at the same shape (measured by `../shared/peers/jax_es_step.py`).
 //!   `seconds_per_step` is one call.
+//! - `fast-vs-reference`: 16 members' low-rank losses with [`Backend::Fast`]
+//!   and with [`Backend::Reference`] (plain loops, libm), interleaved;
+//!   `ratio_fast_over_reference` is what the fused kernels are worth, and
+//!   the CI performance check (`cargo xtask test --only perf-check`) fails
+//!   if it collapses.
 //! - `threads: 2`: inference and es-lowrank again on two `std::thread`s that
 //!   claim chunks of 16 members (es-lowrank) or 256 sequences (inference)
 //!   from an atomic counter, the way the native worker splits a job. The
@@ -560,6 +565,51 @@ fn bench_update(o: &Opts, rw: &Rw, noise_kind: NoiseKind, n: u32, seen: &Seen) {
     .print();
 }
 
+/// The fast forward path against the reference one on the same members:
+/// what the fused kernels buy over plain loops (the CI performance check
+/// fails if this ratio collapses, e.g. when a change loses the
+/// vectorization or the AVX2 dispatch).
+fn bench_fast_vs_reference(o: &Opts, rw: &Rw) {
+    let members: Vec<u32> = (0..16).collect();
+    let mb = Minibatch::new(&rw.tokens, rw.b(), rw.t(), VOCAB as usize).unwrap();
+    let run =
+        |backend| forward::member_losses(&rw.layout, &rw.params, &rw.cfg, 1, &mb, &members, backend).unwrap();
+    let reps = if o.quick { 2 } else { 5 };
+    let (mut tf, mut tr) = (Vec::new(), Vec::new());
+    for rep in 0..=reps {
+        let f = timed(|| run(Backend::Fast)).0;
+        let r = timed(|| run(Backend::Reference)).0;
+        if rep > 0 {
+            tf.push(f);
+            tr.push(r);
+        }
+    }
+    let (tf, tr) = (median(tf), median(tr));
+    let scale = rw.n() as f64 / members.len() as f64;
+    let t = tf * scale;
+    Line {
+        bench: "fast-vs-reference".into(),
+        threads: 1,
+        tokens_per_s: Some(rw.tokens_per_step() / t),
+        seconds_per_step: t,
+        gflops: Some(rw.flops_per_step() / t / 1e9),
+        extra: vec![
+            ("ratio_fast_over_reference", Val::Num(tr / tf)),
+            ("reference_seconds_per_step", Val::Num(tr * scale)),
+            (
+                "note",
+                Val::Str(format!(
+                    "low-rank member_losses of members 0..{}, Backend::Fast vs Backend::Reference \
+                     interleaved, median of {reps}, scaled x{scale} to N = {}",
+                    members.len(),
+                    rw.n()
+                )),
+            ),
+        ],
+    }
+    .print();
+}
+
 fn main() {
     let o = match Opts::parse() {
         Ok(o) => o,
@@ -583,6 +633,9 @@ fn main() {
     }
     if o.wants("es-full") {
         bench_full(&o, &rw, &seen);
+    }
+    if o.wants("fast-vs-reference") {
+        bench_fast_vs_reference(&o, &rw);
     }
     let lowrank = NoiseKind::LowRank { rank: 1 };
     bench_update(&o, &rw, lowrank, 256, &seen);

@@ -77,7 +77,7 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<(), String> {
     let mut wasm_lines = Vec::new();
     let mut failures = Vec::new();
     for target in [WasmTarget::Node, WasmTarget::Chromium] {
-        match wasm::bench(ctx, target) {
+        match wasm::bench(ctx, target, "full_") {
             Ok(lines) if lines.is_empty() => failures.push(format!(
                 "the {} bench passed but logged no JSON line (is its output captured?)",
                 target.name()
@@ -117,4 +117,74 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<(), String> {
 fn only_prefixes<'a>(args: &[&'a str]) -> Option<Vec<&'a str>> {
     let i = args.iter().position(|a| *a == "--only")?;
     Some(args.get(i + 1).map_or(Vec::new(), |v| v.split(',').collect()))
+}
+
+/// The CI performance check's floors: ratios of figures measured in the same
+/// run, never absolute times (the machine is shared and its speed varies), and
+/// set far enough below what a quiet machine gives (about 0.95, 5 and 0.35)
+/// that load alone does not trip them, while a lost optimization does.
+const CHECKS: &[(&str, f64)] = &[
+    ("es-lowrank / inference tokens/s (native, 1 thread)", 0.75),
+    ("fast / reference forward (native, 1 thread)", 2.5),
+    ("wasm-node / native es-lowrank tokens/s", 0.15),
+];
+
+/// `cargo xtask test`'s `perf-check` step: the quick native figures (low-rank
+/// ES and inference interleaved, the fast kernels against the reference
+/// ones) and the quick wasm figure under Node, in one run, with each ratio
+/// checked against its floor in [`CHECKS`]. About half a minute.
+pub fn perf_check(ctx: &Ctx) -> Result<String, String> {
+    let native = wasm::run_lines(
+        ctx.cargo()
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "seedling-core",
+                "--example",
+                "bench",
+                "--",
+            ])
+            .args([
+                "--quick",
+                "--only",
+                "inference,es-lowrank,fast-vs-reference",
+                "--threads",
+                "1",
+            ]),
+    )?;
+    let wasm_lines = wasm::bench(ctx, WasmTarget::Node, "quick_")?;
+    let find = |lines: &[String], bench: &str, key: &str| {
+        lines
+            .iter()
+            .find(|l| json_string(l, "bench") == Some(bench))
+            .and_then(|l| json_number(l, key))
+            .ok_or_else(|| format!("no `{key}` of `{bench}` in the bench output"))
+    };
+    let es = find(&native, "es-lowrank", "tokens_per_s")?;
+    let ratios = [
+        es / find(&native, "inference", "tokens_per_s")?,
+        find(&native, "fast-vs-reference", "ratio_fast_over_reference")?,
+        find(&wasm_lines, "es-lowrank", "tokens_per_s")? / es,
+    ];
+    println!("\n==> performance ratios (this run)");
+    let mut failed = Vec::new();
+    for (&(what, floor), &r) in CHECKS.iter().zip(&ratios) {
+        let ok = r >= floor;
+        println!(
+            "  {:<4} {what}: {r:.3} (floor {floor})",
+            if ok { "ok" } else { "LOW" }
+        );
+        if !ok {
+            failed.push(format!("{what} is {r:.3}, below its floor {floor}"));
+        }
+    }
+    if failed.is_empty() {
+        Ok(format!(
+            "es/inference {:.2}, fast/reference {:.1}, wasm-node/native {:.2}",
+            ratios[0], ratios[1], ratios[2]
+        ))
+    } else {
+        Err(format!("performance regression: {}", failed.join("; ")))
+    }
 }

@@ -73,12 +73,14 @@ impl WasmTarget {
     }
 }
 
-/// Runs `wasm-client/tests/bench.rs` (and nothing else) on `target` and
-/// returns the benchmark JSON lines it logged, echoing all output.
+/// Runs the tests of `wasm-client/tests/bench.rs` whose names contain
+/// `filter` (`full_` for `cargo xtask bench`, `quick_` for the CI
+/// performance check) on `target` and returns the benchmark JSON lines they
+/// logged, echoing all output.
 ///
-/// `--test bench` selects the file; the test steps pass `--test web`, so the
-/// bench never runs as part of `cargo xtask test`.
-pub fn bench(ctx: &Ctx, target: WasmTarget) -> Result<Vec<String>, String> {
+/// `--test bench` selects the file; the other test steps pass `--test web`,
+/// so the bench runs only when asked for.
+pub fn bench(ctx: &Ctx, target: WasmTarget, filter: &str) -> Result<Vec<String>, String> {
     let mut cmd = ctx.cmd("wasm-pack");
     cmd.arg("test");
     match target {
@@ -115,7 +117,7 @@ pub fn bench(ctx: &Ctx, target: WasmTarget) -> Result<Vec<String>, String> {
     }
     // The runner shows a passing test's console output only when told not to
     // capture it.
-    cmd.args(["--", "--nocapture"]);
+    cmd.args(["--", "--nocapture", filter]);
     let lines = run_lines(&mut cmd)?;
     Ok(lines
         .into_iter()
