@@ -146,6 +146,12 @@ const STEPS: &[Step] = &[
         // Named targets only: tests/bench.rs is `cargo xtask bench`'s.
         run: |ctx| wasm_pack_test(ctx, "wasm-client", Browser::Chrome, &["--lib", "--test", "web"]),
     },
+    Step {
+        name: "perf-check",
+        about: "quick benchmark ratios in one run: low-rank ES/inference, fast/reference, wasm/native",
+        needs: WASM_TEST_TOOLS,
+        run: crate::bench::perf_check,
+    },
 ];
 
 /// Entry point of `cargo xtask test [--only STEP[,STEP]]... [--list]`.
