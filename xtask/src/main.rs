@@ -32,11 +32,12 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [args...]
 
 commands:
-  test [--only STEP[,STEP...]]... [--list]
+  test [--only STEP[,STEP...]]... [--list] [--soak]
         install whatever is missing (wasm target, wasm-bindgen-cli, wasm-pack,
         wasm-opt, chromium), then run every check; this is what CI runs.
         --only runs just the named steps (plus the set-up they need);
-        --list prints the steps.
+        --list prints the steps; --soak runs only the robustness suite at
+        full size (about 15 minutes).
   run [ARGS...]
         build the volunteer page's wasm (www/pkg), then train:
         cargo run --release -p seedling-server --bin seedling -- train ARGS

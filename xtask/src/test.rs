@@ -5,6 +5,9 @@
 //! only bury the cause. The final line is always `N passed, M failed`, which
 //! CI logs and humans can both read at a glance.
 //!
+//! `--soak` runs only the robustness suite at full size (the [`SOAK`] step);
+//! the default run covers the same tests at small sizes in `native-tests`.
+//!
 //! # How wasm tests run
 //!
 //! All of them go through `wasm-pack test --mode no-install`: wasm-pack builds
@@ -154,9 +157,40 @@ const STEPS: &[Step] = &[
     },
 ];
 
-/// Entry point of `cargo xtask test [--only STEP[,STEP]]... [--list]`.
+/// The soak suite, run alone by `cargo xtask test --soak`: the robustness
+/// tests (`tests/tests/soak.rs`, `server/tests/kill_loop.rs`) at full size
+/// (`SEEDLING_SOAK=1`), one test at a time so the load test has the machine,
+/// with their JSON figures shown. The default `native-tests` step runs the
+/// same tests at small sizes.
+const SOAK: Step = Step {
+    name: "soak",
+    about: "robustness suite at full size: 50x faults, liars, 100k garbage frames, 2,000 volunteers 5 min, 20 SIGKILLs",
+    needs: &[],
+    run: |ctx| {
+        for (krate, test) in [("seedling-tests", "soak"), ("seedling-server", "kill_loop")] {
+            let args = [
+                "test",
+                "--release",
+                "-p",
+                krate,
+                "--test",
+                test,
+                "--",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ];
+            run(ctx.cargo().args(args).env("SEEDLING_SOAK", "1"))?;
+        }
+        Ok(String::new())
+    },
+};
+
+/// Entry point of `cargo xtask test [--only STEP[,STEP]]... [--list] [--soak]`.
 pub fn main(ctx: &Ctx, args: &[String]) -> ExitCode {
-    let selected = match select(args) {
+    let soak = args.iter().any(|a| a == "--soak");
+    let args: Vec<String> = args.iter().filter(|a| *a != "--soak").cloned().collect();
+    let selected = match select(&args) {
         Ok(Some(selected)) => selected,
         Ok(None) => {
             for step in STEPS {
@@ -169,12 +203,16 @@ pub fn main(ctx: &Ctx, args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let steps: Vec<&Step> = STEPS
-        .iter()
-        .zip(selected)
-        .filter(|&(_, on)| on)
-        .map(|(s, _)| s)
-        .collect();
+    let steps: Vec<&Step> = if soak {
+        vec![&SOAK]
+    } else {
+        STEPS
+            .iter()
+            .zip(selected)
+            .filter(|&(_, on)| on)
+            .map(|(s, _)| s)
+            .collect()
+    };
 
     let mut results: Vec<(&Step, Duration, Result<String, String>)> = Vec::new();
     for (i, step) in steps.iter().enumerate() {
@@ -235,7 +273,7 @@ fn select(args: &[String]) -> Result<Option<Vec<bool>>, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown argument `{other}` (usage: test [--only STEP[,STEP]]... [--list])"
+                    "unknown argument `{other}` (usage: test [--only STEP[,STEP]]... [--list] [--soak])"
                 ));
             }
         }
