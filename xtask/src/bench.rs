@@ -8,6 +8,10 @@
 //! So after both runs xtask prints each wasm line again with
 //! `ratio_to_native`, its tokens/s over the native single-thread es-lowrank
 //! figure (the target for Chromium is >= 0.35).
+//!
+//! Two system figures come from `seedling-sim bench` (seedling-tests):
+//! `coordinator-1000`, the coordinator's time per step with 1,000 simulated
+//! volunteers, and `wire-bytes`, the uplink bytes per member evaluation.
 
 use std::process::ExitCode;
 
@@ -62,6 +66,17 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<(), String> {
             .iter()
             .find(|l| json_string(l, "bench") == Some("es-lowrank") && json_number(l, "threads") == Some(1.0))
             .and_then(|l| json_number(l, "tokens_per_s"));
+        // The system benchmarks (coordinator-1000, wire-bytes): simulated
+        // and native volunteers on loopback, from seedling-tests.
+        let system: Vec<&str> = ["coordinator-1000", "wire-bytes"]
+            .into_iter()
+            .filter(|name| only_prefixes(&pass).is_none_or(|ps| ps.iter().any(|p| name.starts_with(p))))
+            .collect();
+        if !system.is_empty() {
+            let args = ["run", "--release", "-p", "seedling-tests", "--bin", "seedling-sim", "--", "bench"];
+            let only = if system.len() == 1 { vec!["--only", system[0]] } else { Vec::new() };
+            wasm::run_lines(ctx.cargo().args(args).args(only))?;
+        }
     }
     if !wasm_too {
         return Ok(());
