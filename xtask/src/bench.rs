@@ -73,8 +73,21 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<(), String> {
             .filter(|name| only_prefixes(&pass).is_none_or(|ps| ps.iter().any(|p| name.starts_with(p))))
             .collect();
         if !system.is_empty() {
-            let args = ["run", "--release", "-p", "seedling-tests", "--bin", "seedling-sim", "--", "bench"];
-            let only = if system.len() == 1 { vec!["--only", system[0]] } else { Vec::new() };
+            let args = [
+                "run",
+                "--release",
+                "-p",
+                "seedling-tests",
+                "--bin",
+                "seedling-sim",
+                "--",
+                "bench",
+            ];
+            let only = if system.len() == 1 {
+                vec!["--only", system[0]]
+            } else {
+                Vec::new()
+            };
             wasm::run_lines(ctx.cargo().args(args).args(only))?;
         }
     }
