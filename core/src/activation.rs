@@ -94,7 +94,11 @@ pub fn nll_fast(row: &[f32], target: usize) -> f32 {
     let mut m = [f32::NEG_INFINITY; 8];
     for c in chunks.clone() {
         for k in 0..8 {
-            m[k] = m[k].max(c[k]);
+            // A compare and select, not `f32::max`: that is a call to
+            // `fmaxf` per element in no_std wasm.
+            if c[k] > m[k] {
+                m[k] = c[k];
+            }
         }
     }
     let max = tail.iter().chain(&m).copied().fold(f32::NEG_INFINITY, f32::max);
