@@ -18,7 +18,15 @@ use crate::error::{Error, Result};
 use crate::tokenizer::{Token, Tokenizer};
 
 /// Bumped on any incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: the update carries its learning rate, losses travel in the job's
+/// member order without indices, and sessions carry a token.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// A random secret the server hands a client in its Welcome. Presenting it
+/// again in a later Hello resumes the session: the trust it earned, or the
+/// ban it earned. 128 bits, so it cannot be guessed.
+pub type SessionToken = [u8; 16];
 
 /// Largest client message: losses for 2^16 members fit with room to spare.
 pub const MAX_CLIENT_MESSAGE: usize = 1 << 20;
@@ -51,6 +59,8 @@ pub enum ClientMsg {
         threads: u32,
         /// Estimated member evaluations per second, 0 if unknown.
         speed: f32,
+        /// The token of an earlier connection, to keep its earned trust.
+        session: Option<SessionToken>,
     },
     /// Results of one job.
     Losses {
@@ -58,8 +68,10 @@ pub enum ClientMsg {
         step: u64,
         /// The job id from [`ServerMsg::Job`].
         job: u64,
-        /// `(member, loss)` for every member of the job.
-        losses: Vec<(u32, f32)>,
+        /// The loss of every member of the job, in the job's member order.
+        /// No member indices: the server knows the job, and this keeps the
+        /// uplink near 4 bytes per member evaluation.
+        losses: Vec<f32>,
     },
     /// The client's weights hash after applying the update of `step - 1`.
     Hash {
@@ -81,6 +93,8 @@ pub enum ServerMsg {
         run: u64,
         /// The client's id on this server.
         client: u64,
+        /// This session's token: present it in the Hello of a reconnection.
+        session: SessionToken,
         /// The run configuration.
         config: RunConfig,
         /// The vocabulary.
@@ -112,6 +126,10 @@ pub enum ServerMsg {
     Update {
         /// The step being closed.
         step: u64,
+        /// The learning rate of this step's Adam update. It travels with the
+        /// update so the server alone decides it (schedules, operator changes)
+        /// and every replica still applies the same one.
+        lr: f32,
         /// Shaped weights of exactly the members that counted.
         weights: Vec<(u32, f32)>,
     },
@@ -155,10 +173,20 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg> {
     let msg: ClientMsg = decode(bytes, MAX_CLIENT_MESSAGE)?;
     match &msg {
         ClientMsg::Hello { speed, .. } if !speed.is_finite() => Err(Error::NonFinite),
-        ClientMsg::Losses { losses, .. } if losses.iter().any(|(_, l)| !l.is_finite()) => {
-            Err(Error::NonFinite)
-        }
+        ClientMsg::Losses { losses, .. } if losses.iter().any(|l| !l.is_finite()) => Err(Error::NonFinite),
         _ => Ok(msg),
+    }
+}
+
+/// A learning rate a replica may apply: finite and not negative, the range
+/// [`RunConfig::validate`] allows (a warmup schedule may start at 0).
+pub fn check_lr(lr: f32) -> Result<()> {
+    if lr.is_finite() && lr >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "learning rate {lr} is not finite and >= 0"
+        )))
     }
 }
 
@@ -176,8 +204,11 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg> {
                 ));
             }
         }
-        ServerMsg::Update { weights, .. } if weights.iter().any(|(_, w)| !w.is_finite()) => {
-            return Err(Error::NonFinite);
+        ServerMsg::Update { lr, weights, .. } => {
+            if weights.iter().any(|(_, w)| !w.is_finite()) {
+                return Err(Error::NonFinite);
+            }
+            check_lr(*lr)?;
         }
         ServerMsg::Snapshot { params, adam, .. }
             if params

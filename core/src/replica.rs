@@ -112,23 +112,21 @@ impl Replica {
     }
 
     /// Applies the server's update list for `step`, which must be this
-    /// replica's step, and advances to the next step.
-    pub fn apply(&mut self, step: u64, weights: &[(u32, f32)]) -> Result<()> {
+    /// replica's step, with learning rate `lr`, and advances to the next
+    /// step. The rate comes from the caller (the server's update message)
+    /// rather than the config, so schedules and operator changes stay the
+    /// server's decision while every replica applies the same one.
+    pub fn apply(&mut self, step: u64, lr: f32, weights: &[(u32, f32)]) -> Result<()> {
         if step != self.step {
             return Err(Error::Step {
                 expected: self.step,
                 got: step,
             });
         }
+        crate::protocol::check_lr(lr)?;
         if !weights.is_empty() {
             let g = es_gradient(&self.layout, &self.config, step, weights)?;
-            adam::step(
-                &self.config.adam,
-                self.config.adam.lr,
-                &mut self.params,
-                &mut self.adam,
-                &g,
-            );
+            adam::step(&self.config.adam, lr, &mut self.params, &mut self.adam, &g);
         }
         self.step += 1;
         Ok(())
@@ -143,7 +141,7 @@ impl Replica {
         let losses = self.evaluate(tokens, &members)?;
         let pairs: Vec<(u32, f32)> = members.iter().copied().zip(losses.iter().copied()).collect();
         let weights = centered_ranks(&pairs)?;
-        self.apply(self.step, &weights)?;
+        self.apply(self.step, self.config.adam.lr, &weights)?;
         Ok(losses.iter().sum::<f32>() / losses.len() as f32)
     }
 

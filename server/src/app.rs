@@ -34,9 +34,6 @@ use crate::coordinator::{
     AdminCommand, ClientId, Coordinator, Event, Outgoing, RunData, Settings, Status, close,
 };
 
-/// Frames queued per client before it counts as too slow and is dropped.
-const OUTBOX: usize = 256;
-
 /// How often deadlines are checked.
 const TICK: Duration = Duration::from_millis(20);
 
@@ -72,6 +69,9 @@ pub struct Limits {
     pub ping_every: Duration,
     /// A connection silent for this long (no frame, no pong) is dropped.
     pub idle_timeout: Duration,
+    /// Frames queued per client before it counts as too slow to read and is
+    /// dropped (a snapshot is one frame).
+    pub outbox: usize,
 }
 
 impl Default for Limits {
@@ -83,6 +83,7 @@ impl Default for Limits {
             handshake_burst: 400.0,
             ping_every: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(45),
+            outbox: 256,
         }
     }
 }
@@ -211,13 +212,13 @@ impl Server {
     }
 }
 
+/// What a server starts from: the replica, its learning curve and the
+/// operator's learning rate, if one was set.
+type Resumed = (Replica, Vec<checkpoint::HistoryPoint>, Option<f32>);
+
 /// Builds the authoritative replica: resumed from the newest valid checkpoint
 /// in the run dir when there is one (refusing a different config), else fresh.
-pub fn initial_replica(
-    config: &RunConfig,
-    settings: &Settings,
-    data: &RunData,
-) -> anyhow::Result<(Replica, Vec<checkpoint::HistoryPoint>)> {
+pub fn initial_replica(config: &RunConfig, settings: &Settings, data: &RunData) -> anyhow::Result<Resumed> {
     if let Some(dir) = &settings.run_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating run dir {}", dir.display()))?;
         if let Some((path, ckpt)) = checkpoint::latest(dir)? {
@@ -230,10 +231,10 @@ pub fn initial_replica(
             );
             let replica = Replica::from_snapshot(ckpt.config, ckpt.step, ckpt.params, ckpt.adam)?;
             tracing::info!(step = ckpt.step, hash = format!("{:016x}", replica.hash()), path = %path.display(), "resumed");
-            return Ok((replica, ckpt.history));
+            return Ok((replica, ckpt.history, ckpt.lr_override));
         }
     }
-    Ok((Replica::new(*config)?, Vec::new()))
+    Ok((Replica::new(*config)?, Vec::new(), None))
 }
 
 /// Starts the coordinator and the HTTP server on `listener`.
@@ -244,8 +245,9 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
         opts.config.model.vocab,
         opts.data.tokenizer.len()
     );
-    let (replica, history) = initial_replica(&opts.config, &opts.settings, &opts.data)?;
-    let coordinator = Coordinator::new(opts.settings.clone(), opts.data.clone(), replica, history);
+    let (replica, history, lr_override) = initial_replica(&opts.config, &opts.settings, &opts.data)?;
+    let mut coordinator = Coordinator::new(opts.settings.clone(), opts.data.clone(), replica, history);
+    coordinator.set_lr_override(lr_override);
     let status = coordinator.status();
     let (events, rx) = mpsc::channel(4096);
     let coordinator = std::thread::Builder::new()
@@ -405,8 +407,9 @@ async fn metrics_handler(State(state): State<AppState>) -> Response {
 }
 
 /// Operator commands: `POST /admin/pause|resume|checkpoint`, `POST
-/// /admin/kick?client=ID`, with `Authorization: Bearer TOKEN`. Refused with
-/// 403 when the server has no token, 401 without the right one.
+/// /admin/kick?client=ID`, `POST /admin/lr?value=LR` (from the next closed
+/// step on), with `Authorization: Bearer TOKEN`. Refused with 403 when the
+/// server has no token, 401 without the right one, 400 on a bad argument.
 async fn admin_handler(
     State(state): State<AppState>,
     Path(command): Path<String>,
@@ -435,6 +438,12 @@ async fn admin_handler(
         "kick" => match query.get("client").and_then(|c| c.parse().ok()) {
             Some(id) => AdminCommand::Kick(id),
             None => return (StatusCode::BAD_REQUEST, "kick needs ?client=ID").into_response(),
+        },
+        "lr" => match query.get("value").and_then(|v| v.parse::<f32>().ok()) {
+            Some(lr) if lr.is_finite() && lr > 0.0 => AdminCommand::SetLr(lr),
+            _ => {
+                return (StatusCode::BAD_REQUEST, "lr needs ?value=LR, a finite number > 0").into_response();
+            }
         },
         _ => return (StatusCode::NOT_FOUND, "unknown admin command").into_response(),
     };
@@ -473,11 +482,37 @@ async fn ws_handler(
         })
 }
 
+/// What a received data frame means to the coordinator: a decoded message,
+/// or the offence (with the close code that names it) that ends the
+/// connection. `None` for control frames, which only count as a heartbeat.
+pub(crate) fn frame_event(client: ClientId, frame: Message) -> Option<Event> {
+    Some(match frame {
+        Message::Binary(bytes) => match decode_client(&bytes) {
+            Ok(msg) => Event::Message { client, msg },
+            Err(e) => Event::Invalid {
+                client,
+                code: if bytes.len() > MAX_CLIENT_MESSAGE {
+                    close::TOO_BIG
+                } else {
+                    close::INVALID
+                },
+                reason: e.to_string(),
+            },
+        },
+        Message::Text(_) => Event::Invalid {
+            client,
+            code: close::UNSUPPORTED,
+            reason: "text frames are not part of the protocol".into(),
+        },
+        Message::Ping(_) | Message::Pong(_) | Message::Close(_) => return None,
+    })
+}
+
 /// One volunteer connection: decodes frames into events and drains the
 /// client's outbox into the socket. Either side ending ends the other.
 async fn handle_socket(socket: WebSocket, state: AppState) {
     let id: ClientId = state.next_id.fetch_add(1, Ordering::Relaxed);
-    let (out, mut outbox) = mpsc::channel(OUTBOX);
+    let (out, mut outbox) = mpsc::channel(state.admission.limits.outbox.max(1));
     if state
         .events
         .send(Event::Connected { client: id, out })
@@ -490,37 +525,39 @@ async fn handle_socket(socket: WebSocket, state: AppState) {
     let limits = state.admission.limits.clone();
     let last_seen = Arc::new(Mutex::new(Instant::now()));
     let seen = last_seen.clone();
+    let events = state.events.clone();
     let mut send_task = tokio::spawn(async move {
         let mut ping = tokio::time::interval(limits.ping_every);
         ping.tick().await;
+        // A peer that stopped reading blocks a send once the socket buffers
+        // are full; such a send gives up after the idle timeout, so the
+        // connection (and its queued frames) cannot outlive it.
+        let idle = limits.idle_timeout;
+        let closing = |code, reason: String| {
+            Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }))
+        };
         loop {
-            let item = tokio::select! {
+            let msg = tokio::select! {
                 item = outbox.recv() => match item {
-                    Some(item) => item,
+                    Some(Outgoing::Frame(bytes)) => Message::Binary(bytes),
+                    Some(Outgoing::Close(code, reason)) => closing(code, reason),
                     None => break,
                 },
                 _ = ping.tick() => {
-                    if seen.lock().unwrap().elapsed() > limits.idle_timeout {
-                        Outgoing::Close(close::POLICY, "no heartbeat".into())
-                    } else if sink.send(Message::Ping(Default::default())).await.is_err() {
-                        break;
+                    if seen.lock().unwrap().elapsed() > idle {
+                        let _ = events.try_send(Event::Idle { client: id });
+                        closing(close::POLICY, "no heartbeat".into())
                     } else {
-                        continue;
+                        Message::Ping(Default::default())
                     }
                 }
             };
-            let res = match item {
-                Outgoing::Frame(bytes) => sink.send(Message::Binary(bytes)).await,
-                Outgoing::Close(code, reason) => {
-                    let frame = CloseFrame {
-                        code,
-                        reason: reason.into(),
-                    };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    break;
-                }
-            };
-            if res.is_err() {
+            let last = matches!(msg, Message::Close(_));
+            let sent = tokio::time::timeout(idle, sink.send(msg)).await;
+            if last || !matches!(sent, Ok(Ok(()))) {
                 break;
             }
         }
@@ -530,25 +567,11 @@ async fn handle_socket(socket: WebSocket, state: AppState) {
         while let Some(frame) = stream.next().await {
             *last_seen.lock().unwrap() = Instant::now();
             let ev = match frame {
-                Ok(Message::Binary(bytes)) => match decode_client(&bytes) {
-                    Ok(msg) => Event::Message { client: id, msg },
-                    Err(e) => Event::Invalid {
-                        client: id,
-                        code: if bytes.len() > MAX_CLIENT_MESSAGE {
-                            close::TOO_BIG
-                        } else {
-                            close::INVALID
-                        },
-                        reason: e.to_string(),
-                    },
-                },
-                Ok(Message::Text(_)) => Event::Invalid {
-                    client: id,
-                    code: close::UNSUPPORTED,
-                    reason: "text frames are not part of the protocol".into(),
-                },
                 Ok(Message::Close(_)) | Err(_) => break,
-                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                Ok(frame) => match frame_event(id, frame) {
+                    Some(ev) => ev,
+                    None => continue,
+                },
             };
             let invalid = matches!(ev, Event::Invalid { .. });
             if events.send(ev).await.is_err() || invalid {

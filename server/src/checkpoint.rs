@@ -31,6 +31,12 @@ use serde::{Deserialize, Serialize};
 /// Value of the `format` metadata key; anything else is not ours.
 pub const FORMAT: &str = "seedling-checkpoint";
 
+/// Protocol versions whose checkpoints this build resumes. Version 2 changed
+/// only the wire (the learning rate in updates, losses in member order,
+/// session tokens), not what a checkpoint holds, so version 1 files still
+/// load (they have no `lr_override`).
+const READABLE_VERSIONS: [u32; 2] = [1, PROTOCOL_VERSION];
+
 /// Everything needed to resume a run or to use its model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
@@ -46,6 +52,8 @@ pub struct Checkpoint {
     pub adam: AdamState,
     /// The learning curve so far, kept so a resumed run plots the whole run.
     pub history: Vec<HistoryPoint>,
+    /// The operator's learning rate (`/admin/lr`), so a restart keeps it.
+    pub lr_override: Option<f32>,
 }
 
 /// One point of the learning curve.
@@ -180,7 +188,7 @@ pub fn to_bytes_safetensors(ckpt: &Checkpoint) -> Result<Vec<u8>> {
         .iter()
         .map(|(name, t, bytes)| Ok((name.as_str(), TensorView::new(Dtype::F32, shape(t), bytes)?)))
         .collect::<Result<Vec<_>>>()?;
-    let meta: HashMap<String, String> = [
+    let mut meta: HashMap<String, String> = [
         ("format", FORMAT.to_string()),
         ("protocol_version", PROTOCOL_VERSION.to_string()),
         ("config", serde_json::to_string(&ckpt.config)?),
@@ -194,6 +202,9 @@ pub fn to_bytes_safetensors(ckpt: &Checkpoint) -> Result<Vec<u8>> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    if let Some(lr) = ckpt.lr_override {
+        meta.insert("lr_override".into(), lr.to_string());
+    }
     Ok(safetensors::serialize(views, Some(meta))?)
 }
 
@@ -269,7 +280,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
         return Err(Incompatible(format!("format is {format:?}, not {FORMAT:?}")).into());
     }
     let version: u32 = get("protocol_version")?.parse().context("bad protocol_version")?;
-    if version != PROTOCOL_VERSION {
+    if !READABLE_VERSIONS.contains(&version) {
         return Err(Incompatible(format!(
             "written with protocol version {version}, but this build speaks version {PROTOCOL_VERSION}; \
              use a matching seedling build to resume or convert it"
@@ -289,6 +300,17 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
     let step: u64 = get("step")?.parse().context("bad step metadata")?;
     let adam_t: u64 = get("adam_t")?.parse().context("bad adam_t metadata")?;
     let history: Vec<HistoryPoint> = serde_json::from_str(get("history")?).context("bad history metadata")?;
+    let lr_override = match meta.get("lr_override") {
+        None => None,
+        Some(v) => {
+            let lr: f32 = v.parse().context("bad lr_override metadata")?;
+            ensure!(
+                lr.is_finite() && lr > 0.0,
+                "lr_override {lr} is not finite and > 0"
+            );
+            Some(lr)
+        }
+    };
     let hex = |key: &str| -> Result<u64> {
         u64::from_str_radix(get(key)?, 16).with_context(|| format!("bad {key} metadata"))
     };
@@ -344,6 +366,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
         params,
         adam,
         history,
+        lr_override,
     })
 }
 
@@ -470,6 +493,7 @@ pub(crate) mod tests {
             params: r.params,
             adam: r.adam,
             history,
+            lr_override: None,
         }
     }
 
@@ -481,6 +505,7 @@ pub(crate) mod tests {
     fn round_trip_is_bit_identical() {
         let dir = tempfile::tempdir().unwrap();
         let mut ckpt = trained(3);
+        ckpt.lr_override = Some(0.0123);
         ckpt.history.push(HistoryPoint {
             step: 3,
             elapsed_s: 1.5,
@@ -499,6 +524,7 @@ pub(crate) mod tests {
         let n = ckpt.history.len();
         assert_eq!(back.history[..n - 1], ckpt.history[..n - 1]);
         assert!(back.history[n - 1].train_loss.is_nan());
+        assert_eq!(back.lr_override, Some(0.0123));
         // Nothing but the checkpoint is left in the directory.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -588,7 +614,7 @@ pub(crate) mod tests {
         let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
         let mut meta = header.metadata().clone().unwrap();
         meta.insert("protocol_version".into(), (PROTOCOL_VERSION + 1).to_string());
-        let old = safetensors::serialize(st.tensors(), Some(meta)).unwrap();
+        let old = safetensors::serialize(st.tensors(), Some(meta.clone())).unwrap();
         let path = dir.path().join(file_name(1));
         fs::write(&path, old).unwrap();
         let e = load(&path).unwrap_err();
@@ -600,6 +626,10 @@ pub(crate) mod tests {
         );
         // latest() stops on it instead of falling back or starting over.
         assert!(latest(dir.path()).is_err());
+        // Protocol 1 checkpoints hold the same things and still load.
+        meta.insert("protocol_version".into(), "1".into());
+        let v1 = safetensors::serialize(st.tensors(), Some(meta)).unwrap();
+        assert_eq!(from_bytes(&v1).unwrap().params, ckpt.params);
         // A file that is not ours at all is refused the same way.
         let foreign = safetensors::serialize(st.tensors(), None).unwrap();
         let e = from_bytes(&foreign).unwrap_err();

@@ -28,17 +28,25 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rand_core::RngCore;
-use seedling_core::protocol::{self, ClientKind, ClientMsg, MAX_SERVER_MESSAGE, PROTOCOL_VERSION, ServerMsg};
-use seedling_core::shaping::centered_ranks;
+use seedling_core::protocol::{
+    self, ClientKind, ClientMsg, MAX_SERVER_MESSAGE, PROTOCOL_VERSION, ServerMsg, SessionToken,
+};
+use seedling_core::shaping::shape;
 use seedling_core::tokenizer::{Token, Tokenizer};
 use seedling_core::{Replica, batch};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{self, Checkpoint, HistoryPoint};
+pub use crate::timing::Quantiles;
+use crate::timing::StepTiming;
 
 /// Recent job owners remembered to classify late results.
 const MAX_OWNERS: usize = 100_000;
+
+/// Sessions remembered (trust earned, or a ban) after their connection
+/// ended; the oldest is forgotten first, so memory stays bounded.
+const MAX_SESSIONS: usize = 100_000;
 
 /// A connected client's id, unique for the server's lifetime.
 pub type ClientId = u64;
@@ -90,6 +98,12 @@ pub enum Event {
         /// Who left.
         client: ClientId,
     },
+    /// The connection sent nothing, not even a pong, for the idle timeout;
+    /// it is being closed.
+    Idle {
+        /// The silent client.
+        client: ClientId,
+    },
     /// Time passes: deadlines are checked.
     Tick,
     /// Write a final checkpoint and stop.
@@ -107,6 +121,9 @@ pub enum AdminCommand {
     Checkpoint,
     /// Disconnect a client (it may reconnect; use a firewall to ban).
     Kick(ClientId),
+    /// Use this learning rate (finite, > 0) for every update from the next
+    /// closed step on, instead of the config's; kept in checkpoints.
+    SetLr(f32),
 }
 
 /// WebSocket close codes the server uses (RFC 6455 section 7.4.1).
@@ -235,6 +252,22 @@ pub struct Status {
     pub finished: bool,
     /// True while the operator has paused the run.
     pub paused: bool,
+    /// The coordinator thread's busy time per step, without the replica's
+    /// update, hash, validation and checkpoint: what grows with volunteers.
+    pub step_overhead_ms: Quantiles,
+    /// The replica's update and hash per step: what grows with the model.
+    pub update_ms: Quantiles,
+    /// The learning rate the current step's update will use.
+    pub lr: f32,
+    /// True when `lr` is the operator's (`/admin/lr`), not the config's.
+    pub lr_override: bool,
+    /// Sessions banned so far: their client was disconnected as a liar, and
+    /// their token is refused.
+    pub banned_sessions: u64,
+    /// Clients dropped for silence (no frame, no pong) past the idle timeout.
+    pub idle_dropped: u64,
+    /// Clients dropped because their send queue filled (they read too slowly).
+    pub slow_dropped: u64,
 }
 
 /// Counts of connected volunteers.
@@ -261,6 +294,9 @@ pub struct ClientReport {
     pub hash: String,
     /// Members it evaluated that counted.
     pub members: u64,
+    /// Its results that matched another client's (kept across reconnections
+    /// of the same session).
+    pub trust: u64,
 }
 
 struct Job {
@@ -273,6 +309,8 @@ struct Job {
 
 struct Client {
     out: mpsc::Sender<Outgoing>,
+    /// Its session (set by the Hello).
+    session: Option<SessionToken>,
     /// Results that matched another client's: trust, which lowers how often
     /// this client's results are replicated (BOINC's adaptive replication).
     agreed: u64,
@@ -323,6 +361,23 @@ pub struct Coordinator {
     counters: Counters,
     /// Set by the operator: no jobs are handed out.
     paused: bool,
+    /// Busy time per step, for [`Status::step_overhead_ms`].
+    timing: StepTiming,
+    /// Set by the operator: the learning rate of every update from now on.
+    lr_override: Option<f32>,
+    /// Sessions by token, and their order of creation for eviction.
+    sessions: HashMap<SessionToken, SessionRecord>,
+    session_order: VecDeque<SessionToken>,
+}
+
+/// What outlives a connection: the trust its session earned, or its ban.
+#[derive(Clone, Copy, Debug, Default)]
+struct SessionRecord {
+    agreed: u64,
+    strikes: u32,
+    banned: bool,
+    /// The connection using it now, if any.
+    live: Option<ClientId>,
 }
 
 #[derive(Default)]
@@ -335,6 +390,9 @@ struct Counters {
     replicated: u64,
     disagreements: u64,
     liars: u64,
+    banned: u64,
+    idle: u64,
+    slow: u64,
     client_hashes: BTreeMap<ClientId, ClientReport>,
 }
 
@@ -373,6 +431,10 @@ impl Coordinator {
             status: Arc::new(Mutex::new(Status::default())),
             counters: Counters::default(),
             paused: false,
+            timing: StepTiming::default(),
+            lr_override: None,
+            sessions: HashMap::new(),
+            session_order: VecDeque::new(),
             replica,
         };
         c.hashes.push_back((c.replica.step, c.replica.hash()));
@@ -391,6 +453,22 @@ impl Coordinator {
         &self.replica
     }
 
+    /// Restores an operator's learning rate (from a checkpoint).
+    pub fn set_lr_override(&mut self, lr: Option<f32>) {
+        self.lr_override = lr;
+        self.publish();
+    }
+
+    /// The learning rate of the update that closes `step`: the operator's
+    /// override if set, else the run's.
+    pub fn lr_for(&self, step: u64) -> f32 {
+        let _ = step;
+        match self.lr_override {
+            Some(lr) => lr,
+            None => self.replica.config.lr_at(step),
+        }
+    }
+
     /// True once `max_steps` steps are done.
     pub fn finished(&self) -> bool {
         self.settings.max_steps.is_some_and(|m| self.replica.step >= m)
@@ -403,7 +481,10 @@ impl Coordinator {
             if matches!(ev, Event::Shutdown) {
                 break;
             }
-            self.handle(ev, Instant::now());
+            let now = Instant::now();
+            self.timing.enter(now);
+            self.handle(ev, now);
+            self.timing.leave();
         }
         self.shutdown();
     }
@@ -428,6 +509,7 @@ impl Coordinator {
                     client,
                     Client {
                         out,
+                        session: None,
                         agreed: 0,
                         strikes: 0,
                         hello: None,
@@ -440,9 +522,18 @@ impl Coordinator {
             Event::Message { client, msg } => self.on_message(client, msg, now),
             Event::Invalid { client, reason, code } => self.reject_with(client, &reason, code),
             Event::Admin { command, reply } => {
-                let _ = reply.send(self.admin(command));
+                let outcome = self.admin(command);
+                // The operator sees the effect in /api/status once answered.
+                self.publish();
+                let _ = reply.send(outcome);
             }
             Event::Disconnected { client } => self.drop_client(client),
+            Event::Idle { client } => {
+                if self.clients.contains_key(&client) {
+                    self.counters.idle += 1;
+                    self.drop_client(client);
+                }
+            }
             Event::Tick => {
                 self.on_tick(now);
                 self.assign(now);
@@ -463,6 +554,7 @@ impl Coordinator {
                 kind,
                 threads,
                 speed,
+                session,
             } => {
                 if client.hello.is_some() {
                     return self.reject(id, "second Hello on one connection");
@@ -477,9 +569,13 @@ impl Coordinator {
                 }
                 client.hello = Some((kind, threads.clamp(1, 1024)));
                 client.speed = speed as f64;
+                let Some(session) = self.resume_session(id, session) else {
+                    return;
+                };
                 let welcome = ServerMsg::Welcome {
                     run: self.run,
                     client: id,
+                    session,
                     config: self.replica.config,
                     tokenizer: self.data.tokenizer.clone(),
                 };
@@ -494,7 +590,75 @@ impl Coordinator {
         }
     }
 
-    fn on_losses(&mut self, id: ClientId, step: u64, job_id: u64, losses: Vec<(u32, f32)>, now: Instant) {
+    /// Binds connection `id` to a session: the presented one if the server
+    /// knows it (its trust moves over, and an older connection still holding
+    /// it is closed), a fresh random one otherwise. A banned session is
+    /// refused and the connection closed; then `None`.
+    fn resume_session(&mut self, id: ClientId, presented: Option<SessionToken>) -> Option<SessionToken> {
+        if let Some(token) = presented {
+            if let Some(rec) = self.sessions.get(&token).copied() {
+                if rec.banned {
+                    self.reject(
+                        id,
+                        "this session was disconnected because its results disagreed with other \
+                         volunteers' too often; it cannot rejoin",
+                    );
+                    return None;
+                }
+                let (mut agreed, mut strikes) = (rec.agreed, rec.strikes);
+                if let Some(old) = rec.live.filter(|&old| old != id) {
+                    if let Some(c) = self.clients.get(&old) {
+                        (agreed, strikes) = (c.agreed, c.strikes);
+                        let _ = c.out.try_send(Outgoing::Close(
+                            close::POLICY,
+                            "replaced by a newer connection of the same session".into(),
+                        ));
+                    }
+                    self.drop_client(old);
+                }
+                if let Some(c) = self.clients.get_mut(&id) {
+                    (c.agreed, c.strikes, c.session) = (agreed, strikes, Some(token));
+                }
+                let rec = self.sessions.get_mut(&token).unwrap();
+                rec.live = Some(id);
+                return Some(token);
+            }
+        }
+        let mut token = [0u8; 16];
+        if let Err(e) = getrandom::fill(&mut token) {
+            // Without an OS random source there is no secret to hand out;
+            // the client still trains, it just cannot resume its trust.
+            tracing::error!("no randomness for a session token: {e}");
+            return Some(token);
+        }
+        // Live sessions (at most one per connection) are skipped, not evicted.
+        let mut tries = self.session_order.len();
+        while self.sessions.len() >= MAX_SESSIONS && tries > 0 {
+            tries -= 1;
+            let Some(old) = self.session_order.pop_front() else {
+                break;
+            };
+            if self.sessions.get(&old).is_some_and(|r| r.live.is_some()) {
+                self.session_order.push_back(old);
+            } else {
+                self.sessions.remove(&old);
+            }
+        }
+        self.sessions.insert(
+            token,
+            SessionRecord {
+                live: Some(id),
+                ..SessionRecord::default()
+            },
+        );
+        self.session_order.push_back(token);
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.session = Some(token);
+        }
+        Some(token)
+    }
+
+    fn on_losses(&mut self, id: ClientId, step: u64, job_id: u64, losses: Vec<f32>, now: Instant) {
         let current = self.replica.step;
         let live = self
             .jobs
@@ -523,12 +687,15 @@ impl Coordinator {
                 &format!("result for job {job_id}, which belongs to another client"),
             );
         }
-        let mut got: Vec<u32> = losses.iter().map(|&(m, _)| m).collect();
-        got.sort_unstable();
-        let mut want = job.members.clone();
-        want.sort_unstable();
-        if got != want {
-            return self.reject(id, "result names members that were not assigned in this job");
+        if losses.len() != job.members.len() {
+            return self.reject(
+                id,
+                &format!(
+                    "result has {} losses but job {job_id} has {} members",
+                    losses.len(),
+                    job.members.len()
+                ),
+            );
         }
         let job = self.jobs.remove(&job_id).unwrap();
         let secs = now.saturating_duration_since(job.sent).as_secs_f64().max(1e-3);
@@ -541,7 +708,7 @@ impl Coordinator {
             rate
         };
         client.members += losses.len() as u64;
-        for (m, l) in losses {
+        for (&m, l) in job.members.iter().zip(losses) {
             self.claim(id, m, l);
             if !self.clients.contains_key(&id) {
                 break; // disconnected as a liar; its claims are gone
@@ -622,6 +789,10 @@ impl Coordinator {
         if c.strikes < self.settings.max_strikes {
             return;
         }
+        if let Some(rec) = c.session.and_then(|t| self.sessions.get_mut(&t)) {
+            rec.banned = true;
+            self.counters.banned += 1;
+        }
         self.counters.liars += 1;
         let touched: Vec<u32> = self
             .claims
@@ -651,6 +822,7 @@ impl Coordinator {
     fn on_hash(&mut self, id: ClientId, step: u64, hash: u64) {
         let kind = self.clients[&id].hello.map_or(ClientKind::Simulated, |h| h.0);
         let members = self.clients[&id].members;
+        let trust = self.clients[&id].agreed;
         self.counters.client_hashes.insert(
             id,
             ClientReport {
@@ -658,6 +830,7 @@ impl Coordinator {
                 step,
                 hash: format!("{hash:016x}"),
                 members,
+                trust,
             },
         );
         match self.hashes.iter().find(|&&(s, _)| s == step) {
@@ -699,6 +872,11 @@ impl Coordinator {
     fn drop_client(&mut self, id: ClientId) {
         let Some(c) = self.clients.remove(&id) else { return };
         self.counters.client_hashes.remove(&id);
+        if let Some(rec) = c.session.and_then(|t| self.sessions.get_mut(&t)) {
+            if rec.live == Some(id) {
+                (rec.agreed, rec.strikes, rec.live) = (c.agreed, c.strikes, None);
+            }
+        }
         if let Some(job_id) = c.job {
             if let Some(job) = self.jobs.remove(&job_id) {
                 self.counters.reissued += 1;
@@ -731,6 +909,11 @@ impl Coordinator {
                 Ok(format!("kicked client {id}"))
             }
             AdminCommand::Kick(id) => Err(format!("no client {id}")),
+            AdminCommand::SetLr(lr) if lr.is_finite() && lr > 0.0 => {
+                self.lr_override = Some(lr);
+                Ok(format!("learning rate {lr} from step {}", self.replica.step))
+            }
+            AdminCommand::SetLr(lr) => Err(format!("learning rate {lr} is not finite and > 0")),
         }
     }
 
@@ -772,6 +955,7 @@ impl Coordinator {
                 .out
                 .try_send(Outgoing::Close(close::POLICY, "send queue full".into()));
             tracing::warn!(client = id, "send queue full; dropping client");
+            self.counters.slow += 1;
             self.drop_client(id);
         }
     }
@@ -862,10 +1046,13 @@ impl Coordinator {
             } else {
                 0.0
             };
-            let timeout = self
-                .settings
-                .job_timeout_min
-                .max(Duration::from_secs_f64(3.0 * expected));
+            // A claimed speed near zero must neither overflow the deadline
+            // nor let one client hold members for longer than a step.
+            let timeout = self.settings.job_timeout_min.max(
+                Duration::try_from_secs_f64(3.0 * expected)
+                    .unwrap_or(Duration::MAX)
+                    .min(self.settings.step_timeout),
+            );
             let job_id = self.next_job;
             self.next_job += 1;
             let msg = ServerMsg::Job {
@@ -895,7 +1082,10 @@ impl Coordinator {
     }
 
     /// A member waiting for another opinion when every connected client has
-    /// already given one: count the most trusted claim and move on.
+    /// already given one, or let a job with it expire: count the most trusted
+    /// claim and move on. A fresh member that every connected client let
+    /// expire is offered to all of them again. Either way a client that holds
+    /// on to jobs without answering cannot stall the step.
     fn settle_unverifiable(&mut self) {
         let ready: Vec<ClientId> = self
             .clients
@@ -903,14 +1093,30 @@ impl Coordinator {
             .filter(|(_, c)| c.hello.is_some())
             .map(|(&id, _)| id)
             .collect();
+        let missed_by_all = |m: &u32| {
+            self.missed
+                .get(m)
+                .is_some_and(|who| who.len() >= ready.len() && ready.iter().all(|r| who.contains(r)))
+        };
+        let starved: Vec<u32> = self
+            .missed
+            .keys()
+            .copied()
+            .filter(|m| self.pool.contains(m) && missed_by_all(m))
+            .collect();
+        for m in starved {
+            self.missed.remove(&m);
+        }
         let stuck: Vec<u32> = self
             .verify
             .iter()
             .copied()
             .filter(|m| {
-                self.claims
-                    .get(m)
-                    .is_some_and(|v| ready.iter().all(|r| v.iter().any(|c| c.0 == *r)))
+                self.claims.get(m).is_some_and(|v| {
+                    ready.iter().all(|r| {
+                        v.iter().any(|c| c.0 == *r) || self.missed.get(m).is_some_and(|w| w.contains(r))
+                    })
+                })
             })
             .collect();
         for m in stuck {
@@ -949,11 +1155,16 @@ impl Coordinator {
     fn close_step(&mut self, now: Instant) {
         let step = self.replica.step;
         let losses: Vec<(u32, f32)> = self.results.iter().map(|(&m, &l)| (m, l)).collect();
-        let weights = centered_ranks(&losses).expect("losses were checked finite on arrival");
+        let weights = shape(self.replica.config.recipe.shaping, &losses)
+            .expect("losses were checked finite on arrival");
+        let lr = self.lr_for(step);
+        let update_started = Instant::now();
         self.replica
-            .apply(step, &weights)
+            .apply(step, lr, &weights)
             .expect("the update list was built by this coordinator");
-        let msg = protocol::encode(&ServerMsg::Update { step, weights }, MAX_SERVER_MESSAGE)
+        let hash = self.replica.hash();
+        let update = update_started.elapsed();
+        let msg = protocol::encode(&ServerMsg::Update { step, lr, weights }, MAX_SERVER_MESSAGE)
             .map(Bytes::from)
             .expect("an update always encodes");
         let ids: Vec<ClientId> = self
@@ -970,13 +1181,14 @@ impl Coordinator {
         for c in self.clients.values_mut() {
             c.job = c.job.filter(|j| self.jobs.contains_key(j));
         }
-        self.hashes.push_back((self.replica.step, self.replica.hash()));
+        self.hashes.push_back((self.replica.step, hash));
         if self.hashes.len() > 256 {
             self.hashes.pop_front();
         }
         let es = self.replica.config.es;
         let train_loss = losses.iter().map(|&(_, l)| l as f64).sum::<f64>() / losses.len() as f64;
         let tokens_step = losses.len() as u64 * es.batch as u64 * es.seq_len as u64;
+        let replica_work = Instant::now();
         let val = (self.settings.eval_every > 0 && self.replica.step % self.settings.eval_every == 0)
             .then(|| self.validation_loss())
             .flatten();
@@ -1002,6 +1214,7 @@ impl Coordinator {
                 tracing::error!("checkpoint failed: {e:#}");
             }
         }
+        self.timing.step_closed(update, replica_work.elapsed());
         self.start_step(now);
         self.publish();
     }
@@ -1026,6 +1239,7 @@ impl Coordinator {
             params: self.replica.params.clone(),
             adam: self.replica.adam.clone(),
             history: self.history.clone(),
+            lr_override: self.lr_override,
         };
         let path = checkpoint::save(dir, &ckpt, self.settings.keep)?;
         tracing::info!(step = self.replica.step, path = %path.display(), "checkpoint written");
@@ -1052,6 +1266,12 @@ impl Coordinator {
             _ => (0.0, 0.0),
         };
         let tail = self.history.len().saturating_sub(500);
+        let mut client_hashes = self.counters.client_hashes.clone();
+        for (id, report) in client_hashes.iter_mut() {
+            if let Some(c) = self.clients.get(id) {
+                report.trust = c.agreed;
+            }
+        }
         let s = Status {
             run: self.run,
             data: self.data.name.clone(),
@@ -1060,7 +1280,11 @@ impl Coordinator {
             population: self.replica.config.es.population,
             members_done: self.results.len() as u32,
             params: self.replica.layout.len,
-            hash: format!("{:016x}", self.replica.hash()),
+            // The hash of the current step, computed once when it closed.
+            hash: format!(
+                "{:016x}",
+                self.hashes.back().map_or_else(|| self.replica.hash(), |h| h.1)
+            ),
             volunteers: v,
             members_per_s,
             steps_per_s,
@@ -1073,9 +1297,16 @@ impl Coordinator {
             liars_disconnected: self.counters.liars,
             history: self.history[tail..].to_vec(),
             val_loss: self.history.iter().rev().find_map(|h| h.val_loss),
-            client_hashes: self.counters.client_hashes.clone(),
+            client_hashes,
             finished: self.finished(),
             paused: self.paused,
+            step_overhead_ms: self.timing.overhead(),
+            update_ms: self.timing.update(),
+            lr: self.lr_for(self.replica.step),
+            lr_override: self.lr_override.is_some(),
+            banned_sessions: self.counters.banned,
+            idle_dropped: self.counters.idle,
+            slow_dropped: self.counters.slow,
         };
         *self.status.lock().unwrap() = s;
     }
@@ -1112,13 +1343,13 @@ mod tests {
     }
 
     /// Arbitrary client behaviour, honest or not.
-    fn event(clients: u64) -> impl Strategy<Value = (u64, u8, u64, u64, Vec<(u32, f32)>)> {
+    fn event(clients: u64) -> impl Strategy<Value = (u64, u8, u64, u64, Vec<f32>)> {
         (
             0..clients,
             0u8..8,
             0u64..4,
             0u64..40,
-            prop::collection::vec((0u32..12, -1.0f32..10.0), 0..6),
+            prop::collection::vec(-1.0f32..10.0, 0..6),
         )
     }
 
@@ -1142,7 +1373,7 @@ mod tests {
                 let ev = match kind {
                     0 | 1 => Event::Message {
                         client,
-                        msg: ClientMsg::Hello { version: PROTOCOL_VERSION, kind: ClientKind::Simulated, threads: 1, speed: 0.0 },
+                        msg: ClientMsg::Hello { version: PROTOCOL_VERSION, kind: ClientKind::Simulated, threads: 1, speed: 0.0, session: None },
                     },
                     2 | 3 => {
                         // Sometimes a correct answer to the client's live job.
@@ -1150,7 +1381,7 @@ mod tests {
                         match (kind, live) {
                             (2, Some((j, members))) => Event::Message {
                                 client,
-                                msg: ClientMsg::Losses { step: c.replica.step, job: j, losses: members.iter().map(|&m| (m, m as f32 * 0.1)).collect() },
+                                msg: ClientMsg::Losses { step: c.replica.step, job: j, losses: members.iter().map(|&m| m as f32 * 0.1).collect() },
                             },
                             _ => Event::Message { client, msg: ClientMsg::Losses { step, job, losses } },
                         }
@@ -1164,15 +1395,223 @@ mod tests {
                 for rx in &mut outboxes {
                     while rx.try_recv().is_ok() {}
                 }
-                let n = c.replica.config.es.population;
-                prop_assert!(c.results.keys().all(|&m| m < n));
-                prop_assert!(c.pool.iter().all(|m| !c.results.contains_key(m)));
-                prop_assert!(c.verify.iter().all(|m| !c.pool.contains(m)));
-                for job in c.jobs.values() {
-                    prop_assert!(c.clients.contains_key(&job.client), "a job outlived its client");
-                    prop_assert!(job.members.iter().all(|m| !c.pool.contains(m)));
-                }
+                check_books(&c)?;
             }
         }
+    }
+
+    /// The bookkeeping invariants that must hold after every event.
+    fn check_books(c: &Coordinator) -> Result<(), TestCaseError> {
+        let n = c.replica.config.es.population;
+        prop_assert!(c.results.keys().all(|&m| m < n));
+        prop_assert!(c.pool.iter().all(|m| !c.results.contains_key(m)));
+        prop_assert!(c.verify.iter().all(|m| !c.pool.contains(m)));
+        for job in c.jobs.values() {
+            prop_assert!(c.clients.contains_key(&job.client), "a job outlived its client");
+            prop_assert!(job.members.iter().all(|m| !c.pool.contains(m)));
+        }
+        for (id, cl) in &c.clients {
+            prop_assert!(
+                cl.job
+                    .is_none_or(|j| c.jobs.get(&j).is_some_and(|jb| jb.client == *id))
+            );
+        }
+        for rec in c.sessions.values() {
+            prop_assert!(
+                rec.live.is_none_or(|id| c.clients.contains_key(&id)),
+                "a session outlived its client"
+            );
+        }
+        prop_assert_eq!(c.sessions.len(), c.session_order.len());
+        Ok(())
+    }
+
+    /// One client's connection as the coordinator sees it.
+    fn connect(c: &mut Coordinator, id: ClientId, now: Instant) -> mpsc::Receiver<Outgoing> {
+        let (tx, rx) = mpsc::channel(1024);
+        c.handle(Event::Connected { client: id, out: tx }, now);
+        rx
+    }
+
+    /// Everything queued for a client: decoded messages and the close code, if any.
+    fn drain(rx: &mut mpsc::Receiver<Outgoing>) -> (Vec<ServerMsg>, Option<u16>) {
+        let (mut msgs, mut code) = (Vec::new(), None);
+        while let Ok(out) = rx.try_recv() {
+            match out {
+                Outgoing::Frame(b) => msgs.push(protocol::decode_server(&b).unwrap()),
+                Outgoing::Close(c, _) => code = Some(c),
+            }
+        }
+        (msgs, code)
+    }
+
+    fn simulated(session: Option<SessionToken>) -> ClientMsg {
+        ClientMsg::Hello {
+            version: PROTOCOL_VERSION,
+            kind: ClientKind::Simulated,
+            threads: 1,
+            speed: 0.0,
+            session,
+        }
+    }
+
+    /// Ways to damage a real encoding, or replace it.
+    #[derive(Clone, Debug)]
+    enum Damage {
+        Intact,
+        Truncate(prop::sample::Index),
+        Flip(prop::sample::Index, u8),
+        Insert(prop::sample::Index, Vec<u8>),
+        Append(Vec<u8>),
+        Random(Vec<u8>),
+        Text(String),
+    }
+
+    fn damage() -> impl Strategy<Value = Damage> {
+        use prop::sample::Index;
+        let bytes = || prop::collection::vec(any::<u8>(), 1..24);
+        prop_oneof![
+            2 => Just(Damage::Intact),
+            2 => any::<Index>().prop_map(Damage::Truncate),
+            3 => (any::<Index>(), 1u8..=255).prop_map(|(i, x)| Damage::Flip(i, x)),
+            2 => (any::<Index>(), bytes()).prop_map(|(i, b)| Damage::Insert(i, b)),
+            1 => bytes().prop_map(Damage::Append),
+            1 => prop::collection::vec(any::<u8>(), 0..64).prop_map(Damage::Random),
+            1 => ".{0,16}".prop_map(Damage::Text),
+        ]
+    }
+
+    fn apply_damage(mut bytes: Vec<u8>, d: &Damage) -> axum::extract::ws::Message {
+        use axum::extract::ws::Message;
+        match d {
+            Damage::Intact => {}
+            Damage::Truncate(i) => bytes.truncate(i.index(bytes.len())),
+            Damage::Flip(i, x) => {
+                let at = i.index(bytes.len());
+                bytes[at] ^= x;
+            }
+            Damage::Insert(i, b) => {
+                let at = i.index(bytes.len() + 1);
+                bytes.splice(at..at, b.iter().copied());
+            }
+            Damage::Append(b) => bytes.extend_from_slice(b),
+            Damage::Random(b) => bytes = b.clone(),
+            Damage::Text(t) => return Message::Text(t.as_str().into()),
+        }
+        Message::Binary(bytes.into())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Frames from a hostile client, random or mutated from real
+        /// encodings, go through the server's frame path into the
+        /// coordinator: nothing panics, every undecodable frame gets its
+        /// sender a Reject and the close code that names the fault, the
+        /// books stay straight, and an honest client keeps closing steps.
+        #[test]
+        fn hostile_frames_are_rejected_and_the_run_goes_on(
+            frames in prop::collection::vec((0u8..5, damage()), 1..40),
+        ) {
+            let mut c = coordinator();
+            let t0 = Instant::now();
+            let mut now = t0;
+            let honest = 1;
+            let mut honest_rx = connect(&mut c, honest, now);
+            c.handle(Event::Message { client: honest, msg: simulated(None) }, now);
+            let mut offender = 100;
+            let mut rx = connect(&mut c, offender, now);
+            let start_step = c.replica.step;
+            for (which, damage) in frames {
+                now += Duration::from_millis(2);
+                if !c.clients.contains_key(&offender) {
+                    offender += 1;
+                    rx = connect(&mut c, offender, now);
+                }
+                // A real message of the offender's, then damaged.
+                let job = c.clients[&offender].job.and_then(|j| c.jobs.get(&j).map(|jb| (j, jb.members.len())));
+                let msg = match (which, job) {
+                    (0, _) => simulated(None),
+                    (1, Some((job, n))) => ClientMsg::Losses { step: c.replica.step, job, losses: vec![0.5; n] },
+                    (1, None) => ClientMsg::Losses { step: c.replica.step, job: 1, losses: vec![0.5; 2] },
+                    (2, _) => ClientMsg::Hash { step: c.replica.step, hash: c.replica.hash() },
+                    (3, _) => ClientMsg::Bye,
+                    _ => simulated(Some([7; 16])),
+                };
+                let bytes = protocol::encode(&msg, protocol::MAX_CLIENT_MESSAGE).unwrap();
+                let frame = apply_damage(bytes, &damage);
+                let Some(ev) = crate::app::frame_event(offender, frame) else { continue };
+                let invalid = match &ev {
+                    Event::Invalid { code, .. } => Some(*code),
+                    _ => None,
+                };
+                c.handle(ev, now);
+                let (msgs, closed) = drain(&mut rx);
+                if let Some(code) = invalid {
+                    prop_assert!(!c.clients.contains_key(&offender), "an undecodable frame was let through");
+                    prop_assert!(matches!(msgs.last(), Some(ServerMsg::Reject { .. })), "no Reject: {:?}", msgs);
+                    prop_assert_eq!(closed, Some(code));
+                }
+                if closed.is_some() {
+                    prop_assert!(!c.clients.contains_key(&offender));
+                }
+                // The honest client answers whatever it holds, correctly.
+                let live = c.clients[&honest].job.and_then(|j| c.jobs.get(&j).map(|jb| (j, jb.members.clone())));
+                if let Some((job, members)) = live {
+                    let losses = members.iter().map(|&m| m as f32 * 0.1).collect();
+                    c.handle(Event::Message { client: honest, msg: ClientMsg::Losses { step: c.replica.step, job, losses } }, now);
+                }
+                c.handle(Event::Tick, now);
+                let _ = drain(&mut honest_rx);
+                check_books(&c)?;
+                prop_assert!(c.clients.contains_key(&honest) || c.counters.liars > 0, "the honest client was dropped");
+            }
+            // Once the offender is gone, the honest client alone closes steps.
+            c.handle(Event::Disconnected { client: offender }, now);
+            for _ in 0..200 {
+                if c.replica.step >= start_step + 2 || !c.clients.contains_key(&honest) {
+                    break;
+                }
+                now += Duration::from_millis(10);
+                c.handle(Event::Tick, now);
+                let live = c.clients[&honest].job.and_then(|j| c.jobs.get(&j).map(|jb| (j, jb.members.clone())));
+                if let Some((job, members)) = live {
+                    let losses = members.iter().map(|&m| m as f32 * 0.1).collect();
+                    c.handle(Event::Message { client: honest, msg: ClientMsg::Losses { step: c.replica.step, job, losses } }, now);
+                }
+                check_books(&c)?;
+            }
+            prop_assert!(c.replica.step >= start_step + 2 || c.counters.liars > 0, "the run stalled at step {}", c.replica.step);
+        }
+    }
+
+    /// A lone client that let its job expire gets the same members again:
+    /// nobody else can take them, and the step must not stall.
+    #[test]
+    fn a_lone_slow_client_gets_its_expired_members_back() {
+        let mut c = coordinator();
+        let t0 = Instant::now();
+        let mut rx = connect(&mut c, 1, t0);
+        c.handle(
+            Event::Message {
+                client: 1,
+                msg: simulated(None),
+            },
+            t0,
+        );
+        let first = drain(&mut rx).0.into_iter().find_map(|m| match m {
+            ServerMsg::Job { members, .. } => Some(members),
+            _ => None,
+        });
+        let first = first.expect("a job");
+        // Past the deadline: the job expires and is reissued, to the same client.
+        let later = t0 + Duration::from_secs(1);
+        c.handle(Event::Tick, later);
+        let again = drain(&mut rx).0.into_iter().find_map(|m| match m {
+            ServerMsg::Job { members, .. } => Some(members),
+            _ => None,
+        });
+        assert_eq!(again.expect("the members again"), first);
+        assert_eq!(c.counters.reissued, 1);
     }
 }

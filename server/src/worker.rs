@@ -13,6 +13,7 @@ use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
 use seedling_core::protocol::{
     self, ClientKind, ClientMsg, MAX_CLIENT_MESSAGE, MAX_SERVER_MESSAGE, PROTOCOL_VERSION, ServerMsg,
+    SessionToken,
 };
 use seedling_core::tokenizer::Token;
 use seedling_core::{Replica, RunConfig};
@@ -106,11 +107,14 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     let mut stats = Stats::new();
+    // The session token survives reconnections, so the trust this worker
+    // earned survives them too.
+    let mut token: Option<SessionToken> = None;
     loop {
         let started = Instant::now();
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            res = session(&opts, &mut stats) => match res {
+            res = session(&opts, &mut stats, &mut token) => match res {
                 Ok(()) => tracing::info!("server closed the connection"),
                 Err(e) if e.to_string().contains("protocol version") => return Err(e),
                 Err(e) => tracing::warn!("connection lost: {e:#}"),
@@ -162,7 +166,11 @@ impl Stats {
     }
 }
 
-async fn session(opts: &WorkerOptions, stats: &mut Stats) -> anyhow::Result<()> {
+async fn session(
+    opts: &WorkerOptions,
+    stats: &mut Stats,
+    token: &mut Option<SessionToken>,
+) -> anyhow::Result<()> {
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_SERVER_MESSAGE))
         .max_frame_size(Some(MAX_SERVER_MESSAGE));
@@ -180,6 +188,7 @@ async fn session(opts: &WorkerOptions, stats: &mut Stats) -> anyhow::Result<()> 
         kind: ClientKind::Native,
         threads: opts.threads as u32,
         speed: 0.0,
+        session: *token,
     })?)
     .await?;
     let mut config: Option<RunConfig> = None;
@@ -192,10 +201,14 @@ async fn session(opts: &WorkerOptions, stats: &mut Stats) -> anyhow::Result<()> 
         };
         match protocol::decode_server(&bytes)? {
             ServerMsg::Welcome {
-                config: c, client, ..
+                config: c,
+                client,
+                session,
+                ..
             } => {
                 tracing::info!(client, "joined the run");
                 config = Some(c);
+                *token = Some(session);
             }
             ServerMsg::Snapshot { step, params, adam } => {
                 let c = config.context("snapshot before welcome")?;
@@ -217,8 +230,7 @@ async fn session(opts: &WorkerOptions, stats: &mut Stats) -> anyhow::Result<()> 
                 }
                 let threads = opts.threads;
                 let (r, losses) = tokio::task::spawn_blocking(move || {
-                    let res = evaluate_parallel(&r, &tokens, &members, threads)
-                        .map(|l| members.iter().copied().zip(l).collect::<Vec<_>>());
+                    let res = evaluate_parallel(&r, &tokens, &members, threads);
                     (r, res)
                 })
                 .await?;
@@ -227,9 +239,9 @@ async fn session(opts: &WorkerOptions, stats: &mut Stats) -> anyhow::Result<()> 
                 replica = Some(r);
                 sink.send(send(ClientMsg::Losses { step, job, losses })?).await?;
             }
-            ServerMsg::Update { step, weights } => {
+            ServerMsg::Update { step, lr, weights } => {
                 let Some(r) = replica.as_mut() else { continue };
-                r.apply(step, &weights)?;
+                r.apply(step, lr, &weights)?;
                 sink.send(send(ClientMsg::Hash {
                     step: r.step,
                     hash: r.hash(),

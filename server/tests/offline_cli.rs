@@ -63,6 +63,7 @@ fn train_checkpoint_resume_generate_eval_inspect() {
                 params: replica.params.clone(),
                 adam: replica.adam.clone(),
                 history: history.clone(),
+                lr_override: None,
             };
             checkpoint::save(&ckpts, &ckpt, 2).unwrap();
         }

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use seedling_core::protocol::{self, ClientKind, ClientMsg, MAX_CLIENT_MESSAGE, PROTOCOL_VERSION, ServerMsg};
+use seedling_core::protocol::{
+    self, ClientKind, ClientMsg, MAX_CLIENT_MESSAGE, PROTOCOL_VERSION, ServerMsg, SessionToken,
+};
 use seedling_core::tokenizer::Tokenizer;
 use seedling_core::{NoiseKind, RunConfig};
 use seedling_server::app::{self, ServeOptions, Server};
@@ -176,27 +178,43 @@ pub struct RawClient {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     /// The id from the server's Welcome (0 before the handshake).
     pub id: u64,
+    /// The session token from the server's Welcome (zeros before the handshake).
+    pub session: SessionToken,
+}
+
+/// The Hello of a simulated client, resuming `session` if given.
+pub fn hello(session: Option<SessionToken>) -> ClientMsg {
+    ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        kind: ClientKind::Simulated,
+        threads: 1,
+        speed: 0.0,
+        session,
+    }
 }
 
 impl RawClient {
     /// Connects without saying anything.
     pub async fn connect(url: &str) -> Self {
         let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        Self { ws, id: 0 }
+        Self {
+            ws,
+            id: 0,
+            session: [0; 16],
+        }
     }
 
     /// Connects and completes the handshake (Welcome and Snapshot consumed).
     pub async fn join(url: &str) -> Self {
+        Self::resume(url, None).await
+    }
+
+    /// [`RawClient::join`], presenting an earlier connection's session token.
+    pub async fn resume(url: &str, session: Option<SessionToken>) -> Self {
         let mut c = Self::connect(url).await;
-        c.send(&ClientMsg::Hello {
-            version: PROTOCOL_VERSION,
-            kind: ClientKind::Simulated,
-            threads: 1,
-            speed: 0.0,
-        })
-        .await;
+        c.send(&hello(session)).await;
         match c.recv().await {
-            Some(ServerMsg::Welcome { client, .. }) => c.id = client,
+            Some(ServerMsg::Welcome { client, session, .. }) => (c.id, c.session) = (client, session),
             other => panic!("expected Welcome, got {other:?}"),
         }
         assert!(matches!(c.recv().await, Some(ServerMsg::Snapshot { .. })));

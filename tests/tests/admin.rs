@@ -47,8 +47,10 @@ async fn admin_routes_need_the_token() {
 
     // A server without a token has no admin at all.
     let server = start(tiny_options(test_settings(10))).await;
-    let (head, _) = http_request(server.addr, "POST", "/admin/pause", auth).await;
-    assert!(head.contains("403"), "{head}");
+    for path in ["/admin/pause", "/admin/lr?value=0.01"] {
+        let (head, _) = http_request(server.addr, "POST", path, auth).await;
+        assert!(head.contains("403"), "{path}: {head}");
+    }
     server.shutdown().await.unwrap();
 }
 
@@ -82,4 +84,75 @@ async fn per_ip_cap_and_close_codes() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let _d = RawClient::join(&url).await;
     server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_lr_changes_the_rate_and_replicas_agree() {
+    let steps = 30;
+    let auth = "Authorization: Bearer s3cret\r\n";
+    let run_dir = tempfile::tempdir().unwrap();
+    let options = |run_dir: Option<std::path::PathBuf>| {
+        let mut settings = test_settings(steps);
+        settings.run_dir = run_dir;
+        let mut opts = tiny_options(settings);
+        opts.admin_token = Some("s3cret".into());
+        opts
+    };
+    // The same run without the change, for comparison.
+    let unchanged = {
+        let server = start(options(None)).await;
+        let w = spawn_worker(&ws_url(&server), 1);
+        let s = wait_for(&server, Duration::from_secs(120), "the unchanged run", |s| {
+            s.finished && all_replicas_agree(s)
+        })
+        .await;
+        assert!(!s.lr_override);
+        assert_eq!(s.lr, server_config_lr(), "the config's rate");
+        w.stop().await;
+        server.shutdown().await.unwrap();
+        s.hash
+    };
+
+    let server = start(options(Some(run_dir.path().to_path_buf()))).await;
+    let w = spawn_worker(&ws_url(&server), 1);
+    wait_for(&server, Duration::from_secs(60), "step 5", |s| s.step >= 5).await;
+    for (path, headers, want) in [
+        ("/admin/lr?value=0.005", "", "401"),
+        ("/admin/lr", auth, "400"),
+        ("/admin/lr?value=fast", auth, "400"),
+        ("/admin/lr?value=-0.01", auth, "400"),
+        ("/admin/lr?value=0", auth, "400"),
+        ("/admin/lr?value=NaN", auth, "400"),
+        ("/admin/lr?value=inf", auth, "400"),
+        ("/admin/lr?value=0.005", auth, "200"),
+    ] {
+        let (head, body) = http_request(server.addr, "POST", path, headers).await;
+        assert!(head.contains(want), "{path} with {headers:?}: {head} {body}");
+    }
+    let s = server.status();
+    assert!(s.lr_override);
+    assert_eq!(s.lr, 0.005);
+    // /api/status over HTTP says the same.
+    let (_, body) = http_get(server.addr, "/api/status").await;
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["lr"].as_f64().map(|v| v as f32), Some(0.005), "{body}");
+    let s = wait_for(&server, Duration::from_secs(120), "the changed run", |s| {
+        s.finished && all_replicas_agree(s)
+    })
+    .await;
+    assert_eq!(s.divergences, 0, "the worker applied the same rate");
+    assert_ne!(s.hash, unchanged, "the new rate changed the trajectory");
+    w.stop().await;
+    server.shutdown().await.unwrap();
+
+    // A restart resumes from the final checkpoint with the operator's rate.
+    let server = start(options(Some(run_dir.path().to_path_buf()))).await;
+    let s = server.status();
+    assert_eq!((s.step, s.lr, s.lr_override), (steps, 0.005, true));
+    server.shutdown().await.unwrap();
+}
+
+/// The learning rate of [`tiny_options`]' config.
+fn server_config_lr() -> f32 {
+    tiny_options(test_settings(1)).config.adam.lr
 }

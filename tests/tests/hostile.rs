@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use seedling_core::protocol::{ClientKind, ClientMsg};
+use seedling_core::protocol::{ClientKind, ClientMsg, ServerMsg, SessionToken};
 use seedling_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -18,23 +18,30 @@ async fn hostile_clients_are_rejected_and_nobody_else_notices() {
     // A non-finite loss.
     let mut c = RawClient::join(&url).await;
     let (step, job, members) = c.next_job().await.unwrap();
-    let losses = members.iter().map(|&m| (m, f32::NAN)).collect();
+    let losses = vec![f32::NAN; members.len()];
     c.send(&ClientMsg::Losses { step, job, losses }).await;
     reasons.push(("NaN loss", c.expect_rejected().await, "NaN or infinite"));
 
-    // A member that was never assigned.
+    // More losses than the job has members.
     let mut c = RawClient::join(&url).await;
     let (step, job, members) = c.next_job().await.unwrap();
-    let losses = members.iter().map(|&m| (m + 1000, 1.0)).collect();
+    let losses = vec![1.0; members.len() + 1];
     c.send(&ClientMsg::Losses { step, job, losses }).await;
-    reasons.push(("unassigned member", c.expect_rejected().await, "not assigned"));
+    reasons.push(("too many losses", c.expect_rejected().await, "members"));
+
+    // Fewer.
+    let mut c = RawClient::join(&url).await;
+    let (step, job, members) = c.next_job().await.unwrap();
+    let losses = vec![1.0; members.len() - 1];
+    c.send(&ClientMsg::Losses { step, job, losses }).await;
+    reasons.push(("too few losses", c.expect_rejected().await, "members"));
 
     // A result for a step and job never issued to this client.
     let mut c = RawClient::join(&url).await;
     c.send(&ClientMsg::Losses {
         step: 9_999,
         job: 1,
-        losses: vec![(0, 1.0)],
+        losses: vec![1.0],
     })
     .await;
     reasons.push(("forged step", c.expect_rejected().await, "never issued"));
@@ -56,6 +63,7 @@ async fn hostile_clients_are_rejected_and_nobody_else_notices() {
         kind: ClientKind::Native,
         threads: 1,
         speed: 0.0,
+        session: None,
     })
     .await;
     reasons.push(("wrong version", c.expect_rejected().await, "protocol version"));
@@ -86,20 +94,21 @@ async fn hostile_clients_are_rejected_and_nobody_else_notices() {
     server.shutdown().await.unwrap();
 }
 
-/// A volunteer that answers every job with made-up losses.
-async fn liar(url: String, lie: fn(u32) -> f32) -> String {
+/// A volunteer that answers every job with made-up losses. Returns why it
+/// was disconnected and its session token.
+async fn liar(url: String, lie: fn(u32) -> f32) -> (String, SessionToken) {
     let mut c = RawClient::join(&url).await;
     loop {
         match c.recv_or_close().await {
-            Ok(seedling_core::protocol::ServerMsg::Job {
+            Ok(ServerMsg::Job {
                 step, job, members, ..
             }) => {
-                let losses = members.iter().map(|&m| (m, lie(m))).collect();
+                let losses = members.iter().map(|&m| lie(m)).collect();
                 c.send(&ClientMsg::Losses { step, job, losses }).await;
             }
-            Ok(seedling_core::protocol::ServerMsg::Reject { reason }) => return reason,
+            Ok(ServerMsg::Reject { reason }) => return (reason, c.session),
             Ok(_) => {}
-            Err(close) => return format!("closed: {close}"),
+            Err(close) => return (format!("closed: {close}"), c.session),
         }
     }
 }
@@ -134,9 +143,20 @@ async fn liars_are_outvoted_and_disconnected() {
         })
         .await;
         let w: Vec<_> = (0..4).map(|_| spawn_worker(&url, 1)).collect();
-        let reason = liar.await.unwrap();
+        let (reason, token) = liar.await.unwrap();
         assert!(reason.contains("disagreed"), "{name}: liar left with {reason:?}");
         let at = server.status().step;
+        // Coming back with its session token does not wash its record.
+        let mut again = RawClient::connect(&url).await;
+        again.send(&hello(Some(token))).await;
+        match again.recv_or_close().await {
+            Ok(ServerMsg::Reject { reason }) => {
+                assert!(reason.contains("cannot rejoin"), "{name}: {reason:?}")
+            }
+            other => panic!("{name}: a banned session was not refused: {other:?}"),
+        }
+        assert_eq!(again.close_code().await, 1008, "{name}: policy violation");
+        assert_eq!(server.status().banned_sessions, 1);
         let s = wait_for(&server, Duration::from_secs(120), "the run to finish", |s| {
             s.finished && all_replicas_agree(s)
         })
@@ -147,10 +167,72 @@ async fn liars_are_outvoted_and_disconnected() {
         );
         assert!(at <= 2, "{name}: liar detected only at step {at}");
         assert_eq!(s.liars_disconnected, 1);
+        assert_eq!(s.rejected_clients, 2, "{name}: the liar, then its banned session");
         assert_eq!(s.hash, clean, "{name}: the liar changed the weights");
         for w in w {
             w.stop().await;
         }
         server.shutdown().await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_reconnect_keeps_its_trust() {
+    let mut opts = tiny_options(test_settings(100_000));
+    opts.admin_token = Some("s3cret".into());
+    let auth = "Authorization: Bearer s3cret\r\n";
+    let server = start(opts).await;
+    let url = ws_url(&server);
+    // Three workers: new ones' results are checked by each other, and every
+    // agreement is trust.
+    let workers: Vec<_> = (0..3).map(|_| spawn_worker(&url, 1)).collect();
+    wait_for(&server, Duration::from_secs(60), "some trust", |s| {
+        s.client_hashes.values().filter(|c| c.trust >= 3).count() == 3
+    })
+    .await;
+    // Freeze the books: no new jobs, and what was in flight lands.
+    let (head, _) = http_request(server.addr, "POST", "/admin/pause", auth).await;
+    assert!(head.contains("200"), "{head}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = server.status();
+    let (&id, report) = before.client_hashes.iter().next().unwrap();
+    let trust = report.trust;
+    assert!(trust >= 3);
+    let (head, _) = http_request(server.addr, "POST", &format!("/admin/kick?client={id}"), auth).await;
+    assert!(head.contains("200"), "{head}");
+    // The worker reconnects on its own, presenting its session token.
+    let s = wait_for(&server, Duration::from_secs(30), "the worker to come back", |s| {
+        s.client_hashes.len() == 3 && !s.client_hashes.contains_key(&id)
+    })
+    .await;
+    let new = s
+        .client_hashes
+        .keys()
+        .find(|k| !before.client_hashes.contains_key(k))
+        .unwrap();
+    assert_eq!(
+        s.client_hashes[new].trust, trust,
+        "the session's trust carried over"
+    );
+    // A newcomer starts from nothing, and a token the server never issued
+    // buys nothing either: it gets a fresh one.
+    let mut fresh = RawClient::resume(&url, Some([1; 16])).await;
+    assert_ne!(fresh.session, [1; 16]);
+    let hash = u64::from_str_radix(&s.hash, 16).unwrap();
+    fresh.send(&ClientMsg::Hash { step: s.step, hash }).await;
+    let s = wait_for(&server, Duration::from_secs(10), "the newcomer's report", |s| {
+        s.client_hashes.contains_key(&fresh.id)
+    })
+    .await;
+    assert_eq!(s.client_hashes[&fresh.id].trust, 0);
+    // Presenting a live session's token takes the session over (a reconnect
+    // that beats the old connection's timeout); the old connection is closed.
+    let twin = RawClient::resume(&url, Some(fresh.session)).await;
+    assert_eq!(twin.session, fresh.session);
+    assert_eq!(fresh.close_code().await, 1008);
+    assert_eq!(server.status().banned_sessions, 0);
+    for w in workers {
+        w.stop().await;
+    }
+    server.shutdown().await.unwrap();
 }

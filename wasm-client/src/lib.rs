@@ -92,8 +92,9 @@ impl Volunteer {
 
     /// The encoded Hello a new connection starts with.
     pub fn hello(&self) -> Result<Vec<u8>, JsError> {
-        let speed = self.state.borrow_mut().stats.rate(js_sys::Date::now()) as f32;
-        Session::hello(speed).map_err(to_js)
+        let mut s = self.state.borrow_mut();
+        let speed = s.stats.rate(js_sys::Date::now()) as f32;
+        Session::hello(speed, s.token).map_err(to_js)
     }
 
     /// Handles one server message by hand (the loop does this itself) and
@@ -102,8 +103,10 @@ impl Volunteer {
     pub fn receive(&self, bytes: &[u8]) -> Result<Option<Vec<u8>>, JsError> {
         let mut s = self.state.borrow_mut();
         let reaction = s.session.receive(bytes).map_err(to_js)?;
-        if let Reaction::Evaluated { members, .. } = &reaction {
-            s.stats.members += *members as u64;
+        match &reaction {
+            Reaction::Evaluated { members, .. } => s.stats.members += *members as u64,
+            Reaction::Joined { session, .. } => s.token = Some(*session),
+            _ => {}
         }
         match reaction {
             Reaction::Joined { .. } | Reaction::Quiet => Ok(None),

@@ -229,6 +229,9 @@ pub struct State {
     pub session: Session,
     /// Contribution counters, kept across reconnections.
     pub stats: Stats,
+    /// The session token of the last Welcome, presented again on
+    /// reconnection so the trust this volunteer earned is kept.
+    pub token: Option<seedling_core::protocol::SessionToken>,
     /// Where notices go (worker.js passes `postMessage`). Kept outside the
     /// loop so the final notices of a stop still reach the page.
     on_event: Option<Function>,
@@ -258,7 +261,8 @@ impl State {
             }
         };
         let reply = match reaction {
-            Reaction::Joined { .. } => {
+            Reaction::Joined { session, .. } => {
+                self.token = Some(session);
                 if let Some(l) = self.looping.as_mut() {
                     l.joined = true;
                 }
@@ -400,6 +404,7 @@ fn connect(state: &Rc<RefCell<State>>) {
     let mut s = state.borrow_mut();
     s.session = Session::new();
     let speed = s.stats.rate(now_ms()) as f32;
+    let token = s.token;
     let Some(l) = s.looping.as_mut() else { return };
     l.timer = None;
     l.socket = None;
@@ -433,7 +438,7 @@ fn connect(state: &Rc<RefCell<State>>) {
         let mut s = state.borrow_mut();
         let Some(l) = s.looping.as_mut() else { return };
         l.opened_ms = now_ms();
-        let hello = crate::session::Session::hello(speed);
+        let hello = crate::session::Session::hello(speed, token);
         if let (Ok(hello), Some(socket)) = (hello, &l.socket) {
             let _ = socket.ws.send_with_u8_array(&hello);
         }

@@ -10,7 +10,9 @@
 
 use seedling_core::generate::sample_text;
 use seedling_core::noise::{DOMAIN_SAMPLE, Stream, derive};
-use seedling_core::protocol::{self, ClientKind, ClientMsg, MAX_CLIENT_MESSAGE, PROTOCOL_VERSION, ServerMsg};
+use seedling_core::protocol::{
+    self, ClientKind, ClientMsg, MAX_CLIENT_MESSAGE, PROTOCOL_VERSION, ServerMsg, SessionToken,
+};
 use seedling_core::tokenizer::Tokenizer;
 use seedling_core::{Error, Replica, Result, RunConfig};
 
@@ -22,6 +24,8 @@ pub enum Reaction {
     Joined {
         /// This connection's id on the server (matches `/api/status`).
         client: u64,
+        /// The session token to present when reconnecting.
+        session: SessionToken,
     },
     /// Nothing to send: a Resync, or a job this replica cannot do (no
     /// snapshot yet, or another step; the server reissues it).
@@ -83,8 +87,9 @@ impl Session {
     /// The handshake: a browser volunteer evaluating one member stream at a
     /// time (one Web Worker is one thread), with an optional speed estimate
     /// in members per second from an earlier connection (0 = unknown) so the
-    /// server can size the first job.
-    pub fn hello(speed: f32) -> Result<Vec<u8>> {
+    /// server can size the first job, and the session token of an earlier
+    /// connection so the trust it earned carries over.
+    pub fn hello(speed: f32, session: Option<SessionToken>) -> Result<Vec<u8>> {
         let speed = if speed.is_finite() && speed > 0.0 {
             speed
         } else {
@@ -95,6 +100,7 @@ impl Session {
             kind: ClientKind::Browser,
             threads: 1,
             speed,
+            session,
         };
         protocol::encode(&msg, MAX_CLIENT_MESSAGE)
     }
@@ -106,6 +112,7 @@ impl Session {
             ServerMsg::Welcome {
                 run,
                 client,
+                session,
                 config,
                 tokenizer,
             } => {
@@ -113,7 +120,7 @@ impl Session {
                 self.config = Some(config);
                 self.tokenizer = Some(tokenizer);
                 self.replica = None;
-                Ok(Reaction::Joined { client })
+                Ok(Reaction::Joined { client, session })
             }
             ServerMsg::Snapshot { step, params, adam } => {
                 let config = self
@@ -140,18 +147,17 @@ impl Session {
                 };
                 let losses = replica.evaluate(&tokens, &members)?;
                 let n = members.len();
-                let losses = members.into_iter().zip(losses).collect();
                 Ok(Reaction::Evaluated {
                     reply: encode(&ClientMsg::Losses { step, job, losses })?,
                     step,
                     members: n,
                 })
             }
-            ServerMsg::Update { step, weights } => {
+            ServerMsg::Update { step, lr, weights } => {
                 let Some(replica) = self.replica.as_mut() else {
                     return Ok(Reaction::Quiet);
                 };
-                replica.apply(step, &weights)?;
+                replica.apply(step, lr, &weights)?;
                 let (step, hash) = (replica.step, replica.hash());
                 Ok(Reaction::Hashed {
                     reply: encode(&ClientMsg::Hash { step, hash })?,
@@ -232,26 +238,31 @@ mod tests {
         let welcome = ServerMsg::Welcome {
             run: 7,
             client: 1,
+            session: [9; 16],
             config,
             tokenizer: tokenizer.clone(),
         };
         assert_eq!(
             s.receive(&server(&welcome)).unwrap(),
-            Reaction::Joined { client: 1 }
+            Reaction::Joined {
+                client: 1,
+                session: [9; 16]
+            }
         );
         (s, server_replica, tokenizer)
     }
 
     #[test]
     fn hello_announces_a_browser_at_this_protocol_version() {
-        let msg = protocol::decode_client(&Session::hello(f32::NAN).unwrap()).unwrap();
+        let msg = protocol::decode_client(&Session::hello(f32::NAN, Some([3; 16])).unwrap()).unwrap();
         assert_eq!(
             msg,
             ClientMsg::Hello {
                 version: PROTOCOL_VERSION,
                 kind: ClientKind::Browser,
                 threads: 1,
-                speed: 0.0
+                speed: 0.0,
+                session: Some([3; 16]),
             }
         );
     }
@@ -290,12 +301,16 @@ mod tests {
             ClientMsg::Losses {
                 step: 0,
                 job: 3,
-                losses: vec![(2, losses[0]), (3, losses[1])]
+                losses: vec![losses[0], losses[1]]
             }
         );
         let weights = centered_ranks(&[(0, 1.0), (1, 2.0), (2, losses[0]), (3, losses[1])]).unwrap();
-        want.apply(0, &weights).unwrap();
-        let update = ServerMsg::Update { step: 0, weights };
+        want.apply(0, 0.05, &weights).unwrap();
+        let update = ServerMsg::Update {
+            step: 0,
+            lr: 0.05,
+            weights,
+        };
         let Reaction::Hashed { reply, step: 1, hash } = s.receive(&server(&update)).unwrap() else {
             panic!("an update is answered with a hash");
         };

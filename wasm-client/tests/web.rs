@@ -77,14 +77,21 @@ fn handle_follows_the_server_replica() {
     let v = Volunteer::new();
     assert!(v.step().is_none());
     let hello = protocol::decode_client(&v.hello().unwrap()).unwrap();
-    assert!(matches!(hello, ClientMsg::Hello { .. }));
+    assert!(matches!(hello, ClientMsg::Hello { session: None, .. }));
     let welcome = ServerMsg::Welcome {
         run: 1,
         client: 42,
+        session: [7; 16],
         config,
         tokenizer,
     };
     assert_eq!(v.receive(&server(&welcome)).unwrap(), None);
+    // The next handshake presents the session's token.
+    let hello = protocol::decode_client(&v.hello().unwrap()).unwrap();
+    let ClientMsg::Hello { session, .. } = hello else {
+        panic!("not a Hello: {hello:?}");
+    };
+    assert_eq!(session, Some([7; 16]));
     let snapshot = ServerMsg::Snapshot {
         step: want.step,
         params: want.params.clone(),
@@ -124,13 +131,15 @@ fn handle_follows_the_server_replica() {
         let all: Vec<u32> = (0..8).collect();
         let native = want.evaluate(&tokens, &all).unwrap();
         // Same code, same target: the losses are bit-identical too.
-        let expected: Vec<(u32, f32)> = members.iter().map(|&m| (m, native[m as usize])).collect();
+        let expected: Vec<f32> = members.iter().map(|&m| native[m as usize]).collect();
         assert_eq!(losses, expected);
 
         let pairs: Vec<(u32, f32)> = all.iter().copied().zip(native).collect();
         let weights = centered_ranks(&pairs).unwrap();
-        want.apply(step, &weights).unwrap();
-        let update = ServerMsg::Update { step, weights };
+        // A learning rate of the server's choosing, not the config's.
+        let lr = 0.01 * (step + 1) as f32;
+        want.apply(step, lr, &weights).unwrap();
+        let update = ServerMsg::Update { step, lr, weights };
         let reply = protocol::decode_client(&v.receive(&server(&update)).unwrap().unwrap()).unwrap();
         assert_eq!(
             reply,
@@ -149,6 +158,7 @@ fn handle_follows_the_server_replica() {
     // An update for a step the replica is not at is a protocol error, not a panic.
     let stale = ServerMsg::Update {
         step: 0,
+        lr: 0.01,
         weights: vec![(0, 0.5)],
     };
     assert!(v.receive(&server(&stale)).is_err());

@@ -1,0 +1,149 @@
+//! Connection limits that need time to show: the heartbeat (a silent client
+//! is dropped after the idle timeout) and the bounded outbox (a client that
+//! does not read its socket is dropped once its queue fills). In both cases
+//! an honest worker keeps training and the server's memory stays bounded.
+
+use std::time::{Duration, Instant};
+
+use futures_util::SinkExt;
+use seedling_core::protocol::{self, ClientMsg, MAX_CLIENT_MESSAGE};
+use seedling_server::app::Limits;
+use seedling_tests::*;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A client that says Hello and then neither reads nor answers anything
+/// unless told to: its socket is left alone.
+async fn mute_client(
+    url: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let hello = protocol::encode(&hello(None), MAX_CLIENT_MESSAGE).unwrap();
+    ws.send(Message::Binary(hello.into())).await.unwrap();
+    ws
+}
+
+/// Resident memory of this process (the server runs in it), in bytes.
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_dropped_after_the_idle_timeout() {
+    let idle = Duration::from_millis(600);
+    let mut opts = tiny_options(test_settings(100_000));
+    opts.limits = Limits {
+        ping_every: Duration::from_millis(100),
+        idle_timeout: idle,
+        ..Limits::default()
+    };
+    let server = start(opts).await;
+    let url = ws_url(&server);
+    let honest = spawn_worker(&url, 1);
+    wait_for(&server, Duration::from_secs(60), "step 2", |s| s.step >= 2).await;
+
+    // A client that reads (so its WebSocket answers pings) but never sends:
+    // alive by the heartbeat's rules.
+    let mut listener = RawClient::join(&url).await;
+    let listening = tokio::spawn(async move {
+        loop {
+            match listener.recv_or_close().await {
+                Ok(_) => {}
+                Err(e) if e == "timed out" => {}
+                Err(e) => return e,
+            }
+        }
+    });
+    // A client that neither reads nor sends: no pong ever comes back.
+    let silent_since = Instant::now();
+    let silent = mute_client(&url).await;
+    let s = wait_for(
+        &server,
+        Duration::from_secs(10),
+        "the silent client's drop",
+        |s| s.idle_dropped == 1,
+    )
+    .await;
+    let took = silent_since.elapsed();
+    println!("silent client dropped after {took:?} (idle timeout {idle:?}, pings every 100 ms)");
+    assert!(took >= idle, "dropped before the timeout: {took:?}");
+    assert!(took < idle * 4, "dropped late: {took:?}");
+    // The honest worker and the listener stay, and steps keep closing.
+    let step = s.step;
+    let s = wait_for(&server, Duration::from_secs(60), "more steps", |s| {
+        s.step >= step + 5
+    })
+    .await;
+    assert_eq!(s.volunteers.total, 2, "the worker and the listener stay");
+    assert_eq!(s.idle_dropped, 1, "nobody else was idle");
+    assert!(!listening.is_finished(), "the listener was dropped");
+    drop(silent);
+    listening.abort();
+    honest.stop().await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_dropped_when_its_outbox_fills() {
+    let outbox = 8;
+    let mut opts = tiny_options(test_settings(100_000));
+    opts.limits = Limits {
+        outbox,
+        idle_timeout: Duration::from_secs(3),
+        ..Limits::default()
+    };
+    let server = start(opts).await;
+    let url = ws_url(&server);
+    let honest = spawn_worker(&url, 1);
+    let s = wait_for(&server, Duration::from_secs(60), "step 2", |s| s.step >= 2).await;
+    let params = s.params as u64;
+    let before = rss();
+
+    // Each slow reader claims a wrong hash again and again without reading:
+    // every claim is answered with a full snapshot (weights and both Adam
+    // moments). Unbounded, the server would queue all of them.
+    let readers = 4;
+    let claims = 3000u64;
+    let mut clients = Vec::new();
+    for _ in 0..readers {
+        let mut ws = mute_client(&url).await;
+        let step = server.status().step;
+        let claim = protocol::encode(&ClientMsg::Hash { step, hash: 1 }, MAX_CLIENT_MESSAGE).unwrap();
+        for _ in 0..claims {
+            // A failed send means the server already closed us.
+            if ws.send(Message::Binary(claim.clone().into())).await.is_err() {
+                break;
+            }
+        }
+        clients.push(ws);
+    }
+    let s = wait_for(&server, Duration::from_secs(60), "the slow readers' drop", |s| {
+        s.slow_dropped == readers
+    })
+    .await;
+    let grew = rss().saturating_sub(before);
+    let unbounded = readers * claims * 12 * params;
+    println!(
+        "{readers} slow readers asking for {claims} snapshots of {} KiB each: dropped, RSS grew {} MiB \
+         (unbounded queues would hold {} MiB)",
+        12 * params / 1024,
+        grew >> 20,
+        unbounded >> 20
+    );
+    assert!(
+        grew < unbounded / 4,
+        "memory grew by {grew} bytes; the queues look unbounded"
+    );
+    // The honest worker never noticed.
+    let step = s.step;
+    let s = wait_for(&server, Duration::from_secs(60), "more steps", |s| {
+        s.step >= step + 5 && all_replicas_agree(s)
+    })
+    .await;
+    assert_eq!(s.volunteers.total, 1, "only the honest worker is left");
+    assert_eq!(s.client_hashes.len(), 1);
+    drop(clients);
+    honest.stop().await;
+    server.shutdown().await.unwrap();
+}
