@@ -24,6 +24,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod sim;
+
 /// A deterministic text with learnable structure: words drawn from a small
 /// vocabulary by a fixed generator.
 pub fn tiny_corpus(chars: usize) -> String {
@@ -59,11 +61,19 @@ pub fn tiny_config(vocab: u32, noise: NoiseKind) -> RunConfig {
 
 /// Server options for a tiny run on the synthetic corpus.
 pub fn tiny_options(settings: Settings) -> ServeOptions {
+    corpus_options(settings, |vocab| {
+        tiny_config(vocab, NoiseKind::LowRank { rank: 1 })
+    })
+}
+
+/// Server options on the synthetic corpus for the config that `config`
+/// builds from the vocabulary size (load tests use the RW-256 shape).
+pub fn corpus_options(settings: Settings, config: impl FnOnce(u32) -> RunConfig) -> ServeOptions {
     let text = tiny_corpus(20_000);
     let tokenizer = Tokenizer::from_corpus(&text).unwrap();
     let tokens = tokenizer.encode(&text).unwrap();
     let split = tokens.len() * 9 / 10;
-    let config = tiny_config(tokenizer.len() as u32, NoiseKind::LowRank { rank: 1 });
+    let config = config(tokenizer.len() as u32);
     let val_windows = data::validation_windows(&tokens[split..], config.es.seq_len as usize, 64);
     ServeOptions {
         config,

@@ -15,13 +15,17 @@
 //! a *verifier*: it keeps a real replica, applies every update and reports
 //! its hash, so a load run still checks that replicas agree.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use seedling_core::Replica;
 use seedling_core::protocol::{self, ClientMsg, ServerMsg};
+use seedling_core::{Replica, RunConfig};
+use seedling_server::app::Server;
+use seedling_server::coordinator::Settings;
+use seedling_server::timing::Quantiles;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -91,7 +95,12 @@ impl SimCounters {
 /// One simulated volunteer: connects (retrying a refused connection),
 /// completes the handshake and answers jobs until `stop` turns true or the
 /// server closes the connection.
-pub async fn sim_client(url: String, verifier: bool, counters: Arc<SimCounters>, mut stop: watch::Receiver<bool>) {
+pub async fn sim_client(
+    url: String,
+    verifier: bool,
+    counters: Arc<SimCounters>,
+    mut stop: watch::Receiver<bool>,
+) {
     let update = update_tag();
     let mut ws = loop {
         match tokio_tungstenite::connect_async(url.as_str()).await {
@@ -195,7 +204,12 @@ pub fn spawn_crowd(
         for i in 0..clients {
             let due = started + Duration::from_secs_f64(i as f64 / per_s);
             tokio::time::sleep_until(due.into()).await;
-            tasks.push(tokio::spawn(sim_client(url.clone(), i < verifiers, c.clone(), stop.clone())));
+            tasks.push(tokio::spawn(sim_client(
+                url.clone(),
+                i < verifiers,
+                c.clone(),
+                stop.clone(),
+            )));
         }
         for t in tasks {
             let _ = t.await;
@@ -232,7 +246,7 @@ pub fn raise_nofile_limit() -> u64 {
         }
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
 
 /// A TCP stream that adds every byte written through it to a counter.
@@ -291,7 +305,9 @@ pub async fn uplink_meter(upstream: std::net::SocketAddr) -> (std::net::SocketAd
         while let Ok((client, _)) = listener.accept().await {
             let written = counter.clone();
             tokio::spawn(async move {
-                let Ok(server) = TcpStream::connect(upstream).await else { return };
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    return;
+                };
                 let (mut cr, mut cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 let mut up = Counted { inner: sw, written };
@@ -304,4 +320,133 @@ pub async fn uplink_meter(upstream: std::net::SocketAddr) -> (std::net::SocketAd
         }
     });
     (addr, uplink)
+}
+
+/// The coordinator's overhead for every step closed while polling, until
+/// `until`, by step (the status carries the last closed step's figure).
+pub async fn collect_overheads(server: &Server, until: Instant) -> BTreeMap<u64, f64> {
+    let mut out = BTreeMap::new();
+    while Instant::now() < until {
+        let s = server.status();
+        if s.step_overhead_ms.steps > 0 {
+            out.insert(s.step.saturating_sub(1), s.step_overhead_ms.last);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    out
+}
+
+/// `seedling-sim crowd`: `clients` simulated volunteers against `url` until
+/// stdin closes, then one JSON line of counters on stdout.
+pub async fn crowd_main(url: &str, clients: usize, verifiers: usize) {
+    raise_nofile_limit();
+    let (stop, rx) = watch::channel(false);
+    let (counters, task) = spawn_crowd(url, clients, verifiers, 500.0, rx);
+    tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    })
+    .await
+    .unwrap();
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+    println!("{}", counters.json());
+}
+
+/// Settings for a benchmark run: real job sizing, no validation or checkpoints.
+fn bench_settings() -> Settings {
+    Settings {
+        min_fraction: 1.0,
+        eval_every: 0,
+        checkpoint_every: 0,
+        max_steps: None,
+        ..Settings::default()
+    }
+}
+
+/// The RW-256 workload with `population` members, on the synthetic corpus.
+fn rw256(population: u32, settings: Settings) -> seedling_server::app::ServeOptions {
+    let mut opts = crate::corpus_options(settings, |vocab| {
+        let mut c = RunConfig::rw256(vocab);
+        c.es.population = population;
+        c
+    });
+    opts.limits = seedling_server::app::Limits {
+        max_connections: 100_000,
+        max_per_ip: 100_000,
+        handshakes_per_s: 1e6,
+        handshake_burst: 1e6,
+        ..Default::default()
+    };
+    opts
+}
+
+/// `coordinator-1000`: the coordinator's busy time per step, without the
+/// replica's update, with `clients` compute-free volunteers at N = 4096.
+/// One JSON line.
+pub async fn coordinator_bench(clients: usize, secs: u64) -> String {
+    raise_nofile_limit();
+    let server = crate::start(rw256(4096, bench_settings())).await;
+    let (stop, rx) = watch::channel(false);
+    let (counters, task) = spawn_crowd(&crate::ws_url(&server), clients, 0, 500.0, rx);
+    crate::wait_for(&server, Duration::from_secs(120), "the crowd to join", |s| {
+        s.volunteers.total == clients
+    })
+    .await;
+    // Steps that began before everyone joined are not the steady state.
+    let k = server.status().step;
+    crate::wait_for(&server, Duration::from_secs(120), "two full steps", |s| {
+        s.step >= k + 2
+    })
+    .await;
+    let first = server.status();
+    let started = Instant::now();
+    let overheads = collect_overheads(&server, started + Duration::from_secs(secs)).await;
+    let s = server.status();
+    let elapsed = started.elapsed().as_secs_f64();
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+    server.shutdown().await.unwrap();
+    let q = Quantiles::of(overheads.values().copied());
+    let steps = s.step - first.step;
+    format!(
+        "{{\"bench\":\"coordinator-{clients}\",\"workload\":\"RW-256\",\"target\":\"native\",\"threads\":1,\"seconds_per_step\":{:.4},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"steps\":{steps},\"steps_sampled\":{},\"update_p50_ms\":{:.1},\"population\":4096,\"clients\":{clients},\"dropped\":{},\"note\":\"coordinator thread busy time per step without the replica's update and hash; compute-free simulated volunteers on loopback, in-process; target p50 <= 5 ms\"}}",
+        elapsed / steps.max(1) as f64,
+        q.p50,
+        q.p99,
+        q.steps,
+        s.update_ms.p50,
+        counters.dropped.load(Relaxed),
+    )
+}
+
+/// `wire-bytes`: uplink bytes per member evaluation, amortized over a short
+/// RW-256 run with two native workers (jobs sized by their real speed),
+/// counted on the TCP stream: WebSocket frame headers, masks, the upgrade
+/// request, hash reports and the close all included. One JSON line.
+pub async fn wire_bytes_bench(steps: u64) -> String {
+    let server = crate::start(rw256(256, bench_settings())).await;
+    let (relay, uplink) = uplink_meter(server.addr).await;
+    let url = format!("ws://{relay}/ws");
+    let workers = [crate::spawn_worker(&url, 1), crate::spawn_worker(&url, 1)];
+    let started = Instant::now();
+    crate::wait_for(&server, Duration::from_secs(600), "the steps", |s| {
+        s.step >= steps
+    })
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    for w in workers {
+        w.stop().await;
+    }
+    let s = server.status();
+    server.shutdown().await.unwrap();
+    // Every evaluation sent: the counted ones, second opinions, and those
+    // of the step in flight when the workers stopped.
+    let evaluations = s.steps_closed * 256 + s.replicated_members + s.members_done as u64;
+    let bytes = uplink.load(Relaxed);
+    format!(
+        "{{\"bench\":\"wire-bytes\",\"workload\":\"RW-256\",\"target\":\"native\",\"threads\":1,\"seconds_per_step\":{:.3},\"bytes_per_member\":{:.3},\"uplink_bytes\":{bytes},\"member_evaluations\":{evaluations},\"workers\":2,\"note\":\"client-to-server bytes on the TCP stream (frame headers, masks, upgrade, hashes, close) per member evaluation; target <= 8\"}}",
+        elapsed / s.steps_closed.max(1) as f64,
+        bytes as f64 / evaluations.max(1) as f64,
+    )
 }

@@ -1,0 +1,62 @@
+//! `seedling-sim`: simulated volunteers and the system benchmarks.
+//!
+//! - `seedling-sim crowd --url URL --clients N [--verifiers K]`: N
+//!   compute-free volunteers until stdin closes (the load test runs the crowd
+//!   in its own process so the server's memory can be measured apart).
+//! - `seedling-sim bench [--only NAME] [--seconds S]`: `coordinator-1000`
+//!   and `wire-bytes`, one JSON line each, for `cargo xtask bench`.
+
+use clap::{Parser, Subcommand};
+use seedling_tests::sim;
+
+#[derive(Parser)]
+#[command(name = "seedling-sim", about = "Simulated volunteers and system benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compute-free volunteers until stdin closes; then their counters as JSON.
+    Crowd {
+        /// The server's WebSocket URL.
+        #[arg(long)]
+        url: String,
+        /// How many volunteers.
+        #[arg(long)]
+        clients: usize,
+        /// How many of them keep a replica and report hashes.
+        #[arg(long, default_value_t = 0)]
+        verifiers: usize,
+    },
+    /// The system benchmarks, as JSON lines.
+    Bench {
+        /// Run only benchmarks whose name starts with this.
+        #[arg(long)]
+        only: Option<String>,
+        /// Measured seconds of the coordinator benchmark.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    match Cli::parse().command {
+        Command::Crowd {
+            url,
+            clients,
+            verifiers,
+        } => sim::crowd_main(&url, clients, verifiers).await,
+        Command::Bench { only, seconds } => {
+            let on = |name: &str| only.as_deref().is_none_or(|o| name.starts_with(o));
+            if on("coordinator-1000") {
+                println!("{}", sim::coordinator_bench(1000, seconds).await);
+            }
+            if on("wire-bytes") {
+                println!("{}", sim::wire_bytes_bench(6).await);
+            }
+        }
+    }
+}
