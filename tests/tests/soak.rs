@@ -20,6 +20,9 @@ use seedling_tests::*;
 
 const LONG: Duration = Duration::from_secs(300);
 
+/// One soak test at a time: they measure memory and time in one process.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// True under `cargo xtask test --soak`.
 fn soak() -> bool {
     std::env::var("SEEDLING_SOAK").is_ok_and(|v| v == "1")
@@ -259,6 +262,7 @@ async fn run_with<F: std::future::Future<Output = ()>>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_matrix_leaves_the_weights_unchanged() {
+    let _serial = SERIAL.lock().await;
     let n = size(5, 50);
     let steps = 4 * n as u64 + 20;
     let deadline = Duration::from_millis(300);
@@ -383,6 +387,7 @@ async fn persistent_liar(url: String, server: Arc<Server>, lie: Lie) -> Vec<(u64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_volunteer_among_five_changes_nothing() {
+    let _serial = SERIAL.lock().await;
     let steps = size(20, 60);
     let honest = 4;
     let settings = test_settings(steps);
@@ -565,6 +570,7 @@ async fn spray(url: &str, frames: u64, tasks: u64, seed: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_frames_disturb_nobody() {
+    let _serial = SERIAL.lock().await;
     let panics = count_panics();
     let frames = size(10_000, 100_000);
     let mut opts = tiny_options(test_settings(u64::MAX));
@@ -618,6 +624,7 @@ async fn garbage_frames_disturb_nobody() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_volunteers_lose_no_step() {
+    let _serial = SERIAL.lock().await;
     sim::raise_nofile_limit();
     let clients = size(200, 2000);
     let secs = size(20, 300);
