@@ -39,8 +39,16 @@ pub fn z_scores(losses: &[(u32, f32)]) -> Result<Vec<(u32, f32)>> {
     }
     let n = out.len().max(1) as f64;
     let mean = out.iter().map(|&(_, l)| l as f64).sum::<f64>() / n;
-    let var = out.iter().map(|&(_, l)| (l as f64 - mean).powi(2)).sum::<f64>() / n;
-    let std = var.sqrt();
+    let var = out
+        .iter()
+        .map(|&(_, l)| {
+            let d = l as f64 - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    // libm: `f64::sqrt` needs std, and the core builds without it for wasm.
+    let std = libm::sqrt(var);
     for (_, w) in &mut out {
         *w = if std > 0.0 {
             (((mean - *w as f64) / std) as f32).clamp(-Z_CLIP, Z_CLIP)
