@@ -1,19 +1,39 @@
 //! `seedling train`: a whole run on one machine in one command.
 //!
-//! It is `serve` plus in-process native workers connected over loopback, so
-//! it exercises exactly the distributed path (and browsers can join the same
-//! run at the printed address), with a progress bar on top.
+//! With ES (the default) it is `serve` plus in-process native workers
+//! connected over loopback, so it exercises exactly the distributed path
+//! (and browsers can join the same run at the printed address), with a
+//! progress bar on top. With `--method bptt` it trains the same model with
+//! exact gradients instead, the baseline the ES curve is compared against.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use seedling_core::adam::{self, AdamState};
+use seedling_core::backprop;
+use seedling_core::forward::{self, Minibatch};
+use seedling_core::gemm::Backend;
+use seedling_core::model::Layout;
 
-use crate::cli::{TrainArgs, open_checkpoint, shutdown_signal};
+use crate::checkpoint::{self, Checkpoint, HistoryPoint};
+use crate::cli::{Method, TrainArgs, open_checkpoint, shutdown_signal};
 use crate::{app, commands, worker};
 
-/// Runs `seedling train` until `--max-steps`, `--minutes` or Ctrl-C.
+/// Runs `seedling train` until `--max-steps`, `--minutes` or Ctrl-C, with
+/// ES through the server (the default) or the BPTT baseline.
 pub async fn train(args: TrainArgs) -> anyhow::Result<()> {
+    if args.method == Method::Bptt {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            flag.store(true, Ordering::Relaxed);
+        });
+        return tokio::task::spawn_blocking(move || train_bptt(args, stop)).await?;
+    }
     let mut run = args.run.clone().with_file()?;
     if run.run_dir.is_none() {
         run.run_dir = Some("runs/default".into());
@@ -53,24 +73,7 @@ pub async fn train(args: TrainArgs) -> anyhow::Result<()> {
         })));
     }
 
-    let bar = match run.max_steps {
-        Some(n) => ProgressBar::new(n),
-        None => ProgressBar::new_spinner(),
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] step {pos}{len} {per_sec} {msg} ETA {eta}",
-        )
-        .unwrap()
-        .with_key(
-            "len",
-            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
-                if let Some(n) = s.len() {
-                    let _ = write!(w, "/{n}");
-                }
-            },
-        ),
-    );
+    let bar = progress_bar(run.max_steps);
     let started = Instant::now();
     let limit = args.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
     let signal = shutdown_signal();
@@ -115,4 +118,154 @@ pub async fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Sequences per BPTT step when `--batch` is not given: an exact gradient
+/// needs no population, so the tokens go into the minibatch instead.
+pub const BPTT_BATCH: u32 = 32;
+
+/// Largest global gradient norm of a BPTT step; longer gradients are scaled
+/// down to it. Tanh RNNs now and then produce an exploding gradient, and
+/// clipping is the standard guard (Pascanu et al. 2013).
+pub const BPTT_CLIP: f32 = 5.0;
+
+/// `seedling train --method bptt`: the same model trained with the exact
+/// gradient (backpropagation through time) and Adam, on one thread, no
+/// server. It writes the same checkpoints, with the same history (forward
+/// tokens are `batch * seq_len` per step), so `seedling plot`, `eval` and
+/// `generate` treat it like an ES run.
+pub fn train_bptt(args: TrainArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let mut run = args.run.clone().with_file()?;
+    if run.run_dir.is_none() {
+        run.run_dir = Some("runs/bptt".into());
+    }
+    if run.batch.is_none() {
+        run.batch = Some(BPTT_BATCH);
+    }
+    let opts = run.serve_options()?;
+    let (cfg, data, settings) = (opts.config, opts.data, opts.settings);
+    let layout = Layout::new(cfg.model);
+    let dir = settings.run_dir.clone().expect("set above");
+    let (mut params, mut adam, mut step, mut history) = match checkpoint::latest(&dir)? {
+        Some((path, c)) => {
+            checkpoint::check_compatible(&c, &cfg)?;
+            println!("Resuming {} at step {}.", path.display(), c.step);
+            (c.params, c.adam, c.step, c.history)
+        }
+        None => (
+            layout.init_params(cfg.seed, cfg.init_scale),
+            AdamState::new(layout.len),
+            0,
+            Vec::new(),
+        ),
+    };
+    println!(
+        "Seedling: BPTT baseline, a {}x{} tanh RNN ({} parameters) on {}, {} sequences per step.",
+        cfg.model.layers, cfg.model.hidden, layout.len, data.name, cfg.es.batch
+    );
+    let t = cfg.es.seq_len as usize;
+    let val_batch = data.val_windows.len() / (t + 1);
+    let val = |p: &[f32]| -> anyhow::Result<Option<f32>> {
+        if val_batch == 0 {
+            return Ok(None);
+        }
+        let mb = Minibatch::new(&data.val_windows, val_batch, t, layout.vocab())?;
+        Ok(Some(forward::loss(&layout, p, &mb, Backend::Fast)?))
+    };
+    let save = |params: &[f32], adam: &AdamState, step: u64, history: &[HistoryPoint]| {
+        let ckpt = Checkpoint {
+            config: cfg,
+            tokenizer: data.tokenizer.clone(),
+            step,
+            params: params.to_vec(),
+            adam: adam.clone(),
+            history: history.to_vec(),
+            lr_override: None,
+        };
+        checkpoint::save(&dir, &ckpt, settings.keep)
+    };
+    let bar = progress_bar(settings.max_steps);
+    let started = Instant::now();
+    let (elapsed_before, mut tokens) = history.last().map_or((0.0, 0), |h| (h.elapsed_s, h.tokens));
+    let limit = args.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
+    let mut last_val = None;
+    while !stop.load(Ordering::Relaxed)
+        && settings.max_steps.is_none_or(|m| step < m)
+        && limit.is_none_or(|l| started.elapsed() < l)
+    {
+        let batch = seedling_core::batch::step_batch(&data.train, cfg.seed, step, cfg.es.batch as usize, t)?;
+        let (loss, mut g) = backprop::loss_and_gradient(&layout, &params, &batch, t, Backend::Fast)?;
+        anyhow::ensure!(loss.is_finite(), "the BPTT loss diverged at step {step}");
+        let norm = g.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
+        // Adam takes the ascent direction of fitness, i.e. minus the gradient.
+        let k = -(BPTT_CLIP / norm).min(1.0);
+        g.iter_mut().for_each(|x| *x *= k);
+        adam::step(&cfg.adam, cfg.lr_at(step), &mut params, &mut adam, &g);
+        step += 1;
+        tokens += (cfg.es.batch * cfg.es.seq_len) as u64;
+        let v = if step % settings.eval_every.max(1) == 0 {
+            val(&params)?
+        } else {
+            None
+        };
+        last_val = v.or(last_val);
+        history.push(HistoryPoint {
+            step,
+            elapsed_s: elapsed_before + started.elapsed().as_secs_f64(),
+            tokens,
+            train_loss: loss,
+            val_loss: v,
+        });
+        if step % settings.checkpoint_every.max(1) == 0 {
+            save(&params, &adam, step, &history)?;
+        }
+        bar.set_position(step);
+        let shown = last_val.map_or("-".into(), |v| format!("{v:.3}"));
+        bar.set_message(format!("train {loss:.3} val {shown} nats/char | |g| {norm:.2}"));
+    }
+    bar.finish();
+    // The final point always carries a validation loss, so every run ends
+    // on a measured value.
+    if let Some(last) = history.last_mut() {
+        if last.val_loss.is_none() {
+            last.val_loss = val(&params)?;
+            last_val = last.val_loss.or(last_val);
+        }
+    }
+    let path = save(&params, &adam, step, &history)?;
+    println!(
+        "Stopped at step {step} after {:.1} min; validation loss {}.",
+        started.elapsed().as_secs_f64() / 60.0,
+        last_val.map_or("-".into(), |v| format!("{v:.3} nats/char"))
+    );
+    if args.sample > 0 {
+        let (_, ckpt) = open_checkpoint(&path)?;
+        let text = commands::generate(&ckpt, "", args.sample, 0.8, 0, None, 0)?;
+        println!("Sample from {}:\n{text}", path.display());
+    }
+    Ok(())
+}
+
+/// The progress bar of both methods: a bar with a known step budget, else a
+/// spinner.
+fn progress_bar(max_steps: Option<u64>) -> ProgressBar {
+    let bar = match max_steps {
+        Some(n) => ProgressBar::new(n),
+        None => ProgressBar::new_spinner(),
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] step {pos}{len} {per_sec} {msg} ETA {eta}",
+        )
+        .unwrap()
+        .with_key(
+            "len",
+            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                if let Some(n) = s.len() {
+                    let _ = write!(w, "/{n}");
+                }
+            },
+        ),
+    );
+    bar
 }

@@ -19,7 +19,7 @@ use seedling_server::data::{self, find_default_corpus, load_corpus, ngram_baseli
 
 /// ES steps of the default recipe; docs/LEARNING.md has where this recipe
 /// passes unigram on the full run (well before this).
-const STEPS: u64 = 150;
+const STEPS: u64 = 300;
 
 /// tiny-shakespeare by the usual search, from the workspace root rather
 /// than this crate's directory (where cargo runs tests).
@@ -59,7 +59,7 @@ fn default_recipe_beats_unigram_on_tiny_shakespeare() {
     let end = r.loss(&val_windows).unwrap() as f64;
     println!("default recipe: {start:.3} -> {end:.3} nats/char in {STEPS} steps (unigram {unigram:.3})");
     assert!(
-        end < unigram - 0.05,
+        end < unigram - 0.1,
         "after {STEPS} steps the default recipe is at {end:.3} nats/char (from {start:.3}); \
          the unigram baseline is {unigram:.3}"
     );

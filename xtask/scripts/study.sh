@@ -16,32 +16,30 @@ budget=${BUDGET:-20000000}
 # Validation points per row.
 points=10
 
-# Sweep 3 starts from the best of sweeps 1-2: one 64-wide layer, 512
+# Every row spells out the recipe flags it depends on, so a later change
+# of the defaults does not change what a row measures. Sweep 3 starts from the best of sweeps 1-2: one 64-wide layer, 512
 # members of one sequence each, lr 1e-2, and a 40M-token budget.
 b3="--population 512 --batch 1"
+# Sweep 2's members and batch (sweep 1's best row).
+s2="--population 512 --batch 2"
 h64="--hidden 64 --layers 1"
 
 # Flags of each row. Rows not listed here fail.
 case "$row" in
-  # Model size at the sweep-1 recipe (population 512, batch 2, lr 3e-3, sigma 0.02).
-  h256l2) flags="--hidden 256 --layers 2" ;;
-  h128l1) flags="--hidden 128 --layers 1" ;;
-  h64l1) flags="--hidden 64 --layers 1" ;;
-  h64l2) flags="--hidden 64 --layers 2" ;;
-  h32l1) flags="--hidden 32 --layers 1" ;;
+  # Sweep 2 (20M tokens): the sweep-1 recipe (population 512, batch 2,
+  # lr 3e-3, sigma 0.02) on smaller models, then lr, sigma and members.
+  h64l1) flags="--hidden 64 --layers 1 $s2 --lr 3e-3 --sigma 0.02" ;;
+  h32l1) flags="--hidden 32 --layers 1 $s2 --lr 3e-3 --sigma 0.02" ;;
   # Learning rate on the small model.
-  h64-lr1e-2) flags="--hidden 64 --layers 1 --lr 1e-2" ;;
-  h64-lr3e-2) flags="--hidden 64 --layers 1 --lr 3e-2" ;;
+  h64-lr1e-2) flags="--hidden 64 --layers 1 $s2 --lr 1e-2 --sigma 0.02" ;;
+  h64-lr3e-2) flags="--hidden 64 --layers 1 $s2 --lr 3e-2 --sigma 0.02" ;;
   # Sigma.
-  h64-s05) flags="--hidden 64 --layers 1 --sigma 0.05" ;;
-  h64-s01) flags="--hidden 64 --layers 1 --sigma 0.01" ;;
-  h64-s1) flags="--hidden 64 --layers 1 --sigma 0.1" ;;
+  h64-s05) flags="--hidden 64 --layers 1 $s2 --lr 3e-3 --sigma 0.05" ;;
+  h64-s1) flags="--hidden 64 --layers 1 $s2 --lr 3e-3 --sigma 0.1" ;;
   # Population against steps at batch 1 (64 tokens per member), lr 1e-2.
   h64-n512b1) flags="--hidden 64 --layers 1 --lr 1e-2 --population 512 --batch 1" ;;
   h64-n128b1) flags="--hidden 64 --layers 1 --lr 1e-2 --population 128 --batch 1" ;;
   h64-n64b1) flags="--hidden 64 --layers 1 --lr 1e-2 --population 64 --batch 1" ;;
-  h64-n64b1-lr3e-3) flags="--hidden 64 --layers 1 --lr 3e-3 --population 64 --batch 1" ;;
-  h64-n32b1) flags="--hidden 64 --layers 1 --lr 1e-2 --population 32 --batch 1" ;;
   # Sweep 3 (BUDGET=40000000).
   s3-base) flags="$h64 $b3 --lr 1e-2" ;;
   s3-cos) flags="$h64 $b3 --lr 1e-2 --schedule cosine" ;;
@@ -55,15 +53,21 @@ case "$row" in
   s3-init2) flags="$h64 $b3 --lr 1e-2 --init-scale 2" ;;
   s3-wd01) flags="$h64 $b3 --lr 1e-2 --weight-decay 0.01" ;;
   s3-h32) flags="--hidden 32 --layers 1 $b3 --lr 1e-2" ;;
+  s3-h16) flags="--hidden 16 --layers 1 $b3 --lr 1e-2" ;;
+  s3-h48) flags="--hidden 48 --layers 1 $b3 --lr 1e-2" ;;
+  s3-h32-cos) flags="--hidden 32 --layers 1 $b3 --lr 1e-2 --schedule cosine" ;;
+  s3-h32-lr2e-2) flags="--hidden 32 --layers 1 $b3 --lr 2e-2" ;;
+  # Members against tokens per member at a fixed 32,768 tokens per step,
+  # on the chosen 1x16 model: 512 x 1 sequence against 32 x 16 sequences.
+  s3-h16-n32b16) flags="--hidden 16 --layers 1 --population 32 --batch 16 --lr 1e-2" ;;
   s3-h64l2) flags="--hidden 64 --layers 2 $b3 --lr 1e-2" ;;
-  s3-n128) flags="$h64 --population 128 --batch 1 --lr 1e-2" ;;
   *) echo "unknown row $row" >&2; exit 2 ;;
 esac
 
 # Step count from the budget: tokens per step = population * batch * seq_len.
 flag() { grep -o -- "--$1 [0-9]*" <<<"$flags" | tail -1 | awk '{print $2}' || true; }
 pop=$(flag population); pop=${pop:-512}
-batch=$(flag batch); batch=${batch:-2}
+batch=$(flag batch); batch=${batch:-1}
 seq=$(flag seq-len); seq=${seq:-64}
 steps=$(( budget / (pop * batch * seq) ))
 every=$(( steps / points )); every=$(( every > 0 ? every : 1 ))
