@@ -675,8 +675,11 @@ impl Coordinator {
                 );
             }
             self.counters.stale += 1;
+            // Forget the job only once it is void: a result quoting the wrong
+            // step for a live job leaves the job (and its deadline) in place.
+            let jobs = &self.jobs;
             if let Some(c) = self.clients.get_mut(&id) {
-                c.job = c.job.filter(|&j| j != job_id);
+                c.job = c.job.filter(|&j| j != job_id || jobs.contains_key(&j));
             }
             return;
         }
