@@ -1026,7 +1026,12 @@ impl Coordinator {
                 missed.get(m).is_none_or(|who| !who.contains(&id))
                     && claims.get(m).is_none_or(|v| v.iter().all(|c| c.0 != id))
             };
-            let verify: Vec<u32> = self.verify.iter().copied().filter(eligible).take(size).collect();
+            let lagging = missed.values().any(|who| who.contains(&id));
+            let verify: Vec<u32> = if lagging {
+                Vec::new()
+            } else {
+                self.verify.iter().copied().filter(eligible).take(size).collect()
+            };
             let fresh: Vec<u32> = self
                 .pool
                 .iter()
@@ -1110,15 +1115,18 @@ impl Coordinator {
         for m in starved {
             self.missed.remove(&m);
         }
+        // A client that let a job expire this step checks nobody's results
+        // until the next step: it is not waited for.
+        let laggards: BTreeSet<ClientId> = self.missed.values().flatten().copied().collect();
         let stuck: Vec<u32> = self
             .verify
             .iter()
             .copied()
             .filter(|m| {
                 self.claims.get(m).is_some_and(|v| {
-                    ready.iter().all(|r| {
-                        v.iter().any(|c| c.0 == *r) || self.missed.get(m).is_some_and(|w| w.contains(r))
-                    })
+                    ready
+                        .iter()
+                        .all(|r| v.iter().any(|c| c.0 == *r) || laggards.contains(r))
                 })
             })
             .collect();

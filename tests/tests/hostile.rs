@@ -156,7 +156,10 @@ async fn liars_are_outvoted_and_disconnected() {
             other => panic!("{name}: a banned session was not refused: {other:?}"),
         }
         assert_eq!(again.close_code().await, 1008, "{name}: policy violation");
-        assert_eq!(server.status().banned_sessions, 1);
+        wait_for(&server, Duration::from_secs(5), "the ban in the status", |s| {
+            s.banned_sessions == 1
+        })
+        .await;
         let s = wait_for(&server, Duration::from_secs(120), "the run to finish", |s| {
             s.finished && all_replicas_agree(s)
         })
