@@ -992,7 +992,11 @@ impl Coordinator {
 
     /// Hands every idle client a job of consecutive members from the pool.
     fn assign(&mut self, now: Instant) {
-        if self.finished() || self.paused {
+        // Most events of a step (results, hash reports) arrive once every
+        // member is out: with nothing to hand out there is nothing to settle
+        // either, and skipping the scans below keeps an event O(1) however
+        // many volunteers are connected.
+        if self.finished() || self.paused || (self.pool.is_empty() && self.verify.is_empty()) {
             return;
         }
         let idle: Vec<ClientId> = self
