@@ -321,6 +321,10 @@ struct Client {
     /// Members per second, exponential moving average of completed jobs.
     speed: f64,
     members: u64,
+    /// Id of the last job handed to this client (0: none yet). Idle clients
+    /// are served oldest-served first, so a newcomer gets work in its first
+    /// step instead of waiting while earlier clients empty the pool.
+    last_job: u64,
 }
 
 /// The coordinator's state. See the module docs for the rules.
@@ -516,6 +520,7 @@ impl Coordinator {
                         job: None,
                         speed: 0.0,
                         members: 0,
+                        last_job: 0,
                     },
                 );
             }
@@ -999,15 +1004,16 @@ impl Coordinator {
         if self.finished() || self.paused || (self.pool.is_empty() && self.verify.is_empty()) {
             return;
         }
-        let idle: Vec<ClientId> = self
+        let mut idle: Vec<(u64, ClientId)> = self
             .clients
             .iter()
             .filter(|(_, c)| c.hello.is_some() && c.job.is_none())
-            .map(|(&id, _)| id)
+            .map(|(&id, c)| (c.last_job, id))
             .collect();
+        idle.sort_unstable();
         let ready = self.clients.values().filter(|c| c.hello.is_some()).count();
         self.settle_unverifiable();
-        for id in idle {
+        for (_, id) in idle {
             if self.pool.is_empty() && self.verify.is_empty() {
                 break;
             }
@@ -1084,7 +1090,9 @@ impl Coordinator {
                     deadline: now + timeout,
                 },
             );
-            self.clients.get_mut(&id).unwrap().job = Some(job_id);
+            let client = self.clients.get_mut(&id).unwrap();
+            client.job = Some(job_id);
+            client.last_job = job_id;
             self.owners.insert(job_id, id);
             if self.owners.len() > MAX_OWNERS {
                 self.owners.pop_first();
