@@ -6,15 +6,14 @@
 //! 3 kills by default, 20 under `cargo xtask test --soak` (`SEEDLING_SOAK=1`);
 //! the figures are printed as one JSON line.
 
-use std::io::{Read, Write};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
+use common::{spawn_server, status};
 use seedling_server::checkpoint;
-use seedling_server::worker::{self, WorkerOptions};
-
-const BIN: &str = env!("CARGO_BIN_EXE_seedling");
 
 /// Checkpoint interval: small, so the kills often land during a write.
 const EVERY: u64 = 2;
@@ -50,37 +49,12 @@ fn serve(data: &Path, run_dir: &Path, port: u16, max_steps: u64, log: &Path) -> 
         "2",
     ]
     .map(String::from);
-    Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
+    spawn_server(&args, log)
 }
 
-/// `/api/status` as JSON; None while the server is down.
-fn status(port: u16) -> Option<serde_json::Value> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.write_all(b"GET /api/status HTTP/1.0\r\n\r\n").ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    serde_json::from_str(raw.split_once("\r\n\r\n")?.1).ok()
-}
-
-/// Polls the status until `pred`; returns it.
+/// Polls the status (tightly: the kills aim at moments) until `pred`.
 fn poll(port: u16, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = status(port).filter(&pred) {
-            return s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    common::wait_status(port, what, Duration::from_millis(2), pred)
 }
 
 fn step(s: &serde_json::Value) -> u64 {
@@ -91,22 +65,6 @@ fn step(s: &serde_json::Value) -> u64 {
 fn done(s: &serde_json::Value) -> bool {
     let clients = s["client_hashes"].as_object().unwrap();
     s["finished"] == true && !clients.is_empty() && clients.values().all(|c| c["hash"] == s["hash"])
-}
-
-/// Two in-process native workers that reconnect whenever the server dies.
-fn workers(rt: &tokio::runtime::Runtime, port: u16) -> tokio::sync::watch::Sender<bool> {
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    for _ in 0..2 {
-        let mut opts = WorkerOptions::new(format!("ws://127.0.0.1:{port}/ws"));
-        opts.threads = 1;
-        opts.progress = None;
-        opts.max_backoff = Duration::from_millis(100);
-        let mut rx = rx.clone();
-        rt.spawn(worker::run(opts, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }));
-    }
-    stop
 }
 
 #[test]
@@ -127,7 +85,7 @@ fn sigkill_loop_resumes_from_the_newest_valid_checkpoint() {
         .local_addr()
         .unwrap()
         .port();
-    let stop = workers(&rt, port);
+    let stop = common::workers(&rt, port, 2, Duration::from_millis(100));
 
     let mut reference = serve(&data, &tmp.path().join("reference"), port, max_steps, &log);
     let want = poll(port, "the uninterrupted run", done)["hash"].clone();

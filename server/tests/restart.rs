@@ -1,17 +1,19 @@
 //! The real `seedling` binary: SIGKILL and restart on the same run dir,
 //! graceful shutdown on SIGTERM, and the checkpoint commands.
 
-use std::io::{Read, Write};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use clap::Parser;
+use common::{BIN, spawn_server, wait_status};
 use seedling_server::checkpoint;
 use seedling_server::cli::{Cli, Command as Sub};
-use seedling_server::worker::{self, WorkerOptions};
 
-const BIN: &str = env!("CARGO_BIN_EXE_seedling");
+/// How often the tests poll the status.
+const POLL: Duration = Duration::from_millis(20);
 
 fn corpus(dir: &Path) -> PathBuf {
     const WORDS: [&str; 10] = [
@@ -75,42 +77,6 @@ fn run_args(data: &Path, run_dir: &Path, port: u16, max_steps: u64) -> Vec<Strin
     ]
 }
 
-fn spawn_server(args: &[String], log: &Path) -> Child {
-    Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
-}
-
-/// GET /api/status over plain HTTP/1.0; None while the server is down.
-fn status(port: u16) -> Option<serde_json::Value> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.write_all(b"GET /api/status HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    serde_json::from_str(body.split("\r\n\r\n").nth(1)?).ok()
-}
-
-fn wait_status(port: u16, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = status(port) {
-            if pred(&s) {
-                return s;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn agree(s: &serde_json::Value) -> bool {
     let clients = s["client_hashes"].as_object().unwrap();
     s["finished"] == true
@@ -118,21 +84,6 @@ fn agree(s: &serde_json::Value) -> bool {
         && clients
             .values()
             .all(|c| c["step"] == s["step"] && c["hash"] == s["hash"])
-}
-
-fn workers(rt: &tokio::runtime::Runtime, port: u16, n: usize) -> tokio::sync::watch::Sender<bool> {
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    for _ in 0..n {
-        let mut opts = WorkerOptions::new(format!("ws://127.0.0.1:{port}/ws"));
-        opts.threads = 1;
-        opts.progress = None;
-        opts.max_backoff = Duration::from_millis(300);
-        let mut rx = rx.clone();
-        rt.spawn(worker::run(opts, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }));
-    }
-    stop
 }
 
 fn run_cli(args: &[&str]) -> String {
@@ -168,8 +119,8 @@ fn sigkill_restart_resumes_and_matches_an_uninterrupted_run() {
             let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
             seedling_server::app::start(l, opts).await.unwrap()
         });
-        let stop = workers(&rt, port, 2);
-        let s = wait_status(port, "the reference run", agree);
+        let stop = common::workers(&rt, port, 2, Duration::from_millis(300));
+        let s = wait_status(port, "the reference run", POLL, agree);
         let _ = stop.send(true);
         rt.block_on(server.shutdown()).unwrap();
         s["hash"].as_str().unwrap().to_string()
@@ -180,8 +131,8 @@ fn sigkill_restart_resumes_and_matches_an_uninterrupted_run() {
     let port = free_port();
     let args = run_args(&data, &run_dir, port, steps);
     let mut first = spawn_server(&args, &tmp.path().join("first.log"));
-    let stop = workers(&rt, port, 2);
-    wait_status(port, "step 12", |s| s["step"].as_u64().unwrap() >= 12);
+    let stop = common::workers(&rt, port, 2, Duration::from_millis(300));
+    wait_status(port, "step 12", POLL, |s| s["step"].as_u64().unwrap() >= 12);
     first.kill().unwrap();
     first.wait().unwrap();
     let (_, ckpt) = checkpoint::latest(&run_dir)
@@ -196,7 +147,7 @@ fn sigkill_restart_resumes_and_matches_an_uninterrupted_run() {
 
     let log = tmp.path().join("second.log");
     let mut second = spawn_server(&args, &log);
-    let s = wait_status(port, "the restarted run to finish", agree);
+    let s = wait_status(port, "the restarted run to finish", POLL, agree);
     assert_eq!(
         s["hash"].as_str().unwrap(),
         reference,
