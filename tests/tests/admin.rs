@@ -88,7 +88,8 @@ async fn per_ip_cap_and_close_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_lr_changes_the_rate_and_replicas_agree() {
-    let steps = 30;
+    // Long enough that the run cannot finish between "step 5" and the pause.
+    let steps = 300;
     let auth = "Authorization: Bearer s3cret\r\n";
     let run_dir = tempfile::tempdir().unwrap();
     let options = |run_dir: Option<std::path::PathBuf>| {
@@ -116,6 +117,8 @@ async fn admin_lr_changes_the_rate_and_replicas_agree() {
     let server = start(options(Some(run_dir.path().to_path_buf()))).await;
     let w = spawn_worker(&ws_url(&server), 1);
     wait_for(&server, Duration::from_secs(60), "step 5", |s| s.step >= 5).await;
+    let (head, _) = http_request(server.addr, "POST", "/admin/pause", auth).await;
+    assert!(head.contains("200"), "{head}");
     for (path, headers, want) in [
         ("/admin/lr?value=0.005", "", "401"),
         ("/admin/lr", auth, "400"),
@@ -136,6 +139,8 @@ async fn admin_lr_changes_the_rate_and_replicas_agree() {
     let (_, body) = http_get(server.addr, "/api/status").await;
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["lr"].as_f64().map(|v| v as f32), Some(0.005), "{body}");
+    let (head, _) = http_request(server.addr, "POST", "/admin/resume", auth).await;
+    assert!(head.contains("200"), "{head}");
     let s = wait_for(&server, Duration::from_secs(120), "the changed run", |s| {
         s.finished && all_replicas_agree(s)
     })
