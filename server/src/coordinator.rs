@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 
 use crate::checkpoint::{self, Checkpoint, HistoryPoint};
 pub use crate::timing::Quantiles;
-use crate::timing::StepTiming;
+use crate::timing::{Mark, StepTiming};
 
 /// Recent job owners remembered to classify late results.
 const MAX_OWNERS: usize = 100_000;
@@ -252,9 +252,13 @@ pub struct Status {
     pub finished: bool,
     /// True while the operator has paused the run.
     pub paused: bool,
-    /// The coordinator thread's busy time per step, without the replica's
-    /// update, hash, validation and checkpoint: what grows with volunteers.
+    /// The coordinator thread's busy CPU time per step, without the
+    /// replica's update, hash, validation and checkpoint: what grows with
+    /// volunteers.
     pub step_overhead_ms: Quantiles,
+    /// The same busy time on the wall clock: it also counts the time the
+    /// coordinator thread sat preempted by other work on its cores.
+    pub step_overhead_wall_ms: Quantiles,
     /// The replica's update and hash per step: what grows with the model.
     pub update_ms: Quantiles,
     /// The learning rate the current step's update will use.
@@ -334,6 +338,13 @@ pub struct Coordinator {
     replica: Replica,
     run: u64,
     clients: BTreeMap<ClientId, Client>,
+    /// Clients past the handshake with no job, by (last job, id): the
+    /// serve order of [`Coordinator::assign`]. Kept in step with `clients`
+    /// on every change, so handing out work never scans every connection
+    /// (most events of a step find one or two members to hand out).
+    idle: BTreeSet<(u64, ClientId)>,
+    /// Clients past the handshake.
+    ready: usize,
     jobs: HashMap<u64, Job>,
     /// Who each recent job was issued to, live or not, to tell a late
     /// result (stale, dropped) from a forged one (rejected).
@@ -415,6 +426,8 @@ impl Coordinator {
             data,
             run,
             clients: BTreeMap::new(),
+            idle: BTreeSet::new(),
+            ready: 0,
             jobs: HashMap::new(),
             owners: BTreeMap::new(),
             next_job: 1,
@@ -486,7 +499,7 @@ impl Coordinator {
                 break;
             }
             let now = Instant::now();
-            self.timing.enter(now);
+            self.timing.enter();
             self.handle(ev, now);
             self.timing.leave();
         }
@@ -574,6 +587,8 @@ impl Coordinator {
                 }
                 client.hello = Some((kind, threads.clamp(1, 1024)));
                 client.speed = speed as f64;
+                self.ready += 1;
+                self.sync_idle(id);
                 let Some(session) = self.resume_session(id, session) else {
                     return;
                 };
@@ -686,6 +701,7 @@ impl Coordinator {
             if let Some(c) = self.clients.get_mut(&id) {
                 c.job = c.job.filter(|&j| j != job_id || jobs.contains_key(&j));
             }
+            self.sync_idle(id);
             return;
         }
         let job = &self.jobs[&job_id];
@@ -709,6 +725,7 @@ impl Coordinator {
         let secs = now.saturating_duration_since(job.sent).as_secs_f64().max(1e-3);
         let client = self.clients.get_mut(&id).unwrap();
         client.job = None;
+        self.idle.insert((client.last_job, id));
         let rate = job.members.len() as f64 / secs;
         client.speed = if client.speed > 0.0 {
             0.7 * client.speed + 0.3 * rate
@@ -867,6 +884,7 @@ impl Coordinator {
                 // The client is slower than it looked: halve its estimate.
                 c.speed *= 0.5;
             }
+            self.sync_idle(job.client);
             tracing::debug!(job = id, client = job.client, "job deadline passed; reissuing");
             self.counters.reissued += 1;
             for &m in &job.members {
@@ -879,6 +897,10 @@ impl Coordinator {
 
     fn drop_client(&mut self, id: ClientId) {
         let Some(c) = self.clients.remove(&id) else { return };
+        self.idle.remove(&(c.last_job, id));
+        if c.hello.is_some() {
+            self.ready -= 1;
+        }
         self.counters.client_hashes.remove(&id);
         if let Some(rec) = c.session.and_then(|t| self.sessions.get_mut(&t)) {
             if rec.live == Some(id) {
@@ -1004,16 +1026,16 @@ impl Coordinator {
         if self.finished() || self.paused || (self.pool.is_empty() && self.verify.is_empty()) {
             return;
         }
-        let mut idle: Vec<(u64, ClientId)> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.hello.is_some() && c.job.is_none())
-            .map(|(&id, c)| (c.last_job, id))
-            .collect();
-        idle.sort_unstable();
-        let ready = self.clients.values().filter(|c| c.hello.is_some()).count();
+        if self.idle.is_empty() {
+            return;
+        }
+        let ready = self.ready;
         self.settle_unverifiable();
-        for (_, id) in idle {
+        // Walk the idle set in order without copying it: most calls hand
+        // out one or two members and stop at the first client.
+        let mut cursor = (0, 0);
+        while let Some(&(last_job, id)) = self.idle.range(cursor..).next() {
+            cursor = (last_job, id + 1);
             if self.pool.is_empty() && self.verify.is_empty() {
                 break;
             }
@@ -1093,6 +1115,7 @@ impl Coordinator {
             let client = self.clients.get_mut(&id).unwrap();
             client.job = Some(job_id);
             client.last_job = job_id;
+            self.idle.remove(&(last_job, id));
             self.owners.insert(job_id, id);
             if self.owners.len() > MAX_OWNERS {
                 self.owners.pop_first();
@@ -1107,6 +1130,20 @@ impl Coordinator {
     /// expire is offered to all of them again. Either way a client that holds
     /// on to jobs without answering cannot stall the step.
     fn settle_unverifiable(&mut self) {
+        let n = self.ready;
+        // Cheap necessary conditions first: a member can only be missed by
+        // all, or checked by all, when as many clients touched it as are
+        // connected. With many volunteers that is never, and the full checks
+        // below (which walk every connection) are skipped.
+        let starved_maybe = self.missed.values().any(|who| who.len() >= n);
+        let laggards: BTreeSet<ClientId> = self.missed.values().flatten().copied().collect();
+        let stuck_maybe = self
+            .verify
+            .iter()
+            .any(|m| self.claims.get(m).is_some_and(|v| v.len() + laggards.len() >= n));
+        if !starved_maybe && !stuck_maybe {
+            return;
+        }
         let ready: Vec<ClientId> = self
             .clients
             .iter()
@@ -1154,6 +1191,17 @@ impl Coordinator {
         }
     }
 
+    /// Puts `id` in the idle set or takes it out, after its handshake or job changed.
+    fn sync_idle(&mut self, id: ClientId) {
+        if let Some(c) = self.clients.get(&id) {
+            if c.hello.is_some() && c.job.is_none() {
+                self.idle.insert((c.last_job, id));
+            } else {
+                self.idle.remove(&(c.last_job, id));
+            }
+        }
+    }
+
     /// Puts a job's members back: verifications to the verify set, the rest to the pool.
     fn give_back(&mut self, members: Vec<u32>) {
         for m in members {
@@ -1181,7 +1229,7 @@ impl Coordinator {
         let weights = shape(self.replica.config.recipe.shaping, &losses)
             .expect("losses were checked finite on arrival");
         let lr = self.lr_for(step);
-        let update_started = Instant::now();
+        let update_started = Mark::now();
         self.replica
             .apply(step, lr, &weights)
             .expect("the update list was built by this coordinator");
@@ -1204,6 +1252,12 @@ impl Coordinator {
         for c in self.clients.values_mut() {
             c.job = c.job.filter(|j| self.jobs.contains_key(j));
         }
+        self.idle = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.hello.is_some() && c.job.is_none())
+            .map(|(&id, c)| (c.last_job, id))
+            .collect();
         self.hashes.push_back((self.replica.step, hash));
         if self.hashes.len() > 256 {
             self.hashes.pop_front();
@@ -1211,7 +1265,7 @@ impl Coordinator {
         let es = self.replica.config.es;
         let train_loss = losses.iter().map(|&(_, l)| l as f64).sum::<f64>() / losses.len() as f64;
         let tokens_step = losses.len() as u64 * es.batch as u64 * es.seq_len as u64;
-        let replica_work = Instant::now();
+        let replica_work = Mark::now();
         let val = (self.settings.eval_every > 0 && self.replica.step % self.settings.eval_every == 0)
             .then(|| self.validation_loss())
             .flatten();
@@ -1324,6 +1378,7 @@ impl Coordinator {
             finished: self.finished(),
             paused: self.paused,
             step_overhead_ms: self.timing.overhead(),
+            step_overhead_wall_ms: self.timing.overhead_wall(),
             update_ms: self.timing.update(),
             lr: self.lr_for(self.replica.step),
             lr_override: self.lr_override.is_some(),
@@ -1446,6 +1501,17 @@ mod tests {
             );
         }
         prop_assert_eq!(c.sessions.len(), c.session_order.len());
+        let idle: BTreeSet<(u64, ClientId)> = c
+            .clients
+            .iter()
+            .filter(|(_, cl)| cl.hello.is_some() && cl.job.is_none())
+            .map(|(&id, cl)| (cl.last_job, id))
+            .collect();
+        prop_assert_eq!(&c.idle, &idle, "the idle set drifted");
+        prop_assert_eq!(
+            c.ready,
+            c.clients.values().filter(|cl| cl.hello.is_some()).count()
+        );
         Ok(())
     }
 

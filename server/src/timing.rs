@@ -47,24 +47,114 @@ impl Quantiles {
     }
 }
 
+/// CPU time the calling thread has used so far.
+///
+/// The coordinator's busy time is counted on this clock as well as on the
+/// wall clock: when the coordinator shares its cores with other work (the
+/// connection tasks, or in a benchmark the simulated volunteers themselves),
+/// wall time includes the time it sat preempted, and only the CPU clock says
+/// what the coordinator itself costs. Where the platform has no per-thread
+/// clock this falls back to the wall clock.
+pub fn thread_time() -> Duration {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec for the whole call.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
+            return Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+        }
+    }
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed()
+}
+
+/// A point on both clocks.
+#[derive(Clone, Copy, Debug)]
+pub struct Mark {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl Mark {
+    /// Now, on both clocks (the CPU clock of the calling thread).
+    pub fn now() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: thread_time(),
+        }
+    }
+
+    /// Time since this mark: (wall, CPU).
+    pub fn elapsed(&self) -> Span {
+        Span {
+            wall: self.wall.elapsed(),
+            cpu: thread_time().saturating_sub(self.cpu),
+        }
+    }
+}
+
+/// A duration on both clocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Span {
+    /// Wall-clock time.
+    pub wall: Duration,
+    /// CPU time of the thread that measured it.
+    pub cpu: Duration,
+}
+
+impl std::ops::Add for Span {
+    type Output = Span;
+    fn add(self, o: Span) -> Span {
+        Span {
+            wall: self.wall + o.wall,
+            cpu: self.cpu + o.cpu,
+        }
+    }
+}
+
+impl Span {
+    fn saturating_sub(self, o: Span) -> Span {
+        Span {
+            wall: self.wall.saturating_sub(o.wall),
+            cpu: self.cpu.saturating_sub(o.cpu),
+        }
+    }
+}
+
 /// Busy time of the coordinator thread per step, split into overhead and
 /// replica work. Idle time (waiting for events) counts as neither.
+///
+/// The wall clock is read around every event (a cheap vDSO call). The CPU
+/// clock is read only when a step closes: a thread blocked waiting for an
+/// event uses no CPU, so the thread's CPU time between two closes is its
+/// busy time, and reading the thread clock (a system call) twice per event
+/// would cost more than some events do.
 #[derive(Debug, Default)]
 pub struct StepTiming {
-    /// When the event being handled now started.
+    /// When the event being handled now started (wall clock).
     entered: Option<Instant>,
-    /// Time spent on the current step's events before `entered`.
+    /// Wall time spent on the current step's events before `entered`.
     busy: Duration,
-    /// Overhead of recent steps, ms.
+    /// The thread's CPU clock when the current step began.
+    cpu_start: Option<Duration>,
+    /// Overhead of recent steps on the coordinator thread's CPU clock, ms.
     overhead: VecDeque<f64>,
-    /// Update and hash time of recent steps, ms.
+    /// The same on the wall clock, ms.
+    overhead_wall: VecDeque<f64>,
+    /// Update and hash wall time of recent steps, ms.
     update: VecDeque<f64>,
 }
 
 impl StepTiming {
     /// An event starts being handled.
-    pub fn enter(&mut self, now: Instant) {
-        self.entered = Some(now);
+    pub fn enter(&mut self) {
+        self.entered = Some(Instant::now());
+        if self.cpu_start.is_none() {
+            self.cpu_start = Some(thread_time());
+        }
     }
 
     /// The event is handled.
@@ -77,28 +167,39 @@ impl StepTiming {
     /// A step closed: its busy time so far, minus `update` (the replica's
     /// update and hash) and `excluded` (validation, checkpoint), is its
     /// overhead. What the current event does next counts for the next step.
-    pub fn step_closed(&mut self, update: Duration, excluded: Duration) {
-        let now = Instant::now();
-        let busy = self.busy
-            + self
-                .entered
-                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+    pub fn step_closed(&mut self, update: Span, excluded: Span) {
+        let cpu = thread_time();
+        let busy = Span {
+            wall: self.busy + self.entered.map_or(Duration::ZERO, |t| t.elapsed()),
+            cpu: cpu.saturating_sub(self.cpu_start.unwrap_or(cpu)),
+        };
         let overhead = busy.saturating_sub(update + excluded);
-        for (q, d) in [(&mut self.overhead, overhead), (&mut self.update, update)] {
+        for (q, d) in [
+            (&mut self.overhead, overhead.cpu),
+            (&mut self.overhead_wall, overhead.wall),
+            (&mut self.update, update.wall),
+        ] {
             q.push_back(d.as_secs_f64() * 1e3);
             if q.len() > RECENT {
                 q.pop_front();
             }
         }
         self.busy = Duration::ZERO;
+        self.cpu_start = Some(cpu);
         if self.entered.is_some() {
-            self.entered = Some(now);
+            self.entered = Some(Instant::now());
         }
     }
 
-    /// Quantiles of the coordinator's overhead per step.
+    /// Quantiles of the coordinator's overhead per step (its CPU time).
     pub fn overhead(&self) -> Quantiles {
         Quantiles::of(self.overhead.iter().copied())
+    }
+
+    /// Quantiles of the coordinator's overhead per step on the wall clock,
+    /// preemption included.
+    pub fn overhead_wall(&self) -> Quantiles {
+        Quantiles::of(self.overhead_wall.iter().copied())
     }
 
     /// Quantiles of the replica's update and hash time per step.
@@ -123,12 +224,34 @@ mod tests {
     #[test]
     fn update_time_is_not_overhead() {
         let mut t = StepTiming::default();
-        t.enter(Instant::now());
+        t.enter();
         std::thread::sleep(Duration::from_millis(30));
-        t.step_closed(Duration::from_millis(20), Duration::from_millis(5));
+        let ms = |ms| Span {
+            wall: Duration::from_millis(ms),
+            cpu: Duration::ZERO,
+        };
+        t.step_closed(ms(20), ms(5));
         t.leave();
-        let (o, u) = (t.overhead(), t.update());
+        let (o, w, u) = (t.overhead(), t.overhead_wall(), t.update());
         assert_eq!(u.p50, 20.0);
-        assert!(o.p50 >= 5.0 && o.p50 < 30.0, "overhead {o:?}");
+        assert!(w.p50 >= 5.0 && w.p50 < 30.0, "overhead {w:?}");
+        // Sleeping is not busy on the CPU clock.
+        assert!(o.p50 < 5.0, "CPU overhead {o:?}");
+    }
+
+    #[test]
+    fn the_cpu_clock_counts_work_not_sleep() {
+        let m = Mark::now();
+        std::thread::sleep(Duration::from_millis(20));
+        let slept = m.elapsed();
+        let m = Mark::now();
+        let mut x = 0u64;
+        while m.elapsed().wall < Duration::from_millis(20) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let spun = m.elapsed();
+        assert!(slept.wall >= Duration::from_millis(20));
+        assert!(slept.cpu < Duration::from_millis(10), "{slept:?}");
+        assert!(spun.cpu >= Duration::from_millis(10), "{spun:?}");
     }
 }

@@ -429,21 +429,30 @@ async fn the_page_trains_alone_and_agrees() {
 
         // The tab counts every member it evaluated; the server only those
         // that counted (a late answer is dropped), so the tab's is not less.
-        let evaluated = js(page, "window.seedling.membersEvaluated")
-            .await
-            .as_u64()
-            .unwrap();
+        // The page redraws its figures on a timer while the tab keeps
+        // working, so the counter and the DOM are compared until they agree.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (evaluated, shown) = loop {
+            let evaluated = js(page, "window.seedling.membersEvaluated")
+                .await
+                .as_u64()
+                .unwrap();
+            let shown = page
+                .find(Locator::Id("tab-members"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if shown.replace(',', "") == evaluated.to_string() || Instant::now() > deadline {
+                break (evaluated, shown);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert!(
             evaluated >= members,
             "the tab counted {evaluated}, the server {members}"
         );
-        let shown = page
-            .find(Locator::Id("tab-members"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
         assert_eq!(shown.replace(',', ""), evaluated.to_string(), "#tab-members");
 
         stop(page, &server).await;
