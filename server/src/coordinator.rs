@@ -753,7 +753,8 @@ impl Coordinator {
             1 => {
                 let agreed = self.clients[&id].agreed as f64;
                 let p = (self.settings.replicate as f64).max(4.0 / (4.0 + agreed));
-                let others = self.clients.iter().any(|(&c, cl)| c != id && cl.hello.is_some());
+                // The claimant is past its handshake: anyone else ready can verify.
+                let others = self.ready > 1;
                 let u = (self.coin.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
                 if others && u < p {
                     self.verify.insert(m);
@@ -1249,15 +1250,12 @@ impl Coordinator {
         }
         // Jobs of the closed step are void; their results will be stale.
         self.jobs.retain(|_, j| j.step > step);
-        for c in self.clients.values_mut() {
+        for (&id, c) in self.clients.iter_mut() {
             c.job = c.job.filter(|j| self.jobs.contains_key(j));
+            if c.hello.is_some() && c.job.is_none() {
+                self.idle.insert((c.last_job, id));
+            }
         }
-        self.idle = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.hello.is_some() && c.job.is_none())
-            .map(|(&id, c)| (c.last_job, id))
-            .collect();
         self.hashes.push_back((self.replica.step, hash));
         if self.hashes.len() > 256 {
             self.hashes.pop_front();

@@ -338,6 +338,14 @@ pub async fn collect_overheads(server: &Server, until: Instant) -> BTreeMap<u64,
     out
 }
 
+/// Quantiles of what [`collect_overheads`] collected: (CPU, wall).
+pub fn overhead_quantiles(overheads: &BTreeMap<u64, (f64, f64)>) -> (Quantiles, Quantiles) {
+    (
+        Quantiles::of(overheads.values().map(|o| o.0)),
+        Quantiles::of(overheads.values().map(|o| o.1)),
+    )
+}
+
 /// `seedling-sim crowd`: `clients` simulated volunteers against `url` until
 /// stdin closes, then one JSON line of counters on stdout.
 pub async fn crowd_main(url: &str, clients: usize, verifiers: usize) {
@@ -409,8 +417,7 @@ pub async fn coordinator_bench(clients: usize, secs: u64) -> String {
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
     server.shutdown().await.unwrap();
-    let q = Quantiles::of(overheads.values().map(|o| o.0));
-    let wall = Quantiles::of(overheads.values().map(|o| o.1));
+    let (q, wall) = overhead_quantiles(&overheads);
     let steps = s.step - first.step;
     format!(
         "{{\"bench\":\"coordinator-{clients}\",\"workload\":\"RW-256\",\"target\":\"native\",\"threads\":1,\"seconds_per_step\":{:.4},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"wall_p50_ms\":{:.3},\"wall_p99_ms\":{:.3},\"steps\":{steps},\"steps_sampled\":{},\"update_p50_ms\":{:.1},\"population\":4096,\"clients\":{clients},\"dropped\":{},\"note\":\"coordinator thread CPU time per step without the replica's update and hash (wall_*: the same on the wall clock, preempted time included); compute-free simulated volunteers on loopback, in-process on the same cores; target p50 <= 5 ms\"}}",

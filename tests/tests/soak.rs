@@ -692,8 +692,7 @@ async fn thousands_of_volunteers_lose_no_step() {
     let tokens = |s: &Status| s.history.last().map_or(0, |h| h.tokens);
     let lost_members =
         (steps * per_step).abs_diff(tokens(&s) - tokens(&first)) / (es.batch as u64 * es.seq_len as u64);
-    let q = seedling_server::timing::Quantiles::of(overheads.values().map(|o| o.0));
-    let wall = seedling_server::timing::Quantiles::of(overheads.values().map(|o| o.1));
+    let (q, wall) = sim::overhead_quantiles(&overheads);
     let kib_per_conn = (rss_full.saturating_sub(rss_idle)) as f64 / clients as f64;
     println!(
         "{{\"soak\":\"load\",\"clients\":{clients},\"population\":{population},\"seconds\":{elapsed:.0},\"steps\":{steps},\"steps_per_s\":{:.2},\"lost_steps\":{lost},\"lost_members\":{lost_members},\"overhead_p50_ms\":{:.2},\"overhead_p99_ms\":{:.2},\"overhead_wall_p50_ms\":{:.2},\"overhead_wall_p99_ms\":{:.2},\"overhead_steps_sampled\":{},\"update_p50_ms\":{:.2},\"server_rss_kib_per_connection\":{kib_per_conn:.1},\"divergences\":{},\"crowd\":{report}}}",
