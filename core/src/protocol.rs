@@ -145,22 +145,72 @@ pub enum ServerMsg {
 /// Encodes any message; fails only if it exceeds `cap` bytes.
 pub fn encode<T: Serialize>(msg: &T, cap: usize) -> Result<Vec<u8>> {
     let bytes = postcard::to_allocvec(msg).map_err(|e| Error::Wire(format!("encode: {e}")))?;
-    if bytes.len() > cap {
-        return Err(Error::Wire(format!(
-            "message of {} bytes exceeds {cap}",
-            bytes.len()
-        )));
+    within(bytes.len(), cap)?;
+    Ok(bytes)
+}
+
+/// Refuses a message of `len` bytes over `cap`.
+fn within(len: usize, cap: usize) -> Result<()> {
+    if len > cap {
+        return Err(Error::Wire(format!("message of {len} bytes exceeds {cap}")));
     }
+    Ok(())
+}
+
+/// A step's minibatch in its wire form, encoded once and spliced into every
+/// [`ServerMsg::Job`] of the step by [`encode_job`].
+///
+/// postcard writes a token as a varint through serde, one call per token, so
+/// re-encoding the minibatch (about a thousand tokens) for each of a step's
+/// thousand or so jobs was most of a busy coordinator's time. The bytes are
+/// exactly those serde would write, so clients decode the usual `Job`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EncodedTokens(Vec<u8>);
+
+impl EncodedTokens {
+    /// Encodes `tokens` as the `tokens` field of a `Job`.
+    pub fn new(tokens: &[Token]) -> Result<Self> {
+        postcard::to_allocvec(tokens)
+            .map(Self)
+            .map_err(|e| Error::Wire(format!("encode: {e}")))
+    }
+}
+
+/// The fields of a `Job` before its tokens, borrowed, in declaration order
+/// (postcard writes a struct variant as its fields one after another).
+#[derive(Serialize)]
+struct JobHead<'a> {
+    step: u64,
+    job: u64,
+    members: &'a [u32],
+}
+
+/// postcard's varint of [`ServerMsg::Job`]'s variant index.
+const JOB_TAG: u8 = 2;
+
+/// The bytes of `ServerMsg::Job { step, job, members, tokens, deadline_ms }`,
+/// identical to [`encode`]'s, with the minibatch copied in already encoded;
+/// fails only if they exceed `cap`.
+pub fn encode_job(
+    step: u64,
+    job: u64,
+    members: &[u32],
+    tokens: &EncodedTokens,
+    deadline_ms: u32,
+    cap: usize,
+) -> Result<Vec<u8>> {
+    let wire = |e: postcard::Error| Error::Wire(format!("encode: {e}"));
+    let mut bytes = Vec::with_capacity(tokens.0.len() + 5 * members.len() + 32);
+    bytes.push(JOB_TAG);
+    let mut bytes = postcard::to_extend(&JobHead { step, job, members }, bytes).map_err(wire)?;
+    bytes.extend_from_slice(&tokens.0);
+    let bytes = postcard::to_extend(&deadline_ms, bytes).map_err(wire)?;
+    within(bytes.len(), cap)?;
     Ok(bytes)
 }
 
 fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], cap: usize) -> Result<T> {
-    if bytes.len() > cap {
-        return Err(Error::Wire(format!(
-            "message of {} bytes exceeds {cap}",
-            bytes.len()
-        )));
-    }
+    within(bytes.len(), cap)?;
     let (msg, rest) = postcard::take_from_bytes(bytes).map_err(|e| Error::Wire(format!("decode: {e}")))?;
     if !rest.is_empty() {
         return Err(Error::Wire(format!("{} trailing bytes", rest.len())));

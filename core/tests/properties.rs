@@ -15,7 +15,7 @@ use seedling_core::forward::{self, Minibatch};
 use seedling_core::gemm::Backend;
 use seedling_core::model::Layout;
 use seedling_core::protocol::{
-    self, ClientKind, ClientMsg, MAX_CLIENT_MESSAGE, MAX_SERVER_MESSAGE, ServerMsg,
+    self, ClientKind, ClientMsg, EncodedTokens, MAX_CLIENT_MESSAGE, MAX_SERVER_MESSAGE, ServerMsg,
 };
 use seedling_core::shaping::centered_ranks;
 use seedling_core::tokenizer::{Token, Tokenizer};
@@ -463,6 +463,23 @@ proptest! {
     fn server_messages_round_trip(msg in server_msg()) {
         let bytes = protocol::encode(&msg, MAX_SERVER_MESSAGE).unwrap();
         prop_assert_eq!(protocol::decode_server(&bytes).unwrap(), msg);
+    }
+
+    /// The coordinator's spliced job frames are the bytes serde writes.
+    #[test]
+    fn spliced_jobs_encode_like_serde(
+        step in any::<u64>(),
+        job in any::<u64>(),
+        members in prop::collection::vec(any::<u32>(), 0..64),
+        tokens in prop::collection::vec(any::<Token>(), 0..600),
+        deadline_ms in any::<u32>(),
+    ) {
+        let wire = EncodedTokens::new(&tokens).unwrap();
+        let spliced = protocol::encode_job(step, job, &members, &wire, deadline_ms, MAX_SERVER_MESSAGE).unwrap();
+        let over = protocol::encode_job(step, job, &members, &wire, deadline_ms, spliced.len() - 1);
+        prop_assert!(over.is_err(), "one byte over the cap must be refused");
+        let msg = ServerMsg::Job { step, job, members, tokens, deadline_ms };
+        prop_assert_eq!(&spliced, &protocol::encode(&msg, MAX_SERVER_MESSAGE).unwrap());
     }
 
     #[test]

@@ -38,6 +38,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{self, Checkpoint, HistoryPoint};
+use crate::ledger::Ledger;
 pub use crate::timing::Quantiles;
 use crate::timing::{Mark, StepTiming};
 
@@ -356,14 +357,15 @@ pub struct Coordinator {
     /// the member is reissued to someone else, so one stuck client cannot
     /// starve a step by taking the same members again and again.
     missed: HashMap<u32, Vec<ClientId>>,
-    results: BTreeMap<u32, f32>,
-    /// Every evaluation of a member this step, by distinct clients, in order.
-    claims: BTreeMap<u32, Vec<(ClientId, f32)>>,
+    /// Every evaluation of a member this step, by distinct clients, in
+    /// order, and the losses that count.
+    books: Ledger,
     /// Members whose claims need one more evaluation by another client.
     verify: BTreeSet<u32>,
     /// Decides which results are replicated.
     coin: seedling_core::noise::Stream,
-    tokens: Vec<Token>,
+    /// The current step's minibatch, encoded once for all its jobs.
+    tokens: protocol::EncodedTokens,
     step_started: Instant,
     /// Hashes of the authoritative replica after recent steps.
     hashes: VecDeque<(u64, u64)>,
@@ -433,11 +435,10 @@ impl Coordinator {
             next_job: 1,
             pool: BTreeSet::new(),
             missed: HashMap::new(),
-            results: BTreeMap::new(),
-            claims: BTreeMap::new(),
+            books: Ledger::default(),
             verify: BTreeSet::new(),
             coin: seedling_core::noise::Stream::new(run),
-            tokens: Vec::new(),
+            tokens: protocol::EncodedTokens::default(),
             step_started: now,
             hashes: VecDeque::new(),
             history,
@@ -745,8 +746,7 @@ impl Coordinator {
     /// Records one evaluation and decides whether the member's loss counts,
     /// needs another opinion, or exposes a liar.
     fn claim(&mut self, id: ClientId, m: u32, loss: f32) {
-        let claims = self.claims.entry(m).or_default();
-        claims.push((id, loss));
+        let claims = self.books.claim(m, (id, loss));
         let tol = self.settings.tolerance;
         let agree = |a: f32, b: f32| (a - b).abs() <= tol * a.abs().max(1.0);
         match claims.len() {
@@ -759,14 +759,14 @@ impl Coordinator {
                 if others && u < p {
                     self.verify.insert(m);
                 } else {
-                    self.results.insert(m, loss);
+                    self.books.count(m, loss);
                 }
             }
             2 => {
                 let (a, b) = (claims[0], claims[1]);
                 self.counters.replicated += 1;
                 if agree(a.1, b.1) {
-                    self.results.insert(m, a.1);
+                    self.books.count(m, a.1);
                     for c in [a.0, b.0] {
                         if let Some(cl) = self.clients.get_mut(&c) {
                             cl.agreed += 1;
@@ -788,14 +788,14 @@ impl Coordinator {
                         let good = claims[i].1;
                         let losers: Vec<ClientId> =
                             claims.iter().filter(|c| !agree(c.1, good)).map(|c| c.0).collect();
-                        self.results.insert(m, good);
+                        self.books.count(m, good);
                         for liar in losers {
                             self.strike(liar);
                         }
                     }
                     None => {
                         // Nobody agrees: start the member over.
-                        self.claims.remove(&m);
+                        self.books.forget(m);
                         self.pool.insert(m);
                     }
                 }
@@ -820,26 +820,14 @@ impl Coordinator {
             self.counters.banned += 1;
         }
         self.counters.liars += 1;
-        let touched: Vec<u32> = self
-            .claims
-            .iter()
-            .filter(|(_, v)| v.iter().any(|c| c.0 == id))
-            .map(|(&m, _)| m)
-            .collect();
-        for m in touched {
-            let v = self.claims.get_mut(&m).unwrap();
-            v.retain(|c| c.0 != id);
-            self.results.remove(&m);
+        for m in self.books.claimed_by(id) {
+            self.books.uncount(m);
             self.verify.remove(&m);
-            match v.first() {
+            if self.books.withdraw(m, id) {
                 // A surviving claim is re-checked by someone else.
-                Some(_) => {
-                    self.verify.insert(m);
-                }
-                None => {
-                    self.claims.remove(&m);
-                    self.pool.insert(m);
-                }
+                self.verify.insert(m);
+            } else {
+                self.pool.insert(m);
             }
         }
         self.reject(id, "its results disagreed with other volunteers' too often");
@@ -1002,7 +990,7 @@ impl Coordinator {
 
     fn start_step(&mut self, now: Instant) {
         let es = self.replica.config.es;
-        self.tokens = batch::step_batch(
+        let tokens = batch::step_batch(
             &self.data.train,
             self.replica.config.seed,
             self.replica.step,
@@ -1010,10 +998,10 @@ impl Coordinator {
             es.seq_len as usize,
         )
         .expect("training data was checked to hold at least one window");
+        self.tokens = protocol::EncodedTokens::new(&tokens).expect("a minibatch always encodes");
         self.pool = (0..es.population).collect();
         self.missed.clear();
-        self.results.clear();
-        self.claims.clear();
+        self.books.reset(es.population as usize);
         self.verify.clear();
         self.step_started = now;
     }
@@ -1054,10 +1042,10 @@ impl Coordinator {
                 .next_multiple_of(2);
             let size = target.max(threads).max(2).min(fair);
             let missed = &self.missed;
-            let claims = &self.claims;
+            let books = &self.books;
             let eligible = |m: &u32| {
                 missed.get(m).is_none_or(|who| !who.contains(&id))
-                    && claims.get(m).is_none_or(|v| v.iter().all(|c| c.0 != id))
+                    && books.claims(*m).iter().all(|c| c.0 != id)
             };
             let lagging = missed.values().any(|who| who.contains(&id));
             let verify: Vec<u32> = if lagging {
@@ -1096,13 +1084,15 @@ impl Coordinator {
             );
             let job_id = self.next_job;
             self.next_job += 1;
-            let msg = ServerMsg::Job {
-                step: self.replica.step,
-                job: job_id,
-                members: members.clone(),
-                tokens: self.tokens.clone(),
-                deadline_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
-            };
+            let frame = protocol::encode_job(
+                self.replica.step,
+                job_id,
+                &members,
+                &self.tokens,
+                timeout.as_millis().min(u32::MAX as u128) as u32,
+                MAX_SERVER_MESSAGE,
+            )
+            .map(Bytes::from);
             self.jobs.insert(
                 job_id,
                 Job {
@@ -1121,7 +1111,10 @@ impl Coordinator {
             if self.owners.len() > MAX_OWNERS {
                 self.owners.pop_first();
             }
-            self.send(id, &msg);
+            match frame {
+                Ok(frame) => self.send_frame(id, frame),
+                Err(e) => tracing::error!("cannot encode a job: {e}"),
+            }
         }
     }
 
@@ -1141,7 +1134,7 @@ impl Coordinator {
         let stuck_maybe = self
             .verify
             .iter()
-            .any(|m| self.claims.get(m).is_some_and(|v| v.len() + laggards.len() >= n));
+            .any(|m| self.books.claims(*m).len() + laggards.len() >= n);
         if !starved_maybe && !stuck_maybe {
             return;
         }
@@ -1172,23 +1165,23 @@ impl Coordinator {
             .verify
             .iter()
             .copied()
-            .filter(|m| {
-                self.claims.get(m).is_some_and(|v| {
-                    ready
+            .filter(|&m| {
+                let v = self.books.claims(m);
+                !v.is_empty()
+                    && ready
                         .iter()
                         .all(|r| v.iter().any(|c| c.0 == *r) || laggards.contains(r))
-                })
             })
             .collect();
         for m in stuck {
             self.verify.remove(&m);
-            let v = &self.claims[&m];
+            let v = self.books.claims(m);
             let trust = |c: &ClientId| self.clients.get(c).map_or(0, |c| c.agreed);
             let best = v
                 .iter()
                 .max_by_key(|c| (trust(&c.0), std::cmp::Reverse(c.0)))
                 .unwrap();
-            self.results.insert(m, best.1);
+            self.books.count(m, best.1);
         }
     }
 
@@ -1206,7 +1199,7 @@ impl Coordinator {
     /// Puts a job's members back: verifications to the verify set, the rest to the pool.
     fn give_back(&mut self, members: Vec<u32>) {
         for m in members {
-            if self.claims.get(&m).is_some_and(|v| !v.is_empty()) {
+            if !self.books.claims(m).is_empty() {
                 self.verify.insert(m);
             } else {
                 self.pool.insert(m);
@@ -1216,7 +1209,7 @@ impl Coordinator {
 
     fn maybe_close(&mut self, now: Instant) {
         let n = self.replica.config.es.population as usize;
-        let have = self.results.len();
+        let have = self.books.counted();
         let late = now.saturating_duration_since(self.step_started) >= self.settings.step_timeout;
         let enough = have as f64 >= (self.settings.min_fraction as f64 * n as f64).ceil().max(2.0);
         if have == n || (late && enough) {
@@ -1226,7 +1219,7 @@ impl Coordinator {
 
     fn close_step(&mut self, now: Instant) {
         let step = self.replica.step;
-        let losses: Vec<(u32, f32)> = self.results.iter().map(|(&m, &l)| (m, l)).collect();
+        let losses: Vec<(u32, f32)> = self.books.results().collect();
         let weights = shape(self.replica.config.recipe.shaping, &losses)
             .expect("losses were checked finite on arrival");
         let lr = self.lr_for(step);
@@ -1353,7 +1346,7 @@ impl Coordinator {
             step: self.replica.step,
             steps_closed: self.counters.steps_closed,
             population: self.replica.config.es.population,
-            members_done: self.results.len() as u32,
+            members_done: self.books.counted() as u32,
             params: self.replica.layout.len,
             // The hash of the current step, computed once when it closed.
             hash: format!(
@@ -1479,8 +1472,8 @@ mod tests {
     /// The bookkeeping invariants that must hold after every event.
     fn check_books(c: &Coordinator) -> Result<(), TestCaseError> {
         let n = c.replica.config.es.population;
-        prop_assert!(c.results.keys().all(|&m| m < n));
-        prop_assert!(c.pool.iter().all(|m| !c.results.contains_key(m)));
+        prop_assert!(c.books.results().all(|(m, _)| m < n));
+        prop_assert!(c.pool.iter().all(|&m| !c.books.is_counted(m)));
         prop_assert!(c.verify.iter().all(|m| !c.pool.contains(m)));
         for job in c.jobs.values() {
             prop_assert!(c.clients.contains_key(&job.client), "a job outlived its client");

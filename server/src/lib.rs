@@ -16,6 +16,7 @@
 //! - [`app`]: HTTP routes, the WebSocket handler, [`app::start`] and [`app::run`].
 //! - [`coordinator`]: the step state machine (jobs, deadlines, reissue, ranks,
 //!   updates, hash checks) on its own thread.
+//! - [`ledger`]: one step's per-member books (claims and counted losses).
 //! - [`worker`]: the native volunteer.
 //! - [`train`]: `seedling train`, a server plus in-process workers.
 //! - [`data`]: corpus loading, the default-corpus search path, baselines.
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod commands;
 pub mod coordinator;
 pub mod data;
+pub mod ledger;
 pub mod plot;
 pub mod timing;
 pub mod train;

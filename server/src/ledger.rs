@@ -1,0 +1,130 @@
+//! The books of one step's members: every evaluation a member got, by which
+//! client, and the loss that counts.
+//!
+//! The coordinator touches these once per member result, thousands of times
+//! a step with a crowd of volunteers. Ordered maps of `Vec`s allocated a tree
+//! node and a vector for nearly every member and freed them all when the step
+//! closed. A step's members are the dense range `0..population`, so the books
+//! are flat arrays indexed by member instead; a member's claims live inline
+//! (almost every member has one or two, and only a disputed one spills to the
+//! heap), and a new step clears them in place.
+
+use smallvec::SmallVec;
+
+use crate::coordinator::ClientId;
+
+/// One evaluation of a member: who reported it and the loss they reported.
+pub type Claim = (ClientId, f32);
+
+/// Claims and counted losses of the current step's members.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    claims: Vec<SmallVec<[Claim; 2]>>,
+    results: Vec<Option<f32>>,
+    counted: usize,
+}
+
+impl Ledger {
+    /// Empty books for a step of `population` members.
+    pub fn reset(&mut self, population: usize) {
+        self.claims.iter_mut().for_each(SmallVec::clear);
+        self.claims.resize_with(population, SmallVec::new);
+        self.results.clear();
+        self.results.resize(population, None);
+        self.counted = 0;
+    }
+
+    /// Evaluations of member `m` so far, in arrival order.
+    pub fn claims(&self, m: u32) -> &[Claim] {
+        self.claims.get(m as usize).map_or(&[], |c| c.as_slice())
+    }
+
+    /// Adds an evaluation of `m` and returns all of them.
+    pub fn claim(&mut self, m: u32, claim: Claim) -> &[Claim] {
+        let c = &mut self.claims[m as usize];
+        c.push(claim);
+        c
+    }
+
+    /// Drops `client`'s claims on `m`; returns whether any other claim is left.
+    pub fn withdraw(&mut self, m: u32, client: ClientId) -> bool {
+        let c = &mut self.claims[m as usize];
+        c.retain(|x| x.0 != client);
+        !c.is_empty()
+    }
+
+    /// Forgets every claim on `m` (it starts over).
+    pub fn forget(&mut self, m: u32) {
+        self.claims[m as usize].clear();
+    }
+
+    /// Members `client` has claimed this step, in member order.
+    pub fn claimed_by(&self, client: ClientId) -> Vec<u32> {
+        (0..self.claims.len() as u32)
+            .filter(|&m| self.claims[m as usize].iter().any(|c| c.0 == client))
+            .collect()
+    }
+
+    /// Makes `loss` the loss of `m` that counts.
+    pub fn count(&mut self, m: u32, loss: f32) {
+        let r = &mut self.results[m as usize];
+        self.counted += usize::from(r.is_none());
+        *r = Some(loss);
+    }
+
+    /// `m`'s loss no longer counts.
+    pub fn uncount(&mut self, m: u32) {
+        let r = &mut self.results[m as usize];
+        self.counted -= usize::from(r.is_some());
+        *r = None;
+    }
+
+    /// Whether `m` has a loss that counts.
+    pub fn is_counted(&self, m: u32) -> bool {
+        self.results.get(m as usize).is_some_and(Option::is_some)
+    }
+
+    /// Members with a loss that counts.
+    pub fn counted(&self) -> usize {
+        self.counted
+    }
+
+    /// `(member, loss)` of every member that counts, in member order.
+    pub fn results(&self) -> impl Iterator<Item = (u32, f32)> + '_ {
+        (0u32..).zip(&self.results).filter_map(|(m, r)| r.map(|l| (m, l)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn books_follow_claims_counts_and_resets() {
+        let mut l = Ledger::default();
+        l.reset(4);
+        assert_eq!(l.claim(2, (7, 1.5)), &[(7, 1.5)]);
+        assert_eq!(l.claim(2, (8, 1.5)).len(), 2);
+        l.claim(2, (9, 3.0)); // a third claim spills to the heap
+        l.claim(0, (8, 0.5));
+        assert_eq!(l.claimed_by(8), vec![0, 2]);
+        assert!(l.withdraw(2, 8));
+        assert_eq!(l.claims(2), &[(7, 1.5), (9, 3.0)]);
+        assert!(!l.withdraw(0, 8));
+        l.count(2, 1.5);
+        l.count(2, 1.5);
+        l.count(3, 2.0);
+        assert_eq!(l.counted(), 2);
+        assert!(l.is_counted(3) && !l.is_counted(1) && !l.is_counted(99));
+        l.uncount(3);
+        l.uncount(3);
+        assert_eq!(l.results().collect::<Vec<_>>(), vec![(2, 1.5)]);
+        l.forget(2);
+        assert!(l.claims(2).is_empty());
+        l.claim(1, (5, 1.0));
+        l.reset(6);
+        assert_eq!(l.counted(), 0);
+        assert!((0..6).all(|m| l.claims(m).is_empty() && !l.is_counted(m)));
+        assert!(l.claims(6).is_empty());
+    }
+}
