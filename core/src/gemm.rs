@@ -2,10 +2,14 @@
 //!
 //! [`Backend::Fast`] is `matrixmultiply`'s sgemm: packed, cache-blocked, with
 //! AVX2/FMA kernels chosen at run time natively (its `std` feature); in wasm,
-//! our own simd128 kernel (`simd128.rs`, which says why) for the RNN's
-//! shapes and `matrixmultiply`'s for the rest (the head's n = V). FMA and
-//! blocking make its last bits target-dependent, which the forward path
-//! allows (losses only feed ranks).
+//! our own simd128 kernel (`simd128.rs`, which says why) for every shape.
+//! FMA and blocking make its last bits target-dependent, which the forward
+//! path allows (losses only feed ranks).
+//!
+//! [`PackedB`] and [`sgemm_packed`] let a caller that multiplies many
+//! matrices by the same weights (the forward pass: every time step of a
+//! block) prepare the weights once: the wasm kernel packs B into panels,
+//! which otherwise happens on every call.
 //!
 //! [`Backend::Reference`] is a plain loop with one fixed summation order and
 //! no FMA, so it gives bit-identical results on every target. Tests check the
@@ -52,10 +56,8 @@ pub fn sgemm(
     assert!(c.len() >= (m - 1) * ldc + n && ldc >= n);
     match backend {
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-        Backend::Fast if simd128::supports(n) => {
-            // SAFETY: the asserts above keep every access inside the slices.
-            unsafe { simd128::sgemm(m, k, n, a, lda, b, ldb, c, ldc, beta) }
-        }
+        Backend::Fast => sgemm_packed(m, a, lda, &PackedB::new(backend, k, n, b, ldb), c, ldc, beta),
+        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
         Backend::Fast => {
             // SAFETY: the asserts above keep every access of an m x k, k x n
             // and m x n row-major matrix with these strides inside the slices;
@@ -95,6 +97,69 @@ pub fn sgemm(
             }
         }
     }
+}
+
+/// A right-hand matrix `B[k, n]` prepared for many [`sgemm_packed`] calls:
+/// the wasm kernel's packed panels (built once here instead of in every
+/// call), or natively just the borrowed matrix (`matrixmultiply` packs per
+/// call, and its packing is cheap next to its AVX2 kernel).
+pub struct PackedB<'a> {
+    backend: Backend,
+    k: usize,
+    n: usize,
+    b: &'a [f32],
+    ldb: usize,
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    packed: alloc::vec::Vec<f32>,
+}
+
+impl<'a> PackedB<'a> {
+    /// Prepares row-major `b` (row stride `ldb`) for `backend`.
+    ///
+    /// # Panics
+    /// If `b` is too short for the shape (a caller bug, never input).
+    pub fn new(backend: Backend, k: usize, n: usize, b: &'a [f32], ldb: usize) -> Self {
+        assert!(k == 0 || n == 0 || (b.len() >= (k - 1) * ldb + n && ldb >= n));
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        let packed = {
+            let mut out = alloc::vec::Vec::new();
+            if backend == Backend::Fast {
+                simd128::pack(k, n, b, ldb, &mut out);
+            }
+            out
+        };
+        Self {
+            backend,
+            k,
+            n,
+            b,
+            ldb,
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            packed,
+        }
+    }
+}
+
+/// [`sgemm`] with a prepared right-hand side: `C[m, n] = beta * C + A[m, k]
+/// * B` for the `k x n` matrix `b` holds, with `b`'s backend.
+///
+/// # Panics
+/// If a slice is too short for the given shape (a caller bug, never input).
+pub fn sgemm_packed(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: usize, beta: f32) {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    if b.backend == Backend::Fast {
+        let (k, n) = (b.k, b.n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        assert!(a.len() >= (m - 1) * lda + k && lda >= k);
+        assert!(c.len() >= (m - 1) * ldc + n && ldc >= n);
+        // SAFETY: the asserts above and in `PackedB::new` keep every access
+        // inside the slices; `packed` was built by `pack` for this k and n.
+        unsafe { simd128::sgemm_packed(m, k, n, a, lda, &b.packed, c, ldc, beta) };
+        return;
+    }
+    sgemm(b.backend, m, b.k, b.n, a, lda, b.b, b.ldb, c, ldc, beta);
 }
 
 #[cfg(test)]

@@ -20,20 +20,64 @@ use seedling_core::{NoiseKind, RunConfig};
 #[test]
 fn fast_gemm_matches_reference_at_rnn_shapes() {
     // n = H and the fused layer's k = 2H, rows not a multiple of the tiles,
-    // and the head's n = V, which no wasm tile covers.
-    for &(m, k, n) in &[(130, 64, 64), (7, 512, 256), (33, 256, 65), (5, 16, 8)] {
-        let mut a = vec![0.0; m * k];
-        let mut b = vec![0.0; k * n];
-        let mut c0 = vec![0.0; m * n];
-        noise::fill_normal(noise::derive(&[11, m as u64]), &mut a);
-        noise::fill_normal(noise::derive(&[12, n as u64]), &mut b);
-        noise::fill_normal(noise::derive(&[13, k as u64]), &mut c0);
-        for beta in [0.0, 1.0] {
-            let (mut fast, mut slow) = (c0.clone(), c0.clone());
-            gemm::sgemm(Backend::Fast, m, k, n, &a, k, &b, n, &mut fast, n, beta);
-            gemm::sgemm(Backend::Reference, m, k, n, &a, k, &b, n, &mut slow, n, beta);
-            for (x, y) in fast.iter().zip(&slow) {
-                assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{m}x{k}x{n}: {x} vs {y}");
+    // the head's n = V (the wasm kernel's zero-padded last panel), narrow
+    // and odd widths, and strides wider than the matrices (the fused pass
+    // reads one layer's slice of a row holding all layers).
+    for &(m, k, n) in &[
+        (130, 64, 64),
+        (7, 512, 256),
+        (33, 256, 65),
+        (5, 16, 8),
+        (9, 7, 3),
+        (6, 33, 17),
+        (1, 1, 1),
+    ] {
+        for (lda, ldb, ldc) in [(k, n, n), (k + 5, n + 3, n + 9)] {
+            let mut a = vec![0.0; (m - 1) * lda + k];
+            let mut b = vec![0.0; (k - 1) * ldb + n];
+            let mut c0 = vec![0.0; (m - 1) * ldc + n];
+            noise::fill_normal(noise::derive(&[11, m as u64]), &mut a);
+            noise::fill_normal(noise::derive(&[12, n as u64]), &mut b);
+            noise::fill_normal(noise::derive(&[13, k as u64]), &mut c0);
+            let packed = gemm::PackedB::new(Backend::Fast, k, n, &b, ldb);
+            for beta in [0.0, 1.0] {
+                let mut slow = c0.clone();
+                gemm::sgemm(
+                    Backend::Reference,
+                    m,
+                    k,
+                    n,
+                    &a,
+                    lda,
+                    &b,
+                    ldb,
+                    &mut slow,
+                    ldc,
+                    beta,
+                );
+                let mut fast = c0.clone();
+                gemm::sgemm(Backend::Fast, m, k, n, &a, lda, &b, ldb, &mut fast, ldc, beta);
+                // The prepared weights, used more than once, as the forward
+                // pass uses them for every time step.
+                let mut fast_packed = c0.clone();
+                for _ in 0..2 {
+                    fast_packed.clone_from(&c0);
+                    gemm::sgemm_packed(m, &a, lda, &packed, &mut fast_packed, ldc, beta);
+                }
+                for (i, &y) in slow.iter().enumerate() {
+                    // Entries between rows (the stride's padding) are untouched.
+                    let inside = i % ldc < n;
+                    for x in [fast[i], fast_packed[i]] {
+                        if inside {
+                            assert!(
+                                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                                "{m}x{k}x{n} strides {lda},{ldb},{ldc}: {x} vs {y}"
+                            );
+                        } else {
+                            assert_eq!(x, c0[i], "{m}x{k}x{n}: wrote outside C at {i}");
+                        }
+                    }
+                }
             }
         }
     }

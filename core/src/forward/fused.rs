@@ -27,7 +27,7 @@ use alloc::vec::Vec;
 
 use super::{LowRankPop, Minibatch, add_rank_r, dot};
 use crate::activation::{nll_fast, tanh_fast};
-use crate::gemm::{Backend, sgemm};
+use crate::gemm::{Backend, PackedB, sgemm_packed};
 use crate::model::Layout;
 
 /// Rows (sequences) per block: 8 members of RW-256 (B = 16). The block's
@@ -217,29 +217,25 @@ fn run(
         .collect();
     let bias_out = member_bias(params, layout, 3 * nl + 1, pert, first, members);
     let member = |k: usize| if pert.is_some() { k } else { 0 };
-    for t in 0..batch.seq_len() {
-        for l in 0..nl {
-            // pre = [h_{l-1}, h_l] x [W_ih; W_hh], or h_0 x W_hh for layer 0.
-            let (k_in, a_off, w0) = if l == 0 {
-                (h, 0, layout.w_hh(0).offset)
-            } else {
-                (2 * h, (l - 1) * h, layout.w_ih(l).offset)
-            };
+    // Layer l's weights: [W_ih; W_hh] (K = 2H), or W_hh for layer 0 (its
+    // input is one-hot); prepared once for all time steps of the block.
+    let weights: Vec<PackedB> = (0..nl)
+        .map(|l| {
             debug_assert_eq!(layout.w_ih(l).range().end, layout.w_hh(l).offset);
-            let wmat = &params[w0..w0 + k_in * h];
-            sgemm(
-                Backend::Fast,
-                rows,
-                k_in,
-                h,
-                &hs[a_off..],
-                w,
-                wmat,
-                h,
-                &mut pre,
-                h,
-                0.0,
-            );
+            let (k_in, w0) = if l == 0 {
+                (h, layout.w_hh(0).offset)
+            } else {
+                (2 * h, layout.w_ih(l).offset)
+            };
+            PackedB::new(Backend::Fast, k_in, h, &params[w0..w0 + k_in * h], h)
+        })
+        .collect();
+    let w_out = PackedB::new(Backend::Fast, h, v, &params[layout.w_out().range()], v);
+    for t in 0..batch.seq_len() {
+        for (l, wl) in weights.iter().enumerate() {
+            // pre = [h_{l-1}, h_l] x [W_ih; W_hh], or h_0 x W_hh for layer 0.
+            let a_off = l.saturating_sub(1) * h;
+            sgemm_packed(rows, &hs[a_off..], w, wl, &mut pre, h, 0.0);
             let emb0 = layout.w_ih(0).offset;
             for row in 0..rows {
                 let k = row / bsz;
@@ -277,20 +273,7 @@ fn run(
             }
         }
         let top = (nl - 1) * h;
-        let w_out = layout.w_out();
-        sgemm(
-            Backend::Fast,
-            rows,
-            h,
-            v,
-            &hs[top..],
-            w,
-            &params[w_out.range()],
-            v,
-            &mut logits,
-            v,
-            0.0,
-        );
+        sgemm_packed(rows, &hs[top..], w, &w_out, &mut logits, v, 0.0);
         for row in 0..rows {
             let k = row / bsz;
             let z = &mut logits[row * v..(row + 1) * v];

@@ -1,19 +1,30 @@
-//! The wasm simd128 GEMM of [`Backend::Fast`](super::Backend::Fast) for the
-//! RNN's shapes: `C[m, n] (+)= A[m, k] B[k, n]` with `n` a multiple of 8
-//! (the recurrent and fused layers: n = H), row-major.
+//! The wasm simd128 GEMM of [`Backend::Fast`](super::Backend::Fast):
+//! `C[m, n] (+)= A[m, k] B[k, n]`, row-major, any shape.
 //!
 //! Why not `matrixmultiply`'s wasm kernel: its 8 x 8 tile keeps 16 vector
 //! accumulators, which is every SIMD register V8 has on x86-64 before the
 //! operands, so it spills. This 4 x 8 tile keeps 8 accumulators, two B
-//! vectors and one broadcast A value in registers. Without FMA in plain
+//! vectors and the broadcast A values in registers. Without FMA in plain
 //! simd128 a multiply and an add per lane is the floor, so the kernel is
-//! arithmetic-bound once its operands stay in registers and the L1 cache:
-//! B is packed once per call into panels of 8 columns (`k x 8` floats,
-//! 16 KiB for k = 512), and each panel is swept down all rows of A before
-//! the next, so the panel stays in L1 while A streams from L2 (the forward
-//! pass calls this with L2-sized row blocks).
+//! bound by arithmetic and instruction issue once its operands stay in
+//! registers and the L1 cache: B is packed into panels of 8 columns (`k x 8`
+//! floats, 16 KiB for k = 512; the last panel zero-padded, so the head's
+//! n = V = 65 runs here too), and each panel is swept down all rows of A
+//! before the next, so the panel stays in L1 while A streams from L2 (the
+//! forward pass calls this with L2-sized row blocks, and packs each weight
+//! matrix once per block, not once per call: [`super::PackedB`]).
+//!
+//! What was measured and not kept (V8 in Node 20 and Chromium 156, which
+//! compile this to SSE/AVX with 15 usable xmm registers and fold no constant
+//! into an address, so every distinct address costs an instruction):
+//! 5 x 8 and 6 x 8 tiles spill an accumulator to the stack and turn the loop
+//! into a store-to-load chain (0.6x); unrolling k by 2 or 4 lets LLVM's
+//! wasm output group the products per accumulator, which keeps all the
+//! unrolled B vectors live and spills too (0.75x); packing A as well (one
+//! pointer for the tile's rows) saves nothing, as each broadcast still needs
+//! its own address.
 
-use alloc::vec;
+use alloc::vec::Vec;
 use core::arch::wasm32::*;
 
 /// Columns per panel and tile.
@@ -21,92 +32,123 @@ const NR: usize = 8;
 /// Rows per tile.
 const MR: usize = 4;
 
-/// Whether [`sgemm`] handles this shape (`n` a multiple of [`NR`]).
-pub(super) fn supports(n: usize) -> bool {
-    n % NR == 0
+/// Floats [`pack`] writes for a `k x n` matrix.
+pub(super) fn packed_len(k: usize, n: usize) -> usize {
+    n.div_ceil(NR) * k * NR
 }
 
-/// `C = beta * C + A B` for row-major matrices with row strides `lda`,
-/// `ldb`, `ldc`; `beta` is 0 or 1, and `n` a multiple of [`NR`].
+/// Packs row-major `B[k, n]` (row stride `ldb`) into `out` as panels of
+/// [`NR`] columns, each `k` rows of `NR` floats, the last zero-padded.
+pub(super) fn pack(k: usize, n: usize, b: &[f32], ldb: usize, out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(packed_len(k, n), 0.0);
+    if k == 0 {
+        return;
+    }
+    for (p, panel) in out.chunks_exact_mut(k * NR).enumerate() {
+        let (j0, w) = (p * NR, NR.min(n - p * NR));
+        for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+            dst[..w].copy_from_slice(&b[kk * ldb + j0..kk * ldb + j0 + w]);
+        }
+    }
+}
+
+/// `C = beta * C + A B` for row-major `A` and `C` (row strides `lda`,
+/// `ldc`) and `B` packed by [`pack`]; `beta` is 0 or 1.
 ///
 /// # Safety
 /// The matrices must lie inside the slices (the caller checks this with
-/// the same asserts as the portable path).
+/// the same asserts as the portable path) and `packed` must hold
+/// [`packed_len`]`(k, n)` floats.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn sgemm(
+pub(super) unsafe fn sgemm_packed(
     m: usize,
     k: usize,
     n: usize,
     a: &[f32],
     lda: usize,
-    b: &[f32],
-    ldb: usize,
+    packed: &[f32],
     c: &mut [f32],
     ldc: usize,
     beta: f32,
 ) {
-    debug_assert!(supports(n));
-    let mut packed = vec![0.0f32; k * n];
-    for (p, panel) in packed.chunks_exact_mut(k * NR).enumerate() {
-        for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
-            let src = kk * ldb + p * NR;
-            dst.copy_from_slice(&b[src..src + NR]);
-        }
-    }
+    debug_assert!(packed.len() >= packed_len(k, n));
     let (a, c) = (a.as_ptr(), c.as_mut_ptr());
-    for (p, panel) in packed.chunks_exact(k * NR).enumerate() {
-        let bp = panel.as_ptr();
+    for p in 0..n.div_ceil(NR) {
+        // SAFETY: panel p lies inside `packed`.
+        let bp = unsafe { packed.as_ptr().add(p * k * NR) };
+        let w = NR.min(n - p * NR);
         let mut i = 0;
         // SAFETY (both loops): rows i..i + MR (or i) of A and C and columns
-        // p*NR..(p+1)*NR of C are inside the slices, per the caller's checks.
+        // p*NR..p*NR + w of C are inside the slices, per the caller's checks.
         while i + MR <= m {
-            unsafe { tile::<MR>(k, a.add(i * lda), lda, bp, c.add(i * ldc + p * NR), ldc, beta) };
+            unsafe {
+                let acc = tile::<MR>(k, a.add(i * lda), lda, bp);
+                store(&acc, c.add(i * ldc + p * NR), ldc, w, beta);
+            }
             i += MR;
         }
         while i < m {
-            unsafe { tile::<1>(k, a.add(i * lda), lda, bp, c.add(i * ldc + p * NR), ldc, beta) };
+            unsafe {
+                let acc = tile::<1>(k, a.add(i * lda), lda, bp);
+                store(&acc, c.add(i * ldc + p * NR), ldc, w, beta);
+            }
             i += 1;
         }
     }
 }
 
-/// One `R x 8` tile of C over the whole depth `k`: two accumulators per row.
-#[inline(always)]
-unsafe fn tile<const R: usize>(
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    beta: f32,
-) {
+/// One `R x 8` tile of `A B` over the whole depth `k`: two accumulators
+/// (columns 0..4 and 4..8) per row.
+///
+/// Not inlined on purpose: V8 allocates registers per function, and inside
+/// the caller's loops it kept the loop counter on the stack (Node) or spilled
+/// accumulators (Chromium); alone, the loop keeps everything in registers
+/// (1.1x in Chromium; the call is once per `k`-long loop).
+#[inline(never)]
+unsafe fn tile<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32) -> [[v128; 2]; R] {
     let zero = f32x4_splat(0.0);
-    let mut lo = [zero; R];
-    let mut hi = [zero; R];
+    let mut acc = [[zero; 2]; R];
     for kk in 0..k {
         // SAFETY: the panel holds k rows of NR floats; row r of A holds k.
         unsafe {
             let b0 = v128_load(b.add(kk * NR) as *const v128);
             let b1 = v128_load(b.add(kk * NR + 4) as *const v128);
-            for r in 0..R {
+            for (r, acc) in acc.iter_mut().enumerate() {
                 let x = v128_load32_splat(a.add(r * lda + kk) as *const u32);
-                lo[r] = f32x4_add(lo[r], f32x4_mul(x, b0));
-                hi[r] = f32x4_add(hi[r], f32x4_mul(x, b1));
+                acc[0] = f32x4_add(acc[0], f32x4_mul(x, b0));
+                acc[1] = f32x4_add(acc[1], f32x4_mul(x, b1));
             }
         }
     }
-    for r in 0..R {
-        // SAFETY: row r of the tile, 8 floats, is inside C.
+    acc
+}
+
+/// Writes (`beta` = 0) or adds (`beta` = 1) a tile's rows to C, only their
+/// first `w` columns (the last panel of a width that is not a multiple of 8).
+#[inline(always)]
+unsafe fn store<const R: usize>(acc: &[[v128; 2]; R], c: *mut f32, ldc: usize, w: usize, beta: f32) {
+    for (r, row) in acc.iter().enumerate() {
+        // SAFETY: columns 0..w of row r of the tile are inside C.
         unsafe {
-            let p0 = c.add(r * ldc) as *mut v128;
-            let p1 = c.add(r * ldc + 4) as *mut v128;
-            if beta == 0.0 {
-                v128_store(p0, lo[r]);
-                v128_store(p1, hi[r]);
+            let cr = c.add(r * ldc);
+            if w == NR {
+                let (p0, p1) = (cr as *mut v128, cr.add(4) as *mut v128);
+                if beta == 0.0 {
+                    v128_store(p0, row[0]);
+                    v128_store(p1, row[1]);
+                } else {
+                    v128_store(p0, f32x4_add(v128_load(p0), row[0]));
+                    v128_store(p1, f32x4_add(v128_load(p1), row[1]));
+                }
             } else {
-                v128_store(p0, f32x4_add(v128_load(p0), lo[r]));
-                v128_store(p1, f32x4_add(v128_load(p1), hi[r]));
+                let mut tmp = [0.0f32; NR];
+                v128_store(tmp.as_mut_ptr() as *mut v128, row[0]);
+                v128_store(tmp.as_mut_ptr().add(4) as *mut v128, row[1]);
+                for (j, &t) in tmp[..w].iter().enumerate() {
+                    let cj = cr.add(j);
+                    *cj = if beta == 0.0 { t } else { *cj + t };
+                }
             }
         }
     }
