@@ -188,9 +188,10 @@ struct JobHead<'a> {
 /// postcard's varint of [`ServerMsg::Job`]'s variant index.
 const JOB_TAG: u8 = 2;
 
-/// The bytes of `ServerMsg::Job { step, job, members, tokens, deadline_ms }`,
-/// identical to [`encode`]'s, with the minibatch copied in already encoded;
-/// fails only if they exceed `cap`.
+/// Appends to `out` the bytes of `ServerMsg::Job { step, job, members,
+/// tokens, deadline_ms }`, identical to [`encode`]'s, with the minibatch
+/// copied in already encoded; fails, leaving `out` as it was, only if they
+/// exceed `cap`. Appending lets the caller reuse one buffer for every job.
 pub fn encode_job(
     step: u64,
     job: u64,
@@ -198,15 +199,17 @@ pub fn encode_job(
     tokens: &EncodedTokens,
     deadline_ms: u32,
     cap: usize,
-) -> Result<Vec<u8>> {
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let start = out.len();
     let wire = |e: postcard::Error| Error::Wire(format!("encode: {e}"));
-    let mut bytes = Vec::with_capacity(tokens.0.len() + 5 * members.len() + 32);
-    bytes.push(JOB_TAG);
-    let mut bytes = postcard::to_extend(&JobHead { step, job, members }, bytes).map_err(wire)?;
+    out.reserve(tokens.0.len() + 5 * members.len() + 32);
+    out.push(JOB_TAG);
+    let mut bytes =
+        postcard::to_extend(&JobHead { step, job, members }, core::mem::take(out)).map_err(wire)?;
     bytes.extend_from_slice(&tokens.0);
-    let bytes = postcard::to_extend(&deadline_ms, bytes).map_err(wire)?;
-    within(bytes.len(), cap)?;
-    Ok(bytes)
+    *out = postcard::to_extend(&deadline_ms, bytes).map_err(wire)?;
+    within(out.len() - start, cap).inspect_err(|_| out.truncate(start))
 }
 
 fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], cap: usize) -> Result<T> {

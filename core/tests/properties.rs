@@ -475,9 +475,12 @@ proptest! {
         deadline_ms in any::<u32>(),
     ) {
         let wire = EncodedTokens::new(&tokens).unwrap();
-        let spliced = protocol::encode_job(step, job, &members, &wire, deadline_ms, MAX_SERVER_MESSAGE).unwrap();
-        let over = protocol::encode_job(step, job, &members, &wire, deadline_ms, spliced.len() - 1);
-        prop_assert!(over.is_err(), "one byte over the cap must be refused");
+        let mut spliced = vec![7u8];
+        protocol::encode_job(step, job, &members, &wire, deadline_ms, MAX_SERVER_MESSAGE, &mut spliced).unwrap();
+        prop_assert_eq!(spliced.remove(0), 7, "appends after what the buffer held");
+        let mut out = vec![];
+        let over = protocol::encode_job(step, job, &members, &wire, deadline_ms, spliced.len() - 1, &mut out);
+        prop_assert!(over.is_err() && out.is_empty(), "one byte over the cap must be refused");
         let msg = ServerMsg::Job { step, job, members, tokens, deadline_ms };
         prop_assert_eq!(&spliced, &protocol::encode(&msg, MAX_SERVER_MESSAGE).unwrap());
     }

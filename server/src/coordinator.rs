@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rand_core::RngCore;
 use seedling_core::protocol::{
     self, ClientKind, ClientMsg, MAX_SERVER_MESSAGE, PROTOCOL_VERSION, ServerMsg, SessionToken,
@@ -38,12 +38,29 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{self, Checkpoint, HistoryPoint};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, MemberSet};
 pub use crate::timing::Quantiles;
 use crate::timing::{Mark, StepTiming};
 
 /// Recent job owners remembered to classify late results.
 const MAX_OWNERS: usize = 100_000;
+
+/// Bytes allocated at a time for job frames (a block is freed once every
+/// frame carved from it has been sent).
+const FRAME_BLOCK: usize = 64 << 10;
+
+/// How long the coordinator sleeps when its queue runs dry while events are
+/// coming in (see [`Coordinator::run`]).
+const COALESCE: Duration = Duration::from_micros(500);
+
+/// Without a client event for this long, the coordinator blocks on its
+/// queue (ticks do not count: they come every 20 ms even on an idle server).
+const QUIET: Duration = Duration::from_millis(5);
+
+/// Ticks refresh the published status at most this often; closing a step
+/// and admin commands publish at once. Building the status walks every
+/// client, which at 50 ticks a second was a visible part of a busy step.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 /// Sessions remembered (trust earned, or a ban) after their connection
 /// ended; the oldest is forgotten first, so memory stays bounded.
@@ -338,7 +355,9 @@ pub struct Coordinator {
     data: RunData,
     replica: Replica,
     run: u64,
-    clients: BTreeMap<ClientId, Client>,
+    /// Hashed rather than ordered: the coordinator looks a client up several
+    /// times per result, and nothing depends on the order of connections.
+    clients: HashMap<ClientId, Client>,
     /// Clients past the handshake with no job, by (last job, id): the
     /// serve order of [`Coordinator::assign`]. Kept in step with `clients`
     /// on every change, so handing out work never scans every connection
@@ -349,10 +368,11 @@ pub struct Coordinator {
     jobs: HashMap<u64, Job>,
     /// Who each recent job was issued to, live or not, to tell a late
     /// result (stale, dropped) from a forged one (rejected).
-    owners: BTreeMap<u64, ClientId>,
+    /// Job ids only grow, so this is sorted and searched by bisection.
+    owners: VecDeque<(u64, ClientId)>,
     next_job: u64,
     /// Members of the current step not yet handed out (or handed back).
-    pool: BTreeSet<u32>,
+    pool: MemberSet,
     /// Clients that let a job with this member expire in the current step;
     /// the member is reissued to someone else, so one stuck client cannot
     /// starve a step by taking the same members again and again.
@@ -361,11 +381,16 @@ pub struct Coordinator {
     /// order, and the losses that count.
     books: Ledger,
     /// Members whose claims need one more evaluation by another client.
-    verify: BTreeSet<u32>,
+    verify: MemberSet,
     /// Decides which results are replicated.
     coin: seedling_core::noise::Stream,
     /// The current step's minibatch, encoded once for all its jobs.
     tokens: protocol::EncodedTokens,
+    /// Where a job is encoded before it is copied into `frames`.
+    job_buf: Vec<u8>,
+    /// Job frames are carved from shared blocks of this buffer, so a step's
+    /// thousand jobs cost a few allocations, not one each.
+    frames: BytesMut,
     step_started: Instant,
     /// Hashes of the authoritative replica after recent steps.
     hashes: VecDeque<(u64, u64)>,
@@ -378,6 +403,8 @@ pub struct Coordinator {
     counters: Counters,
     /// Set by the operator: no jobs are handed out.
     paused: bool,
+    /// When a tick last published the status.
+    published: Instant,
     /// Busy time per step, for [`Status::step_overhead_ms`].
     timing: StepTiming,
     /// Set by the operator: the learning rate of every update from now on.
@@ -427,18 +454,20 @@ impl Coordinator {
             settings,
             data,
             run,
-            clients: BTreeMap::new(),
+            clients: HashMap::new(),
             idle: BTreeSet::new(),
             ready: 0,
             jobs: HashMap::new(),
-            owners: BTreeMap::new(),
+            owners: VecDeque::new(),
             next_job: 1,
-            pool: BTreeSet::new(),
+            pool: MemberSet::default(),
             missed: HashMap::new(),
             books: Ledger::default(),
-            verify: BTreeSet::new(),
+            verify: MemberSet::default(),
             coin: seedling_core::noise::Stream::new(run),
             tokens: protocol::EncodedTokens::default(),
+            job_buf: Vec::new(),
+            frames: BytesMut::new(),
             step_started: now,
             hashes: VecDeque::new(),
             history,
@@ -449,6 +478,7 @@ impl Coordinator {
             status: Arc::new(Mutex::new(Status::default())),
             counters: Counters::default(),
             paused: false,
+            published: now,
             timing: StepTiming::default(),
             lr_override: None,
             sessions: HashMap::new(),
@@ -494,12 +524,36 @@ impl Coordinator {
 
     /// Runs until [`Event::Shutdown`] or every sender is gone, then writes a
     /// final checkpoint.
+    ///
+    /// While events keep coming, an empty queue is met with a short sleep
+    /// rather than a wait for the next event: a crowd of volunteers sends
+    /// results a few microseconds apart, and waking the thread for each one
+    /// cost more than handling it. After [`QUIET`] without events the thread
+    /// waits for the next event as usual, so an idle server stays idle. The
+    /// price is at most [`COALESCE`] of latency per event, against jobs that
+    /// take volunteers about half a second.
     pub fn run(mut self, mut events: mpsc::Receiver<Event>) {
-        while let Some(ev) = events.blocking_recv() {
+        let mut last_event = Instant::now();
+        loop {
+            let ev = match events.try_recv() {
+                Ok(ev) => ev,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) if last_event.elapsed() < QUIET => {
+                    std::thread::sleep(COALESCE);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => match events.blocking_recv() {
+                    Some(ev) => ev,
+                    None => break,
+                },
+            };
             if matches!(ev, Event::Shutdown) {
                 break;
             }
             let now = Instant::now();
+            if !matches!(ev, Event::Tick) {
+                last_event = now;
+            }
             self.timing.enter();
             self.handle(ev, now);
             self.timing.leave();
@@ -556,7 +610,11 @@ impl Coordinator {
             Event::Tick => {
                 self.on_tick(now);
                 self.assign(now);
-                return self.publish();
+                if now.saturating_duration_since(self.published) >= PUBLISH_EVERY {
+                    self.published = now;
+                    self.publish();
+                }
+                return;
             }
             Event::Shutdown => {}
         }
@@ -688,7 +746,10 @@ impl Coordinator {
         if !live {
             // A job that was reissued or whose step closed: a slow volunteer,
             // not a hostile one. A job never issued to this client is hostile.
-            let ours = self.owners.get(&job_id) == Some(&id);
+            let ours = self
+                .owners
+                .binary_search_by_key(&job_id, |o| o.0)
+                .is_ok_and(|i| self.owners[i].1 == id);
             if !ours || step > current {
                 return self.reject(
                     id,
@@ -822,7 +883,7 @@ impl Coordinator {
         self.counters.liars += 1;
         for m in self.books.claimed_by(id) {
             self.books.uncount(m);
-            self.verify.remove(&m);
+            self.verify.remove(m);
             if self.books.withdraw(m, id) {
                 // A surviving claim is re-checked by someone else.
                 self.verify.insert(m);
@@ -999,7 +1060,7 @@ impl Coordinator {
         )
         .expect("training data was checked to hold at least one window");
         self.tokens = protocol::EncodedTokens::new(&tokens).expect("a minibatch always encodes");
-        self.pool = (0..es.population).collect();
+        self.pool.fill(es.population as usize);
         self.missed.clear();
         self.books.reset(es.population as usize);
         self.verify.clear();
@@ -1051,19 +1112,18 @@ impl Coordinator {
             let verify: Vec<u32> = if lagging {
                 Vec::new()
             } else {
-                self.verify.iter().copied().filter(eligible).take(size).collect()
+                self.verify.iter().filter(eligible).take(size).collect()
             };
             let fresh: Vec<u32> = self
                 .pool
                 .iter()
-                .copied()
                 .filter(eligible)
                 .take(size - verify.len())
                 .collect();
-            for m in &verify {
+            for &m in &verify {
                 self.verify.remove(m);
             }
-            for m in &fresh {
+            for &m in &fresh {
                 self.pool.remove(m);
             }
             let members: Vec<u32> = verify.into_iter().chain(fresh).collect();
@@ -1084,6 +1144,7 @@ impl Coordinator {
             );
             let job_id = self.next_job;
             self.next_job += 1;
+            self.job_buf.clear();
             let frame = protocol::encode_job(
                 self.replica.step,
                 job_id,
@@ -1091,8 +1152,15 @@ impl Coordinator {
                 &self.tokens,
                 timeout.as_millis().min(u32::MAX as u128) as u32,
                 MAX_SERVER_MESSAGE,
+                &mut self.job_buf,
             )
-            .map(Bytes::from);
+            .map(|()| {
+                if self.frames.capacity() < self.job_buf.len() {
+                    self.frames.reserve(FRAME_BLOCK.max(self.job_buf.len()));
+                }
+                self.frames.extend_from_slice(&self.job_buf);
+                self.frames.split().freeze()
+            });
             self.jobs.insert(
                 job_id,
                 Job {
@@ -1107,9 +1175,9 @@ impl Coordinator {
             client.job = Some(job_id);
             client.last_job = job_id;
             self.idle.remove(&(last_job, id));
-            self.owners.insert(job_id, id);
+            self.owners.push_back((job_id, id));
             if self.owners.len() > MAX_OWNERS {
-                self.owners.pop_first();
+                self.owners.pop_front();
             }
             match frame {
                 Ok(frame) => self.send_frame(id, frame),
@@ -1134,7 +1202,7 @@ impl Coordinator {
         let stuck_maybe = self
             .verify
             .iter()
-            .any(|m| self.books.claims(*m).len() + laggards.len() >= n);
+            .any(|m| self.books.claims(m).len() + laggards.len() >= n);
         if !starved_maybe && !stuck_maybe {
             return;
         }
@@ -1153,7 +1221,7 @@ impl Coordinator {
             .missed
             .keys()
             .copied()
-            .filter(|m| self.pool.contains(m) && missed_by_all(m))
+            .filter(|&m| self.pool.contains(m) && missed_by_all(&m))
             .collect();
         for m in starved {
             self.missed.remove(&m);
@@ -1164,7 +1232,6 @@ impl Coordinator {
         let stuck: Vec<u32> = self
             .verify
             .iter()
-            .copied()
             .filter(|&m| {
                 let v = self.books.claims(m);
                 !v.is_empty()
@@ -1174,7 +1241,7 @@ impl Coordinator {
             })
             .collect();
         for m in stuck {
-            self.verify.remove(&m);
+            self.verify.remove(m);
             let v = self.books.claims(m);
             let trust = |c: &ClientId| self.clients.get(c).map_or(0, |c| c.agreed);
             let best = v
@@ -1473,11 +1540,11 @@ mod tests {
     fn check_books(c: &Coordinator) -> Result<(), TestCaseError> {
         let n = c.replica.config.es.population;
         prop_assert!(c.books.results().all(|(m, _)| m < n));
-        prop_assert!(c.pool.iter().all(|&m| !c.books.is_counted(m)));
+        prop_assert!(c.pool.iter().all(|m| !c.books.is_counted(m)));
         prop_assert!(c.verify.iter().all(|m| !c.pool.contains(m)));
         for job in c.jobs.values() {
             prop_assert!(c.clients.contains_key(&job.client), "a job outlived its client");
-            prop_assert!(job.members.iter().all(|m| !c.pool.contains(m)));
+            prop_assert!(job.members.iter().all(|&m| !c.pool.contains(m)));
         }
         for (id, cl) in &c.clients {
             prop_assert!(

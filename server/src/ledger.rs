@@ -95,9 +95,130 @@ impl Ledger {
     }
 }
 
+/// A set of the step's members (the pool still to hand out, the members
+/// awaiting verification), as a bitmap.
+///
+/// Handing out a job takes the first few members in order, so the set keeps
+/// a hint of its first non-empty word: taking from the front is O(1)
+/// amortized, where an ordered tree paid a search and a rebalance for every
+/// member taken.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberSet {
+    words: Vec<u64>,
+    len: usize,
+    /// No member below `64 * first` is in the set.
+    first: usize,
+}
+
+impl MemberSet {
+    /// Makes the set hold exactly the members `0..n`.
+    pub fn fill(&mut self, n: usize) {
+        self.words.clear();
+        self.words.resize(n / 64, u64::MAX);
+        if n % 64 != 0 {
+            self.words.push((1u64 << (n % 64)) - 1);
+        }
+        (self.len, self.first) = (n, 0);
+    }
+
+    /// Adds `m`; returns whether it was absent.
+    pub fn insert(&mut self, m: u32) -> bool {
+        let (w, bit) = (m as usize / 64, 1u64 << (m % 64));
+        if w >= self.words.len() {
+            self.words.resize(w + 1, 0);
+        }
+        let absent = self.words[w] & bit == 0;
+        self.words[w] |= bit;
+        self.len += usize::from(absent);
+        self.first = self.first.min(w);
+        absent
+    }
+
+    /// Takes `m` out; returns whether it was present.
+    pub fn remove(&mut self, m: u32) -> bool {
+        let (w, bit) = (m as usize / 64, 1u64 << (m % 64));
+        let present = self.words.get(w).is_some_and(|x| x & bit != 0);
+        if present {
+            self.words[w] &= !bit;
+            self.len -= 1;
+            while self.words.get(self.first) == Some(&0) {
+                self.first += 1;
+            }
+        }
+        present
+    }
+
+    /// Whether `m` is in the set.
+    pub fn contains(&self, m: u32) -> bool {
+        self.words
+            .get(m as usize / 64)
+            .is_some_and(|x| x & (1u64 << (m % 64)) != 0)
+    }
+
+    /// Members in the set.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Empties the set.
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+        (self.len, self.first) = (0, self.words.len());
+    }
+
+    /// The members in increasing order.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        let words = self.words.get(self.first..).unwrap_or(&[]);
+        (self.first..).zip(words).flat_map(|(w, &word)| {
+            let mut rest = word;
+            core::iter::from_fn(move || {
+                (rest != 0).then(|| {
+                    let b = rest.trailing_zeros();
+                    rest &= rest - 1;
+                    (w * 64) as u32 + b
+                })
+            })
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    proptest! {
+        /// The bitmap behaves like an ordered set under any operations.
+        #[test]
+        fn member_sets_behave_like_ordered_sets(
+            n in 0usize..300,
+            ops in prop::collection::vec((0u8..4, 0u32..320), 0..200),
+        ) {
+            let mut set = MemberSet::default();
+            set.fill(n);
+            let mut model: BTreeSet<u32> = (0..n as u32).collect();
+            for (op, m) in ops {
+                match op {
+                    0 => prop_assert_eq!(set.insert(m), model.insert(m)),
+                    1 | 2 => prop_assert_eq!(set.remove(m), model.remove(&m)),
+                    _ if m % 16 == 0 => {
+                        set.clear();
+                        model.clear();
+                    }
+                    _ => prop_assert_eq!(set.contains(m), model.contains(&m)),
+                }
+                prop_assert_eq!(set.len(), model.len());
+                prop_assert_eq!(set.is_empty(), model.is_empty());
+                prop_assert!(set.iter().eq(model.iter().copied()));
+            }
+        }
+    }
 
     #[test]
     fn books_follow_claims_counts_and_resets() {
