@@ -20,6 +20,7 @@
 //! - [`activation`]: tanh and cross-entropy, fast and reference flavours.
 //! - [`gemm`]: the matrix multiply used by the forward pass (fast and reference).
 //! - [`forward`]: population-batched loss evaluation (low-rank and full noise).
+//! - [`mingru`]: a minGRU cell on the study path (not part of the run config).
 //! - [`shaping`]: centered ranks of the losses.
 //! - [`update`]: the ES gradient rebuilt from seeds and weights.
 //! - [`adam`]: the optimizer, bit-identical on every target.
@@ -46,6 +47,7 @@ pub mod forward;
 pub mod gemm;
 pub mod generate;
 pub mod hash;
+pub mod mingru;
 pub mod model;
 pub mod noise;
 pub mod protocol;

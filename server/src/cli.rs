@@ -128,7 +128,8 @@ pub struct RunArgs {
     /// Sequences per minibatch [default: 1; 32 with --method bptt].
     #[arg(long)]
     pub batch: Option<u32>,
-    /// Predicted characters per sequence [default: 64].
+    /// Predicted characters per training sequence [default: 64]. Validation
+    /// always uses windows of 65 characters, whatever this is.
     #[arg(long)]
     pub seq_len: Option<u32>,
     /// Noise scale [default: 0.02].
@@ -188,7 +189,7 @@ pub struct RunArgs {
     /// Validation loss every this many steps [default: 25].
     #[arg(long)]
     pub eval_every: Option<u64>,
-    /// Validation windows of seq-len+1 characters [default: 256].
+    /// Validation windows of 65 characters [default: 256].
     #[arg(long)]
     pub eval_windows: Option<usize>,
     /// Checkpoint every this many steps [default: 100].
@@ -338,7 +339,9 @@ impl RunArgs {
             "the training text is shorter than one sequence of {} characters",
             t + 1
         );
-        let val_windows = data::validation_windows(&corpus.val, t, self.eval_windows.unwrap_or(256));
+        let val_seq_len = data::VAL_SEQ_LEN;
+        let val_windows =
+            data::validation_windows(&corpus.val, val_seq_len, self.eval_windows.unwrap_or(256));
         let name = paths
             .iter()
             .map(|p| p.display().to_string())
@@ -351,6 +354,7 @@ impl RunArgs {
                 tokenizer: corpus.tokenizer,
                 train: Arc::new(corpus.train),
                 val_windows,
+                val_seq_len,
                 name,
             },
             www: self.www.clone().or_else(default_www),

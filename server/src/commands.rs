@@ -18,7 +18,7 @@ use seedling_core::noise::{DOMAIN_SAMPLE, Stream, derive};
 use seedling_core::tokenizer::Token;
 
 use crate::checkpoint::Checkpoint;
-use crate::data::{Corpus, validation_windows};
+use crate::data::{Corpus, VAL_SEQ_LEN, validation_windows};
 
 /// Layout of a checkpoint's model, with its weights checked against it so
 /// the core never sees a mismatched buffer.
@@ -114,9 +114,10 @@ pub struct EvalReport {
 const EVAL_CHUNK: usize = 64;
 
 /// Validation loss of the checkpoint's weights on the corpus's held-out
-/// split: the same fixed windows ([`validation_windows`], at the run's
-/// `seq_len`, each starting from the zero state) the training loop reports,
-/// so the numbers are comparable.
+/// split: the same fixed windows ([`validation_windows`] of
+/// [`VAL_SEQ_LEN`] + 1 characters, each starting from the zero state) the
+/// training loop reports, so the numbers are comparable whatever sequence
+/// length the run trained on.
 pub fn eval(ckpt: &Checkpoint, corpus: &Corpus, max_windows: usize) -> Result<EvalReport> {
     if corpus.tokenizer != ckpt.tokenizer {
         bail!(
@@ -127,12 +128,12 @@ pub fn eval(ckpt: &Checkpoint, corpus: &Corpus, max_windows: usize) -> Result<Ev
         );
     }
     let layout = layout_of(ckpt)?;
-    let t = ckpt.config.es.seq_len as usize;
+    let t = VAL_SEQ_LEN;
     let windows = validation_windows(&corpus.val, t, max_windows);
     let n = windows.len() / (t + 1);
     ensure!(
         n > 0,
-        "the validation split has {} tokens, fewer than one window of {} (seq_len + 1)",
+        "the validation split has {} tokens, fewer than one window of {}",
         corpus.val.len(),
         t + 1
     );
@@ -303,24 +304,27 @@ mod tests {
     #[test]
     fn eval_measures_the_held_out_windows() {
         let ckpt = trained(4);
-        // 10 copies: the last 10% is one copy of TEXT (61 chars) = 6 windows of 9.
-        let (_d, c) = corpus(&TEXT.repeat(10));
+        // The run trained on sequences of 8; eval still reads windows of 65
+        // (VAL_SEQ_LEN + 1), the metric of every run whatever its seq_len.
+        assert_eq!(ckpt.config.es.seq_len, 8);
+        // 100 copies: the last 10% is 10 copies of TEXT (610 chars) = 9 windows of 65.
+        let (_d, c) = corpus(&TEXT.repeat(100));
         let r = eval(&ckpt, &c, 100).unwrap();
-        assert_eq!(r.tokens, 6 * 8);
+        assert_eq!(r.tokens, 9 * VAL_SEQ_LEN);
         assert!((r.bits_per_char - r.nats_per_char / std::f64::consts::LN_2).abs() < 1e-12);
         // It equals the core's loss over the same windows.
         let layout = Layout::new(ckpt.config.model);
-        let w = validation_windows(&c.val, 8, 100);
+        let w = validation_windows(&c.val, VAL_SEQ_LEN, 100);
         let want = forward::loss(
             &layout,
             &ckpt.params,
-            &Minibatch::new(&w, 6, 8, layout.vocab()).unwrap(),
+            &Minibatch::new(&w, 9, VAL_SEQ_LEN, layout.vocab()).unwrap(),
             Backend::Reference,
         )
         .unwrap();
         assert!((r.nats_per_char - want as f64).abs() < 1e-4, "{r:?} vs {want}");
         // A budget of 2 windows reads only 2.
-        assert_eq!(eval(&ckpt, &c, 2).unwrap().tokens, 16);
+        assert_eq!(eval(&ckpt, &c, 2).unwrap().tokens, 2 * VAL_SEQ_LEN);
     }
 
     #[test]

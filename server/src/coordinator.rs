@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rand_core::RngCore;
+use seedling_core::forward::{self, Minibatch};
 use seedling_core::protocol::{
     self, ClientKind, ClientMsg, MAX_SERVER_MESSAGE, PROTOCOL_VERSION, ServerMsg, SessionToken,
 };
@@ -215,8 +216,11 @@ pub struct RunData {
     pub tokenizer: Tokenizer,
     /// Training tokens.
     pub train: Arc<Vec<Token>>,
-    /// A fixed set of validation windows (`seq_len + 1` tokens each).
+    /// A fixed set of validation windows (`val_seq_len + 1` tokens each).
     pub val_windows: Vec<Token>,
+    /// Predicted tokens per validation window, independent of the training
+    /// `seq_len` so the metric stays the same whatever the run trains on.
+    pub val_seq_len: usize,
     /// A name for the data, shown to volunteers.
     pub name: String,
 }
@@ -908,7 +912,7 @@ impl Coordinator {
                 trust,
             },
         );
-        match self.hashes.iter().find(|&&(s, _)| s == step) {
+        match self.hashes.iter().rev().find(|&&(s, _)| s == step) {
             Some(&(_, want)) if want == hash => {}
             Some(_) => {
                 self.counters.divergences += 1;
@@ -1356,10 +1360,13 @@ impl Coordinator {
 
     /// Validation loss of the authoritative weights on the fixed held-out set.
     pub fn validation_loss(&self) -> Option<f32> {
-        if self.data.val_windows.is_empty() {
+        let (windows, t) = (&self.data.val_windows, self.data.val_seq_len);
+        if windows.is_empty() {
             return None;
         }
-        self.replica.loss(&self.data.val_windows).ok()
+        let r = &self.replica;
+        let batch = Minibatch::new(windows, windows.len() / (t + 1), t, r.layout.vocab()).ok()?;
+        forward::loss(&r.layout, &r.params, &batch, r.backend).ok()
     }
 
     /// Writes a checkpoint of the authoritative replica, if there is a run dir.
@@ -1469,6 +1476,7 @@ mod tests {
             tokenizer,
             train: Arc::new(tokens),
             val_windows: Vec::new(),
+            val_seq_len: 8,
             name: "test".into(),
         };
         let settings = Settings {

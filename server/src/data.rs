@@ -262,6 +262,14 @@ fn http_get(url: &str) -> Result<Vec<u8>> {
     Ok(resp.body_mut().with_config().limit(64 << 20).read_to_vec()?)
 }
 
+/// Predicted characters per validation window (each window holds 65).
+///
+/// Fixed rather than the run's training `seq_len`, so that runs training on
+/// sequences of any length report the same metric, and every figure in
+/// docs/LEARNING.md stays comparable with the ones measured before the
+/// training length became free.
+pub const VAL_SEQ_LEN: usize = 64;
+
 /// The fixed held-out set for periodic evaluation: up to `max_windows`
 /// packed windows of `seq_len + 1` tokens, evenly spaced through `val`.
 ///

@@ -164,12 +164,13 @@ pub fn train_bptt(args: TrainArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> 
         cfg.model.layers, cfg.model.hidden, layout.len, data.name, cfg.es.batch
     );
     let t = cfg.es.seq_len as usize;
-    let val_batch = data.val_windows.len() / (t + 1);
+    let vt = data.val_seq_len;
+    let val_batch = data.val_windows.len() / (vt + 1);
     let val = |p: &[f32]| -> anyhow::Result<Option<f32>> {
         if val_batch == 0 {
             return Ok(None);
         }
-        let mb = Minibatch::new(&data.val_windows, val_batch, t, layout.vocab())?;
+        let mb = Minibatch::new(&data.val_windows, val_batch, vt, layout.vocab())?;
         Ok(Some(forward::loss(&layout, p, &mb, Backend::Fast)?))
     };
     let save = |params: &[f32], adam: &AdamState, step: u64, history: &[HistoryPoint]| {

@@ -12,6 +12,7 @@
 use seedling_core::Replica;
 use seedling_core::adam;
 use seedling_core::batch::step_batch;
+use seedling_core::forward::{self, Minibatch};
 use seedling_core::shaping::shape;
 use seedling_core::update::es_gradient;
 use seedling_server::cli::RunArgs;
@@ -42,9 +43,16 @@ fn default_recipe_beats_unigram_on_tiny_shakespeare() {
     let cfg = RunArgs::default().run_config(vocab as u32).unwrap();
     let unigram = ngram_baseline(&corpus.train, &corpus.val, vocab, 1);
     let t = cfg.es.seq_len as usize;
-    let val_windows = data::validation_windows(&corpus.val, t, 256);
+    let val_windows = data::validation_windows(&corpus.val, data::VAL_SEQ_LEN, 256);
     let mut r = Replica::new(cfg).unwrap();
-    let start = r.loss(&val_windows).unwrap() as f64;
+    // The server's validation metric: windows of 65 characters, whatever
+    // the training sequence length.
+    let val = |r: &Replica| -> f64 {
+        let b = val_windows.len() / (data::VAL_SEQ_LEN + 1);
+        let mb = Minibatch::new(&val_windows, b, data::VAL_SEQ_LEN, r.layout.vocab()).unwrap();
+        forward::loss(&r.layout, &r.params, &mb, r.backend).unwrap() as f64
+    };
+    let start = val(&r);
     let members: Vec<u32> = (0..cfg.es.population).collect();
     for step in 0..STEPS {
         let tokens = step_batch(&corpus.train, cfg.seed, step, cfg.es.batch as usize, t).unwrap();
@@ -56,7 +64,7 @@ fn default_recipe_beats_unigram_on_tiny_shakespeare() {
         adam::step(&cfg.adam, cfg.lr_at(step), &mut r.params, &mut r.adam, &g);
         r.step += 1;
     }
-    let end = r.loss(&val_windows).unwrap() as f64;
+    let end = val(&r);
     println!("default recipe: {start:.3} -> {end:.3} nats/char in {STEPS} steps (unigram {unigram:.3})");
     assert!(
         end < unigram - 0.1,

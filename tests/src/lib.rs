@@ -82,6 +82,7 @@ pub fn corpus_options(settings: Settings, config: impl FnOnce(u32) -> RunConfig)
             tokenizer,
             train: Arc::new(tokens[..split].to_vec()),
             val_windows,
+            val_seq_len: config.es.seq_len as usize,
             name: "synthetic test corpus".into(),
         },
         www: None,

@@ -5,7 +5,8 @@
 #
 # Every row trains from scratch on tiny-shakespeare for a fixed forward-token
 # budget (population x batch x seq_len x steps), then prints one table line:
-# row, flags, steps, forward tokens, minutes, final validation loss. Runs go
+# row, flags, steps, forward tokens, minutes, final validation loss, best
+# validation loss, forward tokens when validation first passed bigram. Runs go
 # to runs/study/ROW (deleted first, so a row always starts at step 0). Rows
 # run under `nice -n 10`: the machine is shared.
 set -euo pipefail
@@ -13,8 +14,13 @@ row=${1:?usage: study.sh ROW [seedling binary]; rows are listed in this file}
 bin=${2:-target/release/seedling}
 # Tokens per row unless the row says otherwise.
 budget=${BUDGET:-20000000}
-# Validation points per row.
-points=10
+# Validation points per row (sweep 4 rows use 40, to place the bigram
+# crossing finely).
+points=${POINTS:-10}
+# The add-one bigram baseline on tiny-shakespeare's validation split
+# (`seedling baseline --ngram 2`): the last column is the first forward-token
+# count whose validation loss is at or below it.
+bigram=2.482
 
 # Every row spells out the recipe flags it depends on, so a later change
 # of the defaults does not change what a row measures. Sweep 3 starts from the best of sweeps 1-2: one 64-wide layer, 512
@@ -23,6 +29,8 @@ b3="--population 512 --batch 1"
 # Sweep 2's members and batch (sweep 1's best row).
 s2="--population 512 --batch 2"
 h64="--hidden 64 --layers 1"
+# Sweep 4's base: the 1x16 model, one sequence per member, sigma 0.02, rank 1.
+h16="--hidden 16 --layers 1 --batch 1 --sigma 0.02 --rank 1"
 
 # Flags of each row. Rows not listed here fail.
 case "$row" in
@@ -61,6 +69,26 @@ case "$row" in
   # on the chosen 1x16 model: 512 x 1 sequence against 32 x 16 sequences.
   s3-h16-n32b16) flags="--hidden 16 --layers 1 --population 32 --batch 16 --lr 1e-2" ;;
   s3-h64l2) flags="--hidden 64 --layers 2 $b3 --lr 1e-2" ;;
+  # Sweep 4 (20M tokens): tokens per member, on the 1x16 default model with
+  # one sequence per member. The training sequence length goes below the
+  # 64 of the validation windows. Rows are named s4-t<seq_len>-n<members>,
+  # then optional changes: -lr<lr> (default 1e-2), -s<sigma> (0.02),
+  # -b1<beta1> (0.9), -full (full-rank noise), -cos (cosine lr decay to
+  # 0.1x over the row), e.g. s4-t16-n512-lr2e-2-cos.
+  s4-t*)
+    num='[0-9.]+(e-[0-9]+)?'
+    re="^s4-t([0-9]+)-n([0-9]+)((-lr$num|-s$num|-b1$num|-full|-cos)*)\$"
+    [[ $row =~ $re ]] || { echo "bad sweep-4 row $row" >&2; exit 2; }
+    flags="$h16 --population ${BASH_REMATCH[2]} --seq-len ${BASH_REMATCH[1]}"
+    rest=${BASH_REMATCH[3]}
+    opt() { grep -oE -- "-$1$num" <<<"$rest" | sed "s/^-$1//" || true; }
+    lr=$(opt lr); sigma=$(opt s); beta1=$(opt b1)
+    flags="$flags --lr ${lr:-1e-2}"
+    [[ -n $sigma ]] && flags="${flags/--sigma 0.02/--sigma $sigma}"
+    [[ -n $beta1 ]] && flags="$flags --beta1 $beta1"
+    [[ $rest == *-full* ]] && flags="${flags/--rank 1/--noise full}"
+    [[ $rest == *-cos* ]] && flags="$flags --schedule cosine"
+    points=${POINTS:-40} ;;
   *) echo "unknown row $row" >&2; exit 2 ;;
 esac
 
@@ -82,5 +110,21 @@ nice -n 10 "$bin" train --port 0 --run-dir "$dir" --sample 0 --eval-every "$ever
 end=$(date +%s)
 val=$(grep -o 'validation loss [0-9.]*' "$dir.log" | tail -1 | awk '{print $3}')
 tokens=$(( steps * pop * batch * seq ))
-printf '| %s | `%s` | %d | %.1fM | %.1f | %s |\n' "$row" "$flags" "$steps" \
-  "$(bc -l <<<"$tokens/1000000")" "$(bc -l <<<"($end-$start)/60")" "$val" | tee -a runs/study/results.md
+# The best validation point and the first one at or below bigram, from the
+# checkpoint's history (safetensors: a little-endian u64 header length,
+# then the JSON header whose metadata holds the history as JSON).
+read -r best cross < <(python3 - "$dir" "$bigram" <<'EOF'
+import glob, json, struct, sys
+path = sorted(glob.glob(sys.argv[1] + "/ckpt-*.safetensors"))[-1]
+with open(path, "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    history = json.loads(json.loads(f.read(n))["__metadata__"]["history"])
+vals = [(h["tokens"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+best = min(v for _, v in vals)
+cross = next((f"{t / 1e6:.1f}M" for t, v in vals if v <= float(sys.argv[2])), "-")
+print(f"{best:.3f} {cross}")
+EOF
+)
+printf '| %s | `%s` | %d | %.1fM | %.1f | %s | %s | %s |\n' "$row" "$flags" "$steps" \
+  "$(bc -l <<<"$tokens/1000000")" "$(bc -l <<<"($end-$start)/60")" "$val" "$best" "$cross" \
+  | tee -a runs/study/results.md

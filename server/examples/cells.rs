@@ -1,0 +1,161 @@
+//! The cell comparison of docs/LEARNING.md: the tanh RNN against a minGRU
+//! ([`seedling_core::mingru`]) at about the same parameter count, trained by
+//! the same ES on tiny-shakespeare for the same forward-token budget.
+//!
+//! Both cells get identical machinery, so only the cell differs: full-rank
+//! antithetic Gaussian noise (the minGRU has no low-rank kernel), centered
+//! ranks, Adam, one training sequence per step shared by every member (the
+//! server's recipe), and the server's validation metric (256 fixed windows
+//! of 65 characters from the zero state). One thread; members run one after
+//! the other, so wall times are not comparable with `seedling train`'s.
+//!
+//! ```sh
+//! cargo run --release -p seedling-server --example cells -- --cell mingru --hidden 12
+//! ```
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use seedling_core::adam::{self, AdamState};
+use seedling_core::batch::step_batch;
+use seedling_core::forward::{self, Minibatch};
+use seedling_core::gemm::Backend;
+use seedling_core::mingru::MinGru;
+use seedling_core::model::Layout;
+use seedling_core::noise::{derive, fill_normal};
+use seedling_core::shaping::centered_ranks;
+use seedling_core::tokenizer::Token;
+use seedling_core::{AdamConfig, ModelConfig};
+use seedling_server::data::{self, VAL_SEQ_LEN};
+
+/// Noise domain of this study, apart from the run's streams.
+const DOMAIN_CELLS: u64 = 0xce11;
+
+enum Cell {
+    Tanh(Layout),
+    MinGru(MinGru),
+}
+
+impl Cell {
+    fn len(&self) -> usize {
+        match self {
+            Cell::Tanh(l) => l.len,
+            Cell::MinGru(m) => m.len(),
+        }
+    }
+
+    fn init(&self, seed: u64) -> Vec<f32> {
+        match self {
+            Cell::Tanh(l) => l.init_params(seed, 1.0),
+            Cell::MinGru(m) => m.init_params(seed, 1.0),
+        }
+    }
+
+    fn loss(&self, params: &[f32], tokens: &[Token], seq_len: usize) -> Result<f32> {
+        Ok(match self {
+            Cell::Tanh(l) => {
+                let mb = Minibatch::new(tokens, tokens.len() / (seq_len + 1), seq_len, l.vocab())?;
+                forward::loss(l, params, &mb, Backend::Fast)?
+            }
+            Cell::MinGru(m) => m.loss(params, tokens, seq_len)?,
+        })
+    }
+}
+
+fn flag<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name} needs a value")),
+        None => Ok(default),
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let cell_name: String = flag(&args, "--cell", "tanh".to_string())?;
+    let hidden: usize = flag(&args, "--hidden", 16)?;
+    let population: usize = flag(&args, "--population", 512)?;
+    let seq_len: usize = flag(&args, "--seq-len", 64)?;
+    let budget: u64 = flag(&args, "--budget", 20_000_000)?;
+    let sigma: f32 = flag(&args, "--sigma", 0.02)?;
+    let seed: u64 = flag(&args, "--seed", 0)?;
+    let adam_cfg = AdamConfig {
+        lr: flag(&args, "--lr", 1e-2)?,
+        ..AdamConfig::default()
+    };
+    if population < 2 || population % 2 != 0 {
+        bail!("--population must be even and at least 2");
+    }
+    let corpus = data::load_corpus(&[data::find_default_corpus()?])?;
+    let vocab = corpus.tokenizer.len();
+    let cell = match cell_name.as_str() {
+        "tanh" => Cell::Tanh(Layout::new(ModelConfig {
+            vocab: vocab as u32,
+            hidden: hidden as u32,
+            layers: 1,
+        })),
+        "mingru" => Cell::MinGru(MinGru { vocab, hidden }),
+        other => bail!("--cell must be `tanh` or `mingru`, not `{other}`"),
+    };
+    let bigram = data::ngram_baseline(&corpus.train, &corpus.val, vocab, 2);
+    let val_windows = data::validation_windows(&corpus.val, VAL_SEQ_LEN, 256);
+    let d = cell.len();
+    let mut params = cell.init(seed);
+    let mut state = AdamState::new(d);
+    let per_step = (population * seq_len) as u64;
+    let steps = budget / per_step;
+    let every = (steps / 20).max(1);
+    let (mut best, mut crossed) = (f32::INFINITY, None);
+    let started = Instant::now();
+    let mut eps = vec![0.0f32; population / 2 * d];
+    let mut member = vec![0.0f32; d];
+    let mut losses = Vec::with_capacity(population);
+    let mut grad = vec![0.0f32; d];
+    println!(
+        "{cell_name} 1x{hidden}: {d} parameters, {steps} steps of {population} members x {seq_len} tokens"
+    );
+    for step in 0..steps {
+        let tokens = step_batch(&corpus.train, seed, step, 1, seq_len)?;
+        losses.clear();
+        for (pair, e) in eps.chunks_exact_mut(d).enumerate() {
+            fill_normal(derive(&[DOMAIN_CELLS, seed, step, pair as u64]), e);
+            for sign in [1.0f32, -1.0] {
+                for ((m, p), x) in member.iter_mut().zip(&params).zip(e.iter()) {
+                    *m = p + sign * sigma * x;
+                }
+                let m = losses.len() as u32;
+                losses.push((m, cell.loss(&member, &tokens, seq_len)?));
+            }
+        }
+        let weights = centered_ranks(&losses)?;
+        grad.fill(0.0);
+        let scale = 1.0 / (population as f32 * sigma);
+        for (pair, e) in eps.chunks_exact(d).enumerate() {
+            let c = (weights[2 * pair].1 - weights[2 * pair + 1].1) * scale;
+            for (g, x) in grad.iter_mut().zip(e) {
+                *g += c * x;
+            }
+        }
+        adam::step(&adam_cfg, adam_cfg.lr, &mut params, &mut state, &grad);
+        if (step + 1) % every == 0 || step + 1 == steps {
+            let v = cell.loss(&params, &val_windows, VAL_SEQ_LEN)?;
+            let tokens = (step + 1) * per_step;
+            best = best.min(v);
+            if crossed.is_none() && (v as f64) <= bigram {
+                crossed = Some(tokens);
+            }
+            println!("{:>7.1}M tokens  val {v:.3}", tokens as f64 / 1e6);
+        }
+    }
+    let last = cell.loss(&params, &val_windows, VAL_SEQ_LEN)?;
+    println!(
+        "{cell_name} 1x{hidden} ({d} parameters): {:.1}M tokens, val {last:.3}, best {best:.3}, \
+         bigram ({bigram:.3}) passed at {}, {:.1} min",
+        (steps * per_step) as f64 / 1e6,
+        crossed.map_or("-".to_string(), |t| format!("{:.1}M tokens", t as f64 / 1e6)),
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}
