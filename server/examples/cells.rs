@@ -9,6 +9,13 @@
 //! of 65 characters from the zero state). One thread; members run one after
 //! the other, so wall times are not comparable with `seedling train`'s.
 //!
+//! Two switches test what limits learning per token: `--pair-data` gives
+//! every antithetic pair its own training sequence (the step's minibatch has
+//! `population / 2` sequences) instead of one shared by all members, and
+//! `--pair-ranks` ranks the pairs' loss differences instead of the members'
+//! losses (with a sequence per pair, the members' losses mostly rank the
+//! sequences' difficulty).
+//!
 //! ```sh
 //! cargo run --release -p seedling-server --example cells -- --cell mingru --hidden 12
 //! ```
@@ -85,6 +92,8 @@ fn main() -> Result<()> {
         lr: flag(&args, "--lr", 1e-2)?,
         ..AdamConfig::default()
     };
+    let pair_data = args.iter().any(|a| a == "--pair-data");
+    let pair_ranks = args.iter().any(|a| a == "--pair-ranks");
     if population < 2 || population % 2 != 0 {
         bail!("--population must be even and at least 2");
     }
@@ -113,27 +122,45 @@ fn main() -> Result<()> {
     let mut member = vec![0.0f32; d];
     let mut losses = Vec::with_capacity(population);
     let mut grad = vec![0.0f32; d];
+    let mut coefs = Vec::with_capacity(population / 2);
     println!(
-        "{cell_name} 1x{hidden}: {d} parameters, {steps} steps of {population} members x {seq_len} tokens"
+        "{cell_name} 1x{hidden}: {d} parameters, {steps} steps of {population} members x {seq_len} tokens{}{}",
+        if pair_data { ", a sequence per pair" } else { "" },
+        if pair_ranks { ", pair ranks" } else { "" }
     );
+    let w = seq_len + 1;
     for step in 0..steps {
-        let tokens = step_batch(&corpus.train, seed, step, 1, seq_len)?;
+        let sequences = if pair_data { population / 2 } else { 1 };
+        let tokens = step_batch(&corpus.train, seed, step, sequences, seq_len)?;
         losses.clear();
         for (pair, e) in eps.chunks_exact_mut(d).enumerate() {
             fill_normal(derive(&[DOMAIN_CELLS, seed, step, pair as u64]), e);
+            let seq = &tokens[(pair % sequences) * w..(pair % sequences + 1) * w];
             for sign in [1.0f32, -1.0] {
                 for ((m, p), x) in member.iter_mut().zip(&params).zip(e.iter()) {
                     *m = p + sign * sigma * x;
                 }
                 let m = losses.len() as u32;
-                losses.push((m, cell.loss(&member, &tokens, seq_len)?));
+                losses.push((m, cell.loss(&member, seq, seq_len)?));
             }
         }
-        let weights = centered_ranks(&losses)?;
+        // Each pair's coefficient: the + member's weight minus the - one's.
+        coefs.clear();
+        if pair_ranks {
+            let diffs: Vec<(u32, f32)> = losses
+                .chunks_exact(2)
+                .zip(0..)
+                .map(|(l, p)| (p, l[0].1 - l[1].1))
+                .collect();
+            coefs.extend(centered_ranks(&diffs)?.into_iter().map(|(_, q)| q));
+        } else {
+            let weights = centered_ranks(&losses)?;
+            coefs.extend(weights.chunks_exact(2).map(|w| w[0].1 - w[1].1));
+        }
         grad.fill(0.0);
         let scale = 1.0 / (population as f32 * sigma);
-        for (pair, e) in eps.chunks_exact(d).enumerate() {
-            let c = (weights[2 * pair].1 - weights[2 * pair + 1].1) * scale;
+        for (e, c) in eps.chunks_exact(d).zip(&coefs) {
+            let c = c * scale;
             for (g, x) in grad.iter_mut().zip(e) {
                 *g += c * x;
             }
