@@ -22,6 +22,7 @@
 //!   is counted and answered with a fresh snapshot.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -312,8 +313,8 @@ pub struct Volunteers {
 /// What the server knows about one client.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ClientReport {
-    /// Browser, native or simulated.
-    pub kind: String,
+    /// "browser", "native" or "simulated".
+    pub kind: &'static str,
     /// The step of its last hash report.
     pub step: u64,
     /// Its last reported hash (hex).
@@ -902,16 +903,16 @@ impl Coordinator {
         let kind = self.clients[&id].hello.map_or(ClientKind::Simulated, |h| h.0);
         let members = self.clients[&id].members;
         let trust = self.clients[&id].agreed;
-        self.counters.client_hashes.insert(
-            id,
-            ClientReport {
-                kind: format!("{kind:?}").to_lowercase(),
-                step,
-                hash: format!("{hash:016x}"),
-                members,
-                trust,
-            },
-        );
+        // Updated in place: every volunteer reports once a step.
+        let report = self.counters.client_hashes.entry(id).or_default();
+        report.kind = match kind {
+            ClientKind::Browser => "browser",
+            ClientKind::Native => "native",
+            ClientKind::Simulated => "simulated",
+        };
+        (report.step, report.members, report.trust) = (step, members, trust);
+        report.hash.clear();
+        let _ = write!(report.hash, "{hash:016x}");
         match self.hashes.iter().rev().find(|&&(s, _)| s == step) {
             Some(&(_, want)) if want == hash => {}
             Some(_) => {
@@ -1113,24 +1114,19 @@ impl Coordinator {
                     && books.claims(*m).iter().all(|c| c.0 != id)
             };
             let lagging = missed.values().any(|who| who.contains(&id));
-            let verify: Vec<u32> = if lagging {
-                Vec::new()
-            } else {
-                self.verify.iter().filter(eligible).take(size).collect()
-            };
-            let fresh: Vec<u32> = self
-                .pool
-                .iter()
-                .filter(eligible)
-                .take(size - verify.len())
-                .collect();
-            for &m in &verify {
+            // Verifications first (a lagging client checks nobody), then fresh members.
+            let mut members: Vec<u32> = Vec::with_capacity(size);
+            if !lagging {
+                members.extend(self.verify.iter().filter(eligible).take(size));
+            }
+            let verified = members.len();
+            members.extend(self.pool.iter().filter(eligible).take(size - verified));
+            for &m in &members[..verified] {
                 self.verify.remove(m);
             }
-            for &m in &fresh {
+            for &m in &members[verified..] {
                 self.pool.remove(m);
             }
-            let members: Vec<u32> = verify.into_iter().chain(fresh).collect();
             if members.is_empty() {
                 continue;
             }
