@@ -56,6 +56,67 @@ pub fn build_pkg(ctx: &Ctx) -> Result<String, String> {
     Ok(note)
 }
 
+/// The wasm-opt passes of the page's module (`wasm-client/Cargo.toml` gives
+/// wasm-pack the same list; a test checks they agree), which the wasm bench
+/// applies too, so its figure is the page's speed.
+///
+/// After `-O`, `--optimize-added-constants-propagate` folds `x + constant`
+/// address arithmetic into the loads' offset field, which V8 folds into the
+/// x86 addressing mode: LLVM's wasm backend leaves it as a separate add (its
+/// loop strength reduction drops the no-wrap flag the fold needs), and V8
+/// then spends an instruction on every such address, in the GEMM's inner
+/// loop too (about 5% of the low-rank evaluation in Node). The fold is exact
+/// unless `x + constant` wraps below 1 KiB, which `--low-memory-unused`
+/// asserts never happens: Rust's wasm32 layout puts the stack first, growing
+/// down towards address 0 from 1 MiB, so only a stack overflow reaches there.
+pub const WASM_OPT_FLAGS: &[&str] = &[
+    "-O",
+    "--low-memory-unused",
+    "--optimize-added-constants-propagate",
+];
+
+/// A directory to put first on `PATH` for `wasm-pack test`: its
+/// `wasm-bindgen-test-runner` optimizes the test module with
+/// [`WASM_OPT_FLAGS`] (as `wasm-pack build` does for the page; `wasm-pack
+/// test` runs no wasm-opt) and then runs the real runner on it. wasm-pack
+/// finds the runner next to `wasm-bindgen`, hence the link to the real one.
+fn optimizing_runner(ctx: &Ctx) -> Result<std::path::PathBuf, String> {
+    let find = |name: &str| {
+        ctx.which(name)
+            .ok_or_else(|| format!("`{name}` is not on the tool PATH"))
+    };
+    let (runner, bindgen, wasm_opt) = (
+        find("wasm-bindgen-test-runner")?,
+        find("wasm-bindgen")?,
+        find("wasm-opt")?,
+    );
+    let dir = ctx.tools.join("bench-runner");
+    let err = |what: &str, err: std::io::Error| format!("{what} in {}: {err}", dir.display());
+    fs::create_dir_all(&dir).map_err(|e| err("cannot create the directory", e))?;
+    // wasm-bindgen's DWARF reader rejects wasm-opt's rewritten line tables;
+    // the bench needs no debug info.
+    let script = format!(
+        "#!/bin/sh\n\
+         # Written by `cargo xtask bench` (xtask/src/wasm.rs): wasm-opt, then the real runner.\n\
+         in=\"$1\"; shift\n\
+         out=\"${{in%.wasm}}.opt.wasm\"\n\
+         '{}' --strip-dwarf {} \"$in\" -o \"$out\" || exit 1\n\
+         exec '{}' \"$out\" \"$@\"\n",
+        wasm_opt.display(),
+        WASM_OPT_FLAGS.join(" "),
+        runner.display()
+    );
+    let path = dir.join("wasm-bindgen-test-runner");
+    fs::write(&path, script).map_err(|e| err("cannot write the runner", e))?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
+        .map_err(|e| err("cannot chmod the runner", e))?;
+    let link = dir.join("wasm-bindgen");
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink(&bindgen, &link).map_err(|e| err("cannot link wasm-bindgen", e))?;
+    Ok(dir)
+}
+
 /// Where a wasm bench runs.
 #[derive(Clone, Copy)]
 pub enum WasmTarget {
@@ -81,8 +142,12 @@ impl WasmTarget {
 /// `--test bench` selects the file; the other test steps pass `--test web`,
 /// so the bench runs only when asked for.
 pub fn bench(ctx: &Ctx, target: WasmTarget, filter: &str) -> Result<Vec<String>, String> {
+    setup::wasm_opt(ctx)?;
+    let runner_dir = optimizing_runner(ctx)?;
+    let path = std::env::join_paths(std::iter::once(runner_dir).chain(std::env::split_paths(&ctx.path)))
+        .map_err(|err| format!("cannot build PATH: {err}"))?;
     let mut cmd = ctx.cmd("wasm-pack");
-    cmd.arg("test");
+    cmd.env("PATH", path).arg("test");
     match target {
         WasmTarget::Node => {
             cmd.arg("--node");
@@ -170,6 +235,17 @@ pub fn json_string<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_and_bench_use_the_same_wasm_opt_flags() {
+        let manifest = include_str!("../../wasm-client/Cargo.toml");
+        let quoted: Vec<String> = WASM_OPT_FLAGS.iter().map(|f| format!("\"{f}\"")).collect();
+        let line = format!("wasm-opt = [{}]", quoted.join(", "));
+        assert!(
+            manifest.lines().any(|l| l.trim() == line),
+            "wasm-client/Cargo.toml lacks `{line}`"
+        );
+    }
 
     #[test]
     fn reads_flat_json() {
