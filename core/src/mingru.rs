@@ -49,10 +49,16 @@ impl MinGru {
         self.len() == 0
     }
 
+    /// `(rows, cols)` of each tensor in layout order (biases have one row),
+    /// for low-rank noise on the matrices.
+    pub fn shapes(&self) -> [(usize, usize); 6] {
+        let (v, h) = (self.vocab, self.hidden);
+        [(v, h), (1, h), (v, h), (1, h), (h, v), (1, v)]
+    }
+
     /// Tensor sizes in layout order.
     fn sizes(&self) -> [usize; 6] {
-        let (v, h) = (self.vocab, self.hidden);
-        [v * h, h, v * h, h, h * v, v]
+        self.shapes().map(|(r, c)| r * c)
     }
 
     /// Initial weights: every tensor uniform in `±scale / sqrt(hidden)`, the

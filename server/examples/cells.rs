@@ -9,7 +9,9 @@
 //! of 65 characters from the zero state). One thread; members run one after
 //! the other, so wall times are not comparable with `seedling train`'s.
 //!
-//! Two switches test what limits learning per token: `--pair-data` gives
+//! `--rank1` draws EGGROLL's rank-1 noise (materialized) instead of
+//! full-rank noise, as the server does. Two switches test what limits
+//! learning per token: `--pair-data` gives
 //! every antithetic pair its own training sequence (the step's minibatch has
 //! `population / 2` sequences) instead of one shared by all members, and
 //! `--pair-ranks` ranks the pairs' loss differences instead of the members'
@@ -51,6 +53,24 @@ impl Cell {
         }
     }
 
+    /// `(rows, cols)` of each tensor in layout order; one row is a vector.
+    fn shapes(&self) -> Vec<(usize, usize)> {
+        match self {
+            Cell::Tanh(l) => l
+                .tensors
+                .iter()
+                .map(|t| {
+                    if t.is_matrix {
+                        (t.rows, t.cols)
+                    } else {
+                        (1, t.len())
+                    }
+                })
+                .collect(),
+            Cell::MinGru(m) => m.shapes().to_vec(),
+        }
+    }
+
     fn init(&self, seed: u64) -> Vec<f32> {
         match self {
             Cell::Tanh(l) => l.init_params(seed, 1.0),
@@ -66,6 +86,31 @@ impl Cell {
             }
             Cell::MinGru(m) => m.loss(params, tokens, seq_len)?,
         })
+    }
+}
+
+/// EGGROLL's rank-1 noise, materialized: each matrix gets the outer product
+/// `a b^T` of two Gaussian vectors, each vector plain Gaussian noise. Same
+/// covariance as full-rank noise, fewer random numbers, and the structure
+/// the server's kernels use.
+fn rank1_noise(shapes: &[(usize, usize)], key: u64, out: &mut [f32], factors: &mut Vec<f32>) {
+    let mut at = 0;
+    for (id, &(rows, cols)) in shapes.iter().enumerate() {
+        let dst = &mut out[at..at + rows * cols];
+        let key = derive(&[key, id as u64]);
+        if rows == 1 {
+            fill_normal(key, dst);
+        } else {
+            factors.resize(rows + cols, 0.0);
+            fill_normal(key, factors);
+            let (a, b) = factors.split_at(rows);
+            for (row, &ai) in dst.chunks_exact_mut(cols).zip(a) {
+                for (d, &bj) in row.iter_mut().zip(b) {
+                    *d = ai * bj;
+                }
+            }
+        }
+        at += rows * cols;
     }
 }
 
@@ -94,6 +139,7 @@ fn main() -> Result<()> {
     };
     let pair_data = args.iter().any(|a| a == "--pair-data");
     let pair_ranks = args.iter().any(|a| a == "--pair-ranks");
+    let rank1 = args.iter().any(|a| a == "--rank1");
     if population < 2 || population % 2 != 0 {
         bail!("--population must be even and at least 2");
     }
@@ -124,17 +170,25 @@ fn main() -> Result<()> {
     let mut grad = vec![0.0f32; d];
     let mut coefs = Vec::with_capacity(population / 2);
     println!(
-        "{cell_name} 1x{hidden}: {d} parameters, {steps} steps of {population} members x {seq_len} tokens{}{}",
+        "{cell_name} 1x{hidden}: {d} parameters, {steps} steps of {population} members x {seq_len} tokens{}{}{}",
         if pair_data { ", a sequence per pair" } else { "" },
-        if pair_ranks { ", pair ranks" } else { "" }
+        if pair_ranks { ", pair ranks" } else { "" },
+        if rank1 { ", rank-1 noise" } else { "" }
     );
     let w = seq_len + 1;
+    let shapes = cell.shapes();
+    let mut factors = Vec::new();
     for step in 0..steps {
         let sequences = if pair_data { population / 2 } else { 1 };
         let tokens = step_batch(&corpus.train, seed, step, sequences, seq_len)?;
         losses.clear();
         for (pair, e) in eps.chunks_exact_mut(d).enumerate() {
-            fill_normal(derive(&[DOMAIN_CELLS, seed, step, pair as u64]), e);
+            let key = derive(&[DOMAIN_CELLS, seed, step, pair as u64]);
+            if rank1 {
+                rank1_noise(&shapes, key, e, &mut factors);
+            } else {
+                fill_normal(key, e);
+            }
             let seq = &tokens[(pair % sequences) * w..(pair % sequences + 1) * w];
             for sign in [1.0f32, -1.0] {
                 for ((m, p), x) in member.iter_mut().zip(&params).zip(e.iter()) {
