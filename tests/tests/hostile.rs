@@ -103,13 +103,25 @@ async fn hostile_clients_are_rejected_and_nobody_else_notices() {
 
 /// A volunteer that answers every job with made-up losses. Returns why it
 /// was disconnected and its session token.
-async fn liar(url: String, lie: fn(u32) -> f32) -> (String, SessionToken) {
+async fn liar(
+    url: String,
+    lie: fn(u32) -> f32,
+    go: tokio::sync::oneshot::Receiver<()>,
+) -> (String, SessionToken) {
     let mut c = RawClient::join(&url).await;
+    let mut go = Some(go);
     loop {
         match c.recv_or_close().await {
             Ok(ServerMsg::Job {
                 step, job, members, ..
             }) => {
+                // The first answer waits for the honest workers: a lone
+                // volunteer's results have nobody to check them and count
+                // as they are (a run must progress with one volunteer), so
+                // a liar answering alone would be testing that, not this.
+                if let Some(go) = go.take() {
+                    let _ = go.await;
+                }
                 let losses = members.iter().map(|&m| lie(m)).collect();
                 c.send(&ClientMsg::Losses { step, job, losses }).await;
             }
@@ -144,12 +156,18 @@ async fn liars_are_outvoted_and_disconnected() {
         let server = start(tiny_options(test_settings(steps))).await;
         let url = ws_url(&server);
         // The liar joins first, so it is handed work before anyone can check it.
-        let liar = tokio::spawn(liar(url.clone(), lie));
+        let (go, ready) = tokio::sync::oneshot::channel();
+        let liar = tokio::spawn(liar(url.clone(), lie, ready));
         wait_for(&server, Duration::from_secs(10), "the liar", |s| {
             s.volunteers.total == 1
         })
         .await;
         let w: Vec<_> = (0..4).map(|_| spawn_worker(&url, 1)).collect();
+        wait_for(&server, Duration::from_secs(30), "the honest workers", |s| {
+            s.volunteers.total == 5
+        })
+        .await;
+        let _ = go.send(());
         let (reason, token) = liar.await.unwrap();
         assert!(reason.contains("disagreed"), "{name}: liar left with {reason:?}");
         let at = server.status().step;
