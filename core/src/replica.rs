@@ -103,11 +103,11 @@ impl Replica {
         )
     }
 
-    /// Loss of the unperturbed weights on any number of sequences of the
-    /// run's length (validation, monitoring).
-    pub fn loss(&self, tokens: &[Token]) -> Result<f32> {
-        let t = self.config.es.seq_len as usize;
-        let batch = Minibatch::new(tokens, tokens.len() / (t + 1), t, self.layout.vocab())?;
+    /// Loss of the unperturbed weights on any number of packed windows of
+    /// `seq_len + 1` tokens (validation, monitoring). The length is the
+    /// caller's: validation windows need not match the training `seq_len`.
+    pub fn loss(&self, tokens: &[Token], seq_len: usize) -> Result<f32> {
+        let batch = Minibatch::new(tokens, tokens.len() / (seq_len + 1), seq_len, self.layout.vocab())?;
         forward::loss(&self.layout, &self.params, &batch, self.backend)
     }
 

@@ -101,16 +101,16 @@ fn es_learns_markov_transitions() {
     let t = cfg.es.seq_len as usize;
     let val_windows = batch::window_count(val.len(), t);
     let val_tokens = batch::gather(&val, &(0..val_windows).collect::<Vec<_>>(), t);
-    let start = r.loss(&val_tokens).unwrap() as f64;
+    let start = r.loss(&val_tokens, t).unwrap() as f64;
     let mut curve = Vec::new();
     for step in 0..400 {
         let tokens = batch::step_batch(&train, cfg.seed, step, 8, t).unwrap();
         r.local_step(&tokens).unwrap();
         if step % 50 == 49 {
-            curve.push(r.loss(&val_tokens).unwrap() as f64);
+            curve.push(r.loss(&val_tokens, t).unwrap() as f64);
         }
     }
-    let end = r.loss(&val_tokens).unwrap() as f64;
+    let end = r.loss(&val_tokens, t).unwrap() as f64;
     println!("unigram {unigram:.3} rate {rate:.3} start {start:.3} curve {curve:.3?} end {end:.3}");
     // Below the unigram entropy means the model predicts from the previous
     // symbol; demand most of the way from there to the entropy rate.

@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rand_core::RngCore;
-use seedling_core::forward::{self, Minibatch};
 use seedling_core::protocol::{
     self, ClientKind, ClientMsg, MAX_SERVER_MESSAGE, PROTOCOL_VERSION, ServerMsg, SessionToken,
 };
@@ -1356,13 +1355,12 @@ impl Coordinator {
 
     /// Validation loss of the authoritative weights on the fixed held-out set.
     pub fn validation_loss(&self) -> Option<f32> {
-        let (windows, t) = (&self.data.val_windows, self.data.val_seq_len);
-        if windows.is_empty() {
+        if self.data.val_windows.is_empty() {
             return None;
         }
-        let r = &self.replica;
-        let batch = Minibatch::new(windows, windows.len() / (t + 1), t, r.layout.vocab()).ok()?;
-        forward::loss(&r.layout, &r.params, &batch, r.backend).ok()
+        self.replica
+            .loss(&self.data.val_windows, self.data.val_seq_len)
+            .ok()
     }
 
     /// Writes a checkpoint of the authoritative replica, if there is a run dir.
