@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: every benchmark figure, native and wasm, as JSON lines.
+//! `cargo xtask bench`: every benchmark figure, native and wasm, as JSON lines,
+//! then the one table of every figure with a target ([`crate::report`]).
 //!
 //! The native figures come from seedling-core's `bench` example. The wasm
 //! figure is the same RW-256 `es-lowrank` workload compiled to wasm
@@ -12,16 +13,26 @@
 //! Two system figures come from `seedling-sim bench` (seedling-tests):
 //! `coordinator-1000`, the coordinator's time per step with 1,000 simulated
 //! volunteers, and `wire-bytes`, the uplink bytes per member evaluation.
+//!
+//! `--peers PYTHON` adds the JAX peer and OpenBLAS ([`crate::peers`]) in the
+//! same run, in rounds: round 1 is the whole native bench, later rounds only
+//! its step benches, and each is followed by OpenBLAS's sgemm and the JAX
+//! peer in every mode at 1 and 2 threads, so that both sides of each ratio
+//! are measured in the same minutes (3 rounds by default, 1 with `--quick`).
 
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::peers::{self, Peers};
 use crate::wasm::{self, WasmTarget, json_number, json_string};
-use crate::{Ctx, setup};
+use crate::{Ctx, report, setup};
 
 /// The wasm/native throughput ratio Seedling aims for in Chromium.
 const RATIO_TARGET: f64 = 0.35;
 
-/// Entry point of `cargo xtask bench [--native-only|--wasm-only] [ARGS...]`;
+/// Entry point of `cargo xtask bench [--native-only|--wasm-only] [--peers
+/// PYTHON [--peer-script PATH] [--rounds N]] [--markdown FILE]... [ARGS...]`;
 /// other arguments go to the native bench example.
 pub fn main(ctx: &Ctx, args: &[String]) -> ExitCode {
     match bench(ctx, args) {
@@ -33,79 +44,218 @@ pub fn main(ctx: &Ctx, args: &[String]) -> ExitCode {
     }
 }
 
+/// The options of `cargo xtask bench` that xtask itself reads; the rest go
+/// to the native bench example.
+struct Options<'a> {
+    native: bool,
+    wasm: bool,
+    quick: bool,
+    peers: Option<PathBuf>,
+    peer_script: Option<PathBuf>,
+    rounds: Option<usize>,
+    markdown: Vec<PathBuf>,
+    /// For the native bench example.
+    pass: Vec<&'a str>,
+}
+
+impl<'a> Options<'a> {
+    fn parse(args: &'a [String]) -> Result<Self, String> {
+        let mut o = Options {
+            native: true,
+            wasm: true,
+            quick: false,
+            peers: None,
+            peer_script: None,
+            rounds: None,
+            markdown: Vec::new(),
+            pass: Vec::new(),
+        };
+        let mut it = args.iter().map(String::as_str);
+        while let Some(arg) = it.next() {
+            let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
+            match arg {
+                "--native-only" => o.wasm = false,
+                "--wasm-only" => o.native = false,
+                // A bare name is looked up on PATH; anything with a slash is a path.
+                "--peers" => {
+                    let v = value()?;
+                    o.peers = Some(if v.contains('/') {
+                        peers::user_path(v)
+                    } else {
+                        v.into()
+                    });
+                }
+                "--peer-script" => o.peer_script = Some(peers::user_path(value()?)),
+                "--rounds" => {
+                    let v = value()?;
+                    o.rounds = Some(
+                        v.parse()
+                            .ok()
+                            .filter(|&n| n > 0)
+                            .ok_or(format!("bad --rounds {v}"))?,
+                    );
+                }
+                "--markdown" => o.markdown.push(peers::user_path(value()?)),
+                other => {
+                    o.quick |= other == "--quick";
+                    o.pass.push(other);
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
 fn bench(ctx: &Ctx, args: &[String]) -> Result<(), String> {
-    let mut native = true;
-    let mut wasm_too = true;
-    let mut pass: Vec<&str> = Vec::new();
-    for arg in args {
-        match arg.as_str() {
-            "--native-only" => wasm_too = false,
-            "--wasm-only" => native = false,
-            other => pass.push(other),
+    let o = Options::parse(args)?;
+    let machine = report::Machine::read(args);
+    let start = report::Moment::now();
+    let peers = o
+        .peers
+        .clone()
+        .map(|python| Peers::new(ctx, python, o.peer_script.clone(), o.quick));
+    if let Some(p) = &peers {
+        p.check(ctx)?;
+    }
+    let mut m = report::Measurements {
+        peers_requested: peers.is_some(),
+        ..Default::default()
+    };
+    // A failed part does not hide the others' figures: everything runs, the
+    // table shows what was measured, and the failures fail the command.
+    let mut failures = Vec::new();
+    // The wasm bench is es-lowrank only: skip it when `--only` leaves that out.
+    let wasm_too =
+        o.wasm && only_prefixes(&o.pass).is_none_or(|ps| ps.iter().any(|p| "es-lowrank".starts_with(p)));
+
+    if o.native {
+        // Round 1 is the whole native bench; later rounds repeat the step
+        // benches (unless `--only` says which), each followed by the peers.
+        let rounds = o
+            .rounds
+            .unwrap_or(if peers.is_some() && !o.quick { 3 } else { 1 });
+        let mut again: Vec<&str> = o.pass.clone();
+        if only_prefixes(&o.pass).is_none() {
+            again.extend(["--only", "inference,es-lowrank,es-full"]);
+        }
+        for round in 1..=rounds {
+            let native_args = if round == 1 { &o.pass } else { &again };
+            if rounds > 1 {
+                println!("\n==> round {round} of {rounds}");
+            }
+            let mut r = report::Round {
+                native: native_bench(ctx, native_args)?,
+                ..Default::default()
+            };
+            if let Some(p) = &peers {
+                let (lines, failed) = p.openblas(ctx);
+                r.openblas = lines;
+                failures.extend(failed);
+                let (lines, failed) = p.jax_round(ctx);
+                r.jax = lines;
+                failures.extend(failed);
+            }
+            m.rounds.push(r);
+        }
+        match system_bench(ctx, &o) {
+            Ok(lines) => m.system = lines,
+            Err(err) => failures.push(format!("the system benchmarks failed: {err}")),
         }
     }
-    // The wasm bench is es-lowrank only: skip it when `--only` leaves that out.
-    wasm_too &= only_prefixes(&pass).is_none_or(|ps| ps.iter().any(|p| "es-lowrank".starts_with(p)));
+    if wasm_too {
+        let native_1t = m.rounds.first().and_then(|r| {
+            r.native
+                .iter()
+                .find(|l| {
+                    json_string(l, "bench") == Some("es-lowrank") && json_number(l, "threads") == Some(1.0)
+                })
+                .and_then(|l| json_number(l, "tokens_per_s"))
+        });
+        match wasm_bench(ctx, o.quick, native_1t) {
+            Ok((lines, failed)) => {
+                m.wasm = lines;
+                failures.extend(failed);
+            }
+            Err(err) => failures.push(err),
+        }
+    }
 
-    let mut native_1t = None;
-    if native {
-        let lines = wasm::run_lines(
-            ctx.cargo()
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    "seedling-core",
-                    "--example",
-                    "bench",
-                    "--",
-                ])
-                .args(&pass),
-        )?;
-        native_1t = lines
-            .iter()
-            .find(|l| json_string(l, "bench") == Some("es-lowrank") && json_number(l, "threads") == Some(1.0))
-            .and_then(|l| json_number(l, "tokens_per_s"));
-        // The system benchmarks (coordinator-1000, wire-bytes): simulated
-        // and native volunteers on loopback, from seedling-tests.
-        let system: Vec<&str> = ["coordinator-1000", "wire-bytes"]
-            .into_iter()
-            .filter(|name| only_prefixes(&pass).is_none_or(|ps| ps.iter().any(|p| name.starts_with(p))))
-            .collect();
-        if !system.is_empty() {
-            let args = [
+    let table = report::render(&m, &machine, start, report::Moment::now());
+    println!("\n==> the benchmark table\n\n{table}");
+    for file in &o.markdown {
+        if let Err(err) = write_table(file, &table) {
+            failures.push(err);
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
+}
+
+/// seedling-core's bench example with `args`: its JSON lines.
+fn native_bench(ctx: &Ctx, args: &[&str]) -> Result<Vec<String>, String> {
+    wasm::run_lines(
+        ctx.cargo()
+            .args([
                 "run",
                 "--release",
                 "-p",
-                "seedling-tests",
-                "--bin",
-                "seedling-sim",
-                "--",
+                "seedling-core",
+                "--example",
                 "bench",
-            ];
-            let only = if system.len() == 1 {
-                vec!["--only", system[0]]
-            } else {
-                Vec::new()
-            };
-            wasm::run_lines(ctx.cargo().args(args).args(only))?;
-        }
-    }
-    if !wasm_too {
-        return Ok(());
-    }
+                "--",
+            ])
+            .args(args),
+    )
+}
 
+/// The system benchmarks (coordinator-1000, wire-bytes): simulated and
+/// native volunteers on loopback, from seedling-tests.
+fn system_bench(ctx: &Ctx, o: &Options) -> Result<Vec<String>, String> {
+    let system: Vec<&str> = ["coordinator-1000", "wire-bytes"]
+        .into_iter()
+        .filter(|name| only_prefixes(&o.pass).is_none_or(|ps| ps.iter().any(|p| name.starts_with(p))))
+        .collect();
+    if system.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut cmd = ctx.cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "-p",
+        "seedling-tests",
+        "--bin",
+        "seedling-sim",
+        "--",
+        "bench",
+    ]);
+    if system.len() == 1 {
+        cmd.args(["--only", system[0]]);
+    }
+    if o.quick {
+        cmd.args(["--seconds", "10"]);
+    }
+    wasm::run_lines(&mut cmd)
+}
+
+/// The es-lowrank workload as wasm under Node and in headless Chromium
+/// (`quick_` under `--quick`), each line printed again with its ratio to
+/// `native_1t`, the native one-thread es-lowrank tokens/s. Returns the lines
+/// and the targets that failed.
+fn wasm_bench(ctx: &Ctx, quick: bool, native_1t: Option<f64>) -> Result<(Vec<String>, Vec<String>), String> {
     // Chromium and Node for the runs, the pinned wasm tools for the build.
     setup::apt_packages(ctx)?;
     setup::wasm_target(ctx)?;
     setup::wasm_bindgen_cli(ctx)?;
     setup::wasm_pack(ctx)?;
-    // A failed target does not hide the other's figure: both run, and the
-    // failure is reported (and fails the command) after the ratio lines.
+    let filter = if quick { "quick_" } else { "full_" };
     let mut wasm_lines = Vec::new();
     let mut failures = Vec::new();
     for target in [WasmTarget::Node, WasmTarget::Chromium] {
-        match wasm::bench(ctx, target, "full_") {
+        match wasm::bench(ctx, target, filter) {
             Ok(lines) if lines.is_empty() => failures.push(format!(
                 "the {} bench passed but logged no JSON line (is its output captured?)",
                 target.name()
@@ -134,11 +284,30 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<(), String> {
     if native_1t.is_none() {
         println!("(no native single-thread es-lowrank line to compare with; run without --wasm-only)");
     }
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(failures.join("; "))
-    }
+    Ok((wasm_lines, failures))
+}
+
+/// Puts the table into `file`, between its markers (BENCHMARKS.md,
+/// README.md); a new or empty file becomes the table.
+fn write_table(file: &Path, table: &str) -> Result<(), String> {
+    let err = |what: &str, e: std::io::Error| format!("cannot {what} {}: {e}", file.display());
+    let text = match fs::read_to_string(file) {
+        Ok(old) if old.trim().is_empty() => table.to_string(),
+        // Never overwrite prose: a file with text needs the markers.
+        Ok(old) => report::splice(&old, table).ok_or_else(|| {
+            format!(
+                "{} has no `{}` ... `{}` lines to put the table between",
+                file.display(),
+                report::BEGIN,
+                report::END
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => table.to_string(),
+        Err(e) => return Err(err("read", e)),
+    };
+    fs::write(file, text).map_err(|e| err("write", e))?;
+    println!("(table written to {})", file.display());
+    Ok(())
 }
 
 /// The prefixes of the example's `--only` flag, if given.

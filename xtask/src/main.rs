@@ -17,8 +17,12 @@
 //! - [`setup`]: the idempotent tool installs the test steps depend on.
 //! - [`wasm`]: the browser volunteer's build (`www/pkg`) and the wasm benches.
 //! - [`bench`]: `cargo xtask bench`, native and wasm figures side by side.
+//! - [`peers`]: the JAX peer and OpenBLAS for `cargo xtask bench --peers`.
+//! - [`report`]: the one benchmark table of a `cargo xtask bench` run.
 
 mod bench;
+mod peers;
+mod report;
 mod setup;
 mod test;
 mod wasm;
@@ -41,10 +45,16 @@ commands:
   run [ARGS...]
         build the volunteer page's wasm (www/pkg), then train:
         cargo run --release -p seedling-server --bin seedling -- train ARGS
-  bench [--native-only|--wasm-only] [--quick] [ARGS...]
+  bench [--native-only|--wasm-only] [--quick] [--peers PYTHON [--peer-script PATH]
+        [--rounds N]] [--markdown FILE]... [ARGS...]
         cargo run --release -p seedling-core --example bench -- [--quick] ARGS,
-        then the same es-lowrank workload as wasm under Node and in headless
-        Chromium, with each wasm figure's ratio to the native one-thread figure
+        the system benchmarks (seedling-sim), then the same es-lowrank workload
+        as wasm under Node and in headless Chromium, then the table of every
+        figure with a target (printed; spliced into each FILE between its
+        bench-table markers). --peers runs the JAX peer (PATH, default
+        ../shared/peers/jax_es_step.py from the workspace root) and OpenBLAS
+        with that Python, alternating with our step benches for N rounds
+        (default 3, 1 with --quick)
 ";
 
 fn main() -> ExitCode {
