@@ -31,6 +31,8 @@
 //! - [`generate`]: single-step state, sampling and beam search.
 //! - [`hash`]: the 64-bit weights hash replicas compare.
 //! - [`protocol`]: the wire messages every client speaks.
+//! - [`session`]: the volunteer's protocol state machine, shared by the
+//!   browser and the native worker (bytes in, reactions and replies out).
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
@@ -52,6 +54,7 @@ pub mod model;
 pub mod noise;
 pub mod protocol;
 pub mod replica;
+pub mod session;
 pub mod shaping;
 pub mod tokenizer;
 pub mod update;

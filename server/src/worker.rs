@@ -1,8 +1,10 @@
 //! The native volunteer: `seedling worker --server ws://HOST:PORT/ws`.
 //!
-//! It speaks the same protocol as a browser tab, through tokio-tungstenite,
-//! and evaluates each job's members on several threads (each thread runs
-//! the population-batched forward over a contiguous share of the members).
+//! It speaks the same protocol as a browser tab, through tokio-tungstenite:
+//! the state machine is the one every client shares
+//! ([`seedling_core::session`]); this module moves its bytes and evaluates
+//! each job's members on several threads off the async runtime (each thread
+//! runs the population-batched forward over chunks of the members).
 //! When the server goes away it reconnects with exponential backoff and
 //! rebuilds its replica from the snapshot the server sends on join.
 
@@ -11,12 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
-use seedling_core::protocol::{
-    self, ClientKind, ClientMsg, MAX_CLIENT_MESSAGE, MAX_SERVER_MESSAGE, PROTOCOL_VERSION, ServerMsg,
-    SessionToken,
-};
+use seedling_core::Replica;
+use seedling_core::protocol::{ClientKind, MAX_SERVER_MESSAGE, SessionToken};
+use seedling_core::session::{self, Reaction, Session};
 use seedling_core::tokenizer::Token;
-use seedling_core::{Replica, RunConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -116,7 +116,7 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
             _ = &mut shutdown => return Ok(()),
             res = session(&opts, &mut stats, &mut token) => match res {
                 Ok(()) => tracing::info!("server closed the connection"),
-                Err(e) if e.to_string().contains("protocol version") => return Err(e),
+                Err(e) if e.downcast_ref::<Rejected>().is_some_and(|r| r.fatal) => return Err(e),
                 Err(e) => tracing::warn!("connection lost: {e:#}"),
             },
         }
@@ -166,6 +166,22 @@ impl Stats {
     }
 }
 
+/// The server refused this worker (a [`Reaction::Rejected`]); `fatal` when
+/// reconnecting cannot help, the shared session's verdict.
+#[derive(Debug)]
+struct Rejected {
+    reason: String,
+    fatal: bool,
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "server rejected us: {}", self.reason)
+    }
+}
+
+impl std::error::Error for Rejected {}
+
 async fn session(
     opts: &WorkerOptions,
     stats: &mut Stats,
@@ -178,79 +194,243 @@ async fn session(
         .await
         .with_context(|| format!("connecting to {}", opts.url))?;
     let (mut sink, mut stream) = ws.split();
-    let send = |msg: ClientMsg| -> anyhow::Result<Message> {
-        Ok(Message::Binary(
-            protocol::encode(&msg, MAX_CLIENT_MESSAGE)?.into(),
-        ))
-    };
-    sink.send(send(ClientMsg::Hello {
-        version: PROTOCOL_VERSION,
-        kind: ClientKind::Native,
-        threads: opts.threads as u32,
-        speed: 0.0,
-        session: *token,
-    })?)
-    .await?;
-    let mut config: Option<RunConfig> = None;
-    let mut replica: Option<Replica> = None;
+    sink.send(Message::Binary(hello(opts, *token)?.into())).await?;
+    let mut session = Session::new();
     while let Some(frame) = stream.next().await {
         let bytes = match frame? {
             Message::Binary(b) => b,
             Message::Close(_) => return Ok(()),
             _ => continue,
         };
-        match protocol::decode_server(&bytes)? {
-            ServerMsg::Welcome {
-                config: c,
-                client,
-                session,
-                ..
-            } => {
-                tracing::info!(client, "joined the run");
-                config = Some(c);
-                *token = Some(session);
-            }
-            ServerMsg::Snapshot { step, params, adam } => {
-                let c = config.context("snapshot before welcome")?;
-                let r = Replica::from_snapshot(c, step, params, adam)?;
-                sink.send(send(ClientMsg::Hash { step, hash: r.hash() })?).await?;
-                replica = Some(r);
-            }
-            ServerMsg::Job {
-                step,
-                job,
-                members,
-                tokens,
-                ..
-            } => {
-                let Some(r) = replica.take() else { continue };
-                if r.step != step {
-                    replica = Some(r);
-                    continue; // out of step; the server will reissue
-                }
-                let threads = opts.threads;
-                let (r, losses) = tokio::task::spawn_blocking(move || {
-                    let res = evaluate_parallel(&r, &tokens, &members, threads);
-                    (r, res)
-                })
-                .await?;
-                let losses = losses?;
-                stats.record(losses.len(), step, opts.progress);
-                replica = Some(r);
-                sink.send(send(ClientMsg::Losses { step, job, losses })?).await?;
-            }
-            ServerMsg::Update { step, lr, weights } => {
-                let Some(r) = replica.as_mut() else { continue };
-                r.apply(step, lr, &weights)?;
-                sink.send(send(ClientMsg::Hash {
-                    step: r.step,
-                    hash: r.hash(),
-                })?)
-                .await?;
-            }
-            ServerMsg::Resync => replica = None,
-            ServerMsg::Reject { reason } => anyhow::bail!("server rejected us: {reason}"),
+        if let Some(reply) = react(&mut session, &bytes, opts, stats, token).await? {
+            sink.send(Message::Binary(reply.into())).await?;
         }
     }
     Ok(())
+}
+
+/// The native worker's Hello: its thread count, no speed estimate (the
+/// server measures it), and the token of the previous connection, if any.
+fn hello(opts: &WorkerOptions, token: Option<SessionToken>) -> seedling_core::Result<Vec<u8>> {
+    session::hello(ClientKind::Native, opts.threads as u32, 0.0, token)
+}
+
+/// What the native worker does with one server frame: the shared session
+/// reacts, a job is evaluated on `opts.threads` threads off the async
+/// runtime, and the reply to send (if any) comes back. A rejection is a
+/// [`Rejected`] error; any other error is a protocol violation.
+async fn react(
+    session: &mut Session,
+    bytes: &[u8],
+    opts: &WorkerOptions,
+    stats: &mut Stats,
+    token: &mut Option<SessionToken>,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    match session.receive(bytes)? {
+        Reaction::Joined { client, session } => {
+            tracing::info!(client, "joined the run");
+            *token = Some(session);
+            Ok(None)
+        }
+        Reaction::Quiet => Ok(None),
+        Reaction::Evaluate(work) => {
+            let threads = opts.threads;
+            let (work, losses) = tokio::task::spawn_blocking(move || {
+                let res = evaluate_parallel(&work.replica, &work.tokens, &work.members, threads);
+                (work, res)
+            })
+            .await?;
+            let losses = losses?;
+            stats.record(losses.len(), work.step, opts.progress);
+            Ok(Some(work.reply(losses)?))
+        }
+        Reaction::Hashed { reply, .. } => Ok(Some(reply)),
+        Reaction::Rejected { reason, fatal } => Err(Rejected { reason, fatal }.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use seedling_core::batch::step_batch;
+    use seedling_core::protocol::{self, ClientMsg, ServerMsg};
+    use seedling_core::shaping::centered_ranks;
+    use seedling_core::tokenizer::Tokenizer;
+    use seedling_core::{Replica, RunConfig};
+
+    fn server(msg: &ServerMsg) -> Vec<u8> {
+        protocol::encode(msg, MAX_SERVER_MESSAGE).unwrap()
+    }
+
+    /// The browser's reply to a frame, as its handle and job loop compute
+    /// it (wasm-client's `lib.rs` and `net.rs`), with its own session.
+    fn browser(s: &mut Session, bytes: &[u8]) -> Option<Vec<u8>> {
+        match s.receive(bytes).unwrap() {
+            Reaction::Evaluate(work) => Some(seedling_wasm::session::answer(&work).unwrap()),
+            Reaction::Hashed { reply, .. } => Some(reply),
+            Reaction::Joined { .. } | Reaction::Quiet => None,
+            Reaction::Rejected { reason, .. } => panic!("rejected: {reason}"),
+        }
+    }
+
+    /// The same server frames get byte-identical replies from the native
+    /// worker (jobs split across three threads) and from the browser (one
+    /// thread): the coordinator cannot tell them apart but by the Hello.
+    #[tokio::test]
+    async fn native_and_browser_replies_are_byte_identical() {
+        let text = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n";
+        let tokenizer = Tokenizer::from_corpus(text).unwrap();
+        let corpus = tokenizer.encode(text).unwrap();
+        let mut config = RunConfig::rw256(tokenizer.len() as u32);
+        config.es.population = 64;
+        config.es.batch = 2;
+        config.es.seq_len = 8;
+        let batch = |step| step_batch(&corpus, config.seed, step, 2, 8).unwrap();
+        let mut want = Replica::new(config).unwrap();
+        want.local_step(&batch(0)).unwrap();
+
+        let mut opts = WorkerOptions::new("ws://unused");
+        opts.threads = 3;
+        opts.progress = None;
+        let (mut stats, mut token) = (Stats::new(), None);
+        let mut native = Session::new();
+        let mut tab = Session::new();
+        let mut frames = vec![
+            server(&ServerMsg::Welcome {
+                run: 3,
+                client: 8,
+                session: [5; 16],
+                config,
+                tokenizer,
+            }),
+            server(&ServerMsg::Snapshot {
+                step: 1,
+                params: want.params.clone(),
+                adam: want.adam.clone(),
+            }),
+        ];
+        let mut expected = vec![ClientMsg::Hash {
+            step: 1,
+            hash: want.hash(),
+        }];
+        // Jobs of 40 members (three chunks) and 5, one for a step the
+        // replica is not at, and an update, for two steps; then a Resync
+        // and a job nobody can do.
+        for step in 1..3u64 {
+            let all: Vec<u32> = (0..64).collect();
+            let losses = want.evaluate(&batch(step), &all).unwrap();
+            for (job, members) in [
+                (step * 10, (10..50).collect()),
+                (step * 10 + 1, vec![0, 1, 63, 2, 62]),
+            ] {
+                expected.push(ClientMsg::Losses {
+                    step,
+                    job,
+                    losses: members.iter().map(|&m| losses[m as usize]).collect(),
+                });
+                frames.push(server(&ServerMsg::Job {
+                    step,
+                    job,
+                    members,
+                    tokens: batch(step),
+                    deadline_ms: 1000,
+                }));
+            }
+            frames.push(server(&ServerMsg::Job {
+                step: step + 1,
+                job: 99,
+                members: vec![4, 5],
+                tokens: batch(step + 1),
+                deadline_ms: 1000,
+            }));
+            let pairs: Vec<(u32, f32)> = all.iter().copied().zip(losses).collect();
+            let weights = centered_ranks(&pairs).unwrap();
+            want.apply(step, 0.02, &weights).unwrap();
+            expected.push(ClientMsg::Hash {
+                step: want.step,
+                hash: want.hash(),
+            });
+            frames.push(server(&ServerMsg::Update {
+                step,
+                lr: 0.02,
+                weights,
+            }));
+        }
+        frames.push(server(&ServerMsg::Resync));
+        frames.push(server(&ServerMsg::Job {
+            step: 3,
+            job: 40,
+            members: vec![0, 1],
+            tokens: batch(3),
+            deadline_ms: 1000,
+        }));
+
+        let mut replies = Vec::new();
+        for frame in &frames {
+            let ours = react(&mut native, frame, &opts, &mut stats, &mut token)
+                .await
+                .unwrap();
+            assert_eq!(ours, browser(&mut tab, frame), "frame {frame:?}");
+            replies.extend(ours.map(|r| protocol::decode_client(&r).unwrap()));
+        }
+        // Not vacuous: a hash for the snapshot, then two jobs' losses and a
+        // hash per step, each what the server's replica computes.
+        assert_eq!(replies, expected);
+        assert_eq!((token, stats.members), (Some([5; 16]), 2 * 45));
+
+        // The Hellos differ only in kind and threads.
+        let native_hello = protocol::decode_client(&hello(&opts, token).unwrap()).unwrap();
+        let browser_hello = seedling_wasm::session::hello(0.0, token).unwrap();
+        let ClientMsg::Hello {
+            kind: ClientKind::Native,
+            threads: 3,
+            ..
+        } = native_hello
+        else {
+            panic!("not the native Hello: {native_hello:?}");
+        };
+        let as_browser = match native_hello {
+            ClientMsg::Hello {
+                version,
+                speed,
+                session,
+                ..
+            } => ClientMsg::Hello {
+                version,
+                kind: ClientKind::Browser,
+                threads: 1,
+                speed,
+                session,
+            },
+            other => other,
+        };
+        assert_eq!(protocol::encode(&as_browser, 64).unwrap(), browser_hello);
+    }
+
+    /// A rejection ends the connection; only the shared session's fatal
+    /// verdict (a version mismatch) stops [`run`] from reconnecting.
+    #[tokio::test]
+    async fn only_a_fatal_rejection_stops_the_worker() {
+        let opts = WorkerOptions::new("ws://unused");
+        let (mut stats, mut token) = (Stats::new(), None);
+        for (reason, fatal) in [
+            ("protocol version 9 is not supported (server speaks 2)", true),
+            ("send queue full", false),
+        ] {
+            let frame = server(&ServerMsg::Reject {
+                reason: reason.into(),
+            });
+            let err = react(&mut Session::new(), &frame, &opts, &mut stats, &mut token)
+                .await
+                .unwrap_err();
+            let rejected = err.downcast_ref::<Rejected>().expect("a rejection");
+            assert_eq!((rejected.reason.as_str(), rejected.fatal), (reason, fatal));
+            assert_eq!(err.to_string(), format!("server rejected us: {reason}"));
+        }
+        // A protocol violation is an error too, but not a rejection.
+        let err = react(&mut Session::new(), &[0xff; 3], &opts, &mut stats, &mut token)
+            .await
+            .unwrap_err();
+        assert!(err.downcast_ref::<Rejected>().is_none(), "{err:#}");
+    }
 }

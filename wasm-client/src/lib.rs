@@ -9,8 +9,9 @@
 //!
 //! # Layout
 //!
-//! - [`session`]: the protocol state of one connection (Welcome, Snapshot,
-//!   Job, Update, Resync, Reject), mirroring the native worker; no JavaScript.
+//! - [`session`]: the browser's side of the protocol state machine the
+//!   native worker shares ([`seedling_core::session`]): its Hello, jobs
+//!   evaluated on the worker's one thread, text samples; no JavaScript.
 //! - [`net`]: the job loop around it: a WebSocket to `/ws`, reconnection with
 //!   exponential backoff, and progress notices for the page.
 //! - [`Volunteer`]: the one exported handle. Long-lived state (weights, Adam
@@ -34,7 +35,7 @@ pub mod net;
 pub mod session;
 
 use net::State;
-use session::{Reaction, Session};
+use session::Reaction;
 
 /// One volunteer: its replica, its counters and, once started, its
 /// connection. Each Web Worker owns one (and its own wasm instance), so
@@ -94,7 +95,7 @@ impl Volunteer {
     pub fn hello(&self) -> Result<Vec<u8>, JsError> {
         let mut s = self.state.borrow_mut();
         let speed = s.stats.rate(js_sys::Date::now()) as f32;
-        Session::hello(speed, s.token).map_err(to_js)
+        session::hello(speed, s.token).map_err(to_js)
     }
 
     /// Handles one server message by hand (the loop does this itself) and
@@ -102,15 +103,18 @@ impl Volunteer {
     /// protocol violation or a rejection is an error.
     pub fn receive(&self, bytes: &[u8]) -> Result<Option<Vec<u8>>, JsError> {
         let mut s = self.state.borrow_mut();
-        let reaction = s.session.receive(bytes).map_err(to_js)?;
-        match &reaction {
-            Reaction::Evaluated { members, .. } => s.stats.members += *members as u64,
-            Reaction::Joined { session, .. } => s.token = Some(*session),
-            _ => {}
-        }
-        match reaction {
-            Reaction::Joined { .. } | Reaction::Quiet => Ok(None),
-            Reaction::Evaluated { reply, .. } | Reaction::Hashed { reply, .. } => Ok(Some(reply)),
+        match s.session.receive(bytes).map_err(to_js)? {
+            Reaction::Joined { session, .. } => {
+                s.token = Some(session);
+                Ok(None)
+            }
+            Reaction::Quiet => Ok(None),
+            Reaction::Evaluate(work) => {
+                let reply = session::answer(&work).map_err(to_js)?;
+                s.stats.members += work.members.len() as u64;
+                Ok(Some(reply))
+            }
+            Reaction::Hashed { reply, .. } => Ok(Some(reply)),
             Reaction::Rejected { reason, .. } => Err(JsError::new(&format!("rejected: {reason}"))),
         }
     }
@@ -137,11 +141,7 @@ impl Volunteer {
     /// `len` characters sampled at `temperature` from the current local
     /// weights, or `undefined` before a snapshot.
     pub fn sample(&self, len: usize, temperature: f32) -> Result<Option<String>, JsError> {
-        self.state
-            .borrow()
-            .session
-            .sample(len, temperature)
-            .map_err(to_js)
+        session::sample(&self.state.borrow().session, len, temperature).map_err(to_js)
     }
 }
 

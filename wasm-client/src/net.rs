@@ -21,7 +21,7 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
 
-use crate::session::{Reaction, Session};
+use crate::session::{self, Reaction, Session};
 
 /// First pause before reconnecting; doubles up to [`MAX_BACKOFF_MS`]. The
 /// same schedule as the native worker's.
@@ -247,16 +247,7 @@ impl State {
         let reaction = match self.session.receive(bytes) {
             Ok(r) => r,
             Err(e) => {
-                notices.push(Notice::Error {
-                    message: format!("The server sent a message this page cannot use ({e}). Reconnecting."),
-                    fatal: false,
-                });
-                if let Some(l) = self.looping.as_mut() {
-                    l.broken = true;
-                    if let Some(s) = &l.socket {
-                        let _ = s.ws.close();
-                    }
-                }
+                self.broke(e, &mut notices);
                 return (None, notices);
             }
         };
@@ -269,11 +260,17 @@ impl State {
                 None
             }
             Reaction::Quiet => None,
-            Reaction::Evaluated { reply, members, .. } => {
-                self.stats.record(members, now_ms());
-                notices.push(self.status());
-                Some(reply)
-            }
+            Reaction::Evaluate(work) => match session::answer(&work) {
+                Ok(reply) => {
+                    self.stats.record(work.members.len(), now_ms());
+                    notices.push(self.status());
+                    Some(reply)
+                }
+                Err(e) => {
+                    self.broke(e, &mut notices);
+                    None
+                }
+            },
             Reaction::Hashed { reply, step, hash } => {
                 notices.push(Notice::Hash {
                     step,
@@ -304,6 +301,22 @@ impl State {
         (reply, notices)
     }
 
+    /// A frame broke the protocol: tell the page, and close the socket (its
+    /// close event schedules the reconnection) without acting on the frames
+    /// still in flight.
+    fn broke(&mut self, e: seedling_core::Error, notices: &mut Vec<Notice>) {
+        notices.push(Notice::Error {
+            message: format!("The server sent a message this page cannot use ({e}). Reconnecting."),
+            fatal: false,
+        });
+        if let Some(l) = self.looping.as_mut() {
+            l.broken = true;
+            if let Some(s) = &l.socket {
+                let _ = s.ws.close();
+            }
+        }
+    }
+
     /// The progress notice as of now.
     pub fn status(&mut self) -> Notice {
         Notice::Status {
@@ -324,7 +337,7 @@ impl State {
             return None;
         }
         l.last_sample = Some((step, now));
-        match self.session.sample(SAMPLE_LEN, SAMPLE_TEMPERATURE) {
+        match session::sample(&self.session, SAMPLE_LEN, SAMPLE_TEMPERATURE) {
             Ok(Some(text)) => Some(Notice::Sample { step, text }),
             Ok(None) => None,
             Err(e) => Some(Notice::Error {
@@ -438,7 +451,7 @@ fn connect(state: &Rc<RefCell<State>>) {
         let mut s = state.borrow_mut();
         let Some(l) = s.looping.as_mut() else { return };
         l.opened_ms = now_ms();
-        let hello = crate::session::Session::hello(speed, token);
+        let hello = session::hello(speed, token);
         if let (Ok(hello), Some(socket)) = (hello, &l.socket) {
             let _ = socket.ws.send_with_u8_array(&hello);
         }

@@ -7,7 +7,8 @@
 //! through a real message sequence.
 //!
 //! Browser-only (the handle calls JavaScript); natively, the same golden runs
-//! in seedling-core's tests and the session logic in this crate's unit tests.
+//! in seedling-core's tests, and the protocol state machine in its
+//! `session` unit tests.
 
 #![cfg(target_arch = "wasm32")]
 

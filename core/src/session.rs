@@ -1,0 +1,475 @@
+//! The volunteer's side of the protocol, shared by every client: what to do
+//! with each server message, free of I/O.
+//!
+//! Bytes go in ([`Session::receive`]) and reactions with encoded replies
+//! come out, the way mini-redis keeps framing apart from I/O: the browser
+//! client (a Web Worker) and the native worker (tokio) each only move these
+//! bytes over their own WebSocket, so the coordinator sees the same replies
+//! from both, and the machine is tested once, here.
+//!
+//! Evaluating a job is left to the caller ([`Reaction::Evaluate`]): the
+//! browser evaluates on its one thread ([`Work::evaluate`]), the native
+//! worker on its own threads off its async runtime. The job carries the
+//! replica in an [`Arc`] so the caller can move it to those threads without
+//! copying the weights, and [`Work::reply`] then encodes the losses.
+
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::config::RunConfig;
+use crate::error::{Error, Result, check_len};
+use crate::protocol::{
+    self, ClientKind, ClientMsg, MAX_CLIENT_MESSAGE, PROTOCOL_VERSION, ServerMsg, SessionToken,
+};
+use crate::replica::Replica;
+use crate::tokenizer::{Token, Tokenizer};
+
+/// The Hello a new connection starts with: what kind of volunteer this is,
+/// how many members it evaluates in parallel, an estimate of its speed in
+/// members per second (0 = unknown; anything not finite and positive is
+/// sent as 0, so a bad estimate cannot get the client refused), and the
+/// session token of an earlier connection so the trust it earned carries
+/// over.
+pub fn hello(kind: ClientKind, threads: u32, speed: f32, session: Option<SessionToken>) -> Result<Vec<u8>> {
+    let speed = if speed.is_finite() && speed > 0.0 {
+        speed
+    } else {
+        0.0
+    };
+    encode(&ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        kind,
+        threads,
+        speed,
+        session,
+    })
+}
+
+/// What the caller should do after a server message.
+#[derive(Debug)]
+pub enum Reaction {
+    /// The server accepted the Hello (a Welcome); nothing to send yet, the
+    /// snapshot follows.
+    Joined {
+        /// This connection's id on the server (matches `/api/status`).
+        client: u64,
+        /// The session token to present when reconnecting.
+        session: SessionToken,
+    },
+    /// Nothing to send: a Resync, an update before any snapshot, or a job
+    /// this replica cannot do (no snapshot yet, or another step; the server
+    /// reissues it).
+    Quiet,
+    /// A job the replica is at the step of: evaluate it, then send
+    /// [`Work::reply`].
+    Evaluate(Work),
+    /// Send `reply` (the weights hash) after a snapshot or an update.
+    Hashed {
+        /// Encoded [`ClientMsg::Hash`].
+        reply: Vec<u8>,
+        /// The step the replica is now at.
+        step: u64,
+        /// Its weights hash.
+        hash: u64,
+    },
+    /// The server refused this client and is closing the connection.
+    Rejected {
+        /// The server's reason, for the volunteer to read.
+        reason: String,
+        /// True when reconnecting cannot help (a protocol version mismatch:
+        /// this client is older or newer than the server).
+        fatal: bool,
+    },
+}
+
+/// One job to evaluate, with the replica to evaluate it on (at the job's
+/// step). Holding a `Work` past the next server message costs one copy of
+/// the replica when that message changes it, never a wrong answer.
+pub struct Work {
+    /// The job's step (the replica's).
+    pub step: u64,
+    /// The job id to quote in the reply.
+    pub job: u64,
+    /// The members to evaluate, in the order the losses must come back.
+    pub members: Vec<u32>,
+    /// The step's minibatch.
+    pub tokens: Vec<Token>,
+    /// The replica at `step`, shared with the session.
+    pub replica: Arc<Replica>,
+}
+
+impl Work {
+    /// The members' losses evaluated on the calling thread.
+    pub fn evaluate(&self) -> Result<Vec<f32>> {
+        self.replica.evaluate(&self.tokens, &self.members)
+    }
+
+    /// The encoded [`ClientMsg::Losses`] for this job; `losses` must hold
+    /// one loss per member, in the job's order.
+    pub fn reply(&self, losses: Vec<f32>) -> Result<Vec<u8>> {
+        check_len("job losses", self.members.len(), losses.len())?;
+        encode(&ClientMsg::Losses {
+            step: self.step,
+            job: self.job,
+            losses,
+        })
+    }
+}
+
+impl fmt::Debug for Work {
+    /// The job without the replica's weights.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Work")
+            .field("step", &self.step)
+            .field("job", &self.job)
+            .field("members", &self.members)
+            .field("tokens", &self.tokens.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The state one connection builds up: the run's id, config and vocabulary
+/// from the Welcome, and the replica from the Snapshot.
+///
+/// A new connection starts a new session: the server sends a fresh snapshot
+/// on every join, so nothing is carried over that could be stale.
+#[derive(Debug, Default)]
+pub struct Session {
+    /// The run id from the Welcome.
+    run: u64,
+    /// The run's configuration, needed to turn a snapshot into a replica.
+    config: Option<RunConfig>,
+    /// The vocabulary.
+    tokenizer: Option<Tokenizer>,
+    /// This volunteer's replica; `None` until a snapshot arrives and after a
+    /// Resync. Shared with the [`Work`] of a job being evaluated.
+    replica: Option<Arc<Replica>>,
+}
+
+impl Session {
+    /// A session that has not heard from the server yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Handles one binary frame from the server. An error means the server
+    /// broke the protocol (or sent garbage): drop the connection and retry.
+    pub fn receive(&mut self, bytes: &[u8]) -> Result<Reaction> {
+        match protocol::decode_server(bytes)? {
+            ServerMsg::Welcome {
+                run,
+                client,
+                session,
+                config,
+                tokenizer,
+            } => {
+                self.run = run;
+                self.config = Some(config);
+                self.tokenizer = Some(tokenizer);
+                self.replica = None;
+                Ok(Reaction::Joined { client, session })
+            }
+            ServerMsg::Snapshot { step, params, adam } => {
+                let config = self
+                    .config
+                    .ok_or_else(|| Error::Wire("snapshot before welcome".into()))?;
+                let replica = Replica::from_snapshot(config, step, params, adam)?;
+                let hash = replica.hash();
+                self.replica = Some(Arc::new(replica));
+                hashed(step, hash)
+            }
+            ServerMsg::Job {
+                step,
+                job,
+                members,
+                tokens,
+                ..
+            } => match self.replica.as_ref().filter(|r| r.step == step) {
+                Some(replica) => Ok(Reaction::Evaluate(Work {
+                    step,
+                    job,
+                    members,
+                    tokens,
+                    replica: Arc::clone(replica),
+                })),
+                None => Ok(Reaction::Quiet),
+            },
+            ServerMsg::Update { step, lr, weights } => {
+                let Some(replica) = self.replica.as_mut() else {
+                    return Ok(Reaction::Quiet);
+                };
+                let replica = Arc::make_mut(replica);
+                replica.apply(step, lr, &weights)?;
+                hashed(replica.step, replica.hash())
+            }
+            ServerMsg::Resync => {
+                self.replica = None;
+                Ok(Reaction::Quiet)
+            }
+            ServerMsg::Reject { reason } => {
+                // The coordinator's words for a version mismatch.
+                let fatal = reason.contains("protocol version");
+                Ok(Reaction::Rejected { reason, fatal })
+            }
+        }
+    }
+
+    /// The run id from the Welcome (0 before it).
+    pub fn run(&self) -> u64 {
+        self.run
+    }
+
+    /// The vocabulary, once welcomed.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// The replica, once a snapshot has arrived.
+    pub fn replica(&self) -> Option<&Replica> {
+        self.replica.as_deref()
+    }
+}
+
+fn hashed(step: u64, hash: u64) -> Result<Reaction> {
+    Ok(Reaction::Hashed {
+        reply: encode(&ClientMsg::Hash { step, hash })?,
+        step,
+        hash,
+    })
+}
+
+fn encode(msg: &ClientMsg) -> Result<Vec<u8>> {
+    protocol::encode(msg, MAX_CLIENT_MESSAGE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adam::AdamState;
+    use crate::config::ModelConfig;
+    use crate::protocol::MAX_SERVER_MESSAGE;
+    use crate::shaping::centered_ranks;
+    use alloc::vec;
+
+    fn server(msg: &ServerMsg) -> Vec<u8> {
+        protocol::encode(msg, MAX_SERVER_MESSAGE).unwrap()
+    }
+
+    fn setup() -> (Session, Replica) {
+        let tokenizer = Tokenizer::from_corpus("abc\nde").unwrap();
+        let mut config = RunConfig::rw256(tokenizer.len() as u32);
+        config.model = ModelConfig {
+            vocab: tokenizer.len() as u32,
+            hidden: 8,
+            layers: 2,
+        };
+        config.es.population = 4;
+        config.es.batch = 2;
+        config.es.seq_len = 4;
+        let server_replica = Replica::new(config).unwrap();
+        let mut s = Session::new();
+        let welcome = ServerMsg::Welcome {
+            run: 7,
+            client: 1,
+            session: [9; 16],
+            config,
+            tokenizer: tokenizer.clone(),
+        };
+        let r = s.receive(&server(&welcome)).unwrap();
+        assert!(
+            matches!(
+                r,
+                Reaction::Joined {
+                    client: 1,
+                    session: [9, ..]
+                }
+            ),
+            "{r:?}"
+        );
+        assert_eq!((s.run(), s.tokenizer()), (7, Some(&tokenizer)));
+        (s, server_replica)
+    }
+
+    #[test]
+    fn hello_announces_the_kind_at_this_protocol_version() {
+        for (kind, threads, speed, want) in [
+            (ClientKind::Browser, 1, f32::NAN, 0.0),
+            (ClientKind::Native, 6, 0.0, 0.0),
+            (ClientKind::Browser, 1, -3.0, 0.0),
+            (ClientKind::Native, 2, 12.5, 12.5),
+        ] {
+            let msg = protocol::decode_client(&hello(kind, threads, speed, Some([3; 16])).unwrap()).unwrap();
+            assert_eq!(
+                msg,
+                ClientMsg::Hello {
+                    version: PROTOCOL_VERSION,
+                    kind,
+                    threads,
+                    speed: want,
+                    session: Some([3; 16]),
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn follows_the_server_replica_through_a_step() {
+        let (mut s, mut want) = setup();
+        let snap = ServerMsg::Snapshot {
+            step: 0,
+            params: want.params.clone(),
+            adam: want.adam.clone(),
+        };
+        let Reaction::Hashed { step: 0, hash, .. } = s.receive(&server(&snap)).unwrap() else {
+            panic!("a snapshot is answered with a hash");
+        };
+        assert_eq!(hash, want.hash());
+        // A job for another step is left for others.
+        let tokens = vec![1u16; 2 * 5];
+        let job = |step| ServerMsg::Job {
+            step,
+            job: 3,
+            members: vec![2, 3],
+            tokens: tokens.clone(),
+            deadline_ms: 1000,
+        };
+        assert!(matches!(s.receive(&server(&job(5))).unwrap(), Reaction::Quiet));
+        let Reaction::Evaluate(work) = s.receive(&server(&job(0))).unwrap() else {
+            panic!("a job at the replica's step is handed out to evaluate");
+        };
+        assert_eq!((work.step, work.job, &work.members[..]), (0, 3, &[2, 3][..]));
+        let losses = want.evaluate(&tokens, &[2, 3]).unwrap();
+        assert_eq!(work.evaluate().unwrap(), losses);
+        assert!(work.reply(vec![1.0]).is_err(), "one loss per member");
+        let reply = work.reply(losses.clone()).unwrap();
+        assert_eq!(
+            protocol::decode_client(&reply).unwrap(),
+            ClientMsg::Losses {
+                step: 0,
+                job: 3,
+                losses: vec![losses[0], losses[1]]
+            }
+        );
+        drop(work);
+        let weights = centered_ranks(&[(0, 1.0), (1, 2.0), (2, losses[0]), (3, losses[1])]).unwrap();
+        want.apply(0, 0.05, &weights).unwrap();
+        let update = ServerMsg::Update {
+            step: 0,
+            lr: 0.05,
+            weights,
+        };
+        let Reaction::Hashed { reply, step: 1, hash } = s.receive(&server(&update)).unwrap() else {
+            panic!("an update is answered with a hash");
+        };
+        assert_eq!(hash, want.hash());
+        assert_eq!(
+            protocol::decode_client(&reply).unwrap(),
+            ClientMsg::Hash { step: 1, hash }
+        );
+        assert_eq!(s.replica().map(Replica::hash), Some(want.hash()));
+        // Resync drops the replica; jobs and updates are then left for others.
+        assert!(matches!(
+            s.receive(&server(&ServerMsg::Resync)).unwrap(),
+            Reaction::Quiet
+        ));
+        assert!(s.replica().is_none());
+        assert!(matches!(s.receive(&server(&job(1))).unwrap(), Reaction::Quiet));
+        let update = ServerMsg::Update {
+            step: 1,
+            lr: 0.05,
+            weights: vec![],
+        };
+        assert!(matches!(s.receive(&server(&update)).unwrap(), Reaction::Quiet));
+    }
+
+    #[test]
+    fn an_update_while_a_job_is_held_leaves_the_job_on_its_step() {
+        let (mut s, want) = setup();
+        let snap = ServerMsg::Snapshot {
+            step: 0,
+            params: want.params.clone(),
+            adam: want.adam.clone(),
+        };
+        s.receive(&server(&snap)).unwrap();
+        let job = ServerMsg::Job {
+            step: 0,
+            job: 1,
+            members: vec![0, 1],
+            tokens: vec![1u16; 2 * 5],
+            deadline_ms: 1000,
+        };
+        let Reaction::Evaluate(work) = s.receive(&server(&job)).unwrap() else {
+            panic!("a job at the replica's step is handed out to evaluate");
+        };
+        let update = ServerMsg::Update {
+            step: 0,
+            lr: 0.05,
+            weights: vec![(0, 1.0), (1, -1.0)],
+        };
+        let Reaction::Hashed { step: 1, hash, .. } = s.receive(&server(&update)).unwrap() else {
+            panic!("an update is answered with a hash");
+        };
+        assert_ne!(hash, want.hash());
+        assert_eq!((work.replica.step, work.replica.hash()), (0, want.hash()));
+    }
+
+    #[test]
+    fn protocol_violations_are_errors_not_panics() {
+        let mut s = Session::new();
+        let snap = ServerMsg::Snapshot {
+            step: 0,
+            params: vec![0.0; 3],
+            adam: AdamState::new(3),
+        };
+        assert!(s.receive(&server(&snap)).is_err(), "snapshot before welcome");
+        assert!(s.receive(&[0xff, 0xff, 0xff]).is_err());
+        let (mut s, want) = setup();
+        assert!(s.receive(&server(&snap)).is_err(), "wrong-sized snapshot");
+        assert!(s.replica().is_none());
+        let snap = ServerMsg::Snapshot {
+            step: 4,
+            params: want.params.clone(),
+            adam: want.adam.clone(),
+        };
+        s.receive(&server(&snap)).unwrap();
+        let stale = ServerMsg::Update {
+            step: 0,
+            lr: 0.05,
+            weights: vec![(0, 1.0)],
+        };
+        assert!(s.receive(&server(&stale)).is_err(), "update for another step");
+        // A job with a minibatch of the wrong shape fails when evaluated.
+        let job = ServerMsg::Job {
+            step: 4,
+            job: 1,
+            members: vec![0],
+            tokens: vec![1u16; 3],
+            deadline_ms: 1000,
+        };
+        let Reaction::Evaluate(work) = s.receive(&server(&job)).unwrap() else {
+            panic!("a job at the replica's step is handed out to evaluate");
+        };
+        assert!(work.evaluate().is_err(), "minibatch of the wrong shape");
+    }
+
+    #[test]
+    fn only_a_version_mismatch_is_fatal() {
+        let mut s = Session::new();
+        let reject = |reason: &str| {
+            server(&ServerMsg::Reject {
+                reason: reason.into(),
+            })
+        };
+        let r = s
+            .receive(&reject("protocol version 9 is not supported (server speaks 1)"))
+            .unwrap();
+        assert!(matches!(r, Reaction::Rejected { fatal: true, .. }), "{r:?}");
+        let r = s.receive(&reject("send queue full")).unwrap();
+        assert!(
+            matches!(&r, Reaction::Rejected { fatal: false, reason } if reason == "send queue full"),
+            "{r:?}"
+        );
+    }
+}
