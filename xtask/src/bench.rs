@@ -26,7 +26,7 @@ use std::process::ExitCode;
 
 use crate::peers::{self, Peers};
 use crate::wasm::{self, WasmTarget, json_number, json_string};
-use crate::{Ctx, report, setup};
+use crate::{Ctx, report, run, setup};
 
 /// The wasm/native throughput ratio Seedling aims for in Chromium.
 const RATIO_TARGET: f64 = 0.35;
@@ -109,6 +109,21 @@ impl<'a> Options<'a> {
 fn bench(ctx: &Ctx, args: &[String]) -> Result<(), String> {
     let o = Options::parse(args)?;
     let machine = report::Machine::read(args);
+    if o.native {
+        // Built first, so no compile runs between rounds and the run's time
+        // and load average are the measurements'.
+        run(ctx
+            .cargo()
+            .args(["build", "--release", "-p", "seedling-core", "--example", "bench"]))?;
+        run(ctx.cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "seedling-tests",
+            "--bin",
+            "seedling-sim",
+        ]))?;
+    }
     let start = report::Moment::now();
     let peers = o
         .peers
@@ -383,5 +398,44 @@ pub fn perf_check(ctx: &Ctx) -> Result<String, String> {
         ))
     } else {
         Err(format!("performance regression: {}", failed.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_xtask_options_from_the_example_arguments() {
+        let args: Vec<String> = [
+            "--quick",
+            "--peers",
+            "python3",
+            "--only",
+            "es-lowrank",
+            "--rounds",
+            "2",
+            "--markdown",
+            "/tmp/a.md",
+            "--native-only",
+            "--peer-script",
+            "/p/jax.py",
+        ]
+        .map(String::from)
+        .to_vec();
+        let o = Options::parse(&args).unwrap();
+        assert!(o.quick && o.native && !o.wasm);
+        // A bare interpreter name stays a name, for the PATH lookup.
+        assert_eq!(o.peers, Some(PathBuf::from("python3")));
+        assert_eq!(o.peer_script, Some(PathBuf::from("/p/jax.py")));
+        assert_eq!(
+            (o.rounds, o.markdown),
+            (Some(2), vec![PathBuf::from("/tmp/a.md")])
+        );
+        assert_eq!(o.pass, ["--quick", "--only", "es-lowrank"]);
+        assert_eq!(only_prefixes(&o.pass), Some(vec!["es-lowrank"]));
+        let bad = |a: &[&str]| Options::parse(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>()).err();
+        assert_eq!(bad(&["--rounds", "0"]), Some("bad --rounds 0".into()));
+        assert_eq!(bad(&["--peers"]), Some("--peers needs a value".into()));
     }
 }
