@@ -33,6 +33,7 @@ use crate::checkpoint;
 use crate::coordinator::{
     AdminCommand, ClientId, Coordinator, Event, Outgoing, RunData, Settings, Status, close,
 };
+use crate::delivery::{self, Postbox};
 
 /// How often deadlines are checked.
 const TICK: Duration = Duration::from_millis(20);
@@ -250,6 +251,10 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
     coordinator.set_lr_override(lr_override);
     let status = coordinator.status();
     let (events, rx) = mpsc::channel(4096);
+    let (batches, parcels) = mpsc::unbounded_channel();
+    let spent = Arc::new(AtomicU64::new(0));
+    tokio::spawn(delivery::courier(parcels, events.clone(), spent.clone()));
+    coordinator.deliver_through(Postbox::with_courier(batches, spent));
     let coordinator = std::thread::Builder::new()
         .name("coordinator".into())
         .spawn(move || coordinator.run(rx))?;

@@ -3,7 +3,8 @@
 //!
 //! It runs on one dedicated thread and owns all run state, so there are no
 //! locks on the training path: connection tasks send it [`Event`]s and it
-//! answers through each client's bounded outbox. Everything here is plain
+//! answers through each client's bounded outbox, by way of the
+//! [`crate::delivery`] courier. Everything here is plain
 //! logic over a clock the caller passes in, which keeps it testable without
 //! sockets.
 //!
@@ -39,7 +40,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{self, Checkpoint, HistoryPoint};
+use crate::delivery::Postbox;
 use crate::ledger::{Ledger, MemberSet};
+use crate::seqmap::SeqMap;
 pub use crate::timing::Quantiles;
 use crate::timing::{Mark, StepTiming};
 
@@ -121,6 +124,12 @@ pub enum Event {
     /// it is being closed.
     Idle {
         /// The silent client.
+        client: ClientId,
+    },
+    /// The client's send queue was full: it reads too slowly to keep up
+    /// and is being closed (reported by [`crate::delivery::courier`]).
+    Slow {
+        /// The slow reader.
         client: ClientId,
     },
     /// Time passes: deadlines are checked.
@@ -281,6 +290,9 @@ pub struct Status {
     /// The same busy time on the wall clock: it also counts the time the
     /// coordinator thread sat preempted by other work on its cores.
     pub step_overhead_wall_ms: Quantiles,
+    /// CPU time the delivery courier spent per step handing frames to the
+    /// connections, off the coordinator thread ([`crate::delivery`]).
+    pub step_delivery_ms: Quantiles,
     /// The replica's update and hash per step: what grows with the model.
     pub update_ms: Quantiles,
     /// The learning rate the current step's update will use.
@@ -334,7 +346,6 @@ struct Job {
 }
 
 struct Client {
-    out: mpsc::Sender<Outgoing>,
     /// Its session (set by the Hello).
     session: Option<SessionToken>,
     /// Results that matched another client's: trust, which lowers how often
@@ -369,7 +380,11 @@ pub struct Coordinator {
     idle: BTreeSet<(u64, ClientId)>,
     /// Clients past the handshake.
     ready: usize,
-    jobs: HashMap<u64, Job>,
+    /// Live jobs (all of the current step), by id.
+    jobs: SeqMap<Job>,
+    /// No live job's deadline is earlier (a lower bound: removing a job
+    /// leaves it), so most ticks skip the scan for expired jobs.
+    earliest_deadline: Option<Instant>,
     /// Who each recent job was issued to, live or not, to tell a late
     /// result (stale, dropped) from a forged one (rejected).
     /// Job ids only grow, so this is sorted and searched by bisection.
@@ -416,6 +431,8 @@ pub struct Coordinator {
     /// Sessions by token, and their order of creation for eviction.
     sessions: HashMap<SessionToken, SessionRecord>,
     session_order: VecDeque<SessionToken>,
+    /// Where outgoing frames wait for the end of the event.
+    postbox: Postbox,
 }
 
 /// What outlives a connection: the trust its session earned, or its ban.
@@ -461,7 +478,8 @@ impl Coordinator {
             clients: HashMap::new(),
             idle: BTreeSet::new(),
             ready: 0,
-            jobs: HashMap::new(),
+            jobs: SeqMap::default(),
+            earliest_deadline: None,
             owners: VecDeque::new(),
             next_job: 1,
             pool: MemberSet::default(),
@@ -487,12 +505,20 @@ impl Coordinator {
             lr_override: None,
             sessions: HashMap::new(),
             session_order: VecDeque::new(),
+            postbox: Postbox::direct(),
             replica,
         };
         c.hashes.push_back((c.replica.step, c.replica.hash()));
         c.start_step(now);
         c.publish();
         c
+    }
+
+    /// Delivers outgoing frames through a courier task instead of on this
+    /// thread (see [`crate::delivery`]); [`Coordinator::run`] flushes after
+    /// every event.
+    pub fn deliver_through(&mut self, postbox: Postbox) {
+        self.postbox = postbox;
     }
 
     /// The shared status the HTTP handlers read.
@@ -560,6 +586,7 @@ impl Coordinator {
             }
             self.timing.enter();
             self.handle(ev, now);
+            self.postbox.flush();
             self.timing.leave();
         }
         self.shutdown();
@@ -567,11 +594,11 @@ impl Coordinator {
 
     /// Closes every connection and writes the final checkpoint.
     pub fn shutdown(&mut self) {
-        for c in self.clients.values() {
-            let _ = c
-                .out
-                .try_send(Outgoing::Close(close::GOING_AWAY, "server shutting down".into()));
+        for &id in self.clients.keys() {
+            let bye = Outgoing::Close(close::GOING_AWAY, "server shutting down".into());
+            let _ = self.postbox.post(id, bye);
         }
+        self.postbox.flush();
         if let Err(e) = self.checkpoint() {
             tracing::error!("final checkpoint failed: {e:#}");
         }
@@ -581,10 +608,10 @@ impl Coordinator {
     pub fn handle(&mut self, ev: Event, now: Instant) {
         match ev {
             Event::Connected { client, out } => {
+                self.postbox.open(client, out);
                 self.clients.insert(
                     client,
                     Client {
-                        out,
                         session: None,
                         agreed: 0,
                         strikes: 0,
@@ -608,6 +635,13 @@ impl Coordinator {
             Event::Idle { client } => {
                 if self.clients.contains_key(&client) {
                     self.counters.idle += 1;
+                    self.drop_client(client);
+                }
+            }
+            Event::Slow { client } => {
+                if self.clients.contains_key(&client) {
+                    tracing::warn!(client, "send queue full; dropping client");
+                    self.counters.slow += 1;
                     self.drop_client(client);
                 }
             }
@@ -692,10 +726,11 @@ impl Coordinator {
                 if let Some(old) = rec.live.filter(|&old| old != id) {
                     if let Some(c) = self.clients.get(&old) {
                         (agreed, strikes) = (c.agreed, c.strikes);
-                        let _ = c.out.try_send(Outgoing::Close(
+                        let bye = Outgoing::Close(
                             close::POLICY,
                             "replaced by a newer connection of the same session".into(),
-                        ));
+                        );
+                        let _ = self.postbox.post(old, bye);
                     }
                     self.drop_client(old);
                 }
@@ -745,7 +780,7 @@ impl Coordinator {
         let current = self.replica.step;
         let live = self
             .jobs
-            .get(&job_id)
+            .get(job_id)
             .is_some_and(|j| j.step == current && step == current);
         if !live {
             // A job that was reissued or whose step closed: a slow volunteer,
@@ -765,12 +800,12 @@ impl Coordinator {
             // step for a live job leaves the job (and its deadline) in place.
             let jobs = &self.jobs;
             if let Some(c) = self.clients.get_mut(&id) {
-                c.job = c.job.filter(|&j| j != job_id || jobs.contains_key(&j));
+                c.job = c.job.filter(|&j| j != job_id || jobs.contains(j));
             }
             self.sync_idle(id);
             return;
         }
-        let job = &self.jobs[&job_id];
+        let job = self.jobs.get(job_id).expect("checked live above");
         if job.client != id {
             return self.reject(
                 id,
@@ -787,7 +822,7 @@ impl Coordinator {
                 ),
             );
         }
-        let job = self.jobs.remove(&job_id).unwrap();
+        let job = self.jobs.remove(job_id).unwrap();
         let secs = now.saturating_duration_since(job.sent).as_secs_f64().max(1e-3);
         let client = self.clients.get_mut(&id).unwrap();
         client.job = None;
@@ -899,9 +934,12 @@ impl Coordinator {
     }
 
     fn on_hash(&mut self, id: ClientId, step: u64, hash: u64) {
-        let kind = self.clients[&id].hello.map_or(ClientKind::Simulated, |h| h.0);
-        let members = self.clients[&id].members;
-        let trust = self.clients[&id].agreed;
+        let Some(c) = self.clients.get(&id) else { return };
+        let (kind, members, trust) = (
+            c.hello.map_or(ClientKind::Simulated, |h| h.0),
+            c.members,
+            c.agreed,
+        );
         // Updated in place: every volunteer reports once a step.
         let report = self.counters.client_hashes.entry(id).or_default();
         report.kind = match kind {
@@ -925,14 +963,21 @@ impl Coordinator {
     }
 
     fn on_tick(&mut self, now: Instant) {
-        let expired: Vec<u64> = self
-            .jobs
-            .iter()
-            .filter(|(_, j)| j.deadline <= now)
-            .map(|(&id, _)| id)
-            .collect();
+        if self.earliest_deadline.is_none_or(|t| t > now) {
+            return self.maybe_close(now);
+        }
+        let mut expired = Vec::new();
+        let mut earliest = None::<Instant>;
+        for (id, j) in self.jobs.iter() {
+            if j.deadline <= now {
+                expired.push(id);
+            } else {
+                earliest = Some(earliest.map_or(j.deadline, |t| t.min(j.deadline)));
+            }
+        }
+        self.earliest_deadline = earliest;
         for id in expired {
-            let job = self.jobs.remove(&id).unwrap();
+            let job = self.jobs.remove(id).unwrap();
             if let Some(c) = self.clients.get_mut(&job.client) {
                 c.job = None;
                 // The client is slower than it looked: halve its estimate.
@@ -951,6 +996,7 @@ impl Coordinator {
 
     fn drop_client(&mut self, id: ClientId) {
         let Some(c) = self.clients.remove(&id) else { return };
+        self.postbox.gone(id, false);
         self.idle.remove(&(c.last_job, id));
         if c.hello.is_some() {
             self.ready -= 1;
@@ -962,7 +1008,7 @@ impl Coordinator {
             }
         }
         if let Some(job_id) = c.job {
-            if let Some(job) = self.jobs.remove(&job_id) {
+            if let Some(job) = self.jobs.remove(job_id) {
                 self.counters.reissued += 1;
                 self.give_back(job.members);
             }
@@ -1015,10 +1061,9 @@ impl Coordinator {
                 reason: reason.to_string(),
             },
         );
-        if let Some(c) = self.clients.get(&id) {
-            let _ = c
-                .out
-                .try_send(Outgoing::Close(code, reason.chars().take(100).collect()));
+        if self.clients.contains_key(&id) {
+            let bye = Outgoing::Close(code, reason.chars().take(100).collect());
+            let _ = self.postbox.post(id, bye);
         }
         self.drop_client(id);
     }
@@ -1033,11 +1078,9 @@ impl Coordinator {
     /// Queues a frame; a client whose queue is full reads too slowly to keep
     /// up and is dropped rather than let its queue grow without bound.
     fn send_frame(&mut self, id: ClientId, frame: Bytes) {
-        let Some(c) = self.clients.get(&id) else { return };
-        if c.out.try_send(Outgoing::Frame(frame)).is_err() {
-            let _ = c
-                .out
-                .try_send(Outgoing::Close(close::POLICY, "send queue full".into()));
+        // The postbox ignores clients it was not told of or told are gone.
+        if self.postbox.post(id, Outgoing::Frame(frame)).is_err() {
+            self.postbox.gone(id, true);
             tracing::warn!(client = id, "send queue full; dropping client");
             self.counters.slow += 1;
             self.drop_client(id);
@@ -1160,16 +1203,18 @@ impl Coordinator {
                 self.frames.extend_from_slice(&self.job_buf);
                 self.frames.split().freeze()
             });
-            self.jobs.insert(
-                job_id,
-                Job {
-                    client: id,
-                    step: self.replica.step,
-                    members,
-                    sent: now,
-                    deadline: now + timeout,
-                },
-            );
+            let deadline = now + timeout;
+            self.earliest_deadline = Some(self.earliest_deadline.map_or(deadline, |t| t.min(deadline)));
+            let job = Job {
+                client: id,
+                step: self.replica.step,
+                members,
+                sent: now,
+                deadline,
+            };
+            if self.jobs.insert(job_id, job).is_err() {
+                unreachable!("job ids only grow");
+            }
             let client = self.clients.get_mut(&id).unwrap();
             client.job = Some(job_id);
             client.last_job = job_id;
@@ -1310,7 +1355,7 @@ impl Coordinator {
         // Jobs of the closed step are void; their results will be stale.
         self.jobs.retain(|_, j| j.step > step);
         for (&id, c) in self.clients.iter_mut() {
-            c.job = c.job.filter(|j| self.jobs.contains_key(j));
+            c.job = c.job.filter(|&j| self.jobs.contains(j));
             if c.hello.is_some() && c.job.is_none() {
                 self.idle.insert((c.last_job, id));
             }
@@ -1348,7 +1393,8 @@ impl Coordinator {
                 tracing::error!("checkpoint failed: {e:#}");
             }
         }
-        self.timing.step_closed(update, replica_work.elapsed());
+        self.timing
+            .step_closed(update, replica_work.elapsed(), self.postbox.courier_time());
         self.start_step(now);
         self.publish();
     }
@@ -1438,6 +1484,7 @@ impl Coordinator {
             paused: self.paused,
             step_overhead_ms: self.timing.overhead(),
             step_overhead_wall_ms: self.timing.overhead_wall(),
+            step_delivery_ms: self.timing.delivery(),
             update_ms: self.timing.update(),
             lr: self.lr_for(self.replica.step),
             lr_override: self.lr_override.is_some(),
@@ -1515,7 +1562,7 @@ mod tests {
                     },
                     2 | 3 => {
                         // Sometimes a correct answer to the client's live job.
-                        let live = c.clients.get(&client).and_then(|cl| cl.job).and_then(|j| c.jobs.get(&j).map(|jb| (j, jb.members.clone())));
+                        let live = c.clients.get(&client).and_then(|cl| cl.job).and_then(|j| c.jobs.get(j).map(|jb| (j, jb.members.clone())));
                         match (kind, live) {
                             (2, Some((j, members))) => Event::Message {
                                 client,
@@ -1544,14 +1591,14 @@ mod tests {
         prop_assert!(c.books.results().all(|(m, _)| m < n));
         prop_assert!(c.pool.iter().all(|m| !c.books.is_counted(m)));
         prop_assert!(c.verify.iter().all(|m| !c.pool.contains(m)));
-        for job in c.jobs.values() {
+        for (_, job) in c.jobs.iter() {
             prop_assert!(c.clients.contains_key(&job.client), "a job outlived its client");
             prop_assert!(job.members.iter().all(|&m| !c.pool.contains(m)));
         }
         for (id, cl) in &c.clients {
             prop_assert!(
                 cl.job
-                    .is_none_or(|j| c.jobs.get(&j).is_some_and(|jb| jb.client == *id))
+                    .is_none_or(|j| c.jobs.get(j).is_some_and(|jb| jb.client == *id))
             );
         }
         for rec in c.sessions.values() {
@@ -1678,7 +1725,7 @@ mod tests {
                     rx = connect(&mut c, offender, now);
                 }
                 // A real message of the offender's, then damaged.
-                let job = c.clients[&offender].job.and_then(|j| c.jobs.get(&j).map(|jb| (j, jb.members.len())));
+                let job = c.clients[&offender].job.and_then(|j| c.jobs.get(j).map(|jb| (j, jb.members.len())));
                 let msg = match (which, job) {
                     (0, _) => simulated(None),
                     (1, Some((job, n))) => ClientMsg::Losses { step: c.replica.step, job, losses: vec![0.5; n] },
@@ -1705,7 +1752,7 @@ mod tests {
                     prop_assert!(!c.clients.contains_key(&offender));
                 }
                 // The honest client answers whatever it holds, correctly.
-                let live = c.clients[&honest].job.and_then(|j| c.jobs.get(&j).map(|jb| (j, jb.members.clone())));
+                let live = c.clients[&honest].job.and_then(|j| c.jobs.get(j).map(|jb| (j, jb.members.clone())));
                 if let Some((job, members)) = live {
                     let losses = members.iter().map(|&m| m as f32 * 0.1).collect();
                     c.handle(Event::Message { client: honest, msg: ClientMsg::Losses { step: c.replica.step, job, losses } }, now);
@@ -1723,7 +1770,7 @@ mod tests {
                 }
                 now += Duration::from_millis(10);
                 c.handle(Event::Tick, now);
-                let live = c.clients[&honest].job.and_then(|j| c.jobs.get(&j).map(|jb| (j, jb.members.clone())));
+                let live = c.clients[&honest].job.and_then(|j| c.jobs.get(j).map(|jb| (j, jb.members.clone())));
                 if let Some((job, members)) = live {
                     let losses = members.iter().map(|&m| m as f32 * 0.1).collect();
                     c.handle(Event::Message { client: honest, msg: ClientMsg::Losses { step: c.replica.step, job, losses } }, now);

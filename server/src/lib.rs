@@ -17,12 +17,15 @@
 //! - [`coordinator`]: the step state machine (jobs, deadlines, reissue, ranks,
 //!   updates, hash checks) on its own thread.
 //! - [`ledger`]: one step's per-member books (claims and counted losses).
+//! - [`delivery`]: the courier task that hands the coordinator's frames to
+//!   the connections.
 //! - [`worker`]: the native volunteer.
 //! - [`train`]: `seedling train`, a server plus in-process workers.
 //! - [`data`]: corpus loading, the default-corpus search path, baselines.
 //! - [`checkpoint`]: safetensors checkpoints, atomic writes, resume.
 //! - [`commands`]: generate, eval and inspect on a checkpoint.
 //! - [`plot`]: the learning-curve SVG.
+//! - [`seqmap`]: a map over increasing ids, for the coordinator's jobs.
 //! - [`timing`]: the coordinator's busy time per step (overhead against replica work).
 
 pub mod app;
@@ -31,8 +34,10 @@ pub mod cli;
 pub mod commands;
 pub mod coordinator;
 pub mod data;
+pub mod delivery;
 pub mod ledger;
 pub mod plot;
+pub mod seqmap;
 pub mod timing;
 pub mod train;
 pub mod worker;
