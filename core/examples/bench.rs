@@ -51,7 +51,8 @@
 //!
 //! Timing: one warm-up, then the median of several repetitions. `--quick`
 //! uses fewer repetitions and smaller subsets (about half a minute); the
-//! default takes about a minute and a half on two cores. `--only a,b` runs the
+//! default takes about a minute and a half on two cores; `--reps N` sets the
+//! number of whole-step repetitions. `--only a,b` runs the
 //! benches whose names start with one of the prefixes; `--threads 1` or
 //! `--threads 2` restricts the inference/es-lowrank thread counts.
 
@@ -143,6 +144,8 @@ impl Line {
 /// Command-line options.
 struct Opts {
     quick: bool,
+    /// Repetitions of a whole ES step, when given (`--reps`).
+    reps: Option<usize>,
     only: Vec<String>,
     threads: Vec<usize>,
 }
@@ -151,6 +154,7 @@ impl Opts {
     fn parse() -> Result<Self, String> {
         let mut o = Opts {
             quick: false,
+            reps: None,
             only: Vec::new(),
             threads: vec![1, 2],
         };
@@ -160,6 +164,15 @@ impl Opts {
                 // `cargo xtask bench -- ARGS` passes the separator through.
                 "--" => {}
                 "--quick" => o.quick = true,
+                "--reps" => {
+                    let v = args.next().ok_or("--reps needs a count")?;
+                    o.reps = Some(
+                        v.parse()
+                            .ok()
+                            .filter(|&r| r > 0)
+                            .ok_or(format!("bad --reps {v}"))?,
+                    );
+                }
                 "--only" => {
                     let v = args.next().ok_or("--only needs a list")?;
                     o.only = v.split(',').map(str::to_owned).collect();
@@ -175,7 +188,9 @@ impl Opts {
                     }
                 }
                 "-h" | "--help" => {
-                    println!("usage: bench [--quick] [--only PREFIX[,PREFIX...]] [--threads 1|2|1,2]");
+                    println!(
+                        "usage: bench [--quick] [--reps N] [--only PREFIX[,PREFIX...]] [--threads 1|2|1,2]"
+                    );
                     std::process::exit(0);
                 }
                 other => return Err(format!("unknown argument {other}")),
@@ -190,7 +205,8 @@ impl Opts {
 
     /// (repetitions of a whole ES step, of a sub-second kernel)
     fn reps(&self) -> (usize, usize) {
-        if self.quick { (2, 10) } else { (7, 30) }
+        let (steps, kernels) = if self.quick { (2, 10) } else { (7, 30) };
+        (self.reps.unwrap_or(steps), kernels)
     }
 }
 
@@ -270,33 +286,36 @@ impl Rw {
 
     /// Mean loss of the plain model over the N * B sequences, on `threads`
     /// threads that take chunks of [`CHUNK_SEQS`] sequences as they go.
-    fn inference(&self, threads: usize) -> f32 {
+    /// Also returns the CPU seconds its threads took.
+    fn inference(&self, threads: usize) -> (f32, f64) {
         let len = self.t() + 1;
         let chunks: Vec<&[Token]> = self.big.chunks(CHUNK_SEQS * len).collect();
-        let losses = par_chunks(chunks.len(), threads, |i| {
+        let (losses, cpu) = par_chunks(chunks.len(), threads, |i| {
             let n = chunks[i].len() / len;
             let mb = Minibatch::new(chunks[i], n, self.t(), VOCAB as usize).unwrap();
             let l = forward::loss(&self.layout, &self.params, &mb, Backend::Fast).unwrap();
             (l as f64 * n as f64, n)
         });
         let (sum, n) = losses.iter().fold((0.0, 0), |(s, c), &(l, n)| (s + l, c + n));
-        (sum / n as f64) as f32
+        ((sum / n as f64) as f32, cpu)
     }
 
     /// Every listed member's loss, in order, on `threads` threads taking
     /// chunks of [`CHUNK_MEMBERS`] members as they go (as the native worker's
-    /// `evaluate_parallel` does).
-    fn members(&self, cfg: &RunConfig, members: &[u32], threads: usize) -> Vec<f32> {
+    /// `evaluate_parallel` does). Also returns the CPU seconds taken.
+    fn members(&self, cfg: &RunConfig, members: &[u32], threads: usize) -> (Vec<f32>, f64) {
         let mb = Minibatch::new(&self.tokens, self.b(), self.t(), VOCAB as usize).unwrap();
         if threads == 1 {
-            return forward::member_losses(&self.layout, &self.params, cfg, 1, &mb, members, Backend::Fast)
+            let c0 = thread_cpu();
+            let l = forward::member_losses(&self.layout, &self.params, cfg, 1, &mb, members, Backend::Fast)
                 .unwrap();
+            return (l, thread_cpu() - c0);
         }
         let chunks: Vec<&[u32]> = members.chunks(CHUNK_MEMBERS).collect();
-        par_chunks(chunks.len(), threads, |i| {
+        let (l, cpu) = par_chunks(chunks.len(), threads, |i| {
             forward::member_losses(&self.layout, &self.params, cfg, 1, &mb, chunks[i], Backend::Fast).unwrap()
-        })
-        .concat()
+        });
+        (l.concat(), cpu)
     }
 }
 
@@ -307,20 +326,33 @@ const CHUNK_MEMBERS: usize = 16;
 /// chunk of members.
 const CHUNK_SEQS: usize = 256;
 
+/// CPU seconds the calling thread has run so far (Linux's scheduler
+/// statistics, nanosecond resolution; 0 where they cannot be read). On a
+/// machine shared with other work, wall time counts the time other
+/// processes hold the cores; CPU time does not, so the bench reports both.
+fn thread_cpu() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0.0, |ns| ns as f64 * 1e-9)
+}
+
 /// `f(0..n)` on `threads` threads that claim indices from one atomic counter
 /// (a thread slowed by other work on its core takes fewer), results in index
-/// order. Each thread keeps its results to itself until the join.
-fn par_chunks<R: Send>(n: usize, threads: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+/// order, and the CPU seconds the threads took. Each thread keeps its
+/// results to itself until the join.
+fn par_chunks<R: Send>(n: usize, threads: usize, f: impl Fn(usize) -> R + Sync) -> (Vec<R>, f64) {
     let next = AtomicUsize::new(0);
-    let done: Vec<Vec<(usize, R)>> = thread::scope(|s| {
+    let done: Vec<(Vec<(usize, R)>, f64)> = thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
+                    let c0 = thread_cpu();
                     let mut mine = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= n {
-                            break mine;
+                            break (mine, thread_cpu() - c0);
                         }
                         mine.push((i, f(i)));
                     }
@@ -329,9 +361,21 @@ fn par_chunks<R: Send>(n: usize, threads: usize, f: impl Fn(usize) -> R + Sync) 
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let mut all: Vec<(usize, R)> = done.into_iter().flatten().collect();
+    let cpu = done.iter().map(|d| d.1).sum();
+    let mut all: Vec<(usize, R)> = done.into_iter().flat_map(|d| d.0).collect();
     all.sort_by_key(|&(i, _)| i);
-    all.into_iter().map(|(_, r)| r).collect()
+    (all.into_iter().map(|(_, r)| r).collect(), cpu)
+}
+
+/// The 1-minute load average (Linux), for the notes: figures taken on a
+/// busy machine are not comparable with quiet ones.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn mean(xs: &[f32]) -> f64 {
@@ -370,6 +414,91 @@ fn bench_gemm(o: &Opts) {
                 "note",
                 Val::Str(format!(
                     "matrixmultiply sgemm (Backend::Fast); seconds_per_step = one call, median of {reps}"
+                )),
+            ),
+        ],
+    }
+    .print();
+}
+
+/// One layer's GEMM of the fused forward pass on one block: [128, 512] x
+/// [512, 256] (layer 1's `[h_0, h_1] x [W_ih; W_hh]`) and the head's [128,
+/// 256] x [256, 65], with the weights prepared once ([`gemm::PackedB`], as
+/// the forward pass does per block) against `matrixmultiply`'s sgemm, which
+/// packs per call. The fastest of the repetitions, calls interleaved: a
+/// kernel's speed is its best run, and the minimum shrugs off other load.
+fn bench_gemm_block(o: &Opts) {
+    for (k, n) in [(512, 256), (256, 65)] {
+        let m = 128;
+        let mut a = vec![0.0f32; m * k];
+        let mut b = vec![0.0f32; k * n];
+        let mut c = vec![0.0f32; m * n];
+        noise::fill_normal(noise::derive(&[3]), &mut a);
+        noise::fill_normal(noise::derive(&[4]), &mut b);
+        let packed = gemm::PackedB::new(Backend::Fast, k, n, &b, n);
+        let reps = o.reps().1 * 10;
+        let (mut tp, mut tm) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..=reps {
+            tp = tp.min(timed(|| gemm::sgemm_packed(m, &a, k, &packed, &mut c, n, 0.0)).0);
+            tm = tm.min(timed(|| gemm::sgemm(Backend::Fast, m, k, n, &a, k, &b, n, &mut c, n, 0.0)).0);
+        }
+        let flops = 2.0 * (m * k * n) as f64;
+        Line {
+            bench: format!("gemm-block-{m}x{k}x{n}"),
+            threads: 1,
+            tokens_per_s: None,
+            seconds_per_step: tp,
+            gflops: Some(flops / tp / 1e9),
+            extra: vec![
+                ("unpacked_gflops", Val::Num(flops / tm / 1e9)),
+                (
+                    "note",
+                    Val::Str(format!(
+                        "sgemm_packed with PackedB (gflops) against sgemm (unpacked_gflops), \
+                         fastest of {reps}, interleaved"
+                    )),
+                ),
+            ],
+        }
+        .print();
+    }
+}
+
+/// One unit of two-thread work on one thread: es-lowrank's chunk of
+/// [`CHUNK_MEMBERS`] members and inference's chunk of [`CHUNK_SEQS`]
+/// sequences (the same rows), interleaved, the fastest of the repetitions
+/// each. On a machine shared with other work the minimum is the steadiest
+/// figure for comparing two builds of the forward pass.
+fn bench_chunk(o: &Opts, rw: &Rw) {
+    let members: Vec<u32> = (0..CHUNK_MEMBERS as u32).collect();
+    let mb = Minibatch::new(&rw.tokens, rw.b(), rw.t(), VOCAB as usize).unwrap();
+    let len = rw.t() + 1;
+    let seqs = &rw.big[..CHUNK_SEQS * len];
+    let inf = Minibatch::new(seqs, CHUNK_SEQS, rw.t(), VOCAB as usize).unwrap();
+    let reps = o.reps().1;
+    let (mut te, mut ti) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..=reps {
+        let es = || forward::member_losses(&rw.layout, &rw.params, &rw.cfg, 1, &mb, &members, Backend::Fast);
+        te = te.min(timed(|| std::hint::black_box(es().unwrap())).0);
+        let plain = || forward::loss(&rw.layout, &rw.params, &inf, Backend::Fast);
+        ti = ti.min(timed(|| std::hint::black_box(plain().unwrap())).0);
+    }
+    let scale = rw.n() as f64 / CHUNK_MEMBERS as f64;
+    Line {
+        bench: "chunk".into(),
+        threads: 1,
+        tokens_per_s: Some(rw.tokens_per_step() / (te * scale)),
+        seconds_per_step: te * scale,
+        gflops: Some(rw.flops_per_step() / (te * scale) / 1e9),
+        extra: vec![
+            ("inference_seconds_per_step", Val::Num(ti * scale)),
+            ("ratio_to_inference", Val::Num(ti / te)),
+            (
+                "note",
+                Val::Str(format!(
+                    "es-lowrank members 0..{CHUNK_MEMBERS} and inference of {CHUNK_SEQS} sequences, \
+                     interleaved, fastest of {reps} each, scaled x{scale} to N = {}",
+                    rw.n()
                 )),
             ),
         ],
@@ -416,27 +545,39 @@ fn bench_lowrank(o: &Opts, rw: &Rw, threads: usize, seen: &mut Seen) {
     let do_es = o.wants("es-lowrank");
     let members: Vec<u32> = (0..rw.cfg.es.population).collect();
     let reps = o.reps().0;
-    let (mut ti, mut te) = (Vec::new(), Vec::new());
+    let (mut ti, mut te, mut ci, mut ce) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut inf_loss, mut es_loss) = (0.0, 0.0);
+    let load0 = load_average();
     for rep in 0..=reps {
         if do_inf {
-            let (t, l) = timed(|| rw.inference(threads));
+            let (t, (l, c)) = timed(|| rw.inference(threads));
             inf_loss = l as f64;
             if rep > 0 {
                 ti.push(t);
+                ci.push(c);
             }
         }
         if do_es {
-            let (t, l) = timed(|| rw.members(&rw.cfg, &members, threads));
+            let (t, (l, c)) = timed(|| rw.members(&rw.cfg, &members, threads));
             es_loss = mean(&l);
             if rep > 0 {
                 te.push(t);
+                ce.push(c);
             }
         }
     }
-    let note = format!("median of {reps} after 1 warm-up, inference and es-lowrank interleaved");
+    let load = match (load0, load_average()) {
+        (Some(a), Some(b)) => format!("; load average {a:.2} at the start, {b:.2} at the end"),
+        _ => String::new(),
+    };
+    let note = format!(
+        "median of {reps} after 1 warm-up, inference and es-lowrank interleaved; \
+         cpu_seconds_per_step = CPU time of the threads{load}"
+    );
     let ti = do_inf.then(|| median(ti));
     let te = do_es.then(|| median(te));
+    let ci = do_inf.then(|| median(ci));
+    let ce = do_es.then(|| median(ce));
     if threads == 1 {
         seen.inference_1t = ti;
         seen.lowrank_1t = te;
@@ -448,7 +589,11 @@ fn bench_lowrank(o: &Opts, rw: &Rw, threads: usize, seen: &mut Seen) {
             tokens_per_s: Some(rw.tokens_per_step() / t),
             seconds_per_step: t,
             gflops: Some(rw.flops_per_step() / t / 1e9),
-            extra: vec![("loss", Val::Num(inf_loss)), ("note", Val::Str(note.clone()))],
+            extra: vec![
+                ("cpu_seconds_per_step", Val::Num(ci.unwrap_or(f64::NAN))),
+                ("loss", Val::Num(inf_loss)),
+                ("note", Val::Str(note.clone())),
+            ],
         }
         .print();
     }
@@ -456,6 +601,11 @@ fn bench_lowrank(o: &Opts, rw: &Rw, threads: usize, seen: &mut Seen) {
         let mut extra = Vec::new();
         if let Some(i) = ti {
             extra.push(("ratio_to_inference", Val::Num(i / t)));
+        }
+        let c = ce.unwrap_or(f64::NAN);
+        extra.push(("cpu_seconds_per_step", Val::Num(c)));
+        if let Some(i) = ci {
+            extra.push(("cpu_ratio_to_inference", Val::Num(i / c)));
         }
         extra.push(("mean_member_loss", Val::Num(es_loss)));
         extra.push(("note", Val::Str(note)));
@@ -479,7 +629,7 @@ fn bench_full(o: &Opts, rw: &Rw, seen: &Seen) {
     let reps = if o.quick { 2 } else { 5 };
     let mut loss = 0.0;
     let t_sub = median_time(reps, || {
-        loss = mean(&rw.members(&cfg, &members, 1));
+        loss = mean(&rw.members(&cfg, &members, 1).0);
     });
     let t = t_sub * rw.n() as f64 / subset as f64;
     let mut extra = Vec::new();
@@ -622,6 +772,12 @@ fn main() {
     let mut seen = Seen::default();
     if o.wants("gemm") {
         bench_gemm(&o);
+    }
+    if o.wants("gemm-block") {
+        bench_gemm_block(&o);
+    }
+    if o.wants("chunk") {
+        bench_chunk(&o, &rw);
     }
     if o.wants("noise") {
         bench_noise(&o, &rw);

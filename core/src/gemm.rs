@@ -8,14 +8,17 @@
 //!
 //! [`PackedB`] and [`sgemm_packed`] let a caller that multiplies many
 //! matrices by the same weights (the forward pass: every time step of a
-//! block) prepare the weights once: the wasm kernel packs B into panels,
-//! which otherwise happens on every call.
+//! block) prepare the weights once: the wasm kernel and, natively on a CPU
+//! with AVX2 and FMA, our own kernel (`avx2.rs`, which says why) pack B into
+//! panels once instead of on every call.
 //!
 //! [`Backend::Reference`] is a plain loop with one fixed summation order and
 //! no FMA, so it gives bit-identical results on every target. Tests check the
 //! fast kernels against it, and the cross-platform golden uses it to make
 //! even the losses identical.
 
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+mod avx2;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128;
 
@@ -100,9 +103,10 @@ pub fn sgemm(
 }
 
 /// A right-hand matrix `B[k, n]` prepared for many [`sgemm_packed`] calls:
-/// the wasm kernel's packed panels (built once here instead of in every
-/// call), or natively just the borrowed matrix (`matrixmultiply` packs per
-/// call, and its packing is cheap next to its AVX2 kernel).
+/// the packed panels of the wasm kernel or, natively on a CPU with AVX2 and
+/// FMA, of `avx2.rs`'s kernel (built once here instead of in every call);
+/// elsewhere just the borrowed matrix for `matrixmultiply`, which packs per
+/// call.
 pub struct PackedB<'a> {
     backend: Backend,
     k: usize,
@@ -111,6 +115,12 @@ pub struct PackedB<'a> {
     ldb: usize,
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
     packed: alloc::vec::Vec<f32>,
+    /// The AVX2 kernel's panels from `packed[start..]` (empty when the CPU
+    /// lacks AVX2 or FMA, or for the reference backend).
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    packed: alloc::vec::Vec<f32>,
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    start: usize,
 }
 
 impl<'a> PackedB<'a> {
@@ -128,14 +138,28 @@ impl<'a> PackedB<'a> {
             }
             out
         };
+        #[cfg(all(feature = "std", target_arch = "x86_64"))]
+        let (packed, start) = {
+            let mut out = alloc::vec::Vec::new();
+            let mut start = 0;
+            if backend == Backend::Fast && k > 0 && n > 0 && has_avx2_fma() {
+                start = avx2::pack(k, n, b, ldb, &mut out);
+            }
+            (out, start)
+        };
         Self {
             backend,
             k,
             n,
             b,
             ldb,
-            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            #[cfg(any(
+                all(target_arch = "wasm32", target_feature = "simd128"),
+                all(feature = "std", target_arch = "x86_64")
+            ))]
             packed,
+            #[cfg(all(feature = "std", target_arch = "x86_64"))]
+            start,
         }
     }
 }
@@ -159,7 +183,27 @@ pub fn sgemm_packed(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32],
         unsafe { simd128::sgemm_packed(m, k, n, a, lda, &b.packed, c, ldc, beta) };
         return;
     }
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if !b.packed.is_empty() {
+        let (k, n) = (b.k, b.n);
+        if m == 0 {
+            return;
+        }
+        assert!(a.len() >= (m - 1) * lda + k && lda >= k);
+        assert!(c.len() >= (m - 1) * ldc + n && ldc >= n);
+        // SAFETY: `packed` is only filled when the CPU has AVX2 and FMA; the
+        // asserts above and in `PackedB::new` keep every access inside the
+        // slices; `packed[start..]` was built by `avx2::pack` for this k and n.
+        unsafe { avx2::sgemm_packed(m, k, n, a, lda, &b.packed[b.start..], c, ldc, beta) };
+        return;
+    }
     sgemm(b.backend, m, b.k, b.n, a, lda, b.b, b.ldb, c, ldc, beta);
+}
+
+/// Whether this CPU runs the AVX2 + FMA kernel (detected once by `std`).
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+fn has_avx2_fma() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! The fast forward path against the reference one, on every target.
 //!
-//! `Backend::Fast` takes a different route natively (AVX2 dispatch,
-//! matrixmultiply) than in wasm (the simd128 GEMM, simd128 epilogue), and
-//! the golden only covers `Backend::Reference`. These tests run natively and
+//! `Backend::Fast` takes a different route natively (AVX2 dispatch, our
+//! AVX2 kernel for prepared weights, matrixmultiply otherwise) than in wasm
+//! (the simd128 GEMM, simd128 epilogue), and the golden only covers
+//! `Backend::Reference`. These tests run natively and
 //! under wasm (Node and Chromium, through `cargo xtask test`'s core steps),
 //! so each target's fast kernels are checked where they run: losses may
 //! differ from the reference in the last bits, never by more.
@@ -19,14 +20,19 @@ use seedling_core::{NoiseKind, RunConfig};
 
 #[test]
 fn fast_gemm_matches_reference_at_rnn_shapes() {
-    // n = H and the fused layer's k = 2H, rows not a multiple of the tiles,
-    // the head's n = V (the wasm kernel's zero-padded last panel), narrow
-    // and odd widths, and strides wider than the matrices (the fused pass
-    // reads one layer's slice of a row holding all layers).
+    // n = H and the fused layer's k = 2H, rows not a multiple of the tiles
+    // (every remainder of the native kernel's 6 rows), the head's n = V (the
+    // kernels' zero-padded last panels: 8 wide natively for up to 8 columns,
+    // 16 for more), depths over the native kernel's 256-deep blocks with a
+    // partial last block, narrow and odd widths, and strides wider than the
+    // matrices (the fused pass reads one layer's slice of a row holding all
+    // layers).
     for &(m, k, n) in &[
         (130, 64, 64),
         (7, 512, 256),
         (33, 256, 65),
+        (128, 600, 30),
+        (11, 300, 24),
         (5, 16, 8),
         (9, 7, 3),
         (6, 33, 17),

@@ -1,0 +1,203 @@
+//! The native AVX2 + FMA GEMM of [`PackedB`](super::PackedB):
+//! `C[m, n] (+)= A[m, k] B[k, n]`, row-major, any shape, with `B` packed
+//! once for many calls.
+//!
+//! Why not `matrixmultiply` for the forward pass: it packs both operands on
+//! every call, and the forward pass multiplies by the same weights 64 times
+//! per block (every time step). At RW-256's shapes (128 rows, k = 256 or
+//! 512) packing was 13% of the evaluation's CPU time on two threads, and
+//! each thread streamed the unpacked weights through its L2 on every step
+//! on top of the packed copies. Here `B` is packed once per block into
+//! panels of 16 columns (the last panel 8 wide when at most 8 columns are
+//! left, so the head's n = V = 65 wastes 7 columns, not 15), and `A` is read
+//! where it lies: each tile broadcasts its rows' values straight from the
+//! caller's row-major state.
+//!
+//! The tile is 6 x 16 (BLIS's choice for AVX2): 12 accumulators, two B
+//! vectors and one broadcast fill 15 of the 16 ymm registers, and each
+//! depth step issues 12 FMAs against 8 loads. Depth is cut into blocks of
+//! [`KC`] so that one panel's slice (`KC x 16` floats, 16 KiB) stays in the
+//! 32 KiB L1 while every row of A sweeps past it.
+
+use alloc::vec::Vec;
+use core::arch::x86_64::*;
+
+/// Columns per full panel and tile.
+const NR: usize = 16;
+/// Rows per tile.
+const MR: usize = 6;
+/// Depth per block.
+const KC: usize = 256;
+/// Floats per 64-byte cache line: panels start on a line.
+const LINE: usize = 16;
+
+/// Width of panel `p` as stored: 16, or 8 for a last panel of at most 8 columns.
+#[inline(always)]
+fn stored_width(n: usize, p: usize) -> usize {
+    if n - p * NR <= NR / 2 { NR / 2 } else { NR }
+}
+
+/// Packs row-major `B[k, n]` (row stride `ldb`) into `out` as panels of 16
+/// columns (the last one 8 or 16 wide, zero-padded), each `k` rows of its
+/// stored width; panel `p` starts at float `p * k * 16` from the returned
+/// offset, which puts the panels on 64-byte boundaries.
+pub(super) fn pack(k: usize, n: usize, b: &[f32], ldb: usize, out: &mut Vec<f32>) -> usize {
+    out.clear();
+    out.resize(n.div_ceil(NR) * k * NR + LINE, 0.0);
+    let start = out.as_ptr().align_offset(LINE * 4).min(LINE - 1);
+    for p in 0..n.div_ceil(NR) {
+        let (j0, w, sw) = (p * NR, NR.min(n - p * NR), stored_width(n, p));
+        let panel = &mut out[start + p * k * NR..][..k * sw];
+        for (kk, dst) in panel.chunks_exact_mut(sw).enumerate() {
+            dst[..w].copy_from_slice(&b[kk * ldb + j0..kk * ldb + j0 + w]);
+        }
+    }
+    start
+}
+
+/// `C = beta * C + A B` for row-major `A` and `C` (row strides `lda`,
+/// `ldc`) and `B` packed by [`pack`] (`packed` starts at its offset);
+/// `beta` is 0 or 1.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; the matrices must lie inside the slices
+/// (the caller checks this with the same asserts as the portable path), and
+/// `packed` must be what [`pack`] wrote for this `k` and `n`.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn sgemm_packed(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    lda: usize,
+    packed: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    beta: f32,
+) {
+    debug_assert!(packed.len() >= n.div_ceil(NR) * k * NR);
+    let (a, c) = (a.as_ptr(), c.as_mut_ptr());
+    if k == 0 {
+        if beta == 0.0 {
+            for i in 0..m {
+                // SAFETY: row i's first n columns are inside C.
+                unsafe { core::ptr::write_bytes(c.add(i * ldc), 0, n) };
+            }
+        }
+        return;
+    }
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = KC.min(k - k0);
+        let add = beta != 0.0 || k0 > 0;
+        for p in 0..n.div_ceil(NR) {
+            let (w, sw) = (NR.min(n - p * NR), stored_width(n, p));
+            // SAFETY: rows k0..k0 + kc of panel p lie inside `packed`; rows
+            // i..i + R of A (columns k0..k0 + kc) and of C (columns p*NR..
+            // p*NR + w) lie inside the slices, per the caller's checks.
+            unsafe {
+                let bp = packed.as_ptr().add(p * k * NR + k0 * sw);
+                let (ap, cp) = (a.add(k0), c.add(p * NR));
+                if sw == NR {
+                    panel::<2>(m, kc, ap, lda, bp, cp, ldc, w, add);
+                } else {
+                    panel::<1>(m, kc, ap, lda, bp, cp, ldc, w, add);
+                }
+            }
+        }
+        k0 += kc;
+    }
+}
+
+/// All rows of A against one panel slice of `V` vectors (8 floats each).
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel<const V: usize>(
+    m: usize,
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    w: usize,
+    add: bool,
+) {
+    let mut i = 0;
+    // SAFETY (every call): rows i..i + R of A and C are inside, per the caller.
+    while i + MR <= m {
+        unsafe { tile::<MR, V>(kc, a.add(i * lda), lda, b, c.add(i * ldc), ldc, w, add) };
+        i += MR;
+    }
+    unsafe {
+        let (a, c) = (a.add(i * lda), c.add(i * ldc));
+        match m - i {
+            1 => tile::<1, V>(kc, a, lda, b, c, ldc, w, add),
+            2 => tile::<2, V>(kc, a, lda, b, c, ldc, w, add),
+            3 => tile::<3, V>(kc, a, lda, b, c, ldc, w, add),
+            4 => tile::<4, V>(kc, a, lda, b, c, ldc, w, add),
+            5 => tile::<5, V>(kc, a, lda, b, c, ldc, w, add),
+            _ => {}
+        }
+    }
+}
+
+/// One `R x 8V` tile over depth `kc`, then written (or added, `add`) to the
+/// first `w` columns of C's rows.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const R: usize, const V: usize>(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    w: usize,
+    add: bool,
+) {
+    let mut acc = [[_mm256_setzero_ps(); V]; R];
+    // SAFETY: the panel slice holds kc rows of 8V floats; row r of A holds
+    // kc floats from `a + r * lda`; columns 0..w of C's rows are inside.
+    unsafe {
+        let mut bp = b;
+        for kk in 0..kc {
+            let mut bv = [_mm256_setzero_ps(); V];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(bp.add(8 * v));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*a.add(r * lda + kk));
+                for (s, &y) in row.iter_mut().zip(&bv) {
+                    *s = _mm256_fmadd_ps(x, y, *s);
+                }
+            }
+            bp = bp.add(8 * V);
+        }
+        for (r, row) in acc.iter().enumerate() {
+            let cr = c.add(r * ldc);
+            if w == 8 * V {
+                for (v, &x) in row.iter().enumerate() {
+                    let p = cr.add(8 * v);
+                    let x = if add {
+                        _mm256_add_ps(_mm256_loadu_ps(p), x)
+                    } else {
+                        x
+                    };
+                    _mm256_storeu_ps(p, x);
+                }
+            } else {
+                let mut tmp = [0.0f32; NR];
+                for (v, &x) in row.iter().enumerate() {
+                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * v), x);
+                }
+                for (j, &t) in tmp[..w].iter().enumerate() {
+                    let cj = cr.add(j);
+                    *cj = if add { *cj + t } else { t };
+                }
+            }
+        }
+    }
+}
