@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rand_core::RngCore;
+use smallvec::SmallVec;
 use seedling_core::protocol::{
     self, ClientKind, ClientMsg, MAX_SERVER_MESSAGE, PROTOCOL_VERSION, ServerMsg, SessionToken,
 };
@@ -340,7 +341,9 @@ pub struct ClientReport {
 struct Job {
     client: ClientId,
     step: u64,
-    members: Vec<u32>,
+    /// Inline up to a typical crowd's job size: a job is created and
+    /// dropped for every result.
+    members: SmallVec<[u32; 8]>,
     sent: Instant,
     deadline: Instant,
 }
@@ -834,25 +837,27 @@ impl Coordinator {
             rate
         };
         client.members += losses.len() as u64;
+        // How often this job's fresh members are replicated follows the
+        // trust the client has as its result arrives.
+        let trust = client.agreed;
         for (&m, l) in job.members.iter().zip(losses) {
-            self.claim(id, m, l);
-            if !self.clients.contains_key(&id) {
+            if !self.claim(id, trust, m, l) {
                 break; // disconnected as a liar; its claims are gone
             }
         }
         self.maybe_close(now);
     }
 
-    /// Records one evaluation and decides whether the member's loss counts,
-    /// needs another opinion, or exposes a liar.
-    fn claim(&mut self, id: ClientId, m: u32, loss: f32) {
+    /// Records one evaluation by a client with `trust` agreements and decides
+    /// whether the member's loss counts, needs another opinion, or exposes a
+    /// liar. False when that liar was the claimant and it was disconnected.
+    fn claim(&mut self, id: ClientId, trust: u64, m: u32, loss: f32) -> bool {
         let claims = self.books.claim(m, (id, loss));
         let tol = self.settings.tolerance;
         let agree = |a: f32, b: f32| (a - b).abs() <= tol * a.abs().max(1.0);
         match claims.len() {
             1 => {
-                let agreed = self.clients[&id].agreed as f64;
-                let p = (self.settings.replicate as f64).max(4.0 / (4.0 + agreed));
+                let p = (self.settings.replicate as f64).max(4.0 / (4.0 + trust as f64));
                 // The claimant is past its handshake: anyone else ready can verify.
                 let others = self.ready > 1;
                 let u = (self.coin.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
@@ -890,7 +895,9 @@ impl Coordinator {
                             claims.iter().filter(|c| !agree(c.1, good)).map(|c| c.0).collect();
                         self.books.count(m, good);
                         for liar in losers {
-                            self.strike(liar);
+                            if self.strike(liar) && liar == id {
+                                return false;
+                            }
                         }
                     }
                     None => {
@@ -901,19 +908,21 @@ impl Coordinator {
                 }
             }
         }
+        true
     }
 
     /// A client ended up in the minority of a replicated member. After
     /// `max_strikes` it is disconnected and everything it claimed this step
     /// is discarded and, where nothing else vouches for it, reissued.
-    fn strike(&mut self, id: ClientId) {
+    /// True when this strike disconnected the client.
+    fn strike(&mut self, id: ClientId) -> bool {
         let Some(c) = self.clients.get_mut(&id) else {
-            return;
+            return false;
         };
         c.strikes += 1;
         c.agreed = 0;
         if c.strikes < self.settings.max_strikes {
-            return;
+            return false;
         }
         if let Some(rec) = c.session.and_then(|t| self.sessions.get_mut(&t)) {
             rec.banned = true;
@@ -931,6 +940,7 @@ impl Coordinator {
             }
         }
         self.reject(id, "its results disagreed with other volunteers' too often");
+        true
     }
 
     fn on_hash(&mut self, id: ClientId, step: u64, hash: u64) {
@@ -1157,7 +1167,7 @@ impl Coordinator {
             };
             let lagging = missed.values().any(|who| who.contains(&id));
             // Verifications first (a lagging client checks nobody), then fresh members.
-            let mut members: Vec<u32> = Vec::with_capacity(size);
+            let mut members: SmallVec<[u32; 8]> = SmallVec::with_capacity(size);
             if !lagging {
                 members.extend(self.verify.iter().filter(eligible).take(size));
             }
@@ -1308,7 +1318,7 @@ impl Coordinator {
     }
 
     /// Puts a job's members back: verifications to the verify set, the rest to the pool.
-    fn give_back(&mut self, members: Vec<u32>) {
+    fn give_back(&mut self, members: impl IntoIterator<Item = u32>) {
         for m in members {
             if !self.books.claims(m).is_empty() {
                 self.verify.insert(m);
@@ -1353,12 +1363,19 @@ impl Coordinator {
             self.send_frame(id, msg.clone());
         }
         // Jobs of the closed step are void; their results will be stale.
-        self.jobs.retain(|_, j| j.step > step);
-        for (&id, c) in self.clients.iter_mut() {
-            c.job = c.job.filter(|&j| self.jobs.contains(j));
-            if c.hello.is_some() && c.job.is_none() {
-                self.idle.insert((c.last_job, id));
+        // Their holders are idle again; everyone else's place is unchanged.
+        let mut voided = Vec::new();
+        self.jobs.retain(|_, j| {
+            if j.step <= step {
+                voided.push(j.client);
             }
+            j.step > step
+        });
+        for id in voided {
+            if let Some(c) = self.clients.get_mut(&id) {
+                c.job = c.job.filter(|&j| self.jobs.contains(j));
+            }
+            self.sync_idle(id);
         }
         self.hashes.push_back((self.replica.step, hash));
         if self.hashes.len() > 256 {
@@ -1562,7 +1579,7 @@ mod tests {
                     },
                     2 | 3 => {
                         // Sometimes a correct answer to the client's live job.
-                        let live = c.clients.get(&client).and_then(|cl| cl.job).and_then(|j| c.jobs.get(j).map(|jb| (j, jb.members.clone())));
+                        let live = c.clients.get(&client).and_then(|cl| cl.job).and_then(|j| c.jobs.get(j).map(|jb| (j, jb.members.to_vec())));
                         match (kind, live) {
                             (2, Some((j, members))) => Event::Message {
                                 client,
@@ -1752,7 +1769,7 @@ mod tests {
                     prop_assert!(!c.clients.contains_key(&offender));
                 }
                 // The honest client answers whatever it holds, correctly.
-                let live = c.clients[&honest].job.and_then(|j| c.jobs.get(j).map(|jb| (j, jb.members.clone())));
+                let live = c.clients[&honest].job.and_then(|j| c.jobs.get(j).map(|jb| (j, jb.members.to_vec())));
                 if let Some((job, members)) = live {
                     let losses = members.iter().map(|&m| m as f32 * 0.1).collect();
                     c.handle(Event::Message { client: honest, msg: ClientMsg::Losses { step: c.replica.step, job, losses } }, now);
@@ -1770,7 +1787,7 @@ mod tests {
                 }
                 now += Duration::from_millis(10);
                 c.handle(Event::Tick, now);
-                let live = c.clients[&honest].job.and_then(|j| c.jobs.get(j).map(|jb| (j, jb.members.clone())));
+                let live = c.clients[&honest].job.and_then(|j| c.jobs.get(j).map(|jb| (j, jb.members.to_vec())));
                 if let Some((job, members)) = live {
                     let losses = members.iter().map(|&m| m as f32 * 0.1).collect();
                     c.handle(Event::Message { client: honest, msg: ClientMsg::Losses { step: c.replica.step, job, losses } }, now);
