@@ -23,14 +23,12 @@
 //!   is counted and answered with a fresh snapshot.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rand_core::RngCore;
-use smallvec::SmallVec;
 use seedling_core::protocol::{
     self, ClientKind, ClientMsg, MAX_SERVER_MESSAGE, PROTOCOL_VERSION, ServerMsg, SessionToken,
 };
@@ -38,6 +36,7 @@ use seedling_core::shaping::shape;
 use seedling_core::tokenizer::{Token, Tokenizer};
 use seedling_core::{Replica, batch};
 use serde::Serialize;
+use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{self, Checkpoint, HistoryPoint};
@@ -365,6 +364,8 @@ struct Client {
     /// are served oldest-served first, so a newcomer gets work in its first
     /// step instead of waiting while earlier clients empty the pool.
     last_job: u64,
+    /// Its last hash report: (step, hash).
+    reported: Option<(u64, u64)>,
 }
 
 /// The coordinator's state. See the module docs for the rules.
@@ -461,7 +462,6 @@ struct Counters {
     banned: u64,
     idle: u64,
     slow: u64,
-    client_hashes: BTreeMap<ClientId, ClientReport>,
 }
 
 impl Coordinator {
@@ -513,7 +513,7 @@ impl Coordinator {
         };
         c.hashes.push_back((c.replica.step, c.replica.hash()));
         c.start_step(now);
-        c.publish();
+        c.publish(true);
         c
     }
 
@@ -537,7 +537,7 @@ impl Coordinator {
     /// Restores an operator's learning rate (from a checkpoint).
     pub fn set_lr_override(&mut self, lr: Option<f32>) {
         self.lr_override = lr;
-        self.publish();
+        self.publish(true);
     }
 
     /// The learning rate of the update that closes `step`: the operator's
@@ -623,6 +623,7 @@ impl Coordinator {
                         speed: 0.0,
                         members: 0,
                         last_job: 0,
+                        reported: None,
                     },
                 );
             }
@@ -631,7 +632,7 @@ impl Coordinator {
             Event::Admin { command, reply } => {
                 let outcome = self.admin(command);
                 // The operator sees the effect in /api/status once answered.
-                self.publish();
+                self.publish(true);
                 let _ = reply.send(outcome);
             }
             Event::Disconnected { client } => self.drop_client(client),
@@ -653,7 +654,7 @@ impl Coordinator {
                 self.assign(now);
                 if now.saturating_duration_since(self.published) >= PUBLISH_EVERY {
                     self.published = now;
-                    self.publish();
+                    self.publish(true);
                 }
                 return;
             }
@@ -944,22 +945,10 @@ impl Coordinator {
     }
 
     fn on_hash(&mut self, id: ClientId, step: u64, hash: u64) {
-        let Some(c) = self.clients.get(&id) else { return };
-        let (kind, members, trust) = (
-            c.hello.map_or(ClientKind::Simulated, |h| h.0),
-            c.members,
-            c.agreed,
-        );
-        // Updated in place: every volunteer reports once a step.
-        let report = self.counters.client_hashes.entry(id).or_default();
-        report.kind = match kind {
-            ClientKind::Browser => "browser",
-            ClientKind::Native => "native",
-            ClientKind::Simulated => "simulated",
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
         };
-        (report.step, report.members, report.trust) = (step, members, trust);
-        report.hash.clear();
-        let _ = write!(report.hash, "{hash:016x}");
+        c.reported = Some((step, hash));
         match self.hashes.iter().rev().find(|&&(s, _)| s == step) {
             Some(&(_, want)) if want == hash => {}
             Some(_) => {
@@ -1011,7 +1000,6 @@ impl Coordinator {
         if c.hello.is_some() {
             self.ready -= 1;
         }
-        self.counters.client_hashes.remove(&id);
         if let Some(rec) = c.session.and_then(|t| self.sessions.get_mut(&t)) {
             if rec.live == Some(id) {
                 (rec.agreed, rec.strikes, rec.live) = (c.agreed, c.strikes, None);
@@ -1413,7 +1401,7 @@ impl Coordinator {
         self.timing
             .step_closed(update, replica_work.elapsed(), self.postbox.courier_time());
         self.start_step(now);
-        self.publish();
+        self.publish(false);
     }
 
     /// Validation loss of the authoritative weights on the fixed held-out set.
@@ -1445,17 +1433,16 @@ impl Coordinator {
         Ok(Some(path))
     }
 
-    fn publish(&self) {
-        let mut v = Volunteers::default();
-        for c in self.clients.values() {
-            match c.hello.map(|h| h.0) {
-                Some(ClientKind::Browser) => v.browser += 1,
-                Some(ClientKind::Native) => v.native += 1,
-                Some(ClientKind::Simulated) => v.simulated += 1,
-                None => continue,
-            }
-            v.total += 1;
-        }
+    /// Publishes the status. Walking every client for the volunteer counts
+    /// and reports is left to the next tick when `clients` is false (a step
+    /// closing: a thousand reports a second would be rebuilt for nobody).
+    fn publish(&self, clients: bool) {
+        let (v, client_hashes) = if clients {
+            self.volunteers()
+        } else {
+            let mut old = self.status.lock().unwrap();
+            (old.volunteers.clone(), std::mem::take(&mut old.client_hashes))
+        };
         let (members_per_s, steps_per_s) = match (self.closes.front(), self.closes.back()) {
             (Some(a), Some(b)) if self.closes.len() > 1 => {
                 let dt = b.0.saturating_duration_since(a.0).as_secs_f64().max(1e-9);
@@ -1465,12 +1452,6 @@ impl Coordinator {
             _ => (0.0, 0.0),
         };
         let tail = self.history.len().saturating_sub(500);
-        let mut client_hashes = self.counters.client_hashes.clone();
-        for (id, report) in client_hashes.iter_mut() {
-            if let Some(c) = self.clients.get(id) {
-                report.trust = c.agreed;
-            }
-        }
         let s = Status {
             run: self.run,
             data: self.data.name.clone(),
@@ -1510,6 +1491,41 @@ impl Coordinator {
             slow_dropped: self.counters.slow,
         };
         *self.status.lock().unwrap() = s;
+    }
+
+    /// Volunteer counts and every reporting client's last hash report.
+    fn volunteers(&self) -> (Volunteers, BTreeMap<ClientId, ClientReport>) {
+        let mut v = Volunteers::default();
+        let mut reports = BTreeMap::new();
+        for (&id, c) in &self.clients {
+            let Some((kind, _)) = c.hello else { continue };
+            let kind = match kind {
+                ClientKind::Browser => {
+                    v.browser += 1;
+                    "browser"
+                }
+                ClientKind::Native => {
+                    v.native += 1;
+                    "native"
+                }
+                ClientKind::Simulated => {
+                    v.simulated += 1;
+                    "simulated"
+                }
+            };
+            v.total += 1;
+            if let Some((step, hash)) = c.reported {
+                let report = ClientReport {
+                    kind,
+                    step,
+                    hash: format!("{hash:016x}"),
+                    members: c.members,
+                    trust: c.agreed,
+                };
+                reports.insert(id, report);
+            }
+        }
+        (v, reports)
     }
 }
 
