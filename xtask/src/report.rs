@@ -623,6 +623,20 @@ pub fn render(m: &Measurements, machine: &Machine, start: Moment, end: Moment) -
     )
     .unwrap();
     writeln!(w, "- Command: `{}`.", machine.command).unwrap();
+    // Past one runnable task per two CPUs, another program held a core for
+    // part of the run: say so beside the figures it skews.
+    let busy = [start.load, end.load]
+        .into_iter()
+        .flatten()
+        .any(|l| l > 0.5 * machine.cpus as f64);
+    if busy {
+        writeln!(
+            w,
+            "- The machine was busy (see the load averages): two-thread figures and absolute times \
+             are unreliable; ratios of interleaved figures less so."
+        )
+        .unwrap();
+    }
     let peers = m
         .rounds
         .iter()
@@ -936,10 +950,11 @@ mod tests {
             lines[2],
             "- Command: `cargo xtask bench --peers '/tmp/jax venv/python'`."
         );
+        assert!(lines[3].starts_with("- The machine was busy"), "{}", lines[3]);
         assert!(
-            lines[3].contains("JAX peer 0.10.2 1 and 2") && lines[3].contains("OpenBLAS 0.3.31 (Haswell")
+            lines[4].contains("JAX peer 0.10.2 1 and 2") && lines[4].contains("OpenBLAS 0.3.31 (Haswell")
         );
-        assert!(lines[4].starts_with("- Step and throughput figures: median (range) of 3 rounds"));
+        assert!(lines[5].starts_with("- Step and throughput figures: median (range) of 3 rounds"));
         assert!(table.contains(
             "| low-rank ES step, 2 threads, s (evaluation + update) | 1.150 (1.050-1.250) | 1.300 (1.100-1.500) \
              |  | 0.885 (0.700-1.136) | <= 0.7 | **missed** |"
