@@ -360,10 +360,8 @@ struct Client {
     /// Members per second, exponential moving average of completed jobs.
     speed: f64,
     members: u64,
-    /// Id of the last job handed to this client (0: none yet). Idle clients
-    /// are served oldest-served first, so a newcomer gets work in its first
-    /// step instead of waiting while earlier clients empty the pool.
-    last_job: u64,
+    /// In the idle queue: past the handshake with no job.
+    queued: bool,
     /// Its last hash report: (step, hash).
     reported: Option<(u64, u64)>,
 }
@@ -377,11 +375,14 @@ pub struct Coordinator {
     /// Hashed rather than ordered: the coordinator looks a client up several
     /// times per result, and nothing depends on the order of connections.
     clients: HashMap<ClientId, Client>,
-    /// Clients past the handshake with no job, by (last job, id): the
-    /// serve order of [`Coordinator::assign`]. Kept in step with `clients`
-    /// on every change, so handing out work never scans every connection
-    /// (most events of a step find one or two members to hand out).
-    idle: BTreeSet<(u64, ClientId)>,
+    /// Clients past the handshake with no job, in the order they became
+    /// idle: the serve order of [`Coordinator::assign`], longest waiting
+    /// first, so a newcomer is served before anyone who got work after it
+    /// joined. A client enters once (its `queued` flag) and leaves when it
+    /// gets a job or disconnects. Handing out work never scans every
+    /// connection (most events of a step find one or two members to hand
+    /// out), and becoming idle is a push, not an ordered insert.
+    idle: VecDeque<ClientId>,
     /// Clients past the handshake.
     ready: usize,
     /// Live jobs (all of the current step), by id.
@@ -479,7 +480,7 @@ impl Coordinator {
             data,
             run,
             clients: HashMap::new(),
-            idle: BTreeSet::new(),
+            idle: VecDeque::new(),
             ready: 0,
             jobs: SeqMap::default(),
             earliest_deadline: None,
@@ -513,7 +514,7 @@ impl Coordinator {
         };
         c.hashes.push_back((c.replica.step, c.replica.hash()));
         c.start_step(now);
-        c.publish(true);
+        c.publish();
         c
     }
 
@@ -537,7 +538,7 @@ impl Coordinator {
     /// Restores an operator's learning rate (from a checkpoint).
     pub fn set_lr_override(&mut self, lr: Option<f32>) {
         self.lr_override = lr;
-        self.publish(true);
+        self.publish();
     }
 
     /// The learning rate of the update that closes `step`: the operator's
@@ -622,7 +623,7 @@ impl Coordinator {
                         job: None,
                         speed: 0.0,
                         members: 0,
-                        last_job: 0,
+                        queued: false,
                         reported: None,
                     },
                 );
@@ -632,7 +633,7 @@ impl Coordinator {
             Event::Admin { command, reply } => {
                 let outcome = self.admin(command);
                 // The operator sees the effect in /api/status once answered.
-                self.publish(true);
+                self.publish();
                 let _ = reply.send(outcome);
             }
             Event::Disconnected { client } => self.drop_client(client),
@@ -643,18 +644,18 @@ impl Coordinator {
                 }
             }
             Event::Slow { client } => {
-                if self.clients.contains_key(&client) {
-                    tracing::warn!(client, "send queue full; dropping client");
-                    self.counters.slow += 1;
-                    self.drop_client(client);
-                }
+                // The courier reports a connection once, when it closes it;
+                // the Disconnected event may have come first.
+                tracing::warn!(client, "send queue full; dropping client");
+                self.counters.slow += 1;
+                self.drop_client(client);
             }
             Event::Tick => {
                 self.on_tick(now);
                 self.assign(now);
                 if now.saturating_duration_since(self.published) >= PUBLISH_EVERY {
                     self.published = now;
-                    self.publish(true);
+                    self.publish();
                 }
                 return;
             }
@@ -830,7 +831,9 @@ impl Coordinator {
         let secs = now.saturating_duration_since(job.sent).as_secs_f64().max(1e-3);
         let client = self.clients.get_mut(&id).unwrap();
         client.job = None;
-        self.idle.insert((client.last_job, id));
+        if !std::mem::replace(&mut client.queued, true) {
+            self.idle.push_back(id);
+        }
         let rate = job.members.len() as f64 / secs;
         client.speed = if client.speed > 0.0 {
             0.7 * client.speed + 0.3 * rate
@@ -996,7 +999,13 @@ impl Coordinator {
     fn drop_client(&mut self, id: ClientId) {
         let Some(c) = self.clients.remove(&id) else { return };
         self.postbox.gone(id, false);
-        self.idle.remove(&(c.last_job, id));
+        if c.queued {
+            // Leaving is rare next to results: a scan here keeps the queue
+            // exactly the idle clients.
+            if let Some(i) = self.idle.iter().position(|&q| q == id) {
+                self.idle.remove(i);
+            }
+        }
         if c.hello.is_some() {
             self.ready -= 1;
         }
@@ -1126,15 +1135,18 @@ impl Coordinator {
         }
         let ready = self.ready;
         self.settle_unverifiable();
-        // Walk the idle set in order without copying it: most calls hand
-        // out one or two members and stop at the first client.
-        let mut cursor = (0, 0);
-        while let Some(&(last_job, id)) = self.idle.range(cursor..).next() {
-            cursor = (last_job, id + 1);
+        // Walk the idle queue from the front: most calls hand out one or
+        // two members and stop at the first client. Clients given nothing
+        // keep their places.
+        let mut passed = Vec::new();
+        while let Some(id) = self.idle.pop_front() {
             if self.pool.is_empty() && self.verify.is_empty() {
+                self.idle.push_front(id);
                 break;
             }
-            let c = &self.clients[&id];
+            let Some(c) = self.clients.get(&id) else {
+                continue; // (never: leaving takes a client out of the queue)
+            };
             let threads = c.hello.map_or(1, |h| h.1) as usize;
             let target = if c.speed > 0.0 {
                 (c.speed * self.settings.job_target.as_secs_f64()) as usize
@@ -1168,6 +1180,7 @@ impl Coordinator {
                 self.pool.remove(m);
             }
             if members.is_empty() {
+                passed.push(id);
                 continue;
             }
             let expected = if c.speed > 0.0 {
@@ -1215,8 +1228,7 @@ impl Coordinator {
             }
             let client = self.clients.get_mut(&id).unwrap();
             client.job = Some(job_id);
-            client.last_job = job_id;
-            self.idle.remove(&(last_job, id));
+            client.queued = false;
             self.owners.push_back((job_id, id));
             if self.owners.len() > MAX_OWNERS {
                 self.owners.pop_front();
@@ -1225,6 +1237,9 @@ impl Coordinator {
                 Ok(frame) => self.send_frame(id, frame),
                 Err(e) => tracing::error!("cannot encode a job: {e}"),
             }
+        }
+        for id in passed.into_iter().rev() {
+            self.idle.push_front(id);
         }
     }
 
@@ -1294,13 +1309,14 @@ impl Coordinator {
         }
     }
 
-    /// Puts `id` in the idle set or takes it out, after its handshake or job changed.
+    /// Queues `id` as idle if it is past its handshake with no job and not
+    /// queued yet. (Only [`Coordinator::assign`] gives a client a job, and
+    /// it takes the client out of the queue as it does.)
     fn sync_idle(&mut self, id: ClientId) {
-        if let Some(c) = self.clients.get(&id) {
-            if c.hello.is_some() && c.job.is_none() {
-                self.idle.insert((c.last_job, id));
-            } else {
-                self.idle.remove(&(c.last_job, id));
+        if let Some(c) = self.clients.get_mut(&id) {
+            if c.hello.is_some() && c.job.is_none() && !c.queued {
+                c.queued = true;
+                self.idle.push_back(id);
             }
         }
     }
@@ -1401,7 +1417,7 @@ impl Coordinator {
         self.timing
             .step_closed(update, replica_work.elapsed(), self.postbox.courier_time());
         self.start_step(now);
-        self.publish(false);
+        self.publish();
     }
 
     /// Validation loss of the authoritative weights on the fixed held-out set.
@@ -1433,16 +1449,8 @@ impl Coordinator {
         Ok(Some(path))
     }
 
-    /// Publishes the status. Walking every client for the volunteer counts
-    /// and reports is left to the next tick when `clients` is false (a step
-    /// closing: a thousand reports a second would be rebuilt for nobody).
-    fn publish(&self, clients: bool) {
-        let (v, client_hashes) = if clients {
-            self.volunteers()
-        } else {
-            let mut old = self.status.lock().unwrap();
-            (old.volunteers.clone(), std::mem::take(&mut old.client_hashes))
-        };
+    fn publish(&self) {
+        let (v, client_hashes) = self.volunteers();
         let (members_per_s, steps_per_s) = match (self.closes.front(), self.closes.back()) {
             (Some(a), Some(b)) if self.closes.len() > 1 => {
                 let dt = b.0.saturating_duration_since(a.0).as_secs_f64().max(1e-9);
@@ -1641,13 +1649,19 @@ mod tests {
             );
         }
         prop_assert_eq!(c.sessions.len(), c.session_order.len());
-        let idle: BTreeSet<(u64, ClientId)> = c
+        // The idle queue holds every idle client exactly once, and nobody else.
+        let want: BTreeSet<ClientId> = c
             .clients
             .iter()
             .filter(|(_, cl)| cl.hello.is_some() && cl.job.is_none())
-            .map(|(&id, cl)| (cl.last_job, id))
+            .map(|(&id, _)| id)
             .collect();
-        prop_assert_eq!(&c.idle, &idle, "the idle set drifted");
+        let queued: BTreeSet<ClientId> = c.idle.iter().copied().collect();
+        prop_assert_eq!(c.idle.len(), queued.len(), "a client is queued twice");
+        prop_assert_eq!(&queued, &want, "the idle queue drifted");
+        for (id, cl) in &c.clients {
+            prop_assert_eq!(cl.queued, queued.contains(id));
+        }
         prop_assert_eq!(
             c.ready,
             c.clients.values().filter(|cl| cl.hello.is_some()).count()
