@@ -5,13 +5,13 @@
 //! the reference backend uses `libm`, which is the same on every target.
 
 /// Largest |x| the rational tanh is evaluated at; beyond it tanh(x) rounds to ±1.
-const CLAMP: f32 = 7.998_811_7;
+pub(crate) const TANH_CLAMP: f32 = 7.998_811_7;
 
 /// tanh as Eigen's rational minimax approximation (13/6), |error| < 1e-6.
 /// Only multiplies, adds and one divide, so the compiler vectorizes loops of it.
 #[inline(always)]
 pub fn tanh_fast(x: f32) -> f32 {
-    let x = x.clamp(-CLAMP, CLAMP);
+    let x = x.clamp(-TANH_CLAMP, TANH_CLAMP);
     let x2 = x * x;
     let mut p = x2 * -2.760_768_5e-16 + 2.000_188e-13;
     p = x2 * p + -8.604_672e-11;
@@ -124,7 +124,7 @@ mod tests {
             worst = worst.max((tanh_fast(x) - libm::tanhf(x)).abs());
         }
         assert!(worst < 2e-6, "worst error {worst}");
-        assert_eq!(tanh_fast(100.0), tanh_fast(CLAMP));
+        assert_eq!(tanh_fast(100.0), tanh_fast(TANH_CLAMP));
         assert!(tanh_fast(f32::INFINITY) <= 1.0);
     }
 

@@ -6,18 +6,22 @@
 //!   ... ]` per row, and layer `l >= 1`'s input and recurrent matrices are
 //!   adjacent in the parameter layout, so `[h_{l-1}, h_l] x [W_ih; W_hh]` is
 //!   one GEMM with K = 2H (no second pass over the pre-activations). Layer
-//!   0's one-hot input is a row of `W_ih` added in the epilogue.
-//! - One epilogue pass per row does everything after the GEMM: the
-//!   embedding row, the member's bias (base bias plus its noise, formed once
-//!   per call), both rank-1 corrections `c (x . a) b`, and tanh, writing the
-//!   new hidden state in place (the corrections' dots read the old state
-//!   first).
+//!   0's one-hot input is a row of `W_ih` (with the base bias folded in,
+//!   one table per call) added in the epilogue.
+//! - One epilogue pass per row does everything after the GEMM: the input
+//!   row or bias, the member's bias noise, both rank-1 corrections
+//!   `c (x . a) b`, and tanh, writing the new hidden state in place. Under
+//!   rank 1 the same pass also takes the new state's dots with the `a`
+//!   factors that will read it (its own recurrent one for the next step, the
+//!   next layer's or the head's for this step), so the corrections cost no
+//!   passes of their own; inference's epilogue is just `tanh(pre + t)`.
 //! - The head adds its bias and correction and takes the cross-entropy with a
 //!   vectorized exp in the same pass.
 //! - Natively, the whole pass is compiled a second time with AVX2 and FMA
-//!   enabled and chosen at run time: the epilogue is plain loops the compiler
-//!   vectorizes, eight lanes wide instead of SSE2's four (the GEMM has its own
-//!   dispatch). In wasm the same loops become simd128.
+//!   enabled and chosen at run time, and the epilogue is written in
+//!   intrinsics (`fused/avx2.rs`, which says why); the GEMM has its own
+//!   dispatch. In wasm the portable loops become simd128.
+//! - The weights are packed once per call and shared by its blocks.
 //! - Large calls are cut into blocks of members (or sequences, for
 //!   inference) run one after another, so a block's state stays in the L2
 //!   cache across layers and time steps instead of streaming through L3.
@@ -29,6 +33,9 @@ use super::{LowRankPop, Minibatch, add_rank_r, dot};
 use crate::activation::{nll_fast, tanh_fast};
 use crate::gemm::{Backend, PackedB, sgemm_packed};
 use crate::model::Layout;
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+mod avx2;
 
 /// Rows (sequences) per block: 8 members of RW-256 (B = 16). The block's
 /// hidden states, pre-activations and logits then take about 0.4 MiB, which
@@ -48,7 +55,7 @@ pub(super) fn forward(
         // SAFETY: the CPU has AVX2 and FMA, checked just above.
         return unsafe { forward_avx2(layout, params, batch, members, pert) };
     }
-    forward_blocks(layout, params, batch, members, pert)
+    forward_blocks::<false>(layout, params, batch, members, pert)
 }
 
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
@@ -60,13 +67,54 @@ unsafe fn forward_avx2(
     members: usize,
     pert: Option<&LowRankPop>,
 ) -> Vec<f32> {
-    forward_blocks(layout, params, batch, members, pert)
+    forward_blocks::<true>(layout, params, batch, members, pert)
+}
+
+/// What every block of a call shares: the prepared weights and layer 0's
+/// input table. Built once per call, not per block.
+struct Prepared<'p> {
+    /// Layer l's weights: `[W_ih; W_hh]` (K = 2H), or `W_hh` for layer 0
+    /// (its input is one-hot).
+    weights: Vec<PackedB<'p>>,
+    w_out: PackedB<'p>,
+    /// `W_ih(0)[token] + b(0)` per token: layer 0's one-hot input and its
+    /// base bias as one row, so that epilogue reads one vector for both.
+    table: Vec<f32>,
+}
+
+impl<'p> Prepared<'p> {
+    fn new(layout: &Layout, params: &'p [f32]) -> Self {
+        let (h, v, nl) = (layout.hidden(), layout.vocab(), layout.layers());
+        let weights = (0..nl)
+            .map(|l| {
+                debug_assert_eq!(layout.w_ih(l).range().end, layout.w_hh(l).offset);
+                let (k_in, w0) = if l == 0 {
+                    (h, layout.w_hh(0).offset)
+                } else {
+                    (2 * h, layout.w_ih(l).offset)
+                };
+                PackedB::new(Backend::Fast, k_in, h, &params[w0..w0 + k_in * h], h)
+            })
+            .collect();
+        let w_out = PackedB::new(Backend::Fast, h, v, &params[layout.w_out().range()], v);
+        let b0 = &params[layout.b(0).range()];
+        let table = params[layout.w_ih(0).range()]
+            .chunks_exact(h)
+            .flat_map(|e| e.iter().zip(b0).map(|(&x, &b)| x + b))
+            .collect();
+        Self {
+            weights,
+            w_out,
+            table,
+        }
+    }
 }
 
 /// Splits the call into blocks of whole members (or, for one unperturbed
-/// member, of sequences) and runs them one after another.
+/// member, of sequences) and runs them one after another. `AVX` is true
+/// only when called from [`forward_avx2`], after the CPU check.
 #[inline(always)]
-fn forward_blocks(
+fn forward_blocks<const AVX: bool>(
     layout: &Layout,
     params: &[f32],
     batch: &Minibatch,
@@ -74,6 +122,7 @@ fn forward_blocks(
     pert: Option<&LowRankPop>,
 ) -> Vec<f32> {
     let bsz = batch.batch();
+    let prep = Prepared::new(layout, params);
     if pert.is_none() && members == 1 && bsz > BLOCK_ROWS {
         // Inference: sequences are independent; the mean over all of them
         // is the size-weighted mean of the blocks' means.
@@ -82,7 +131,7 @@ fn forward_blocks(
         while b0 < bsz {
             let n = BLOCK_ROWS.min(bsz - b0);
             let sub = batch.rows(b0, n);
-            let l = run(layout, params, &sub, 0, 1, None)[0];
+            let l = run::<AVX>(layout, params, &prep, &sub, 0, 1, None)[0];
             total += l as f64 * n as f64;
             b0 += n;
         }
@@ -93,82 +142,114 @@ fn forward_blocks(
     let mut k0 = 0;
     while k0 < members {
         let n = per_block.min(members - k0);
-        out.extend(run(layout, params, batch, k0, n, pert));
+        out.extend(run::<AVX>(layout, params, &prep, batch, k0, n, pert));
         k0 += n;
     }
     out
 }
 
-/// Member `k`'s bias for tensor `tensor` (`len` values): the base bias plus,
-/// under low-rank noise, its scaled noise.
+/// Members `first..first + members`' bias noise for tensor `tensor` (`len`
+/// values each), scaled by their `±sigma`.
 #[inline(always)]
-fn member_bias(
-    params: &[f32],
-    layout: &Layout,
-    tensor: usize,
-    pert: Option<&LowRankPop>,
-    first: usize,
-    members: usize,
-) -> Vec<f32> {
-    let base = &params[layout.tensors[tensor].range()];
-    let Some(p) = pert else {
-        return base.to_vec();
-    };
-    let mut out = Vec::with_capacity(members * base.len());
+fn noise_bias(p: &LowRankPop, tensor: usize, len: usize, first: usize, members: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(members * len);
     for k in first..first + members {
-        let (e, c) = p.bias(k, tensor, base.len());
-        out.extend(base.iter().zip(e).map(|(&b, &e)| b + c * e));
+        let (e, c) = p.bias(k, tensor, len);
+        out.extend(e.iter().map(|&e| c * e));
     }
     out
 }
 
-/// `out[j] = tanh(pre[j] + bias[j] + extra[j] + s1 b1[j] + s2 b2[j])`: the
-/// whole epilogue of one row in one vectorizable pass.
+/// Member `k`'s low-rank factors `(A, B)` of matrix `tensor`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn fused_tanh(
-    out: &mut [f32],
-    pre: &[f32],
-    bias: &[f32],
-    extra: &[f32],
+fn factors<'p>(p: &'p LowRankPop, layout: &Layout, k: usize, tensor: usize) -> (&'p [f32], &'p [f32]) {
+    let t = &layout.tensors[tensor];
+    p.tensor(k, tensor, (t.rows + t.cols) * p.rank)
+        .split_at(t.rows * p.rank)
+}
+
+/// What one row's epilogue adds to the GEMM's output before tanh.
+pub(super) enum Terms<'a> {
+    /// Inference: `pre + t1`.
+    Plain(&'a [f32]),
+    /// Rank > 1 (the corrections already added to `pre`): `pre + t1 + t2`.
+    Sum(&'a [f32], &'a [f32]),
+    /// Rank 1 (see [`Rank1`]).
+    Rank1(Rank1<'a>),
+}
+
+/// A rank-1 row's terms, `pre + t1 + t2 + s1 b1 + s2 b2`; the epilogue also
+/// returns the new state's dots with `d1` and `d2` (the `x . a` of the
+/// corrections that will read this state), taken while it is still in
+/// registers rather than in passes of their own.
+pub(super) struct Rank1<'a> {
+    t1: &'a [f32],
+    t2: &'a [f32],
     s1: f32,
-    b1: &[f32],
+    b1: &'a [f32],
     s2: f32,
-    b2: &[f32],
-) {
+    b2: &'a [f32],
+    d1: &'a [f32],
+    d2: &'a [f32],
+}
+
+/// `out = tanh(pre + terms)` and, for [`Terms::Rank1`], `(out . d1, out . d2)`
+/// (zeros otherwise).
+#[inline(always)]
+fn epilogue<const AVX: bool>(out: &mut [f32], pre: &[f32], terms: &Terms) -> (f32, f32) {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if AVX {
+        // SAFETY: `AVX` is only true inside `forward_avx2`, which runs after
+        // the CPU was found to have AVX2 and FMA.
+        return unsafe { avx2::epilogue(out, pre, terms) };
+    }
+    epilogue_portable(out, pre, terms)
+}
+
+/// [`epilogue`] as plain loops the compiler vectorizes (simd128 in wasm).
+#[inline(always)]
+pub(super) fn epilogue_portable(out: &mut [f32], pre: &[f32], terms: &Terms) -> (f32, f32) {
     let n = out.len();
-    let (pre, bias, extra, b1, b2) = (&pre[..n], &bias[..n], &extra[..n], &b1[..n], &b2[..n]);
-    let terms = pre.iter().zip(bias).zip(extra).zip(b1.iter().zip(b2));
-    for (o, (((&p, &c), &e), (&x1, &x2))) in out.iter_mut().zip(terms) {
-        *o = tanh_fast(p + c + e + s1 * x1 + s2 * x2);
+    let pre = &pre[..n];
+    match *terms {
+        Terms::Plain(t1) => {
+            for (o, (&p, &a)) in out.iter_mut().zip(pre.iter().zip(&t1[..n])) {
+                *o = tanh_fast(p + a);
+            }
+            (0.0, 0.0)
+        }
+        Terms::Sum(t1, t2) => {
+            for (o, ((&p, &a), &b)) in out.iter_mut().zip(pre.iter().zip(&t1[..n]).zip(&t2[..n])) {
+                *o = tanh_fast(p + a + b);
+            }
+            (0.0, 0.0)
+        }
+        Terms::Rank1(ref r) => {
+            let (s1, s2) = (r.s1, r.s2);
+            let (t1, t2, b1, b2) = (&r.t1[..n], &r.t2[..n], &r.b1[..n], &r.b2[..n]);
+            let terms = pre.iter().zip(t1).zip(t2).zip(b1.iter().zip(b2));
+            for (o, (((&p, &c), &e), (&x1, &x2))) in out.iter_mut().zip(terms) {
+                *o = tanh_fast(p + c + e + s1 * x1 + s2 * x2);
+            }
+            (dot(out, r.d1), dot(out, r.d2))
+        }
     }
 }
 
-/// Member `k`'s correction of matrix `tensor` for one input row `x`: for
-/// rank 1 the scale `c (x . a)` and the vector `b` (the caller fuses `s b`
-/// into its pass); for higher ranks it is added to `out` here and the scale
-/// returned is 0.
+/// Adds member `k`'s rank-r correction of matrix `tensor` for one input row
+/// `x` to `out` (the rank > 1 path; rank 1 goes through [`Terms::Rank1`]).
 #[inline(always)]
-fn correction<'p>(
-    p: &'p LowRankPop,
+fn correction(
+    p: &LowRankPop,
     layout: &Layout,
     k: usize,
     tensor: usize,
     x: Lookup,
     out: &mut [f32],
     u: &mut [f32],
-) -> (f32, &'p [f32]) {
-    let t = &layout.tensors[tensor];
-    let (m, n, r) = (t.rows, t.cols, p.rank);
-    let (a, b) = p.tensor(k, tensor, (m + n) * r).split_at(m * r);
-    let c = p.mat_coef[k];
-    if r == 1 {
-        let u0 = match x {
-            Lookup::Row(i) => a[i],
-            Lookup::Dense(x) => dot(x, a),
-        };
-        return (c * u0, b);
-    }
+) {
+    let r = p.rank;
+    let (a, b) = factors(p, layout, k, tensor);
     match x {
         Lookup::Row(i) => u.copy_from_slice(&a[i * r..(i + 1) * r]),
         Lookup::Dense(x) => {
@@ -180,8 +261,7 @@ fn correction<'p>(
             }
         }
     }
-    add_rank_r(out, b, u, c);
-    (0.0, b)
+    add_rank_r(out, b, u, p.mat_coef[k]);
 }
 
 /// The input of a matrix correction: a one-hot row index or a dense vector.
@@ -194,9 +274,10 @@ enum Lookup<'a> {
 /// The forward pass of members `first..first + members` of `pert` (or of
 /// the plain model, `first` = 0 and `members` = 1) on `batch`.
 #[inline(always)]
-fn run(
+fn run<const AVX: bool>(
     layout: &Layout,
     params: &[f32],
+    prep: &Prepared,
     batch: &Minibatch,
     first: usize,
     members: usize,
@@ -211,84 +292,106 @@ fn run(
     let mut logits = vec![0.0f32; rows * v];
     let mut total = vec![0.0f64; members];
     let mut u = vec![0.0f32; pert.map_or(1, |p| p.rank)];
-    let zeros = vec![0.0f32; h.max(v)];
-    let biases: Vec<Vec<f32>> = (0..nl)
-        .map(|l| member_bias(params, layout, 3 * l + 2, pert, first, members))
-        .collect();
-    let bias_out = member_bias(params, layout, 3 * nl + 1, pert, first, members);
-    let member = |k: usize| if pert.is_some() { k } else { 0 };
-    // Layer l's weights: [W_ih; W_hh] (K = 2H), or W_hh for layer 0 (its
-    // input is one-hot); prepared once for all time steps of the block.
-    let weights: Vec<PackedB> = (0..nl)
-        .map(|l| {
-            debug_assert_eq!(layout.w_ih(l).range().end, layout.w_hh(l).offset);
-            let (k_in, w0) = if l == 0 {
-                (h, layout.w_hh(0).offset)
-            } else {
-                (2 * h, layout.w_ih(l).offset)
-            };
-            PackedB::new(Backend::Fast, k_in, h, &params[w0..w0 + k_in * h], h)
-        })
-        .collect();
-    let w_out = PackedB::new(Backend::Fast, h, v, &params[layout.w_out().range()], v);
+    let rank1 = pert.is_some_and(|p| p.rank == 1);
+    // Under rank 1, per layer and row: the state's dot with its own
+    // recurrent factor `a_hh` (read by the next step's correction) and with
+    // the factor of the matrix above (`a_ih` of the next layer, or the
+    // head's), each taken when the state is written.
+    let mut dot_hh = vec![0.0f32; if rank1 { nl * rows } else { 0 }];
+    let mut dot_up = vec![0.0f32; if rank1 { nl * rows } else { 0 }];
+    let noise: Vec<Vec<f32>> = match pert {
+        Some(p) => (0..nl)
+            .map(|l| noise_bias(p, 3 * l + 2, h, first, members))
+            .collect(),
+        None => Vec::new(),
+    };
+    let noise_out = pert.map(|p| noise_bias(p, 3 * nl + 1, v, first, members));
+    let bias_out = &params[layout.b_out().range()];
     for t in 0..batch.seq_len() {
-        for (l, wl) in weights.iter().enumerate() {
+        for (l, wl) in prep.weights.iter().enumerate() {
             // pre = [h_{l-1}, h_l] x [W_ih; W_hh], or h_0 x W_hh for layer 0.
             let a_off = l.saturating_sub(1) * h;
             sgemm_packed(rows, &hs[a_off..], w, wl, &mut pre, h, 0.0);
-            let emb0 = layout.w_ih(0).offset;
+            let bias = &params[layout.b(l).range()];
             for row in 0..rows {
                 let k = row / bsz;
                 let pre_row = &mut pre[row * h..(row + 1) * h];
                 let hrow = &mut hs[row * w..(row + 1) * w];
                 let tok = (l == 0).then(|| batch.token(row % bsz, t));
-                let ((s1, b1), (s2, b2)) = match pert {
+                let t1 = match tok {
+                    Some(tok) => &prep.table[tok * h..(tok + 1) * h],
+                    None => bias,
+                };
+                let terms = match pert {
+                    None => Terms::Plain(t1),
                     Some(p) => {
-                        let x = match tok {
-                            Some(tok) => Lookup::Row(tok),
-                            None => Lookup::Dense(&hrow[(l - 1) * h..l * h]),
-                        };
-                        let c1 = correction(p, layout, first + k, 3 * l, x, pre_row, &mut u);
-                        let old = Lookup::Dense(&hrow[l * h..(l + 1) * h]);
-                        let c2 = correction(p, layout, first + k, 3 * l + 1, old, pre_row, &mut u);
-                        (c1, c2)
+                        let m = first + k;
+                        let t2 = &noise[l][k * h..(k + 1) * h];
+                        if p.rank == 1 {
+                            let (a1, b1) = factors(p, layout, m, 3 * l);
+                            let (d1, b2) = factors(p, layout, m, 3 * l + 1);
+                            let up = if l + 1 < nl { 3 * (l + 1) } else { 3 * nl };
+                            let d2 = factors(p, layout, m, up).0;
+                            let c = p.mat_coef[m];
+                            let u1 = match tok {
+                                Some(tok) => a1[tok],
+                                None => dot_up[(l - 1) * rows + row],
+                            };
+                            Terms::Rank1(Rank1 {
+                                t1,
+                                t2,
+                                s1: c * u1,
+                                b1,
+                                s2: c * dot_hh[l * rows + row],
+                                b2,
+                                d1,
+                                d2,
+                            })
+                        } else {
+                            let x = match tok {
+                                Some(tok) => Lookup::Row(tok),
+                                None => Lookup::Dense(&hrow[(l - 1) * h..l * h]),
+                            };
+                            correction(p, layout, m, 3 * l, x, pre_row, &mut u);
+                            let old = Lookup::Dense(&hrow[l * h..(l + 1) * h]);
+                            correction(p, layout, m, 3 * l + 1, old, pre_row, &mut u);
+                            Terms::Sum(t1, t2)
+                        }
                     }
-                    None => ((0.0, &zeros[..h]), (0.0, &zeros[..h])),
                 };
-                let extra = match tok {
-                    Some(tok) => &params[emb0 + tok * h..emb0 + (tok + 1) * h],
-                    None => &zeros[..h],
-                };
-                let bias = &biases[l][member(k) * h..(member(k) + 1) * h];
-                fused_tanh(
-                    &mut hrow[l * h..(l + 1) * h],
-                    pre_row,
-                    bias,
-                    extra,
-                    s1,
-                    b1,
-                    s2,
-                    b2,
-                );
+                let (e1, e2) = epilogue::<AVX>(&mut hrow[l * h..(l + 1) * h], pre_row, &terms);
+                if rank1 {
+                    dot_hh[l * rows + row] = e1;
+                    dot_up[l * rows + row] = e2;
+                }
             }
         }
         let top = (nl - 1) * h;
-        sgemm_packed(rows, &hs[top..], w, &w_out, &mut logits, v, 0.0);
+        sgemm_packed(rows, &hs[top..], w, &prep.w_out, &mut logits, v, 0.0);
         for row in 0..rows {
             let k = row / bsz;
             let z = &mut logits[row * v..(row + 1) * v];
-            let (s, b) = match pert {
-                Some(p) => {
-                    let x = Lookup::Dense(&hs[row * w + top..row * w + top + h]);
-                    correction(p, layout, first + k, 3 * nl, x, z, &mut u)
+            match pert {
+                None => {
+                    for (x, &c) in z.iter_mut().zip(bias_out) {
+                        *x += c;
+                    }
                 }
-                None => (0.0, &zeros[..v]),
-            };
-            for (x, (&c, &bj)) in z
-                .iter_mut()
-                .zip(bias_out[member(k) * v..(member(k) + 1) * v].iter().zip(&b[..v]))
-            {
-                *x += c + s * bj;
+                Some(p) => {
+                    let m = first + k;
+                    let s = if rank1 {
+                        p.mat_coef[m] * dot_up[(nl - 1) * rows + row]
+                    } else {
+                        let x = Lookup::Dense(&hs[row * w + top..row * w + top + h]);
+                        correction(p, layout, m, 3 * nl, x, z, &mut u);
+                        0.0
+                    };
+                    let b = factors(p, layout, m, 3 * nl).1;
+                    let e = noise_out.as_ref().map_or(&[][..], |n| &n[k * v..(k + 1) * v]);
+                    for (x, ((&c, &e), &bj)) in z.iter_mut().zip(bias_out.iter().zip(e).zip(&b[..v])) {
+                        *x += c + e + s * bj;
+                    }
+                }
             }
             total[k] += nll_fast(z, batch.token(row % bsz, t + 1)) as f64;
         }
