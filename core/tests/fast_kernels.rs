@@ -21,12 +21,14 @@ use seedling_core::{NoiseKind, RunConfig};
 #[test]
 fn fast_gemm_matches_reference_at_rnn_shapes() {
     // n = H and the fused layer's k = 2H, rows not a multiple of the tiles
-    // (every remainder of the native kernel's 6 rows), the head's n = V (the
-    // kernels' zero-padded last panels: 8 wide natively for up to 8 columns,
-    // 16 for more), depths over the native kernel's 256-deep blocks with a
-    // partial last block, narrow and odd widths, and strides wider than the
-    // matrices (the fused pass reads one layer's slice of a row holding all
-    // layers).
+    // (the native kernel's 6-row tiles with 5-row ones making up the
+    // difference, and every remainder it falls back to when rows are too
+    // few for that), the head's n = V (the kernels' zero-padded last panels:
+    // 8 wide natively for up to 8 columns, 16 for more, and natively a
+    // single last column taken as dot products), depths over the native
+    // kernel's 256-deep blocks with a partial last block, narrow and odd
+    // widths, and strides wider than the matrices (the fused pass reads one
+    // layer's slice of a row holding all layers).
     for &(m, k, n) in &[
         (130, 64, 64),
         (7, 512, 256),
@@ -36,6 +38,10 @@ fn fast_gemm_matches_reference_at_rnn_shapes() {
         (5, 16, 8),
         (9, 7, 3),
         (6, 33, 17),
+        (13, 300, 33),
+        (40, 70, 1),
+        (8, 300, 20),
+        (4, 16, 16),
         (1, 1, 1),
     ] {
         for (lda, ldb, ldc) in [(k, n, n), (k + 5, n + 3, n + 9)] {

@@ -31,10 +31,18 @@ const KC: usize = 256;
 /// Floats per 64-byte cache line: panels start on a line.
 const LINE: usize = 16;
 
-/// Width of panel `p` as stored: 16, or 8 for a last panel of at most 8 columns.
+/// Width of panel `p` as stored: 16, or 8 for a last panel of at most 8
+/// columns, or 1 for a last panel of one column (the head's 65th), which is
+/// a matrix-vector product: [`column`] takes it as one dot product per row
+/// (a 6 x 8 tile would spend 6 FMAs per depth on one useful lane, about as
+/// long as a whole 16-column panel).
 #[inline(always)]
 fn stored_width(n: usize, p: usize) -> usize {
-    if n - p * NR <= NR / 2 { NR / 2 } else { NR }
+    match n - p * NR {
+        1 => 1,
+        w if w <= NR / 2 => NR / 2,
+        _ => NR,
+    }
 }
 
 /// Packs row-major `B[k, n]` (row stride `ldb`) into `out` as panels of 16
@@ -114,6 +122,8 @@ pub(super) unsafe fn sgemm_packed(
                 let (ap, cp) = (a.add(k0), c.add(p * NR));
                 if sw == NR {
                     panel::<2>(m, kc, ap, lda, bp, cp, ldc, w, add, next, lines);
+                } else if sw == 1 {
+                    column(m, kc, ap, lda, bp, cp, ldc, add);
                 } else {
                     panel::<1>(m, kc, ap, lda, bp, cp, ldc, w, add, next, lines);
                 }
@@ -186,6 +196,57 @@ unsafe fn panel<const V: usize>(
             4 => tile::<4, V>(kc, a, lda, b, c, ldc, w, add),
             5 => tile::<5, V>(kc, a, lda, b, c, ldc, w, add),
             _ => {}
+        }
+    }
+}
+
+/// `C[i, 0] (+)= A[i, ..kc] . b` for every row: one column of C as dot
+/// products, four vectors of depth at a time.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn column(
+    m: usize,
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
+    let k32 = kc / 32 * 32;
+    let k8 = kc / 8 * 8;
+    // SAFETY: row i of A holds kc floats from `a + i * lda`, `b` holds kc
+    // floats, and C's row i has column 0 (the caller's checks).
+    unsafe {
+        for i in 0..m {
+            let ar = a.add(i * lda);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut kk = 0;
+            while kk < k32 {
+                for (q, s) in acc.iter_mut().enumerate() {
+                    let (x, y) = (
+                        _mm256_loadu_ps(ar.add(kk + 8 * q)),
+                        _mm256_loadu_ps(b.add(kk + 8 * q)),
+                    );
+                    *s = _mm256_fmadd_ps(x, y, *s);
+                }
+                kk += 32;
+            }
+            while kk < k8 {
+                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(ar.add(kk)), _mm256_loadu_ps(b.add(kk)), acc[0]);
+                kk += 8;
+            }
+            let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let mut sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+            while kk < kc {
+                sum += *ar.add(kk) * *b.add(kk);
+                kk += 1;
+            }
+            let cr = c.add(i * ldc);
+            *cr = if add { *cr + sum } else { sum };
         }
     }
 }
