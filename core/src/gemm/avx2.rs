@@ -7,9 +7,10 @@
 //! per block (every time step). At RW-256's shapes (128 rows, k = 256 or
 //! 512) packing was 13% of the evaluation's CPU time on two threads, and
 //! each thread streamed the unpacked weights through its L2 on every step
-//! on top of the packed copies. Here `B` is packed once per block into
-//! panels of 16 columns (the last panel 8 wide when at most 8 columns are
-//! left, so the head's n = V = 65 wastes 7 columns, not 15), and `A` is read
+//! on top of the packed copies. Here `B` is packed once per call of the
+//! forward pass into panels of 16 columns (the last panel 8 wide when at
+//! most 8 columns are left, or a single column taken as dot products, so
+//! the head's n = V = 65 wastes nothing), and `A` is read
 //! where it lies: each tile broadcasts its rows' values straight from the
 //! caller's row-major state.
 //!
