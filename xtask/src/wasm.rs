@@ -41,10 +41,11 @@ pub fn build_pkg(ctx: &Ctx) -> Result<String, String> {
     if wasm.exists() {
         fs::remove_file(&wasm).map_err(|err| format!("cannot remove stale {}: {err}", wasm.display()))?;
     }
-    run(ctx
-        .cmd("wasm-pack")
+    let mut cmd = ctx.cmd("wasm-pack");
+    one_codegen_unit(&mut cmd)
         .args(["build", "--target", "web", "--release", "--mode", "no-install"])
-        .args(["--out-dir", "../www/pkg", "wasm-client"]))?;
+        .args(["--out-dir", "../www/pkg", "wasm-client"]);
+    run(&mut cmd)?;
     let bytes = fs::metadata(&wasm)
         .map_err(|err| format!("wasm-pack succeeded but {} is missing: {err}", wasm.display()))?
         .len();
@@ -54,6 +55,30 @@ pub fn build_pkg(ctx: &Ctx) -> Result<String, String> {
     );
     println!("{note}");
     Ok(note)
+}
+
+/// Compiles the wasm crates of `cmd` (a `wasm-pack build` or `test`) in one
+/// codegen unit, so the page's module and the bench's are the same code.
+///
+/// With release's default 16 units, rustc splits `seedling-core` into units
+/// by module and LLVM inlines only within a unit, so what the forward pass
+/// inlines depends on unrelated code: adding the volunteer session module
+/// to core (which the bench never calls) turned the fused forward pass from
+/// a function of its own into part of its caller, and Chromium's figure
+/// went from about 52,000 to 41,000-45,000 tokens/s with no change on its
+/// path (one unit: 52,375 and 55,509 against 44,887, alternating runs). One
+/// unit makes the wasm depend only on the code it runs. It is set for these
+/// commands alone, not in the root `Cargo.toml`'s release profile, because
+/// the native build is better with many units (one unit there pushed the CI
+/// performance check's native es/inference ratio below its floor). Build
+/// scripts and proc macros, the host artifacts of a wasm build, take their
+/// codegen units from the `build-override` profile, which this does not
+/// set, so nothing native is rebuilt; wasm32 libraries get their own copies
+/// beside the test steps' (the hash in their file names covers the
+/// profile), and only `seedling-wasm`'s cdylib, whose file name has no
+/// hash, is recompiled when a test step and a bench alternate.
+fn one_codegen_unit(cmd: &mut Command) -> &mut Command {
+    cmd.env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1")
 }
 
 /// The wasm-opt passes of the page's module (`wasm-client/Cargo.toml` gives
@@ -147,7 +172,7 @@ pub fn bench(ctx: &Ctx, target: WasmTarget, filter: &str) -> Result<Vec<String>,
     let path = std::env::join_paths(std::iter::once(runner_dir).chain(std::env::split_paths(&ctx.path)))
         .map_err(|err| format!("cannot build PATH: {err}"))?;
     let mut cmd = ctx.cmd("wasm-pack");
-    cmd.env("PATH", path).arg("test");
+    one_codegen_unit(&mut cmd).env("PATH", path).arg("test");
     match target {
         WasmTarget::Node => {
             cmd.arg("--node");
