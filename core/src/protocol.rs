@@ -174,6 +174,12 @@ impl EncodedTokens {
             .map(Self)
             .map_err(|e| Error::Wire(format!("encode: {e}")))
     }
+
+    /// The encoded bytes, for a server that hands them to its connections
+    /// once per step rather than copying them into every job frame.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// The fields of a `Job` before its tokens, borrowed, in declaration order
@@ -202,14 +208,30 @@ pub fn encode_job(
     out: &mut Vec<u8>,
 ) -> Result<()> {
     let start = out.len();
-    let wire = |e: postcard::Error| Error::Wire(format!("encode: {e}"));
     out.reserve(tokens.0.len() + 5 * members.len() + 32);
-    out.push(JOB_TAG);
-    let mut bytes =
-        postcard::to_extend(&JobHead { step, job, members }, core::mem::take(out)).map_err(wire)?;
-    bytes.extend_from_slice(&tokens.0);
-    *out = postcard::to_extend(&deadline_ms, bytes).map_err(wire)?;
+    encode_job_head(step, job, members, out)?;
+    out.extend_from_slice(&tokens.0);
+    encode_job_tail(deadline_ms, out)?;
     within(out.len() - start, cap).inspect_err(|_| out.truncate(start))
+}
+
+/// Appends the bytes of a `Job` that come before its tokens: the frame is
+/// these, then [`EncodedTokens::as_bytes`], then [`encode_job_tail`]'s.
+/// A server can keep the minibatch, the bulk of every job of a step, in
+/// one shared buffer and let each connection join the three parts.
+pub fn encode_job_head(step: u64, job: u64, members: &[u32], out: &mut Vec<u8>) -> Result<()> {
+    out.push(JOB_TAG);
+    let bytes = postcard::to_extend(&JobHead { step, job, members }, core::mem::take(out));
+    *out = bytes.map_err(|e| Error::Wire(format!("encode: {e}")))?;
+    Ok(())
+}
+
+/// Appends the bytes of a `Job` that come after its tokens (see
+/// [`encode_job_head`]).
+pub fn encode_job_tail(deadline_ms: u32, out: &mut Vec<u8>) -> Result<()> {
+    let bytes = postcard::to_extend(&deadline_ms, core::mem::take(out));
+    *out = bytes.map_err(|e| Error::Wire(format!("encode: {e}")))?;
+    Ok(())
 }
 
 fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], cap: usize) -> Result<T> {

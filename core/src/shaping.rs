@@ -71,6 +71,14 @@ pub fn centered_ranks(losses: &[(u32, f32)]) -> Result<Vec<(u32, f32)>> {
     if losses.iter().any(|(_, l)| !l.is_finite()) {
         return Err(Error::NonFinite);
     }
+    if losses.windows(2).all(|w| w[0].0 < w[1].0) {
+        return Ok(ranks_of_sorted(losses));
+    }
+    ranks_by_comparison(losses)
+}
+
+/// [`centered_ranks`] of finite losses in any member order.
+fn ranks_by_comparison(losses: &[(u32, f32)]) -> Result<Vec<(u32, f32)>> {
     let mut order: Vec<(u32, f32)> = losses.to_vec();
     // Ascending fitness = descending loss; ties by member index. Adding 0.0
     // folds -0.0 into +0.0 so that the two count as the tie they are.
@@ -98,9 +106,64 @@ pub fn centered_ranks(losses: &[(u32, f32)]) -> Result<Vec<(u32, f32)>> {
     Ok(out)
 }
 
+/// [`centered_ranks`] of finite losses already sorted by distinct member,
+/// as the server's books list them: the same weights, from one sort of
+/// plain integers instead of two sorts with a comparator.
+///
+/// Each loss becomes a 32-bit key that orders like descending
+/// `total_cmp` (with -0.0 folded into +0.0); the input position below it
+/// breaks ties, and position order is member order here.
+fn ranks_of_sorted(losses: &[(u32, f32)]) -> Vec<(u32, f32)> {
+    let n = losses.len();
+    let mut keys: Vec<u64> = losses
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, l))| {
+            let bits = (l + 0.0).to_bits();
+            // Ascending as unsigned exactly when the floats ascend ...
+            let up = if bits >> 31 == 1 { !bits } else { bits | 1 << 31 };
+            // ... and complemented to descend.
+            (u64::from(!up) << 32) | i as u64
+        })
+        .collect();
+    keys.sort_unstable();
+    let mut out: Vec<(u32, f32)> = losses.iter().map(|&(m, _)| (m, 0.0)).collect();
+    if n > 1 {
+        for (rank, key) in keys.iter().enumerate() {
+            out[*key as u32 as usize].1 = rank as f32 / (n - 1) as f32 - 0.5;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // proptest is a native dev-dependency only.
+    #[cfg(not(target_arch = "wasm32"))]
+    proptest::proptest! {
+        /// The fast path for member-sorted input gives the weights of the
+        /// general one bit for bit, ties and signed zeros included.
+        #[test]
+        fn sorted_input_ranks_like_the_general_path(
+            picks in proptest::collection::vec((0u32..3, 0usize..6), 0..200),
+        ) {
+            let values = [0.0f32, -0.0, 1.5, -2.25, 3.0e-7, f32::MAX];
+            let mut m = 0;
+            let losses: Vec<(u32, f32)> = picks
+                .iter()
+                .map(|&(gap, v)| {
+                    m += gap + 1;
+                    (m, values[v])
+                })
+                .collect();
+            let fast = ranks_of_sorted(&losses);
+            let general = ranks_by_comparison(&losses).unwrap();
+            let bits = |w: &[(u32, f32)]| w.iter().map(|&(m, x)| (m, x.to_bits())).collect::<Vec<_>>();
+            proptest::prop_assert_eq!(bits(&fast), bits(&general));
+        }
+    }
 
     #[test]
     fn lowest_loss_gets_half() {

@@ -465,7 +465,8 @@ proptest! {
         prop_assert_eq!(protocol::decode_server(&bytes).unwrap(), msg);
     }
 
-    /// The coordinator's spliced job frames are the bytes serde writes.
+    /// The coordinator's spliced job frames, whole or in parts, are the
+    /// bytes serde writes.
     #[test]
     fn spliced_jobs_encode_like_serde(
         step in any::<u64>(),
@@ -481,6 +482,11 @@ proptest! {
         let mut out = vec![];
         let over = protocol::encode_job(step, job, &members, &wire, deadline_ms, spliced.len() - 1, &mut out);
         prop_assert!(over.is_err() && out.is_empty(), "one byte over the cap must be refused");
+        let mut parts = vec![];
+        protocol::encode_job_head(step, job, &members, &mut parts).unwrap();
+        parts.extend_from_slice(wire.as_bytes());
+        protocol::encode_job_tail(deadline_ms, &mut parts).unwrap();
+        prop_assert_eq!(&parts, &spliced, "head, tokens and tail joined are the frame");
         let msg = ServerMsg::Job { step, job, members, tokens, deadline_ms };
         prop_assert_eq!(&spliced, &protocol::encode(&msg, MAX_SERVER_MESSAGE).unwrap());
     }

@@ -548,6 +548,7 @@ async fn handle_socket(socket: WebSocket, state: AppState) {
             let msg = tokio::select! {
                 item = outbox.recv() => match item {
                     Some(Outgoing::Frame(bytes)) => Message::Binary(bytes),
+                    Some(Outgoing::Job(job)) => Message::Binary(job.join()),
                     Some(Outgoing::Close(code, reason)) => closing(code, reason),
                     None => break,
                 },

@@ -211,6 +211,7 @@ mod tests {
         while let Ok(item) = rx.try_recv() {
             got.push(match item {
                 Outgoing::Frame(b) => b[0],
+                Outgoing::Job(j) => j.join()[0],
                 Outgoing::Close(..) => 0,
             });
         }
