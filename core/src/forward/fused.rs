@@ -39,7 +39,9 @@ mod avx2;
 
 /// Rows (sequences) per block: 8 members of RW-256 (B = 16). The block's
 /// hidden states, pre-activations and logits then take about 0.4 MiB, which
-/// leaves room in a 1 MiB L2 for the GEMM's packed weights.
+/// stays in L2 on a core with 512 KiB of it, as on the benchmark machine;
+/// the packed weights come from L3 with prefetching (see `gemm::avx2`). A
+/// try at 96 rows was inconclusive.
 const BLOCK_ROWS: usize = 128;
 
 /// Each member's mean cross-entropy; `pert` as in the reference pass.
