@@ -592,15 +592,17 @@ async fn garbage_frames_disturb_nobody() {
     .await;
     let rss_after = rss_kib();
     let steps_during = s.step - step_before;
-    // The honest worker is still there, training, and agrees with the server.
-    let k = s.step;
-    let s = wait_for(
-        &server,
-        LONG,
-        "the honest worker to agree after more steps",
-        |s| s.step >= k + 3 && all_replicas_agree(s),
-    )
+    // The honest worker is still there, training, and agrees with the
+    // server: its reports move on and none of them diverged. (A status that
+    // shows the worker and the server at the same step is rare while steps
+    // close this fast: the worker's hash and its next result are often
+    // handled in one batch, and the status is published as the step closes.)
+    let (k, divergences) = (s.step, s.divergences);
+    let s = wait_for(&server, LONG, "the honest worker to report more steps", |s| {
+        s.step >= k + 3 && s.client_hashes.values().all(|c| c.step >= k + 3)
+    })
     .await;
+    assert_eq!(s.divergences, divergences, "the honest worker's replica diverged");
     println!(
         "{{\"soak\":\"garbage\",\"frames\":{sent},\"frames_per_s\":{:.0},\"seconds\":{secs:.1},\"rejected_clients\":{},\"panics\":{},\"rss_before_kib\":{rss_before},\"rss_after_kib\":{rss_after},\"steps_during\":{steps_during},\"honest_agrees\":true}}",
         sent as f64 / secs,
