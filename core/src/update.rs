@@ -67,6 +67,17 @@ pub fn es_gradient(layout: &Layout, cfg: &RunConfig, step: u64, weights: &[(u32,
                 Some(r) if t.is_matrix => {
                     let c = c / libm::sqrtf(r as f32);
                     let (a, b) = buf.split_at(t.rows * r);
+                    if r == 1 {
+                        // Rank 1 (the default) reads `b` contiguously, which
+                        // the compiler vectorizes; `step_by` below it does not.
+                        for (row, &ai) in dst.chunks_exact_mut(t.cols).zip(a) {
+                            let ca = c * ai;
+                            for (d, &bj) in row.iter_mut().zip(&b[..t.cols]) {
+                                *d += ca * bj;
+                            }
+                        }
+                        continue;
+                    }
                     for q in 0..r {
                         for i in 0..t.rows {
                             let ca = c * a[i * r + q];

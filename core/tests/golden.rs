@@ -12,6 +12,12 @@ fn golden_lowrank() {
 }
 
 #[test]
+fn golden_rank1() {
+    let h = golden_hash(NoiseKind::LowRank { rank: 1 });
+    assert_eq!(h, GOLDEN_RANK1, "rank-1 golden hash {h:#018x}");
+}
+
+#[test]
 fn golden_full() {
     let h = golden_hash(NoiseKind::Full);
     assert_eq!(h, GOLDEN_FULL, "full-rank golden hash {h:#018x}");

@@ -18,6 +18,10 @@ pub const GOLDEN_STEPS: u64 = 24;
 /// Expected hash with low-rank (rank 2) noise.
 pub const GOLDEN_LOWRANK: u64 = 0xeb34_90c1_d90e_d5ac;
 
+/// Expected hash with rank-1 noise, the default, whose update takes its own
+/// (vectorized) path.
+pub const GOLDEN_RANK1: u64 = 0x88b5_76b7_b4eb_4833;
+
 /// Expected hash with full-rank noise.
 pub const GOLDEN_FULL: u64 = 0xa3a8_1edb_04d7_aaa5;
 

@@ -38,6 +38,15 @@ fn golden_lowrank_matches_native() {
 }
 
 #[wasm_bindgen_test]
+fn golden_rank1_matches_native() {
+    assert_eq!(
+        golden_hash(NoiseKind::LowRank { rank: 1 }),
+        GOLDEN_RANK1,
+        "wasm weights differ from the native golden (rank-1 noise)"
+    );
+}
+
+#[wasm_bindgen_test]
 fn golden_full_matches_native() {
     assert_eq!(
         golden_hash(NoiseKind::Full),
