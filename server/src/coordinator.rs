@@ -1471,13 +1471,16 @@ impl Coordinator {
             .then(|| self.validation_loss())
             .flatten();
         let prev_tokens = self.history.last().map_or(self.tokens_before, |h| h.tokens);
-        self.history.push(HistoryPoint {
-            step: self.replica.step,
-            elapsed_s: self.elapsed_before + now.saturating_duration_since(self.started).as_secs_f64(),
-            tokens: prev_tokens + tokens_step,
-            train_loss: train_loss as f32,
-            val_loss: val,
-        });
+        checkpoint::record(
+            &mut self.history,
+            HistoryPoint {
+                step: self.replica.step,
+                elapsed_s: self.elapsed_before + now.saturating_duration_since(self.started).as_secs_f64(),
+                tokens: prev_tokens + tokens_step,
+                train_loss: train_loss as f32,
+                val_loss: val,
+            },
+        );
         if let Some(v) = val {
             tracing::info!(step = self.replica.step, train_loss, val_loss = v, "validation");
         }

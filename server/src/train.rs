@@ -210,13 +210,16 @@ pub fn train_bptt(args: TrainArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> 
             None
         };
         last_val = v.or(last_val);
-        history.push(HistoryPoint {
-            step,
-            elapsed_s: elapsed_before + started.elapsed().as_secs_f64(),
-            tokens,
-            train_loss: loss,
-            val_loss: v,
-        });
+        checkpoint::record(
+            &mut history,
+            HistoryPoint {
+                step,
+                elapsed_s: elapsed_before + started.elapsed().as_secs_f64(),
+                tokens,
+                train_loss: loss,
+                val_loss: v,
+            },
+        );
         if step % settings.checkpoint_every.max(1) == 0 {
             save(&params, &adam, step, &history)?;
         }
