@@ -18,7 +18,10 @@
 //! same run, in rounds: round 1 is the whole native bench, later rounds only
 //! its step benches, and each is followed by OpenBLAS's sgemm and the JAX
 //! peer in every mode at 1 and 2 threads, so that both sides of each ratio
-//! are measured in the same minutes (3 rounds by default, 1 with `--quick`).
+//! are measured in the same minutes (5 rounds by default, 1 with `--quick`:
+//! on this shared machine a step's time moves by tens of percent within
+//! minutes, and the median of three rounds still put the low-rank step
+//! against JAX anywhere from 0.64 to 0.70 across runs).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -148,7 +151,7 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<(), String> {
         // benches (unless `--only` says which), each followed by the peers.
         let rounds = o
             .rounds
-            .unwrap_or(if peers.is_some() && !o.quick { 3 } else { 1 });
+            .unwrap_or(if peers.is_some() && !o.quick { 5 } else { 1 });
         let mut again: Vec<&str> = o.pass.clone();
         if only_prefixes(&o.pass).is_none() {
             again.extend(["--only", "inference,es-lowrank,es-full"]);

@@ -54,7 +54,7 @@ commands:
         bench-table markers). --peers runs the JAX peer (PATH, default
         ../shared/peers/jax_es_step.py from the workspace root) and OpenBLAS
         with that Python, alternating with our step benches for N rounds
-        (default 3, 1 with --quick)
+        (default 5, 1 with --quick)
 ";
 
 fn main() -> ExitCode {
