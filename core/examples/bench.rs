@@ -18,9 +18,8 @@
 //!   population-batched: one `[N*B, H] x [H, H]` GEMM per layer and time step
 //!   plus rank-1 corrections). `ratio_to_inference` is its tokens/s over
 //!   inference's; EGGROLL reports 0.91, and Seedling's target is >= 0.90.
-//!   Inference and es-lowrank repetitions, at every thread count asked for,
-//!   are interleaved, so that the figures divided by each other see the
-//!   same machine load.
+//!   Inference and es-lowrank repetitions are interleaved, so that both see
+//!   the same machine load.
 //! - `es-full`: the same with full-rank (OpenAI-ES) noise, where every member
 //!   runs its own `[B, H] x [H, H]` GEMMs. It is slow, so a subset of whole
 //!   antithetic pairs is timed and scaled to N (`note` says how many). Its
@@ -552,37 +551,30 @@ fn bench_noise(o: &Opts, rw: &Rw) {
     .print();
 }
 
-/// Inference and es-lowrank at every thread count, repetitions interleaved
-/// across both benches and all thread counts: this machine's speed moves by
-/// 10-20% over minutes, so figures compared with each other (ES against
-/// inference, two threads against one) are measured in the same minutes.
-fn bench_lowrank(o: &Opts, rw: &Rw, threads: &[usize], seen: &mut Seen) {
+/// Inference and es-lowrank at one thread count, repetitions interleaved.
+fn bench_lowrank(o: &Opts, rw: &Rw, threads: usize, seen: &mut Seen) {
     let do_inf = o.wants("inference");
     let do_es = o.wants("es-lowrank");
     let members: Vec<u32> = (0..rw.cfg.es.population).collect();
     let reps = o.reps().0;
-    let n = threads.len();
-    let (mut ti, mut te, mut ci, mut ce) =
-        (vec![vec![]; n], vec![vec![]; n], vec![vec![]; n], vec![vec![]; n]);
+    let (mut ti, mut te, mut ci, mut ce) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut inf_loss, mut es_loss) = (0.0, 0.0);
     let load0 = load_average();
     for rep in 0..=reps {
-        for (j, &threads) in threads.iter().enumerate() {
-            if do_inf {
-                let (t, (l, c)) = timed(|| rw.inference(threads));
-                inf_loss = l as f64;
-                if rep > 0 {
-                    ti[j].push(t);
-                    ci[j].push(c);
-                }
+        if do_inf {
+            let (t, (l, c)) = timed(|| rw.inference(threads));
+            inf_loss = l as f64;
+            if rep > 0 {
+                ti.push(t);
+                ci.push(c);
             }
-            if do_es {
-                let (t, (l, c)) = timed(|| rw.members(&rw.cfg, &members, threads));
-                es_loss = mean(&l);
-                if rep > 0 {
-                    te[j].push(t);
-                    ce[j].push(c);
-                }
+        }
+        if do_es {
+            let (t, (l, c)) = timed(|| rw.members(&rw.cfg, &members, threads));
+            es_loss = mean(&l);
+            if rep > 0 {
+                te.push(t);
+                ce.push(c);
             }
         }
     }
@@ -590,61 +582,54 @@ fn bench_lowrank(o: &Opts, rw: &Rw, threads: &[usize], seen: &mut Seen) {
         (Some(a), Some(b)) => format!("; load average {a:.2} at the start, {b:.2} at the end"),
         _ => String::new(),
     };
-    let counts = threads
-        .iter()
-        .map(|t| t.to_string())
-        .collect::<Vec<_>>()
-        .join(" and ");
     let note = format!(
-        "median of {reps} after 1 warm-up, inference and es-lowrank at {counts} threads interleaved; \
+        "median of {reps} after 1 warm-up, inference and es-lowrank interleaved; \
          cpu_seconds_per_step = CPU time of the threads{load}"
     );
-    for (j, &threads) in threads.iter().enumerate() {
-        let ti = do_inf.then(|| median(std::mem::take(&mut ti[j])));
-        let te = do_es.then(|| median(std::mem::take(&mut te[j])));
-        let ci = do_inf.then(|| median(std::mem::take(&mut ci[j])));
-        let ce = do_es.then(|| median(std::mem::take(&mut ce[j])));
-        if threads == 1 {
-            seen.inference_1t = ti;
-            seen.lowrank_1t = te;
+    let ti = do_inf.then(|| median(ti));
+    let te = do_es.then(|| median(te));
+    let ci = do_inf.then(|| median(ci));
+    let ce = do_es.then(|| median(ce));
+    if threads == 1 {
+        seen.inference_1t = ti;
+        seen.lowrank_1t = te;
+    }
+    if let Some(t) = ti {
+        Line {
+            bench: "inference".into(),
+            threads,
+            tokens_per_s: Some(rw.tokens_per_step() / t),
+            seconds_per_step: t,
+            gflops: Some(rw.flops_per_step() / t / 1e9),
+            extra: vec![
+                ("cpu_seconds_per_step", Val::Num(ci.unwrap_or(f64::NAN))),
+                ("loss", Val::Num(inf_loss)),
+                ("note", Val::Str(note.clone())),
+            ],
         }
-        if let Some(t) = ti {
-            Line {
-                bench: "inference".into(),
-                threads,
-                tokens_per_s: Some(rw.tokens_per_step() / t),
-                seconds_per_step: t,
-                gflops: Some(rw.flops_per_step() / t / 1e9),
-                extra: vec![
-                    ("cpu_seconds_per_step", Val::Num(ci.unwrap_or(f64::NAN))),
-                    ("loss", Val::Num(inf_loss)),
-                    ("note", Val::Str(note.clone())),
-                ],
-            }
-            .print();
+        .print();
+    }
+    if let Some(t) = te {
+        let mut extra = Vec::new();
+        if let Some(i) = ti {
+            extra.push(("ratio_to_inference", Val::Num(i / t)));
         }
-        if let Some(t) = te {
-            let mut extra = Vec::new();
-            if let Some(i) = ti {
-                extra.push(("ratio_to_inference", Val::Num(i / t)));
-            }
-            let c = ce.unwrap_or(f64::NAN);
-            extra.push(("cpu_seconds_per_step", Val::Num(c)));
-            if let Some(i) = ci {
-                extra.push(("cpu_ratio_to_inference", Val::Num(i / c)));
-            }
-            extra.push(("mean_member_loss", Val::Num(es_loss)));
-            extra.push(("note", Val::Str(note.clone())));
-            Line {
-                bench: "es-lowrank".into(),
-                threads,
-                tokens_per_s: Some(rw.tokens_per_step() / t),
-                seconds_per_step: t,
-                gflops: Some(rw.flops_per_step() / t / 1e9),
-                extra,
-            }
-            .print();
+        let c = ce.unwrap_or(f64::NAN);
+        extra.push(("cpu_seconds_per_step", Val::Num(c)));
+        if let Some(i) = ci {
+            extra.push(("cpu_ratio_to_inference", Val::Num(i / c)));
         }
+        extra.push(("mean_member_loss", Val::Num(es_loss)));
+        extra.push(("note", Val::Str(note)));
+        Line {
+            bench: "es-lowrank".into(),
+            threads,
+            tokens_per_s: Some(rw.tokens_per_step() / t),
+            seconds_per_step: t,
+            gflops: Some(rw.flops_per_step() / t / 1e9),
+            extra,
+        }
+        .print();
     }
 }
 
@@ -809,8 +794,10 @@ fn main() {
     if o.wants("noise") {
         bench_noise(&o, &rw);
     }
-    if o.wants("inference") || o.wants("es-lowrank") {
-        bench_lowrank(&o, &rw, &o.threads, &mut seen);
+    for &threads in &o.threads {
+        if o.wants("inference") || o.wants("es-lowrank") {
+            bench_lowrank(&o, &rw, threads, &mut seen);
+        }
     }
     if o.wants("es-full") {
         bench_full(&o, &rw, &seen);
