@@ -235,7 +235,14 @@ pub fn initial_replica(config: &RunConfig, settings: &Settings, data: &RunData) 
             return Ok((replica, ckpt.history, ckpt.lr_override));
         }
     }
-    Ok((Replica::new(*config)?, Vec::new(), None))
+    let mut replica = Replica::new(*config)?;
+    if settings.unigram_bias {
+        let bias = crate::data::unigram_output_bias(&data.train, config.model.vocab as usize);
+        let mut params = std::mem::take(&mut replica.params);
+        params[replica.layout.b_out().range()].copy_from_slice(&bias);
+        replica = Replica::from_snapshot(*config, 0, params, replica.adam)?;
+    }
+    Ok((replica, Vec::new(), None))
 }
 
 /// Starts the coordinator and the HTTP server on `listener`.
@@ -602,4 +609,48 @@ async fn handle_socket(socket: WebSocket, state: AppState) {
         secs = started.elapsed().as_secs_f64(),
         "connection closed"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use seedling_core::tokenizer::Tokenizer;
+
+    #[test]
+    fn a_fresh_run_starts_from_the_unigram_bias_when_asked() {
+        let text = "aaaaaaab bbc\n".repeat(50);
+        let tokenizer = Tokenizer::from_corpus(&text).unwrap();
+        let train = tokenizer.encode(&text).unwrap();
+        let mut config = RunConfig::rw256(tokenizer.len() as u32);
+        config.model.hidden = 8;
+        config.model.layers = 1;
+        let data = RunData {
+            tokenizer,
+            train: Arc::new(train),
+            val_windows: Vec::new(),
+            val_seq_len: 8,
+            name: "test".into(),
+        };
+        let plain = Replica::new(config).unwrap();
+        let off = Settings::default();
+        assert_eq!(
+            initial_replica(&config, &off, &data).unwrap().0.params,
+            plain.params
+        );
+        let on = Settings {
+            unigram_bias: true,
+            ..Settings::default()
+        };
+        let (r, history, _) = initial_replica(&config, &on, &data).unwrap();
+        let out = plain.layout.b_out().range();
+        let bias = crate::data::unigram_output_bias(&data.train, config.model.vocab as usize);
+        assert_eq!(r.params[out.clone()], bias[..]);
+        // 'a' is the commonest character, so its bias is the largest.
+        let a = data.tokenizer.encode("a").unwrap()[0] as usize;
+        assert!(bias.iter().all(|&b| b <= bias[a]));
+        // Everything else is the seed's usual start.
+        assert_eq!(r.params[..out.start], plain.params[..out.start]);
+        assert_eq!(r.params[out.end..], plain.params[out.end..]);
+        assert_eq!((r.step, history.len()), (0, 0));
+    }
 }

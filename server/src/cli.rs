@@ -177,6 +177,11 @@ pub struct RunArgs {
     /// Fitness shaping: `ranks` (centered ranks) or `zscores` [default: ranks].
     #[arg(long)]
     pub shaping: Option<String>,
+    /// A fresh run's output bias: `zero`, or `unigram` (the training text's
+    /// character frequencies, so the first step already predicts them)
+    /// [default: zero].
+    #[arg(long)]
+    pub output_bias: Option<OutputBias>,
     /// At the step deadline, close with this fraction of members [default: 1.0].
     #[arg(long)]
     pub min_fraction: Option<f32>,
@@ -239,7 +244,7 @@ impl RunArgs {
         }
         merge!(self, f; run_dir, bind, port, www, seed, hidden, layers, population, batch, seq_len, sigma, lr,
             weight_decay, beta1, beta2, noise, rank, init_scale, schedule, warmup, decay_steps, min_lr_ratio, decay_gamma,
-            shaping, min_fraction, step_timeout, job_timeout, eval_every,
+            shaping, output_bias, min_fraction, step_timeout, job_timeout, eval_every,
             eval_windows, checkpoint_every, keep, max_steps, admin_token, max_connections, max_per_ip, replicate, tolerance, max_strikes);
         Ok(self)
     }
@@ -320,6 +325,7 @@ impl RunArgs {
             replicate: self.replicate.unwrap_or(d.replicate).clamp(0.0, 1.0),
             tolerance: self.tolerance.unwrap_or(d.tolerance).max(0.0),
             max_strikes: self.max_strikes.unwrap_or(d.max_strikes).max(1),
+            unigram_bias: self.output_bias == Some(OutputBias::Unigram),
             ..d
         }
     }
@@ -385,6 +391,16 @@ fn default_www() -> Option<PathBuf> {
     ]
     .into_iter()
     .find(|p| p.join("index.html").is_file())
+}
+
+/// Where a fresh run's output bias starts.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputBias {
+    /// All zeros: the untrained model predicts every character alike.
+    Zero,
+    /// The training text's add-one character log-frequencies.
+    Unigram,
 }
 
 /// How `seedling train` computes its updates.

@@ -239,6 +239,10 @@ pub struct Settings {
     pub tolerance: f32,
     /// Disagreements that get a client disconnected.
     pub max_strikes: u32,
+    /// A fresh run starts its output bias at the training text's character
+    /// frequencies ([`crate::data::unigram_output_bias`]) instead of zero.
+    /// Server-side only: volunteers receive the weights in their snapshot.
+    pub unigram_bias: bool,
 }
 
 impl Default for Settings {
@@ -256,6 +260,7 @@ impl Default for Settings {
             replicate: 0.05,
             tolerance: 1e-3,
             max_strikes: 2,
+            unigram_bias: false,
         }
     }
 }

@@ -152,12 +152,14 @@ pub fn train_bptt(args: TrainArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> 
             println!("Resuming {} at step {}.", path.display(), c.step);
             (c.params, c.adam, c.step, c.history)
         }
-        None => (
-            layout.init_params(cfg.seed, cfg.init_scale),
-            AdamState::new(layout.len),
-            0,
-            Vec::new(),
-        ),
+        None => {
+            let mut params = layout.init_params(cfg.seed, cfg.init_scale);
+            if settings.unigram_bias {
+                let bias = crate::data::unigram_output_bias(&data.train, layout.vocab());
+                params[layout.b_out().range()].copy_from_slice(&bias);
+            }
+            (params, AdamState::new(layout.len), 0, Vec::new())
+        }
     };
     println!(
         "Seedling: BPTT baseline, a {}x{} tanh RNN ({} parameters) on {}, {} sequences per step.",

@@ -133,3 +133,34 @@ fn recipe_flags_and_config_keys() {
     assert!(err(&["--shaping", "ranked"]).contains("--shaping must be"));
     assert!(err(&["--schedule", "cosine", "--min-lr-ratio", "2"]).contains("min_ratio"));
 }
+
+/// `--output-bias` reaches the coordinator's settings from the flag and the
+/// `output-bias` key; zero is the default, and an unknown value is refused.
+#[test]
+fn output_bias_flag_and_config_key() {
+    use clap::Parser;
+    use seedling_server::cli::{Cli, Command};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("run.toml");
+    let settings = |toml: &str, extra: &[&str]| {
+        std::fs::write(&file, toml).unwrap();
+        let mut argv = vec!["seedling", "train", "--config", file.to_str().unwrap()];
+        argv.extend_from_slice(extra);
+        let Command::Train(args) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not train")
+        };
+        args.run.with_file().unwrap().settings()
+    };
+    assert!(!settings("", &[]).unigram_bias);
+    assert!(settings("", &["--output-bias", "unigram"]).unigram_bias);
+    assert!(settings("output-bias = \"unigram\"\n", &[]).unigram_bias);
+    assert!(!settings("output-bias = \"unigram\"\n", &["--output-bias", "zero"]).unigram_bias);
+    let argv = ["seedling", "train", "--output-bias", "frequencies"];
+    assert!(Cli::try_parse_from(argv).is_err());
+    std::fs::write(&file, "output-bias = \"frequencies\"\n").unwrap();
+    let argv = ["seedling", "train", "--config", file.to_str().unwrap()];
+    let Command::Train(args) = Cli::try_parse_from(argv).unwrap().command else {
+        panic!("not train")
+    };
+    assert!(args.run.with_file().is_err());
+}
