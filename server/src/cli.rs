@@ -177,9 +177,9 @@ pub struct RunArgs {
     /// Fitness shaping: `ranks` (centered ranks) or `zscores` [default: ranks].
     #[arg(long)]
     pub shaping: Option<String>,
-    /// A fresh run's output bias: `zero`, or `unigram` (the training text's
-    /// character frequencies, so the first step already predicts them)
-    /// [default: zero].
+    /// A fresh run's output bias: `unigram` (the training text's character
+    /// frequencies, so the first step already predicts them; see
+    /// docs/LEARNING.md) or `zero` [default: unigram].
     #[arg(long)]
     pub output_bias: Option<OutputBias>,
     /// At the step deadline, close with this fraction of members [default: 1.0].
@@ -325,7 +325,7 @@ impl RunArgs {
             replicate: self.replicate.unwrap_or(d.replicate).clamp(0.0, 1.0),
             tolerance: self.tolerance.unwrap_or(d.tolerance).max(0.0),
             max_strikes: self.max_strikes.unwrap_or(d.max_strikes).max(1),
-            unigram_bias: self.output_bias == Some(OutputBias::Unigram),
+            unigram_bias: self.output_bias.unwrap_or(OutputBias::Unigram) == OutputBias::Unigram,
             ..d
         }
     }

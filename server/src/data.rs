@@ -322,8 +322,9 @@ pub fn ngram_baseline(train: &[Token], val: &[Token], vocab: usize, n: usize) ->
 /// text's character frequencies: add-one log frequencies, centred (softmax
 /// ignores a constant). A fresh model otherwise starts at ln V (4.17 nats
 /// for tiny-shakespeare) and spends its first ES steps learning what a
-/// frequency table gives for free; with this start the default recipe
-/// passed bigram after 60.6M forward tokens instead of 97.5M (docs/LEARNING.md).
+/// frequency table gives for free; with this start (the default) the
+/// recipe passed bigram after 60.6M forward tokens instead of 97.5M
+/// (docs/LEARNING.md).
 pub fn unigram_output_bias(train: &[Token], vocab: usize) -> Vec<f32> {
     let mut counts = vec![1.0f64; vocab];
     for &t in train {
