@@ -237,9 +237,8 @@ pub fn initial_replica(config: &RunConfig, settings: &Settings, data: &RunData) 
     }
     let mut replica = Replica::new(*config)?;
     if settings.unigram_bias {
-        let bias = crate::data::unigram_output_bias(&data.train, config.model.vocab as usize);
         let mut params = std::mem::take(&mut replica.params);
-        params[replica.layout.b_out().range()].copy_from_slice(&bias);
+        crate::data::set_unigram_output_bias(&replica.layout, &mut params, &data.train);
         replica = Replica::from_snapshot(*config, 0, params, replica.adam)?;
     }
     Ok((replica, Vec::new(), None))

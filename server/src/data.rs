@@ -337,6 +337,12 @@ pub fn unigram_output_bias(train: &[Token], vocab: usize) -> Vec<f32> {
     logs.iter().map(|l| (l - mean) as f32).collect()
 }
 
+/// Writes [`unigram_output_bias`] into `params`' output bias: the one way
+/// a fresh run (ES or BPTT) and the recipe's regression test start from it.
+pub fn set_unigram_output_bias(layout: &seedling_core::model::Layout, params: &mut [f32], train: &[Token]) {
+    params[layout.b_out().range()].copy_from_slice(&unigram_output_bias(train, layout.vocab()));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -155,8 +155,7 @@ pub fn train_bptt(args: TrainArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> 
         None => {
             let mut params = layout.init_params(cfg.seed, cfg.init_scale);
             if settings.unigram_bias {
-                let bias = crate::data::unigram_output_bias(&data.train, layout.vocab());
-                params[layout.b_out().range()].copy_from_slice(&bias);
+                crate::data::set_unigram_output_bias(&layout, &mut params, &data.train);
             }
             (params, AdamState::new(layout.len), 0, Vec::new())
         }

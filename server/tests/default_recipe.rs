@@ -49,9 +49,7 @@ fn default_recipe_beats_unigram_on_tiny_shakespeare() {
     let mut r = Replica::new(cfg).unwrap();
     // The default start: the output bias at the training text's frequencies.
     assert!(RunArgs::default().settings().unigram_bias);
-    let bias = data::unigram_output_bias(&corpus.train, vocab);
-    let out = r.layout.b_out().range();
-    r.params[out].copy_from_slice(&bias);
+    data::set_unigram_output_bias(&r.layout, &mut r.params, &corpus.train);
     // The server's validation metric: windows of 65 characters, whatever
     // the training sequence length.
     let val = |r: &Replica| -> f64 {
