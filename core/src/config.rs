@@ -106,6 +106,21 @@ pub enum LrSchedule {
         /// Factor per decay, in (0, 1].
         gamma: f32,
     },
+    /// The cosine of [`LrSchedule::Cosine`] over a wall-clock budget rather
+    /// than a step count: `seedling train --minutes M` knows how long it
+    /// may run but not how many steps that is on the machines that join.
+    /// Progress is the run's training time (the history's `elapsed_s`,
+    /// which continues across resumes), so the decay ends when the budget
+    /// does, however fast the steps go. Replicas cannot compute this lr
+    /// themselves and need not: the server sends it with every update.
+    CosineTime {
+        /// Warm-up steps (0 for none).
+        warmup: u32,
+        /// Training seconds over which the lr decays.
+        seconds: f32,
+        /// Final lr as a fraction of the peak, in [0, 1].
+        min_ratio: f32,
+    },
 }
 
 /// How member losses become update weights (see [`crate::shaping`]).
@@ -265,16 +280,36 @@ impl RunConfig {
                     return bad("step schedule: every must be in 1..=2^30, warmup <= 2^30, gamma in (0, 1]");
                 }
             }
+            LrSchedule::CosineTime {
+                warmup,
+                seconds,
+                min_ratio,
+            } => {
+                if !(steps(warmup)
+                    && seconds.is_finite()
+                    && seconds > 0.0
+                    && min_ratio.is_finite()
+                    && (0.0..=1.0).contains(&min_ratio))
+                {
+                    return bad("timed cosine schedule: warmup <= 2^30, seconds > 0, min_ratio in [0, 1]");
+                }
+            }
         }
         Ok(())
     }
 
-    /// The learning rate of the update that closes `step` under the
-    /// schedule. Always finite and in `[0, lr]` for a valid config.
-    pub fn lr_at(&self, step: u64) -> f32 {
+    /// The learning rate of the update that closes `step`, `seconds` into
+    /// the run's training time, under the schedule (only
+    /// [`LrSchedule::CosineTime`] reads the time). Always finite and in
+    /// `[0, lr]` for a valid config.
+    pub fn lr_at(&self, step: u64, seconds: f64) -> f32 {
         let lr = self.adam.lr as f64;
         let warm = |warmup: u32| -> Option<f64> {
             (step < warmup as u64).then(|| lr * (step + 1) as f64 / warmup as f64)
+        };
+        let cosine = |p: f64, min_ratio: f32| {
+            let (p, min) = (p.clamp(0.0, 1.0), min_ratio as f64);
+            lr * (min + (1.0 - min) * 0.5 * (1.0 + libm::cos(core::f64::consts::PI * p)))
         };
         let out = match self.recipe.schedule {
             LrSchedule::Constant => lr,
@@ -284,9 +319,20 @@ impl RunConfig {
                 min_ratio,
             } => warm(warmup).unwrap_or_else(|| {
                 let span = (total as u64).saturating_sub(warmup as u64).max(1) as f64;
-                let p = ((step - warmup as u64) as f64 / span).min(1.0);
-                let min = min_ratio as f64;
-                lr * (min + (1.0 - min) * 0.5 * (1.0 + libm::cos(core::f64::consts::PI * p)))
+                cosine((step - warmup as u64) as f64 / span, min_ratio)
+            }),
+            LrSchedule::CosineTime {
+                warmup,
+                seconds: total,
+                min_ratio,
+            } => warm(warmup).unwrap_or_else(|| {
+                // NaN time (never produced, but this is total) reads as 0.
+                let p = if seconds.is_nan() {
+                    0.0
+                } else {
+                    seconds / total as f64
+                };
+                cosine(p, min_ratio)
             }),
             LrSchedule::Step { warmup, every, gamma } => warm(warmup).unwrap_or_else(|| {
                 let k = (step - warmup as u64) / every.max(1) as u64;
@@ -326,21 +372,21 @@ mod tests {
     #[test]
     fn schedules_warm_up_and_decay() {
         let c = with(LrSchedule::Constant);
-        assert_eq!((c.lr_at(0), c.lr_at(1 << 40)), (0.01, 0.01));
+        assert_eq!((c.lr_at(0, 0.0), c.lr_at(1 << 40, 0.0)), (0.01, 0.01));
         let c = with(LrSchedule::Cosine {
             warmup: 10,
             total: 110,
             min_ratio: 0.1,
         });
         c.validate().unwrap();
-        assert!((c.lr_at(0) - 0.001).abs() < 1e-9 && (c.lr_at(9) - 0.01).abs() < 1e-9);
-        assert!((c.lr_at(10) - 0.01).abs() < 1e-9);
-        assert!((c.lr_at(60) - 0.0055).abs() < 1e-7, "{}", c.lr_at(60));
-        assert!((c.lr_at(110) - 0.001).abs() < 1e-9 && c.lr_at(u64::MAX) == c.lr_at(110));
+        assert!((c.lr_at(0, 0.0) - 0.001).abs() < 1e-9 && (c.lr_at(9, 0.0) - 0.01).abs() < 1e-9);
+        assert!((c.lr_at(10, 0.0) - 0.01).abs() < 1e-9);
+        assert!((c.lr_at(60, 0.0) - 0.0055).abs() < 1e-7, "{}", c.lr_at(60, 0.0));
+        assert!((c.lr_at(110, 0.0) - 0.001).abs() < 1e-9 && c.lr_at(u64::MAX, 0.0) == c.lr_at(110, 0.0));
         let mut last = f32::INFINITY;
         for s in 10..200 {
-            assert!(c.lr_at(s) <= last);
-            last = c.lr_at(s);
+            assert!(c.lr_at(s, 0.0) <= last);
+            last = c.lr_at(s, 0.0);
         }
         let c = with(LrSchedule::Step {
             warmup: 0,
@@ -348,10 +394,47 @@ mod tests {
             gamma: 0.5,
         });
         assert_eq!(
-            (c.lr_at(0), c.lr_at(99), c.lr_at(100), c.lr_at(250)),
+            (
+                c.lr_at(0, 0.0),
+                c.lr_at(99, 0.0),
+                c.lr_at(100, 0.0),
+                c.lr_at(250, 0.0)
+            ),
             (0.01, 0.01, 0.005, 0.0025)
         );
-        assert!(c.lr_at(u64::MAX).is_finite());
+        assert!(c.lr_at(u64::MAX, 0.0).is_finite());
+    }
+
+    #[test]
+    fn timed_cosine_follows_the_clock_not_the_steps() {
+        let c = with(LrSchedule::CosineTime {
+            warmup: 0,
+            seconds: 100.0,
+            min_ratio: 0.1,
+        });
+        c.validate().unwrap();
+        // The step count does not move it; the training time does.
+        assert_eq!(c.lr_at(0, 0.0), 0.01);
+        assert_eq!(c.lr_at(1 << 40, 0.0), 0.01);
+        assert!((c.lr_at(7, 50.0) - 0.0055).abs() < 1e-7, "{}", c.lr_at(7, 50.0));
+        assert!((c.lr_at(7, 100.0) - 0.001).abs() < 1e-9);
+        assert_eq!(c.lr_at(7, 1e12), c.lr_at(7, 100.0));
+        assert_eq!(c.lr_at(7, -5.0), 0.01);
+        assert_eq!(c.lr_at(7, f64::NAN), 0.01);
+        let mut last = f32::INFINITY;
+        for s in 0..=120 {
+            let lr = c.lr_at(5, s as f64);
+            assert!(lr <= last && (0.001..=0.01).contains(&lr), "{s}: {lr}");
+            last = lr;
+        }
+        // Its warm-up counts steps, like the other schedules'.
+        let c = with(LrSchedule::CosineTime {
+            warmup: 10,
+            seconds: 100.0,
+            min_ratio: 0.0,
+        });
+        assert!((c.lr_at(0, 0.0) - 0.001).abs() < 1e-9 && (c.lr_at(10, 0.0) - 0.01).abs() < 1e-9);
+        assert_eq!(c.lr_at(10, 100.0), 0.0);
     }
 
     #[test]
@@ -376,6 +459,21 @@ mod tests {
                 warmup: 0,
                 every: 5,
                 gamma: f32::NAN,
+            },
+            LrSchedule::CosineTime {
+                warmup: 0,
+                seconds: 0.0,
+                min_ratio: 0.1,
+            },
+            LrSchedule::CosineTime {
+                warmup: 0,
+                seconds: f32::INFINITY,
+                min_ratio: 0.1,
+            },
+            LrSchedule::CosineTime {
+                warmup: 0,
+                seconds: 60.0,
+                min_ratio: -0.1,
             },
         ] {
             assert!(with(s).validate().is_err(), "{s:?}");

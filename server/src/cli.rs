@@ -89,6 +89,10 @@ fn data_paths(paths: Vec<PathBuf>) -> anyhow::Result<Vec<PathBuf>> {
     }
 }
 
+/// Final lr of a cosine schedule as a fraction of the peak, when
+/// `--min-lr-ratio` is not given.
+pub const DEFAULT_MIN_LR_RATIO: f32 = 0.1;
+
 /// Flags shared by `serve` and `train`.
 #[derive(Args, Debug, Default, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -157,8 +161,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub init_scale: Option<f32>,
     /// Learning-rate schedule: `constant`, `cosine` (warm-up, then a half
-    /// cosine to min-lr-ratio * lr at decay-steps) or `step` (warm-up, then
-    /// times decay-gamma every decay-steps) [default: constant].
+    /// cosine to min-lr-ratio * lr at decay-steps, else over train's
+    /// --minutes, else at max-steps) or `step` (warm-up, then times
+    /// decay-gamma every decay-steps) [default: cosine over train's
+    /// --minutes when given, else constant].
     #[arg(long)]
     pub schedule: Option<String>,
     /// Warm-up steps of the schedule [default: 0].
@@ -206,6 +212,13 @@ pub struct RunArgs {
     /// Stop after this many steps [default: never].
     #[arg(long)]
     pub max_steps: Option<u64>,
+    /// The run's wall-clock budget in seconds, set from `seedling train
+    /// --minutes`: with it, the default lr schedule decays over the budget
+    /// (see [`RunArgs::run_config`]). Not a flag of `serve`, whose runs have
+    /// no end.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub time_budget_s: Option<f64>,
     /// Fraction of members replicated on a second volunteer once trusted;
     /// new volunteers are replicated more [default: 0.05].
     #[arg(long)]
@@ -279,16 +292,33 @@ impl RunArgs {
             other => anyhow::bail!("--noise must be `lowrank` or `full`, not `{other}`"),
         };
         let warmup = self.warmup.unwrap_or(0);
-        c.recipe.schedule = match self.schedule.as_deref().unwrap_or("constant") {
+        let min_ratio = self.min_lr_ratio.unwrap_or(DEFAULT_MIN_LR_RATIO);
+        // A run with a time budget decays over it unless told otherwise: at
+        // a constant lr ES sits on a noise floor proportional to the lr
+        // (docs/LEARNING.md, "The lr schedule").
+        let timed = self.time_budget_s.map(|s| LrSchedule::CosineTime {
+            warmup,
+            seconds: s as f32,
+            min_ratio,
+        });
+        let default = if timed.is_some() { "cosine" } else { "constant" };
+        c.recipe.schedule = match self.schedule.as_deref().unwrap_or(default) {
             "constant" => LrSchedule::Constant,
-            "cosine" => LrSchedule::Cosine {
-                warmup,
-                total: match (self.decay_steps, self.max_steps) {
-                    (Some(n), _) => n,
-                    (None, Some(m)) => u32::try_from(m).unwrap_or(u32::MAX),
-                    (None, None) => anyhow::bail!("--schedule cosine needs --decay-steps or --max-steps"),
+            "cosine" => match (self.decay_steps, self.max_steps, timed) {
+                (Some(n), _, _) => LrSchedule::Cosine {
+                    warmup,
+                    total: n,
+                    min_ratio,
                 },
-                min_ratio: self.min_lr_ratio.unwrap_or(0.1),
+                (None, _, Some(timed)) => timed,
+                (None, Some(m), None) => LrSchedule::Cosine {
+                    warmup,
+                    total: u32::try_from(m).unwrap_or(u32::MAX),
+                    min_ratio,
+                },
+                (None, None, None) => {
+                    anyhow::bail!("--schedule cosine needs --decay-steps, --max-steps or (train) --minutes")
+                }
             },
             "step" => LrSchedule::Step {
                 warmup,
@@ -436,6 +466,16 @@ pub struct TrainArgs {
     /// Characters of text to sample at the end.
     #[arg(long, default_value_t = 300)]
     pub sample: usize,
+}
+
+impl TrainArgs {
+    /// The server flags with `--config` merged in and `--minutes` as the
+    /// run's time budget, which the default lr schedule decays over.
+    pub fn run_args(&self) -> anyhow::Result<RunArgs> {
+        let mut run = self.run.clone().with_file()?;
+        run.time_budget_s = self.minutes.map(|m| m * 60.0);
+        Ok(run)
+    }
 }
 
 /// Flags of `seedling worker`.

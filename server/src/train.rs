@@ -34,7 +34,7 @@ pub async fn train(args: TrainArgs) -> anyhow::Result<()> {
         });
         return tokio::task::spawn_blocking(move || train_bptt(args, stop)).await?;
     }
-    let mut run = args.run.clone().with_file()?;
+    let mut run = args.run_args()?;
     if run.run_dir.is_none() {
         run.run_dir = Some("runs/default".into());
     }
@@ -135,7 +135,7 @@ pub const BPTT_CLIP: f32 = 5.0;
 /// tokens are `batch * seq_len` per step), so `seedling plot`, `eval` and
 /// `generate` treat it like an ES run.
 pub fn train_bptt(args: TrainArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let mut run = args.run.clone().with_file()?;
+    let mut run = args.run_args()?;
     if run.run_dir.is_none() {
         run.run_dir = Some("runs/bptt".into());
     }
@@ -202,7 +202,13 @@ pub fn train_bptt(args: TrainArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> 
         // Adam takes the ascent direction of fitness, i.e. minus the gradient.
         let k = -(BPTT_CLIP / norm).min(1.0);
         g.iter_mut().for_each(|x| *x *= k);
-        adam::step(&cfg.adam, cfg.lr_at(step), &mut params, &mut adam, &g);
+        adam::step(
+            &cfg.adam,
+            cfg.lr_at(step, elapsed_before + started.elapsed().as_secs_f64()),
+            &mut params,
+            &mut adam,
+            &g,
+        );
         step += 1;
         tokens += (cfg.es.batch * cfg.es.seq_len) as u64;
         let v = if step % settings.eval_every.max(1) == 0 {

@@ -66,7 +66,7 @@ fn default_recipe_beats_unigram_on_tiny_shakespeare() {
         let weights = shape(cfg.recipe.shaping, &pairs).unwrap();
         // What `Replica::apply` does with the lr the server sends.
         let g = es_gradient(&r.layout, &cfg, step, &weights).unwrap();
-        adam::step(&cfg.adam, cfg.lr_at(step), &mut r.params, &mut r.adam, &g);
+        adam::step(&cfg.adam, cfg.lr_at(step, 0.0), &mut r.params, &mut r.adam, &g);
         r.step += 1;
     }
     let end = val(&r);
@@ -84,7 +84,7 @@ fn default_recipe_beats_unigram_on_tiny_shakespeare() {
 fn recipe_flags_and_config_keys() {
     use clap::Parser;
     use seedling_core::{LrSchedule, Shaping};
-    use seedling_server::cli::{Cli, Command};
+    use seedling_server::cli::{Cli, Command, DEFAULT_MIN_LR_RATIO};
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("run.toml");
     std::fs::write(
@@ -98,7 +98,7 @@ fn recipe_flags_and_config_keys() {
         let Command::Train(args) = Cli::try_parse_from(argv).unwrap().command else {
             panic!("not train")
         };
-        args.run.with_file().unwrap().run_config(30)
+        args.run_args().unwrap().run_config(30)
     };
     let c = parse(&["--schedule", "cosine", "--init-scale", "0.5", "--rank", "3"]).unwrap();
     assert_eq!(
@@ -106,7 +106,7 @@ fn recipe_flags_and_config_keys() {
         LrSchedule::Cosine {
             warmup: 5,
             total: 50,
-            min_ratio: 0.1
+            min_ratio: DEFAULT_MIN_LR_RATIO
         }
     );
     assert_eq!(c.recipe.shaping, Shaping::ZScores);
@@ -131,12 +131,30 @@ fn recipe_flags_and_config_keys() {
             gamma: 0.7
         }
     );
-    assert!((c.lr_at(15) - c.adam.lr * 0.7).abs() < 1e-9);
+    assert!((c.lr_at(15, 0.0) - c.adam.lr * 0.7).abs() < 1e-9);
     let err = |extra: &[&str]| format!("{:#}", parse(extra).unwrap_err());
     assert!(err(&["--schedule", "step"]).contains("--decay-steps"));
     assert!(err(&["--schedule", "linear"]).contains("--schedule must be"));
     assert!(err(&["--shaping", "ranked"]).contains("--shaping must be"));
     assert!(err(&["--schedule", "cosine", "--min-lr-ratio", "2"]).contains("min_ratio"));
+
+    // A time budget makes the default a cosine over it; a step horizon or
+    // an explicit schedule still wins.
+    let timed = |min_ratio| LrSchedule::CosineTime {
+        warmup: 5,
+        seconds: 1800.0,
+        min_ratio,
+    };
+    let c = parse(&["--minutes", "30"]).unwrap();
+    assert_eq!(c.recipe.schedule, timed(DEFAULT_MIN_LR_RATIO));
+    assert!(c.lr_at(100, 900.0) < c.lr_at(100, 0.0));
+    let c = parse(&["--minutes", "30", "--min-lr-ratio", "0.05"]).unwrap();
+    assert_eq!(c.recipe.schedule, timed(0.05));
+    let c = parse(&["--minutes", "30", "--schedule", "constant"]).unwrap();
+    assert_eq!(c.recipe.schedule, LrSchedule::Constant);
+    let c = parse(&["--minutes", "30", "--schedule", "cosine", "--decay-steps", "40"]).unwrap();
+    assert!(matches!(c.recipe.schedule, LrSchedule::Cosine { total: 40, .. }));
+    assert!(err(&["--minutes", "0"]).contains("seconds"));
 }
 
 /// `--output-bias` reaches the coordinator's settings from the flag and the
