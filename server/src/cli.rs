@@ -295,7 +295,7 @@ impl RunArgs {
         let min_ratio = self.min_lr_ratio.unwrap_or(DEFAULT_MIN_LR_RATIO);
         // A run with a time budget decays over it unless told otherwise: at
         // a constant lr ES sits on a noise floor proportional to the lr
-        // (docs/LEARNING.md, "The lr schedule").
+        // (docs/LEARNING.md, "The lr decays over the time budget").
         let timed = self.time_budget_s.map(|s| LrSchedule::CosineTime {
             warmup,
             seconds: s as f32,
