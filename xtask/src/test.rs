@@ -41,7 +41,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use crate::setup::{self, CHROMEDRIVER, CHROMIUM, WASM_TARGET};
-use crate::{Ctx, run, wasm};
+use crate::{Ctx, run, stdout_of, wasm};
 
 /// One step of `cargo xtask test`.
 struct Step {
@@ -227,6 +227,11 @@ pub fn main(ctx: &Ctx, args: &[String]) -> ExitCode {
     }
 
     println!("\n==> summary");
+    // A full disk makes rustc or the linker die with messages that do not
+    // say so; the free space at the end tells that story at a glance.
+    if let Some(free) = free_disk(ctx) {
+        println!("  disk: {free} free in the workspace");
+    }
     for (step, took, result) in &results {
         let (status, note) = match result {
             Ok(note) => ("ok", note.as_str()),
@@ -256,6 +261,14 @@ pub fn main(ctx: &Ctx, args: &[String]) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Free space on the file system holding `target/`, as `df -h` prints it,
+/// or `None` where `df` is missing or says something unexpected.
+fn free_disk(ctx: &Ctx) -> Option<String> {
+    let out = stdout_of(ctx.cmd("df").args(["-hP", "."]))?;
+    // POSIX format: a header, then `fs size used avail use% mount`.
+    out.lines().nth(1)?.split_whitespace().nth(3).map(str::to_owned)
 }
 
 /// Parses the arguments into one flag per entry of [`STEPS`], or `None` for
