@@ -45,9 +45,10 @@
 //!   the CI performance check (`cargo xtask test --only perf-check`) fails
 //!   if it collapses.
 //! - `threads: 2`: inference and es-lowrank again on two `std::thread`s that
-//!   claim chunks of 16 members (es-lowrank) or 256 sequences (inference)
-//!   from an atomic counter, the way the native worker splits a job. The
-//!   core itself has no threads.
+//!   claim chunks of members (es-lowrank) or of the same rows' sequences
+//!   (inference) from an atomic counter, shrinking from 64 members to 4
+//!   (`split::guided`), the way the native worker splits a job. The core
+//!   itself has no threads.
 //!
 //! Timing: one warm-up, then the median of several repetitions. `--quick`
 //! uses fewer repetitions and smaller subsets (about half a minute); the
@@ -66,6 +67,7 @@ use seedling_core::gemm::{self, Backend};
 use seedling_core::model::Layout;
 use seedling_core::noise;
 use seedling_core::shaping::centered_ranks;
+use seedling_core::split;
 use seedling_core::tokenizer::Token;
 use seedling_core::update;
 use seedling_core::{NoiseKind, RunConfig};
@@ -285,11 +287,20 @@ impl Rw {
     }
 
     /// Mean loss of the plain model over the N * B sequences, on `threads`
-    /// threads that take chunks of [`CHUNK_SEQS`] sequences as they go.
-    /// Also returns the CPU seconds its threads took.
+    /// threads that take chunks of sequences as they go, planned as
+    /// es-lowrank's are (the same rows per chunk). Also returns the CPU
+    /// seconds its threads took.
     fn inference(&self, threads: usize) -> (f32, f64) {
         let len = self.t() + 1;
-        let chunks: Vec<&[Token]> = self.big.chunks(CHUNK_SEQS * len).collect();
+        let b = self.b();
+        let chunks: Vec<&[Token]> = if threads == 1 {
+            self.big.chunks(CHUNK_SEQS * len).collect()
+        } else {
+            split::guided(self.n(), threads, MIN_MEMBERS, 2)
+                .into_iter()
+                .map(|r| &self.big[r.start * b * len..r.end * b * len])
+                .collect()
+        };
         let (losses, cpu) = par_chunks(chunks.len(), threads, |i| {
             let n = chunks[i].len() / len;
             let mb = Minibatch::new(chunks[i], n, self.t(), VOCAB as usize).unwrap();
@@ -301,8 +312,9 @@ impl Rw {
     }
 
     /// Every listed member's loss, in order, on `threads` threads taking
-    /// chunks of [`CHUNK_MEMBERS`] members as they go (as the native worker's
-    /// `evaluate_parallel` does). Also returns the CPU seconds taken.
+    /// chunks of members as they go, planned by [`split::guided`] as the
+    /// native worker's `evaluate_parallel` does. Also returns the CPU
+    /// seconds taken.
     fn members(&self, cfg: &RunConfig, members: &[u32], threads: usize) -> (Vec<f32>, f64) {
         let mb = Minibatch::new(&self.tokens, self.b(), self.t(), VOCAB as usize).unwrap();
         if threads == 1 {
@@ -311,7 +323,10 @@ impl Rw {
                 .unwrap();
             return (l, thread_cpu() - c0);
         }
-        let chunks: Vec<&[u32]> = members.chunks(CHUNK_MEMBERS).collect();
+        let chunks: Vec<&[u32]> = split::guided(members.len(), threads, MIN_MEMBERS, 2)
+            .into_iter()
+            .map(|r| &members[r])
+            .collect();
         let (l, cpu) = par_chunks(chunks.len(), threads, |i| {
             forward::member_losses(&self.layout, &self.params, cfg, 1, &mb, chunks[i], Backend::Fast).unwrap()
         });
@@ -319,11 +334,14 @@ impl Rw {
     }
 }
 
-/// Members per unit of work on two threads: whole antithetic pairs, the
-/// native worker's chunk (server/src/worker.rs, `evaluate_parallel`).
+/// The smallest chunk of two-thread work, in members, as the native
+/// worker's (server/src/worker.rs, `PARALLEL_MIN`).
+const MIN_MEMBERS: usize = 4;
+/// The `chunk` bench's unit of work: 16 members, two of the forward pass's
+/// L2-sized blocks.
 const CHUNK_MEMBERS: usize = 16;
-/// Sequences per unit of work of two-thread inference: as many rows as a
-/// chunk of members.
+/// Sequences per call of one-thread inference, and in the `chunk` bench:
+/// as many rows as [`CHUNK_MEMBERS`] members.
 const CHUNK_SEQS: usize = 256;
 
 /// CPU seconds the calling thread has run so far (Linux's scheduler

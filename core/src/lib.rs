@@ -33,6 +33,7 @@
 //! - [`protocol`]: the wire messages every client speaks.
 //! - [`session`]: the volunteer's protocol state machine, shared by the
 //!   browser and the native worker (bytes in, reactions and replies out).
+//! - [`split`]: how a job is cut into chunks for threads (the plan only).
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
@@ -56,6 +57,7 @@ pub mod protocol;
 pub mod replica;
 pub mod session;
 pub mod shaping;
+pub mod split;
 pub mod tokenizer;
 pub mod update;
 

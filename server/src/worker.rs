@@ -16,6 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use seedling_core::Replica;
 use seedling_core::protocol::{ClientKind, MAX_SERVER_MESSAGE, SessionToken};
 use seedling_core::session::{self, Reaction, Session};
+use seedling_core::split;
 use seedling_core::tokenizer::Token;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -45,19 +46,22 @@ impl WorkerOptions {
     }
 }
 
-/// Members per unit of work in [`evaluate_parallel`]: whole antithetic
-/// pairs, and two of the forward pass's L2-sized blocks (8 RW-256 members).
-const PARALLEL_CHUNK: usize = 16;
+/// The smallest unit of work in [`evaluate_parallel`]: two antithetic pairs
+/// (64 rows of an RW-256 job), small enough that the threads end a job
+/// close together, large enough that a call's weight packing stays a
+/// small part of it.
+const PARALLEL_MIN: usize = 4;
 
 /// Losses of `members` on `replica`, in order, on `threads` threads.
 ///
-/// The members are cut into chunks of [`PARALLEL_CHUNK`] handed out in order
-/// through one atomic counter, not into fixed shares: on a volunteer's
-/// machine other programs share the cores, and a thread that gets less of
-/// its core simply takes fewer chunks instead of holding up the whole job.
-/// Each thread runs its own forward passes on its own buffers and keeps its
-/// results in its own vector until the join, so the threads share no
-/// written memory (no false sharing).
+/// The members are cut into chunks handed out in order through one atomic
+/// counter, not into fixed shares: on a volunteer's machine other programs
+/// share the cores, and a thread that gets less of its core simply takes
+/// fewer chunks instead of holding up the whole job. The chunks shrink as
+/// the job goes ([`split::guided`]), so the last ones are small and the
+/// threads finish together. Each thread runs its own forward passes on its
+/// own buffers and keeps its results in its own vector until the join, so
+/// the threads share no written memory (no false sharing).
 pub fn evaluate_parallel(
     replica: &Replica,
     tokens: &[Token],
@@ -66,11 +70,14 @@ pub fn evaluate_parallel(
 ) -> anyhow::Result<Vec<f32>> {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    let threads = threads.clamp(1, members.len().div_ceil(PARALLEL_CHUNK).max(1));
+    let threads = threads.clamp(1, members.len().div_ceil(PARALLEL_MIN).max(1));
     if threads == 1 {
         return Ok(replica.evaluate(tokens, members)?);
     }
-    let chunks: Vec<&[u32]> = members.chunks(PARALLEL_CHUNK).collect();
+    let chunks: Vec<&[u32]> = split::guided(members.len(), threads, PARALLEL_MIN, 2)
+        .into_iter()
+        .map(|r| &members[r])
+        .collect();
     let next = AtomicUsize::new(0);
     let done: Vec<Vec<(usize, seedling_core::Result<Vec<f32>>)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -313,9 +320,9 @@ mod tests {
             step: 1,
             hash: want.hash(),
         }];
-        // Jobs of 40 members (three chunks) and 5, one for a step the
-        // replica is not at, and an update, for two steps; then a Resync
-        // and a job nobody can do.
+        // Jobs of 40 members (eight chunks, of 8 members down to 4) and 5,
+        // one for a step the replica is not at, and an update, for two
+        // steps; then a Resync and a job nobody can do.
         for step in 1..3u64 {
             let all: Vec<u32> = (0..64).collect();
             let losses = want.evaluate(&batch(step), &all).unwrap();

@@ -642,7 +642,7 @@ pub fn render(m: &Measurements, machine: &Machine, start: Moment, end: Moment) -
         .iter()
         .any(|r| !r.jax.is_empty() || !r.openblas.is_empty());
     let mut threads = String::from(
-        "- Threads: ours 1 and 2 (`std::thread`s claiming 16-member chunks, as the native worker)",
+        "- Threads: ours 1 and 2 (`std::thread`s claiming chunks of 64 members shrinking to 4, as the native worker)",
     );
     if peers {
         let version = |lines: fn(&Round) -> &Vec<String>, key: &str| {
