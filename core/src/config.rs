@@ -135,6 +135,19 @@ pub enum Shaping {
     ZScores,
 }
 
+/// Where the readout's (output matrix and bias) update comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Readout {
+    /// ES estimates it like every other weight.
+    #[default]
+    Es,
+    /// Every replica computes its exact gradient on the step's minibatch
+    /// ([`crate::readout`]): one forward pass at the unperturbed weights, no
+    /// backward pass through time, and ES's estimate is left to the
+    /// recurrent weights, where a smaller dimension makes it better.
+    Exact,
+}
+
 /// Choices of the training recipe beyond the model, ES and Adam settings.
 /// The defaults (constant lr, centered ranks) reproduce runs made before
 /// these choices existed.
@@ -144,6 +157,10 @@ pub struct Recipe {
     pub schedule: LrSchedule,
     /// Fitness shaping.
     pub shaping: Shaping,
+    /// The readout's update. Checkpoints written before it existed read as
+    /// ES's estimate, which is what they trained with.
+    #[serde(default)]
+    pub readout: Readout,
 }
 
 /// Everything that defines a training run; replicas with equal configs and

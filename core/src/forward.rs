@@ -60,7 +60,7 @@ impl<'a> Minibatch<'a> {
     }
 
     #[inline]
-    fn token(&self, b: usize, t: usize) -> usize {
+    pub(crate) fn token(&self, b: usize, t: usize) -> usize {
         self.tokens[b * (self.seq_len + 1) + t] as usize
     }
 

@@ -23,6 +23,8 @@
 //! - [`mingru`]: a minGRU cell on the study path (not part of the run config).
 //! - [`shaping`]: centered ranks of the losses.
 //! - [`update`]: the ES gradient rebuilt from seeds and weights.
+//! - [`readout`]: the readout's exact gradient, for the recipe that does not
+//!   leave it to ES.
 //! - [`adam`]: the optimizer, bit-identical on every target.
 //! - `backprop` (feature `bptt`): the exact gradient by backpropagation
 //!   through time, the baseline ES is measured against.
@@ -54,6 +56,7 @@ pub mod mingru;
 pub mod model;
 pub mod noise;
 pub mod protocol;
+pub mod readout;
 pub mod replica;
 pub mod session;
 pub mod shaping;
@@ -61,6 +64,8 @@ pub mod split;
 pub mod tokenizer;
 pub mod update;
 
-pub use config::{AdamConfig, EsConfig, LrSchedule, ModelConfig, NoiseKind, Recipe, RunConfig, Shaping};
+pub use config::{
+    AdamConfig, EsConfig, LrSchedule, ModelConfig, NoiseKind, Readout, Recipe, RunConfig, Shaping,
+};
 pub use error::{Error, Result};
 pub use replica::Replica;

@@ -21,7 +21,9 @@ use crate::tokenizer::{Token, Tokenizer};
 ///
 /// 2: the update carries its learning rate, losses travel in the job's
 /// member order without indices, and sessions carry a token.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: the recipe says where the readout's update comes from, and the
+/// update carries the minibatch when every replica needs it.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// A random secret the server hands a client in its Welcome. Presenting it
 /// again in a later Hello resumes the session: the trust it earned, or the
@@ -132,6 +134,10 @@ pub enum ServerMsg {
         lr: f32,
         /// Shaped weights of exactly the members that counted.
         weights: Vec<(u32, f32)>,
+        /// The step's minibatch when the recipe's readout is exact (every
+        /// replica computes the readout's gradient on it, including one
+        /// that evaluated no member of the step); empty otherwise.
+        tokens: Vec<Token>,
     },
     /// The client should drop its state and wait for a snapshot.
     Resync,

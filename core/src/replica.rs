@@ -8,12 +8,13 @@
 use alloc::vec::Vec;
 
 use crate::adam::{self, AdamState};
-use crate::config::RunConfig;
+use crate::config::{Readout, RunConfig};
 use crate::error::{Error, Result, check_len};
 use crate::forward::{self, Minibatch};
 use crate::gemm::Backend;
 use crate::hash::weights_hash;
 use crate::model::Layout;
+use crate::readout;
 use crate::shaping::centered_ranks;
 use crate::tokenizer::Token;
 use crate::update::es_gradient;
@@ -116,7 +117,11 @@ impl Replica {
     /// step. The rate comes from the caller (the server's update message)
     /// rather than the config, so schedules and operator changes stay the
     /// server's decision while every replica applies the same one.
-    pub fn apply(&mut self, step: u64, lr: f32, weights: &[(u32, f32)]) -> Result<()> {
+    ///
+    /// `tokens` is the step's minibatch. Only a recipe with an exact readout
+    /// ([`Readout::Exact`]) reads it, and then it must be a whole minibatch
+    /// of this run; otherwise it is ignored and may be empty.
+    pub fn apply(&mut self, step: u64, lr: f32, weights: &[(u32, f32)], tokens: &[Token]) -> Result<()> {
         if step != self.step {
             return Err(Error::Step {
                 expected: self.step,
@@ -125,7 +130,11 @@ impl Replica {
         }
         crate::protocol::check_lr(lr)?;
         if !weights.is_empty() {
-            let g = es_gradient(&self.layout, &self.config, step, weights)?;
+            let mut g = es_gradient(&self.layout, &self.config, step, weights)?;
+            if self.config.recipe.readout == Readout::Exact {
+                let batch = self.minibatch(tokens)?;
+                readout::overwrite_readout(&self.layout, &self.params, &batch, &mut g)?;
+            }
             adam::step(&self.config.adam, lr, &mut self.params, &mut self.adam, &g);
         }
         self.step += 1;
@@ -141,7 +150,7 @@ impl Replica {
         let losses = self.evaluate(tokens, &members)?;
         let pairs: Vec<(u32, f32)> = members.iter().copied().zip(losses.iter().copied()).collect();
         let weights = centered_ranks(&pairs)?;
-        self.apply(self.step, self.config.adam.lr, &weights)?;
+        self.apply(self.step, self.config.adam.lr, &weights, tokens)?;
         Ok(losses.iter().sum::<f32>() / losses.len() as f32)
     }
 

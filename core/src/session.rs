@@ -196,12 +196,17 @@ impl Session {
                 })),
                 None => Ok(Reaction::Quiet),
             },
-            ServerMsg::Update { step, lr, weights } => {
+            ServerMsg::Update {
+                step,
+                lr,
+                weights,
+                tokens,
+            } => {
                 let Some(replica) = self.replica.as_mut() else {
                     return Ok(Reaction::Quiet);
                 };
                 let replica = Arc::make_mut(replica);
-                replica.apply(step, lr, &weights)?;
+                replica.apply(step, lr, &weights, &tokens)?;
                 hashed(replica.step, replica.hash())
             }
             ServerMsg::Resync => {
@@ -354,11 +359,12 @@ mod tests {
         );
         drop(work);
         let weights = centered_ranks(&[(0, 1.0), (1, 2.0), (2, losses[0]), (3, losses[1])]).unwrap();
-        want.apply(0, 0.05, &weights).unwrap();
+        want.apply(0, 0.05, &weights, &[]).unwrap();
         let update = ServerMsg::Update {
             step: 0,
             lr: 0.05,
             weights,
+            tokens: Vec::new(),
         };
         let Reaction::Hashed { reply, step: 1, hash } = s.receive(&server(&update)).unwrap() else {
             panic!("an update is answered with a hash");
@@ -380,6 +386,7 @@ mod tests {
             step: 1,
             lr: 0.05,
             weights: vec![],
+            tokens: Vec::new(),
         };
         assert!(matches!(s.receive(&server(&update)).unwrap(), Reaction::Quiet));
     }
@@ -407,6 +414,7 @@ mod tests {
             step: 0,
             lr: 0.05,
             weights: vec![(0, 1.0), (1, -1.0)],
+            tokens: Vec::new(),
         };
         let Reaction::Hashed { step: 1, hash, .. } = s.receive(&server(&update)).unwrap() else {
             panic!("an update is answered with a hash");
@@ -438,6 +446,7 @@ mod tests {
             step: 0,
             lr: 0.05,
             weights: vec![(0, 1.0)],
+            tokens: Vec::new(),
         };
         assert!(s.receive(&server(&stale)).is_err(), "update for another step");
         // A job with a minibatch of the wrong shape fails when evaluated.

@@ -22,3 +22,10 @@ fn golden_full() {
     let h = golden_hash(NoiseKind::Full);
     assert_eq!(h, GOLDEN_FULL, "full-rank golden hash {h:#018x}");
 }
+
+#[test]
+fn golden_exact_readout() {
+    let h = golden_hash_with(NoiseKind::LowRank { rank: 1 }, Readout::Exact);
+    assert_eq!(h, GOLDEN_EXACT_READOUT, "exact-readout golden hash {h:#018x}");
+    assert_ne!(h, GOLDEN_RANK1, "the exact readout changed nothing");
+}

@@ -10,7 +10,7 @@
 // blessed on every target at once.
 
 use seedling_core::gemm::Backend;
-use seedling_core::{NoiseKind, Replica, RunConfig, batch, config::ModelConfig};
+use seedling_core::{NoiseKind, Readout, Replica, RunConfig, batch, config::ModelConfig};
 
 /// Steps run by the golden.
 pub const GOLDEN_STEPS: u64 = 24;
@@ -25,8 +25,18 @@ pub const GOLDEN_RANK1: u64 = 0x88b5_76b7_b4eb_4833;
 /// Expected hash with full-rank noise.
 pub const GOLDEN_FULL: u64 = 0xa3a8_1edb_04d7_aaa5;
 
-/// Runs the golden training and returns the final weights hash.
+/// Expected hash with rank-1 noise and the exact readout (the default
+/// recipe of `seedling train`), whose update also runs a forward pass.
+pub const GOLDEN_EXACT_READOUT: u64 = 0xe447_f9d4_dc94_7756;
+
+/// Runs the golden training with ES's readout and returns the final
+/// weights hash.
 pub fn golden_hash(noise: NoiseKind) -> u64 {
+    golden_hash_with(noise, Readout::Es)
+}
+
+/// Runs the golden training and returns the final weights hash.
+pub fn golden_hash_with(noise: NoiseKind, readout: Readout) -> u64 {
     let mut cfg = RunConfig::rw256(13);
     cfg.seed = 2024;
     cfg.model = ModelConfig {
@@ -41,6 +51,7 @@ pub fn golden_hash(noise: NoiseKind) -> u64 {
     cfg.es.sigma = 0.05;
     cfg.adam.lr = 0.01;
     cfg.adam.weight_decay = 0.01;
+    cfg.recipe.readout = readout;
     let corpus: Vec<u16> = (0..2000u32).map(|i| ((i * i + 3 * i) % 13) as u16).collect();
     let mut r = Replica::new(cfg).unwrap();
     r.backend = Backend::Reference;

@@ -363,9 +363,15 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
         (
             any::<u64>(),
             0.0f32..10.0,
-            prop::collection::vec((any::<u32>(), finite_f32()), 0..48)
+            prop::collection::vec((any::<u32>(), finite_f32()), 0..48),
+            prop::collection::vec(any::<u16>(), 0..80)
         )
-            .prop_map(|(step, lr, weights)| ServerMsg::Update { step, lr, weights }),
+            .prop_map(|(step, lr, weights, tokens)| ServerMsg::Update {
+                step,
+                lr,
+                weights,
+                tokens
+            }),
         Just(ServerMsg::Resync),
         any::<String>().prop_map(|reason| ServerMsg::Reject { reason }),
     ]
@@ -563,12 +569,12 @@ proptest! {
         let bytes = protocol::encode(&poisoned, MAX_CLIENT_MESSAGE).unwrap();
         prop_assert_eq!(protocol::decode_client(&bytes), Err(Error::NonFinite));
 
-        let update = ServerMsg::Update { step: 1, lr: 0.01, weights: vec![(member, 0.25), (member ^ 1, bad)] };
+        let update = ServerMsg::Update { step: 1, lr: 0.01, weights: vec![(member, 0.25), (member ^ 1, bad)], tokens: Vec::new() };
         let bytes = protocol::encode(&update, MAX_SERVER_MESSAGE).unwrap();
         prop_assert_eq!(protocol::decode_server(&bytes), Err(Error::NonFinite));
         // The learning rate is checked too: not finite, or negative.
         for lr in [bad, -1e-3] {
-            let update = ServerMsg::Update { step: 1, lr, weights: vec![(member, 0.25)] };
+            let update = ServerMsg::Update { step: 1, lr, weights: vec![(member, 0.25)], tokens: Vec::new() };
             let bytes = protocol::encode(&update, MAX_SERVER_MESSAGE).unwrap();
             prop_assert!(matches!(protocol::decode_server(&bytes), Err(Error::Config(_))));
         }

@@ -18,6 +18,13 @@
 //! losses (with a sequence per pair, the members' losses mostly rank the
 //! sequences' difficulty).
 //!
+//! `--exact-readout` replaces ES's estimate for the tanh RNN's readout by
+//! its exact gradient on the step's sequence, as the server's default recipe
+//! does ([`seedling_core::readout`]); members are still perturbed there,
+//! like the server's, unless `--no-readout-noise` also takes the readout
+//! out of the noise. `--unigram` starts the output bias at the training
+//! text's character log-frequencies, the server's default.
+//!
 //! ```sh
 //! cargo run --release -p seedling-server --example cells -- --cell mingru --hidden 12
 //! ```
@@ -140,6 +147,9 @@ fn main() -> Result<()> {
     let pair_data = args.iter().any(|a| a == "--pair-data");
     let pair_ranks = args.iter().any(|a| a == "--pair-ranks");
     let rank1 = args.iter().any(|a| a == "--rank1");
+    let exact_readout = args.iter().any(|a| a == "--exact-readout");
+    let no_readout_noise = args.iter().any(|a| a == "--no-readout-noise");
+    let unigram = args.iter().any(|a| a == "--unigram");
     if population < 2 || population % 2 != 0 {
         bail!("--population must be even and at least 2");
     }
@@ -158,6 +168,19 @@ fn main() -> Result<()> {
     let val_windows = data::validation_windows(&corpus.val, VAL_SEQ_LEN, 256);
     let d = cell.len();
     let mut params = cell.init(seed);
+    // The readout (W_out, b_out) of the tanh RNN: its exact gradient needs
+    // no backward pass through time, only the forward's hidden states.
+    let readout = match &cell {
+        Cell::Tanh(l) if exact_readout => Some(l.w_out().offset..l.len),
+        _ if exact_readout => bail!("--exact-readout needs --cell tanh"),
+        _ => None,
+    };
+    if unigram {
+        let Cell::Tanh(l) = &cell else {
+            bail!("--unigram needs --cell tanh")
+        };
+        data::set_unigram_output_bias(l, &mut params, &corpus.train);
+    }
     let mut state = AdamState::new(d);
     let per_step = (population * seq_len) as u64;
     let steps = budget / per_step;
@@ -189,6 +212,9 @@ fn main() -> Result<()> {
             } else {
                 fill_normal(key, e);
             }
+            if let (Some(r), true) = (&readout, no_readout_noise) {
+                e[r.clone()].fill(0.0);
+            }
             let seq = &tokens[(pair % sequences) * w..(pair % sequences + 1) * w];
             for sign in [1.0f32, -1.0] {
                 for ((m, p), x) in member.iter_mut().zip(&params).zip(e.iter()) {
@@ -218,6 +244,10 @@ fn main() -> Result<()> {
             for (g, x) in grad.iter_mut().zip(e) {
                 *g += c * x;
             }
+        }
+        if let (Some(_), Cell::Tanh(l)) = (&readout, &cell) {
+            let mb = Minibatch::new(&tokens[..w], 1, seq_len, l.vocab())?;
+            seedling_core::readout::overwrite_readout(l, &params, &mb, &mut grad)?;
         }
         adam::step(&adam_cfg, adam_cfg.lr, &mut params, &mut state, &grad);
         if (step + 1) % every == 0 || step + 1 == steps {

@@ -34,8 +34,9 @@ pub const FORMAT: &str = "seedling-checkpoint";
 /// Protocol versions whose checkpoints this build resumes. Version 2 changed
 /// only the wire (the learning rate in updates, losses in member order,
 /// session tokens), not what a checkpoint holds, so version 1 files still
-/// load (they have no `lr_override`).
-const READABLE_VERSIONS: [u32; 2] = [1, PROTOCOL_VERSION];
+/// load (they have no `lr_override`). Version 3 added the recipe's readout,
+/// which older configs read as ES's estimate, what they trained with.
+const READABLE_VERSIONS: [u32; 3] = [1, 2, PROTOCOL_VERSION];
 
 /// Everything needed to resume a run or to use its model.
 #[derive(Clone, Debug, PartialEq)]
@@ -725,10 +726,12 @@ pub(crate) mod tests {
         );
         // latest() stops on it instead of falling back or starting over.
         assert!(latest(dir.path()).is_err());
-        // Protocol 1 checkpoints hold the same things and still load.
-        meta.insert("protocol_version".into(), "1".into());
-        let v1 = safetensors::serialize(st.tensors(), Some(meta)).unwrap();
-        assert_eq!(from_bytes(&v1).unwrap().params, ckpt.params);
+        // Protocol 1 and 2 checkpoints hold the same things and still load.
+        for old in ["1", "2"] {
+            meta.insert("protocol_version".into(), old.into());
+            let bytes = safetensors::serialize(st.tensors(), Some(meta.clone())).unwrap();
+            assert_eq!(from_bytes(&bytes).unwrap().params, ckpt.params);
+        }
         // A file that is not ours at all is refused the same way.
         let foreign = safetensors::serialize(st.tensors(), None).unwrap();
         let e = from_bytes(&foreign).unwrap_err();

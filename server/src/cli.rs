@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use seedling_core::{LrSchedule, NoiseKind, RunConfig, Shaping};
+use seedling_core::{LrSchedule, NoiseKind, Readout, RunConfig, Shaping};
 use serde::Deserialize;
 
 use crate::app::{Limits, ServeOptions};
@@ -183,6 +183,13 @@ pub struct RunArgs {
     /// Fitness shaping: `ranks` (centered ranks) or `zscores` [default: ranks].
     #[arg(long)]
     pub shaping: Option<String>,
+    /// The readout's update: `exact` (every replica computes the output
+    /// layer's exact gradient on the step's minibatch, one forward pass
+    /// without a backward pass through time, and ES estimates the rest) or
+    /// `es` (ES estimates every weight) [default: exact; see
+    /// docs/LEARNING.md, "An exact readout"].
+    #[arg(long)]
+    pub readout: Option<String>,
     /// A fresh run's output bias: `unigram` (the training text's character
     /// frequencies, so the first step already predicts them; see
     /// docs/LEARNING.md) or `zero` [default: unigram].
@@ -257,7 +264,7 @@ impl RunArgs {
         }
         merge!(self, f; run_dir, bind, port, www, seed, hidden, layers, population, batch, seq_len, sigma, lr,
             weight_decay, beta1, beta2, noise, rank, init_scale, schedule, warmup, decay_steps, min_lr_ratio, decay_gamma,
-            shaping, output_bias, min_fraction, step_timeout, job_timeout, eval_every,
+            shaping, readout, output_bias, min_fraction, step_timeout, job_timeout, eval_every,
             eval_windows, checkpoint_every, keep, max_steps, admin_token, max_connections, max_per_ip, replicate, tolerance, max_strikes);
         Ok(self)
     }
@@ -333,6 +340,11 @@ impl RunArgs {
             "ranks" => Shaping::CenteredRanks,
             "zscores" => Shaping::ZScores,
             other => anyhow::bail!("--shaping must be `ranks` or `zscores`, not `{other}`"),
+        };
+        c.recipe.readout = match self.readout.as_deref().unwrap_or("exact") {
+            "exact" => Readout::Exact,
+            "es" => Readout::Es,
+            other => anyhow::bail!("--readout must be `exact` or `es`, not `{other}`"),
         };
         c.validate()?;
         Ok(c)

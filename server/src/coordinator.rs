@@ -34,7 +34,7 @@ use seedling_core::protocol::{
 };
 use seedling_core::shaping::shape;
 use seedling_core::tokenizer::{Token, Tokenizer};
-use seedling_core::{Replica, batch};
+use seedling_core::{Readout, Replica, batch};
 use serde::Serialize;
 use smallvec::SmallVec;
 use tokio::sync::mpsc;
@@ -468,6 +468,9 @@ pub struct Coordinator {
     /// The current step's minibatch as encoded in its jobs, encoded once
     /// and shared by every job frame of the step.
     token_bytes: Bytes,
+    /// The current step's minibatch, which the update carries when the
+    /// recipe's readout is exact.
+    step_tokens: Vec<Token>,
     /// Where a job's head and tail are encoded before they are copied into
     /// `frames`.
     job_buf: Vec<u8>,
@@ -551,6 +554,7 @@ impl Coordinator {
             verify: MemberSet::default(),
             coin: seedling_core::noise::Stream::new(run),
             token_bytes: Bytes::new(),
+            step_tokens: Vec::new(),
             job_buf: Vec::new(),
             frames: BytesMut::new(),
             step_started: now,
@@ -1197,6 +1201,7 @@ impl Coordinator {
         .expect("training data was checked to hold at least one window");
         let encoded = protocol::EncodedTokens::new(&tokens).expect("a minibatch always encodes");
         self.token_bytes = Bytes::copy_from_slice(encoded.as_bytes());
+        self.step_tokens = tokens;
         self.pool.fill(es.population as usize);
         self.missed.clear();
         self.books.reset(es.population as usize);
@@ -1453,10 +1458,15 @@ impl Coordinator {
         let weights = shape(self.replica.config.recipe.shaping, &losses)
             .expect("losses were checked finite on arrival");
         let lr = self.lr_for(step, now);
+        let tokens = match self.replica.config.recipe.readout {
+            Readout::Exact => std::mem::take(&mut self.step_tokens),
+            Readout::Es => Vec::new(),
+        };
         let update = ServerMsg::Update {
             step,
             lr,
             weights: weights.clone(),
+            tokens,
         };
         let msg = protocol::encode(&update, MAX_SERVER_MESSAGE)
             .map(Bytes::from)
@@ -1487,9 +1497,12 @@ impl Coordinator {
             self.sync_idle(id);
         }
         let update_started = Mark::now();
+        let ServerMsg::Update { tokens, .. } = &update else {
+            unreachable!("built as an update above")
+        };
         self.replica
-            .apply(step, lr, &weights)
-            .expect("the update list was built by this coordinator");
+            .apply(step, lr, &weights, tokens)
+            .expect("the update list and minibatch were built by this coordinator");
         let hash = self.replica.hash();
         let update = update_started.elapsed();
         self.start_step(now);

@@ -352,7 +352,7 @@ mod tests {
             }));
             let pairs: Vec<(u32, f32)> = all.iter().copied().zip(losses).collect();
             let weights = centered_ranks(&pairs).unwrap();
-            want.apply(step, 0.02, &weights).unwrap();
+            want.apply(step, 0.02, &weights, &[]).unwrap();
             expected.push(ClientMsg::Hash {
                 step: want.step,
                 hash: want.hash(),
@@ -361,6 +361,7 @@ mod tests {
                 step,
                 lr: 0.02,
                 weights,
+                tokens: Vec::new(),
             }));
         }
         frames.push(server(&ServerMsg::Resync));

@@ -56,6 +56,7 @@ fn update_tag() -> u8 {
         step: 0,
         lr: 0.0,
         weights: Vec::new(),
+        tokens: Vec::new(),
     };
     protocol::encode(&update, usize::MAX).expect("an update encodes")[0]
 }
@@ -150,8 +151,13 @@ pub async fn sim_client(
                 replica = Some(r);
                 Some(hash)
             }
-            Ok(ServerMsg::Update { step, lr, weights }) => replica.as_mut().and_then(|r| {
-                r.apply(step, lr, &weights).ok()?;
+            Ok(ServerMsg::Update {
+                step,
+                lr,
+                weights,
+                tokens,
+            }) => replica.as_mut().and_then(|r| {
+                r.apply(step, lr, &weights, &tokens).ok()?;
                 Some(ClientMsg::Hash {
                     step: r.step,
                     hash: r.hash(),

@@ -111,8 +111,13 @@ impl Volunteer {
         loop {
             let msg = next_msg(&mut self.c, &self.server).await?;
             match &msg {
-                ServerMsg::Update { step, lr, weights } => {
-                    self.replica.apply(*step, *lr, weights).unwrap();
+                ServerMsg::Update {
+                    step,
+                    lr,
+                    weights,
+                    tokens,
+                } => {
+                    self.replica.apply(*step, *lr, weights, tokens).unwrap();
                     let hash = ClientMsg::Hash {
                         step: self.replica.step,
                         hash: self.replica.hash(),

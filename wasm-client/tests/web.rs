@@ -47,6 +47,15 @@ fn golden_rank1_matches_native() {
 }
 
 #[wasm_bindgen_test]
+fn golden_exact_readout_matches_native() {
+    assert_eq!(
+        golden_hash_with(NoiseKind::LowRank { rank: 1 }, Readout::Exact),
+        GOLDEN_EXACT_READOUT,
+        "wasm weights differ from the native golden (exact readout)"
+    );
+}
+
+#[wasm_bindgen_test]
 fn golden_full_matches_native() {
     assert_eq!(
         golden_hash(NoiseKind::Full),
@@ -148,8 +157,13 @@ fn handle_follows_the_server_replica() {
         let weights = centered_ranks(&pairs).unwrap();
         // A learning rate of the server's choosing, not the config's.
         let lr = 0.01 * (step + 1) as f32;
-        want.apply(step, lr, &weights).unwrap();
-        let update = ServerMsg::Update { step, lr, weights };
+        want.apply(step, lr, &weights, &[]).unwrap();
+        let update = ServerMsg::Update {
+            step,
+            lr,
+            weights,
+            tokens: Vec::new(),
+        };
         let reply = protocol::decode_client(&v.receive(&server(&update)).unwrap().unwrap()).unwrap();
         assert_eq!(
             reply,
@@ -170,6 +184,7 @@ fn handle_follows_the_server_replica() {
         step: 0,
         lr: 0.01,
         weights: vec![(0, 0.5)],
+        tokens: Vec::new(),
     };
     assert!(v.receive(&server(&stale)).is_err());
     // A rejection surfaces as an error carrying the server's reason.
