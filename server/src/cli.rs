@@ -126,7 +126,7 @@ pub struct RunArgs {
     /// Stacked tanh layers [default: 1].
     #[arg(long)]
     pub layers: Option<u32>,
-    /// Members per step, even [default: 512].
+    /// Members per step, even [default: 256].
     #[arg(long)]
     pub population: Option<u32>,
     /// Sequences per minibatch [default: 1; 32 with --method bptt].
@@ -282,7 +282,7 @@ impl RunArgs {
         // over longer minibatches.
         c.model.hidden = self.hidden.unwrap_or(16);
         c.model.layers = self.layers.unwrap_or(1);
-        c.es.population = self.population.unwrap_or(512);
+        c.es.population = self.population.unwrap_or(256);
         c.es.batch = self.batch.unwrap_or(1);
         c.es.seq_len = self.seq_len.unwrap_or(64);
         c.es.sigma = self.sigma.unwrap_or(0.02);

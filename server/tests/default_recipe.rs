@@ -1,8 +1,10 @@
 //! Regression test of the learning recipe: `seedling train`'s default
-//! config, trained on tiny-shakespeare, must get 0.3 nats/char below the
-//! unigram baseline on the validation split within a fixed number of steps
-//! (the default start, the unigram output bias, begins at about that
-//! baseline).
+//! config, trained on tiny-shakespeare for 20M forward tokens, must get 0.3
+//! nats/char below the unigram baseline on the validation split (the
+//! default start, the unigram output bias, begins at about that baseline)
+//! and come within 0.05 of the bigram baseline, which it passes at about
+//! 16M tokens (docs/LEARNING.md; the recipe before the exact readout was
+//! 0.2 above bigram there).
 //!
 //! It runs the same ES step the server runs (every member on the step's
 //! minibatch, the config's shaping, the scheduled learning rate), on one
@@ -12,17 +14,15 @@
 //! would show it. The full-size figures live in docs/LEARNING.md.
 
 use seedling_core::Replica;
-use seedling_core::adam;
 use seedling_core::batch::step_batch;
 use seedling_core::forward::{self, Minibatch};
 use seedling_core::shaping::shape;
-use seedling_core::update::es_gradient;
 use seedling_server::cli::RunArgs;
 use seedling_server::data::{self, find_default_corpus, load_corpus, ngram_baseline};
 
-/// ES steps of the default recipe; docs/LEARNING.md has where this recipe
-/// passes unigram on the full run (well before this).
-const STEPS: u64 = 300;
+/// ES steps of the default recipe: 1,200 steps of 256 members x 64 tokens
+/// are the 20M forward tokens of the learning target.
+const STEPS: u64 = 1200;
 
 /// tiny-shakespeare by the usual search, from the workspace root rather
 /// than this crate's directory (where cargo runs tests).
@@ -44,6 +44,7 @@ fn default_recipe_beats_unigram_on_tiny_shakespeare() {
     let vocab = corpus.tokenizer.len();
     let cfg = RunArgs::default().run_config(vocab as u32).unwrap();
     let unigram = ngram_baseline(&corpus.train, &corpus.val, vocab, 1);
+    let bigram = ngram_baseline(&corpus.train, &corpus.val, vocab, 2);
     let t = cfg.es.seq_len as usize;
     let val_windows = data::validation_windows(&corpus.val, data::VAL_SEQ_LEN, 256);
     let mut r = Replica::new(cfg).unwrap();
@@ -64,17 +65,17 @@ fn default_recipe_beats_unigram_on_tiny_shakespeare() {
         let losses = r.evaluate(&tokens, &members).unwrap();
         let pairs: Vec<(u32, f32)> = members.iter().copied().zip(losses).collect();
         let weights = shape(cfg.recipe.shaping, &pairs).unwrap();
-        // What `Replica::apply` does with the lr the server sends.
-        let g = es_gradient(&r.layout, &cfg, step, &weights).unwrap();
-        adam::step(&cfg.adam, cfg.lr_at(step, 0.0), &mut r.params, &mut r.adam, &g);
-        r.step += 1;
+        // The update every replica applies, with the lr the server sends.
+        r.apply(step, cfg.lr_at(step, 0.0), &weights, &tokens).unwrap();
     }
     let end = val(&r);
-    println!("default recipe: {start:.3} -> {end:.3} nats/char in {STEPS} steps (unigram {unigram:.3})");
+    println!(
+        "default recipe: {start:.3} -> {end:.3} nats/char in {STEPS} steps (unigram {unigram:.3}, bigram {bigram:.3})"
+    );
     assert!(
-        end < unigram - 0.3,
+        end < unigram - 0.3 && end < bigram + 0.05,
         "after {STEPS} steps the default recipe is at {end:.3} nats/char (from {start:.3}); \
-         the unigram baseline is {unigram:.3}"
+         the unigram baseline is {unigram:.3}, the bigram one {bigram:.3}"
     );
 }
 
@@ -83,7 +84,7 @@ fn default_recipe_beats_unigram_on_tiny_shakespeare() {
 #[test]
 fn recipe_flags_and_config_keys() {
     use clap::Parser;
-    use seedling_core::{LrSchedule, Shaping};
+    use seedling_core::{LrSchedule, Readout, Shaping};
     use seedling_server::cli::{Cli, Command, DEFAULT_MIN_LR_RATIO};
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("run.toml");
@@ -136,6 +137,10 @@ fn recipe_flags_and_config_keys() {
     assert!(err(&["--schedule", "step"]).contains("--decay-steps"));
     assert!(err(&["--schedule", "linear"]).contains("--schedule must be"));
     assert!(err(&["--shaping", "ranked"]).contains("--shaping must be"));
+    // The readout: exact by default, ES's estimate on request.
+    assert_eq!(c.recipe.readout, Readout::Exact);
+    assert_eq!(parse(&["--readout", "es"]).unwrap().recipe.readout, Readout::Es);
+    assert!(err(&["--readout", "backprop"]).contains("--readout must be"));
     assert!(err(&["--schedule", "cosine", "--min-lr-ratio", "2"]).contains("min_ratio"));
 
     // A time budget makes the default a cosine over it; a step horizon or

@@ -89,12 +89,20 @@ case "$row" in
     [[ $rest == *-full* ]] && flags="${flags/--rank 1/--noise full}"
     [[ $rest == *-cos* ]] && flags="$flags --schedule cosine"
     points=${POINTS:-40} ;;
+  # The exact readout (docs/LEARNING.md, "An exact readout"): the 1x16
+  # default with its unigram start and the readout's exact gradient, rows
+  # named s10-n<members>[-seed<S>]; measured with BUDGET=30000000 POINTS=90.
+  s10-n*)
+    re="^s10-n([0-9]+)(-seed([0-9]+))?\$"
+    [[ $row =~ $re ]] || { echo "bad s10 row $row" >&2; exit 2; }
+    flags="$h16 --population ${BASH_REMATCH[1]} --seq-len 64 --lr 1e-2 --seed ${BASH_REMATCH[3]:-0}"
+    start_flags="--output-bias unigram --readout exact" ;;
   *) echo "unknown row $row" >&2; exit 2 ;;
 esac
 
 # Step count from the budget: tokens per step = population * batch * seq_len.
 flag() { grep -o -- "--$1 [0-9]*" <<<"$flags" | tail -1 | awk '{print $2}' || true; }
-pop=$(flag population); pop=${pop:-512}
+pop=$(flag population); pop=${pop:-256}
 batch=$(flag batch); batch=${batch:-1}
 seq=$(flag seq-len); seq=${seq:-64}
 steps=$(( budget / (pop * batch * seq) ))
@@ -105,10 +113,12 @@ rm -rf "$dir"
 mkdir -p runs/study
 start=$(date +%s)
 # shellcheck disable=SC2086
-# The rows were measured from a zero output bias, before the unigram start
-# became the default; `--output-bias zero` keeps measuring what they measured.
+# The rows before s10 were measured from a zero output bias and with ES's
+# readout, before the unigram start and the exact readout became the
+# defaults; these flags keep measuring what they measured.
+start_flags=${start_flags:---output-bias zero --readout es}
 nice -n 10 "$bin" train --port 0 --run-dir "$dir" --sample 0 --eval-every "$every" \
-  --checkpoint-every "$steps" --max-steps "$steps" --output-bias zero $flags >"$dir.log" 2>&1
+  --checkpoint-every "$steps" --max-steps "$steps" $start_flags $flags >"$dir.log" 2>&1
 end=$(date +%s)
 val=$(grep -o 'validation loss [0-9.]*' "$dir.log" | tail -1 | awk '{print $3}')
 tokens=$(( steps * pop * batch * seq ))
