@@ -738,6 +738,19 @@ pub(crate) mod tests {
         assert!(e.downcast_ref::<Incompatible>().is_some(), "{e:#}");
     }
 
+    /// A config written before the recipe had a readout (protocol 1 and 2
+    /// checkpoints) reads as ES's readout, which is what it trained with.
+    #[test]
+    fn configs_from_before_the_readout_read_as_es() {
+        let mut cfg = trained(1).config;
+        cfg.recipe.readout = seedling_core::Readout::Exact;
+        let mut json = serde_json::to_value(cfg).unwrap();
+        json["recipe"].as_object_mut().unwrap().remove("readout").unwrap();
+        let old: RunConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old.recipe.readout, seedling_core::Readout::Es);
+        assert_eq!(old.recipe.schedule, cfg.recipe.schedule);
+    }
+
     #[test]
     fn wrong_shapes_are_refused() {
         let ckpt = trained(1);
