@@ -610,6 +610,12 @@ async fn garbage_frames_disturb_nobody() {
     // shows the worker and the server at the same step is rare while steps
     // close this fast: the worker's hash and its next result are often
     // handled in one batch, and the status is published as the step closes.)
+    // A garbage client's Hello and Hash can still be queued for the
+    // coordinator when its connection has closed and the status already
+    // shows one volunteer; three more steps let those land first, so only
+    // the honest worker can move the count below.
+    let k0 = s.step;
+    let s = wait_for(&server, LONG, "queued garbage to drain", |s| s.step >= k0 + 3).await;
     let (k, divergences) = (s.step, s.divergences);
     let s = wait_for(&server, LONG, "the honest worker to report more steps", |s| {
         s.step >= k + 3 && s.client_hashes.values().all(|c| c.step >= k + 3)
