@@ -1459,7 +1459,7 @@ impl Coordinator {
             .expect("losses were checked finite on arrival");
         let lr = self.lr_for(step, now);
         let tokens = match self.replica.config.recipe.readout {
-            Readout::Exact => std::mem::take(&mut self.step_tokens),
+            Readout::Exact => self.step_tokens.clone(),
             Readout::Es => Vec::new(),
         };
         let update = ServerMsg::Update {
@@ -1497,11 +1497,8 @@ impl Coordinator {
             self.sync_idle(id);
         }
         let update_started = Mark::now();
-        let ServerMsg::Update { tokens, .. } = &update else {
-            unreachable!("built as an update above")
-        };
         self.replica
-            .apply(step, lr, &weights, tokens)
+            .apply(step, lr, &weights, &self.step_tokens)
             .expect("the update list and minibatch were built by this coordinator");
         let hash = self.replica.hash();
         let update = update_started.elapsed();
