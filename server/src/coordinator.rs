@@ -468,8 +468,8 @@ pub struct Coordinator {
     /// The current step's minibatch as encoded in its jobs, encoded once
     /// and shared by every job frame of the step.
     token_bytes: Bytes,
-    /// The current step's minibatch, which the update carries when the
-    /// recipe's readout is exact.
+    /// The current step's minibatch: with an exact readout the update
+    /// carries it, and this replica's update reads it.
     step_tokens: Vec<Token>,
     /// Where a job's head and tail are encoded before they are copied into
     /// `frames`.
