@@ -398,6 +398,16 @@ async fn persistent_liar(url: String, server: Arc<Server>, lie: Lie) -> Vec<(u64
     caught
 }
 
+/// The operator token of the servers that tests steer through /admin.
+const ADMIN: &str = "soak-operator";
+
+/// Sends an operator command and insists that it was accepted.
+async fn admin(server: &Server, command: &str) {
+    let auth = format!("Authorization: Bearer {ADMIN}\r\n");
+    let (head, body) = http_request(server.addr, "POST", &format!("/admin/{command}"), &auth).await;
+    assert!(head.contains("200"), "{command}: {head} {body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_volunteer_among_five_changes_nothing() {
     let _serial = SERIAL.lock().await;
@@ -407,14 +417,24 @@ async fn a_lying_volunteer_among_five_changes_nothing() {
     let run = |lie: Option<Lie>| {
         let settings = settings.clone();
         async move {
-            let server = Arc::new(start(tiny_options(settings)).await);
+            let mut opts = tiny_options(settings);
+            opts.admin_token = Some(ADMIN.into());
+            let server = Arc::new(start(opts).await);
             let url = ws_url(&server);
             let workers: Vec<_> = (0..honest).map(|_| spawn_worker(&url, 1)).collect();
             let liar = lie.map(|lie| {
                 let (url, server) = (url.clone(), server.clone());
                 tokio::spawn(async move {
+                    // Steps of the tiny model take milliseconds, so a liar
+                    // that simply connected could arrive after the last one.
+                    // The run waits for it: paused, the server hands out no
+                    // work until the liar has said Hello.
                     wait_for(&server, LONG, "step 2", |s| s.step >= 2).await;
-                    persistent_liar(url, server, lie).await
+                    admin(&server, "pause").await;
+                    let liar = tokio::spawn(persistent_liar(url, server.clone(), lie));
+                    wait_for(&server, LONG, "the liar's Hello", |s| s.volunteers.total > honest).await;
+                    admin(&server, "resume").await;
+                    liar.await.unwrap()
                 })
             });
             let s = wait_for(&server, LONG, "the run to finish", |s| {
