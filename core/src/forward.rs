@@ -98,7 +98,7 @@ impl LowRankPop {
         let scale = sigma / libm::sqrtf(rank as f32);
         let (mut mat_coef, mut vec_coef) = (Vec::new(), Vec::new());
         for &m in members {
-            noise::pair_noise(layout, Some(rank), cfg.seed, step, (m / 2) as u64, &mut buf);
+            noise::pair_noise(layout, cfg, step, (m / 2) as u64, &mut buf);
             noise.extend_from_slice(&buf);
             let sign = if m % 2 == 0 { 1.0 } else { -1.0 };
             mat_coef.push(sign * scale);
@@ -404,7 +404,7 @@ pub fn member_losses(
             let mut out = Vec::with_capacity(members.len());
             for &m in members {
                 if m / 2 != eps_pair {
-                    noise::pair_noise(layout, None, cfg.seed, step, (m / 2) as u64, &mut eps);
+                    noise::pair_noise(layout, cfg, step, (m / 2) as u64, &mut eps);
                     eps_pair = m / 2;
                 }
                 let s = if m % 2 == 0 { cfg.es.sigma } else { -cfg.es.sigma };
@@ -430,7 +430,7 @@ pub fn perturbed_params(
 ) -> Vec<f32> {
     let rank = cfg.es.noise.rank();
     let mut buf = Vec::new();
-    noise::pair_noise(layout, rank, cfg.seed, step, (member / 2) as u64, &mut buf);
+    noise::pair_noise(layout, cfg, step, (member / 2) as u64, &mut buf);
     let sign = if member % 2 == 0 { 1.0 } else { -1.0 };
     let sigma = sign * cfg.es.sigma;
     let mut out = params.to_vec();
@@ -461,7 +461,7 @@ pub fn perturbed_params(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ModelConfig, NoiseKind};
+    use crate::config::{ModelConfig, NoiseKind, Readout};
 
     fn tiny(noise: NoiseKind) -> (RunConfig, Layout, Vec<f32>, Vec<Token>) {
         let mut cfg = RunConfig::rw256(11);
@@ -483,8 +483,14 @@ mod tests {
 
     #[test]
     fn batched_lowrank_equals_materialized_weights() {
-        for rank in [1, 3] {
-            let (cfg, layout, params, tokens) = tiny(NoiseKind::LowRank { rank });
+        for (rank, readout) in [
+            (1, Readout::Es),
+            (3, Readout::Es),
+            (1, Readout::Exact),
+            (3, Readout::Exact),
+        ] {
+            let (mut cfg, layout, params, tokens) = tiny(NoiseKind::LowRank { rank });
+            cfg.recipe.readout = readout;
             let mb = Minibatch::new(&tokens, 3, 5, 11).unwrap();
             let members = [5u32, 0, 1, 7];
             for backend in [Backend::Fast, Backend::Reference] {
@@ -492,7 +498,10 @@ mod tests {
                 for (&m, &g) in members.iter().zip(&got) {
                     let p = perturbed_params(&layout, &params, &cfg, 4, m);
                     let want = loss(&layout, &p, &mb, Backend::Reference).unwrap();
-                    assert!((g - want).abs() < 1e-5, "rank {rank} member {m}: {g} vs {want}");
+                    assert!(
+                        (g - want).abs() < 1e-5,
+                        "rank {rank} {readout:?} member {m}: {g} vs {want}"
+                    );
                 }
             }
         }
@@ -520,13 +529,42 @@ mod tests {
 
     #[test]
     fn full_noise_members_match_materialized_weights() {
-        let (cfg, layout, params, tokens) = tiny(NoiseKind::Full);
-        let mb = Minibatch::new(&tokens, 3, 5, 11).unwrap();
-        let got = member_losses(&layout, &params, &cfg, 2, &mb, &[2, 3, 6], Backend::Fast).unwrap();
-        for (m, g) in [2u32, 3, 6].into_iter().zip(got) {
-            let p = perturbed_params(&layout, &params, &cfg, 2, m);
-            let want = loss(&layout, &p, &mb, Backend::Reference).unwrap();
-            assert!((g - want).abs() < 1e-5);
+        for readout in [Readout::Es, Readout::Exact] {
+            let (mut cfg, layout, params, tokens) = tiny(NoiseKind::Full);
+            cfg.recipe.readout = readout;
+            let mb = Minibatch::new(&tokens, 3, 5, 11).unwrap();
+            let got = member_losses(&layout, &params, &cfg, 2, &mb, &[2, 3, 6], Backend::Fast).unwrap();
+            for (m, g) in [2u32, 3, 6].into_iter().zip(got) {
+                let p = perturbed_params(&layout, &params, &cfg, 2, m);
+                let want = loss(&layout, &p, &mb, Backend::Reference).unwrap();
+                assert!((g - want).abs() < 1e-5, "{readout:?} member {m}: {g} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_exact_readout_is_never_perturbed() {
+        for noise in [
+            NoiseKind::LowRank { rank: 1 },
+            NoiseKind::LowRank { rank: 2 },
+            NoiseKind::Full,
+        ] {
+            let (mut cfg, layout, params, tokens) = tiny(noise);
+            let mb = Minibatch::new(&tokens, 3, 5, 11).unwrap();
+            let es = member_losses(&layout, &params, &cfg, 1, &mb, &[0, 1, 4], Backend::Fast).unwrap();
+            cfg.recipe.readout = Readout::Exact;
+            let exact = member_losses(&layout, &params, &cfg, 1, &mb, &[0, 1, 4], Backend::Fast).unwrap();
+            assert_ne!(es, exact, "{noise:?}: the readout's noise changed no loss");
+            let p = perturbed_params(&layout, &params, &cfg, 1, 4);
+            let g = crate::update::es_gradient(&layout, &cfg, 1, &[(0, 1.0), (1, -1.0), (4, 0.5)]).unwrap();
+            for (id, t) in layout.tensors.iter().enumerate() {
+                let (moved, estimated) = (
+                    p[t.range()] != params[t.range()],
+                    g[t.range()].iter().any(|&x| x != 0.0),
+                );
+                let want = !layout.is_readout(id);
+                assert_eq!((moved, estimated), (want, want), "{noise:?} {}", t.name);
+            }
         }
     }
 

@@ -106,6 +106,12 @@ impl Layout {
         &self.tensors[3 * l + 2]
     }
 
+    /// Whether tensor `id` is part of the readout (the output matrix or
+    /// bias), whose gradient a forward pass gives exactly.
+    pub fn is_readout(&self, id: usize) -> bool {
+        id >= 3 * self.layers()
+    }
+
     /// The output matrix.
     pub fn w_out(&self) -> &TensorSpec {
         &self.tensors[3 * self.layers()]

@@ -16,6 +16,7 @@ mod table;
 
 use rand_core::{RngCore, impls};
 
+use crate::config::RunConfig;
 use crate::model::Layout;
 
 /// Key domain for initial weights.
@@ -108,21 +109,21 @@ pub fn tensor_noise_len(rows: usize, cols: usize, is_matrix: bool, rank: Option<
 /// Low-rank (`rank = Some(r)`): a matrix `[m, n]` contributes `A` (`[m, r]`,
 /// row-major) then `B` (`[n, r]`); a vector contributes its Gaussian values.
 /// Full (`rank = None`): every tensor contributes `rows * cols` values, so the
-/// buffer is exactly a parameter-shaped `eps`.
-pub fn pair_noise(
-    layout: &Layout,
-    rank: Option<usize>,
-    seed: u64,
-    step: u64,
-    pair: u64,
-    out: &mut alloc::vec::Vec<f32>,
-) {
+/// buffer is exactly a parameter-shaped `eps`. The rank is the config's.
+///
+/// A tensor the config does not perturb ([`RunConfig::perturbs`]) keeps its
+/// place in the buffer, filled with zeros; every other tensor's noise is the
+/// same whether or not it is (each tensor has its own stream).
+pub fn pair_noise(layout: &Layout, cfg: &RunConfig, step: u64, pair: u64, out: &mut alloc::vec::Vec<f32>) {
+    let rank = cfg.es.noise.rank();
     out.clear();
     for (id, t) in layout.tensors.iter().enumerate() {
         let n = tensor_noise_len(t.rows, t.cols, t.is_matrix, rank);
         let start = out.len();
         out.resize(start + n, 0.0);
-        fill_normal(pair_key(seed, step, pair, id), &mut out[start..]);
+        if cfg.perturbs(layout, id) {
+            fill_normal(pair_key(cfg.seed, step, pair, id), &mut out[start..]);
+        }
     }
 }
 

@@ -23,7 +23,9 @@ use crate::tokenizer::{Token, Tokenizer};
 /// member order without indices, and sessions carry a token.
 /// 3: the recipe says where the readout's update comes from, and the
 /// update carries the minibatch when every replica needs it.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: with the exact readout, members no longer perturb the readout, so a
+/// protocol-3 client would report other losses for the same member.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// A random secret the server hands a client in its Welcome. Presenting it
 /// again in a later Hello resumes the session: the trust it earned, or the

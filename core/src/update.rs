@@ -58,6 +58,9 @@ pub fn es_gradient(layout: &Layout, cfg: &RunConfig, step: u64, weights: &[(u32,
     let rank = cfg.es.noise.rank();
     let mut buf = Vec::new();
     for (id, t) in layout.tensors.iter().enumerate() {
+        if !cfg.perturbs(layout, id) {
+            continue; // never perturbed: no estimate (see `RunConfig::perturbs`)
+        }
         let n = noise::tensor_noise_len(t.rows, t.cols, t.is_matrix, rank);
         buf.resize(n, 0.0);
         let dst = &mut g[t.range()];

@@ -20,9 +20,9 @@
 //!
 //! `--exact-readout` replaces ES's estimate for the tanh RNN's readout by
 //! its exact gradient on the step's sequence, as the server's default recipe
-//! does ([`seedling_core::readout`]); members are still perturbed there,
-//! like the server's, unless `--no-readout-noise` also takes the readout
-//! out of the noise. `--unigram` starts the output bias at the training
+//! does ([`seedling_core::readout`]); members are still perturbed there
+//! unless `--no-readout-noise` also takes the readout out of the noise, as
+//! the server's recipe does. `--unigram` starts the output bias at the training
 //! text's character log-frequencies, the server's default.
 //!
 //! ```sh

@@ -36,7 +36,9 @@ pub const FORMAT: &str = "seedling-checkpoint";
 /// session tokens), not what a checkpoint holds, so version 1 files still
 /// load (they have no `lr_override`). Version 3 added the recipe's readout,
 /// which older configs read as ES's estimate, what they trained with.
-const READABLE_VERSIONS: [u32; 3] = [1, 2, PROTOCOL_VERSION];
+/// Version 4 changed only what members perturb; the weights are the same
+/// kind of thing.
+const READABLE_VERSIONS: [u32; 4] = [1, 2, 3, PROTOCOL_VERSION];
 
 /// Everything needed to resume a run or to use its model.
 #[derive(Clone, Debug, PartialEq)]
@@ -726,8 +728,8 @@ pub(crate) mod tests {
         );
         // latest() stops on it instead of falling back or starting over.
         assert!(latest(dir.path()).is_err());
-        // Protocol 1 and 2 checkpoints hold the same things and still load.
-        for old in ["1", "2"] {
+        // Protocol 1 to 3 checkpoints hold the same things and still load.
+        for old in ["1", "2", "3"] {
             meta.insert("protocol_version".into(), old.into());
             let bytes = safetensors::serialize(st.tensors(), Some(meta.clone())).unwrap();
             assert_eq!(from_bytes(&bytes).unwrap().params, ckpt.params);
