@@ -149,6 +149,20 @@ pub enum Readout {
     Exact,
 }
 
+/// Which rows of the first layer's input matrix ES's estimate covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InputRows {
+    /// Every row. A row whose character the step's minibatch never reads
+    /// has a true gradient of exactly zero, so its estimate is noise that
+    /// Adam turns into a random walk of that character's embedding.
+    #[default]
+    All,
+    /// Only the rows of characters the step's minibatch reads as input; the
+    /// others get their exact gradient, zero ([`crate::update::keep_seen_rows`]).
+    /// Every replica needs the minibatch for it, as for the exact readout.
+    Seen,
+}
+
 /// Choices of the training recipe beyond the model, ES and Adam settings.
 /// The defaults (constant lr, centered ranks) reproduce runs made before
 /// these choices existed.
@@ -162,6 +176,18 @@ pub struct Recipe {
     /// ES's estimate, which is what they trained with.
     #[serde(default)]
     pub readout: Readout,
+    /// Which input rows ES's estimate covers. Checkpoints written before it
+    /// existed read as every row, which is what they trained with.
+    #[serde(default)]
+    pub input_rows: InputRows,
+}
+
+impl Recipe {
+    /// Whether every replica needs the step's minibatch to apply its update
+    /// (the update message then carries it).
+    pub fn needs_minibatch(&self) -> bool {
+        self.readout == Readout::Exact || self.input_rows == InputRows::Seen
+    }
 }
 
 /// Everything that defines a training run; replicas with equal configs and

@@ -22,7 +22,8 @@
 //! - [`forward`]: population-batched loss evaluation (low-rank and full noise).
 //! - [`mingru`]: a minGRU cell on the study path (not part of the run config).
 //! - [`shaping`]: centered ranks of the losses.
-//! - [`update`]: the ES gradient rebuilt from seeds and weights.
+//! - [`update`]: the ES gradient rebuilt from seeds and weights, and kept
+//!   to the input rows the minibatch reads.
 //! - [`readout`]: the readout's exact gradient, for the recipe that does not
 //!   leave it to ES.
 //! - [`adam`]: the optimizer, bit-identical on every target.
@@ -65,7 +66,7 @@ pub mod tokenizer;
 pub mod update;
 
 pub use config::{
-    AdamConfig, EsConfig, LrSchedule, ModelConfig, NoiseKind, Readout, Recipe, RunConfig, Shaping,
+    AdamConfig, EsConfig, InputRows, LrSchedule, ModelConfig, NoiseKind, Readout, Recipe, RunConfig, Shaping,
 };
 pub use error::{Error, Result};
 pub use replica::Replica;

@@ -24,7 +24,8 @@ use crate::tokenizer::{Token, Tokenizer};
 /// 3: the recipe says where the readout's update comes from, and the
 /// update carries the minibatch when every replica needs it.
 /// 4: with the exact readout, members no longer perturb the readout, so a
-/// protocol-3 client would report other losses for the same member.
+/// protocol-3 client would report other losses for the same member; and
+/// the recipe may keep the estimate to the input rows the minibatch reads.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// A random secret the server hands a client in its Welcome. Presenting it
@@ -136,9 +137,10 @@ pub enum ServerMsg {
         lr: f32,
         /// Shaped weights of exactly the members that counted.
         weights: Vec<(u32, f32)>,
-        /// The step's minibatch when the recipe's readout is exact (every
-        /// replica computes the readout's gradient on it, including one
-        /// that evaluated no member of the step); empty otherwise.
+        /// The step's minibatch when the recipe needs it
+        /// (`Recipe::needs_minibatch`: every replica computes the readout's
+        /// gradient or the seen input rows on it, including one that
+        /// evaluated no member of the step); empty otherwise.
         tokens: Vec<Token>,
     },
     /// The client should drop its state and wait for a snapshot.

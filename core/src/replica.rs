@@ -8,7 +8,7 @@
 use alloc::vec::Vec;
 
 use crate::adam::{self, AdamState};
-use crate::config::{Readout, RunConfig};
+use crate::config::{InputRows, Readout, RunConfig};
 use crate::error::{Error, Result, check_len};
 use crate::forward::{self, Minibatch};
 use crate::gemm::Backend;
@@ -17,7 +17,7 @@ use crate::model::Layout;
 use crate::readout;
 use crate::shaping::centered_ranks;
 use crate::tokenizer::Token;
-use crate::update::es_gradient;
+use crate::update::{es_gradient, keep_seen_rows};
 
 /// Weights, optimizer state and step of one participant in a run.
 #[derive(Clone, Debug)]
@@ -118,9 +118,11 @@ impl Replica {
     /// rather than the config, so schedules and operator changes stay the
     /// server's decision while every replica applies the same one.
     ///
-    /// `tokens` is the step's minibatch. Only a recipe with an exact readout
-    /// ([`Readout::Exact`]) reads it, and then it must be a whole minibatch
-    /// of this run; otherwise it is ignored and may be empty.
+    /// `tokens` is the step's minibatch. Only a recipe that needs it
+    /// ([`crate::config::Recipe::needs_minibatch`]: an exact readout, or the
+    /// estimate kept to the input rows the minibatch reads) reads it, and
+    /// then it must be a whole minibatch of this run; otherwise it is
+    /// ignored and may be empty.
     pub fn apply(&mut self, step: u64, lr: f32, weights: &[(u32, f32)], tokens: &[Token]) -> Result<()> {
         if step != self.step {
             return Err(Error::Step {
@@ -131,9 +133,15 @@ impl Replica {
         crate::protocol::check_lr(lr)?;
         if !weights.is_empty() {
             let mut g = es_gradient(&self.layout, &self.config, step, weights)?;
-            if self.config.recipe.readout == Readout::Exact {
+            let recipe = self.config.recipe;
+            if recipe.needs_minibatch() {
                 let batch = self.minibatch(tokens)?;
-                readout::overwrite_readout(&self.layout, &self.params, &batch, &mut g)?;
+                if recipe.input_rows == InputRows::Seen {
+                    keep_seen_rows(&self.layout, &batch, &mut g)?;
+                }
+                if recipe.readout == Readout::Exact {
+                    readout::overwrite_readout(&self.layout, &self.params, &batch, &mut g)?;
+                }
             }
             adam::step(&self.config.adam, lr, &mut self.params, &mut self.adam, &g);
         }

@@ -15,7 +15,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::config::RunConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_len};
+use crate::forward::Minibatch;
 use crate::model::Layout;
 use crate::noise;
 
@@ -102,6 +103,31 @@ pub fn es_gradient(layout: &Layout, cfg: &RunConfig, step: u64, weights: &[(u32,
     Ok(g)
 }
 
+/// Zeroes the gradient rows of the first layer's input matrix whose
+/// character no sequence of `batch` reads as input ([`InputRows::Seen`]).
+///
+/// The input is one-hot, so such a row never touches the loss and its
+/// exact gradient is zero; ES's estimate there is only noise. The result
+/// depends on the tokens alone (no arithmetic), so it keeps the update path
+/// bit-identical across targets.
+///
+/// [`InputRows::Seen`]: crate::config::InputRows::Seen
+pub fn keep_seen_rows(layout: &Layout, batch: &Minibatch, g: &mut [f32]) -> Result<()> {
+    check_len("gradient", layout.len, g.len())?;
+    let mut seen = vec![false; layout.vocab()];
+    for s in 0..batch.batch() {
+        for t in 0..batch.seq_len() {
+            let tok = batch.token(s, t);
+            *seen.get_mut(tok).ok_or(Error::UnknownToken(tok as u32))? = true;
+        }
+    }
+    let (w, h) = (layout.w_ih(0), layout.hidden());
+    for (row, _) in seen.iter().enumerate().filter(|(_, s)| !**s) {
+        g[w.offset + row * h..w.offset + (row + 1) * h].fill(0.0);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +182,73 @@ mod tests {
             es_gradient(&layout, &c, 0, &[(1, f32::NAN)]),
             Err(Error::NonFinite)
         );
+    }
+
+    /// Exactly the first layer's input rows of characters no sequence reads
+    /// are zeroed: a character that is only a target (the last token) does
+    /// not count, and no other tensor, layer 1's input matrix included,
+    /// changes.
+    #[test]
+    fn keep_seen_rows_zeroes_exactly_the_unread_rows() {
+        let layout = Layout::new(ModelConfig {
+            vocab: 7,
+            hidden: 3,
+            layers: 2,
+        });
+        // Inputs read characters 1, 2 and 4; 6 is only a target.
+        let tokens: [crate::tokenizer::Token; 8] = [1, 2, 1, 6, 4, 4, 2, 6];
+        let batch = Minibatch::new(&tokens, 2, 3, 7).unwrap();
+        let mut g = vec![1.0f32; layout.len];
+        keep_seen_rows(&layout, &batch, &mut g).unwrap();
+        let w = layout.w_ih(0);
+        for (i, &x) in g.iter().enumerate() {
+            let row = (i >= w.offset && i < w.offset + w.len()).then(|| (i - w.offset) / 3);
+            let want = match row {
+                Some(r) if ![1, 2, 4].contains(&r) => 0.0,
+                _ => 1.0,
+            };
+            assert_eq!(x, want, "element {i} (input row {row:?})");
+        }
+        // A buffer or minibatch that does not fit is an error, not a panic.
+        assert!(keep_seen_rows(&layout, &batch, &mut g[1..]).is_err());
+        let wide: [crate::tokenizer::Token; 4] = [9, 1, 2, 3];
+        let wide = Minibatch::new(&wide, 1, 3, 10).unwrap();
+        assert!(keep_seen_rows(&layout, &wide, &mut g).is_err());
+    }
+
+    /// What the rows keep is sound: backpropagation's exact gradient is zero
+    /// on every row keep_seen_rows zeroes, and not on the rows it keeps.
+    #[cfg(feature = "bptt")]
+    #[test]
+    fn unread_rows_have_a_zero_exact_gradient() {
+        let layout = Layout::new(ModelConfig {
+            vocab: 11,
+            hidden: 6,
+            layers: 1,
+        });
+        let params = layout.init_params(5, 1.0);
+        let tokens: Vec<crate::tokenizer::Token> = (0..2 * 10u32).map(|i| ((i * i) % 11) as _).collect();
+        let batch = Minibatch::new(&tokens, 2, 9, 11).unwrap();
+        let (_, grad) =
+            crate::backprop::loss_and_gradient(&layout, &params, &tokens, 9, crate::gemm::Backend::Reference)
+                .unwrap();
+        let mut kept = vec![1.0f32; layout.len];
+        keep_seen_rows(&layout, &batch, &mut kept).unwrap();
+        let w = layout.w_ih(0);
+        let (mut zeroed, mut read) = (0, 0);
+        for r in 0..11 {
+            let rows = w.offset + r * 6..w.offset + (r + 1) * 6;
+            if kept[rows.clone()].iter().all(|&k| k == 0.0) {
+                zeroed += 1;
+                assert!(grad[rows].iter().all(|&x| x == 0.0), "row {r} has a gradient");
+            } else {
+                read += 1;
+                assert!(
+                    grad[rows].iter().any(|&x| x != 0.0),
+                    "row {r} is read but has no gradient"
+                );
+            }
+        }
+        assert!(zeroed > 0 && read > 0, "{zeroed} rows zeroed, {read} read");
     }
 }

@@ -24,8 +24,17 @@ fn golden_full() {
 }
 
 #[test]
-fn golden_exact_readout() {
-    let h = golden_hash_with(NoiseKind::LowRank { rank: 1 }, Readout::Exact);
-    assert_eq!(h, GOLDEN_EXACT_READOUT, "exact-readout golden hash {h:#018x}");
-    assert_ne!(h, GOLDEN_RANK1, "the exact readout changed nothing");
+fn golden_default_recipe() {
+    let h = golden_hash_with(NoiseKind::LowRank { rank: 1 }, default_recipe());
+    assert_eq!(h, GOLDEN_DEFAULT_RECIPE, "default-recipe golden hash {h:#018x}");
+    assert_ne!(h, GOLDEN_RANK1, "the recipe changed nothing");
+    for (readout, input_rows) in [(Readout::Exact, InputRows::All), (Readout::Es, InputRows::Seen)] {
+        let recipe = Recipe {
+            readout,
+            input_rows,
+            ..Recipe::default()
+        };
+        let part = golden_hash_with(NoiseKind::LowRank { rank: 1 }, recipe);
+        assert_ne!(h, part, "{readout:?} with {input_rows:?} changed nothing");
+    }
 }

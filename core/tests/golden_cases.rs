@@ -10,7 +10,7 @@
 // blessed on every target at once.
 
 use seedling_core::gemm::Backend;
-use seedling_core::{NoiseKind, Readout, Replica, RunConfig, batch, config::ModelConfig};
+use seedling_core::{InputRows, NoiseKind, Readout, Recipe, Replica, RunConfig, batch, config::ModelConfig};
 
 /// Steps run by the golden.
 pub const GOLDEN_STEPS: u64 = 24;
@@ -25,19 +25,29 @@ pub const GOLDEN_RANK1: u64 = 0x88b5_76b7_b4eb_4833;
 /// Expected hash with full-rank noise.
 pub const GOLDEN_FULL: u64 = 0xa3a8_1edb_04d7_aaa5;
 
-/// Expected hash with rank-1 noise and the exact readout (the default
-/// recipe of `seedling train`), whose update also runs a forward pass and
-/// whose members leave the readout unperturbed.
-pub const GOLDEN_EXACT_READOUT: u64 = 0x6761_529e_90e6_8ed4;
+/// Expected hash with the recipe of `seedling train`: rank-1 noise, the
+/// exact readout (the update also runs a forward pass, and members leave the
+/// readout unperturbed) and the estimate kept to the input rows the
+/// minibatch reads.
+pub const GOLDEN_DEFAULT_RECIPE: u64 = 0xd7b9_9e9d_1437_b2df;
 
 /// Runs the golden training with ES's readout and returns the final
 /// weights hash.
 pub fn golden_hash(noise: NoiseKind) -> u64 {
-    golden_hash_with(noise, Readout::Es)
+    golden_hash_with(noise, Recipe::default())
+}
+
+/// The recipe choices of `seedling train` that change the update path.
+pub fn default_recipe() -> Recipe {
+    Recipe {
+        readout: Readout::Exact,
+        input_rows: InputRows::Seen,
+        ..Recipe::default()
+    }
 }
 
 /// Runs the golden training and returns the final weights hash.
-pub fn golden_hash_with(noise: NoiseKind, readout: Readout) -> u64 {
+pub fn golden_hash_with(noise: NoiseKind, recipe: Recipe) -> u64 {
     let mut cfg = RunConfig::rw256(13);
     cfg.seed = 2024;
     cfg.model = ModelConfig {
@@ -52,7 +62,7 @@ pub fn golden_hash_with(noise: NoiseKind, readout: Readout) -> u64 {
     cfg.es.sigma = 0.05;
     cfg.adam.lr = 0.01;
     cfg.adam.weight_decay = 0.01;
-    cfg.recipe.readout = readout;
+    cfg.recipe = recipe;
     let corpus: Vec<u16> = (0..2000u32).map(|i| ((i * i + 3 * i) % 13) as u16).collect();
     let mut r = Replica::new(cfg).unwrap();
     r.backend = Backend::Reference;

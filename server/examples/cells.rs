@@ -22,8 +22,11 @@
 //! its exact gradient on the step's sequence, as the server's default recipe
 //! does ([`seedling_core::readout`]); members are still perturbed there
 //! unless `--no-readout-noise` also takes the readout out of the noise, as
-//! the server's recipe does. `--unigram` starts the output bias at the training
-//! text's character log-frequencies, the server's default.
+//! the server's recipe does. `--seen-rows` keeps ES's estimate for the
+//! input matrix to the rows of characters the step's sequences read, as the
+//! server's recipe does ([`seedling_core::update::keep_seen_rows`]).
+//! `--unigram` starts the output bias at the training text's character
+//! log-frequencies, the server's default.
 //!
 //! ```sh
 //! cargo run --release -p seedling-server --example cells -- --cell mingru --hidden 12
@@ -150,6 +153,7 @@ fn main() -> Result<()> {
     let exact_readout = args.iter().any(|a| a == "--exact-readout");
     let no_readout_noise = args.iter().any(|a| a == "--no-readout-noise");
     let unigram = args.iter().any(|a| a == "--unigram");
+    let seen_rows = args.iter().any(|a| a == "--seen-rows");
     if population < 2 || population % 2 != 0 {
         bail!("--population must be even and at least 2");
     }
@@ -244,6 +248,10 @@ fn main() -> Result<()> {
             for (g, x) in grad.iter_mut().zip(e) {
                 *g += c * x;
             }
+        }
+        if let (true, Cell::Tanh(l)) = (seen_rows, &cell) {
+            let mb = Minibatch::new(&tokens, sequences, seq_len, l.vocab())?;
+            seedling_core::update::keep_seen_rows(l, &mb, &mut grad)?;
         }
         if let (Some(_), Cell::Tanh(l)) = (&readout, &cell) {
             let mb = Minibatch::new(&tokens[..w], 1, seq_len, l.vocab())?;

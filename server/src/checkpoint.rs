@@ -741,12 +741,22 @@ pub(crate) mod tests {
     }
 
     /// A config written before the recipe had a readout (protocol 1 and 2
-    /// checkpoints) reads as ES's readout, which is what it trained with.
+    /// checkpoints) reads as ES's readout, and one written before it had
+    /// input rows (up to protocol 3) as every row: what they trained with.
     #[test]
     fn configs_from_before_the_readout_read_as_es() {
         let mut cfg = trained(1).config;
         cfg.recipe.readout = seedling_core::Readout::Exact;
+        cfg.recipe.input_rows = seedling_core::InputRows::Seen;
         let mut json = serde_json::to_value(cfg).unwrap();
+        json["recipe"]
+            .as_object_mut()
+            .unwrap()
+            .remove("input_rows")
+            .unwrap();
+        let v3: RunConfig = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(v3.recipe.input_rows, seedling_core::InputRows::All);
+        assert_eq!(v3.recipe.readout, seedling_core::Readout::Exact);
         json["recipe"].as_object_mut().unwrap().remove("readout").unwrap();
         let old: RunConfig = serde_json::from_value(json).unwrap();
         assert_eq!(old.recipe.readout, seedling_core::Readout::Es);

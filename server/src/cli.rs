@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use seedling_core::{LrSchedule, NoiseKind, Readout, RunConfig, Shaping};
+use seedling_core::{InputRows, LrSchedule, NoiseKind, Readout, RunConfig, Shaping};
 use serde::Deserialize;
 
 use crate::app::{Limits, ServeOptions};
@@ -190,6 +190,12 @@ pub struct RunArgs {
     /// docs/LEARNING.md, "An exact readout"].
     #[arg(long)]
     pub readout: Option<String>,
+    /// Which rows of the input matrix ES's estimate covers: `seen` (only
+    /// the characters the step's minibatch reads; the others' exact
+    /// gradient is zero) or `all` [default: seen; see docs/LEARNING.md,
+    /// "Only the input rows the minibatch reads"].
+    #[arg(long)]
+    pub input_rows: Option<String>,
     /// A fresh run's output bias: `unigram` (the training text's character
     /// frequencies, so the first step already predicts them; see
     /// docs/LEARNING.md) or `zero` [default: unigram].
@@ -264,7 +270,7 @@ impl RunArgs {
         }
         merge!(self, f; run_dir, bind, port, www, seed, hidden, layers, population, batch, seq_len, sigma, lr,
             weight_decay, beta1, beta2, noise, rank, init_scale, schedule, warmup, decay_steps, min_lr_ratio, decay_gamma,
-            shaping, readout, output_bias, min_fraction, step_timeout, job_timeout, eval_every,
+            shaping, readout, input_rows, output_bias, min_fraction, step_timeout, job_timeout, eval_every,
             eval_windows, checkpoint_every, keep, max_steps, admin_token, max_connections, max_per_ip, replicate, tolerance, max_strikes);
         Ok(self)
     }
@@ -345,6 +351,11 @@ impl RunArgs {
             "exact" => Readout::Exact,
             "es" => Readout::Es,
             other => anyhow::bail!("--readout must be `exact` or `es`, not `{other}`"),
+        };
+        c.recipe.input_rows = match self.input_rows.as_deref().unwrap_or("seen") {
+            "seen" => InputRows::Seen,
+            "all" => InputRows::All,
+            other => anyhow::bail!("--input-rows must be `seen` or `all`, not `{other}`"),
         };
         c.validate()?;
         Ok(c)

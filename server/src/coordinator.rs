@@ -34,7 +34,7 @@ use seedling_core::protocol::{
 };
 use seedling_core::shaping::shape;
 use seedling_core::tokenizer::{Token, Tokenizer};
-use seedling_core::{Readout, Replica, batch};
+use seedling_core::{Replica, batch};
 use serde::Serialize;
 use smallvec::SmallVec;
 use tokio::sync::mpsc;
@@ -468,8 +468,9 @@ pub struct Coordinator {
     /// The current step's minibatch as encoded in its jobs, encoded once
     /// and shared by every job frame of the step.
     token_bytes: Bytes,
-    /// The current step's minibatch: with an exact readout the update
-    /// carries it, and this replica's update reads it.
+    /// The current step's minibatch: when the recipe needs it (an exact
+    /// readout, the estimate kept to seen input rows) the update carries it,
+    /// and this replica's update reads it.
     step_tokens: Vec<Token>,
     /// Where a job's head and tail are encoded before they are copied into
     /// `frames`.
@@ -1458,9 +1459,10 @@ impl Coordinator {
         let weights = shape(self.replica.config.recipe.shaping, &losses)
             .expect("losses were checked finite on arrival");
         let lr = self.lr_for(step, now);
-        let tokens = match self.replica.config.recipe.readout {
-            Readout::Exact => self.step_tokens.clone(),
-            Readout::Es => Vec::new(),
+        let tokens = if self.replica.config.recipe.needs_minibatch() {
+            self.step_tokens.clone()
+        } else {
+            Vec::new()
         };
         let update = ServerMsg::Update {
             step,

@@ -47,11 +47,11 @@ fn golden_rank1_matches_native() {
 }
 
 #[wasm_bindgen_test]
-fn golden_exact_readout_matches_native() {
+fn golden_default_recipe_matches_native() {
     assert_eq!(
-        golden_hash_with(NoiseKind::LowRank { rank: 1 }, Readout::Exact),
-        GOLDEN_EXACT_READOUT,
-        "wasm weights differ from the native golden (exact readout)"
+        golden_hash_with(NoiseKind::LowRank { rank: 1 }, default_recipe()),
+        GOLDEN_DEFAULT_RECIPE,
+        "wasm weights differ from the native golden (the default recipe)"
     );
 }
 

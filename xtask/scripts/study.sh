@@ -92,11 +92,16 @@ case "$row" in
   # The exact readout (docs/LEARNING.md, "An exact readout"): the 1x16
   # default with its unigram start and the readout's exact gradient, rows
   # named s10-n<members>[-seed<S>]; measured with BUDGET=30000000 POINTS=90.
-  s10-n*)
-    re="^s10-n([0-9]+)(-seed([0-9]+))?\$"
-    [[ $row =~ $re ]] || { echo "bad s10 row $row" >&2; exit 2; }
-    flags="$h16 --population ${BASH_REMATCH[1]} --seq-len 64 --lr 1e-2 --seed ${BASH_REMATCH[3]:-0}"
-    start_flags="--output-bias unigram --readout exact" ;;
+  # (They were measured while members still perturbed the readout; since
+  # protocol 4 they do not, so these rows now come out a little better.)
+  # s11-n<members>[-seed<S>] add the estimate kept to the input rows the
+  # minibatch reads ("Only the input rows the minibatch reads").
+  s1[01]-n*)
+    re="^s1([01])-n([0-9]+)(-seed([0-9]+))?\$"
+    [[ $row =~ $re ]] || { echo "bad row $row" >&2; exit 2; }
+    flags="$h16 --population ${BASH_REMATCH[2]} --seq-len 64 --lr 1e-2 --seed ${BASH_REMATCH[4]:-0}"
+    rows=all; [[ ${BASH_REMATCH[1]} == 1 ]] && rows=seen
+    start_flags="--output-bias unigram --readout exact --input-rows $rows" ;;
   *) echo "unknown row $row" >&2; exit 2 ;;
 esac
 
@@ -113,10 +118,11 @@ rm -rf "$dir"
 mkdir -p runs/study
 start=$(date +%s)
 # shellcheck disable=SC2086
-# The rows before s10 were measured from a zero output bias and with ES's
-# readout, before the unigram start and the exact readout became the
-# defaults; these flags keep measuring what they measured.
-start_flags=${start_flags:---output-bias zero --readout es}
+# The rows before s10 were measured from a zero output bias, with ES's
+# readout and with every input row estimated, before the unigram start, the
+# exact readout and the seen rows became the defaults; these flags keep
+# measuring what they measured.
+start_flags=${start_flags:---output-bias zero --readout es --input-rows all}
 nice -n 10 "$bin" train --port 0 --run-dir "$dir" --sample 0 --eval-every "$every" \
   --checkpoint-every "$steps" --max-steps "$steps" $start_flags $flags >"$dir.log" 2>&1
 end=$(date +%s)
