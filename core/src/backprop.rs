@@ -16,8 +16,10 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::ops::Range;
 
 use crate::activation::tanh_into;
+use crate::config::Head;
 use crate::error::{Error, Result, check_len};
 use crate::forward::Minibatch;
 use crate::gemm::Backend;
@@ -194,22 +196,27 @@ pub fn loss_and_gradient(
             tanh_into(fast, &pre, &mut out);
             hs[l].push(out);
         }
-        let top = View::rows(&hs[layers - 1][t], h);
         let mut logits = vec![0.0f32; bsz * v];
-        gemm(
-            backend,
-            bsz,
-            h,
-            v,
-            top,
-            View::rows(w(layout.w_out()), v),
-            &mut logits,
-            0.0,
-        );
-        for (b, z) in logits.chunks_exact_mut(v).enumerate() {
-            for (x, &bj) in z.iter_mut().zip(w(layout.b_out())) {
-                *x += bj;
+        for (rows, (w_out, b_out)) in head_groups(layout, bsz, |b| tok(b, t)) {
+            let top = &hs[layers - 1][t][rows.start * h..rows.end * h];
+            let z = &mut logits[rows.start * v..rows.end * v];
+            gemm(
+                backend,
+                rows.len(),
+                h,
+                v,
+                View::rows(top, h),
+                View::rows(&params[w_out], v),
+                z,
+                0.0,
+            );
+            for row in z.chunks_exact_mut(v) {
+                for (x, &bj) in row.iter_mut().zip(&params[b_out.clone()]) {
+                    *x += bj;
+                }
             }
+        }
+        for (b, z) in logits.chunks_exact_mut(v).enumerate() {
             let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f32;
             for x in z.iter_mut() {
@@ -234,31 +241,34 @@ pub fn loss_and_gradient(
     let mut dpre = vec![0.0f32; bsz * h];
     let mut tmp = vec![0.0f32; h * h.max(v)];
     for t in (0..steps).rev() {
-        let dz = &dlogits[t];
-        let (w_out, b_out) = (layout.w_out(), layout.b_out());
-        let top = &hs[layers - 1][t];
-        gemm(
-            backend,
-            h,
-            bsz,
-            v,
-            View::transposed(top, h),
-            View::rows(dz, v),
-            &mut tmp,
-            0.0,
-        );
-        add_into(&mut g[w_out.range()], &tmp[..h * v]);
-        add_col_sums(&mut g[b_out.range()], dz);
-        gemm(
-            backend,
-            bsz,
-            v,
-            h,
-            View::rows(dz, v),
-            View::transposed(w(w_out), v),
-            &mut dh,
-            0.0,
-        );
+        for (rows, (w_out, b_out)) in head_groups(layout, bsz, |b| tok(b, t)) {
+            let dz = &dlogits[t][rows.start * v..rows.end * v];
+            let top = &hs[layers - 1][t][rows.start * h..rows.end * h];
+            let m = rows.len();
+            gemm(
+                backend,
+                h,
+                m,
+                v,
+                View::transposed(top, h),
+                View::rows(dz, v),
+                &mut tmp,
+                0.0,
+            );
+            add_into(&mut g[w_out.clone()], &tmp[..h * v]);
+            add_col_sums(&mut g[b_out], dz);
+            let wt = View::transposed(&params[w_out], v);
+            gemm(
+                backend,
+                m,
+                v,
+                h,
+                View::rows(dz, v),
+                wt,
+                &mut dh[rows.start * h..rows.end * h],
+                0.0,
+            );
+        }
         for l in (0..layers).rev() {
             let hl = &hs[l][t];
             for (((d, &dy), &c), &y) in dpre.iter_mut().zip(&dh).zip(&carry[l]).zip(hl) {
@@ -308,6 +318,19 @@ pub fn loss_and_gradient(
     Ok((loss, g))
 }
 
+/// Minibatch rows, and the ranges of the output matrix and bias they read.
+type HeadGroup = (Range<usize>, (Range<usize>, Range<usize>));
+
+/// The minibatch rows that share an output layer at one position, with its
+/// matrix and bias (see [`Layout::head_for`]): every row with a shared head,
+/// else each row alone with its input's head.
+fn head_groups(layout: &Layout, bsz: usize, tok: impl Fn(usize) -> usize) -> Vec<HeadGroup> {
+    match layout.config.head {
+        Head::Shared => vec![(0..bsz, layout.head_for(0))],
+        Head::ByInput => (0..bsz).map(|b| (b..b + 1, layout.head_for(tok(b)))).collect(),
+    }
+}
+
 fn add_into(dst: &mut [f32], src: &[f32]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d += s;
@@ -324,11 +347,12 @@ mod tests {
     /// around f32 weights, against the analytic gradient.
     #[test]
     fn gradient_matches_finite_differences() {
-        for layers in [1, 2] {
+        for (layers, head) in [(1, Head::Shared), (2, Head::Shared), (2, Head::ByInput)] {
             let layout = Layout::new(ModelConfig {
                 vocab: 7,
                 hidden: 6,
                 layers,
+                head,
             });
             let params = layout.init_params(9, 1.5);
             let tokens: Vec<Token> = (0..3 * 6).map(|i| ((i * 5 + i / 4) % 7) as Token).collect();
@@ -351,7 +375,7 @@ mod tests {
             let norm = g.iter().map(|x| x * x).sum::<f32>().sqrt();
             assert!(
                 worst < 2e-3 * norm.max(1.0),
-                "layers {layers}: worst {worst}, |g| {norm}"
+                "layers {layers} {head:?}: worst {worst}, |g| {norm}"
             );
             // The fast kernels give the same gradient up to rounding.
             let (fl, fg) = loss_and_gradient(&layout, &params, &tokens, 5, Backend::Fast).unwrap();
@@ -366,6 +390,7 @@ mod tests {
             vocab: 3,
             hidden: 2,
             layers: 1,
+            head: Default::default(),
         });
         let tokens: Vec<Token> = vec![0, 1, 2];
         assert!(loss_and_gradient(&layout, &[0.0; 3], &tokens, 2, Backend::Fast).is_err());

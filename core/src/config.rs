@@ -18,6 +18,29 @@ pub struct ModelConfig {
     pub hidden: u32,
     /// Number of stacked tanh layers.
     pub layers: u32,
+    /// The output layer's shape. Checkpoints written before it existed read
+    /// as the shared head, which is what they trained with.
+    #[serde(default)]
+    pub head: Head,
+}
+
+/// The shape of the output layer (the readout) on top of the last hidden state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Head {
+    /// One `[hidden, vocab]` matrix and bias: `logits = h_t W_out + b_out`.
+    #[default]
+    Shared,
+    /// One matrix and bias per input character: `logits = h_t W_out[x_t] +
+    /// b_out[x_t]`, with `x_t` the character just read.
+    ///
+    /// Why: the hidden state then only has to carry what the current
+    /// character does not say, and the head holds `vocab` times the weights
+    /// at the same cost per token (one block is read per position). Those
+    /// weights need no ES: the exact readout ([`Readout::Exact`]) trains
+    /// them from one forward pass, so ES's dimension does not grow. It is
+    /// valid only with that readout. docs/LEARNING.md ("A head per input
+    /// character") measures it.
+    ByInput,
 }
 
 /// Which perturbations members evaluate.
@@ -226,6 +249,9 @@ pub mod limits {
     pub const MAX_BATCH: u32 = 4096;
     /// Largest sequence length.
     pub const MAX_SEQ_LEN: u32 = 4096;
+    /// Most weights of a per-input head ([`super::Head::ByInput`]),
+    /// `vocab * vocab * hidden` (64 MiB of f32).
+    pub const MAX_BY_INPUT_HEAD: u64 = 1 << 24;
     /// Longest warm-up or decay horizon of a schedule, in steps.
     pub const MAX_SCHEDULE_STEPS: u32 = 1 << 30;
 }
@@ -247,6 +273,7 @@ impl RunConfig {
                 vocab,
                 hidden: 256,
                 layers: 2,
+                head: Default::default(),
             },
             es: EsConfig {
                 noise: NoiseKind::LowRank { rank: 1 },
@@ -276,6 +303,14 @@ impl RunConfig {
         }
         if m.layers == 0 || m.layers > MAX_LAYERS {
             return bad("layers must be in 1..=16");
+        }
+        if m.head == Head::ByInput {
+            if (m.vocab as u64) * (m.vocab as u64) * (m.hidden as u64 + 1) > MAX_BY_INPUT_HEAD {
+                return bad("a per-input head must hold at most 2^24 weights (vocab * vocab * (hidden + 1))");
+            }
+            if self.recipe.readout != Readout::Exact {
+                return bad("a per-input head needs the exact readout (ES does not perturb it)");
+            }
         }
         if e.population < 2 || e.population > MAX_POPULATION || e.population % 2 != 0 {
             return bad("population must be even and in 2..=2^20");
@@ -530,5 +565,24 @@ mod tests {
         ] {
             assert!(with(s).validate().is_err(), "{s:?}");
         }
+    }
+
+    #[test]
+    fn a_per_input_head_needs_the_exact_readout_and_a_bound() {
+        let mut c = RunConfig::rw256(65);
+        c.model.head = Head::ByInput;
+        let e = c.validate().unwrap_err();
+        assert!(
+            matches!(&e, Error::Config(m) if m.contains("exact readout")),
+            "{e:?}"
+        );
+        c.recipe.readout = Readout::Exact;
+        c.validate().unwrap();
+        // 65 * 65 * 4097 weights: over 2^24.
+        c.model.hidden = 4096;
+        let e = c.validate().unwrap_err();
+        assert!(matches!(&e, Error::Config(m) if m.contains("2^24")), "{e:?}");
+        c.model.head = Head::Shared;
+        c.validate().unwrap();
     }
 }

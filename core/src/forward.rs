@@ -87,11 +87,16 @@ struct LowRankPop {
     mat_coef: Vec<f32>,
     /// `±sigma`: the scale of a bias perturbation.
     vec_coef: Vec<f32>,
+    /// Whether the head (the readout) is perturbed; when it is not, its
+    /// noise is not in the buffer ([`noise::noise_len`]).
+    head: bool,
+    /// `hidden` zeros: the head's `a` factor when it is not perturbed.
+    zeros: Vec<f32>,
 }
 
 impl LowRankPop {
     fn new(layout: &Layout, cfg: &RunConfig, rank: usize, step: u64, members: &[u32]) -> Self {
-        let (offsets, per_member) = noise::pair_noise_offsets(layout, Some(rank));
+        let (offsets, per_member) = noise::pair_noise_offsets(layout, cfg);
         let mut noise = Vec::with_capacity(per_member * members.len());
         let mut buf = Vec::new();
         let sigma = cfg.es.sigma;
@@ -111,6 +116,8 @@ impl LowRankPop {
             offsets,
             mat_coef,
             vec_coef,
+            head: cfg.perturbs(layout, 3 * layout.layers()),
+            zeros: vec![0.0; layout.hidden()],
         }
     }
 
@@ -325,30 +332,35 @@ fn forward_reference(
             tanh_into(false, &pre, hl);
         }
         let top = &hs[layers - 1];
-        let (w_out, b_out) = (layout.w_out(), layout.b_out());
-        sgemm(
-            backend,
-            rows,
-            h,
-            v,
-            top,
-            h,
-            &params[w_out.range()],
-            v,
-            &mut logits,
-            v,
-            0.0,
-        );
-        if let Some(p) = pert {
+        // Sequence s's rows (one per member, `bsz` apart) share its input
+        // token, so they share its head (see `Layout::head_for`).
+        for s in 0..bsz {
+            let (w_out, _) = layout.head_for(batch.token(s, t));
+            sgemm(
+                backend,
+                members,
+                h,
+                v,
+                &top[s * h..],
+                bsz * h,
+                &params[w_out],
+                v,
+                &mut logits[s * v..],
+                bsz * v,
+                0.0,
+            );
+        }
+        let pert_head = pert.filter(|p| p.head);
+        if let Some(p) = pert_head {
             p.add_matmul(layout, 3 * layers, top, bsz, &mut logits, &mut u);
         }
-        let bias = &params[b_out.range()];
         for (row, z) in logits.chunks_exact_mut(v).enumerate() {
             let k = row / bsz;
-            for (x, &bj) in z.iter_mut().zip(bias) {
+            let (_, b_out) = layout.head_for(batch.token(row % bsz, t));
+            for (x, &bj) in z.iter_mut().zip(&params[b_out]) {
                 *x += bj;
             }
-            if let Some(p) = pert {
+            if let Some(p) = pert_head {
                 let (e, c) = p.bias(k, 3 * layers + 1, v);
                 for (x, &ej) in z.iter_mut().zip(e) {
                     *x += c * ej;
@@ -434,8 +446,11 @@ pub fn perturbed_params(
     let sign = if member % 2 == 0 { 1.0 } else { -1.0 };
     let sigma = sign * cfg.es.sigma;
     let mut out = params.to_vec();
-    let (offsets, _) = noise::pair_noise_offsets(layout, rank);
-    for (t, &off) in layout.tensors.iter().zip(&offsets) {
+    let (offsets, _) = noise::pair_noise_offsets(layout, cfg);
+    for (id, (t, &off)) in layout.tensors.iter().zip(&offsets).enumerate() {
+        if !cfg.perturbs(layout, id) {
+            continue;
+        }
         let dst = &mut out[t.range()];
         match rank {
             Some(r) if t.is_matrix => {
@@ -461,15 +476,24 @@ pub fn perturbed_params(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ModelConfig, NoiseKind, Readout};
+    use crate::config::{Head, ModelConfig, NoiseKind, Readout};
 
     fn tiny(noise: NoiseKind) -> (RunConfig, Layout, Vec<f32>, Vec<Token>) {
+        tiny_with(noise, Head::Shared)
+    }
+
+    /// A per-input head needs the exact readout (`RunConfig::validate`).
+    fn tiny_with(noise: NoiseKind, head: Head) -> (RunConfig, Layout, Vec<f32>, Vec<Token>) {
         let mut cfg = RunConfig::rw256(11);
         cfg.model = ModelConfig {
             vocab: 11,
             hidden: 24,
             layers: 2,
+            head,
         };
+        if head == Head::ByInput {
+            cfg.recipe.readout = Readout::Exact;
+        }
         cfg.es.noise = noise;
         cfg.es.population = 8;
         cfg.es.batch = 3;
@@ -483,13 +507,15 @@ mod tests {
 
     #[test]
     fn batched_lowrank_equals_materialized_weights() {
-        for (rank, readout) in [
-            (1, Readout::Es),
-            (3, Readout::Es),
-            (1, Readout::Exact),
-            (3, Readout::Exact),
+        for (rank, readout, head) in [
+            (1, Readout::Es, Head::Shared),
+            (3, Readout::Es, Head::Shared),
+            (1, Readout::Exact, Head::Shared),
+            (3, Readout::Exact, Head::Shared),
+            (1, Readout::Exact, Head::ByInput),
+            (3, Readout::Exact, Head::ByInput),
         ] {
-            let (mut cfg, layout, params, tokens) = tiny(NoiseKind::LowRank { rank });
+            let (mut cfg, layout, params, tokens) = tiny_with(NoiseKind::LowRank { rank }, head);
             cfg.recipe.readout = readout;
             let mb = Minibatch::new(&tokens, 3, 5, 11).unwrap();
             let members = [5u32, 0, 1, 7];
@@ -500,7 +526,7 @@ mod tests {
                     let want = loss(&layout, &p, &mb, Backend::Reference).unwrap();
                     assert!(
                         (g - want).abs() < 1e-5,
-                        "rank {rank} {readout:?} member {m}: {g} vs {want}"
+                        "rank {rank} {readout:?} {head:?} member {m}: {g} vs {want}"
                     );
                 }
             }
@@ -511,33 +537,84 @@ mod tests {
     fn fused_blocks_match_the_reference_pass() {
         // Enough rows that the fast pass splits members (and, for inference,
         // sequences) into several blocks, the last one partial.
-        let (mut cfg, layout, params, _) = tiny(NoiseKind::LowRank { rank: 1 });
-        cfg.es.batch = 50;
-        let tokens: Vec<Token> = (0..300 * 6).map(|i| ((i * 7 + i / 5) % 11) as Token).collect();
-        let mb = Minibatch::new(&tokens[..50 * 6], 50, 5, 11).unwrap();
-        let members = [0u32, 1, 2, 3, 4, 5, 6];
-        let fast = member_losses(&layout, &params, &cfg, 3, &mb, &members, Backend::Fast).unwrap();
-        let slow = member_losses(&layout, &params, &cfg, 3, &mb, &members, Backend::Reference).unwrap();
-        for (f, s) in fast.iter().zip(&slow) {
-            assert!((f - s).abs() < 1e-5, "{f} vs {s}");
+        for head in [Head::Shared, Head::ByInput] {
+            let (mut cfg, layout, params, _) = tiny_with(NoiseKind::LowRank { rank: 1 }, head);
+            cfg.es.batch = 50;
+            let tokens: Vec<Token> = (0..300 * 6).map(|i| ((i * 7 + i / 5) % 11) as Token).collect();
+            let mb = Minibatch::new(&tokens[..50 * 6], 50, 5, 11).unwrap();
+            let members = [0u32, 1, 2, 3, 4, 5, 6];
+            let fast = member_losses(&layout, &params, &cfg, 3, &mb, &members, Backend::Fast).unwrap();
+            let slow = member_losses(&layout, &params, &cfg, 3, &mb, &members, Backend::Reference).unwrap();
+            for (f, s) in fast.iter().zip(&slow) {
+                assert!((f - s).abs() < 1e-5, "{head:?}: {f} vs {s}");
+            }
+            let big = Minibatch::new(&tokens, 300, 5, 11).unwrap();
+            let f = loss(&layout, &params, &big, Backend::Fast).unwrap();
+            let s = loss(&layout, &params, &big, Backend::Reference).unwrap();
+            assert!((f - s).abs() < 1e-5, "{head:?}: {f} vs {s}");
         }
-        let big = Minibatch::new(&tokens, 300, 5, 11).unwrap();
-        let f = loss(&layout, &params, &big, Backend::Fast).unwrap();
-        let s = loss(&layout, &params, &big, Backend::Reference).unwrap();
-        assert!((f - s).abs() < 1e-5, "{f} vs {s}");
+    }
+
+    /// A per-input head reads the block of the character just read: with
+    /// every block a copy of a shared head it is that model exactly, and
+    /// changing a block changes the loss only if its character is read.
+    #[test]
+    fn a_per_input_head_reads_the_input_s_block() {
+        let (_, shared, params, tokens) = tiny(NoiseKind::LowRank { rank: 1 });
+        let (_, by_input, _, _) = tiny_with(NoiseKind::LowRank { rank: 1 }, Head::ByInput);
+        let (w, b) = (shared.w_out().range(), shared.b_out().range());
+        let mut copied = params[..w.start].to_vec();
+        for _ in 0..11 {
+            copied.extend_from_slice(&params[w.clone()]);
+        }
+        for _ in 0..11 {
+            copied.extend_from_slice(&params[b.clone()]);
+        }
+        assert_eq!(copied.len(), by_input.len);
+        // Inputs from 0..7 only, and 9 as every sequence's last target:
+        // characters 7 to 10 are never read.
+        let mut tokens: Vec<Token> = tokens.iter().map(|&t| t % 7).collect();
+        for s in 0..3 {
+            tokens[s * 6 + 5] = 9;
+        }
+        let mb = Minibatch::new(&tokens, 3, 5, 11).unwrap();
+        let read: Vec<usize> = (0..15).map(|i| mb.token(i / 5, i % 5)).collect();
+        assert!(read.contains(&6) && !read.contains(&9));
+        for backend in [Backend::Fast, Backend::Reference] {
+            let base = loss(&shared, &params, &mb, backend).unwrap();
+            assert_eq!(
+                loss(&by_input, &copied, &mb, backend).unwrap(),
+                base,
+                "{backend:?}"
+            );
+            for tok in 0..11 {
+                let mut p = copied.clone();
+                p[by_input.head_for(tok).0.start + 5] += 0.5;
+                p[by_input.head_for(tok).1.start + 2] -= 0.5;
+                let changed = loss(&by_input, &p, &mb, backend).unwrap() != base;
+                assert_eq!(changed, read.contains(&tok), "{backend:?} token {tok}");
+            }
+        }
     }
 
     #[test]
     fn full_noise_members_match_materialized_weights() {
-        for readout in [Readout::Es, Readout::Exact] {
-            let (mut cfg, layout, params, tokens) = tiny(NoiseKind::Full);
+        for (readout, head) in [
+            (Readout::Es, Head::Shared),
+            (Readout::Exact, Head::Shared),
+            (Readout::Exact, Head::ByInput),
+        ] {
+            let (mut cfg, layout, params, tokens) = tiny_with(NoiseKind::Full, head);
             cfg.recipe.readout = readout;
             let mb = Minibatch::new(&tokens, 3, 5, 11).unwrap();
             let got = member_losses(&layout, &params, &cfg, 2, &mb, &[2, 3, 6], Backend::Fast).unwrap();
             for (m, g) in [2u32, 3, 6].into_iter().zip(got) {
                 let p = perturbed_params(&layout, &params, &cfg, 2, m);
                 let want = loss(&layout, &p, &mb, Backend::Reference).unwrap();
-                assert!((g - want).abs() < 1e-5, "{readout:?} member {m}: {g} vs {want}");
+                assert!(
+                    (g - want).abs() < 1e-5,
+                    "{readout:?} {head:?} member {m}: {g} vs {want}"
+                );
             }
         }
     }

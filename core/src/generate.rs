@@ -76,7 +76,8 @@ impl RnnState {
             self.h[l].copy_from_slice(&pre);
             x = pre;
         }
-        let mut logits = params[layout.b_out().range()].to_vec();
+        let (w_out, b_out) = layout.head_for(token as usize);
+        let mut logits = params[b_out].to_vec();
         sgemm(
             Backend::Fast,
             1,
@@ -84,7 +85,7 @@ impl RnnState {
             v,
             &x,
             h,
-            &params[layout.w_out().range()],
+            &params[w_out],
             v,
             &mut logits,
             v,
@@ -232,6 +233,7 @@ mod tests {
             vocab: 6,
             hidden: 8,
             layers: 2,
+            head: Default::default(),
         });
         let p = layout.init_params(1, 3.0);
         (layout, p)

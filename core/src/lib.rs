@@ -66,7 +66,8 @@ pub mod tokenizer;
 pub mod update;
 
 pub use config::{
-    AdamConfig, EsConfig, InputRows, LrSchedule, ModelConfig, NoiseKind, Readout, Recipe, RunConfig, Shaping,
+    AdamConfig, EsConfig, Head, InputRows, LrSchedule, ModelConfig, NoiseKind, Readout, Recipe, RunConfig,
+    Shaping,
 };
 pub use error::{Error, Result};
 pub use replica::Replica;

@@ -7,13 +7,16 @@
 //!
 //! Per layer `l`: `h_t = tanh(x_t W_ih + h_{t-1} W_hh + b)`, with layer 0's
 //! `W_ih` a `[vocab, hidden]` table (one-hot input times a matrix is a row
-//! lookup). Then `logits = h_t W_out + b_out`.
+//! lookup). Then `logits = h_t W_out + b_out`, or with a per-input head
+//! ([`Head::ByInput`]) `h_t W_out[x_t] + b_out[x_t]`: the output matrix is
+//! then `vocab` blocks of `[hidden, vocab]` and the bias `vocab` rows, one
+//! of each per input character.
 
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::config::ModelConfig;
+use crate::config::{Head, ModelConfig};
 use crate::noise;
 
 /// One named tensor inside the parameter buffer.
@@ -82,8 +85,12 @@ impl Layout {
             push(format!("layers.{l}.w_hh"), h, h, true);
             push(format!("layers.{l}.b"), 1, h, false);
         }
-        push("out.w".into(), h, v, true);
-        push("out.b".into(), 1, v, false);
+        let heads = match config.head {
+            Head::Shared => 1,
+            Head::ByInput => v,
+        };
+        push("out.w".into(), heads * h, v, true);
+        push("out.b".into(), heads, v, false);
         Self {
             config,
             tensors,
@@ -120,6 +127,19 @@ impl Layout {
     /// The output bias.
     pub fn b_out(&self) -> &TensorSpec {
         &self.tensors[3 * self.layers() + 1]
+    }
+
+    /// The output matrix (`[hidden, vocab]`, row-major) and bias that read
+    /// the state after input character `tok`: the only ones with a shared
+    /// head, `tok`'s with a per-input head.
+    pub fn head_for(&self, tok: usize) -> (core::ops::Range<usize>, core::ops::Range<usize>) {
+        let (h, v) = (self.hidden(), self.vocab());
+        let i = match self.config.head {
+            Head::Shared => 0,
+            Head::ByInput => tok,
+        };
+        let (w, b) = (self.w_out().offset + i * h * v, self.b_out().offset + i * v);
+        (w..w + h * v, b..b + v)
     }
 
     /// Number of RNN layers.
@@ -164,6 +184,7 @@ mod tests {
             vocab: 65,
             hidden: 256,
             layers: 2,
+            head: Default::default(),
         });
         // 65*256 + 256*256 + 256 + 2*(256*256) + 256 + 256*65 + 65
         assert_eq!(l.len, 16640 + 65536 + 256 + 131072 + 256 + 16640 + 65);
@@ -178,10 +199,42 @@ mod tests {
             vocab: 7,
             hidden: 16,
             layers: 2,
+            head: Default::default(),
         });
         let a = l.init_params(5, 1.0);
         assert_eq!(a, l.init_params(5, 1.0));
         assert_ne!(a, l.init_params(6, 1.0));
         assert!(a.iter().all(|x| x.abs() <= 0.25));
+    }
+
+    #[test]
+    fn a_per_input_head_has_a_block_per_character() {
+        let config = |head| ModelConfig {
+            vocab: 7,
+            hidden: 5,
+            layers: 2,
+            head,
+        };
+        let (shared, by) = (
+            Layout::new(config(Head::Shared)),
+            Layout::new(config(Head::ByInput)),
+        );
+        // The recurrent tensors do not move; the head grows sevenfold.
+        assert_eq!(by.tensors[..6], shared.tensors[..6]);
+        assert_eq!((by.w_out().len(), by.b_out().len()), (7 * 5 * 7, 7 * 7));
+        assert_eq!(by.len - shared.len, 6 * (5 * 7 + 7));
+        for tok in 0..7 {
+            let (w, b) = by.head_for(tok);
+            assert_eq!(
+                w,
+                by.w_out().offset + tok * 35..by.w_out().offset + (tok + 1) * 35
+            );
+            assert_eq!(b, by.b_out().offset + tok * 7..by.b_out().offset + (tok + 1) * 7);
+            assert_eq!(
+                shared.head_for(tok),
+                (shared.w_out().range(), shared.b_out().range())
+            );
+        }
+        assert_eq!(by.head_for(6).1.end, by.len);
     }
 }

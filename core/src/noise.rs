@@ -104,6 +104,20 @@ pub fn tensor_noise_len(rows: usize, cols: usize, is_matrix: bool, rank: Option<
     }
 }
 
+/// Number of noise values one pair draws for tensor `id` under `cfg`:
+/// [`tensor_noise_len`] at the config's rank, except that a tensor the
+/// config does not perturb ([`RunConfig::perturbs`]) takes none under
+/// low-rank noise (a per-input head would otherwise make every member carry
+/// thousands of zeros) and keeps its zero-filled place under full-rank
+/// noise, whose buffer is parameter-shaped.
+pub fn noise_len(layout: &Layout, cfg: &RunConfig, id: usize) -> usize {
+    let (t, rank) = (&layout.tensors[id], cfg.es.noise.rank());
+    if rank.is_some() && !cfg.perturbs(layout, id) {
+        return 0;
+    }
+    tensor_noise_len(t.rows, t.cols, t.is_matrix, rank)
+}
+
 /// One antithetic pair's noise for every tensor, concatenated in layout order.
 ///
 /// Low-rank (`rank = Some(r)`): a matrix `[m, n]` contributes `A` (`[m, r]`,
@@ -111,16 +125,14 @@ pub fn tensor_noise_len(rows: usize, cols: usize, is_matrix: bool, rank: Option<
 /// Full (`rank = None`): every tensor contributes `rows * cols` values, so the
 /// buffer is exactly a parameter-shaped `eps`. The rank is the config's.
 ///
-/// A tensor the config does not perturb ([`RunConfig::perturbs`]) keeps its
-/// place in the buffer, filled with zeros; every other tensor's noise is the
-/// same whether or not it is (each tensor has its own stream).
+/// A tensor the config does not perturb ([`RunConfig::perturbs`]) is not
+/// drawn ([`noise_len`]); every other tensor's noise is the same whether or
+/// not it is (each tensor has its own stream).
 pub fn pair_noise(layout: &Layout, cfg: &RunConfig, step: u64, pair: u64, out: &mut alloc::vec::Vec<f32>) {
-    let rank = cfg.es.noise.rank();
     out.clear();
-    for (id, t) in layout.tensors.iter().enumerate() {
-        let n = tensor_noise_len(t.rows, t.cols, t.is_matrix, rank);
+    for id in 0..layout.tensors.len() {
         let start = out.len();
-        out.resize(start + n, 0.0);
+        out.resize(start + noise_len(layout, cfg, id), 0.0);
         if cfg.perturbs(layout, id) {
             fill_normal(pair_key(cfg.seed, step, pair, id), &mut out[start..]);
         }
@@ -128,12 +140,12 @@ pub fn pair_noise(layout: &Layout, cfg: &RunConfig, step: u64, pair: u64, out: &
 }
 
 /// Offsets of each tensor's noise inside a [`pair_noise`] buffer, plus the total.
-pub fn pair_noise_offsets(layout: &Layout, rank: Option<usize>) -> (alloc::vec::Vec<usize>, usize) {
+pub fn pair_noise_offsets(layout: &Layout, cfg: &RunConfig) -> (alloc::vec::Vec<usize>, usize) {
     let mut offs = alloc::vec::Vec::with_capacity(layout.tensors.len());
     let mut total = 0;
-    for t in &layout.tensors {
+    for id in 0..layout.tensors.len() {
         offs.push(total);
-        total += tensor_noise_len(t.rows, t.cols, t.is_matrix, rank);
+        total += noise_len(layout, cfg, id);
     }
     (offs, total)
 }

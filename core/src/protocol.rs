@@ -26,7 +26,8 @@ use crate::tokenizer::{Token, Tokenizer};
 /// 4: with the exact readout, members no longer perturb the readout, so a
 /// protocol-3 client would report other losses for the same member; and
 /// the recipe may keep the estimate to the input rows the minibatch reads.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: the model config says the output layer's shape (a per-input head).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// A random secret the server hands a client in its Welcome. Presenting it
 /// again in a later Hello resumes the session: the trust it earned, or the

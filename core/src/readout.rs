@@ -37,11 +37,10 @@ pub fn overwrite_readout(
     check_len("parameters", layout.len, params.len())?;
     check_len("ascent direction", layout.len, ascent.len())?;
     let (h, v, layers) = (layout.hidden(), layout.vocab(), layout.layers());
-    let w_out = &params[layout.w_out().range()];
-    let b_out = &params[layout.b_out().range()];
-    let (dw, db) = ascent[layout.w_out().offset..].split_at_mut(h * v);
-    dw.fill(0.0);
-    db.fill(0.0);
+    // The readout is the tail of the buffer: the output matrix (or
+    // matrices, one per input character with a per-input head), then bias.
+    let tail = layout.w_out().offset;
+    ascent[tail..].fill(0.0);
     // states[l * h..(l + 1) * h] is layer l's hidden state.
     let mut states = vec![0.0f32; layers * h];
     let mut pre = vec![0.0f32; h];
@@ -67,19 +66,20 @@ pub fn overwrite_readout(
                 }
             }
             let top = &states[(layers - 1) * h..];
-            probs.copy_from_slice(b_out);
-            add_matvec(&mut probs, top, w_out);
+            let (w_out, b_out) = layout.head_for(x);
+            probs.copy_from_slice(&params[b_out.clone()]);
+            add_matvec(&mut probs, top, &params[w_out.clone()]);
             softmax(&mut probs);
             probs[batch.token(b, t + 1)] -= 1.0;
             // probs now holds d loss / d logits of this position.
-            add_row(db, &probs, 1.0);
-            for (row, &hi) in dw.chunks_exact_mut(v).zip(top) {
+            add_row(&mut ascent[b_out], &probs, 1.0);
+            for (row, &hi) in ascent[w_out].chunks_exact_mut(v).zip(top) {
                 add_row(row, &probs, hi);
             }
         }
     }
     let scale = -1.0 / (batch.batch() * batch.seq_len()) as f32;
-    for g in dw.iter_mut().chain(db.iter_mut()) {
+    for g in &mut ascent[tail..] {
         *g *= scale;
     }
     Ok(())
@@ -117,19 +117,21 @@ fn softmax(z: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::backprop::loss_and_gradient;
-    use crate::config::ModelConfig;
+    use crate::config::{Head, ModelConfig};
     use crate::gemm::Backend;
     use crate::tokenizer::Token;
 
     /// The readout part equals backpropagation's exact gradient (negated),
-    /// for one and two layers, and nothing else of the buffer is touched.
+    /// for one and two layers and either head, and nothing else of the
+    /// buffer is touched.
     #[test]
     fn matches_backprop_on_the_readout_only() {
-        for layers in [1u32, 2] {
+        for (layers, head) in [(1u32, Head::Shared), (2, Head::Shared), (2, Head::ByInput)] {
             let layout = Layout::new(ModelConfig {
                 vocab: 11,
                 hidden: 6,
                 layers,
+                head,
             });
             let params = layout.init_params(7, 1.5);
             let tokens: alloc::vec::Vec<Token> =
@@ -141,13 +143,13 @@ mod tests {
             let start = layout.w_out().offset;
             assert!(
                 ascent[..start].iter().all(|&a| a == 7.0),
-                "{layers} layers: touched the recurrent part"
+                "{layers} layers {head:?}: touched the recurrent part"
             );
             let mut largest = 0.0f32;
             for (i, (&a, &g)) in ascent[start..].iter().zip(&grad[start..]).enumerate() {
                 assert!(
                     (a + g).abs() <= 1e-6 + 1e-4 * g.abs(),
-                    "{layers} layers, readout element {i}: {a} against {}",
+                    "{layers} layers {head:?}, readout element {i}: {a} against {}",
                     -g
                 );
                 largest = largest.max(g.abs());
@@ -164,6 +166,7 @@ mod tests {
             vocab: 5,
             hidden: 3,
             layers: 1,
+            head: Default::default(),
         });
         let params = layout.init_params(1, 1.0);
         let tokens: [Token; 4] = [0, 1, 2, 3];

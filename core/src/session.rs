@@ -269,6 +269,7 @@ mod tests {
             vocab: tokenizer.len() as u32,
             hidden: 8,
             layers: 2,
+            head: Default::default(),
         };
         config.es.population = 4;
         config.es.batch = 2;

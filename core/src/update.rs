@@ -140,6 +140,7 @@ mod tests {
             vocab: 5,
             hidden: 6,
             layers: 1,
+            head: Default::default(),
         };
         c.es.noise = noise;
         c.es.population = 6;
@@ -194,6 +195,7 @@ mod tests {
             vocab: 7,
             hidden: 3,
             layers: 2,
+            head: Default::default(),
         });
         // Inputs read characters 1, 2 and 4; 6 is only a target.
         let tokens: [crate::tokenizer::Token; 8] = [1, 2, 1, 6, 4, 4, 2, 6];
@@ -225,6 +227,7 @@ mod tests {
             vocab: 11,
             hidden: 6,
             layers: 1,
+            head: Default::default(),
         });
         let params = layout.init_params(5, 1.0);
         let tokens: Vec<crate::tokenizer::Token> = (0..2 * 10u32).map(|i| ((i * i) % 11) as _).collect();

@@ -102,6 +102,7 @@ fn fast_member_losses_match_reference() {
         vocab: 17,
         hidden: 40,
         layers: 2,
+        head: Default::default(),
     };
     cfg.es.noise = NoiseKind::LowRank { rank: 1 };
     cfg.es.population = 24;

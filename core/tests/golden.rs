@@ -25,16 +25,33 @@ fn golden_full() {
 
 #[test]
 fn golden_default_recipe() {
-    let h = golden_hash_with(NoiseKind::LowRank { rank: 1 }, default_recipe());
+    let h = golden_default_hash();
     assert_eq!(h, GOLDEN_DEFAULT_RECIPE, "default-recipe golden hash {h:#018x}");
     assert_ne!(h, GOLDEN_RANK1, "the recipe changed nothing");
+    // Each part of it on its own changes the result too.
+    let rank1 = NoiseKind::LowRank { rank: 1 };
+    let shared = golden_hash_with(rank1, Head::Shared, default_recipe());
+    assert_eq!(
+        shared, GOLDEN_SHARED_HEAD,
+        "shared-head golden hash {shared:#018x}"
+    );
+    assert_ne!(h, shared, "the head changed nothing");
     for (readout, input_rows) in [(Readout::Exact, InputRows::All), (Readout::Es, InputRows::Seen)] {
         let recipe = Recipe {
             readout,
             input_rows,
             ..Recipe::default()
         };
-        let part = golden_hash_with(NoiseKind::LowRank { rank: 1 }, recipe);
+        let part = golden_hash_with(rank1, Head::Shared, recipe);
         assert_ne!(h, part, "{readout:?} with {input_rows:?} changed nothing");
     }
+    let all_rows = Recipe {
+        input_rows: InputRows::All,
+        ..default_recipe()
+    };
+    assert_ne!(
+        h,
+        golden_hash_with(rank1, Head::ByInput, all_rows),
+        "the input rows changed nothing"
+    );
 }

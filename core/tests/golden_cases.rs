@@ -10,31 +10,43 @@
 // blessed on every target at once.
 
 use seedling_core::gemm::Backend;
-use seedling_core::{InputRows, NoiseKind, Readout, Recipe, Replica, RunConfig, batch, config::ModelConfig};
+use seedling_core::{
+    Head, InputRows, NoiseKind, Readout, Recipe, Replica, RunConfig, batch, config::ModelConfig,
+};
 
 /// Steps run by the golden.
 pub const GOLDEN_STEPS: u64 = 24;
 
 /// Expected hash with low-rank (rank 2) noise.
-pub const GOLDEN_LOWRANK: u64 = 0xeb34_90c1_d90e_d5ac;
+pub const GOLDEN_LOWRANK: u64 = 0x6766_39a7_1188_874e;
 
 /// Expected hash with rank-1 noise, the default, whose update takes its own
 /// (vectorized) path.
-pub const GOLDEN_RANK1: u64 = 0x88b5_76b7_b4eb_4833;
+pub const GOLDEN_RANK1: u64 = 0x7f10_bc22_348e_971b;
 
 /// Expected hash with full-rank noise.
-pub const GOLDEN_FULL: u64 = 0xa3a8_1edb_04d7_aaa5;
+pub const GOLDEN_FULL: u64 = 0x88b2_8896_952b_9cdb;
 
-/// Expected hash with the recipe of `seedling train`: rank-1 noise, the
-/// exact readout (the update also runs a forward pass, and members leave the
-/// readout unperturbed) and the estimate kept to the input rows the
-/// minibatch reads.
-pub const GOLDEN_DEFAULT_RECIPE: u64 = 0xd7b9_9e9d_1437_b2df;
+/// Expected hash with the head and recipe of `seedling train`: rank-1
+/// noise, a head per input character, the exact readout (the update also
+/// runs a forward pass, and members leave the readout unperturbed) and the
+/// estimate kept to the input rows the minibatch reads.
+pub const GOLDEN_DEFAULT_RECIPE: u64 = 0x28aa_3243_f36e_8f90;
+
+/// Expected hash with the same recipe and a shared head: the default before
+/// the per-input head. The head left its bits alone: it matched the earlier
+/// golden before the weights hash changed (protocol 5) and all were re-blessed.
+pub const GOLDEN_SHARED_HEAD: u64 = 0x8be1_d729_94ac_a67f;
 
 /// Runs the golden training with ES's readout and returns the final
 /// weights hash.
 pub fn golden_hash(noise: NoiseKind) -> u64 {
-    golden_hash_with(noise, Recipe::default())
+    golden_hash_with(noise, Head::Shared, Recipe::default())
+}
+
+/// Runs the golden training with the head and recipe of `seedling train`.
+pub fn golden_default_hash() -> u64 {
+    golden_hash_with(NoiseKind::LowRank { rank: 1 }, Head::ByInput, default_recipe())
 }
 
 /// The recipe choices of `seedling train` that change the update path.
@@ -47,13 +59,14 @@ pub fn default_recipe() -> Recipe {
 }
 
 /// Runs the golden training and returns the final weights hash.
-pub fn golden_hash_with(noise: NoiseKind, recipe: Recipe) -> u64 {
+pub fn golden_hash_with(noise: NoiseKind, head: Head, recipe: Recipe) -> u64 {
     let mut cfg = RunConfig::rw256(13);
     cfg.seed = 2024;
     cfg.model = ModelConfig {
         vocab: 13,
         hidden: 16,
         layers: 2,
+        head,
     };
     cfg.es.noise = noise;
     cfg.es.population = 16;

@@ -50,6 +50,7 @@ fn config(noise: NoiseKind, population: u32) -> RunConfig {
             vocab: VOCAB,
             hidden: 8,
             layers: 1,
+            head: Default::default(),
         },
         es: EsConfig {
             noise,
@@ -233,6 +234,7 @@ fn es_cosine_with_the_exact_gradient() {
         vocab,
         hidden: 64,
         layers: 1,
+        head: Default::default(),
     };
     cfg.es.batch = 1;
     cfg.es.seq_len = 64;

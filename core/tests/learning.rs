@@ -90,6 +90,7 @@ fn es_learns_markov_transitions() {
         vocab: SYMBOLS as u32,
         hidden: 32,
         layers: 1,
+        head: Default::default(),
     };
     cfg.es.noise = NoiseKind::LowRank { rank: 1 };
     cfg.es.population = 128;

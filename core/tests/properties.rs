@@ -176,6 +176,7 @@ fn small_model() -> impl Strategy<Value = ModelConfig> {
         vocab,
         hidden,
         layers,
+        head: Default::default(),
     })
 }
 
@@ -281,6 +282,7 @@ fn valid_config(vocab: u32) -> impl Strategy<Value = RunConfig> {
         vocab,
         hidden,
         layers,
+        head: Default::default(),
     });
     let es = (noise, 1e-6f32..10.0, 1u32..=(1 << 19), 1u32..=4096, 1u32..=4096).prop_map(
         |(noise, sigma, half, batch, seq_len)| EsConfig {
@@ -714,6 +716,7 @@ fn batch_case() -> impl Strategy<Value = BatchCase> {
                         vocab,
                         hidden,
                         layers,
+                        head: Default::default(),
                     },
                     noise,
                     sigma,

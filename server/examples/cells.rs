@@ -164,6 +164,7 @@ fn main() -> Result<()> {
             vocab: vocab as u32,
             hidden: hidden as u32,
             layers: 1,
+            head: Default::default(),
         })),
         "mingru" => Cell::MinGru(MinGru { vocab, hidden }),
         other => bail!("--cell must be `tanh` or `mingru`, not `{other}`"),

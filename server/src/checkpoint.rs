@@ -2,7 +2,9 @@
 //!
 //! safetensors because the weights then load directly in PyTorch and numpy
 //! (DESIGN.md section 7): one `F32` tensor per [`Layout`] tensor under its
-//! layout name (`layers.0.w_ih` is `[vocab, hidden]`, vectors are `[cols]`),
+//! layout name (`layers.0.w_ih` is `[vocab, hidden]`, vectors are `[cols]`;
+//! a per-input head's `out.w` is `[vocab * hidden, vocab]`, block x being
+//! input x's matrix, and its `out.b` is `[vocab, vocab]`),
 //! the Adam moments as `adam.m.<name>` and `adam.v.<name>`, and everything
 //! else (config, vocabulary, step, history, hashes) as string metadata.
 //!
@@ -22,7 +24,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use seedling_core::adam::AdamState;
 use seedling_core::config::RunConfig;
-use seedling_core::hash::weights_hash;
+use seedling_core::hash::{weights_hash, weights_hash_v1};
 use seedling_core::model::{Layout, TensorSpec};
 use seedling_core::protocol::PROTOCOL_VERSION;
 use seedling_core::tokenizer::Tokenizer;
@@ -37,8 +39,9 @@ pub const FORMAT: &str = "seedling-checkpoint";
 /// load (they have no `lr_override`). Version 3 added the recipe's readout,
 /// which older configs read as ES's estimate, what they trained with.
 /// Version 4 changed only what members perturb; the weights are the same
-/// kind of thing.
-const READABLE_VERSIONS: [u32; 4] = [1, 2, 3, PROTOCOL_VERSION];
+/// kind of thing. Version 5 added the model's head, which older configs
+/// read as the shared head.
+const READABLE_VERSIONS: [u32; 5] = [1, 2, 3, 4, PROTOCOL_VERSION];
 
 /// Everything needed to resume a run or to use its model.
 #[derive(Clone, Debug, PartialEq)]
@@ -188,7 +191,21 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
 /// 64-bit checksum over every tensor byte (weights, then both moments), so
 /// damage to any tensor is caught, not only to the weights.
 fn checksum(params: &[f32], adam: &AdamState) -> u64 {
-    weights_hash(&[params, &adam.m[..], &adam.v[..]].concat())
+    checksum_with(weights_hash, params, adam)
+}
+
+fn checksum_with(hash: fn(&[f32]) -> u64, params: &[f32], adam: &AdamState) -> u64 {
+    hash(&[params, &adam.m[..], &adam.v[..]].concat())
+}
+
+/// The weights hash a file of protocol `version` recorded: the byte-wise
+/// FNV-1a up to version 4 (see `seedling_core::hash`).
+fn hash_of_version(version: u32) -> fn(&[f32]) -> u64 {
+    if version <= 4 {
+        weights_hash_v1
+    } else {
+        weights_hash
+    }
 }
 
 fn to_bytes(values: &[f32]) -> Vec<u8> {
@@ -196,7 +213,7 @@ fn to_bytes(values: &[f32]) -> Vec<u8> {
 }
 
 fn shape(t: &TensorSpec) -> Vec<usize> {
-    if t.is_matrix {
+    if t.is_matrix || t.rows > 1 {
         vec![t.rows, t.cols]
     } else {
         vec![t.cols]
@@ -395,12 +412,13 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
         read(&format!("adam.m.{}", t.name), t, &mut adam.m[r.clone()])?;
         read(&format!("adam.v.{}", t.name), t, &mut adam.v[r])?;
     }
-    let sum = checksum(&params, &adam);
+    let hash_fn = hash_of_version(version);
+    let sum = checksum_with(hash_fn, &params, &adam);
     ensure!(
         sum == want_sum,
         "checksum {sum:016x} differs from the recorded {want_sum:016x}: the file is damaged"
     );
-    let hash = weights_hash(&params);
+    let hash = hash_fn(&params);
     ensure!(
         hash == want_hash,
         "weights hash {hash:016x} differs from the recorded {want_hash:016x}"
@@ -489,20 +507,26 @@ pub fn check_compatible(ckpt: &Checkpoint, config: &RunConfig) -> Result<()> {
 pub(crate) mod tests {
     use super::*;
     use seedling_core::batch::step_batch;
-    use seedling_core::config::{AdamConfig, EsConfig, ModelConfig, NoiseKind};
+    use seedling_core::config::{AdamConfig, EsConfig, Head, ModelConfig, NoiseKind};
     use seedling_core::replica::Replica;
 
     pub(crate) const TEXT: &str = "the quick brown fox jumps over the lazy dog.\nthe dog sleeps.\n";
 
     /// A tiny trained checkpoint: a few ES steps on a short text.
     pub(crate) fn trained(steps: u64) -> Checkpoint {
+        trained_with(steps, Head::Shared)
+    }
+
+    /// `trained` with a given head (a per-input head takes the exact readout).
+    fn trained_with(steps: u64, head: Head) -> Checkpoint {
         let tokenizer = Tokenizer::from_corpus(TEXT).unwrap();
-        let config = RunConfig {
+        let mut config = RunConfig {
             seed: 7,
             model: ModelConfig {
                 vocab: tokenizer.len() as u32,
                 hidden: 8,
                 layers: 2,
+                head,
             },
             es: EsConfig {
                 noise: NoiseKind::LowRank { rank: 1 },
@@ -518,6 +542,9 @@ pub(crate) mod tests {
             init_scale: 1.0,
             recipe: Default::default(),
         };
+        if head == Head::ByInput {
+            config.recipe.readout = seedling_core::Readout::Exact;
+        }
         let tokens = tokenizer.encode(&TEXT.repeat(4)).unwrap();
         let mut r = Replica::new(config).unwrap();
         let mut history = Vec::new();
@@ -631,6 +658,26 @@ pub(crate) mod tests {
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
+    /// A per-input head's tensors keep their shape through a file (its
+    /// bias is a matrix, one row per input character), and a config from
+    /// before heads existed reads as the shared head.
+    #[test]
+    fn a_per_input_head_round_trips() {
+        let ckpt = trained_with(2, Head::ByInput);
+        let bytes = to_bytes_safetensors(&ckpt).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let v = ckpt.tokenizer.len();
+        assert_eq!(st.tensor("out.w").unwrap().shape(), [v * 8, v]);
+        assert_eq!(st.tensor("adam.m.out.b").unwrap().shape(), [v, v]);
+        let back = from_bytes(&bytes).unwrap();
+        assert_eq!(bits(&back.params), bits(&ckpt.params));
+        assert_eq!(back.config, ckpt.config);
+        let mut json = serde_json::to_value(ckpt.config).unwrap();
+        json["model"].as_object_mut().unwrap().remove("head").unwrap();
+        let old: RunConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old.model.head, Head::Shared);
+    }
+
     #[test]
     fn loads_with_the_plain_safetensors_api() {
         let ckpt = trained(1);
@@ -728,10 +775,25 @@ pub(crate) mod tests {
         );
         // latest() stops on it instead of falling back or starting over.
         assert!(latest(dir.path()).is_err());
-        // Protocol 1 to 3 checkpoints hold the same things and still load.
-        for old in ["1", "2", "3"] {
+        // Protocol 1 to 4 checkpoints hold the same things and still load,
+        // checked with the byte-wise hash they recorded, and only with it.
+        let v1_hashes = [
+            ("weights_hash", weights_hash_v1(&ckpt.params)),
+            (
+                "checksum",
+                checksum_with(weights_hash_v1, &ckpt.params, &ckpt.adam),
+            ),
+        ];
+        for old in ["1", "2", "3", "4"] {
             meta.insert("protocol_version".into(), old.into());
             let bytes = safetensors::serialize(st.tensors(), Some(meta.clone())).unwrap();
+            let e = format!("{:#}", from_bytes(&bytes).unwrap_err());
+            assert!(e.contains("damaged"), "version {old} with the new hash: {e}");
+            let mut v1 = meta.clone();
+            for (key, h) in v1_hashes {
+                v1.insert(key.into(), format!("{h:016x}"));
+            }
+            let bytes = safetensors::serialize(st.tensors(), Some(v1)).unwrap();
             assert_eq!(from_bytes(&bytes).unwrap().params, ckpt.params);
         }
         // A file that is not ours at all is refused the same way.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use seedling_core::{InputRows, LrSchedule, NoiseKind, Readout, RunConfig, Shaping};
+use seedling_core::{Head, InputRows, LrSchedule, NoiseKind, Readout, RunConfig, Shaping};
 use serde::Deserialize;
 
 use crate::app::{Limits, ServeOptions};
@@ -120,7 +120,7 @@ pub struct RunArgs {
     /// Root of every random stream [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Hidden width [default: 16].
+    /// Hidden width [default: 24].
     #[arg(long)]
     pub hidden: Option<u32>,
     /// Stacked tanh layers [default: 1].
@@ -183,6 +183,11 @@ pub struct RunArgs {
     /// Fitness shaping: `ranks` (centered ranks) or `zscores` [default: ranks].
     #[arg(long)]
     pub shaping: Option<String>,
+    /// The output layer: `by-input` (one matrix and bias per input
+    /// character, trained by the exact readout; see docs/LEARNING.md, "A
+    /// head per input character") or `shared` (one for all) [default: by-input].
+    #[arg(long)]
+    pub head: Option<String>,
     /// The readout's update: `exact` (every replica computes the output
     /// layer's exact gradient on the step's minibatch, one forward pass
     /// without a backward pass through time, and ES estimates the rest) or
@@ -270,7 +275,7 @@ impl RunArgs {
         }
         merge!(self, f; run_dir, bind, port, www, seed, hidden, layers, population, batch, seq_len, sigma, lr,
             weight_decay, beta1, beta2, noise, rank, init_scale, schedule, warmup, decay_steps, min_lr_ratio, decay_gamma,
-            shaping, readout, input_rows, output_bias, min_fraction, step_timeout, job_timeout, eval_every,
+            shaping, head, readout, input_rows, output_bias, min_fraction, step_timeout, job_timeout, eval_every,
             eval_windows, checkpoint_every, keep, max_steps, admin_token, max_connections, max_per_ip, replicate, tolerance, max_strikes);
         Ok(self)
     }
@@ -280,13 +285,14 @@ impl RunArgs {
         let mut c = RunConfig::rw256(vocab);
         c.seed = self.seed.unwrap_or(0);
         // Defaults from the study in docs/LEARNING.md. ES's gradient
-        // estimate degrades with the parameter count d (its cosine with the
-        // true gradient is about 1 / sqrt(1 + 2d / N)), so a small 1x16
-        // model learns faster per token and per second than 1x64 or 2x256
-        // within a 30-minute run on two cores; and
-        // tokens go further spread over members (one sequence each) than
-        // over longer minibatches.
-        c.model.hidden = self.hidden.unwrap_or(16);
+        // estimate degrades with the parameter count d it covers (its
+        // cosine with the true gradient is about 1 / sqrt(1 + 2d / N)), so
+        // a small 1x24 recurrence learns faster per token and per second
+        // than 1x64 or 2x256 within a 30-minute run on two cores, and the
+        // per-input head adds capacity that ES does not have to estimate;
+        // and tokens go further spread over members (one sequence each)
+        // than over longer minibatches.
+        c.model.hidden = self.hidden.unwrap_or(24);
         c.model.layers = self.layers.unwrap_or(1);
         c.es.population = self.population.unwrap_or(256);
         c.es.batch = self.batch.unwrap_or(1);
@@ -351,6 +357,11 @@ impl RunArgs {
             "exact" => Readout::Exact,
             "es" => Readout::Es,
             other => anyhow::bail!("--readout must be `exact` or `es`, not `{other}`"),
+        };
+        c.model.head = match self.head.as_deref().unwrap_or("by-input") {
+            "shared" => Head::Shared,
+            "by-input" => Head::ByInput,
+            other => anyhow::bail!("--head must be `by-input` or `shared`, not `{other}`"),
         };
         c.recipe.input_rows = match self.input_rows.as_deref().unwrap_or("seen") {
             "seen" => InputRows::Seen,

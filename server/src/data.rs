@@ -337,10 +337,14 @@ pub fn unigram_output_bias(train: &[Token], vocab: usize) -> Vec<f32> {
     logs.iter().map(|l| (l - mean) as f32).collect()
 }
 
-/// Writes [`unigram_output_bias`] into `params`' output bias: the one way
-/// a fresh run (ES or BPTT) and the recipe's regression test start from it.
+/// Writes [`unigram_output_bias`] into `params`' output bias (every row of
+/// it, with a per-input head): the one way a fresh run (ES or BPTT) and the
+/// recipe's regression test start from it.
 pub fn set_unigram_output_bias(layout: &seedling_core::model::Layout, params: &mut [f32], train: &[Token]) {
-    params[layout.b_out().range()].copy_from_slice(&unigram_output_bias(train, layout.vocab()));
+    let bias = unigram_output_bias(train, layout.vocab());
+    for row in params[layout.b_out().range()].chunks_exact_mut(bias.len()) {
+        row.copy_from_slice(&bias);
+    }
 }
 
 #[cfg(test)]
@@ -406,6 +410,7 @@ mod tests {
             vocab: 8,
             hidden: 16,
             layers: 1,
+            head: Default::default(),
         };
         let plain = Replica::new(cfg).unwrap();
         let mut params = plain.params.clone();

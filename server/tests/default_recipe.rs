@@ -86,7 +86,7 @@ fn default_recipe_beats_unigram_on_tiny_shakespeare() {
 #[test]
 fn recipe_flags_and_config_keys() {
     use clap::Parser;
-    use seedling_core::{InputRows, LrSchedule, Readout, Shaping};
+    use seedling_core::{Head, InputRows, LrSchedule, Readout, Shaping};
     use seedling_server::cli::{Cli, Command, DEFAULT_MIN_LR_RATIO};
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("run.toml");
@@ -141,7 +141,6 @@ fn recipe_flags_and_config_keys() {
     assert!(err(&["--shaping", "ranked"]).contains("--shaping must be"));
     // The readout: exact by default, ES's estimate on request.
     assert_eq!(c.recipe.readout, Readout::Exact);
-    assert_eq!(parse(&["--readout", "es"]).unwrap().recipe.readout, Readout::Es);
     assert!(err(&["--readout", "backprop"]).contains("--readout must be"));
     // The input rows: those the minibatch reads by default, all on request.
     assert_eq!(c.recipe.input_rows, InputRows::Seen);
@@ -150,6 +149,19 @@ fn recipe_flags_and_config_keys() {
         InputRows::All
     );
     assert!(err(&["--input-rows", "some"]).contains("--input-rows must be"));
+    // The head: one per input character by default, which ES's readout
+    // cannot train; shared on request.
+    assert_eq!((c.model.head, c.model.hidden), (Head::ByInput, 24));
+    assert_eq!(parse(&["--head", "shared"]).unwrap().model.head, Head::Shared);
+    assert!(err(&["--readout", "es"]).contains("exact readout"));
+    assert_eq!(
+        parse(&["--head", "shared", "--readout", "es"])
+            .unwrap()
+            .recipe
+            .readout,
+        Readout::Es
+    );
+    assert!(err(&["--head", "wide"]).contains("--head must be"));
     assert!(err(&["--schedule", "cosine", "--min-lr-ratio", "2"]).contains("min_ratio"));
 
     // A time budget makes the default a cosine over it; a step horizon or

@@ -26,6 +26,7 @@ fn train_checkpoint_resume_generate_eval_inspect() {
             vocab: vocab as u32,
             hidden: 16,
             layers: 1,
+            head: Default::default(),
         },
         es: EsConfig {
             noise: NoiseKind::LowRank { rank: 1 },

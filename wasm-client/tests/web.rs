@@ -49,7 +49,7 @@ fn golden_rank1_matches_native() {
 #[wasm_bindgen_test]
 fn golden_default_recipe_matches_native() {
     assert_eq!(
-        golden_hash_with(NoiseKind::LowRank { rank: 1 }, default_recipe()),
+        golden_default_hash(),
         GOLDEN_DEFAULT_RECIPE,
         "wasm weights differ from the native golden (the default recipe)"
     );
@@ -81,6 +81,7 @@ fn handle_follows_the_server_replica() {
         vocab: tokenizer.len() as u32,
         hidden: 32,
         layers: 2,
+        head: Default::default(),
     };
     config.es.population = 8;
     config.es.batch = 4;

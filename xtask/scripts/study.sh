@@ -101,7 +101,16 @@ case "$row" in
     [[ $row =~ $re ]] || { echo "bad row $row" >&2; exit 2; }
     flags="$h16 --population ${BASH_REMATCH[2]} --seq-len 64 --lr 1e-2 --seed ${BASH_REMATCH[4]:-0}"
     rows=all; [[ ${BASH_REMATCH[1]} == 1 ]] && rows=seen
-    start_flags="--output-bias unigram --readout exact --input-rows $rows" ;;
+    start_flags="--output-bias unigram --readout exact --input-rows $rows --head shared" ;;
+  # A head per input character ("A head per input character"), rows named
+  # s12-h<hidden>-n<members>[-seed<S>]; measured with BUDGET=30000000
+  # POINTS=90. s12-h24-n256 is `seedling train`'s default.
+  s12-h*)
+    re="^s12-h([0-9]+)-n([0-9]+)(-seed([0-9]+))?\$"
+    [[ $row =~ $re ]] || { echo "bad row $row" >&2; exit 2; }
+    flags="--hidden ${BASH_REMATCH[1]} --layers 1 --batch 1 --sigma 0.02 --rank 1"
+    flags="$flags --population ${BASH_REMATCH[2]} --seq-len 64 --lr 1e-2 --seed ${BASH_REMATCH[4]:-0}"
+    start_flags="--output-bias unigram --readout exact --input-rows seen --head by-input" ;;
   *) echo "unknown row $row" >&2; exit 2 ;;
 esac
 
@@ -119,10 +128,10 @@ mkdir -p runs/study
 start=$(date +%s)
 # shellcheck disable=SC2086
 # The rows before s10 were measured from a zero output bias, with ES's
-# readout and with every input row estimated, before the unigram start, the
-# exact readout and the seen rows became the defaults; these flags keep
-# measuring what they measured.
-start_flags=${start_flags:---output-bias zero --readout es --input-rows all}
+# readout, every input row estimated and a shared head, before the unigram
+# start, the exact readout, the seen rows and the per-input head became the
+# defaults; these flags keep measuring what they measured.
+start_flags=${start_flags:---output-bias zero --readout es --input-rows all --head shared}
 nice -n 10 "$bin" train --port 0 --run-dir "$dir" --sample 0 --eval-every "$every" \
   --checkpoint-every "$steps" --max-steps "$steps" $start_flags $flags >"$dir.log" 2>&1
 end=$(date +%s)

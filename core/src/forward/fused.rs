@@ -31,6 +31,7 @@ use alloc::vec::Vec;
 
 use super::{LowRankPop, Minibatch, add_rank_r, dot};
 use crate::activation::{nll_fast, tanh_fast};
+use crate::config::Head;
 use crate::gemm::{Backend, PackedB, sgemm_packed};
 use crate::model::Layout;
 
@@ -78,14 +79,17 @@ struct Prepared<'p> {
     /// Layer l's weights: `[W_ih; W_hh]` (K = 2H), or `W_hh` for layer 0
     /// (its input is one-hot).
     weights: Vec<PackedB<'p>>,
-    w_out: PackedB<'p>,
+    /// The head's output matrices: the one of a shared head, or with a
+    /// per-input head one per character the minibatch reads (the others
+    /// are never used, so they are not packed).
+    heads: Vec<Option<PackedB<'p>>>,
     /// `W_ih(0)[token] + b(0)` per token: layer 0's one-hot input and its
     /// base bias as one row, so that epilogue reads one vector for both.
     table: Vec<f32>,
 }
 
 impl<'p> Prepared<'p> {
-    fn new(layout: &Layout, params: &'p [f32]) -> Self {
+    fn new(layout: &Layout, params: &'p [f32], batch: &Minibatch) -> Self {
         let (h, v, nl) = (layout.hidden(), layout.vocab(), layout.layers());
         let weights = (0..nl)
             .map(|l| {
@@ -98,7 +102,20 @@ impl<'p> Prepared<'p> {
                 PackedB::new(Backend::Fast, k_in, h, &params[w0..w0 + k_in * h], h)
             })
             .collect();
-        let w_out = PackedB::new(Backend::Fast, h, v, &params[layout.w_out().range()], v);
+        let pack = |tok: usize| PackedB::new(Backend::Fast, h, v, &params[layout.head_for(tok).0], v);
+        let heads = match layout.config.head {
+            Head::Shared => vec![Some(pack(0))],
+            Head::ByInput => {
+                let mut heads: Vec<Option<PackedB>> = (0..v).map(|_| None).collect();
+                for s in 0..batch.batch() {
+                    for t in 0..batch.seq_len() {
+                        let tok = batch.token(s, t);
+                        heads[tok].get_or_insert_with(|| pack(tok));
+                    }
+                }
+                heads
+            }
+        };
         let b0 = &params[layout.b(0).range()];
         let table = params[layout.w_ih(0).range()]
             .chunks_exact(h)
@@ -106,9 +123,17 @@ impl<'p> Prepared<'p> {
             .collect();
         Self {
             weights,
-            w_out,
+            heads,
             table,
         }
+    }
+
+    /// The packed output matrix that reads the state after input `tok`.
+    fn head(&self, tok: usize) -> &PackedB<'p> {
+        let i = if self.heads.len() == 1 { 0 } else { tok };
+        self.heads[i]
+            .as_ref()
+            .expect("a head for every token the minibatch reads")
     }
 }
 
@@ -124,7 +149,7 @@ fn forward_blocks<const AVX: bool>(
     pert: Option<&LowRankPop>,
 ) -> Vec<f32> {
     let bsz = batch.batch();
-    let prep = Prepared::new(layout, params);
+    let prep = Prepared::new(layout, params, batch);
     if pert.is_none() && members == 1 && bsz > BLOCK_ROWS {
         // Inference: sequences are independent; the mean over all of them
         // is the size-weighted mean of the blocks' means.
@@ -307,8 +332,9 @@ fn run<const AVX: bool>(
             .collect(),
         None => Vec::new(),
     };
-    let noise_out = pert.map(|p| noise_bias(p, 3 * nl + 1, v, first, members));
-    let bias_out = &params[layout.b_out().range()];
+    // The head's perturbation, if ES perturbs it (not under the exact readout).
+    let pert_head = pert.filter(|p| p.head);
+    let noise_out = pert_head.map(|p| noise_bias(p, 3 * nl + 1, v, first, members));
     for t in 0..batch.seq_len() {
         for (l, wl) in prep.weights.iter().enumerate() {
             // pre = [h_{l-1}, h_l] x [W_ih; W_hh], or h_0 x W_hh for layer 0.
@@ -333,7 +359,11 @@ fn run<const AVX: bool>(
                             let (a1, b1) = factors(p, layout, m, 3 * l);
                             let (d1, b2) = factors(p, layout, m, 3 * l + 1);
                             let up = if l + 1 < nl { 3 * (l + 1) } else { 3 * nl };
-                            let d2 = factors(p, layout, m, up).0;
+                            let d2 = if up < 3 * nl || p.head {
+                                factors(p, layout, m, up).0
+                            } else {
+                                &p.zeros[..]
+                            };
                             let c = p.mat_coef[m];
                             let u1 = match tok {
                                 Some(tok) => a1[tok],
@@ -369,11 +399,29 @@ fn run<const AVX: bool>(
             }
         }
         let top = (nl - 1) * h;
-        sgemm_packed(rows, &hs[top..], w, &prep.w_out, &mut logits, v, 0.0);
+        if layout.config.head == Head::Shared {
+            sgemm_packed(rows, &hs[top..], w, prep.head(0), &mut logits, v, 0.0);
+        } else {
+            // Sequence s's rows (one per member, `bsz` apart) share its
+            // input token, so they share its head.
+            for s in 0..bsz {
+                let head = prep.head(batch.token(s, t));
+                sgemm_packed(
+                    members,
+                    &hs[s * w + top..],
+                    bsz * w,
+                    head,
+                    &mut logits[s * v..],
+                    bsz * v,
+                    0.0,
+                );
+            }
+        }
         for row in 0..rows {
             let k = row / bsz;
             let z = &mut logits[row * v..(row + 1) * v];
-            match pert {
+            let bias_out = &params[layout.head_for(batch.token(row % bsz, t)).1];
+            match pert_head {
                 None => {
                     for (x, &c) in z.iter_mut().zip(bias_out) {
                         *x += c;
