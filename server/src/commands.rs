@@ -169,8 +169,8 @@ pub fn inspect(ckpt: &Checkpoint, path: &Path) -> String {
         writeln!(s, "parameters   {}", ckpt.params.len())?;
         writeln!(
             s,
-            "model        vocab {}, hidden {}, layers {}",
-            c.model.vocab, c.model.hidden, c.model.layers
+            "model        vocab {}, hidden {}, layers {}, head {:?}",
+            c.model.vocab, c.model.hidden, c.model.layers, c.model.head
         )?;
         writeln!(
             s,

@@ -51,9 +51,8 @@ pub async fn train(args: TrainArgs) -> anyhow::Result<()> {
     let server = app::start(listener, opts).await?;
     let addr = server.addr;
     println!(
-        "Seedling: training a {}x{} tanh RNN ({} parameters) on {}.",
-        params.model.layers,
-        params.model.hidden,
+        "Seedling: training a {} ({} parameters) on {}.",
+        model_name(&params.model),
         server.status().params,
         server.status().data
     );
@@ -161,8 +160,11 @@ pub fn train_bptt(args: TrainArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> 
         }
     };
     println!(
-        "Seedling: BPTT baseline, a {}x{} tanh RNN ({} parameters) on {}, {} sequences per step.",
-        cfg.model.layers, cfg.model.hidden, layout.len, data.name, cfg.es.batch
+        "Seedling: BPTT baseline, a {} ({} parameters) on {}, {} sequences per step.",
+        model_name(&cfg.model),
+        layout.len,
+        data.name,
+        cfg.es.batch
     );
     let t = cfg.es.seq_len as usize;
     let vt = data.val_seq_len;
@@ -279,4 +281,14 @@ fn progress_bar(max_steps: Option<u64>) -> ProgressBar {
         ),
     );
     bar
+}
+
+/// The model as the banners name it, e.g. "1x24 tanh RNN with a head per
+/// input character".
+fn model_name(m: &seedling_core::ModelConfig) -> String {
+    let head = match m.head {
+        seedling_core::Head::Shared => "",
+        seedling_core::Head::ByInput => " with a head per input character",
+    };
+    format!("{}x{} tanh RNN{head}", m.layers, m.hidden)
 }

@@ -2,11 +2,12 @@
 //! config, trained on tiny-shakespeare for 20M forward tokens, must get 0.3
 //! nats/char below the unigram baseline on the validation split (the
 //! default start, the unigram output bias, begins at about that baseline)
-//! and come within 0.05 of the bigram baseline, which it passes at about
-//! 12M tokens (docs/LEARNING.md; here it ends at 2.445, 0.037 below
-//! bigram; the recipe before the exact readout was 0.2 above bigram). The
-//! margin leaves room for another machine's rounding in the fast kernels,
-//! which changes the ranks and so the trajectory, like another seed.
+//! and 0.1 below the bigram baseline, which it passes at about 3M tokens
+//! (docs/LEARNING.md; here it ends at 2.253, 0.229 below bigram; the recipe
+//! before the per-input head ended at 2.445, and the one before the exact
+//! readout 0.2 above bigram). The margin leaves room for another machine's
+//! rounding in the fast kernels, which changes the ranks and so the
+//! trajectory, like another seed (three seeds end at 2.227 to 2.268).
 //!
 //! It runs the same ES step the server runs (every member on the step's
 //! minibatch, the config's shaping, the scheduled learning rate), on one
@@ -75,7 +76,7 @@ fn default_recipe_beats_unigram_on_tiny_shakespeare() {
         "default recipe: {start:.3} -> {end:.3} nats/char in {STEPS} steps (unigram {unigram:.3}, bigram {bigram:.3})"
     );
     assert!(
-        end < unigram - 0.3 && end < bigram + 0.05,
+        end < unigram - 0.3 && end < bigram - 0.1,
         "after {STEPS} steps the default recipe is at {end:.3} nats/char (from {start:.3}); \
          the unigram baseline is {unigram:.3}, the bigram one {bigram:.3}"
     );
