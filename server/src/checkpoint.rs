@@ -489,6 +489,7 @@ pub fn check_compatible(ckpt: &Checkpoint, config: &RunConfig) -> Result<()> {
     same!(model.vocab);
     same!(model.hidden);
     same!(model.layers);
+    same!(model.head);
     same!(es.noise);
     same!(es.sigma);
     same!(es.population);
@@ -854,6 +855,11 @@ pub(crate) mod tests {
         other.model.hidden = 16;
         let e = check_compatible(&ckpt, &other).unwrap_err().to_string();
         assert!(e.contains("model.hidden = 8") && e.contains("16"), "{e}");
+        // A shared-head run resumed under the per-input default.
+        let mut other = ckpt.config;
+        other.model.head = Head::ByInput;
+        let e = check_compatible(&ckpt, &other).unwrap_err().to_string();
+        assert!(e.contains("model.head = Shared") && e.contains("ByInput"), "{e}");
         let mut other = ckpt.config;
         other.es.noise = NoiseKind::Full;
         assert!(
