@@ -64,6 +64,13 @@ impl<'a> Minibatch<'a> {
         self.tokens[b * (self.seq_len + 1) + t] as usize
     }
 
+    /// Every token read as an input (each sequence's positions
+    /// `0..seq_len`; the last token is only a target): the characters
+    /// whose embeddings and per-input heads the minibatch touches.
+    pub(crate) fn inputs(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.batch).flat_map(move |b| (0..self.seq_len).map(move |t| self.token(b, t)))
+    }
+
     /// Sequences `first..first + n` as a minibatch of their own.
     fn rows(&self, first: usize, n: usize) -> Minibatch<'a> {
         let len = self.seq_len + 1;

@@ -115,11 +115,8 @@ pub fn es_gradient(layout: &Layout, cfg: &RunConfig, step: u64, weights: &[(u32,
 pub fn keep_seen_rows(layout: &Layout, batch: &Minibatch, g: &mut [f32]) -> Result<()> {
     check_len("gradient", layout.len, g.len())?;
     let mut seen = vec![false; layout.vocab()];
-    for s in 0..batch.batch() {
-        for t in 0..batch.seq_len() {
-            let tok = batch.token(s, t);
-            *seen.get_mut(tok).ok_or(Error::UnknownToken(tok as u32))? = true;
-        }
+    for tok in batch.inputs() {
+        *seen.get_mut(tok).ok_or(Error::UnknownToken(tok as u32))? = true;
     }
     let (w, h) = (layout.w_ih(0), layout.hidden());
     for (row, _) in seen.iter().enumerate().filter(|(_, s)| !**s) {

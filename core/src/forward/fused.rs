@@ -107,11 +107,8 @@ impl<'p> Prepared<'p> {
             Head::Shared => vec![Some(pack(0))],
             Head::ByInput => {
                 let mut heads: Vec<Option<PackedB>> = (0..v).map(|_| None).collect();
-                for s in 0..batch.batch() {
-                    for t in 0..batch.seq_len() {
-                        let tok = batch.token(s, t);
-                        heads[tok].get_or_insert_with(|| pack(tok));
-                    }
+                for tok in batch.inputs() {
+                    heads[tok].get_or_insert_with(|| pack(tok));
                 }
                 heads
             }
