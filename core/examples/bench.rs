@@ -32,7 +32,7 @@
 //!   time over 16 x the single-thread es-lowrank step (the time one core
 //!   needs to evaluate 4096 members); the target is <= 0.05. `gflops` counts
 //!   the 2 flops per parameter and pair of the accumulation.
-//! - `noise`: [`noise::fill_normal`] samples/s (also in `tokens_per_s`).
+//! - `noise`: [`rng::fill_normal`] samples/s (also in `tokens_per_s`).
 //!   `seconds_per_step` is the time to draw one full-rank step's noise once
 //!   (128 pairs x 230,465 values): the floor of full-rank ES's noise cost.
 //! - `gemm`: [`gemm::sgemm`] with [`Backend::Fast`] at [4096,256]x[256,256],
@@ -65,7 +65,7 @@ use seedling_core::adam::{self, AdamState};
 use seedling_core::forward::{self, Minibatch};
 use seedling_core::gemm::{self, Backend};
 use seedling_core::model::Layout;
-use seedling_core::noise;
+use seedling_core::rng;
 use seedling_core::shaping::centered_ranks;
 use seedling_core::split;
 use seedling_core::tokenizer::Token;
@@ -251,9 +251,9 @@ impl Rw {
         let cfg = RunConfig::rw256(VOCAB);
         let layout = Layout::new(cfg.model);
         let params = layout.init_params(cfg.seed, cfg.init_scale);
-        let key = noise::derive(&[0xBE4C]);
+        let key = rng::derive(&[0xBE4C]);
         let tokens: Vec<Token> = (0..cfg.batch_tokens() as u64)
-            .map(|j| (noise::mix64(key ^ j) % VOCAB as u64) as Token)
+            .map(|j| (rng::mix64(key ^ j) % VOCAB as u64) as Token)
             .collect();
         let big = tokens.repeat(cfg.es.population as usize);
         Self {
@@ -413,8 +413,8 @@ fn bench_gemm(o: &Opts) {
     let mut a = vec![0.0f32; m * k];
     let mut b = vec![0.0f32; k * n];
     let mut c = vec![0.0f32; m * n];
-    noise::fill_normal(noise::derive(&[1]), &mut a);
-    noise::fill_normal(noise::derive(&[2]), &mut b);
+    rng::fill_normal(rng::derive(&[1]), &mut a);
+    rng::fill_normal(rng::derive(&[2]), &mut b);
     let reps = o.reps().1;
     let t = median_time(reps, || {
         gemm::sgemm(Backend::Fast, m, k, n, &a, k, &b, n, &mut c, n, 0.0);
@@ -450,14 +450,14 @@ fn bench_gemm_block(o: &Opts) {
         let m = 128;
         let mut a = vec![0.0f32; m * k];
         let mut c = vec![0.0f32; m * n];
-        noise::fill_normal(noise::derive(&[3]), &mut a);
+        rng::fill_normal(rng::derive(&[3]), &mut a);
         // Calls rotate over four weight matrices, 2 MiB at k = 512, so B
         // comes from L3 as in the forward pass (whose three packed weight
         // matrices and block state overflow a 1 MiB L2), not from a warm L2.
         let bs: Vec<Vec<f32>> = (0..4)
             .map(|i| {
                 let mut b = vec![0.0f32; k * n];
-                noise::fill_normal(noise::derive(&[4, i]), &mut b);
+                rng::fill_normal(rng::derive(&[4, i]), &mut b);
                 b
             })
             .collect();
@@ -542,7 +542,7 @@ fn bench_noise(o: &Opts, rw: &Rw) {
     let mut key = 0;
     let t = median_time(reps, || {
         key += 1;
-        noise::fill_normal(key, &mut buf);
+        rng::fill_normal(key, &mut buf);
         buf[0]
     });
     let rate = buf.len() as f64 / t;
@@ -700,14 +700,9 @@ fn bench_update(o: &Opts, rw: &Rw, noise_kind: NoiseKind, n: u32, seen: &Seen) {
     let mut cfg = rw.cfg;
     cfg.es.noise = noise_kind;
     cfg.es.population = n;
-    let key = noise::derive(&[0x1055, n as u64]);
+    let key = rng::derive(&[0x1055, n as u64]);
     let losses: Vec<(u32, f32)> = (0..n)
-        .map(|m| {
-            (
-                m,
-                4.0 + (noise::mix64(key ^ m as u64) >> 40) as f32 / 16_777_216.0,
-            )
-        })
+        .map(|m| (m, 4.0 + (rng::mix64(key ^ m as u64) >> 40) as f32 / 16_777_216.0))
         .collect();
     let weights = centered_ranks(&losses).unwrap();
     let mut params = rw.params.clone();

@@ -58,9 +58,9 @@ pub fn step(cfg: &AdamConfig, lr: f32, params: &mut [f32], state: &mut AdamState
 
 /// The IEEE square root, correctly rounded on every target, so any
 /// implementation gives the same bits. With `std` it is the compiler's
-/// intrinsic, which lets the loop above be vectorized (with libm's scalar
-/// call, Adam took 11% of a per-input-head run's CPU samples, on the
-/// step's critical path); without it (the wasm volunteer), libm's.
+/// intrinsic, which lets the loop above be vectorized (a scalar libm call
+/// per weight would not, and Adam is on the step's critical path); without
+/// it (the wasm volunteer), libm's.
 #[inline(always)]
 fn sqrt(x: f32) -> f32 {
     #[cfg(feature = "std")]

@@ -8,7 +8,7 @@
 use alloc::vec::Vec;
 
 use crate::error::{Error, Result};
-use crate::noise::{DOMAIN_BATCH, Stream, derive};
+use crate::rng::{DOMAIN_BATCH, Stream, derive};
 use crate::tokenizer::Token;
 use rand_core::RngCore;
 

@@ -7,7 +7,6 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::Layout;
 
 /// Shape of the character-level RNN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,15 +256,8 @@ pub mod limits {
 }
 
 impl RunConfig {
-    /// Whether ES perturbs tensor `id`. With the exact readout, noise on the
-    /// readout would only add variance to the members' losses (its update
-    /// ignores ES's estimate), so the readout stays unperturbed and its
-    /// noise is neither drawn nor accumulated.
-    pub fn perturbs(&self, layout: &Layout, id: usize) -> bool {
-        self.recipe.readout == Readout::Es || !layout.is_readout(id)
-    }
-
-    /// The reference workload RW-256 of DESIGN.md section 5 for a given vocabulary.
+    /// The reference workload (ARCHITECTURE.md, Reference workload RW-256)
+    /// for a given vocabulary.
     pub fn rw256(vocab: u32) -> Self {
         Self {
             seed: 0,

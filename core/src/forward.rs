@@ -19,8 +19,8 @@ use crate::activation::{nll, tanh_into};
 use crate::config::RunConfig;
 use crate::error::{Error, Result, check_len};
 use crate::gemm::{Backend, sgemm};
-use crate::model::Layout;
-use crate::noise;
+use crate::model::{Layout, TensorId};
+use crate::perturb::{pair_noise, pair_noise_offsets, perturbs};
 use crate::tokenizer::Token;
 
 mod fused;
@@ -85,17 +85,18 @@ impl<'a> Minibatch<'a> {
 /// The low-rank perturbations of the members being evaluated.
 struct LowRankPop {
     rank: usize,
-    /// Noise of each member's pair, `per_member` floats each (see `noise::pair_noise`).
+    /// Noise of each member's pair, `per_member` floats each (see [`pair_noise`]).
     noise: Vec<f32>,
     per_member: usize,
-    /// Offset of each tensor's noise inside one member's block.
+    /// Offset of each tensor's noise inside one member's block, by
+    /// [`TensorId::index`].
     offsets: Vec<usize>,
     /// `±sigma / sqrt(rank)`: the scale of a matrix correction.
     mat_coef: Vec<f32>,
     /// `±sigma`: the scale of a bias perturbation.
     vec_coef: Vec<f32>,
     /// Whether the head (the readout) is perturbed; when it is not, its
-    /// noise is not in the buffer ([`noise::noise_len`]).
+    /// noise is not in the buffer ([`crate::perturb::noise_len`]).
     head: bool,
     /// `hidden` zeros: the head's `a` factor when it is not perturbed.
     zeros: Vec<f32>,
@@ -103,14 +104,14 @@ struct LowRankPop {
 
 impl LowRankPop {
     fn new(layout: &Layout, cfg: &RunConfig, rank: usize, step: u64, members: &[u32]) -> Self {
-        let (offsets, per_member) = noise::pair_noise_offsets(layout, cfg);
+        let (offsets, per_member) = pair_noise_offsets(layout, cfg);
         let mut noise = Vec::with_capacity(per_member * members.len());
         let mut buf = Vec::new();
         let sigma = cfg.es.sigma;
         let scale = sigma / libm::sqrtf(rank as f32);
         let (mut mat_coef, mut vec_coef) = (Vec::new(), Vec::new());
         for &m in members {
-            noise::pair_noise(layout, cfg, step, (m / 2) as u64, &mut buf);
+            pair_noise(layout, cfg, step, (m / 2) as u64, &mut buf);
             noise.extend_from_slice(&buf);
             let sign = if m % 2 == 0 { 1.0 } else { -1.0 };
             mat_coef.push(sign * scale);
@@ -123,13 +124,13 @@ impl LowRankPop {
             offsets,
             mat_coef,
             vec_coef,
-            head: cfg.perturbs(layout, 3 * layout.layers()),
+            head: perturbs(layout, cfg, layout.head().w),
             zeros: vec![0.0; layout.hidden()],
         }
     }
 
-    fn tensor(&self, member: usize, tensor: usize, len: usize) -> &[f32] {
-        let start = member * self.per_member + self.offsets[tensor];
+    fn tensor(&self, member: usize, tensor: TensorId, len: usize) -> &[f32] {
+        let start = member * self.per_member + self.offsets[tensor.index()];
         &self.noise[start..start + len]
     }
 
@@ -137,13 +138,13 @@ impl LowRankPop {
     fn add_matmul(
         &self,
         layout: &Layout,
-        tensor: usize,
+        tensor: TensorId,
         x: &[f32],
         rows_per_member: usize,
         out: &mut [f32],
         u: &mut [f32],
     ) {
-        let t = &layout.tensors[tensor];
+        let t = layout.tensor(tensor);
         let (m, n, r) = (t.rows, t.cols, self.rank);
         for k in 0..self.mat_coef.len() {
             let ab = self.tensor(k, tensor, (m + n) * r);
@@ -170,13 +171,13 @@ impl LowRankPop {
     fn add_lookup(
         &self,
         layout: &Layout,
-        tensor: usize,
+        tensor: TensorId,
         batch: &Minibatch,
         t: usize,
         out: &mut [f32],
         u: &mut [f32],
     ) {
-        let spec = &layout.tensors[tensor];
+        let spec = layout.tensor(tensor);
         let (m, n, r) = (spec.rows, spec.cols, self.rank);
         let bsz = batch.batch();
         for k in 0..self.mat_coef.len() {
@@ -191,7 +192,7 @@ impl LowRankPop {
         }
     }
 
-    fn bias(&self, member: usize, tensor: usize, len: usize) -> (&[f32], f32) {
+    fn bias(&self, member: usize, tensor: TensorId, len: usize) -> (&[f32], f32) {
         (self.tensor(member, tensor, len), self.vec_coef[member])
     }
 }
@@ -274,7 +275,12 @@ fn forward_reference(
     let mut total = vec![0.0f64; members];
     for t in 0..batch.seq_len() {
         for l in 0..layers {
-            let (w_ih, w_hh, b) = (layout.w_ih(l), layout.w_hh(l), layout.b(l));
+            let ids = layout.layer(l);
+            let (w_ih, w_hh, b) = (
+                layout.tensor(ids.w_ih),
+                layout.tensor(ids.w_hh),
+                layout.tensor(ids.b),
+            );
             let (below, here) = hs.split_at_mut(l);
             let hl = &mut here[0];
             if l == 0 {
@@ -284,7 +290,7 @@ fn forward_reference(
                     pre[row * h..(row + 1) * h].copy_from_slice(&params[src..src + h]);
                 }
                 if let Some(p) = pert {
-                    p.add_lookup(layout, 3 * l, batch, t, &mut pre, &mut u);
+                    p.add_lookup(layout, ids.w_ih, batch, t, &mut pre, &mut u);
                 }
             } else {
                 let x = &below[l - 1];
@@ -302,7 +308,7 @@ fn forward_reference(
                     0.0,
                 );
                 if let Some(p) = pert {
-                    p.add_matmul(layout, 3 * l, x, bsz, &mut pre, &mut u);
+                    p.add_matmul(layout, ids.w_ih, x, bsz, &mut pre, &mut u);
                 }
             }
             sgemm(
@@ -319,7 +325,7 @@ fn forward_reference(
                 1.0,
             );
             if let Some(p) = pert {
-                p.add_matmul(layout, 3 * l + 1, hl, bsz, &mut pre, &mut u);
+                p.add_matmul(layout, ids.w_hh, hl, bsz, &mut pre, &mut u);
             }
             let bias = &params[b.range()];
             for k in 0..members {
@@ -329,7 +335,7 @@ fn forward_reference(
                         *x += bj;
                     }
                     if let Some(p) = pert {
-                        let (e, c) = p.bias(k, 3 * l + 2, h);
+                        let (e, c) = p.bias(k, ids.b, h);
                         for (x, &ej) in row.iter_mut().zip(e) {
                             *x += c * ej;
                         }
@@ -359,7 +365,7 @@ fn forward_reference(
         }
         let pert_head = pert.filter(|p| p.head);
         if let Some(p) = pert_head {
-            p.add_matmul(layout, 3 * layers, top, bsz, &mut logits, &mut u);
+            p.add_matmul(layout, layout.head().w, top, bsz, &mut logits, &mut u);
         }
         for (row, z) in logits.chunks_exact_mut(v).enumerate() {
             let k = row / bsz;
@@ -368,7 +374,7 @@ fn forward_reference(
                 *x += bj;
             }
             if let Some(p) = pert_head {
-                let (e, c) = p.bias(k, 3 * layers + 1, v);
+                let (e, c) = p.bias(k, layout.head().b, v);
                 for (x, &ej) in z.iter_mut().zip(e) {
                     *x += c * ej;
                 }
@@ -423,7 +429,7 @@ pub fn member_losses(
             let mut out = Vec::with_capacity(members.len());
             for &m in members {
                 if m / 2 != eps_pair {
-                    noise::pair_noise(layout, cfg, step, (m / 2) as u64, &mut eps);
+                    pair_noise(layout, cfg, step, (m / 2) as u64, &mut eps);
                     eps_pair = m / 2;
                 }
                 let s = if m % 2 == 0 { cfg.es.sigma } else { -cfg.es.sigma };
@@ -449,13 +455,13 @@ pub fn perturbed_params(
 ) -> Vec<f32> {
     let rank = cfg.es.noise.rank();
     let mut buf = Vec::new();
-    noise::pair_noise(layout, cfg, step, (member / 2) as u64, &mut buf);
+    pair_noise(layout, cfg, step, (member / 2) as u64, &mut buf);
     let sign = if member % 2 == 0 { 1.0 } else { -1.0 };
     let sigma = sign * cfg.es.sigma;
     let mut out = params.to_vec();
-    let (offsets, _) = noise::pair_noise_offsets(layout, cfg);
-    for (id, (t, &off)) in layout.tensors.iter().zip(&offsets).enumerate() {
-        if !cfg.perturbs(layout, id) {
+    let (offsets, _) = pair_noise_offsets(layout, cfg);
+    for ((id, t), &off) in layout.iter().zip(&offsets) {
+        if !perturbs(layout, cfg, id) {
             continue;
         }
         let dst = &mut out[t.range()];
@@ -641,7 +647,7 @@ mod tests {
             assert_ne!(es, exact, "{noise:?}: the readout's noise changed no loss");
             let p = perturbed_params(&layout, &params, &cfg, 1, 4);
             let g = crate::update::es_gradient(&layout, &cfg, 1, &[(0, 1.0), (1, -1.0), (4, 0.5)]).unwrap();
-            for (id, t) in layout.tensors.iter().enumerate() {
+            for (id, t) in layout.iter() {
                 let (moved, estimated) = (
                     p[t.range()] != params[t.range()],
                     g[t.range()].iter().any(|&x| x != 0.0),

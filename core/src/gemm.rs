@@ -209,7 +209,7 @@ fn has_avx2_fma() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::noise::{derive, fill_normal};
+    use crate::rng::{derive, fill_normal};
 
     #[test]
     fn fast_matches_reference() {

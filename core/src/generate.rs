@@ -226,7 +226,7 @@ mod tests {
     use super::*;
     use crate::config::ModelConfig;
     use crate::forward::{Minibatch, loss};
-    use crate::noise::Stream;
+    use crate::rng::Stream;
 
     fn model() -> (Layout, Vec<f32>) {
         let layout = Layout::new(ModelConfig {

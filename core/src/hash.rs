@@ -8,13 +8,13 @@
 //! critical path, so the hash must be fast: [`weights_hash`] runs four
 //! independent FNV-1a-style lanes over 32-bit words and folds them with
 //! SplitMix64's bijective mix. Protocols 1 to 4 hashed byte by byte
-//! ([`weights_hash_v1`]), one serial multiply per byte, a dependency chain
+//! ([`weights_hash_v1`]), one serial multiply per byte: a dependency chain
 //! of about a million cycles for the 73,000 weights of a 1x16 per-input
-//! head, twice per step (the server's replica, then its worker's): 5% of
-//! such a run's CPU samples under `perf`. Checkpoints of those protocols
-//! still carry that hash, so it stays to check them.
+//! head, twice per step (the server's replica, then its worker's).
+//! Checkpoints of those protocols still carry that hash, so it stays to
+//! check them.
 
-use crate::noise::mix64;
+use crate::rng::mix64;
 
 const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const PRIME: u64 = 0x0000_0100_0000_01b3;

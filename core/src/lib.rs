@@ -14,9 +14,12 @@
 //! - [`error`]: the one error type; input never panics the core.
 //! - [`config`]: run, model, ES and Adam settings, validated at the boundary.
 //! - [`tokenizer`]: the character vocabulary, built from a corpus.
-//! - [`model`]: the parameter buffer layout (named tensor views) and init.
-//! - [`noise`]: the counter-based Gaussian generator keyed by
-//!   (run, step, pair, tensor).
+//! - [`rng`]: counter-based random streams (the mixer, key derivation, the
+//!   Gaussian quantile table); a leaf every other module may use.
+//! - [`model`]: the parameter buffer layout (named tensors, typed tensor
+//!   ids) and init.
+//! - [`perturb`]: which tensors ES perturbs and each antithetic pair's noise
+//!   on them, keyed by (run, step, pair, tensor).
 //! - [`activation`]: tanh and cross-entropy, fast and reference flavours.
 //! - [`gemm`]: the matrix multiply used by the forward pass (fast and reference).
 //! - [`forward`]: population-batched loss evaluation (low-rank and full noise).
@@ -55,10 +58,11 @@ pub mod generate;
 pub mod hash;
 pub mod mingru;
 pub mod model;
-pub mod noise;
+pub mod perturb;
 pub mod protocol;
 pub mod readout;
 pub mod replica;
+pub mod rng;
 pub mod session;
 pub mod shaping;
 pub mod split;

@@ -23,7 +23,7 @@ use alloc::vec::Vec;
 
 use crate::activation::nll;
 use crate::error::{Error, Result, check_len};
-use crate::noise;
+use crate::rng;
 use crate::tokenizer::Token;
 
 /// Shape of a one-layer minGRU: `3 * vocab * hidden + 2 * hidden + vocab`
@@ -70,8 +70,8 @@ impl MinGru {
         for (id, n) in self.sizes().into_iter().enumerate() {
             let mut t = vec![0.0f32; n];
             // Tensor ids past the tanh RNN's, so the streams never coincide.
-            noise::fill_uniform(
-                noise::derive(&[noise::DOMAIN_INIT, seed, 1 << 32 | id as u64]),
+            rng::fill_uniform(
+                rng::derive(&[rng::DOMAIN_INIT, seed, 1 << 32 | id as u64]),
                 &mut t,
             );
             p.extend(t.iter().map(|x| (x * 2.0 - 1.0) * bound));

@@ -2,8 +2,11 @@
 //!
 //! All parameters live in one contiguous f32 buffer so that hashing, Adam,
 //! snapshots and checkpoints are single slices. [`Layout`] names the tensors
-//! inside it. Tensor ids (their index in [`Layout::tensors`]) key the noise
-//! streams, so the order here is part of the determinism contract.
+//! inside it and hands out their [`TensorId`]s. A tensor's id (its index in
+//! [`Layout::tensors`]) keys its init and noise streams, so the order here is
+//! part of the determinism contract (ARCHITECTURE.md, Determinism contract):
+//! per layer the input matrix, the recurrent matrix and the bias, then the
+//! output matrix and bias.
 //!
 //! Per layer `l`: `h_t = tanh(x_t W_ih + h_{t-1} W_hh + b)`, with layer 0's
 //! `W_ih` a `[vocab, hidden]` table (one-hot input times a matrix is a row
@@ -17,7 +20,53 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::config::{Head, ModelConfig};
-use crate::noise;
+use crate::rng;
+
+/// A tensor's place in a [`Layout`]: its index in [`Layout::tensors`].
+///
+/// The number keys the tensor's init and noise streams, so it is part of
+/// the determinism contract. Only a layout hands ids out ([`Layout::layer`],
+/// [`Layout::head`], [`Layout::ids`]), so code that needs a tensor asks for
+/// it by role rather than computing its position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TensorId(usize);
+
+impl TensorId {
+    /// The tensor's index in [`Layout::tensors`] (and in per-tensor tables
+    /// built in layout order).
+    #[inline]
+    pub fn index(self) -> usize {
+        self.0
+    }
+
+    /// The number that keys the tensor's random streams.
+    #[inline]
+    pub fn key(self) -> u64 {
+        self.0 as u64
+    }
+}
+
+/// The tensors of one RNN layer: `h_t = tanh(x_t W_ih + h_{t-1} W_hh + b)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerIds {
+    /// The input matrix `W_ih` (`[vocab, hidden]` for layer 0, a row per
+    /// character; `[hidden, hidden]` above).
+    pub w_ih: TensorId,
+    /// The recurrent matrix `W_hh` (`[hidden, hidden]`).
+    pub w_hh: TensorId,
+    /// The bias `b` (`[1, hidden]`).
+    pub b: TensorId,
+}
+
+/// The readout's tensors: the output matrix and bias (one block of each
+/// per input character with a per-input head, see [`Layout::head_for`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadIds {
+    /// The output matrix `W_out`.
+    pub w: TensorId,
+    /// The output bias `b_out`.
+    pub b: TensorId,
+}
 
 /// One named tensor inside the parameter buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +109,10 @@ pub struct Layout {
     pub tensors: Vec<TensorSpec>,
     /// Total parameter count.
     pub len: usize,
+    /// Each layer's tensor ids, as `new` assigned them.
+    layers: Vec<LayerIds>,
+    /// The readout's tensor ids.
+    head: HeadIds,
 }
 
 impl Layout {
@@ -69,7 +122,9 @@ impl Layout {
         let h = config.hidden as usize;
         let mut tensors = Vec::new();
         let mut offset = 0;
+        // Each tensor's id is the order of its push.
         let mut push = |name: String, rows: usize, cols: usize, is_matrix: bool| {
+            let id = TensorId(tensors.len());
             tensors.push(TensorSpec {
                 name,
                 offset,
@@ -78,55 +133,92 @@ impl Layout {
                 is_matrix,
             });
             offset += rows * cols;
+            id
         };
-        for l in 0..config.layers as usize {
-            let input = if l == 0 { v } else { h };
-            push(format!("layers.{l}.w_ih"), input, h, true);
-            push(format!("layers.{l}.w_hh"), h, h, true);
-            push(format!("layers.{l}.b"), 1, h, false);
-        }
+        let layers = (0..config.layers as usize)
+            .map(|l| {
+                let input = if l == 0 { v } else { h };
+                LayerIds {
+                    w_ih: push(format!("layers.{l}.w_ih"), input, h, true),
+                    w_hh: push(format!("layers.{l}.w_hh"), h, h, true),
+                    b: push(format!("layers.{l}.b"), 1, h, false),
+                }
+            })
+            .collect();
         let heads = match config.head {
             Head::Shared => 1,
             Head::ByInput => v,
         };
-        push("out.w".into(), heads * h, v, true);
-        push("out.b".into(), heads, v, false);
+        let head = HeadIds {
+            w: push("out.w".into(), heads * h, v, true),
+            b: push("out.b".into(), heads, v, false),
+        };
         Self {
             config,
             tensors,
             len: offset,
+            layers,
+            head,
         }
+    }
+
+    /// Layer `l`'s tensor ids (`l < layers()`).
+    #[inline]
+    pub fn layer(&self, l: usize) -> LayerIds {
+        self.layers[l]
+    }
+
+    /// The readout's tensor ids.
+    #[inline]
+    pub fn head(&self) -> HeadIds {
+        self.head
+    }
+
+    /// Every tensor's id, in layout (and noise-stream) order.
+    pub fn ids(&self) -> impl Iterator<Item = TensorId> + '_ {
+        (0..self.tensors.len()).map(TensorId)
+    }
+
+    /// Every tensor with its id, in layout order.
+    pub fn iter(&self) -> impl Iterator<Item = (TensorId, &TensorSpec)> + '_ {
+        self.tensors.iter().enumerate().map(|(i, t)| (TensorId(i), t))
+    }
+
+    /// The tensor `id` names.
+    #[inline]
+    pub fn tensor(&self, id: TensorId) -> &TensorSpec {
+        &self.tensors[id.0]
     }
 
     /// Layer `l`'s input matrix.
     pub fn w_ih(&self, l: usize) -> &TensorSpec {
-        &self.tensors[3 * l]
+        self.tensor(self.layer(l).w_ih)
     }
 
     /// Layer `l`'s recurrent matrix.
     pub fn w_hh(&self, l: usize) -> &TensorSpec {
-        &self.tensors[3 * l + 1]
+        self.tensor(self.layer(l).w_hh)
     }
 
     /// Layer `l`'s bias.
     pub fn b(&self, l: usize) -> &TensorSpec {
-        &self.tensors[3 * l + 2]
+        self.tensor(self.layer(l).b)
     }
 
     /// Whether tensor `id` is part of the readout (the output matrix or
     /// bias), whose gradient a forward pass gives exactly.
-    pub fn is_readout(&self, id: usize) -> bool {
-        id >= 3 * self.layers()
+    pub fn is_readout(&self, id: TensorId) -> bool {
+        id == self.head.w || id == self.head.b
     }
 
     /// The output matrix.
     pub fn w_out(&self) -> &TensorSpec {
-        &self.tensors[3 * self.layers()]
+        self.tensor(self.head.w)
     }
 
     /// The output bias.
     pub fn b_out(&self) -> &TensorSpec {
-        &self.tensors[3 * self.layers() + 1]
+        self.tensor(self.head.b)
     }
 
     /// The output matrix (`[hidden, vocab]`, row-major) and bias that read
@@ -162,10 +254,10 @@ impl Layout {
     pub fn init_params(&self, seed: u64, scale: f32) -> Vec<f32> {
         let mut p = alloc::vec![0.0f32; self.len];
         let bound = scale / libm::sqrtf(self.hidden() as f32);
-        for (id, t) in self.tensors.iter().enumerate() {
-            let key = noise::derive(&[noise::DOMAIN_INIT, seed, id as u64]);
+        for (id, t) in self.iter() {
+            let key = rng::derive(&[rng::DOMAIN_INIT, seed, id.key()]);
             let dst = &mut p[t.range()];
-            noise::fill_uniform(key, dst);
+            rng::fill_uniform(key, dst);
             for x in dst.iter_mut() {
                 *x = (*x * 2.0 - 1.0) * bound;
             }
@@ -191,6 +283,39 @@ mod tests {
         assert_eq!(l.tensors.last().unwrap().range().end, l.len);
         assert_eq!(l.w_out().rows, 256);
         assert_eq!(l.b(1).name, "layers.1.b");
+    }
+
+    /// The ids key the noise streams, so their numbers are part of the
+    /// determinism contract: per layer input, recurrent, bias, then the head.
+    #[test]
+    fn tensor_ids_keep_their_numbers() {
+        for head in [Head::Shared, Head::ByInput] {
+            let l = Layout::new(ModelConfig {
+                vocab: 7,
+                hidden: 5,
+                layers: 3,
+                head,
+            });
+            for k in 0..3 {
+                let ids = l.layer(k);
+                assert_eq!(
+                    [ids.w_ih.key(), ids.w_hh.key(), ids.b.key()],
+                    [3 * k as u64, 3 * k as u64 + 1, 3 * k as u64 + 2]
+                );
+                assert_eq!(l.tensor(ids.w_hh).name, alloc::format!("layers.{k}.w_hh"));
+            }
+            assert_eq!((l.head().w.index(), l.head().b.index()), (9, 10));
+            assert_eq!(
+                l.ids().map(TensorId::index).collect::<Vec<_>>(),
+                (0..11).collect::<Vec<_>>()
+            );
+            let readout: Vec<usize> = l
+                .ids()
+                .filter(|&id| l.is_readout(id))
+                .map(TensorId::index)
+                .collect();
+            assert_eq!(readout, [9, 10]);
+        }
     }
 
     #[test]

@@ -14,9 +14,9 @@
 //! it buys.
 //!
 //! It is on the update path, so every replica must compute the same bits
-//! (DESIGN.md section 3): plain loops in a fixed order, only `+ - * /`, and
-//! `libm`'s tanh and exp, which are the same on every target. The fast
-//! kernels and the fast tanh are not used here.
+//! (ARCHITECTURE.md, Determinism contract): plain loops in a fixed order,
+//! only `+ - * /`, and `libm`'s tanh and exp, which are the same on every
+//! target. The fast kernels and the fast tanh are not used here.
 
 use alloc::vec;
 

@@ -4,12 +4,13 @@
 //! two members of antithetic pair k share `eps_k` with opposite signs, so the
 //! sum runs over pairs with coefficient `(w_2k - w_2k+1) / (n sigma)`.
 //!
-//! Determinism (DESIGN.md section 3): pairs are accumulated in ascending
-//! order, each element of `g` receives its terms in that order, and every
-//! term is computed by the same expression, `(coef * a_i) * b_j` for a
-//! low-rank matrix and `coef * e_j` otherwise. Loops run over elements with
-//! no cross-element reduction, so the compiler's vectorization cannot reorder
-//! a sum, and the result is bit-identical on x86_64 and wasm32.
+//! Determinism (ARCHITECTURE.md, Determinism contract): pairs are
+//! accumulated in ascending order, each element of `g` receives its terms in
+//! that order, and every term is computed by the same expression,
+//! `(coef * a_i) * b_j` for a low-rank matrix and `coef * e_j` otherwise.
+//! Loops run over elements with no cross-element reduction, so the
+//! compiler's vectorization cannot reorder a sum, and the result is
+//! bit-identical on x86_64 and wasm32.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -18,7 +19,8 @@ use crate::config::RunConfig;
 use crate::error::{Error, Result, check_len};
 use crate::forward::Minibatch;
 use crate::model::Layout;
-use crate::noise;
+use crate::perturb::{pair_key, perturbs, tensor_noise_len};
+use crate::rng::fill_normal;
 
 /// One pair's coefficient in the gradient, in ascending pair order.
 fn pair_coefficients(cfg: &RunConfig, weights: &[(u32, f32)]) -> Result<Vec<(u32, f32)>> {
@@ -58,15 +60,14 @@ pub fn es_gradient(layout: &Layout, cfg: &RunConfig, step: u64, weights: &[(u32,
     let mut g = vec![0.0f32; layout.len];
     let rank = cfg.es.noise.rank();
     let mut buf = Vec::new();
-    for (id, t) in layout.tensors.iter().enumerate() {
-        if !cfg.perturbs(layout, id) {
-            continue; // never perturbed: no estimate (see `RunConfig::perturbs`)
+    for (id, t) in layout.iter() {
+        if !perturbs(layout, cfg, id) {
+            continue; // never perturbed: no estimate (see `perturb::perturbs`)
         }
-        let n = noise::tensor_noise_len(t.rows, t.cols, t.is_matrix, rank);
-        buf.resize(n, 0.0);
+        buf.resize(tensor_noise_len(t, rank), 0.0);
         let dst = &mut g[t.range()];
         for &(pair, c) in &coefs {
-            noise::fill_normal(noise::pair_key(cfg.seed, step, pair as u64, id), &mut buf);
+            fill_normal(pair_key(cfg.seed, step, pair as u64, id), &mut buf);
             match rank {
                 Some(r) if t.is_matrix => {
                     let c = c / libm::sqrtf(r as f32);

@@ -15,7 +15,7 @@ use seedling_core::config::ModelConfig;
 use seedling_core::forward::{self, Minibatch};
 use seedling_core::gemm::{self, Backend};
 use seedling_core::model::Layout;
-use seedling_core::noise;
+use seedling_core::rng;
 use seedling_core::{NoiseKind, RunConfig};
 
 #[test]
@@ -48,9 +48,9 @@ fn fast_gemm_matches_reference_at_rnn_shapes() {
             let mut a = vec![0.0; (m - 1) * lda + k];
             let mut b = vec![0.0; (k - 1) * ldb + n];
             let mut c0 = vec![0.0; (m - 1) * ldc + n];
-            noise::fill_normal(noise::derive(&[11, m as u64]), &mut a);
-            noise::fill_normal(noise::derive(&[12, n as u64]), &mut b);
-            noise::fill_normal(noise::derive(&[13, k as u64]), &mut c0);
+            rng::fill_normal(rng::derive(&[11, m as u64]), &mut a);
+            rng::fill_normal(rng::derive(&[12, n as u64]), &mut b);
+            rng::fill_normal(rng::derive(&[13, k as u64]), &mut c0);
             let packed = gemm::PackedB::new(Backend::Fast, k, n, &b, ldb);
             for beta in [0.0, 1.0] {
                 let mut slow = c0.clone();

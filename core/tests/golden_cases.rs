@@ -1,6 +1,6 @@
-// The cross-platform determinism golden (DESIGN.md section 3), shared by the
-// native test, the wasm test under Node (core/tests/golden.rs) and the
-// browser test (wasm-client/tests). The constants are the weights hashes
+// The cross-platform determinism golden (ARCHITECTURE.md, Determinism
+// contract), shared by the native test, the wasm test under Node
+// (core/tests/golden.rs) and the browser test (wasm-client/tests). The constants are the weights hashes
 // after GOLDEN_STEPS ES steps; they must be equal on x86_64 and wasm32.
 //
 // The forward pass uses the reference GEMM and libm's tanh, so even the

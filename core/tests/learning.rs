@@ -6,7 +6,7 @@
 
 use rand_core::RngCore;
 use seedling_core::config::ModelConfig;
-use seedling_core::noise::Stream;
+use seedling_core::rng::Stream;
 use seedling_core::{NoiseKind, Replica, RunConfig, batch};
 
 const SYMBOLS: usize = 20;

@@ -231,7 +231,7 @@ proptest! {
         // Full noise is exactly sigma times the pair's stream.
         if rank == 0 {
             let mut eps = Vec::new();
-            seedling_core::noise::pair_noise(&layout, &cfg, step, pair as u64, &mut eps);
+            seedling_core::perturb::pair_noise(&layout, &cfg, step, pair as u64, &mut eps);
             for (a, e) in plus.iter().zip(&eps) {
                 prop_assert_eq!(a.to_bits(), (sigma * e).to_bits());
             }

@@ -41,7 +41,7 @@ use seedling_core::forward::{self, Minibatch};
 use seedling_core::gemm::Backend;
 use seedling_core::mingru::MinGru;
 use seedling_core::model::Layout;
-use seedling_core::noise::{derive, fill_normal};
+use seedling_core::rng::{derive, fill_normal};
 use seedling_core::shaping::centered_ranks;
 use seedling_core::tokenizer::Token;
 use seedling_core::{AdamConfig, ModelConfig};

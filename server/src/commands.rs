@@ -14,7 +14,7 @@ use seedling_core::gemm::Backend;
 use seedling_core::generate::{beam_search, sample_text};
 use seedling_core::hash::weights_hash;
 use seedling_core::model::Layout;
-use seedling_core::noise::{DOMAIN_SAMPLE, Stream, derive};
+use seedling_core::rng::{DOMAIN_SAMPLE, Stream, derive};
 use seedling_core::tokenizer::Token;
 
 use crate::checkpoint::Checkpoint;

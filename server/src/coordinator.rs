@@ -465,7 +465,7 @@ pub struct Coordinator {
     /// Members whose claims need one more evaluation by another client.
     verify: MemberSet,
     /// Decides which results are replicated.
-    coin: seedling_core::noise::Stream,
+    coin: seedling_core::rng::Stream,
     /// The current step's minibatch as encoded in its jobs, encoded once
     /// and shared by every job frame of the step.
     token_bytes: Bytes,
@@ -536,7 +536,7 @@ impl Coordinator {
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let run = seedling_core::noise::derive(&[replica.config.seed, replica.step, wall.as_nanos() as u64]);
+        let run = seedling_core::rng::derive(&[replica.config.seed, replica.step, wall.as_nanos() as u64]);
         let elapsed_before = history.last().map_or(0.0, |h| h.elapsed_s);
         let tokens_before = history.last().map_or(0, |h| h.tokens);
         let mut c = Self {
@@ -554,7 +554,7 @@ impl Coordinator {
             missed: HashMap::new(),
             books: Ledger::default(),
             verify: MemberSet::default(),
-            coin: seedling_core::noise::Stream::new(run),
+            coin: seedling_core::rng::Stream::new(run),
             token_bytes: Bytes::new(),
             step_tokens: Vec::new(),
             job_buf: Vec::new(),

@@ -35,7 +35,7 @@ use tokio_tungstenite::tungstenite::Message;
 /// function of the two, so every simulated client agrees, spread over
 /// [1, 2) so centered ranks see distinct values.
 pub fn synthetic_loss(step: u64, member: u32) -> f32 {
-    let h = seedling_core::noise::derive(&[0x51u64, step, member as u64]);
+    let h = seedling_core::rng::derive(&[0x51u64, step, member as u64]);
     1.0 + (h >> 40) as f32 / (1u64 << 24) as f32
 }
 

@@ -11,7 +11,7 @@
 
 use seedling_core::Result;
 use seedling_core::generate::sample_text;
-use seedling_core::noise::{DOMAIN_SAMPLE, Stream, derive};
+use seedling_core::rng::{DOMAIN_SAMPLE, Stream, derive};
 use seedling_core::protocol::{ClientKind, SessionToken};
 pub use seedling_core::session::{Reaction, Session, Work};
 

@@ -27,7 +27,7 @@ use seedling_core::RunConfig;
 use seedling_core::forward::{self, Minibatch};
 use seedling_core::gemm::Backend;
 use seedling_core::model::Layout;
-use seedling_core::noise;
+use seedling_core::rng;
 use seedling_core::tokenizer::Token;
 use wasm_bindgen::prelude::wasm_bindgen;
 use wasm_bindgen_test::{console_log, wasm_bindgen_test};
@@ -77,9 +77,9 @@ fn es_lowrank(count: u32, reps: usize) {
     let layout = Layout::new(cfg.model);
     let params = layout.init_params(cfg.seed, cfg.init_scale);
     // The native bench's minibatch, token for token.
-    let key = noise::derive(&[0xBE4C]);
+    let key = rng::derive(&[0xBE4C]);
     let tokens: Vec<Token> = (0..cfg.batch_tokens() as u64)
-        .map(|j| (noise::mix64(key ^ j) % VOCAB as u64) as Token)
+        .map(|j| (rng::mix64(key ^ j) % VOCAB as u64) as Token)
         .collect();
     let (b, t) = (cfg.es.batch as usize, cfg.es.seq_len as usize);
     let mb = Minibatch::new(&tokens, b, t, VOCAB as usize).unwrap();

@@ -33,16 +33,15 @@ use super::{LowRankPop, Minibatch, add_rank_r, dot};
 use crate::activation::{nll_fast, tanh_fast};
 use crate::config::Head;
 use crate::gemm::{Backend, PackedB, sgemm_packed};
-use crate::model::Layout;
+use crate::model::{Layout, TensorId};
 
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 mod avx2;
 
 /// Rows (sequences) per block: 8 members of RW-256 (B = 16). The block's
 /// hidden states, pre-activations and logits then take about 0.4 MiB, which
-/// stays in L2 on a core with 512 KiB of it, as on the benchmark machine;
-/// the packed weights come from L3 with prefetching (see `gemm::avx2`). A
-/// try at 96 rows was inconclusive.
+/// stays in a core's L2 cache of 512 KiB; the packed weights come from L3
+/// with prefetching (see `gemm::avx2`).
 const BLOCK_ROWS: usize = 128;
 
 /// Each member's mean cross-entropy; `pert` as in the reference pass.
@@ -175,7 +174,7 @@ fn forward_blocks<const AVX: bool>(
 /// Members `first..first + members`' bias noise for tensor `tensor` (`len`
 /// values each), scaled by their `±sigma`.
 #[inline(always)]
-fn noise_bias(p: &LowRankPop, tensor: usize, len: usize, first: usize, members: usize) -> Vec<f32> {
+fn noise_bias(p: &LowRankPop, tensor: TensorId, len: usize, first: usize, members: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(members * len);
     for k in first..first + members {
         let (e, c) = p.bias(k, tensor, len);
@@ -186,8 +185,8 @@ fn noise_bias(p: &LowRankPop, tensor: usize, len: usize, first: usize, members: 
 
 /// Member `k`'s low-rank factors `(A, B)` of matrix `tensor`.
 #[inline(always)]
-fn factors<'p>(p: &'p LowRankPop, layout: &Layout, k: usize, tensor: usize) -> (&'p [f32], &'p [f32]) {
-    let t = &layout.tensors[tensor];
+fn factors<'p>(p: &'p LowRankPop, layout: &Layout, k: usize, tensor: TensorId) -> (&'p [f32], &'p [f32]) {
+    let t = layout.tensor(tensor);
     p.tensor(k, tensor, (t.rows + t.cols) * p.rank)
         .split_at(t.rows * p.rank)
 }
@@ -267,7 +266,7 @@ fn correction(
     p: &LowRankPop,
     layout: &Layout,
     k: usize,
-    tensor: usize,
+    tensor: TensorId,
     x: Lookup,
     out: &mut [f32],
     u: &mut [f32],
@@ -325,15 +324,17 @@ fn run<const AVX: bool>(
     let mut dot_up = vec![0.0f32; if rank1 { nl * rows } else { 0 }];
     let noise: Vec<Vec<f32>> = match pert {
         Some(p) => (0..nl)
-            .map(|l| noise_bias(p, 3 * l + 2, h, first, members))
+            .map(|l| noise_bias(p, layout.layer(l).b, h, first, members))
             .collect(),
         None => Vec::new(),
     };
     // The head's perturbation, if ES perturbs it (not under the exact readout).
     let pert_head = pert.filter(|p| p.head);
-    let noise_out = pert_head.map(|p| noise_bias(p, 3 * nl + 1, v, first, members));
+    let head_ids = layout.head();
+    let noise_out = pert_head.map(|p| noise_bias(p, head_ids.b, v, first, members));
     for t in 0..batch.seq_len() {
         for (l, wl) in prep.weights.iter().enumerate() {
+            let ids = layout.layer(l);
             // pre = [h_{l-1}, h_l] x [W_ih; W_hh], or h_0 x W_hh for layer 0.
             let a_off = l.saturating_sub(1) * h;
             sgemm_packed(rows, &hs[a_off..], w, wl, &mut pre, h, 0.0);
@@ -353,13 +354,19 @@ fn run<const AVX: bool>(
                         let m = first + k;
                         let t2 = &noise[l][k * h..(k + 1) * h];
                         if p.rank == 1 {
-                            let (a1, b1) = factors(p, layout, m, 3 * l);
-                            let (d1, b2) = factors(p, layout, m, 3 * l + 1);
-                            let up = if l + 1 < nl { 3 * (l + 1) } else { 3 * nl };
-                            let d2 = if up < 3 * nl || p.head {
-                                factors(p, layout, m, up).0
+                            let (a1, b1) = factors(p, layout, m, ids.w_ih);
+                            let (d1, b2) = factors(p, layout, m, ids.w_hh);
+                            // The matrix that reads this state: the next
+                            // layer's input matrix, or the head if ES
+                            // perturbs it (zeros otherwise).
+                            let up = if l + 1 < nl {
+                                Some(layout.layer(l + 1).w_ih)
                             } else {
-                                &p.zeros[..]
+                                p.head.then_some(head_ids.w)
+                            };
+                            let d2 = match up {
+                                Some(up) => factors(p, layout, m, up).0,
+                                None => &p.zeros[..],
                             };
                             let c = p.mat_coef[m];
                             let u1 = match tok {
@@ -381,9 +388,9 @@ fn run<const AVX: bool>(
                                 Some(tok) => Lookup::Row(tok),
                                 None => Lookup::Dense(&hrow[(l - 1) * h..l * h]),
                             };
-                            correction(p, layout, m, 3 * l, x, pre_row, &mut u);
+                            correction(p, layout, m, ids.w_ih, x, pre_row, &mut u);
                             let old = Lookup::Dense(&hrow[l * h..(l + 1) * h]);
-                            correction(p, layout, m, 3 * l + 1, old, pre_row, &mut u);
+                            correction(p, layout, m, ids.w_hh, old, pre_row, &mut u);
                             Terms::Sum(t1, t2)
                         }
                     }
@@ -430,10 +437,10 @@ fn run<const AVX: bool>(
                         p.mat_coef[m] * dot_up[(nl - 1) * rows + row]
                     } else {
                         let x = Lookup::Dense(&hs[row * w + top..row * w + top + h]);
-                        correction(p, layout, m, 3 * nl, x, z, &mut u);
+                        correction(p, layout, m, head_ids.w, x, z, &mut u);
                         0.0
                     };
-                    let b = factors(p, layout, m, 3 * nl).1;
+                    let b = factors(p, layout, m, head_ids.w).1;
                     let e = noise_out.as_ref().map_or(&[][..], |n| &n[k * v..(k + 1) * v]);
                     for (x, ((&c, &e), &bj)) in z.iter_mut().zip(bias_out.iter().zip(e).zip(&b[..v])) {
                         *x += c + e + s * bj;

@@ -5,9 +5,9 @@
 //! Why not `matrixmultiply` for the forward pass: it packs both operands on
 //! every call, and the forward pass multiplies by the same weights 64 times
 //! per block (every time step). At RW-256's shapes (128 rows, k = 256 or
-//! 512) packing was 13% of the evaluation's CPU time on two threads, and
-//! each thread streamed the unpacked weights through its L2 on every step
-//! on top of the packed copies. Here `B` is packed once per call of the
+//! 512) packing per call is a sizeable share of the evaluation's time, and
+//! each thread would stream the unpacked weights through its L2 on every
+//! step on top of the packed copies. Here `B` is packed once per call of the
 //! forward pass into panels of 16 columns (the last panel 8 wide when at
 //! most 8 columns are left, or a single column taken as dot products, so
 //! the head's n = V = 65 wastes nothing), and `A` is read
@@ -138,8 +138,7 @@ pub(super) unsafe fn sgemm_packed(
 /// prefetching the `lines` cache lines at `next` (the slice the next sweep
 /// reads) a few after each tile. The packed weights of the forward pass do
 /// not stay in L2 (its three matrices and a block's state are more than
-/// 1 MiB), so without this each sweep would start on L3 misses: with the
-/// weights out of L2, 128 x 512 x 256 went from 80-84 to 87-90 GFLOP/s.
+/// 1 MiB), so without this each sweep would start on L3 misses.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn panel<const V: usize>(

@@ -14,15 +14,14 @@
 //! forward pass calls this with L2-sized row blocks, and packs each weight
 //! matrix once per block, not once per call: [`super::PackedB`]).
 //!
-//! What was measured and not kept (V8 in Node 20 and Chromium 156, which
-//! compile this to SSE/AVX with 15 usable xmm registers and fold no constant
-//! into an address, so every distinct address costs an instruction):
-//! 5 x 8 and 6 x 8 tiles spill an accumulator to the stack and turn the loop
-//! into a store-to-load chain (0.6x); unrolling k by 2 or 4 lets LLVM's
-//! wasm output group the products per accumulator, which keeps all the
-//! unrolled B vectors live and spills too (0.75x); splatting the packed A
-//! values out of one vector load instead of four broadcast loads puts four
-//! shuffles per step on the FP ports the arithmetic needs (slower).
+//! Why not a bigger tile or more unrolling: V8 compiles this to SSE/AVX with
+//! 15 usable xmm registers and folds no constant into an address, so every
+//! distinct address costs an instruction. A 5 x 8 or 6 x 8 tile spills an
+//! accumulator to the stack and turns the loop into a store-to-load chain;
+//! unrolling k lets LLVM's wasm output group the products per accumulator,
+//! which keeps all the unrolled B vectors live and spills too; splatting the
+//! packed A values out of one vector load instead of four broadcast loads
+//! puts four shuffles per step on the FP ports the arithmetic needs.
 //!
 //! A is packed too, per call, for the full 4-row tiles ([`pack_a`]): each
 //! tile's four rows interleaved, so the four broadcasts of a step sit at
@@ -30,10 +29,8 @@
 //! an address computation with the row stride on each of them every step
 //! (`lea` of base + stride * row); packed, it is a plain constant add (wasm-opt
 //! folds constants into `v128.load`'s offset but not into
-//! `v128.load32_splat`'s). In Chromium 156 the 128 x 512 x 256 product went
-//! from 33.6 to 36.6 GFLOP/s (best of 60, alternating builds), Node 20
-//! unchanged; packing costs one pass over A per call, which every panel then
-//! reuses.
+//! `v128.load32_splat`'s). Packing costs one pass over A per call, which
+//! every panel then reuses.
 
 use alloc::vec::Vec;
 use core::arch::wasm32::*;
@@ -163,9 +160,9 @@ unsafe fn pack_a(k: usize, a: *const f32, lda: usize, out: *mut f32) {
 /// pointer.
 ///
 /// Not inlined on purpose: V8 allocates registers per function, and inside
-/// the caller's loops it kept the loop counter on the stack (Node) or spilled
-/// accumulators (Chromium); alone, the loop keeps everything in registers
-/// (1.1x in Chromium; the call is once per `k`-long loop).
+/// the caller's loops it keeps the loop counter on the stack or spills
+/// accumulators; alone, the loop keeps everything in registers (the call is
+/// once per `k`-long loop).
 #[inline(never)]
 unsafe fn tile<const R: usize, const PACKED: bool>(
     k: usize,

@@ -1,11 +1,17 @@
-//! Counter-based random streams: the noise every replica rebuilds from seeds.
+//! Counter-based random streams: every random number a replica draws.
 //!
 //! A stream is a pure function of a 64-bit key and an element index, so a
-//! member's perturbation can be regenerated anywhere, in any order, from
-//! (run seed, step, pair, tensor) alone. Only integer operations produce the
-//! bits; the Gaussian comes from a quantile table with linear interpolation
-//! (one int-to-float conversion, one subtraction, one multiply and one add,
-//! all IEEE-exact), so x86_64 and wasm32 produce identical f32 values.
+//! value can be regenerated anywhere, in any order, from the tuple its key
+//! was derived from (for member noise, run seed, step, pair and tensor; see
+//! [`crate::perturb`]). Only integer operations produce the bits; the
+//! Gaussian comes from a quantile table with linear interpolation (one
+//! int-to-float conversion, one subtraction, one multiply and one add, all
+//! IEEE-exact), so x86_64 and wasm32 produce identical f32 values. These
+//! bits are part of the determinism contract (ARCHITECTURE.md, Determinism
+//! contract): changing any function here changes every run.
+//!
+//! This module is a leaf: it knows nothing of configs or models, so every
+//! other module may use it.
 //!
 //! Why not a crate: `rand_distr`'s normal sampler uses the platform `ln`/`exp`
 //! through ziggurat rejection, which the determinism contract forbids on the
@@ -16,8 +22,8 @@ mod table;
 
 use rand_core::{RngCore, impls};
 
-use crate::config::RunConfig;
-use crate::model::Layout;
+// The core's key domains: the first part of every derived key, so streams
+// drawn for different purposes never coincide.
 
 /// Key domain for initial weights.
 pub const DOMAIN_INIT: u64 = 1;
@@ -47,11 +53,6 @@ pub fn derive(parts: &[u64]) -> u64 {
         h = mix64(h ^ mix64(p.wrapping_add(GOLDEN)));
     }
     h
-}
-
-/// The stream key of one antithetic pair's noise on one tensor.
-pub fn pair_key(seed: u64, step: u64, pair: u64, tensor: usize) -> u64 {
-    derive(&[DOMAIN_NOISE, seed, step, pair, tensor as u64])
 }
 
 /// Word `j` of stream `key`.
@@ -93,61 +94,6 @@ pub fn fill_uniform(key: u64, out: &mut [f32]) {
     for (j, x) in out.iter_mut().enumerate() {
         *x = (word(key, j as u64) >> 40) as f32 * (1.0 / 16_777_216.0);
     }
-}
-
-/// Number of noise values one pair draws for a tensor: `(rows + cols) * rank`
-/// for a low-rank matrix (A then B), `rows * cols` otherwise.
-pub fn tensor_noise_len(rows: usize, cols: usize, is_matrix: bool, rank: Option<usize>) -> usize {
-    match rank {
-        Some(r) if is_matrix => (rows + cols) * r,
-        _ => rows * cols,
-    }
-}
-
-/// Number of noise values one pair draws for tensor `id` under `cfg`:
-/// [`tensor_noise_len`] at the config's rank, except that a tensor the
-/// config does not perturb ([`RunConfig::perturbs`]) takes none under
-/// low-rank noise (a per-input head would otherwise make every member carry
-/// thousands of zeros) and keeps its zero-filled place under full-rank
-/// noise, whose buffer is parameter-shaped.
-pub fn noise_len(layout: &Layout, cfg: &RunConfig, id: usize) -> usize {
-    let (t, rank) = (&layout.tensors[id], cfg.es.noise.rank());
-    if rank.is_some() && !cfg.perturbs(layout, id) {
-        return 0;
-    }
-    tensor_noise_len(t.rows, t.cols, t.is_matrix, rank)
-}
-
-/// One antithetic pair's noise for every tensor, concatenated in layout order.
-///
-/// Low-rank (`rank = Some(r)`): a matrix `[m, n]` contributes `A` (`[m, r]`,
-/// row-major) then `B` (`[n, r]`); a vector contributes its Gaussian values.
-/// Full (`rank = None`): every tensor contributes `rows * cols` values, so the
-/// buffer is exactly a parameter-shaped `eps`. The rank is the config's.
-///
-/// A tensor the config does not perturb ([`RunConfig::perturbs`]) is not
-/// drawn ([`noise_len`]); every other tensor's noise is the same whether or
-/// not it is (each tensor has its own stream).
-pub fn pair_noise(layout: &Layout, cfg: &RunConfig, step: u64, pair: u64, out: &mut alloc::vec::Vec<f32>) {
-    out.clear();
-    for id in 0..layout.tensors.len() {
-        let start = out.len();
-        out.resize(start + noise_len(layout, cfg, id), 0.0);
-        if cfg.perturbs(layout, id) {
-            fill_normal(pair_key(cfg.seed, step, pair, id), &mut out[start..]);
-        }
-    }
-}
-
-/// Offsets of each tensor's noise inside a [`pair_noise`] buffer, plus the total.
-pub fn pair_noise_offsets(layout: &Layout, cfg: &RunConfig) -> (alloc::vec::Vec<usize>, usize) {
-    let mut offs = alloc::vec::Vec::with_capacity(layout.tensors.len());
-    let mut total = 0;
-    for id in 0..layout.tensors.len() {
-        offs.push(total);
-        total += noise_len(layout, cfg, id);
-    }
-    (offs, total)
 }
 
 /// A seekable random stream for non-noise uses (text sampling, shuffles),
@@ -225,7 +171,7 @@ mod tests {
         assert_eq!(&a[..40], &b[..]);
         fill_normal(8, &mut b);
         assert_ne!(&a[..40], &b[..]);
-        assert_ne!(pair_key(1, 2, 3, 4), pair_key(1, 2, 3, 5));
-        assert_ne!(pair_key(1, 2, 3, 4), pair_key(1, 3, 2, 4));
+        assert_ne!(derive(&[1, 2, 3, 4]), derive(&[1, 2, 3, 5]));
+        assert_ne!(derive(&[1, 2, 3, 4]), derive(&[1, 3, 2, 4]));
     }
 }

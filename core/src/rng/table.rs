@@ -4,7 +4,7 @@
 //! Entry k is the f32 nearest to the inverse normal CDF at k/4096 (entry 0 at
 //! 2^-16, so the extreme buckets end near 4.17 sigma), stored as bit patterns
 //! so the table is the same constant on every target. Generated once with a
-//! double-precision inverse CDF (Wichura's AS241); the test in `noise.rs`
+//! double-precision inverse CDF (Wichura's AS241); the test in `rng.rs`
 //! checks every entry against `libm::erfc`.
 
 /// Number of equal-probability buckets; a u32 splits into a 12-bit bucket
