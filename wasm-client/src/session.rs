@@ -11,8 +11,8 @@
 
 use seedling_core::Result;
 use seedling_core::generate::sample_text;
-use seedling_core::rng::{DOMAIN_SAMPLE, Stream, derive};
 use seedling_core::protocol::{ClientKind, SessionToken};
+use seedling_core::rng::{DOMAIN_SAMPLE, Stream, derive};
 pub use seedling_core::session::{Reaction, Session, Work};
 
 /// The handshake: a browser volunteer evaluating one member stream at a
