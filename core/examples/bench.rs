@@ -1,6 +1,7 @@
-//! `cargo xtask bench [--quick]`: the figures DESIGN.md section 5 asks for, on
-//! the reference workload RW-256 (vocab 65, H = 256, 2 tanh layers, T = 64,
-//! B = 16, N = 256, sigma 0.02, low-rank rank 1), as one JSON object per line.
+//! `cargo xtask bench [--quick]`: the figures ARCHITECTURE.md's "Reference
+//! workload RW-256" asks for, on that workload (vocab 65, H = 256, 2 tanh
+//! layers, T = 64, B = 16, N = 256, sigma 0.02, low-rank rank 1), as one JSON
+//! object per line.
 //!
 //! Every line has `bench`, `workload`, `target`, `threads`, `tokens_per_s`,
 //! `seconds_per_step` and `gflops` (`null` where a figure has no meaning for
@@ -280,7 +281,8 @@ impl Rw {
         (self.n() * self.b() * self.t()) as f64
     }
 
-    /// Forward matmul FLOPs per ES step (DESIGN.md section 5).
+    /// Forward matmul FLOPs per ES step (ARCHITECTURE.md, "Reference workload
+    /// RW-256").
     fn flops_per_step(&self) -> f64 {
         let (h, v) = (self.layout.hidden() as f64, self.layout.vocab() as f64);
         2.0 * self.tokens_per_step() * (h * h + 2.0 * h * h + h * v)
