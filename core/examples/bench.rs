@@ -1,8 +1,10 @@
-//! `cargo xtask bench [--quick]`: the figures DESIGN.md section 5 asks for, on
-//! the reference workload RW-256 (vocab 65, H = 256, 2 tanh layers, T = 64,
-//! B = 16, N = 256, sigma 0.02, low-rank rank 1), as one JSON object per line.
+//! `cargo xtask bench [--quick]`: the figures ARCHITECTURE.md's "Reference
+//! workload RW-256" asks for, on that workload (vocab 65, H = 256, 2 tanh
+//! layers, T = 64, B = 16, N = 256, sigma 0.02, low-rank rank 1), as one JSON
+//! object per line.
 //!
-//! Every line has `bench`, `workload`, `target`, `threads`, `tokens_per_s`,
+//! Every line is a `seedling_bench_record::Record`, the schema xtask reads
+//! back: `bench`, `workload`, `target`, `threads`, `tokens_per_s`,
 //! `seconds_per_step` and `gflops` (`null` where a figure has no meaning for
 //! that bench); extra keys say what a line is compared with. A "step" is one
 //! ES step of RW-256: N * B * T = 262,144 predicted tokens, and
@@ -72,6 +74,8 @@ use seedling_core::tokenizer::Token;
 use seedling_core::update;
 use seedling_core::{NoiseKind, RunConfig};
 
+use seedling_bench_record::Record;
+
 const VOCAB: u32 = 65;
 
 /// A JSON value of an extra key.
@@ -90,56 +94,20 @@ struct Line {
     extra: Vec<(&'static str, Val)>,
 }
 
-fn json_num(x: f64) -> String {
-    if x.is_finite() {
-        // Four significant digits are plenty for timings and avoid float noise.
-        let digits = if x == 0.0 {
-            0
-        } else {
-            x.abs().log10().floor() as i32
-        };
-        let decimals = (3 - digits).clamp(0, 12) as usize;
-        format!("{x:.decimals$}")
-    } else {
-        "null".into()
-    }
-}
-
-fn json_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 impl Line {
+    /// Prints the line as the [`Record`] `cargo xtask bench` reads back.
     fn print(&self) {
-        let opt = |x: Option<f64>| x.map_or("null".into(), json_num);
-        let mut s = format!(
-            "{{\"bench\":{},\"workload\":\"RW-256\",\"target\":\"native\",\"threads\":{},\
-             \"tokens_per_s\":{},\"seconds_per_step\":{},\"gflops\":{}",
-            json_str(&self.bench),
-            self.threads,
-            opt(self.tokens_per_s),
-            json_num(self.seconds_per_step),
-            opt(self.gflops),
-        );
+        let mut r = Record::new(&self.bench, "native", self.threads as u32);
+        r.tokens_per_s = self.tokens_per_s;
+        r.seconds_per_step = Some(self.seconds_per_step);
+        r.gflops = self.gflops;
         for (k, v) in &self.extra {
-            let v = match v {
-                Val::Num(x) => json_num(*x),
-                Val::Str(t) => json_str(t),
+            match v {
+                Val::Num(x) => r.set_num(k, *x),
+                Val::Str(t) => r.set_text(k, t.as_str()),
             };
-            s.push_str(&format!(",{}:{}", json_str(k), v));
         }
-        s.push('}');
-        println!("{s}");
+        println!("{}", r.to_line());
     }
 }
 
@@ -280,7 +248,8 @@ impl Rw {
         (self.n() * self.b() * self.t()) as f64
     }
 
-    /// Forward matmul FLOPs per ES step (DESIGN.md section 5).
+    /// Forward matmul FLOPs per ES step (ARCHITECTURE.md, "Reference workload
+    /// RW-256").
     fn flops_per_step(&self) -> f64 {
         let (h, v) = (self.layout.hidden() as f64, self.layout.vocab() as f64);
         2.0 * self.tokens_per_step() * (h * h + 2.0 * h * h + h * v)

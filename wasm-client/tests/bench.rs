@@ -5,7 +5,8 @@
 //! harness that already runs our wasm under Node and in headless Chromium
 //! (the same release build, simd128 and all, as `www/pkg`). xtask runs this
 //! file alone with `--test bench`, once with `--node` and once in Chromium,
-//! and reads the JSON line it logs; a name filter picks the full figure
+//! and reads the JSON line it logs (a `seedling_bench_record::Record`, the
+//! schema xtask reads back); a name filter picks the full figure
 //! (`cargo xtask bench`) or the quick one (the CI performance check). The
 //! normal suite never runs it: the test steps name `--test web` explicitly.
 //!
@@ -23,6 +24,7 @@
 
 #![cfg(target_arch = "wasm32")]
 
+use seedling_bench_record::Record;
 use seedling_core::RunConfig;
 use seedling_core::forward::{self, Minibatch};
 use seedling_core::gemm::Backend;
@@ -108,11 +110,19 @@ fn es_lowrank(count: u32, reps: usize) {
     // target without the caller having to pass one in.
     let node = js_sys::Reflect::get(&js_sys::global(), &"process".into()).is_ok_and(|p| !p.is_undefined());
     let target = if node { "wasm-node" } else { "wasm-chromium" };
-    console_log!(
-        "{{\"bench\":\"es-lowrank\",\"workload\":\"RW-256\",\"target\":\"{target}\",\"threads\":1,\
-         \"tokens_per_s\":{:.0},\"seconds_per_step\":{secs:.4},\"gflops\":{gflops:.2},\"members\":{count},\"mean_member_loss\":{mean_loss:.4},\
-         \"note\":\"median of {reps} after 1 warm-up, one member_losses call of {count} members (scaled to 256), Backend::Fast, simd128\"}}",
-        tokens_per_step / secs,
-    );
+    let mut line = Record::new("es-lowrank", target, 1);
+    line.tokens_per_s = Some(tokens_per_step / secs);
+    line.seconds_per_step = Some(secs);
+    line.gflops = Some(gflops);
+    line.set_num("members", count.into())
+        .set_num("mean_member_loss", mean_loss)
+        .set_text(
+            "note",
+            format!(
+                "median of {reps} after 1 warm-up, one member_losses call of {count} members \
+                 (scaled to 256), Backend::Fast, simd128"
+            ),
+        );
+    console_log!("{}", line.to_line());
     assert!(mean_loss.is_finite(), "member losses are not finite: {mean_loss}");
 }

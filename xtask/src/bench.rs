@@ -10,6 +10,9 @@
 //! `ratio_to_native`, its tokens/s over the native single-thread es-lowrank
 //! figure (the target for Chromium is >= 0.35).
 //!
+//! Every line is a `seedling_bench_record::Record`: the benches print them
+//! and this module reads them back, so both sides share one schema.
+//!
 //! Two system figures come from `seedling-sim bench` (seedling-tests):
 //! `coordinator-1000`, the coordinator's time per step with 1,000 simulated
 //! volunteers, and `wire-bytes`, the uplink bytes per member evaluation.
@@ -19,17 +22,19 @@
 //! its step benches, and each is followed by OpenBLAS's sgemm and the JAX
 //! peer in every mode at 1 and 2 threads, so that both sides of each ratio
 //! are measured in the same minutes (5 rounds by default, 1 with `--quick`:
-//! on this shared machine a step's time moves by tens of percent within
-//! minutes, and the median of three rounds still put the low-rank step
-//! against JAX anywhere from 0.64 to 0.70 across runs).
+//! on a shared machine a step's time moves by tens of percent within
+//! minutes, so the table takes medians over rounds and shows their range).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use seedling_bench_record::{Record, records};
+
+use crate::cmd::{Ctx, run, run_lines};
 use crate::peers::{self, Peers};
-use crate::wasm::{self, WasmTarget, json_number, json_string};
-use crate::{Ctx, report, run, setup};
+use crate::wasm::{self, WasmTarget};
+use crate::{report, setup};
 
 /// The wasm/native throughput ratio Seedling aims for in Chromium.
 const RATIO_TARGET: f64 = 0.35;
@@ -184,10 +189,8 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<(), String> {
         let native_1t = m.rounds.first().and_then(|r| {
             r.native
                 .iter()
-                .find(|l| {
-                    json_string(l, "bench") == Some("es-lowrank") && json_number(l, "threads") == Some(1.0)
-                })
-                .and_then(|l| json_number(l, "tokens_per_s"))
+                .find(|l| l.bench == "es-lowrank" && l.threads == 1)
+                .and_then(|l| l.tokens_per_s)
         });
         match wasm_bench(ctx, o.quick, native_1t) {
             Ok((lines, failed)) => {
@@ -212,9 +215,9 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<(), String> {
     }
 }
 
-/// seedling-core's bench example with `args`: its JSON lines.
-fn native_bench(ctx: &Ctx, args: &[&str]) -> Result<Vec<String>, String> {
-    wasm::run_lines(
+/// seedling-core's bench example with `args`: its records.
+fn native_bench(ctx: &Ctx, args: &[&str]) -> Result<Vec<Record>, String> {
+    records(&run_lines(
         ctx.cargo()
             .args([
                 "run",
@@ -226,12 +229,12 @@ fn native_bench(ctx: &Ctx, args: &[&str]) -> Result<Vec<String>, String> {
                 "--",
             ])
             .args(args),
-    )
+    )?)
 }
 
 /// The system benchmarks (coordinator-1000, wire-bytes): simulated and
 /// native volunteers on loopback, from seedling-tests.
-fn system_bench(ctx: &Ctx, o: &Options) -> Result<Vec<String>, String> {
+fn system_bench(ctx: &Ctx, o: &Options) -> Result<Vec<Record>, String> {
     let system: Vec<&str> = ["coordinator-1000", "wire-bytes"]
         .into_iter()
         .filter(|name| only_prefixes(&o.pass).is_none_or(|ps| ps.iter().any(|p| name.starts_with(p))))
@@ -256,14 +259,14 @@ fn system_bench(ctx: &Ctx, o: &Options) -> Result<Vec<String>, String> {
     if o.quick {
         cmd.args(["--seconds", "10"]);
     }
-    wasm::run_lines(&mut cmd)
+    records(&run_lines(&mut cmd)?)
 }
 
 /// The es-lowrank workload as wasm under Node and in headless Chromium
 /// (`quick_` under `--quick`), each line printed again with its ratio to
-/// `native_1t`, the native one-thread es-lowrank tokens/s. Returns the lines
-/// and the targets that failed.
-fn wasm_bench(ctx: &Ctx, quick: bool, native_1t: Option<f64>) -> Result<(Vec<String>, Vec<String>), String> {
+/// `native_1t`, the native one-thread es-lowrank tokens/s. Returns the
+/// records and the targets that failed.
+fn wasm_bench(ctx: &Ctx, quick: bool, native_1t: Option<f64>) -> Result<(Vec<Record>, Vec<String>), String> {
     // Chromium and Node for the runs, the pinned wasm tools for the build.
     setup::apt_packages(ctx)?;
     setup::wasm_target(ctx)?;
@@ -284,20 +287,14 @@ fn wasm_bench(ctx: &Ctx, quick: bool, native_1t: Option<f64>) -> Result<(Vec<Str
     }
 
     println!("\n==> wasm vs native (es-lowrank, RW-256, one thread)");
-    for line in &wasm_lines {
-        let ratio = native_1t
-            .zip(json_number(line, "tokens_per_s"))
-            .map(|(n, w)| w / n);
-        match ratio {
-            Some(r) => {
-                let body = line.trim_end().trim_end_matches('}');
-                println!(
-                    "{body},\"native_tokens_per_s\":{:.0},\"ratio_to_native\":{r:.3},\"ratio_target\":{RATIO_TARGET}}}",
-                    native_1t.unwrap_or_default()
-                );
-            }
-            None => println!("{line}"),
+    for record in &wasm_lines {
+        let mut line = record.clone();
+        if let (Some(native), Some(wasm)) = (native_1t, record.tokens_per_s) {
+            line.set_num("native_tokens_per_s", native)
+                .set_num("ratio_to_native", wasm / native)
+                .set_num("ratio_target", RATIO_TARGET);
         }
+        println!("{}", line.to_line());
     }
     if native_1t.is_none() {
         println!("(no native single-thread es-lowrank line to compare with; run without --wasm-only)");
@@ -349,7 +346,7 @@ const CHECKS: &[(&str, f64)] = &[
 /// ones) and the quick wasm figure under Node, in one run, with each ratio
 /// checked against its floor in [`CHECKS`]. About half a minute.
 pub fn perf_check(ctx: &Ctx) -> Result<String, String> {
-    let native = wasm::run_lines(
+    let native = records(&run_lines(
         ctx.cargo()
             .args([
                 "run",
@@ -367,13 +364,13 @@ pub fn perf_check(ctx: &Ctx) -> Result<String, String> {
                 "--threads",
                 "1",
             ]),
-    )?;
+    )?)?;
     let wasm_lines = wasm::bench(ctx, WasmTarget::Node, "quick_")?;
-    let find = |lines: &[String], bench: &str, key: &str| {
+    let find = |lines: &[Record], bench: &str, key: &str| {
         lines
             .iter()
-            .find(|l| json_string(l, "bench") == Some(bench))
-            .and_then(|l| json_number(l, key))
+            .find(|l| l.bench == bench)
+            .and_then(|l| l.num(key))
             .ok_or_else(|| format!("no `{key}` of `{bench}` in the bench output"))
     };
     let es = find(&native, "es-lowrank", "tokens_per_s")?;

@@ -5,22 +5,32 @@
 //! workspace, and the alias in `.cargo/config.toml` makes it a plain
 //! `cargo xtask <command>` with nothing else to install.
 //!
-//! Why no dependencies (no clap, no xshell): `cargo xtask test` is the first
-//! thing a fresh machine runs, so xtask itself must build in seconds and never
-//! be the thing that fails. Three subcommands and a `--only` flag do not need
-//! an argument parser, and `std::process::Command` is enough to run programs.
+//! Why so few dependencies (no clap, no xshell): `cargo xtask test` is the
+//! first thing a fresh machine runs, so xtask itself must build in seconds
+//! and never be the thing that fails. Three subcommands and a `--only` flag
+//! do not need an argument parser, and `std::process::Command` is enough to
+//! run programs. JSON is the exception: the benches' lines are read with
+//! serde_json through `seedling-bench-record`, the schema the benches write
+//! with, because a hand-written reader and writer drift apart.
 //!
 //! # Layout
 //!
-//! - `main.rs`: argument dispatch, the shared [`Ctx`] and command helpers.
+//! - `main.rs`: argument dispatch.
+//! - [`cmd`]: the shared [`Ctx`] and the helpers that run programs (a leaf).
 //! - [`test`]: the ordered step list behind `cargo xtask test` and its summary.
-//! - [`setup`]: the idempotent tool installs the test steps depend on.
+//! - [`setup`]: the idempotent tool installs the test steps depend on, and
+//!   the browser's WebDriver capabilities.
 //! - [`wasm`]: the browser volunteer's build (`www/pkg`) and the wasm benches.
 //! - [`bench`]: `cargo xtask bench`, native and wasm figures side by side.
 //! - [`peers`]: the JAX peer and OpenBLAS for `cargo xtask bench --peers`.
 //! - [`report`]: the one benchmark table of a `cargo xtask bench` run.
+//!
+//! Modules depend on each other in one direction only (`main` -> `test` ->
+//! `bench` -> `peers`, `report`, `wasm` -> `setup` -> `cmd`); a test below
+//! reads the sources and fails on an import circle.
 
 mod bench;
+mod cmd;
 mod peers;
 mod report;
 mod setup;
@@ -28,9 +38,9 @@ mod test;
 mod wasm;
 
 use std::env;
-use std::ffi::{OsStr, OsString};
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
+
+use cmd::{Ctx, show};
 
 const USAGE: &str = "\
 usage: cargo xtask <command> [args...]
@@ -42,7 +52,7 @@ commands:
         --only runs just the named steps (plus the set-up they need);
         --list prints the steps; --soak runs only the robustness suite at
         full size (about 15 minutes).
-  run [ARGS...]
+  run [--] [ARGS...]
         build the volunteer page's wasm (www/pkg), then train:
         cargo run --release -p seedling-server --bin seedling -- train ARGS
   bench [--native-only|--wasm-only] [--quick] [--peers PYTHON [--peer-script PATH]
@@ -83,7 +93,7 @@ fn main() -> ExitCode {
                 ctx.cargo()
                     .args(["run", "--release", "-p", "seedling-server"])
                     .args(["--bin", "seedling", "--", "train"])
-                    .args(rest),
+                    .args(trainer_args(rest)),
             )
         }
         "bench" => bench::main(&ctx, rest),
@@ -99,102 +109,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// What every step needs to know about the machine, computed once.
-///
-/// Child processes get an explicit `PATH` instead of xtask mutating its own
-/// environment (which is `unsafe` in edition 2024 and invisible to readers):
-/// every command is built through [`Ctx::cmd`], so they all see the same tools.
-pub struct Ctx {
-    /// Workspace root: commands run here whatever directory xtask was started
-    /// from, so relative paths such as `core` mean the same thing everywhere.
-    pub root: PathBuf,
-    /// Project-local tool directory (`target/tools`): npm packages and the
-    /// generated `webdriver.json` live here, so they need no root, never touch
-    /// the system and vanish with `cargo clean`.
-    pub tools: PathBuf,
-    /// `PATH` for children: npm's `.bin` (for `wasm-opt`) and cargo's bin
-    /// directory come first, so a tool just installed by `cargo install` or
-    /// npm is found even if the user's shell `PATH` lacks those directories.
-    pub path: OsString,
-}
-
-impl Ctx {
-    fn new() -> Self {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("xtask lives one level below the workspace root")
-            .to_path_buf();
-        let tools = root.join("target").join("tools");
-        let mut dirs = vec![tools.join("node_modules").join(".bin"), cargo_bin_dir()];
-        dirs.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
-        let path = env::join_paths(dirs).expect("PATH entries never contain ':'");
-        Ctx { root, tools, path }
+/// The arguments of `cargo xtask run [--] ARGS...` for `seedling train`:
+/// ARGS, without the `--` a user types out of habit to separate them (the
+/// trainer would take it, and everything after it, as positional).
+fn trainer_args(args: &[String]) -> &[String] {
+    match args.split_first() {
+        Some((first, rest)) if first == "--" => rest,
+        _ => args,
     }
-
-    /// A command run from the workspace root with the tool `PATH`.
-    ///
-    /// std resolves the program through the child's `PATH` when it is set with
-    /// `env`, so freshly installed tools are found by name.
-    pub fn cmd(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut cmd = Command::new(program);
-        cmd.current_dir(&self.root).env("PATH", &self.path);
-        cmd
-    }
-
-    /// `cargo` through the rustup proxy, so `rust-toolchain.toml` picks the
-    /// toolchain, exactly as when a developer types the command.
-    pub fn cargo(&self) -> Command {
-        self.cmd("cargo")
-    }
-
-    /// The first `name` on the tool `PATH`, like `which`.
-    pub fn which(&self, name: &str) -> Option<PathBuf> {
-        env::split_paths(&self.path)
-            .map(|dir| dir.join(name))
-            .find(|candidate| candidate.is_file())
-    }
-}
-
-/// Where `cargo install` puts binaries: `$CARGO_HOME/bin`, else `~/.cargo/bin`.
-fn cargo_bin_dir() -> PathBuf {
-    let home = env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")));
-    home.unwrap_or_else(|| PathBuf::from(".cargo")).join("bin")
-}
-
-/// The command as a shell-like line, for logs and error messages.
-pub fn show(cmd: &Command) -> String {
-    let mut line = cmd.get_program().to_string_lossy().into_owned();
-    for arg in cmd.get_args() {
-        line.push(' ');
-        line.push_str(&arg.to_string_lossy());
-    }
-    line
-}
-
-/// Runs a command with inherited stdio, echoing it first; any failure
-/// (cannot start, non-zero exit, killed) becomes an error naming the command.
-pub fn run(cmd: &mut Command) -> Result<(), String> {
-    let line = show(cmd);
-    println!("$ {line}");
-    let status = cmd
-        .status()
-        .map_err(|err| format!("could not start `{line}`: {err}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("`{line}` failed ({status})"))
-    }
-}
-
-/// The stdout of a command that succeeded, or `None`: used to probe for tools
-/// (a missing program is an answer here, not an error).
-pub fn stdout_of(cmd: &mut Command) -> Option<String> {
-    let out = cmd.stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs a long-lived command (the trainer, a benchmark) and exits with its
@@ -212,6 +134,116 @@ fn passthrough(cmd: &mut Command) -> ExitCode {
         Err(err) => {
             eprintln!("xtask: could not start `{line}`: {err}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    #[test]
+    fn run_drops_a_leading_separator() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            trainer_args(&args(&["--", "--port", "18080"])),
+            args(&["--port", "18080"])
+        );
+        assert_eq!(
+            trainer_args(&args(&["--port", "18080"])),
+            args(&["--port", "18080"])
+        );
+        assert_eq!(trainer_args(&args(&[])), args(&[]));
+        // Only the first: a later `--` is the trainer's business.
+        assert_eq!(trainer_args(&args(&["--", "--"])), args(&["--"]));
+    }
+
+    /// The modules of `src/` and the ones each imports (`crate::name`
+    /// anywhere in its code, tests and comments aside).
+    fn imports() -> BTreeMap<String, BTreeSet<String>> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let sources: BTreeMap<String, String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "rs") && p.file_stem().is_some_and(|s| s != "main")
+            })
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).unwrap();
+                // Code only: no tests, no comments (doc links name modules too).
+                let code = text.split("#[cfg(test)]").next().unwrap();
+                let code: String = code
+                    .lines()
+                    .map(|l| l.split("//").next().unwrap())
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                (p.file_stem().unwrap().to_string_lossy().into_owned(), code)
+            })
+            .collect();
+        let names: Vec<String> = sources.keys().cloned().collect();
+        sources
+            .iter()
+            .map(|(module, code)| {
+                // `use crate::{a, b::c}` and `crate::a::f()` both name `a` right
+                // after `crate::` or after a `{`/`,` in a `use crate::{...}`.
+                let mut deps = BTreeSet::new();
+                for (i, _) in code.match_indices("crate::") {
+                    let rest = &code[i + "crate::".len()..];
+                    let group = match rest.strip_prefix('{') {
+                        Some(g) => &g[..g.find(';').unwrap_or(g.len())],
+                        None => rest,
+                    };
+                    for part in group.split(',') {
+                        let name: String = part
+                            .trim_start_matches(|c: char| c.is_whitespace() || c == '{')
+                            .chars()
+                            .take_while(|c| c.is_alphanumeric() || *c == '_')
+                            .collect();
+                        if names.contains(&name) && name != *module {
+                            deps.insert(name);
+                        }
+                        if !rest.starts_with('{') {
+                            break;
+                        }
+                    }
+                }
+                (module.clone(), deps)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn modules_import_each_other_without_a_circle() {
+        let graph = imports();
+        assert!(
+            graph["bench"].contains("report"),
+            "the reader finds imports: {graph:?}"
+        );
+        assert!(graph["cmd"].is_empty(), "cmd is a leaf: {graph:?}");
+        // Depth-first search; a module met again while still on the path
+        // closes a circle.
+        fn visit<'a>(
+            m: &'a str,
+            graph: &'a BTreeMap<String, BTreeSet<String>>,
+            path: &mut Vec<&'a str>,
+            done: &mut BTreeSet<&'a str>,
+        ) {
+            if let Some(i) = path.iter().position(|p| *p == m) {
+                panic!("import circle: {} -> {m}", path[i..].join(" -> "));
+            }
+            if !done.insert(m) {
+                return;
+            }
+            path.push(m);
+            for d in &graph[m] {
+                visit(d, graph, path, done);
+            }
+            path.pop();
+        }
+        let mut done = BTreeSet::new();
+        for m in graph.keys() {
+            visit(m, &graph, &mut Vec::new(), &mut done);
         }
     }
 }

@@ -12,8 +12,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::Ctx;
-use crate::wasm::run_lines;
+use seedling_bench_record::{PeerStep, Record, records};
+
+use crate::cmd::{Ctx, run_lines};
 
 /// The peer script's default path, relative to the workspace root.
 pub const DEFAULT_SCRIPT: &str = "../shared/peers/jax_es_step.py";
@@ -123,8 +124,8 @@ impl Peers {
         cmd
     }
 
-    /// OpenBLAS's sgemm at 1 and 2 threads: the lines, and any failures.
-    pub fn openblas(&self, ctx: &Ctx) -> (Vec<String>, Vec<String>) {
+    /// OpenBLAS's sgemm at 1 and 2 threads: the records, and any failures.
+    pub fn openblas(&self, ctx: &Ctx) -> (Vec<Record>, Vec<String>) {
         let reps = if self.quick { "10" } else { "30" };
         let mut lines = Vec::new();
         let mut failures = Vec::new();
@@ -139,7 +140,7 @@ impl Peers {
             cmd.env("OPENBLAS_NUM_THREADS", threads)
                 .arg(&script)
                 .args([threads, reps]);
-            match json_lines(&mut cmd) {
+            match run_lines(&mut cmd).and_then(|l| records(&l)) {
                 Ok(l) => lines.extend(l),
                 Err(err) => failures.push(format!("OpenBLAS sgemm, {threads} threads: {err}")),
             }
@@ -147,9 +148,9 @@ impl Peers {
         (lines, failures)
     }
 
-    /// One round of the JAX peer ([`JAX_RUNS`]): its JSON lines, and any
+    /// One round of the JAX peer ([`JAX_RUNS`]): its steps, and any
     /// failures (a failed mode does not stop the others).
-    pub fn jax_round(&self, ctx: &Ctx) -> (Vec<String>, Vec<String>) {
+    pub fn jax_round(&self, ctx: &Ctx) -> (Vec<PeerStep>, Vec<String>) {
         let mut lines = Vec::new();
         let mut failures = Vec::new();
         for &(mode, threads) in JAX_RUNS {
@@ -160,7 +161,9 @@ impl Peers {
                 // The first step compiles; one more untimed, two timed.
                 cmd.args(["--warmup", "2", "--steps", "2"]);
             }
-            match json_lines(&mut cmd) {
+            let steps =
+                run_lines(&mut cmd).map(|l| l.iter().filter_map(|l| PeerStep::parse(l)).collect::<Vec<_>>());
+            match steps {
                 Ok(l) if l.is_empty() => {
                     failures.push(format!("JAX {mode}, {threads} threads: no JSON line"))
                 }
@@ -170,14 +173,6 @@ impl Peers {
         }
         (lines, failures)
     }
-}
-
-/// The stdout lines of `cmd` that are JSON objects, echoing all of them.
-fn json_lines(cmd: &mut Command) -> Result<Vec<String>, String> {
-    Ok(run_lines(cmd)?
-        .into_iter()
-        .filter(|l| l.trim_start().starts_with('{'))
-        .collect())
 }
 
 /// A path given on the command line: relative to the directory xtask was

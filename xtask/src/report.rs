@@ -1,16 +1,16 @@
 //! The one benchmark table of `cargo xtask bench`: every figure the project
 //! has a target for, measured in one run, with the machine it ran on.
 //!
-//! Everything here is pure (JSON lines in, markdown out) except [`Moment::now`]
-//! and [`Machine::read`], so the table's arithmetic is unit-tested. The lines
-//! are the benches' own: seedling-core's `bench` example, `seedling-sim bench`,
-//! the wasm bench, the JAX peer script (`jax_es_step.py`, `json.dumps` with
-//! spaces after the colons) and the OpenBLAS probe of [`crate::peers`].
+//! Everything here is pure (records in, markdown out) except [`Moment::now`]
+//! and [`Machine::read`], so the table's arithmetic is unit-tested. The
+//! records are the benches' own lines, read as `seedling_bench_record`
+//! types: seedling-core's `bench` example, `seedling-sim bench`, the wasm
+//! bench and the OpenBLAS probe of [`crate::peers`] as [`Record`]s, the JAX
+//! peer script (`jax_es_step.py`) as [`PeerStep`]s.
 //!
 //! Why rounds: on a shared machine one step's time moves by tens of percent
-//! from one run to the next (the JAX peer's two-thread low-rank step moved
-//! between 1.11 and 1.56 s on an idle machine), so a ratio of two single runs
-//! taken minutes apart says little. `cargo xtask bench --peers` alternates our
+//! from one run to the next, so a ratio of two single runs taken minutes
+//! apart says little. `cargo xtask bench --peers` alternates our
 //! step benches and the peer's in rounds; each figure here is the median over
 //! the rounds and its range is shown, and a ratio's range is that of the
 //! rounds' own ratios (both sides measured in the same minutes).
@@ -18,39 +18,11 @@
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use seedling_bench_record::{PeerStep, Record};
+
 /// RW-256's population: the N of one step, which the update and wasm figures
 /// are scaled to.
 const POPULATION: f64 = 256.0;
-
-/// The raw value text of `"key"` in a flat one-line JSON object: the inside
-/// of a string (no escapes expected), or a number / `null` as written.
-/// Spaces around the colon are allowed (Python's `json.dumps` writes them).
-pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let pat = format!("\"{key}\"");
-    let mut from = 0;
-    while let Some(i) = line[from..].find(&pat) {
-        let after = &line[from + i + pat.len()..];
-        from += i + pat.len();
-        // A key is followed by a colon; the same text as a value is not.
-        let Some(rest) = after.trim_start().strip_prefix(':') else {
-            continue;
-        };
-        let rest = rest.trim_start();
-        return match rest.strip_prefix('"') {
-            Some(s) => s.find('"').map(|end| &s[..end]),
-            None => {
-                let end = rest.find([',', '}', ']']).unwrap_or(rest.len());
-                Some(rest[..end].trim())
-            }
-        };
-    }
-    None
-}
-
-/// The number at `key`, if it is one (`null` is not).
-pub fn num(line: &str, key: &str) -> Option<f64> {
-    field(line, key)?.parse().ok()
-}
 
 /// The median and range of a set of measurements.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -91,14 +63,14 @@ impl Stat {
     }
 }
 
-/// One round of `cargo xtask bench`: our bench lines and the peers' lines
-/// measured right after them. Round 1's native lines are the whole native
+/// One round of `cargo xtask bench`: our bench records and the peers'
+/// measured right after them. Round 1's native records are the whole native
 /// bench; later rounds repeat only the step benches.
 #[derive(Default)]
 pub struct Round {
-    pub native: Vec<String>,
-    pub jax: Vec<String>,
-    pub openblas: Vec<String>,
+    pub native: Vec<Record>,
+    pub jax: Vec<PeerStep>,
+    pub openblas: Vec<Record>,
 }
 
 /// Everything one run measured, as the benches printed it.
@@ -106,36 +78,39 @@ pub struct Round {
 pub struct Measurements {
     pub rounds: Vec<Round>,
     /// `seedling-sim bench`: coordinator-1000 and wire-bytes.
-    pub system: Vec<String>,
-    /// The wasm bench's es-lowrank lines (Node and Chromium).
-    pub wasm: Vec<String>,
+    pub system: Vec<Record>,
+    /// The wasm bench's es-lowrank records (Node and Chromium).
+    pub wasm: Vec<Record>,
     /// Whether the peers were asked for (`--peers`): else their columns say
     /// so instead of looking like failed measurements.
     pub peers_requested: bool,
 }
 
 impl Measurements {
-    /// Per round, the `key` of our native line `bench` at `threads`.
+    /// Per round, the `key` of our native record `bench` at `threads`.
     fn ours(&self, bench: &str, threads: u32, key: &str) -> Vec<Option<f64>> {
-        let pick = |r: &Round| find(&r.native, "bench", bench, threads).and_then(|l| num(l, key));
+        let pick = |r: &Round| find(&r.native, bench, threads).and_then(|l| l.num(key));
         self.rounds.iter().map(pick).collect()
     }
 
     /// Per round, the JAX peer's median step in `mode` at `threads`.
     fn jax(&self, mode: &str, threads: u32) -> Vec<Option<f64>> {
-        let pick =
-            |r: &Round| find(&r.jax, "mode", mode, threads).and_then(|l| num(l, "step_seconds_median"));
+        let pick = |r: &Round| {
+            r.jax
+                .iter()
+                .find(|p| p.mode == mode && p.threads == threads)
+                .and_then(|p| p.step_seconds_median)
+        };
         self.rounds.iter().map(pick).collect()
     }
 
     /// Per round, OpenBLAS's sgemm GFLOP/s at `threads`.
     fn openblas(&self, threads: u32) -> Vec<Option<f64>> {
-        let pick =
-            |r: &Round| find(&r.openblas, "bench", "openblas-sgemm", threads).and_then(|l| num(l, "gflops"));
+        let pick = |r: &Round| find(&r.openblas, "openblas-sgemm", threads).and_then(|l| l.gflops);
         self.rounds.iter().map(pick).collect()
     }
 
-    /// The first value of `key` in any of our native lines `bench` (the
+    /// The first value of `key` in any of our native records `bench` (the
     /// benches round 1 runs alone: gemm, the updates).
     fn once(&self, bench: &str, key: &str) -> Option<f64> {
         self.ours(bench, 1, key).into_iter().flatten().next()
@@ -144,24 +119,21 @@ impl Measurements {
     fn system(&self, bench: &str, key: &str) -> Option<f64> {
         self.system
             .iter()
-            .find(|l| field(l, "bench") == Some(bench))
-            .and_then(|l| num(l, key))
+            .find(|l| l.bench == bench)
+            .and_then(|l| l.num(key))
     }
 
     fn wasm(&self, target: &str) -> Option<f64> {
         self.wasm
             .iter()
-            .find(|l| field(l, "target") == Some(target))
-            .and_then(|l| num(l, "tokens_per_s"))
+            .find(|l| l.target == target)
+            .and_then(|l| l.tokens_per_s)
     }
 }
 
-/// The line whose `key` is `value` and whose `threads` is `threads`.
-fn find<'a>(lines: &'a [String], key: &str, value: &str, threads: u32) -> Option<&'a str> {
-    lines
-        .iter()
-        .map(String::as_str)
-        .find(|l| field(l, key) == Some(value) && num(l, "threads") == Some(threads as f64))
+/// The record of `bench` at `threads`.
+fn find<'a>(records: &'a [Record], bench: &str, threads: u32) -> Option<&'a Record> {
+    records.iter().find(|r| r.bench == bench && r.threads == threads)
 }
 
 fn stat(xs: &[Option<f64>]) -> Option<Stat> {
@@ -645,20 +617,25 @@ pub fn render(m: &Measurements, machine: &Machine, start: Moment, end: Moment) -
         "- Threads: ours 1 and 2 (`std::thread`s claiming chunks of 64 members shrinking to 4, as the native worker)",
     );
     if peers {
-        let version = |lines: fn(&Round) -> &Vec<String>, key: &str| {
+        let jax = m
+            .rounds
+            .iter()
+            .flat_map(|r| &r.jax)
+            .find_map(|p| p.jax_version.clone())
+            .unwrap_or_else(|| "?".into());
+        let blas = |key: &str| {
             m.rounds
                 .iter()
-                .flat_map(|r| lines(r).iter())
-                .find_map(|l| field(l, key).filter(|v| *v != "null").map(str::to_string))
+                .flat_map(|r| &r.openblas)
+                .find_map(|l| l.text(key).map(str::to_string))
                 .unwrap_or_else(|| "?".into())
         };
         write!(
             threads,
-            "; JAX peer {} 1 and 2 (CPU affinity); OpenBLAS {} ({}, numpy {}) 1 and 2 (`OPENBLAS_NUM_THREADS`)",
-            version(|r| &r.jax, "jax_version"),
-            version(|r| &r.openblas, "blas_version"),
-            version(|r| &r.openblas, "architecture"),
-            version(|r| &r.openblas, "numpy_version"),
+            "; JAX peer {jax} 1 and 2 (CPU affinity); OpenBLAS {} ({}, numpy {}) 1 and 2 (`OPENBLAS_NUM_THREADS`)",
+            blas("blas_version"),
+            blas("architecture"),
+            blas("numpy_version"),
         )
         .unwrap();
     }
@@ -718,16 +695,21 @@ pub fn splice(text: &str, block: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// Lines as the benches print them (values from a quiet run of
-    /// 2026-11-28, trimmed to the keys the table reads).
-    fn native(es1: f64, inf1: f64, es2: f64, inf2: f64) -> Vec<String> {
+    /// A record read from a line as a bench prints it.
+    fn rec(line: &str) -> Record {
+        Record::parse(line).unwrap_or_else(|| panic!("not a record: {line}"))
+    }
+
+    /// Records from lines as the benches print them (values from a quiet
+    /// run of 2026-11-28, trimmed to the keys the table reads).
+    fn native(es1: f64, inf1: f64, es2: f64, inf2: f64) -> Vec<Record> {
         let step = 262_144.0;
         let line = |bench: &str, t: u32, s: f64| {
-            format!(
+            rec(&format!(
                 r#"{{"bench":"{bench}","workload":"RW-256","target":"native","threads":{t},"tokens_per_s":{:.0},"seconds_per_step":{s},"gflops":{:.2},"note":"x"}}"#,
                 step / s,
                 111.8 / s
-            )
+            ))
         };
         vec![
             line("inference", 1, inf1),
@@ -737,16 +719,21 @@ mod tests {
         ]
     }
 
-    fn jax(mode: &str, t: u32, s: f64) -> String {
+    /// The JAX peer's line: Python's `json.dumps`, spaces and nested objects.
+    fn jax_line(mode: &str, t: u32, s: f64) -> String {
         format!(
             r#"{{"mode": "{mode}", "step_seconds_median": {s}, "tokens_per_s": 1.0, "jax_version": "0.10.2", "threads": {t}, "thread_info": {{"cpus_in_affinity": {t}, "env": {{}}}}, "sgemm_4096x256x256_gflops": {{"numpy": 132.4, "jax": 106.0}}}}"#
         )
     }
 
-    fn openblas(t: u32, g: f64) -> String {
-        format!(
+    fn jax(mode: &str, t: u32, s: f64) -> PeerStep {
+        PeerStep::parse(&jax_line(mode, t, s)).unwrap()
+    }
+
+    fn openblas(t: u32, g: f64) -> Record {
+        rec(&format!(
             r#"{{"bench":"openblas-sgemm","threads":{t},"gflops":{g},"blas_version":"0.3.31","architecture":"Haswell","numpy_version":"2.4.6"}}"#
-        )
+        ))
     }
 
     fn measurements() -> Measurements {
@@ -760,13 +747,16 @@ mod tests {
             ],
             openblas: vec![openblas(1, 60.0), openblas(2, 120.0)],
         };
-        r1.native.extend([
+        r1.native.extend(
+            [
             r#"{"bench":"gemm","workload":"RW-256","target":"native","threads":1,"tokens_per_s":null,"seconds_per_step":0.008715,"gflops":61.61}"#.to_string(),
             r#"{"bench":"es-full","workload":"RW-256","target":"native","threads":1,"seconds_per_step":3.0}"#.to_string(),
             r#"{"bench":"update-lowrank-N256","threads":1,"tokens_per_s":null,"seconds_per_step":0.05,"gflops":2.5}"#.to_string(),
             r#"{"bench":"update-full-N256","threads":1,"tokens_per_s":null,"seconds_per_step":0.06}"#.to_string(),
             r#"{"bench":"update-lowrank-N4096","threads":1,"tokens_per_s":null,"seconds_per_step":0.4,"ratio_to_eval_one_core":0.01}"#.to_string(),
-        ]);
+        ]
+            .map(|l| rec(&l)),
+        );
         let r2 = Round {
             native: native(2.2, 2.2, 1.2, 1.1),
             jax: vec![jax("lowrank", 2, 1.1)],
@@ -780,12 +770,14 @@ mod tests {
         Measurements {
             rounds: vec![r1, r2, r3],
             system: vec![
-                r#"{"bench":"coordinator-1000","workload":"RW-256","target":"native","threads":1,"seconds_per_step":0.6977,"p50_ms":9.012,"p99_ms":11.8,"wall_p50_ms":7.6}"#.into(),
-                r#"{"bench":"wire-bytes","threads":1,"bytes_per_member":4.713}"#.into(),
+                rec(
+                    r#"{"bench":"coordinator-1000","workload":"RW-256","target":"native","threads":1,"seconds_per_step":0.6977,"p50_ms":9.012,"p99_ms":11.8,"wall_p50_ms":7.6}"#,
+                ),
+                rec(r#"{"bench":"wire-bytes","threads":1,"bytes_per_member":4.713}"#),
             ],
-            wasm: vec![
-                r#"{"bench":"es-lowrank","workload":"RW-256","target":"wasm-chromium","threads":1,"tokens_per_s":48290,"seconds_per_step":5.4}"#.into(),
-            ],
+            wasm: vec![rec(
+                r#"{"bench":"es-lowrank","workload":"RW-256","target":"wasm-chromium","threads":1,"tokens_per_s":48290,"seconds_per_step":5.4}"#,
+            )],
             peers_requested: true,
         }
     }
@@ -799,22 +791,18 @@ mod tests {
     }
 
     #[test]
-    fn reads_fields_of_both_json_styles() {
-        let ours = r#"{"bench":"es-lowrank","threads":2,"tokens_per_s":255805,"gflops":null,"note":"a, b"}"#;
-        assert_eq!(field(ours, "bench"), Some("es-lowrank"));
-        assert_eq!(num(ours, "threads"), Some(2.0));
-        assert_eq!(num(ours, "tokens_per_s"), Some(255_805.0));
-        assert_eq!(num(ours, "gflops"), None);
-        assert_eq!(field(ours, "note"), Some("a, b"));
-        assert_eq!(field(ours, "missing"), None);
+    fn reads_both_json_styles() {
+        let ours =
+            rec(r#"{"bench":"es-lowrank","threads":2,"tokens_per_s":255805,"gflops":null,"note":"a, b"}"#);
+        assert_eq!((ours.bench.as_str(), ours.threads), ("es-lowrank", 2));
+        assert_eq!((ours.tokens_per_s, ours.gflops), (Some(255_805.0), None));
+        assert_eq!((ours.text("note"), ours.text("missing")), (Some("a, b"), None));
+        // Python's spacing and nested objects; `threads` is the top-level
+        // key, not `thread_info`'s nested affinity.
         let peer = jax("lowrank", 1, 2.81387);
-        assert_eq!(field(&peer, "mode"), Some("lowrank"));
-        assert_eq!(num(&peer, "step_seconds_median"), Some(2.81387));
-        // `"threads"` is found, not `"thread_info"` or the nested affinity.
-        assert_eq!(num(&peer, "threads"), Some(1.0));
-        assert_eq!(field(&peer, "jax_version"), Some("0.10.2"));
-        // A key's text as a value is skipped.
-        assert_eq!(field(r#"{"a":"mode","mode":"x"}"#, "mode"), Some("x"));
+        assert_eq!((peer.mode.as_str(), peer.threads), ("lowrank", 1));
+        assert_eq!(peer.step_seconds_median, Some(2.81387));
+        assert_eq!(peer.jax_version.as_deref(), Some("0.10.2"));
     }
 
     #[test]

@@ -11,9 +11,9 @@
 //! that a new release can never break CI on a day nobody changed anything.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::{Ctx, run, stdout_of};
+use crate::cmd::{Ctx, run, stdout_of};
 
 /// The wasm target every browser build and wasm test compiles for.
 pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
@@ -31,6 +31,36 @@ pub const BINARYEN_VERSION: &str = "132";
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 /// Debian's chromedriver, matching [`CHROMIUM`].
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// Flags Chromium needs to run headless in a container as root: no sandbox
+/// (it refuses to start as root otherwise), no GPU, `/tmp` instead of a small
+/// `/dev/shm`, and none of the background traffic (updates, sync, first-run
+/// pages) that would wait on a network CI does not have.
+const CHROMIUM_ARGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+];
+
+/// Writes the WebDriver capabilities for Debian's Chromium and returns the
+/// file's path. wasm-bindgen-test-runner merges them into the new session
+/// (it appends its own `headless`/`no-sandbox` arguments to ours).
+pub fn webdriver_json(ctx: &Ctx) -> Result<PathBuf, String> {
+    let caps = serde_json::json!({
+        "goog:chromeOptions": { "binary": CHROMIUM, "args": CHROMIUM_ARGS }
+    });
+    let json = serde_json::to_string_pretty(&caps).expect("capabilities serialize") + "\n";
+    let path = ctx.tools.join("webdriver.json");
+    fs::create_dir_all(&ctx.tools)
+        .and_then(|()| fs::write(&path, json))
+        .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+    Ok(path)
+}
 
 /// Debian packages the other steps rely on: the browser and its driver for
 /// browser tests, Node for wasm tests under Node and for npm, and a C compiler

@@ -35,13 +35,12 @@
 //! `native-tests`, because `tests/tests/browser.rs` (part of the native tests)
 //! serves the real page to headless Chromium and fails without it.
 
-use std::fs;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crate::setup::{self, CHROMEDRIVER, CHROMIUM, WASM_TARGET};
-use crate::{Ctx, run, stdout_of, wasm};
+use crate::cmd::{Ctx, run, stdout_of};
+use crate::setup::{self, CHROMEDRIVER, WASM_TARGET};
+use crate::{bench, wasm};
 
 /// One step of `cargo xtask test`.
 struct Step {
@@ -153,7 +152,7 @@ const STEPS: &[Step] = &[
         name: "perf-check",
         about: "quick benchmark ratios in one run: low-rank ES/inference, fast/reference, wasm/native",
         needs: WASM_TEST_TOOLS,
-        run: crate::bench::perf_check,
+        run: bench::perf_check,
     },
 ];
 
@@ -327,21 +326,6 @@ enum Browser {
     Chrome,
 }
 
-/// Flags Chromium needs to run headless in a container as root: no sandbox
-/// (it refuses to start as root otherwise), no GPU, `/tmp` instead of a small
-/// `/dev/shm`, and none of the background traffic (updates, sync, first-run
-/// pages) that would wait on a network CI does not have.
-const CHROMIUM_ARGS: &[&str] = &[
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-];
-
 /// Default for `WASM_BINDGEN_TEST_TIMEOUT`, in seconds. The runner's own
 /// default (20 s) is for a whole test binary, which release-mode training and
 /// golden tests in a browser can exceed; a caller may still set it.
@@ -358,7 +342,7 @@ fn wasm_pack_test(ctx: &Ctx, krate: &str, browser: Browser, cargo_args: &[&str])
             cmd.arg("--node");
         }
         Browser::Chrome => {
-            let caps = webdriver_json(ctx)?;
+            let caps = setup::webdriver_json(ctx)?;
             cmd.args(["--headless", "--chrome", "--chromedriver", CHROMEDRIVER])
                 .env("CHROMEDRIVER", CHROMEDRIVER)
                 .env("WASM_BINDGEN_TEST_WEBDRIVER_JSON", caps)
@@ -377,20 +361,4 @@ fn wasm_pack_test(ctx: &Ctx, krate: &str, browser: Browser, cargo_args: &[&str])
         cmd.env("WASM_BINDGEN_TEST_TIMEOUT", WASM_TEST_TIMEOUT_SECS);
     }
     run(&mut cmd).map(|()| String::new())
-}
-
-/// Writes the WebDriver capabilities for Debian's Chromium and returns the
-/// file's path. wasm-bindgen-test-runner merges them into the new session
-/// (it appends its own `headless`/`no-sandbox` arguments to ours).
-pub fn webdriver_json(ctx: &Ctx) -> Result<PathBuf, String> {
-    let args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| format!("\"{a}\"")).collect();
-    let json = format!(
-        "{{\n  \"goog:chromeOptions\": {{\n    \"binary\": \"{CHROMIUM}\",\n    \"args\": [{}]\n  }}\n}}\n",
-        args.join(", ")
-    );
-    let path = ctx.tools.join("webdriver.json");
-    fs::create_dir_all(&ctx.tools)
-        .and_then(|()| fs::write(&path, json))
-        .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
-    Ok(path)
 }

@@ -9,11 +9,12 @@
 //! serves a page that can contribute).
 
 use std::fs;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
+use seedling_bench_record::{Record, records};
+
+use crate::cmd::{Ctx, run, run_lines};
 use crate::setup::{self, CHROMEDRIVER};
-use crate::{Ctx, run, show};
 
 /// Where wasm-pack writes the page's module, relative to the workspace root.
 pub const PKG_DIR: &str = "www/pkg";
@@ -62,15 +63,14 @@ pub fn build_pkg(ctx: &Ctx) -> Result<String, String> {
 ///
 /// With release's default 16 units, rustc splits `seedling-core` into units
 /// by module and LLVM inlines only within a unit, so what the forward pass
-/// inlines depends on unrelated code: adding the volunteer session module
-/// to core (which the bench never calls) turned the fused forward pass from
-/// a function of its own into part of its caller, and Chromium's figure
-/// went from about 52,000 to 41,000-45,000 tokens/s with no change on its
-/// path (one unit: 52,375 and 55,509 against 44,887, alternating runs). One
-/// unit makes the wasm depend only on the code it runs. It is set for these
-/// commands alone, not in the root `Cargo.toml`'s release profile, because
-/// the native build is better with many units (one unit there pushed the CI
-/// performance check's native es/inference ratio below its floor). Build
+/// inlines depends on unrelated code: a module the bench never calls can
+/// decide whether the fused forward pass stays a function of its own or
+/// becomes part of its caller, and that moves Chromium's figure by a fifth
+/// with no change on its path. One unit makes the wasm depend only on the
+/// code it runs. It is set for these commands alone, not in the root
+/// `Cargo.toml`'s release profile, because the native build is faster with
+/// many units (with one, the CI performance check's native es/inference
+/// ratio falls below its floor). Build
 /// scripts and proc macros, the host artifacts of a wasm build, take their
 /// codegen units from the `build-override` profile, which this does not
 /// set, so nothing native is rebuilt; wasm32 libraries get their own copies
@@ -161,12 +161,12 @@ impl WasmTarget {
 
 /// Runs the tests of `wasm-client/tests/bench.rs` whose names contain
 /// `filter` (`full_` for `cargo xtask bench`, `quick_` for the CI
-/// performance check) on `target` and returns the benchmark JSON lines they
+/// performance check) on `target` and returns the benchmark records they
 /// logged, echoing all output.
 ///
 /// `--test bench` selects the file; the other test steps pass `--test web`,
 /// so the bench runs only when asked for.
-pub fn bench(ctx: &Ctx, target: WasmTarget, filter: &str) -> Result<Vec<String>, String> {
+pub fn bench(ctx: &Ctx, target: WasmTarget, filter: &str) -> Result<Vec<Record>, String> {
     setup::wasm_opt(ctx)?;
     let runner_dir = optimizing_runner(ctx)?;
     let path = std::env::join_paths(std::iter::once(runner_dir).chain(std::env::split_paths(&ctx.path)))
@@ -180,10 +180,7 @@ pub fn bench(ctx: &Ctx, target: WasmTarget, filter: &str) -> Result<Vec<String>,
         WasmTarget::Chromium => {
             cmd.args(["--headless", "--chrome", "--chromedriver", CHROMEDRIVER])
                 .env("CHROMEDRIVER", CHROMEDRIVER)
-                .env(
-                    "WASM_BINDGEN_TEST_WEBDRIVER_JSON",
-                    crate::test::webdriver_json(ctx)?,
-                )
+                .env("WASM_BINDGEN_TEST_WEBDRIVER_JSON", setup::webdriver_json(ctx)?)
                 // In a dedicated Web Worker, as the volunteer page runs the
                 // kernel. On the page's main thread the bench blocks the
                 // renderer for its whole run (four RW-256 steps, 25 s on a
@@ -208,53 +205,7 @@ pub fn bench(ctx: &Ctx, target: WasmTarget, filter: &str) -> Result<Vec<String>,
     // The runner shows a passing test's console output only when told not to
     // capture it.
     cmd.args(["--", "--nocapture", filter]);
-    let lines = run_lines(&mut cmd)?;
-    Ok(lines
-        .into_iter()
-        .filter_map(|line| line.find("{\"bench\"").map(|i| line[i..].trim().to_string()))
-        .collect())
-}
-
-/// Runs a command with stderr inherited and stdout echoed line by line as it
-/// arrives (a bench takes minutes; nobody should stare at a silent terminal),
-/// returning the stdout lines once it succeeded.
-pub fn run_lines(cmd: &mut Command) -> Result<Vec<String>, String> {
-    let line = show(cmd);
-    println!("$ {line}");
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|err| format!("could not start `{line}`: {err}"))?;
-    let mut lines = Vec::new();
-    for l in BufReader::new(child.stdout.take().expect("stdout is piped")).lines() {
-        let l = l.map_err(|err| format!("reading the output of `{line}`: {err}"))?;
-        println!("{l}");
-        lines.push(l);
-    }
-    let status = child
-        .wait()
-        .map_err(|err| format!("waiting for `{line}`: {err}"))?;
-    if status.success() {
-        Ok(lines)
-    } else {
-        Err(format!("`{line}` failed ({status})"))
-    }
-}
-
-/// The number after `"key":` in a one-line JSON object, for the flat lines
-/// the benches print (xtask has no JSON parser on purpose: no dependencies).
-pub fn json_number(line: &str, key: &str) -> Option<f64> {
-    let pat = format!("\"{key}\":");
-    let rest = &line[line.find(&pat)? + pat.len()..];
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    rest[..end].trim().parse().ok()
-}
-
-/// The string after `"key":` in a one-line JSON object (no escapes inside).
-pub fn json_string<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let pat = format!("\"{key}\":\"");
-    let rest = &line[line.find(&pat)? + pat.len()..];
-    Some(&rest[..rest.find('"')?])
+    records(&run_lines(&mut cmd)?)
 }
 
 #[cfg(test)]
@@ -270,16 +221,5 @@ mod tests {
             manifest.lines().any(|l| l.trim() == line),
             "wasm-client/Cargo.toml lacks `{line}`"
         );
-    }
-
-    #[test]
-    fn reads_flat_json() {
-        let line =
-            r#"{"bench":"es-lowrank","workload":"RW-256","threads":1,"tokens_per_s":12345.5,"x":null}"#;
-        assert_eq!(json_string(line, "bench"), Some("es-lowrank"));
-        assert_eq!(json_number(line, "threads"), Some(1.0));
-        assert_eq!(json_number(line, "tokens_per_s"), Some(12345.5));
-        assert_eq!(json_number(line, "x"), None);
-        assert_eq!(json_number(line, "missing"), None);
     }
 }

@@ -1,0 +1,176 @@
+// The tab's pool of Web Workers (worker.js), each one independent volunteer
+// connection with its own wasm instance, and the tab's tallies of them.
+//
+// The postMessage interface with worker.js:
+//   page -> worker: {type: 'start', url, sampleEvery}
+//   worker -> page: {type: 'status', membersEvaluated, membersPerSec, connected, step}
+//                   {type: 'hash', step, hash}
+//                   {type: 'sample', text, step}
+//                   {type: 'version', version, protocol}
+//                   {type: 'error', message, fatal}
+// The page ends a worker with worker.terminate().
+
+/** A worker's members/s counts towards the tab's only while this fresh. */
+const RATE_FRESH_MS = 15000;
+/** Worker 0 posts a text sample every this many steps (and at most every 2 s). */
+const SAMPLE_EVERY_STEPS = 3;
+
+/** The run's WebSocket, on the server that served the page. */
+function wsUrl() {
+  const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  return `${scheme}//${location.host}/ws`;
+}
+
+/**
+ * The running workers and what they reported. The page reads it and is
+ * told of every change through `onChange`; a worker's text samples, its
+ * build and notices go to `onSample(text, step)`, `onVersion(version,
+ * protocol)` and `onNotice(message, fatal)`. A fatal error stops the pool.
+ */
+export class Pool {
+  /** hashes[i]: the last {step, hash} worker i reported, or null. */
+  hashes = [];
+  /** Why the pool last stopped: null (never did), 'user' or 'failure'. */
+  stopReason = null;
+  /** Live workers in index order: {worker, index, members, rate, rateAt, connected, step}. */
+  #slots = [];
+  /** Members evaluated by workers that were stopped since the page opened. */
+  #retiredMembers = 0;
+  /** Milliseconds spent contributing before the current run of workers. */
+  #contributedMs = 0;
+  /** When the current run of workers started (performance.now()), or null. */
+  #since = null;
+  #on;
+
+  constructor({ onChange, onSample, onVersion, onNotice }) {
+    this.#on = { onChange, onSample, onVersion, onNotice };
+  }
+
+  /** Whether the tab is contributing. */
+  get running() {
+    return this.#since != null;
+  }
+
+  /** How many workers run. */
+  get size() {
+    return this.#slots.length;
+  }
+
+  /** Starts `n` workers. */
+  start(n) {
+    this.hashes = new Array(n).fill(null);
+    this.#slots = [];
+    for (let i = 0; i < n; i++) this.#slots.push(this.#spawn(i));
+    this.#since = performance.now();
+    this.#on.onChange();
+  }
+
+  /** Ends every worker at once (`reason`: 'user' or 'failure'). */
+  stop(reason = 'user') {
+    for (const slot of this.#slots) this.#retire(slot);
+    this.#slots = [];
+    if (this.#since != null) this.#contributedMs += performance.now() - this.#since;
+    this.#since = null;
+    this.stopReason = reason;
+    this.#on.onChange();
+  }
+
+  /** Grows or shrinks the running pool to `n` workers. */
+  resize(n) {
+    while (this.#slots.length < n) this.#slots.push(this.#spawn(this.#slots.length));
+    while (this.#slots.length > n) this.#retire(this.#slots.pop());
+    this.hashes.length = n;
+    for (let i = 0; i < n; i++) if (this.hashes[i] === undefined) this.hashes[i] = null;
+    this.#on.onChange();
+  }
+
+  /** Members this tab evaluated since it opened, stopped workers included. */
+  membersEvaluated() {
+    return this.#retiredMembers + this.#slots.reduce((sum, s) => sum + s.members, 0);
+  }
+
+  /** The tab's members/s at `now`, from workers that reported recently. */
+  rate(now) {
+    return this.#slots.reduce((sum, s) => sum + (now - s.rateAt < RATE_FRESH_MS ? s.rate : 0), 0);
+  }
+
+  /** Workers connected to the server. */
+  connected() {
+    return this.#slots.filter((s) => s.connected).length;
+  }
+
+  /** The newest step any worker is at, or -1. */
+  latestStep() {
+    return this.#slots.reduce((m, s) => (s.step != null && s.step > m ? s.step : m), -1);
+  }
+
+  /** Milliseconds contributed since the page opened, at `now`. */
+  contributedMs(now) {
+    return this.#contributedMs + (this.#since != null ? now - this.#since : 0);
+  }
+
+  /** Milliseconds since the current run of workers started, or null. */
+  runningFor(now) {
+    return this.#since != null ? now - this.#since : null;
+  }
+
+  #spawn(index) {
+    const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+    const slot = { worker, index, members: 0, rate: 0, rateAt: 0, connected: false, step: null };
+    worker.onmessage = (e) => this.#onMessage(slot, e.data);
+    // A script that fails to load or a Rust panic: the worker is unusable,
+    // and its siblings almost surely share the problem, so stop and say so.
+    worker.onerror = (e) => {
+      e.preventDefault();
+      if (!this.#slots.includes(slot)) return;
+      this.#fail(`A worker failed and contributing stopped: ${e.message || 'the worker script could not start'}.`);
+    };
+    worker.postMessage({
+      type: 'start',
+      url: wsUrl(),
+      sampleEvery: index === 0 ? SAMPLE_EVERY_STEPS : 0,
+    });
+    return slot;
+  }
+
+  /** Ends a worker at once; its counted members stay in the tab's total. */
+  #retire(slot) {
+    slot.worker.terminate();
+    this.#retiredMembers += slot.members;
+  }
+
+  #fail(message) {
+    this.#on.onNotice(message, true);
+    this.stop('failure');
+  }
+
+  #onMessage(slot, msg) {
+    if (!this.#slots.includes(slot)) return; // a message that raced terminate()
+    switch (msg.type) {
+      case 'status':
+        slot.members = msg.membersEvaluated;
+        slot.rate = msg.membersPerSec;
+        slot.rateAt = performance.now();
+        slot.connected = msg.connected;
+        slot.step = msg.step;
+        break;
+      case 'hash':
+        this.hashes[slot.index] = { step: msg.step, hash: msg.hash };
+        slot.step = msg.step;
+        break;
+      case 'sample':
+        this.#on.onSample(msg.text, msg.step);
+        break;
+      case 'version':
+        this.#on.onVersion(msg.version, msg.protocol);
+        break;
+      case 'error':
+        if (msg.fatal) return this.#fail(msg.message);
+        this.#on.onNotice(msg.message, false);
+        break;
+      default:
+        break;
+    }
+    this.#on.onChange();
+  }
+}

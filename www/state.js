@@ -1,0 +1,35 @@
+// `window.seedling`: what the page knows, for tests (tests/tests/browser.rs
+// reads it through WebDriver) and the curious. It is written here and
+// nowhere else, by `publish`, which the page calls after every change, so
+// it can never disagree with what the page shows.
+//
+//   hashes[i]         the last {step, hash} worker i reported to the server
+//                     (hex hash, the server's format), or null before its
+//                     first report;
+//   running           whether the tab is contributing;
+//   workers           how many workers run;
+//   membersEvaluated  members this tab evaluated since it opened (the
+//                     figure #tab-members shows);
+//   status            the last /api/status, or null before the first.
+
+const seedling = {
+  hashes: [],
+  running: false,
+  workers: 0,
+  membersEvaluated: 0,
+  status: null,
+};
+
+/**
+ * Copies the page's current figures into `window.seedling`. Takes the
+ * values rather than reading the page's objects, so the published view is
+ * exactly what was just rendered.
+ */
+export function publish({ hashes, running, workers, membersEvaluated, status }) {
+  seedling.hashes = hashes.slice();
+  seedling.running = running;
+  seedling.workers = workers;
+  seedling.membersEvaluated = membersEvaluated;
+  seedling.status = status;
+  window.seedling = seedling;
+}
