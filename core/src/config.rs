@@ -4,7 +4,6 @@
 //! bounds every field: a hostile server or a typo must not make a client
 //! allocate terabytes or divide by zero.
 
-
 use crate::error::{Error, Result};
 use crate::model::Layout;
 

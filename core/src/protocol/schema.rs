@@ -215,12 +215,14 @@ macro_rules! mirror_enum {
 macro_rules! mirror_struct {
     ($plain:ident <-> $wire:ident { $($f:ident),* $(,)? }) => {
         impl From<$plain> for $wire {
+            #[allow(clippy::useless_conversion)]
             fn from(x: $plain) -> Self {
                 let $plain { $($f),* } = x;
                 $wire { $($f: $f.into()),* }
             }
         }
         impl From<$wire> for $plain {
+            #[allow(clippy::useless_conversion)]
             fn from(x: $wire) -> Self {
                 let $wire { $($f),* } = x;
                 $plain { $($f: $f.into()),* }
