@@ -60,7 +60,7 @@ pub struct Checkpoint {
 }
 
 /// A checkpoint that is intact but cannot be used by this build or run
-/// (another format or protocol version). [`latest`] stops on it instead of
+/// (another format, or a checkpoint version it does not read). [`latest`] stops on it instead of
 /// falling back: silently starting over would later prune the user's
 /// checkpoints.
 #[derive(Debug)]
@@ -223,8 +223,8 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// Reads and fully validates one checkpoint file.
 ///
 /// Checked: the safetensors structure (a truncated file fails here), the
-/// format tag, the protocol version (an [`Incompatible`] error naming both
-/// versions), the config ([`RunConfig::validate`]), the vocabulary size,
+/// format tag, the checkpoint version ([`meta::READABLE_VERSIONS`]; an
+/// [`Incompatible`] error names the file's and the readable ones), the config ([`RunConfig::validate`]), the vocabulary size,
 /// every tensor's presence, dtype and shape, the checksum over all tensor
 /// bytes, and the weights hash.
 pub fn load(path: &Path) -> Result<Checkpoint> {
