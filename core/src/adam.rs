@@ -8,12 +8,11 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
-use serde::{Deserialize, Serialize};
 
 use crate::config::AdamConfig;
 
 /// Adam's moments and step count.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AdamState {
     /// First moment, one per parameter.
     pub m: Vec<f32>,

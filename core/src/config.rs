@@ -4,12 +4,10 @@
 //! bounds every field: a hostile server or a typo must not make a client
 //! allocate terabytes or divide by zero.
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
 
 /// Shape of the character-level RNN.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ModelConfig {
     /// Number of distinct characters; the input is one-hot over these.
     pub vocab: u32,
@@ -19,12 +17,11 @@ pub struct ModelConfig {
     pub layers: u32,
     /// The output layer's shape. Checkpoints written before it existed read
     /// as the shared head, which is what they trained with.
-    #[serde(default)]
     pub head: Head,
 }
 
 /// The shape of the output layer (the readout) on top of the last hidden state.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Head {
     /// One `[hidden, vocab]` matrix and bias: `logits = h_t W_out + b_out`.
     #[default]
@@ -43,7 +40,7 @@ pub enum Head {
 }
 
 /// Which perturbations members evaluate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NoiseKind {
     /// Full-rank Gaussian noise on every parameter (OpenAI-ES).
     Full,
@@ -56,7 +53,7 @@ pub enum NoiseKind {
 }
 
 /// Evolution-strategies settings.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EsConfig {
     /// The perturbation family.
     pub noise: NoiseKind,
@@ -72,7 +69,7 @@ pub struct EsConfig {
 
 /// Adam settings. The update path must be bit-identical on every replica, so
 /// these are plain f32 values applied in a fixed order (see [`crate::adam`]).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamConfig {
     /// Step size.
     pub lr: f32,
@@ -103,7 +100,7 @@ impl Default for AdamConfig {
 /// The server evaluates it ([`RunConfig::lr_at`]) and sends each step's rate
 /// with the update, so replicas never compute it themselves; it is part of
 /// the config so that a resumed run keeps its schedule.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum LrSchedule {
     /// The configured lr at every step.
     #[default]
@@ -147,7 +144,7 @@ pub enum LrSchedule {
 }
 
 /// How member losses become update weights (see [`crate::shaping`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Shaping {
     /// Centered ranks in [-0.5, 0.5]: invariant to monotone transforms of
     /// the loss, and a lying volunteer moves its members by at most 0.5.
@@ -159,7 +156,7 @@ pub enum Shaping {
 }
 
 /// Where the readout's (output matrix and bias) update comes from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Readout {
     /// ES estimates it like every other weight.
     #[default]
@@ -172,7 +169,7 @@ pub enum Readout {
 }
 
 /// Which rows of the first layer's input matrix ES's estimate covers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum InputRows {
     /// Every row. A row whose character the step's minibatch never reads
     /// has a true gradient of exactly zero, so its estimate is noise that
@@ -188,7 +185,7 @@ pub enum InputRows {
 /// Choices of the training recipe beyond the model, ES and Adam settings.
 /// The defaults (constant lr, centered ranks) reproduce runs made before
 /// these choices existed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Recipe {
     /// Learning-rate schedule.
     pub schedule: LrSchedule,
@@ -196,11 +193,9 @@ pub struct Recipe {
     pub shaping: Shaping,
     /// The readout's update. Checkpoints written before it existed read as
     /// ES's estimate, which is what they trained with.
-    #[serde(default)]
     pub readout: Readout,
     /// Which input rows ES's estimate covers. Checkpoints written before it
     /// existed read as every row, which is what they trained with.
-    #[serde(default)]
     pub input_rows: InputRows,
 }
 
@@ -214,7 +209,7 @@ impl Recipe {
 
 /// Everything that defines a training run; replicas with equal configs and
 /// equal update lists hold bit-identical weights.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RunConfig {
     /// Root of every random stream (init, noise, minibatches).
     pub seed: u64,
@@ -228,7 +223,6 @@ pub struct RunConfig {
     pub init_scale: f32,
     /// Learning-rate schedule and fitness shaping. Checkpoints written
     /// before it existed read as the default.
-    #[serde(default)]
     pub recipe: Recipe,
 }
 

@@ -6,6 +6,10 @@
 //! [`decode_client`] and [`decode_server`] cap sizes, reject trailing bytes
 //! and validate what serde alone cannot (configs, vocabularies, finiteness);
 //! arbitrary bytes give an [`Error::Wire`], never a panic.
+//!
+//! The core's plain types (configs, Adam's state, the vocabulary) carry no
+//! serde derives: inside a message they travel as their mirrors in
+//! [`schema`], so only this module decides what goes on the wire.
 
 use alloc::format;
 use alloc::string::String;
@@ -16,6 +20,8 @@ use crate::adam::AdamState;
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::tokenizer::{Token, Tokenizer};
+
+pub mod schema;
 
 /// Bumped on any incompatible change; the handshake refuses a mismatch.
 ///
@@ -102,8 +108,10 @@ pub enum ServerMsg {
         /// This session's token: present it in the Hello of a reconnection.
         session: SessionToken,
         /// The run configuration.
+        #[serde(with = "schema::run_config")]
         config: RunConfig,
         /// The vocabulary.
+        #[serde(with = "schema::tokenizer")]
         tokenizer: Tokenizer,
     },
     /// Full replica state; sent on join and to a diverged client.
@@ -113,6 +121,7 @@ pub enum ServerMsg {
         /// Weights.
         params: Vec<f32>,
         /// Adam moments.
+        #[serde(with = "schema::adam_state")]
         adam: AdamState,
     },
     /// Work: evaluate `members` at `step` on the minibatch `tokens`.
@@ -308,4 +317,103 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg> {
         _ => {}
     }
     Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Head, InputRows, LrSchedule, NoiseKind, Readout, Recipe, Shaping};
+    use alloc::vec;
+
+    /// The exact bytes of messages that carry the core's configs, vocabulary
+    /// and Adam state, pinned when the wire structs were split from the
+    /// checkpoint's: a change here is a change on the wire, which needs a new
+    /// [`PROTOCOL_VERSION`].
+    #[test]
+    fn wire_bytes_are_pinned() {
+        let tokenizer = Tokenizer::from_corpus("abc").unwrap();
+        let welcome = ServerMsg::Welcome {
+            run: 7,
+            client: 9,
+            session: core::array::from_fn(|i| i as u8),
+            config: RunConfig::rw256(3),
+            tokenizer: tokenizer.clone(),
+        };
+        let bytes = encode(&welcome, MAX_SERVER_MESSAGE).unwrap();
+        assert_eq!(
+            bytes,
+            [
+                0, 7, 9, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 3, 128, 2, 2, 0, 1, 1, 10,
+                215, 163, 60, 128, 2, 16, 64, 111, 18, 131, 58, 102, 102, 102, 63, 119, 190, 127, 63, 119,
+                204, 43, 50, 0, 0, 0, 0, 0, 0, 128, 63, 0, 0, 0, 0, 3, 1, 97, 1, 98, 1, 99
+            ]
+        );
+        assert_eq!(decode_server(&bytes).unwrap(), welcome);
+        // Every enum off its default variant.
+        let mut config = RunConfig::rw256(3);
+        config.model.head = Head::ByInput;
+        config.es.noise = NoiseKind::Full;
+        config.recipe = Recipe {
+            schedule: LrSchedule::CosineTime {
+                warmup: 5,
+                seconds: 90.0,
+                min_ratio: 0.25,
+            },
+            shaping: Shaping::ZScores,
+            readout: Readout::Exact,
+            input_rows: InputRows::Seen,
+        };
+        let welcome = ServerMsg::Welcome {
+            run: 1,
+            client: 2,
+            session: [0xab; 16],
+            config,
+            tokenizer,
+        };
+        let bytes = encode(&welcome, MAX_SERVER_MESSAGE).unwrap();
+        assert_eq!(
+            bytes,
+            [
+                0, 1, 2, 171, 171, 171, 171, 171, 171, 171, 171, 171, 171, 171, 171, 171, 171, 171, 171, 0,
+                3, 128, 2, 2, 1, 0, 10, 215, 163, 60, 128, 2, 16, 64, 111, 18, 131, 58, 102, 102, 102, 63,
+                119, 190, 127, 63, 119, 204, 43, 50, 0, 0, 0, 0, 0, 0, 128, 63, 3, 5, 0, 0, 180, 66, 0, 0,
+                128, 62, 1, 1, 1, 3, 1, 97, 1, 98, 1, 99
+            ]
+        );
+        assert_eq!(decode_server(&bytes).unwrap(), welcome);
+        let snapshot = ServerMsg::Snapshot {
+            step: 3,
+            params: vec![1.0, -2.5],
+            adam: AdamState {
+                m: vec![0.5, 0.25],
+                v: vec![0.125, 4.0],
+                t: 3,
+            },
+        };
+        let bytes = encode(&snapshot, MAX_SERVER_MESSAGE).unwrap();
+        assert_eq!(
+            bytes,
+            [
+                1, 3, 2, 0, 0, 128, 63, 0, 0, 32, 192, 2, 0, 0, 0, 63, 0, 0, 128, 62, 2, 0, 0, 0, 62, 0, 0,
+                128, 64, 3
+            ]
+        );
+        assert_eq!(decode_server(&bytes).unwrap(), snapshot);
+    }
+
+    /// A vocabulary that is not sorted and distinct does not decode.
+    #[test]
+    fn an_unsorted_vocabulary_does_not_decode() {
+        let welcome = ServerMsg::Welcome {
+            run: 7,
+            client: 9,
+            session: [0; 16],
+            config: RunConfig::rw256(3),
+            tokenizer: Tokenizer::from_corpus("abc").unwrap(),
+        };
+        let mut bytes = encode(&welcome, MAX_SERVER_MESSAGE).unwrap();
+        let n = bytes.len();
+        bytes.swap(n - 1, n - 3);
+        assert!(matches!(decode_server(&bytes), Err(Error::Wire(_))));
+    }
 }

@@ -7,7 +7,6 @@
 use alloc::collections::BTreeSet;
 use alloc::string::String;
 use alloc::vec::Vec;
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
@@ -16,8 +15,7 @@ use crate::error::{Error, Result};
 pub type Token = u16;
 
 /// Maps characters to token ids and back.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "Vec<char>", into = "Vec<char>")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tokenizer {
     /// Sorted, distinct characters; a token id is an index into this.
     chars: Vec<char>,

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, Query, State};
@@ -29,11 +28,11 @@ use tokio::sync::mpsc;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::checkpoint;
 use crate::coordinator::{
     AdminCommand, ClientId, Coordinator, Event, Outgoing, RunData, Settings, Status, close,
 };
 use crate::delivery::{self, Postbox};
+use crate::runbook::{Cadence, Opened, RunBook};
 
 /// How often deadlines are checked.
 const TICK: Duration = Duration::from_millis(20);
@@ -213,35 +212,33 @@ impl Server {
     }
 }
 
-/// What a server starts from: the replica, its learning curve and the
-/// operator's learning rate, if one was set.
-type Resumed = (Replica, Vec<checkpoint::HistoryPoint>, Option<f32>);
-
-/// Builds the authoritative replica: resumed from the newest valid checkpoint
-/// in the run dir when there is one (refusing a different config), else fresh.
-pub fn initial_replica(config: &RunConfig, settings: &Settings, data: &RunData) -> anyhow::Result<Resumed> {
-    if let Some(dir) = &settings.run_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating run dir {}", dir.display()))?;
-        if let Some((path, ckpt)) = checkpoint::latest(dir)? {
-            checkpoint::check_compatible(&ckpt, config)
-                .with_context(|| format!("cannot resume from {}", path.display()))?;
-            anyhow::ensure!(
-                ckpt.tokenizer == data.tokenizer,
-                "cannot resume from {}: its vocabulary differs from the data's",
-                path.display()
-            );
-            let replica = Replica::from_snapshot(ckpt.config, ckpt.step, ckpt.params, ckpt.adam)?;
-            tracing::info!(step = ckpt.step, hash = format!("{:016x}", replica.hash()), path = %path.display(), "resumed");
-            return Ok((replica, ckpt.history, ckpt.lr_override));
-        }
+/// Builds the authoritative replica and the run's books: resumed from the
+/// newest valid checkpoint in the run dir when there is one (refusing one
+/// that does not continue this run, see [`crate::runbook::check_resumable`]), else
+/// fresh.
+pub fn initial_replica(
+    config: &RunConfig,
+    settings: &Settings,
+    data: &RunData,
+) -> anyhow::Result<(Replica, RunBook)> {
+    let cadence = Cadence {
+        eval_every: settings.eval_every,
+        checkpoint_every: settings.checkpoint_every,
+    };
+    let Opened { book, start, resumed } = RunBook::open(
+        settings.run_dir.as_deref(),
+        config,
+        &data.tokenizer,
+        &data.train,
+        settings.unigram_bias,
+        cadence,
+        Instant::now(),
+    )?;
+    let replica = Replica::from_snapshot(*book.config(), start.step, start.params, start.adam)?;
+    if let Some(path) = resumed {
+        tracing::info!(step = replica.step, hash = format!("{:016x}", replica.hash()), path = %path.display(), "resumed");
     }
-    let mut replica = Replica::new(*config)?;
-    if settings.unigram_bias {
-        let mut params = std::mem::take(&mut replica.params);
-        crate::data::set_unigram_output_bias(&replica.layout, &mut params, &data.train);
-        replica = Replica::from_snapshot(*config, 0, params, replica.adam)?;
-    }
-    Ok((replica, Vec::new(), None))
+    Ok((replica, book))
 }
 
 /// Starts the coordinator and the HTTP server on `listener`.
@@ -252,9 +249,14 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
         opts.config.model.vocab,
         opts.data.tokenizer.len()
     );
-    let (replica, history, lr_override) = initial_replica(&opts.config, &opts.settings, &opts.data)?;
-    let mut coordinator = Coordinator::new(opts.settings.clone(), opts.data.clone(), replica, history);
-    coordinator.set_lr_override(lr_override);
+    let (replica, book) = initial_replica(&opts.config, &opts.settings, &opts.data)?;
+    let mut coordinator = Coordinator::new(
+        opts.settings.clone(),
+        opts.data.clone(),
+        replica,
+        book.history().to_vec(),
+    );
+    coordinator.set_lr_override(book.lr_override());
     let status = coordinator.status();
     let (events, rx) = mpsc::channel(4096);
     let (batches, parcels) = mpsc::unbounded_channel();
@@ -640,7 +642,7 @@ mod tests {
             unigram_bias: true,
             ..Settings::default()
         };
-        let (r, history, _) = initial_replica(&config, &on, &data).unwrap();
+        let (r, book) = initial_replica(&config, &on, &data).unwrap();
         let out = plain.layout.b_out().range();
         let bias = crate::data::unigram_output_bias(&data.train, config.model.vocab as usize);
         assert_eq!(r.params[out.clone()], bias[..]);
@@ -650,6 +652,6 @@ mod tests {
         // Everything else is the seed's usual start.
         assert_eq!(r.params[..out.start], plain.params[..out.start]);
         assert_eq!(r.params[out.end..], plain.params[out.end..]);
-        assert_eq!((r.step, history.len()), (0, 0));
+        assert_eq!((r.step, book.history().len()), (0, 0));
     }
 }

@@ -22,7 +22,8 @@ use sha2::{Digest, Sha256};
 pub const DOCUMENT_SEPARATOR: &str = "\n\n";
 
 /// Share of the tokens (the last ones) held out for validation. The last
-/// 10% is the split DESIGN.md section 5 quotes baselines on.
+/// 10% is the split the reference workload's baselines are quoted on
+/// (ARCHITECTURE.md, "Reference workload RW-256").
 pub const VALIDATION_PERCENT: usize = 10;
 
 /// A downloadable reference file pinned by size and SHA-256, so benchmark
@@ -37,7 +38,8 @@ pub struct KnownFile {
     pub sha256: &'static str,
 }
 
-/// tiny-shakespeare, the default corpus (DESIGN.md section 5).
+/// tiny-shakespeare, the default corpus and the text of the reference
+/// workload (ARCHITECTURE.md, "Reference workload RW-256").
 pub const TINY_SHAKESPEARE: KnownFile = KnownFile {
     name: "tinyshakespeare.txt",
     url: "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",

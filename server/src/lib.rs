@@ -12,7 +12,7 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: flags and dispatch of the `seedling` binary.
+//! - [`cli`]: flags of the `seedling` binary; [`dispatch`] runs them.
 //! - [`app`]: HTTP routes, the WebSocket handler, [`app::start`] and [`app::run`].
 //! - [`coordinator`]: the step state machine (jobs, deadlines, reissue, ranks,
 //!   updates, hash checks) on its own thread.
@@ -20,9 +20,13 @@
 //! - [`delivery`]: the courier task that hands the coordinator's frames to
 //!   the connections.
 //! - [`worker`]: the native volunteer.
-//! - [`train`]: `seedling train`, a server plus in-process workers.
+//! - [`train`]: `seedling train`, a server plus in-process workers, or the
+//!   BPTT baseline.
+//! - [`runbook`]: a run's bookkeeping shared by both trainers: resume or
+//!   init, history, validation and checkpoint cadence, the lr clock.
 //! - [`data`]: corpus loading, the default-corpus search path, baselines.
-//! - [`checkpoint`]: safetensors checkpoints, atomic writes, resume.
+//! - [`checkpoint`]: safetensors checkpoints, atomic writes, their metadata
+//!   schema and version, the learning curve they keep.
 //! - [`commands`]: generate, eval and inspect on a checkpoint.
 //! - [`plot`]: the learning-curve SVG.
 //! - [`seqmap`]: a map over increasing ids, for the coordinator's jobs.
@@ -35,8 +39,10 @@ pub mod commands;
 pub mod coordinator;
 pub mod data;
 pub mod delivery;
+pub mod dispatch;
 pub mod ledger;
 pub mod plot;
+pub mod runbook;
 pub mod seqmap;
 pub mod timing;
 pub mod train;

@@ -3,7 +3,8 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
-use seedling_server::cli::{Cli, Command, dispatch};
+use seedling_server::cli::{Cli, Command};
+use seedling_server::dispatch::dispatch;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]

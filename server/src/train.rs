@@ -12,14 +12,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use seedling_core::adam::{self, AdamState};
+use seedling_core::adam;
 use seedling_core::backprop;
 use seedling_core::forward::{self, Minibatch};
 use seedling_core::gemm::Backend;
 use seedling_core::model::Layout;
 
-use crate::checkpoint::{self, Checkpoint, HistoryPoint};
-use crate::cli::{Method, TrainArgs, open_checkpoint, shutdown_signal};
+use crate::checkpoint;
+use crate::cli::{Method, TrainArgs, shutdown_signal};
+use crate::runbook::{Cadence, Opened, RunBook};
 use crate::{app, commands, worker};
 
 /// Runs `seedling train` until `--max-steps`, `--minutes` or Ctrl-C, with
@@ -111,7 +112,7 @@ pub async fn train(args: TrainArgs) -> anyhow::Result<()> {
     );
     if args.sample > 0 {
         if let Some(dir) = &run.run_dir {
-            let (path, ckpt) = open_checkpoint(dir)?;
+            let (path, ckpt) = checkpoint::open(dir)?;
             let text = commands::generate(&ckpt, "", args.sample, 0.8, 0, None, 0)?;
             println!("Sample from {}:\n{text}", path.display());
         }
@@ -142,23 +143,31 @@ pub fn train_bptt(args: TrainArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> 
         run.batch = Some(BPTT_BATCH);
     }
     let opts = run.serve_options()?;
-    let (cfg, data, settings) = (opts.config, opts.data, opts.settings);
-    let layout = Layout::new(cfg.model);
+    let (data, settings) = (opts.data, opts.settings);
     let dir = settings.run_dir.clone().expect("set above");
-    let (mut params, mut adam, mut step, mut history) = match checkpoint::latest(&dir)? {
-        Some((path, c)) => {
-            checkpoint::check_compatible(&c, &cfg)?;
-            println!("Resuming {} at step {}.", path.display(), c.step);
-            (c.params, c.adam, c.step, c.history)
-        }
-        None => {
-            let mut params = layout.init_params(cfg.seed, cfg.init_scale);
-            if settings.unigram_bias {
-                crate::data::set_unigram_output_bias(&layout, &mut params, &data.train);
-            }
-            (params, AdamState::new(layout.len), 0, Vec::new())
-        }
+    let cadence = Cadence {
+        eval_every: settings.eval_every,
+        checkpoint_every: settings.checkpoint_every,
     };
+    let Opened {
+        mut book,
+        start,
+        resumed,
+    } = RunBook::open(
+        Some(&dir),
+        &opts.config,
+        &data.tokenizer,
+        &data.train,
+        settings.unigram_bias,
+        cadence,
+        Instant::now(),
+    )?;
+    if let Some(path) = &resumed {
+        println!("Resuming {} at step {}.", path.display(), start.step);
+    }
+    let (mut params, mut adam, mut step) = (start.params, start.adam, start.step);
+    let cfg = *book.config();
+    let layout = Layout::new(cfg.model);
     println!(
         "Seedling: BPTT baseline, a {} ({} parameters) on {}, {} sequences per step.",
         model_name(&cfg.model),
@@ -176,23 +185,9 @@ pub fn train_bptt(args: TrainArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> 
         let mb = Minibatch::new(&data.val_windows, val_batch, vt, layout.vocab())?;
         Ok(Some(forward::loss(&layout, p, &mb, Backend::Fast)?))
     };
-    let save = |params: &[f32], adam: &AdamState, step: u64, history: &[HistoryPoint]| {
-        let ckpt = Checkpoint {
-            config: cfg,
-            tokenizer: data.tokenizer.clone(),
-            step,
-            params: params.to_vec(),
-            adam: adam.clone(),
-            history: history.to_vec(),
-            lr_override: None,
-        };
-        checkpoint::save(&dir, &ckpt, settings.keep)
-    };
     let bar = progress_bar(settings.max_steps);
     let started = Instant::now();
-    let (elapsed_before, mut tokens) = history.last().map_or((0.0, 0), |h| (h.elapsed_s, h.tokens));
     let limit = args.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
-    let mut last_val = None;
     while !stop.load(Ordering::Relaxed)
         && settings.max_steps.is_none_or(|m| step < m)
         && limit.is_none_or(|l| started.elapsed() < l)
@@ -204,55 +199,38 @@ pub fn train_bptt(args: TrainArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> 
         // Adam takes the ascent direction of fitness, i.e. minus the gradient.
         let k = -(BPTT_CLIP / norm).min(1.0);
         g.iter_mut().for_each(|x| *x *= k);
-        adam::step(
-            &cfg.adam,
-            cfg.lr_at(step, elapsed_before + started.elapsed().as_secs_f64()),
-            &mut params,
-            &mut adam,
-            &g,
-        );
+        let lr = book.lr_for(step, Instant::now());
+        adam::step(&cfg.adam, lr, &mut params, &mut adam, &g);
         step += 1;
-        tokens += (cfg.es.batch * cfg.es.seq_len) as u64;
-        let v = if step % settings.eval_every.max(1) == 0 {
+        let v = if book.validates_at(step) {
             val(&params)?
         } else {
             None
         };
-        last_val = v.or(last_val);
-        checkpoint::record(
-            &mut history,
-            HistoryPoint {
-                step,
-                elapsed_s: elapsed_before + started.elapsed().as_secs_f64(),
-                tokens,
-                train_loss: loss,
-                val_loss: v,
-            },
-        );
-        if step % settings.checkpoint_every.max(1) == 0 {
-            save(&params, &adam, step, &history)?;
+        let tokens = (cfg.es.batch * cfg.es.seq_len) as u64;
+        book.record(step, Instant::now(), tokens, loss, v);
+        if book.checkpoints_at(step) {
+            checkpoint::save(&dir, &book.checkpoint(step, &params, &adam), settings.keep)?;
         }
         bar.set_position(step);
-        let shown = last_val.map_or("-".into(), |v| format!("{v:.3}"));
+        let shown = book.val_loss().map_or("-".into(), |v| format!("{v:.3}"));
         bar.set_message(format!("train {loss:.3} val {shown} nats/char | |g| {norm:.2}"));
     }
     bar.finish();
     // The final point always carries a validation loss, so every run ends
     // on a measured value.
-    if let Some(last) = history.last_mut() {
-        if last.val_loss.is_none() {
-            last.val_loss = val(&params)?;
-            last_val = last.val_loss.or(last_val);
-        }
+    if book.last_needs_validation() {
+        book.set_last_validation(val(&params)?);
     }
-    let path = save(&params, &adam, step, &history)?;
+    let path = checkpoint::save(&dir, &book.checkpoint(step, &params, &adam), settings.keep)?;
     println!(
         "Stopped at step {step} after {:.1} min; validation loss {}.",
         started.elapsed().as_secs_f64() / 60.0,
-        last_val.map_or("-".into(), |v| format!("{v:.3} nats/char"))
+        book.val_loss()
+            .map_or("-".into(), |v| format!("{v:.3} nats/char"))
     );
     if args.sample > 0 {
-        let (_, ckpt) = open_checkpoint(&path)?;
+        let (_, ckpt) = checkpoint::open(&path)?;
         let text = commands::generate(&ckpt, "", args.sample, 0.8, 0, None, 0)?;
         println!("Sample from {}:\n{text}", path.display());
     }
@@ -291,4 +269,69 @@ fn model_name(m: &seedling_core::ModelConfig) -> String {
         seedling_core::Head::ByInput => " with a head per input character",
     };
     format!("{}x{} tanh RNN{head}", m.layers, m.hidden)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    /// `seedling train --method bptt` with a tiny model on `text`, in `run_dir`.
+    fn bptt(text_file: &std::path::Path, run_dir: &std::path::Path, steps: u64) -> anyhow::Result<()> {
+        let (data, dir, steps) = (
+            text_file.to_str().unwrap(),
+            run_dir.to_str().unwrap(),
+            steps.to_string(),
+        );
+        let cli = Cli::try_parse_from([
+            "seedling",
+            "train",
+            "--method",
+            "bptt",
+            "--data",
+            data,
+            "--run-dir",
+            dir,
+            "--hidden",
+            "8",
+            "--batch",
+            "2",
+            "--seq-len",
+            "8",
+            "--max-steps",
+            &steps,
+            "--sample",
+            "0",
+        ])?;
+        let Command::Train(args) = cli.command else {
+            unreachable!("parsed a train command")
+        };
+        train_bptt(args, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// BPTT resumes through the same run book as ES: it continues its own
+    /// checkpoint and refuses one of another vocabulary, even of the same
+    /// size (which the config check alone would let through).
+    #[test]
+    fn bptt_resume_refuses_another_vocabulary() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, run) = (
+            dir.path().join("a.txt"),
+            dir.path().join("b.txt"),
+            dir.path().join("run"),
+        );
+        let text = "the quick brown fox jumps over the lazy dog.\n".repeat(40);
+        std::fs::write(&a, &text).unwrap();
+        // The same number of characters, one of them another.
+        std::fs::write(&b, text.replace('z', "Z")).unwrap();
+        bptt(&a, &run, 2).unwrap();
+        assert_eq!(checkpoint::latest(&run).unwrap().unwrap().1.step, 2);
+        bptt(&a, &run, 3).unwrap();
+        let (_, ckpt) = checkpoint::latest(&run).unwrap().unwrap();
+        assert_eq!((ckpt.step, ckpt.history.len()), (3, 3));
+        let e = format!("{:#}", bptt(&b, &run, 4).unwrap_err());
+        assert!(e.contains("vocabulary"), "{e}");
+        assert_eq!(checkpoint::latest(&run).unwrap().unwrap().1.step, 3);
+    }
 }

@@ -10,6 +10,7 @@ use seedling_core::replica::Replica;
 use seedling_server::checkpoint::{self, Checkpoint, HistoryPoint};
 use seedling_server::commands;
 use seedling_server::data::{self, load_corpus};
+use seedling_server::runbook;
 
 #[test]
 fn train_checkpoint_resume_generate_eval_inspect() {
@@ -74,7 +75,7 @@ fn train_checkpoint_resume_generate_eval_inspect() {
     // Resume: the newest checkpoint is the replica as it is now.
     let (path, ckpt) = checkpoint::latest(&ckpts).unwrap().unwrap();
     assert_eq!(path, ckpts.join(checkpoint::file_name(6)));
-    checkpoint::check_compatible(&ckpt, &config).unwrap();
+    runbook::check_resumable(&ckpt, &config, &corpus.tokenizer).unwrap();
     let resumed =
         Replica::from_snapshot(ckpt.config, ckpt.step, ckpt.params.clone(), ckpt.adam.clone()).unwrap();
     assert_eq!(resumed.hash(), replica.hash());
