@@ -41,7 +41,7 @@ pub fn weights_hash(values: &[f32]) -> u64 {
 }
 
 /// FNV-1a 64 of `values` as little-endian bytes: the weights hash of
-/// protocols 1 to 4, kept to check checkpoints written under them.
+/// checkpoint versions 1 to 4, kept to check files written under them.
 pub fn weights_hash_v1(values: &[f32]) -> u64 {
     let mut h = OFFSET;
     for v in values {
