@@ -14,9 +14,9 @@
 //!
 //! - [`cli`]: flags and dispatch of the `seedling` binary.
 //! - [`app`]: HTTP routes, the WebSocket handler, [`app::start`] and [`app::run`].
-//! - [`coordinator`]: the step state machine (jobs, deadlines, reissue, ranks,
-//!   updates, hash checks) on its own thread.
-//! - [`ledger`]: one step's per-member books (claims and counted losses).
+//! - [`coordinator`]: the step state machine (sessions, jobs, deadlines,
+//!   reissue, verification, updates, hash checks), free of I/O, and
+//!   [`coordinator::driver`], which runs it on its own thread.
 //! - [`delivery`]: the courier task that hands the coordinator's frames to
 //!   the connections.
 //! - [`worker`]: the native volunteer.
@@ -25,7 +25,6 @@
 //! - [`checkpoint`]: safetensors checkpoints, atomic writes, resume.
 //! - [`commands`]: generate, eval and inspect on a checkpoint.
 //! - [`plot`]: the learning-curve SVG.
-//! - [`seqmap`]: a map over increasing ids, for the coordinator's jobs.
 //! - [`timing`]: the coordinator's busy time per step (overhead against replica work).
 
 pub mod app;
@@ -35,9 +34,7 @@ pub mod commands;
 pub mod coordinator;
 pub mod data;
 pub mod delivery;
-pub mod ledger;
 pub mod plot;
-pub mod seqmap;
 pub mod timing;
 pub mod train;
 pub mod worker;
