@@ -3,8 +3,8 @@
 //!
 //! A leaf: the state machine, its driver, the delivery courier, the step's
 //! books and the HTTP side all speak these types, and this file imports none
-//! of them, so none of them has to import another to name a client or a
-//! frame.
+//! of them (only the plain data of `checkpoint` and `timing`), so none of
+//! them has to import another to name a client or a frame.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
