@@ -28,8 +28,10 @@ use tokio::sync::mpsc;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::coordinator::{
-    AdminCommand, ClientId, Coordinator, Event, Outgoing, RunData, Settings, Status, close,
+use crate::coordinator::Coordinator;
+use crate::coordinator::driver::{self, Driver};
+use crate::coordinator::types::{
+    AdminCommand, ClientId, Event, Input, Outgoing, RunData, Settings, Status, close,
 };
 use crate::delivery::{self, Postbox};
 use crate::runbook::{Cadence, Opened, RunBook};
@@ -198,7 +200,7 @@ impl Server {
     /// Stops accepting, closes every connection, writes the final checkpoint
     /// and waits for all of it.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        let _ = self.events.send(Event::Shutdown).await;
+        let _ = self.events.send(Event::Input(Input::Shutdown)).await;
         let _ = self.stop_http.send(());
         let coordinator = self.coordinator;
         tokio::task::spawn_blocking(move || coordinator.join())
@@ -250,29 +252,31 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
         opts.data.tokenizer.len()
     );
     let (replica, book) = initial_replica(&opts.config, &opts.settings, &opts.data)?;
-    let mut coordinator = Coordinator::new(
+    let run = driver::run_id(&replica);
+    let coordinator = Coordinator::new(
         opts.settings.clone(),
         opts.data.clone(),
         replica,
-        book.history().to_vec(),
+        book,
+        run,
+        Instant::now(),
     );
-    coordinator.set_lr_override(book.lr_override());
-    let status = coordinator.status();
     let (events, rx) = mpsc::channel(4096);
     let (batches, parcels) = mpsc::unbounded_channel();
     let spent = Arc::new(AtomicU64::new(0));
     tokio::spawn(delivery::courier(parcels, events.clone(), spent.clone()));
-    coordinator.deliver_through(Postbox::with_courier(batches, spent));
+    let driver = Driver::new(coordinator, Postbox::with_courier(batches, spent), &opts.settings);
+    let status = driver.status();
     let coordinator = std::thread::Builder::new()
         .name("coordinator".into())
-        .spawn(move || coordinator.run(rx))?;
+        .spawn(move || driver.run(rx))?;
     let ticker = events.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(TICK);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             every.tick().await;
-            if ticker.send(Event::Tick).await.is_err() {
+            if ticker.send(Event::Input(Input::Tick)).await.is_err() {
                 break;
             }
         }
@@ -498,11 +502,11 @@ async fn ws_handler(
 /// What a received data frame means to the coordinator: a decoded message,
 /// or the offence (with the close code that names it) that ends the
 /// connection. `None` for control frames, which only count as a heartbeat.
-pub(crate) fn frame_event(client: ClientId, frame: Message) -> Option<Event> {
+pub(crate) fn frame_event(client: ClientId, frame: Message) -> Option<Input> {
     Some(match frame {
         Message::Binary(bytes) => match decode_client(&bytes) {
-            Ok(msg) => Event::Message { client, msg },
-            Err(e) => Event::Invalid {
+            Ok(msg) => Input::Message { client, msg },
+            Err(e) => Input::Invalid {
                 client,
                 code: if bytes.len() > MAX_CLIENT_MESSAGE {
                     close::TOO_BIG
@@ -512,7 +516,7 @@ pub(crate) fn frame_event(client: ClientId, frame: Message) -> Option<Event> {
                 reason: e.to_string(),
             },
         },
-        Message::Text(_) => Event::Invalid {
+        Message::Text(_) => Input::Invalid {
             client,
             code: close::UNSUPPORTED,
             reason: "text frames are not part of the protocol".into(),
@@ -562,7 +566,7 @@ async fn handle_socket(socket: WebSocket, state: AppState) {
                 },
                 _ = ping.tick() => {
                     if seen.lock().unwrap().elapsed() > idle {
-                        let _ = events.try_send(Event::Idle { client: id });
+                        let _ = events.try_send(Event::Input(Input::Idle { client: id }));
                         closing(close::POLICY, "no heartbeat".into())
                     } else {
                         Message::Ping(Default::default())
@@ -587,8 +591,8 @@ async fn handle_socket(socket: WebSocket, state: AppState) {
                     None => continue,
                 },
             };
-            let invalid = matches!(ev, Event::Invalid { .. });
-            if events.send(ev).await.is_err() || invalid {
+            let invalid = matches!(ev, Input::Invalid { .. });
+            if events.send(Event::Input(ev)).await.is_err() || invalid {
                 break;
             }
         }
@@ -598,13 +602,16 @@ async fn handle_socket(socket: WebSocket, state: AppState) {
         _ = &mut send_task => recv_task.abort(),
         _ = &mut recv_task => {
             // Let queued frames (a Reject and its close) go out first.
-            let _ = state.events.send(Event::Disconnected { client: id }).await;
+            let _ = state.events.send(Event::Input(Input::Disconnected { client: id })).await;
             if tokio::time::timeout(Duration::from_secs(2), &mut send_task).await.is_err() {
                 send_task.abort();
             }
         }
     }
-    let _ = state.events.send(Event::Disconnected { client: id }).await;
+    let _ = state
+        .events
+        .send(Event::Input(Input::Disconnected { client: id }))
+        .await;
     tracing::debug!(
         client = id,
         secs = started.elapsed().as_secs_f64(),

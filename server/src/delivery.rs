@@ -6,7 +6,7 @@
 //! runtime's shared injection queue, and closing a step sends an update to
 //! every volunteer and then a job to most of them: with a thousand
 //! volunteers, two thousand remote wake-ups on the one thread every event
-//! of the run passes through (a fifth of its time per step).
+//! of the run passes through.
 //!
 //! So the coordinator only posts: [`Postbox`] collects the frames one event
 //! produces, and [`courier`], a task on the runtime, delivers each batch.
@@ -17,12 +17,11 @@
 //!
 //! A frame that does not fit its connection's queue means the volunteer
 //! reads too slowly to keep up: the courier closes that connection and
-//! tells the coordinator ([`Event::Slow`]), which drops the client and
+//! tells the coordinator ([`Input::Slow`]), which drops the client and
 //! reissues its job, as it did when it delivered frames itself.
 //!
-//! Without a courier (the coordinator's unit tests drive it without a
-//! runtime) a post is delivered at once and a full queue is reported to the
-//! caller on the spot.
+//! Without a courier (a driver outside a runtime) a post is delivered at
+//! once and a full queue is reported to the caller on the spot.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,7 +30,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use crate::coordinator::{ClientId, Event, Outgoing, close};
+use crate::coordinator::types::{ClientId, Event, Input, Outgoing, close};
 use crate::timing::thread_time;
 
 /// What the coordinator hands the courier, in order.
@@ -115,7 +114,7 @@ impl Postbox {
     }
 
     /// Hands `parcel` on. With a courier this always succeeds (a full queue
-    /// is reported later as [`Event::Slow`]); delivered directly, a full
+    /// is reported later as [`Input::Slow`]); delivered directly, a full
     /// queue is the caller's to handle.
     fn send(&mut self, parcel: Parcel) -> Result<(), QueueFull> {
         if self.courier.is_some() {
@@ -190,7 +189,7 @@ pub async fn courier(
             Ordering::Relaxed,
         );
         for &client in &slow {
-            if events.send(Event::Slow { client }).await.is_err() {
+            if events.send(Event::Input(Input::Slow { client })).await.is_err() {
                 return;
             }
         }
@@ -265,7 +264,7 @@ mod tests {
         assert_eq!(frames(&mut slow_rx), [1, 2]);
         assert!(slow_rx.is_closed());
         match rx_events.try_recv() {
-            Ok(Event::Slow { client }) => assert_eq!(client, 2),
+            Ok(Event::Input(Input::Slow { client })) => assert_eq!(client, 2),
             other => panic!("expected one Slow event, got {other:?}"),
         }
         assert!(rx_events.try_recv().is_err(), "a slow reader is reported once");

@@ -14,9 +14,9 @@
 //!
 //! - [`cli`]: flags of the `seedling` binary; [`dispatch`] runs them.
 //! - [`app`]: HTTP routes, the WebSocket handler, [`app::start`] and [`app::run`].
-//! - [`coordinator`]: the step state machine (jobs, deadlines, reissue, ranks,
-//!   updates, hash checks) on its own thread.
-//! - [`ledger`]: one step's per-member books (claims and counted losses).
+//! - [`coordinator`]: the step state machine (sessions, jobs, deadlines,
+//!   reissue, verification, updates, hash checks), free of I/O, and
+//!   [`coordinator::driver`], which runs it on its own thread.
 //! - [`delivery`]: the courier task that hands the coordinator's frames to
 //!   the connections.
 //! - [`worker`]: the native volunteer.
@@ -29,7 +29,6 @@
 //!   schema and version, the learning curve they keep.
 //! - [`commands`]: generate, eval and inspect on a checkpoint.
 //! - [`plot`]: the learning-curve SVG.
-//! - [`seqmap`]: a map over increasing ids, for the coordinator's jobs.
 //! - [`timing`]: the coordinator's busy time per step (overhead against replica work).
 
 pub mod app;
@@ -40,10 +39,8 @@ pub mod coordinator;
 pub mod data;
 pub mod delivery;
 pub mod dispatch;
-pub mod ledger;
 pub mod plot;
 pub mod runbook;
-pub mod seqmap;
 pub mod timing;
 pub mod train;
 pub mod worker;

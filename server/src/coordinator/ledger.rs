@@ -2,16 +2,15 @@
 //! client, and the loss that counts.
 //!
 //! The coordinator touches these once per member result, thousands of times
-//! a step with a crowd of volunteers. Ordered maps of `Vec`s allocated a tree
-//! node and a vector for nearly every member and freed them all when the step
-//! closed. A step's members are the dense range `0..population`, so the books
-//! are flat arrays indexed by member instead; a member's claims live inline
-//! (almost every member has one or two, and only a disputed one spills to the
+//! a step with a crowd of volunteers, so they must not allocate per member.
+//! A step's members are the dense range `0..population`, so the books are
+//! flat arrays indexed by member; a member's claims live inline (almost
+//! every member has one or two, and only a disputed one spills to the
 //! heap), and a new step clears them in place.
 
 use smallvec::SmallVec;
 
-use crate::coordinator::ClientId;
+use super::types::ClientId;
 
 /// One evaluation of a member: who reported it and the loss they reported.
 pub type Claim = (ClientId, f32);

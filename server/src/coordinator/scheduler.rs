@@ -1,0 +1,257 @@
+//! Who evaluates which members: the idle queue, job sizing, deadlines and
+//! reissue.
+//!
+//! A step's members are handed out in jobs of consecutive members sized to
+//! each client's measured speed, never more than an even share of the step,
+//! with a deadline. A job whose deadline passes goes back to the pool (its
+//! client's speed estimate halves) and is reissued to someone else.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use smallvec::SmallVec;
+
+use super::Coordinator;
+use super::ledger::MemberSet;
+use super::seqmap::SeqMap;
+use super::types::{ClientId, Outgoing, Output, Outputs};
+
+/// Recent job owners remembered to classify late results.
+const MAX_OWNERS: usize = 100_000;
+
+/// A job handed out in the current step.
+pub(super) struct Job {
+    pub(super) client: ClientId,
+    pub(super) step: u64,
+    /// Inline up to a typical crowd's job size: a job is created and
+    /// dropped for every result.
+    pub(super) members: SmallVec<[u32; 8]>,
+    pub(super) sent: Instant,
+    pub(super) deadline: Instant,
+}
+
+/// The scheduler's state: work to hand out, jobs out, clients waiting.
+#[derive(Default)]
+pub(super) struct Schedule {
+    /// Clients past the handshake with no job, in the order they became
+    /// idle: the serve order of [`Coordinator::assign`], longest waiting
+    /// first, so a newcomer is served before anyone who got work after it
+    /// joined. A client enters once (its `queued` flag) and leaves when it
+    /// gets a job or disconnects. Handing out work never scans every
+    /// connection (most events of a step find one or two members to hand
+    /// out), and becoming idle is a push, not an ordered insert.
+    pub(super) idle: VecDeque<ClientId>,
+    /// Live jobs (all of the current step), by id.
+    pub(super) jobs: SeqMap<Job>,
+    /// No live job's deadline is earlier (a lower bound: removing a job
+    /// leaves it), so most ticks skip the scan for expired jobs.
+    earliest_deadline: Option<Instant>,
+    /// Who each recent job was issued to, live or not, to tell a late
+    /// result (stale, dropped) from a forged one (rejected).
+    /// Job ids only grow, so this is sorted and searched by bisection.
+    owners: VecDeque<(u64, ClientId)>,
+    /// Jobs issued so far: the last job's id (ids start at 1).
+    issued: u64,
+    /// Members of the current step not yet handed out (or handed back).
+    pub(super) pool: MemberSet,
+    /// Members whose claims need one more evaluation by another client.
+    pub(super) verify: MemberSet,
+    /// Clients that let a job with this member expire in the current step;
+    /// the member is reissued to someone else, so one stuck client cannot
+    /// starve a step by taking the same members again and again.
+    pub(super) missed: HashMap<u32, Vec<ClientId>>,
+}
+
+impl Schedule {
+    /// True when job `job` was issued to `client` (recently enough to
+    /// remember).
+    pub(super) fn issued_to(&self, job: u64, client: ClientId) -> bool {
+        self.owners
+            .binary_search_by_key(&job, |o| o.0)
+            .is_ok_and(|i| self.owners[i].1 == client)
+    }
+
+    /// Takes a departing client out of the idle queue.
+    pub(super) fn unqueue(&mut self, id: ClientId) {
+        // Leaving is rare next to results: a scan here keeps the queue
+        // exactly the idle clients.
+        if let Some(i) = self.idle.iter().position(|&q| q == id) {
+            self.idle.remove(i);
+        }
+    }
+
+    /// A new step of `population` members: all in the pool, none missed.
+    pub(super) fn reset(&mut self, population: usize) {
+        self.pool.fill(population);
+        self.missed.clear();
+        self.verify.clear();
+    }
+}
+
+impl Coordinator {
+    /// Reissues the members of every job whose deadline passed, then closes
+    /// the step if it is due.
+    pub(super) fn on_tick(&mut self, now: Instant, out: &mut dyn Outputs) {
+        if self.sched.earliest_deadline.is_none_or(|t| t > now) {
+            return self.maybe_close(now, out);
+        }
+        let mut expired = Vec::new();
+        let mut earliest = None::<Instant>;
+        for (id, j) in self.sched.jobs.iter() {
+            if j.deadline <= now {
+                expired.push(id);
+            } else {
+                earliest = Some(earliest.map_or(j.deadline, |t| t.min(j.deadline)));
+            }
+        }
+        self.sched.earliest_deadline = earliest;
+        for id in expired {
+            let job = self.sched.jobs.remove(id).unwrap();
+            if let Some(c) = self.clients.get_mut(&job.client) {
+                c.job = None;
+                // The client is slower than it looked: halve its estimate.
+                c.speed *= 0.5;
+            }
+            self.sync_idle(job.client);
+            tracing::debug!(job = id, client = job.client, "job deadline passed; reissuing");
+            self.counters.reissued += 1;
+            for &m in &job.members {
+                self.sched.missed.entry(m).or_default().push(job.client);
+            }
+            self.give_back(job.members);
+        }
+        self.maybe_close(now, out);
+    }
+
+    /// Hands every idle client a job of consecutive members from the pool.
+    pub(super) fn assign(&mut self, now: Instant, out: &mut dyn Outputs) {
+        // Most events of a step (results, hash reports) arrive once every
+        // member is out: with nothing to hand out there is nothing to settle
+        // either, and skipping the scans below keeps an event O(1) however
+        // many volunteers are connected.
+        let sched = &self.sched;
+        if self.finished() || self.paused || (sched.pool.is_empty() && sched.verify.is_empty()) {
+            return;
+        }
+        if sched.idle.is_empty() {
+            return;
+        }
+        let ready = self.ready;
+        self.settle_unverifiable();
+        // Walk the idle queue from the front: most calls hand out one or
+        // two members and stop at the first client. Clients given nothing
+        // keep their places.
+        let mut passed = Vec::new();
+        while let Some(id) = self.sched.idle.pop_front() {
+            let sched = &mut self.sched;
+            if sched.pool.is_empty() && sched.verify.is_empty() {
+                sched.idle.push_front(id);
+                break;
+            }
+            let Some(c) = self.clients.get(&id) else {
+                continue; // (never: leaving takes a client out of the queue)
+            };
+            let threads = c.hello.map_or(1, |h| h.1) as usize;
+            let target = if c.speed > 0.0 {
+                (c.speed * self.settings.job_target.as_secs_f64()) as usize
+            } else {
+                2 * threads
+            };
+            // Never more than an even share of the step, so every volunteer
+            // gets work (and a speed measurement), not just the fastest.
+            let fair = (self.replica.config.es.population as usize)
+                .div_ceil(ready.max(1))
+                .next_multiple_of(2);
+            let size = target.max(threads).max(2).min(fair);
+            let missed = &sched.missed;
+            let books = &self.books;
+            let eligible = |m: &u32| {
+                missed.get(m).is_none_or(|who| !who.contains(&id))
+                    && books.claims(*m).iter().all(|c| c.0 != id)
+            };
+            let lagging = missed.values().any(|who| who.contains(&id));
+            // Verifications first (a lagging client checks nobody), then fresh members.
+            let mut members: SmallVec<[u32; 8]> = SmallVec::with_capacity(size);
+            if !lagging {
+                members.extend(sched.verify.iter().filter(eligible).take(size));
+            }
+            let verified = members.len();
+            members.extend(sched.pool.iter().filter(eligible).take(size - verified));
+            for &m in &members[..verified] {
+                sched.verify.remove(m);
+            }
+            for &m in &members[verified..] {
+                sched.pool.remove(m);
+            }
+            if members.is_empty() {
+                passed.push(id);
+                continue;
+            }
+            let expected = if c.speed > 0.0 {
+                members.len() as f64 / c.speed
+            } else {
+                0.0
+            };
+            // A claimed speed near zero must neither overflow the deadline
+            // nor let one client hold members for longer than a step.
+            let timeout = self.settings.job_timeout_min.max(
+                Duration::try_from_secs_f64(3.0 * expected)
+                    .unwrap_or(Duration::MAX)
+                    .min(self.settings.step_timeout),
+            );
+            sched.issued += 1;
+            let job_id = sched.issued;
+            let frame = self.step.job_frame(self.replica.step, job_id, &members, timeout);
+            let deadline = now + timeout;
+            let sched = &mut self.sched;
+            sched.earliest_deadline = Some(sched.earliest_deadline.map_or(deadline, |t| t.min(deadline)));
+            let job = Job {
+                client: id,
+                step: self.replica.step,
+                members,
+                sent: now,
+                deadline,
+            };
+            if sched.jobs.insert(job_id, job).is_err() {
+                unreachable!("job ids only grow");
+            }
+            let client = self.clients.get_mut(&id).unwrap();
+            client.job = Some(job_id);
+            client.queued = false;
+            sched.owners.push_back((job_id, id));
+            if sched.owners.len() > MAX_OWNERS {
+                sched.owners.pop_front();
+            }
+            match frame {
+                Ok(frame) => out.push(Output::Send(id, Outgoing::Job(frame))),
+                Err(e) => tracing::error!("cannot encode a job: {e}"),
+            }
+        }
+        for id in passed.into_iter().rev() {
+            self.sched.idle.push_front(id);
+        }
+    }
+
+    /// Queues `id` as idle if it is past its handshake with no job and not
+    /// queued yet. (Only [`Coordinator::assign`] gives a client a job, and
+    /// it takes the client out of the queue as it does.)
+    pub(super) fn sync_idle(&mut self, id: ClientId) {
+        if let Some(c) = self.clients.get_mut(&id) {
+            if c.hello.is_some() && c.job.is_none() && !c.queued {
+                c.queued = true;
+                self.sched.idle.push_back(id);
+            }
+        }
+    }
+
+    /// Puts a job's members back: verifications to the verify set, the rest to the pool.
+    pub(super) fn give_back(&mut self, members: impl IntoIterator<Item = u32>) {
+        for m in members {
+            if !self.books.claims(m).is_empty() {
+                self.sched.verify.insert(m);
+            } else {
+                self.sched.pool.insert(m);
+            }
+        }
+    }
+}

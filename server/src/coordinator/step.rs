@@ -1,0 +1,216 @@
+//! The step: its minibatch and job frames, and its close (shaping, the
+//! update, the replica's new hash, the run's books).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use seedling_core::protocol::{self, MAX_SERVER_MESSAGE, ServerMsg};
+use seedling_core::shaping::shape;
+use seedling_core::tokenizer::Token;
+use seedling_core::{Replica, batch};
+
+use super::Coordinator;
+use super::types::{CheckpointReason, ClientId, JobFrame, Outgoing, Output, Outputs, Phase};
+
+/// Bytes allocated at a time for job frames (a block is freed once every
+/// frame carved from it has been sent).
+const FRAME_BLOCK: usize = 64 << 10;
+
+/// Hashes of the authoritative replica remembered, to check the hashes
+/// volunteers report for recent steps.
+const HASHES: usize = 256;
+
+/// The current step's minibatch and frames, and recent hashes.
+pub(super) struct StepState {
+    /// The current step's minibatch: when the recipe needs it (an exact
+    /// readout, the estimate kept to seen input rows) the update carries it,
+    /// and this replica's update reads it.
+    tokens: Vec<Token>,
+    /// The minibatch as encoded in its jobs, encoded once and shared by
+    /// every job frame of the step.
+    token_bytes: Bytes,
+    /// Where a job's head and tail are encoded before they are copied into
+    /// `frames`.
+    job_buf: Vec<u8>,
+    /// Job frames are carved from shared blocks of this buffer, so a step's
+    /// thousand jobs cost a few allocations, not one each.
+    frames: BytesMut,
+    /// When the current step started.
+    started: Instant,
+    /// Hashes of the authoritative replica after recent steps.
+    hashes: VecDeque<(u64, u64)>,
+}
+
+impl StepState {
+    /// Before the first step of `replica` (its current hash remembered).
+    pub(super) fn new(replica: &Replica, now: Instant) -> Self {
+        Self {
+            tokens: Vec::new(),
+            token_bytes: Bytes::new(),
+            job_buf: Vec::new(),
+            frames: BytesMut::new(),
+            started: now,
+            hashes: VecDeque::from([(replica.step, replica.hash())]),
+        }
+    }
+
+    /// The authoritative hash after `step`, if it is recent.
+    pub(super) fn hash_at(&self, step: u64) -> Option<u64> {
+        self.hashes.iter().rev().find(|&&(s, _)| s == step).map(|h| h.1)
+    }
+
+    /// The hash of the current step's weights.
+    pub(super) fn hash(&self) -> Option<u64> {
+        self.hashes.back().map(|h| h.1)
+    }
+
+    /// The frame of job `job_id` of `step`. Its head and tail are carved
+    /// from a shared block, its tokens are the step's.
+    pub(super) fn job_frame(
+        &mut self,
+        step: u64,
+        job_id: u64,
+        members: &[u32],
+        timeout: Duration,
+    ) -> seedling_core::Result<JobFrame> {
+        self.job_buf.clear();
+        protocol::encode_job_head(step, job_id, members, &mut self.job_buf)?;
+        let head = self.job_buf.len();
+        let deadline_ms = timeout.as_millis().min(u32::MAX as u128) as u32;
+        protocol::encode_job_tail(deadline_ms, &mut self.job_buf)?;
+        let len = self.job_buf.len() + self.token_bytes.len();
+        if len > MAX_SERVER_MESSAGE {
+            let cap = MAX_SERVER_MESSAGE;
+            return Err(seedling_core::Error::Wire(format!(
+                "job of {len} bytes exceeds {cap}"
+            )));
+        }
+        if self.frames.capacity() < self.job_buf.len() {
+            self.frames.reserve(FRAME_BLOCK.max(self.job_buf.len()));
+        }
+        self.frames.extend_from_slice(&self.job_buf);
+        let mut ends = self.frames.split().freeze();
+        Ok(JobFrame {
+            head: ends.split_to(head),
+            tokens: self.token_bytes.clone(),
+            tail: ends,
+        })
+    }
+}
+
+impl Coordinator {
+    /// Starts the replica's step: its minibatch, all members in the pool.
+    pub(super) fn start_step(&mut self, now: Instant) {
+        let es = self.replica.config.es;
+        let tokens = batch::step_batch(
+            &self.data.train,
+            self.replica.config.seed,
+            self.replica.step,
+            es.batch as usize,
+            es.seq_len as usize,
+        )
+        .expect("training data was checked to hold at least one window");
+        let encoded = protocol::EncodedTokens::new(&tokens).expect("a minibatch always encodes");
+        self.step.token_bytes = Bytes::copy_from_slice(encoded.as_bytes());
+        self.step.tokens = tokens;
+        self.step.started = now;
+        self.sched.reset(es.population as usize);
+        self.books.reset(es.population as usize);
+    }
+
+    /// Closes the step if every member is in, or if it is past its deadline
+    /// with enough of them.
+    pub(super) fn maybe_close(&mut self, now: Instant, out: &mut dyn Outputs) {
+        let n = self.replica.config.es.population as usize;
+        let have = self.books.counted();
+        let late = now.saturating_duration_since(self.step.started) >= self.settings.step_timeout;
+        let enough = have as f64 >= (self.settings.min_fraction as f64 * n as f64).ceil().max(2.0);
+        if have == n || (late && enough) {
+            self.close_step(now, out);
+        }
+    }
+
+    /// Closes the step: the update goes out to every client before this
+    /// replica applies it, and the next step's jobs as soon as it has, so
+    /// the volunteers apply and evaluate while the coordinator does the
+    /// rest (validation, history, checkpoints). With small models a step
+    /// takes milliseconds, and every one the coordinator holds the next jobs
+    /// back leaves the volunteers' cores idle.
+    fn close_step(&mut self, now: Instant, out: &mut dyn Outputs) {
+        let step = self.replica.step;
+        let losses: Vec<(u32, f32)> = self.books.results().collect();
+        let weights = shape(self.replica.config.recipe.shaping, &losses)
+            .expect("losses were checked finite on arrival");
+        let lr = self.book.lr_for(step, now);
+        let tokens = if self.replica.config.recipe.needs_minibatch() {
+            self.step.tokens.clone()
+        } else {
+            Vec::new()
+        };
+        let update = ServerMsg::Update {
+            step,
+            lr,
+            weights: weights.clone(),
+            tokens,
+        };
+        let msg = protocol::encode(&update, MAX_SERVER_MESSAGE)
+            .map(Bytes::from)
+            .expect("an update always encodes");
+        for (&id, c) in &self.clients {
+            if c.hello.is_some() {
+                out.push(Output::Send(id, Outgoing::Frame(msg.clone())));
+            }
+        }
+        out.push(Output::Flush);
+        // Jobs of the closed step are void; their results will be stale.
+        // Their holders are idle again; everyone else's place is unchanged.
+        let mut voided: Vec<ClientId> = Vec::new();
+        self.sched.jobs.retain(|_, j| {
+            if j.step <= step {
+                voided.push(j.client);
+            }
+            j.step > step
+        });
+        for id in voided {
+            let jobs = &self.sched.jobs;
+            if let Some(c) = self.clients.get_mut(&id) {
+                c.job = c.job.filter(|&j| jobs.contains(j));
+            }
+            self.sync_idle(id);
+        }
+        out.push(Output::Mark(Phase::UpdateStarts));
+        self.replica
+            .apply(step, lr, &weights, &self.step.tokens)
+            .expect("the update list and minibatch were built by this coordinator");
+        let hash = self.replica.hash();
+        out.push(Output::Mark(Phase::UpdateEnds));
+        self.start_step(now);
+        self.assign(now, out);
+        out.push(Output::Flush);
+        self.step.hashes.push_back((self.replica.step, hash));
+        if self.step.hashes.len() > HASHES {
+            self.step.hashes.pop_front();
+        }
+        let es = self.replica.config.es;
+        let train_loss = losses.iter().map(|&(_, l)| l as f64).sum::<f64>() / losses.len() as f64;
+        let tokens_step = losses.len() as u64 * es.batch as u64 * es.seq_len as u64;
+        out.push(Output::Mark(Phase::BooksStart));
+        let val = self
+            .book
+            .validates_at(self.replica.step)
+            .then(|| self.validation_loss())
+            .flatten();
+        self.book
+            .record(self.replica.step, now, tokens_step, train_loss as f32, val);
+        if let Some(v) = val {
+            tracing::info!(step = self.replica.step, train_loss, val_loss = v, "validation");
+        }
+        self.counters.closed(now, losses.len() as u32);
+        if self.book.checkpoints_at(self.replica.step) {
+            self.checkpoint(CheckpointReason::Cadence, out);
+        }
+        out.push(Output::Mark(Phase::Closed));
+        self.publish(now, out);
+    }
+}

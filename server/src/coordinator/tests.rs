@@ -1,0 +1,375 @@
+//! The state machine driven directly: inputs in, outputs read back per
+//! connection, no sockets and no runtime.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use seedling_core::protocol::{self, ClientKind, ClientMsg, PROTOCOL_VERSION, ServerMsg, SessionToken};
+use seedling_core::tokenizer::Tokenizer;
+use seedling_core::{NoiseKind, Replica, RunConfig};
+
+use super::*;
+use crate::runbook::Cadence;
+
+/// The connections as a test sees them: what was sent to each, in order,
+/// until the coordinator was done with it.
+#[derive(Default)]
+struct Wires {
+    sent: HashMap<ClientId, Vec<Outgoing>>,
+    live: BTreeSet<ClientId>,
+    /// Fresh session tokens handed out so far.
+    tokens: u64,
+}
+
+impl Outputs for Wires {
+    fn push(&mut self, out: Output) {
+        match out {
+            Output::Send(id, item) if self.live.contains(&id) => self.sent.entry(id).or_default().push(item),
+            Output::Gone(id) => {
+                self.live.remove(&id);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Wires {
+    /// A fresh session token, as the driver would draw (distinct, never
+    /// the `[7; 16]` the hostile test presents).
+    fn token(&mut self) -> SessionToken {
+        self.tokens += 1;
+        let mut t = [0xA5; 16];
+        t[..8].copy_from_slice(&self.tokens.to_le_bytes());
+        t
+    }
+
+    /// Forgets everything sent so far.
+    fn clear(&mut self) {
+        self.sent.clear();
+    }
+}
+
+fn coordinator() -> Coordinator {
+    let text = "abcdefghij ".repeat(200);
+    let tokenizer = Tokenizer::from_corpus(&text).unwrap();
+    let tokens = tokenizer.encode(&text).unwrap();
+    let mut cfg = RunConfig::rw256(tokenizer.len() as u32);
+    cfg.model.hidden = 8;
+    cfg.model.layers = 1;
+    cfg.es.noise = NoiseKind::LowRank { rank: 1 };
+    cfg.es.population = 8;
+    cfg.es.batch = 2;
+    cfg.es.seq_len = 8;
+    let data = RunData {
+        tokenizer,
+        train: Arc::new(tokens),
+        val_windows: Vec::new(),
+        val_seq_len: 8,
+        name: "test".into(),
+    };
+    let settings = Settings {
+        job_timeout_min: Duration::from_millis(5),
+        ..Settings::default()
+    };
+    let replica = Replica::new(cfg).unwrap();
+    let now = Instant::now();
+    let cadence = Cadence {
+        eval_every: settings.eval_every,
+        checkpoint_every: settings.checkpoint_every,
+    };
+    let book = RunBook::new(cfg, data.tokenizer.clone(), cadence, Vec::new(), None, now);
+    Coordinator::new(settings, data, replica, book, 42, now)
+}
+
+/// Arbitrary client behaviour, honest or not.
+fn event(clients: u64) -> impl Strategy<Value = (u64, u8, u64, u64, Vec<f32>)> {
+    (
+        0..clients,
+        0u8..8,
+        0u64..4,
+        0u64..40,
+        prop::collection::vec(-1.0f32..10.0, 0..6),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Whatever clients send, in any order, the coordinator neither
+    /// panics nor breaks its bookkeeping.
+    #[test]
+    fn any_message_sequence_keeps_the_books_straight(events in prop::collection::vec(event(4), 1..120)) {
+        let mut c = coordinator();
+        let mut w = Wires::default();
+        let t0 = Instant::now();
+        for (i, (client, kind, step, job, losses)) in events.into_iter().enumerate() {
+            let now = t0 + Duration::from_millis(i as u64 * 3);
+            if !c.clients.contains_key(&client) && kind != 7 {
+                connect(&mut c, &mut w, client, now);
+            }
+            let ev = match kind {
+                0 | 1 => Input::Message {
+                    client,
+                    msg: ClientMsg::Hello { version: PROTOCOL_VERSION, kind: ClientKind::Simulated, threads: 1, speed: 0.0, session: None },
+                },
+                2 | 3 => {
+                    // Sometimes a correct answer to the client's live job.
+                    let live = c.clients.get(&client).and_then(|cl| cl.job).and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.members.to_vec())));
+                    match (kind, live) {
+                        (2, Some((j, members))) => Input::Message {
+                            client,
+                            msg: ClientMsg::Losses { step: c.replica.step, job: j, losses: members.iter().map(|&m| m as f32 * 0.1).collect() },
+                        },
+                        _ => Input::Message { client, msg: ClientMsg::Losses { step, job, losses } },
+                    }
+                }
+                4 => Input::Message { client, msg: ClientMsg::Hash { step, hash: job } },
+                5 => Input::Tick,
+                6 => Input::Invalid { client, reason: "garbage".into(), code: close::INVALID },
+                _ => Input::Disconnected { client },
+            };
+            c.handle(ev, now, &mut w);
+            w.clear();
+            check_books(&c)?;
+        }
+    }
+}
+
+/// The bookkeeping invariants that must hold after every event.
+fn check_books(c: &Coordinator) -> Result<(), TestCaseError> {
+    let n = c.replica.config.es.population;
+    prop_assert!(c.books.results().all(|(m, _)| m < n));
+    let s = &c.sched;
+    prop_assert!(s.pool.iter().all(|m| !c.books.is_counted(m)));
+    prop_assert!(s.verify.iter().all(|m| !s.pool.contains(m)));
+    for (_, job) in s.jobs.iter() {
+        prop_assert!(c.clients.contains_key(&job.client), "a job outlived its client");
+        prop_assert!(job.members.iter().all(|&m| !s.pool.contains(m)));
+    }
+    for (id, cl) in &c.clients {
+        prop_assert!(
+            cl.job
+                .is_none_or(|j| s.jobs.get(j).is_some_and(|jb| jb.client == *id))
+        );
+    }
+    for rec in c.sessions.map.values() {
+        prop_assert!(
+            rec.live.is_none_or(|id| c.clients.contains_key(&id)),
+            "a session outlived its client"
+        );
+    }
+    prop_assert_eq!(c.sessions.map.len(), c.sessions.order.len());
+    // The idle queue holds every idle client exactly once, and nobody else.
+    let want: BTreeSet<ClientId> = c
+        .clients
+        .iter()
+        .filter(|(_, cl)| cl.hello.is_some() && cl.job.is_none())
+        .map(|(&id, _)| id)
+        .collect();
+    let queued: BTreeSet<ClientId> = s.idle.iter().copied().collect();
+    prop_assert_eq!(s.idle.len(), queued.len(), "a client is queued twice");
+    prop_assert_eq!(&queued, &want, "the idle queue drifted");
+    for (id, cl) in &c.clients {
+        prop_assert_eq!(cl.queued, queued.contains(id));
+    }
+    prop_assert_eq!(
+        c.ready,
+        c.clients.values().filter(|cl| cl.hello.is_some()).count()
+    );
+    Ok(())
+}
+
+/// One client's connection as the coordinator sees it.
+fn connect(c: &mut Coordinator, w: &mut Wires, id: ClientId, now: Instant) {
+    w.live.insert(id);
+    let token = Some(w.token());
+    c.handle(Input::Connected { client: id, token }, now, w);
+}
+
+/// Everything queued for a client: decoded messages and the close code, if any.
+fn drain(w: &mut Wires, id: ClientId) -> (Vec<ServerMsg>, Option<u16>) {
+    let (mut msgs, mut code) = (Vec::new(), None);
+    for out in w.sent.remove(&id).unwrap_or_default() {
+        match out {
+            Outgoing::Frame(b) => msgs.push(protocol::decode_server(&b).unwrap()),
+            Outgoing::Job(j) => msgs.push(protocol::decode_server(&j.join()).unwrap()),
+            Outgoing::Close(c, _) => code = Some(c),
+        }
+    }
+    (msgs, code)
+}
+
+fn simulated(session: Option<SessionToken>) -> ClientMsg {
+    ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        kind: ClientKind::Simulated,
+        threads: 1,
+        speed: 0.0,
+        session,
+    }
+}
+
+/// Ways to damage a real encoding, or replace it.
+#[derive(Clone, Debug)]
+enum Damage {
+    Intact,
+    Truncate(prop::sample::Index),
+    Flip(prop::sample::Index, u8),
+    Insert(prop::sample::Index, Vec<u8>),
+    Append(Vec<u8>),
+    Random(Vec<u8>),
+    Text(String),
+}
+
+fn damage() -> impl Strategy<Value = Damage> {
+    use prop::sample::Index;
+    let bytes = || prop::collection::vec(any::<u8>(), 1..24);
+    prop_oneof![
+        2 => Just(Damage::Intact),
+        2 => any::<Index>().prop_map(Damage::Truncate),
+        3 => (any::<Index>(), 1u8..=255).prop_map(|(i, x)| Damage::Flip(i, x)),
+        2 => (any::<Index>(), bytes()).prop_map(|(i, b)| Damage::Insert(i, b)),
+        1 => bytes().prop_map(Damage::Append),
+        1 => prop::collection::vec(any::<u8>(), 0..64).prop_map(Damage::Random),
+        1 => ".{0,16}".prop_map(Damage::Text),
+    ]
+}
+
+fn apply_damage(mut bytes: Vec<u8>, d: &Damage) -> axum::extract::ws::Message {
+    use axum::extract::ws::Message;
+    match d {
+        Damage::Intact => {}
+        Damage::Truncate(i) => bytes.truncate(i.index(bytes.len())),
+        Damage::Flip(i, x) => {
+            let at = i.index(bytes.len());
+            bytes[at] ^= x;
+        }
+        Damage::Insert(i, b) => {
+            let at = i.index(bytes.len() + 1);
+            bytes.splice(at..at, b.iter().copied());
+        }
+        Damage::Append(b) => bytes.extend_from_slice(b),
+        Damage::Random(b) => bytes = b.clone(),
+        Damage::Text(t) => return Message::Text(t.as_str().into()),
+    }
+    Message::Binary(bytes.into())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Frames from a hostile client, random or mutated from real
+    /// encodings, go through the server's frame path into the
+    /// coordinator: nothing panics, every undecodable frame gets its
+    /// sender a Reject and the close code that names the fault, the
+    /// books stay straight, and an honest client keeps closing steps.
+    #[test]
+    fn hostile_frames_are_rejected_and_the_run_goes_on(
+        frames in prop::collection::vec((0u8..5, damage()), 1..40),
+    ) {
+        let mut c = coordinator();
+        let mut w = Wires::default();
+        let t0 = Instant::now();
+        let mut now = t0;
+        let honest = 1;
+        connect(&mut c, &mut w, honest, now);
+        c.handle(Input::Message { client: honest, msg: simulated(None) }, now, &mut w);
+        let mut offender = 100;
+        connect(&mut c, &mut w, offender, now);
+        let start_step = c.replica.step;
+        for (which, damage) in frames {
+            now += Duration::from_millis(2);
+            if !c.clients.contains_key(&offender) {
+                offender += 1;
+                connect(&mut c, &mut w, offender, now);
+            }
+            // A real message of the offender's, then damaged.
+            let job = c.clients[&offender].job.and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.members.len())));
+            let msg = match (which, job) {
+                (0, _) => simulated(None),
+                (1, Some((job, n))) => ClientMsg::Losses { step: c.replica.step, job, losses: vec![0.5; n] },
+                (1, None) => ClientMsg::Losses { step: c.replica.step, job: 1, losses: vec![0.5; 2] },
+                (2, _) => ClientMsg::Hash { step: c.replica.step, hash: c.replica.hash() },
+                (3, _) => ClientMsg::Bye,
+                _ => simulated(Some([7; 16])),
+            };
+            let bytes = protocol::encode(&msg, protocol::MAX_CLIENT_MESSAGE).unwrap();
+            let frame = apply_damage(bytes, &damage);
+            let Some(ev) = crate::app::frame_event(offender, frame) else { continue };
+            let invalid = match &ev {
+                Input::Invalid { code, .. } => Some(*code),
+                _ => None,
+            };
+            c.handle(ev, now, &mut w);
+            let (msgs, closed) = drain(&mut w, offender);
+            if let Some(code) = invalid {
+                prop_assert!(!c.clients.contains_key(&offender), "an undecodable frame was let through");
+                prop_assert!(matches!(msgs.last(), Some(ServerMsg::Reject { .. })), "no Reject: {:?}", msgs);
+                prop_assert_eq!(closed, Some(code));
+            }
+            if closed.is_some() {
+                prop_assert!(!c.clients.contains_key(&offender));
+            }
+            // The honest client answers whatever it holds, correctly.
+            let live = c.clients[&honest].job.and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.members.to_vec())));
+            if let Some((job, members)) = live {
+                let losses = members.iter().map(|&m| m as f32 * 0.1).collect();
+                c.handle(Input::Message { client: honest, msg: ClientMsg::Losses { step: c.replica.step, job, losses } }, now, &mut w);
+            }
+            c.handle(Input::Tick, now, &mut w);
+            let _ = drain(&mut w, honest);
+            check_books(&c)?;
+            prop_assert!(c.clients.contains_key(&honest) || c.counters.liars > 0, "the honest client was dropped");
+        }
+        // Once the offender is gone, the honest client alone closes steps.
+        c.handle(Input::Disconnected { client: offender }, now, &mut w);
+        for _ in 0..200 {
+            if c.replica.step >= start_step + 2 || !c.clients.contains_key(&honest) {
+                break;
+            }
+            now += Duration::from_millis(10);
+            c.handle(Input::Tick, now, &mut w);
+            let live = c.clients[&honest].job.and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.members.to_vec())));
+            if let Some((job, members)) = live {
+                let losses = members.iter().map(|&m| m as f32 * 0.1).collect();
+                c.handle(Input::Message { client: honest, msg: ClientMsg::Losses { step: c.replica.step, job, losses } }, now, &mut w);
+            }
+            check_books(&c)?;
+        }
+        prop_assert!(c.replica.step >= start_step + 2 || c.counters.liars > 0, "the run stalled at step {}", c.replica.step);
+    }
+}
+
+/// A lone client that let its job expire gets the same members again:
+/// nobody else can take them, and the step must not stall.
+#[test]
+fn a_lone_slow_client_gets_its_expired_members_back() {
+    let mut c = coordinator();
+    let mut w = Wires::default();
+    let t0 = Instant::now();
+    connect(&mut c, &mut w, 1, t0);
+    c.handle(
+        Input::Message {
+            client: 1,
+            msg: simulated(None),
+        },
+        t0,
+        &mut w,
+    );
+    let first = drain(&mut w, 1).0.into_iter().find_map(|m| match m {
+        ServerMsg::Job { members, .. } => Some(members),
+        _ => None,
+    });
+    let first = first.expect("a job");
+    // Past the deadline: the job expires and is reissued, to the same client.
+    let later = t0 + Duration::from_secs(1);
+    c.handle(Input::Tick, later, &mut w);
+    let again = drain(&mut w, 1).0.into_iter().find_map(|m| match m {
+        ServerMsg::Job { members, .. } => Some(members),
+        _ => None,
+    });
+    assert_eq!(again.expect("the members again"), first);
+    assert_eq!(c.counters.reissued, 1);
+}

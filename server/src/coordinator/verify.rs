@@ -1,0 +1,250 @@
+//! Which losses count: results, claims, strikes and majorities.
+//!
+//! A result is checked against its job (stale ones are dropped and counted,
+//! forged ones get the client rejected), then each of its losses is a claim
+//! on a member. A fraction of claims is replicated: another client evaluates
+//! the same member, and the two must agree within the tolerance. The fewer
+//! results a client has had confirmed, the more of its claims are checked.
+//! A disagreement goes to a third client; the minority gets a strike, and
+//! `max_strikes` strikes disconnect the client, ban its session and void
+//! everything it claimed this step.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use rand_core::RngCore;
+
+use super::Coordinator;
+use super::types::{ClientId, Outputs};
+
+impl Coordinator {
+    /// A client's losses for the members of job `job_id`.
+    pub(super) fn on_losses(
+        &mut self,
+        id: ClientId,
+        step: u64,
+        job_id: u64,
+        losses: Vec<f32>,
+        now: Instant,
+        out: &mut dyn Outputs,
+    ) {
+        let current = self.replica.step;
+        let live = self
+            .sched
+            .jobs
+            .get(job_id)
+            .is_some_and(|j| j.step == current && step == current);
+        if !live {
+            // A job that was reissued or whose step closed: a slow volunteer,
+            // not a hostile one. A job never issued to this client is hostile.
+            if !self.sched.issued_to(job_id, id) || step > current {
+                let why =
+                    format!("result for job {job_id} at step {step}, which was never issued to this client");
+                return self.reject(id, &why, out);
+            }
+            self.counters.stale += 1;
+            // Forget the job only once it is void: a result quoting the wrong
+            // step for a live job leaves the job (and its deadline) in place.
+            let jobs = &self.sched.jobs;
+            if let Some(c) = self.clients.get_mut(&id) {
+                c.job = c.job.filter(|&j| j != job_id || jobs.contains(j));
+            }
+            self.sync_idle(id);
+            return;
+        }
+        let job = self.sched.jobs.get(job_id).expect("checked live above");
+        if job.client != id {
+            let why = format!("result for job {job_id}, which belongs to another client");
+            return self.reject(id, &why, out);
+        }
+        if losses.len() != job.members.len() {
+            let why = format!(
+                "result has {} losses but job {job_id} has {} members",
+                losses.len(),
+                job.members.len()
+            );
+            return self.reject(id, &why, out);
+        }
+        let job = self.sched.jobs.remove(job_id).unwrap();
+        let secs = now.saturating_duration_since(job.sent).as_secs_f64().max(1e-3);
+        let client = self.clients.get_mut(&id).unwrap();
+        client.job = None;
+        if !std::mem::replace(&mut client.queued, true) {
+            self.sched.idle.push_back(id);
+        }
+        let rate = job.members.len() as f64 / secs;
+        client.speed = if client.speed > 0.0 {
+            0.7 * client.speed + 0.3 * rate
+        } else {
+            rate
+        };
+        client.members += losses.len() as u64;
+        // How often this job's fresh members are replicated follows the
+        // trust the client has as its result arrives.
+        let trust = client.agreed;
+        for (&m, l) in job.members.iter().zip(losses) {
+            if !self.claim(id, trust, m, l, out) {
+                break; // disconnected as a liar; its claims are gone
+            }
+        }
+        self.maybe_close(now, out);
+    }
+
+    /// Records one evaluation by a client with `trust` agreements and decides
+    /// whether the member's loss counts, needs another opinion, or exposes a
+    /// liar. False when that liar was the claimant and it was disconnected.
+    fn claim(&mut self, id: ClientId, trust: u64, m: u32, loss: f32, out: &mut dyn Outputs) -> bool {
+        let claims = self.books.claim(m, (id, loss));
+        let tol = self.settings.tolerance;
+        let agree = |a: f32, b: f32| (a - b).abs() <= tol * a.abs().max(1.0);
+        match claims.len() {
+            1 => {
+                let p = (self.settings.replicate as f64).max(4.0 / (4.0 + trust as f64));
+                // The claimant is past its handshake: anyone else ready can verify.
+                let others = self.ready > 1;
+                let u = (self.coin.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                if others && u < p {
+                    self.sched.verify.insert(m);
+                } else {
+                    self.books.count(m, loss);
+                }
+            }
+            2 => {
+                let (a, b) = (claims[0], claims[1]);
+                self.counters.replicated += 1;
+                if agree(a.1, b.1) {
+                    self.books.count(m, a.1);
+                    for c in [a.0, b.0] {
+                        if let Some(cl) = self.clients.get_mut(&c) {
+                            cl.agreed += 1;
+                        }
+                    }
+                } else {
+                    self.counters.disagreements += 1;
+                    self.sched.verify.insert(m);
+                }
+            }
+            _ => {
+                // Majority of three: the claim that agrees with another wins.
+                let n = claims.len();
+                let pair = (0..n)
+                    .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+                    .find(|&(i, j)| agree(claims[i].1, claims[j].1));
+                match pair {
+                    Some((i, _)) => {
+                        let good = claims[i].1;
+                        let losers: Vec<ClientId> =
+                            claims.iter().filter(|c| !agree(c.1, good)).map(|c| c.0).collect();
+                        self.books.count(m, good);
+                        for liar in losers {
+                            if self.strike(liar, out) && liar == id {
+                                return false;
+                            }
+                        }
+                    }
+                    None => {
+                        // Nobody agrees: start the member over.
+                        self.books.forget(m);
+                        self.sched.pool.insert(m);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// A client ended up in the minority of a replicated member. After
+    /// `max_strikes` it is disconnected and everything it claimed this step
+    /// is discarded and, where nothing else vouches for it, reissued.
+    /// True when this strike disconnected the client.
+    fn strike(&mut self, id: ClientId, out: &mut dyn Outputs) -> bool {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return false;
+        };
+        c.strikes += 1;
+        c.agreed = 0;
+        if c.strikes < self.settings.max_strikes {
+            return false;
+        }
+        if self.sessions.ban(c.session) {
+            self.counters.banned += 1;
+        }
+        self.counters.liars += 1;
+        for m in self.books.claimed_by(id) {
+            self.books.uncount(m);
+            self.sched.verify.remove(m);
+            if self.books.withdraw(m, id) {
+                // A surviving claim is re-checked by someone else.
+                self.sched.verify.insert(m);
+            } else {
+                self.sched.pool.insert(m);
+            }
+        }
+        self.reject(id, "its results disagreed with other volunteers' too often", out);
+        true
+    }
+
+    /// A member waiting for another opinion when every connected client has
+    /// already given one, or let a job with it expire: count the most trusted
+    /// claim and move on. A fresh member that every connected client let
+    /// expire is offered to all of them again. Either way a client that holds
+    /// on to jobs without answering cannot stall the step.
+    pub(super) fn settle_unverifiable(&mut self) {
+        let n = self.ready;
+        let sched = &mut self.sched;
+        // Cheap necessary conditions first: a member can only be missed by
+        // all, or checked by all, when as many clients touched it as are
+        // connected. With many volunteers that is never, and the full checks
+        // below (which walk every connection) are skipped.
+        let starved_maybe = sched.missed.values().any(|who| who.len() >= n);
+        let laggards: BTreeSet<ClientId> = sched.missed.values().flatten().copied().collect();
+        let stuck_maybe = sched
+            .verify
+            .iter()
+            .any(|m| self.books.claims(m).len() + laggards.len() >= n);
+        if !starved_maybe && !stuck_maybe {
+            return;
+        }
+        let ready: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.hello.is_some())
+            .map(|(&id, _)| id)
+            .collect();
+        let missed_by_all =
+            |who: &Vec<ClientId>| who.len() >= ready.len() && ready.iter().all(|r| who.contains(r));
+        let starved: Vec<u32> = sched
+            .missed
+            .iter()
+            .filter(|&(&m, who)| sched.pool.contains(m) && missed_by_all(who))
+            .map(|(&m, _)| m)
+            .collect();
+        for m in starved {
+            sched.missed.remove(&m);
+        }
+        // A client that let a job expire this step checks nobody's results
+        // until the next step: it is not waited for.
+        let laggards: BTreeSet<ClientId> = sched.missed.values().flatten().copied().collect();
+        let stuck: Vec<u32> = sched
+            .verify
+            .iter()
+            .filter(|&m| {
+                let v = self.books.claims(m);
+                !v.is_empty()
+                    && ready
+                        .iter()
+                        .all(|r| v.iter().any(|c| c.0 == *r) || laggards.contains(r))
+            })
+            .collect();
+        for m in stuck {
+            sched.verify.remove(m);
+            let v = self.books.claims(m);
+            let trust = |c: &ClientId| self.clients.get(c).map_or(0, |c| c.agreed);
+            let best = v
+                .iter()
+                .max_by_key(|c| (trust(&c.0), std::cmp::Reverse(c.0)))
+                .unwrap();
+            self.books.count(m, best.1);
+        }
+    }
+}
