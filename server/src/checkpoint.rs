@@ -40,8 +40,8 @@ pub const FORMAT: &str = "seedling-checkpoint";
 /// which older configs read as ES's estimate, what they trained with.
 /// Version 4 changed only what members perturb; the weights are the same
 /// kind of thing. Version 5 added the model's head, which older configs
-/// read as the shared head.
-const READABLE_VERSIONS: [u32; 5] = [1, 2, 3, 4, PROTOCOL_VERSION];
+/// read as the shared head. Version 6 changed only the wire (a typed Reject).
+const READABLE_VERSIONS: [u32; 6] = [1, 2, 3, 4, 5, PROTOCOL_VERSION];
 
 /// Everything needed to resume a run or to use its model.
 #[derive(Clone, Debug, PartialEq)]

@@ -712,7 +712,7 @@ impl Coordinator {
                 );
             }
             Event::Message { client, msg } => self.on_message(client, msg, now),
-            Event::Invalid { client, reason, code } => self.reject_with(client, &reason, code),
+            Event::Invalid { client, reason, code } => self.reject_with(client, &reason, code, true),
             Event::Admin { command, reply } => {
                 let outcome = self.admin(command);
                 // The operator sees the effect in /api/status once answered.
@@ -763,7 +763,7 @@ impl Coordinator {
                     return self.reject(id, "second Hello on one connection");
                 }
                 if version != PROTOCOL_VERSION {
-                    return self.reject(
+                    return self.refuse(
                         id,
                         &format!(
                             "protocol version {version} is not supported (server speaks {PROTOCOL_VERSION})"
@@ -803,7 +803,7 @@ impl Coordinator {
         if let Some(token) = presented {
             if let Some(rec) = self.sessions.get(&token).copied() {
                 if rec.banned {
-                    self.reject(
+                    self.refuse(
                         id,
                         "this session was disconnected because its results disagreed with other \
                          volunteers' too often; it cannot rejoin",
@@ -1026,7 +1026,7 @@ impl Coordinator {
                 self.pool.insert(m);
             }
         }
-        self.reject(id, "its results disagreed with other volunteers' too often");
+        self.refuse(id, "its results disagreed with other volunteers' too often");
         true
     }
 
@@ -1139,16 +1139,23 @@ impl Coordinator {
 
     /// Tells a client why and disconnects it; its job goes back to the pool.
     fn reject(&mut self, id: ClientId, reason: &str) {
-        self.reject_with(id, reason, close::POLICY)
+        self.reject_with(id, reason, close::POLICY, true)
     }
 
-    fn reject_with(&mut self, id: ClientId, reason: &str, code: u16) {
+    /// [`Coordinator::reject`] for good: reconnecting cannot help (another
+    /// protocol version, a banned session), so the client stops.
+    fn refuse(&mut self, id: ClientId, reason: &str) {
+        self.reject_with(id, reason, close::POLICY, false)
+    }
+
+    fn reject_with(&mut self, id: ClientId, reason: &str, code: u16, retry: bool) {
         tracing::warn!(client = id, reason, "rejecting client");
         self.counters.rejected += 1;
         self.send(
             id,
             &ServerMsg::Reject {
                 reason: reason.to_string(),
+                retry,
             },
         );
         if self.clients.contains_key(&id) {
