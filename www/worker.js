@@ -1,8 +1,9 @@
 // One Seedling volunteer: a dedicated Web Worker with its own wasm instance.
 //
 // This file only loads the wasm module and forwards messages. The job loop
-// (WebSocket, handshake, evaluation, updates, reconnection) lives in Rust
-// (wasm-client/src/net.rs) and posts plain objects back to the page:
+// lives in Rust: the volunteer lifecycle (handshake, updates, rejections,
+// reconnection) in seedling-core's `volunteer` module, its WebSocket driver
+// in wasm-client/src/net.rs, which posts plain objects back to the page:
 // {type: 'status' | 'hash' | 'sample' | 'error', ...}.
 //
 // Page -> worker:

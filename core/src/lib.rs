@@ -37,9 +37,10 @@
 //! - [`generate`]: single-step state, sampling and beam search.
 //! - [`hash`]: the 64-bit weights hash replicas compare.
 //! - [`protocol`]: the wire messages every client speaks.
-//! - [`session`]: the volunteer's protocol state machine, shared by the
-//!   browser and the native worker (bytes in, reactions and replies out).
 //! - [`split`]: how a job is cut into chunks for threads (the plan only).
+//! - [`volunteer`]: the volunteer's lifecycle, shared by the browser and the
+//!   native worker: hello, session, reactions, backoff with jitter and
+//!   counters, with I/O verbs for the drivers to perform.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
@@ -63,11 +64,11 @@ pub mod protocol;
 pub mod readout;
 pub mod replica;
 pub mod rng;
-pub mod session;
 pub mod shaping;
 pub mod split;
 pub mod tokenizer;
 pub mod update;
+pub mod volunteer;
 
 pub use config::{
     AdamConfig, EsConfig, Head, InputRows, LrSchedule, ModelConfig, NoiseKind, Readout, Recipe, RunConfig,

@@ -33,7 +33,10 @@ pub mod schema;
 /// protocol-3 client would report other losses for the same member; and
 /// the recipe may keep the estimate to the input rows the minibatch reads.
 /// 5: the model config says the output layer's shape (a per-input head).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: a Reject says whether reconnecting can help (`retry`), so clients no
+/// longer read that from its text. Only the wire changed: checkpoints of
+/// version 5 hold the same things.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// A random secret the server hands a client in its Welcome. Presenting it
 /// again in a later Hello resumes the session: the trust it earned, or the
@@ -159,6 +162,10 @@ pub enum ServerMsg {
     Reject {
         /// Human-readable reason.
         reason: String,
+        /// Whether a new connection may succeed. False when it cannot: the
+        /// client speaks another protocol version, or its session is
+        /// banned. The client stops for good rather than reconnect.
+        retry: bool,
     },
 }
 

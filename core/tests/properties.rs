@@ -375,7 +375,7 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
                 tokens
             }),
         Just(ServerMsg::Resync),
-        any::<String>().prop_map(|reason| ServerMsg::Reject { reason }),
+        (any::<String>(), any::<bool>()).prop_map(|(reason, retry)| ServerMsg::Reject { reason, retry }),
     ]
 }
 

@@ -1,23 +1,23 @@
 //! The native volunteer: `seedling worker --server ws://HOST:PORT/ws`.
 //!
-//! It speaks the same protocol as a browser tab, through tokio-tungstenite:
-//! the state machine is the one every client shares
-//! ([`seedling_core::session`]); this module moves its bytes and evaluates
-//! each job's members on several threads off the async runtime (each thread
-//! runs the population-batched forward over chunks of the members).
-//! When the server goes away it reconnects with exponential backoff and
-//! rebuilds its replica from the snapshot the server sends on join.
+//! A thin driver of the lifecycle every client shares
+//! ([`seedling_core::volunteer::Volunteer`]): this module owns the
+//! transport (tokio-tungstenite), evaluates each job's members on several
+//! threads off the async runtime (each thread runs the population-batched
+//! forward over chunks of the members, cut by [`split::guided`]) and prints
+//! progress. Everything else (the Hello, the session token, what each frame
+//! means, when to reconnect, when to stop) the lifecycle decides.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use seedling_core::Replica;
-use seedling_core::protocol::{ClientKind, MAX_SERVER_MESSAGE, SessionToken};
-use seedling_core::session::{self, Reaction, Session};
+use seedling_core::protocol::{ClientKind, MAX_SERVER_MESSAGE};
 use seedling_core::split;
 use seedling_core::tokenizer::Token;
+use seedling_core::volunteer::{Action, Event, Outcome, Volunteer, Work};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -67,12 +67,12 @@ pub fn evaluate_parallel(
     tokens: &[Token],
     members: &[u32],
     threads: usize,
-) -> anyhow::Result<Vec<f32>> {
+) -> seedling_core::Result<Vec<f32>> {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     let threads = threads.clamp(1, members.len().div_ceil(PARALLEL_MIN).max(1));
     if threads == 1 {
-        return Ok(replica.evaluate(tokens, members)?);
+        return replica.evaluate(tokens, members);
     }
     let chunks: Vec<&[u32]> = split::guided(members.len(), threads, PARALLEL_MIN, 2)
         .into_iter()
@@ -108,91 +108,63 @@ pub fn evaluate_parallel(
 }
 
 /// Runs the worker until `shutdown` resolves, reconnecting whenever the
-/// connection ends. Returns an error only when the server refuses us for a
-/// reason reconnecting cannot fix (a protocol version mismatch).
+/// connection ends, when and as long as the lifecycle says. Returns an
+/// error only when the server refuses us for good (another protocol
+/// version, a banned session).
 pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
-    let mut backoff = Duration::from_millis(100);
-    let mut stats = Stats::new();
-    // The session token survives reconnections, so the trust this worker
-    // earned survives them too.
-    let mut token: Option<SessionToken> = None;
+    let clock = Clock::new();
+    let max_backoff = u64::try_from(opts.max_backoff.as_millis()).unwrap_or(u64::MAX);
+    let mut life = Volunteer::new(ClientKind::Native, opts.threads as u32).max_backoff(max_backoff);
+    let mut progress = Progress::new(opts.progress);
     loop {
-        let started = Instant::now();
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            res = session(&opts, &mut stats, &mut token) => match res {
-                Ok(()) => tracing::info!("server closed the connection"),
-                Err(e) if e.downcast_ref::<Rejected>().is_some_and(|r| r.fatal) => return Err(e),
-                Err(e) => tracing::warn!("connection lost: {e:#}"),
+            res = connection(&opts, &mut life, &clock, &mut progress) => {
+                if let Err(e) = res {
+                    tracing::warn!("connection lost: {e:#}");
+                }
+            }
+        }
+        match life.closed(clock.now(), jitter()).action {
+            Action::Reconnect { after_ms } => tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(after_ms)) => {}
             },
+            Action::Stop { reason } => anyhow::bail!("server rejected us: {reason}"),
+            other => tracing::error!(
+                ?other,
+                "the lifecycle asked for something else than a reconnection"
+            ),
         }
-        if started.elapsed() > Duration::from_secs(5) {
-            backoff = Duration::from_millis(100);
-        }
-        tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(opts.max_backoff);
     }
 }
 
-struct Stats {
-    members: u64,
-    since: Instant,
-    last_print: Instant,
-    window_members: u64,
+/// A random fraction in `[0, 1)` for the backoff's jitter; the middle of
+/// the range if the system has no randomness to give.
+fn jitter() -> f64 {
+    getrandom::u64().map_or(0.5, |x| (x >> 11) as f64 / (1u64 << 53) as f64)
 }
 
-impl Stats {
+/// Milliseconds since the worker started: the lifecycle's clock.
+struct Clock(Instant);
+
+impl Clock {
     fn new() -> Self {
-        let now = Instant::now();
-        Self {
-            members: 0,
-            since: now,
-            last_print: now,
-            window_members: 0,
-        }
+        Self(Instant::now())
     }
 
-    fn record(&mut self, n: usize, step: u64, every: Option<Duration>) {
-        self.members += n as u64;
-        self.window_members += n as u64;
-        let Some(every) = every else { return };
-        if self.last_print.elapsed() >= every {
-            let rate = self.window_members as f64 / self.last_print.elapsed().as_secs_f64();
-            println!(
-                "step {step}  members evaluated {}  members/s {rate:.1}  up {:.0}s",
-                self.members,
-                self.since.elapsed().as_secs_f64()
-            );
-            self.last_print = Instant::now();
-            self.window_members = 0;
-        }
+    fn now(&self) -> u64 {
+        u64::try_from(self.0.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 
-/// The server refused this worker (a [`Reaction::Rejected`]); `fatal` when
-/// reconnecting cannot help, the shared session's verdict.
-#[derive(Debug)]
-struct Rejected {
-    reason: String,
-    fatal: bool,
-}
-
-impl std::fmt::Display for Rejected {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "server rejected us: {}", self.reason)
-    }
-}
-
-impl std::error::Error for Rejected {}
-
-async fn session(
+/// One connection: opens it, then [`converse`]s until it ends.
+async fn connection(
     opts: &WorkerOptions,
-    stats: &mut Stats,
-    token: &mut Option<SessionToken>,
+    life: &mut Volunteer,
+    clock: &Clock,
+    progress: &mut Progress,
 ) -> anyhow::Result<()> {
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_SERVER_MESSAGE))
@@ -201,58 +173,107 @@ async fn session(
         .await
         .with_context(|| format!("connecting to {}", opts.url))?;
     let (mut sink, mut stream) = ws.split();
-    sink.send(Message::Binary(hello(opts, *token)?.into())).await?;
-    let mut session = Session::new();
-    while let Some(frame) = stream.next().await {
-        let bytes = match frame? {
-            Message::Binary(b) => b,
-            Message::Close(_) => return Ok(()),
-            _ => continue,
+    converse(life, &mut sink, &mut stream, opts.threads, clock, progress).await
+}
+
+/// The native worker's side of one open connection: tells the lifecycle
+/// that it opened and each frame that arrives, and performs what it asks,
+/// until it asks to close or stop or the server ends the connection.
+/// Generic over the socket's two halves so a test can script the server.
+async fn converse<E1, E2>(
+    life: &mut Volunteer,
+    sink: &mut (impl Sink<Message, Error = E1> + Unpin),
+    stream: &mut (impl Stream<Item = Result<Message, E2>> + Unpin),
+    threads: usize,
+    clock: &Clock,
+    progress: &mut Progress,
+) -> anyhow::Result<()>
+where
+    E1: std::error::Error + Send + Sync + 'static,
+    E2: std::error::Error + Send + Sync + 'static,
+{
+    let mut outcome = life.opened(clock.now());
+    loop {
+        progress.show(outcome.event.take(), life, clock);
+        match outcome.action {
+            Action::Nothing => {}
+            Action::Send(bytes) => sink.send(Message::Binary(bytes.into())).await?,
+            Action::Evaluate(work) => {
+                outcome = evaluate(life, work, threads, clock).await?;
+                continue;
+            }
+            Action::Close | Action::Reconnect { .. } | Action::Stop { .. } => return Ok(()),
+        }
+        let bytes = loop {
+            match stream.next().await {
+                None => return Ok(()),
+                Some(frame) => match frame? {
+                    Message::Binary(b) => break b,
+                    Message::Close(_) => {
+                        tracing::info!("server closed the connection");
+                        return Ok(());
+                    }
+                    _ => continue,
+                },
+            }
         };
-        if let Some(reply) = react(&mut session, &bytes, opts, stats, token).await? {
-            sink.send(Message::Binary(reply.into())).await?;
+        outcome = life.receive(&bytes);
+    }
+}
+
+/// Evaluates a job on `threads` threads off the async runtime and hands the
+/// losses back to the lifecycle.
+async fn evaluate(
+    life: &mut Volunteer,
+    work: Work,
+    threads: usize,
+    clock: &Clock,
+) -> anyhow::Result<Outcome> {
+    let (work, losses) = tokio::task::spawn_blocking(move || {
+        let losses = evaluate_parallel(&work.replica, &work.tokens, &work.members, threads);
+        (work, losses)
+    })
+    .await?;
+    Ok(life.evaluated(work, losses, clock.now()))
+}
+
+/// How the native worker displays the lifecycle's events: log lines, and
+/// a progress line at most every `every`.
+struct Progress {
+    every: Option<Duration>,
+    last_print: Instant,
+}
+
+impl Progress {
+    fn new(every: Option<Duration>) -> Self {
+        Self {
+            every,
+            last_print: Instant::now(),
         }
     }
-    Ok(())
-}
 
-/// The native worker's Hello: its thread count, no speed estimate (the
-/// server measures it), and the token of the previous connection, if any.
-fn hello(opts: &WorkerOptions, token: Option<SessionToken>) -> seedling_core::Result<Vec<u8>> {
-    session::hello(ClientKind::Native, opts.threads as u32, 0.0, token)
-}
-
-/// What the native worker does with one server frame: the shared session
-/// reacts, a job is evaluated on `opts.threads` threads off the async
-/// runtime, and the reply to send (if any) comes back. A rejection is a
-/// [`Rejected`] error; any other error is a protocol violation.
-async fn react(
-    session: &mut Session,
-    bytes: &[u8],
-    opts: &WorkerOptions,
-    stats: &mut Stats,
-    token: &mut Option<SessionToken>,
-) -> anyhow::Result<Option<Vec<u8>>> {
-    match session.receive(bytes)? {
-        Reaction::Joined { client, session } => {
-            tracing::info!(client, "joined the run");
-            *token = Some(session);
-            Ok(None)
+    fn show(&mut self, event: Option<Event>, life: &Volunteer, clock: &Clock) {
+        match event {
+            None | Some(Event::Hashed { .. }) => {}
+            Some(Event::Joined { client }) => tracing::info!(client, "joined the run"),
+            Some(Event::Rejected { reason, retry }) => tracing::warn!(retry, "server rejected us: {reason}"),
+            Some(Event::Broken { error }) => tracing::warn!("connection dropped: {error}"),
+            Some(Event::Evaluated { step, .. }) => {
+                let Some(every) = self.every else { return };
+                if self.last_print.elapsed() >= every {
+                    let now = clock.now();
+                    let c = life.counters();
+                    println!(
+                        "step {step}  members evaluated {}  members/s {:.1}  reconnects {}  up {:.0}s",
+                        c.members,
+                        c.rate(now),
+                        c.reconnects,
+                        now as f64 / 1000.0
+                    );
+                    self.last_print = Instant::now();
+                }
+            }
         }
-        Reaction::Quiet => Ok(None),
-        Reaction::Evaluate(work) => {
-            let threads = opts.threads;
-            let (work, losses) = tokio::task::spawn_blocking(move || {
-                let res = evaluate_parallel(&work.replica, &work.tokens, &work.members, threads);
-                (work, res)
-            })
-            .await?;
-            let losses = losses?;
-            stats.record(losses.len(), work.step, opts.progress);
-            Ok(Some(work.reply(losses)?))
-        }
-        Reaction::Hashed { reply, .. } => Ok(Some(reply)),
-        Reaction::Rejected { reason, fatal } => Err(Rejected { reason, fatal }.into()),
     }
 }
 
@@ -269,20 +290,49 @@ mod tests {
         protocol::encode(msg, MAX_SERVER_MESSAGE).unwrap()
     }
 
-    /// The browser's reply to a frame, as its handle and job loop compute
-    /// it (wasm-client's `lib.rs` and `net.rs`), with its own session.
-    fn browser(s: &mut Session, bytes: &[u8]) -> Option<Vec<u8>> {
-        match s.receive(bytes).unwrap() {
-            Reaction::Evaluate(work) => Some(seedling_wasm::session::answer(&work).unwrap()),
-            Reaction::Hashed { reply, .. } => Some(reply),
-            Reaction::Joined { .. } | Reaction::Quiet => None,
-            Reaction::Rejected { reason, .. } => panic!("rejected: {reason}"),
+    /// Runs the native worker's [`converse`] over a scripted server:
+    /// returns every frame it sent, the Hello first.
+    async fn native(life: &mut Volunteer, frames: &[Vec<u8>], threads: usize) -> Vec<Vec<u8>> {
+        let mut sent: Vec<Message> = Vec::new();
+        let mut stream = futures_util::stream::iter(
+            frames
+                .iter()
+                .map(|f| Ok::<_, std::io::Error>(Message::Binary(f.clone().into()))),
+        );
+        let (clock, mut progress) = (Clock::new(), Progress::new(None));
+        converse(life, &mut sent, &mut stream, threads, &clock, &mut progress)
+            .await
+            .unwrap();
+        sent.into_iter().map(|m| m.into_data().to_vec()).collect()
+    }
+
+    /// The browser's replies over the same script: the lifecycle it builds
+    /// and the per-frame code its WebSocket handler runs
+    /// (`seedling_wasm::session::frame`), until it is asked to close.
+    fn browser(frames: &[Vec<u8>]) -> (Volunteer, Vec<Vec<u8>>) {
+        let mut tab = seedling_wasm::session::volunteer();
+        let mut sent = Vec::new();
+        let mut outcome = tab.opened(0);
+        let mut frames = frames.iter();
+        loop {
+            match outcome.action {
+                Action::Send(bytes) => sent.push(bytes),
+                Action::Nothing => {}
+                other => {
+                    assert!(matches!(other, Action::Close), "{other:?}");
+                    return (tab, sent);
+                }
+            }
+            let frame = frames.next().expect("the script ends with a rejection");
+            outcome = seedling_wasm::session::frame(&mut tab, frame, 0);
         }
     }
 
     /// The same server frames get byte-identical replies from the native
     /// worker (jobs split across three threads) and from the browser (one
     /// thread): the coordinator cannot tell them apart but by the Hello.
+    /// The script: a welcome and a snapshot, jobs and updates for two
+    /// steps, a divergence (Resync, then a new snapshot) and a rejection.
     #[tokio::test]
     async fn native_and_browser_replies_are_byte_identical() {
         let text = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n";
@@ -296,12 +346,6 @@ mod tests {
         let mut want = Replica::new(config).unwrap();
         want.local_step(&batch(0)).unwrap();
 
-        let mut opts = WorkerOptions::new("ws://unused");
-        opts.threads = 3;
-        opts.progress = None;
-        let (mut stats, mut token) = (Stats::new(), None);
-        let mut native = Session::new();
-        let mut tab = Session::new();
         let mut frames = vec![
             server(&ServerMsg::Welcome {
                 run: 3,
@@ -322,7 +366,7 @@ mod tests {
         }];
         // Jobs of 40 members (eight chunks, of 8 members down to 4) and 5,
         // one for a step the replica is not at, and an update, for two
-        // steps; then a Resync and a job nobody can do.
+        // steps.
         for step in 1..3u64 {
             let all: Vec<u32> = (0..64).collect();
             let losses = want.evaluate(&batch(step), &all).unwrap();
@@ -364,6 +408,9 @@ mod tests {
                 tokens: Vec::new(),
             }));
         }
+        // A divergence: the server resyncs the replica, a job arriving
+        // meanwhile is left for others, and the new snapshot is hashed
+        // and worked on.
         frames.push(server(&ServerMsg::Resync));
         frames.push(server(&ServerMsg::Job {
             step: 3,
@@ -372,73 +419,148 @@ mod tests {
             tokens: batch(3),
             deadline_ms: 1000,
         }));
+        want.local_step(&batch(3)).unwrap();
+        frames.push(server(&ServerMsg::Snapshot {
+            step: want.step,
+            params: want.params.clone(),
+            adam: want.adam.clone(),
+        }));
+        expected.push(ClientMsg::Hash {
+            step: 4,
+            hash: want.hash(),
+        });
+        let members = vec![7, 3, 30];
+        frames.push(server(&ServerMsg::Job {
+            step: 4,
+            job: 41,
+            members: members.clone(),
+            tokens: batch(4),
+            deadline_ms: 1000,
+        }));
+        expected.push(ClientMsg::Losses {
+            step: 4,
+            job: 41,
+            losses: want.evaluate(&batch(4), &members).unwrap(),
+        });
+        // A rejection the volunteer may retry: both close, and answer no
+        // frame still in flight.
+        frames.push(server(&ServerMsg::Reject {
+            reason: "send queue full".into(),
+            retry: true,
+        }));
+        frames.push(frames[1].clone());
 
-        let mut replies = Vec::new();
-        for frame in &frames {
-            let ours = react(&mut native, frame, &opts, &mut stats, &mut token)
-                .await
-                .unwrap();
-            assert_eq!(ours, browser(&mut tab, frame), "frame {frame:?}");
-            replies.extend(ours.map(|r| protocol::decode_client(&r).unwrap()));
-        }
-        // Not vacuous: a hash for the snapshot, then two jobs' losses and a
-        // hash per step, each what the server's replica computes.
+        let mut life = Volunteer::new(ClientKind::Native, 3);
+        let ours = native(&mut life, &frames, 3).await;
+        let (tab, theirs) = browser(&frames);
+        // The replies after the Hellos are byte-identical...
+        assert_eq!(ours[1..], theirs[1..]);
+        // ...and not vacuous: a hash per snapshot, then two jobs' losses
+        // and a hash per step, each what the server's replica computes.
+        let replies: Vec<ClientMsg> = ours[1..]
+            .iter()
+            .map(|r| protocol::decode_client(r).unwrap())
+            .collect();
         assert_eq!(replies, expected);
-        assert_eq!((token, stats.members), (Some([5; 16]), 2 * 45));
+        for v in [&life, &tab] {
+            let c = v.counters();
+            assert_eq!(v.token(), Some([5; 16]));
+            assert_eq!(
+                (c.members, c.jobs, c.steps, c.snapshots, c.rejections),
+                (2 * 45 + 3, 5, 2, 2, 1)
+            );
+            assert!(!v.stopped(), "a retriable rejection does not stop");
+        }
 
         // The Hellos differ only in kind and threads.
-        let native_hello = protocol::decode_client(&hello(&opts, token).unwrap()).unwrap();
-        let browser_hello = seedling_wasm::session::hello(0.0, token).unwrap();
+        let native_hello = protocol::decode_client(&ours[0]).unwrap();
         let ClientMsg::Hello {
+            version,
             kind: ClientKind::Native,
             threads: 3,
-            ..
+            speed,
+            session: None,
         } = native_hello
         else {
             panic!("not the native Hello: {native_hello:?}");
         };
-        let as_browser = match native_hello {
-            ClientMsg::Hello {
-                version,
-                speed,
-                session,
-                ..
-            } => ClientMsg::Hello {
-                version,
-                kind: ClientKind::Browser,
-                threads: 1,
-                speed,
-                session,
-            },
-            other => other,
+        let as_browser = ClientMsg::Hello {
+            version,
+            kind: ClientKind::Browser,
+            threads: 1,
+            speed,
+            session: None,
         };
-        assert_eq!(protocol::encode(&as_browser, 64).unwrap(), browser_hello);
+        assert_eq!(protocol::encode(&as_browser, 64).unwrap(), theirs[0]);
     }
 
-    /// A rejection ends the connection; only the shared session's fatal
-    /// verdict (a version mismatch) stops [`run`] from reconnecting.
+    /// A scripted server that refuses every connection after its Hello;
+    /// returns its URL and a count of the Hellos it saw.
+    async fn refusing_server(retry: bool) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        let hellos = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = hellos.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    continue;
+                };
+                if let Some(Ok(Message::Binary(hello))) = ws.next().await {
+                    assert!(matches!(
+                        protocol::decode_client(&hello),
+                        Ok(ClientMsg::Hello { .. })
+                    ));
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let reject = server(&ServerMsg::Reject {
+                        reason: "not today".into(),
+                        retry,
+                    });
+                    let _ = ws.send(Message::Binary(reject.into())).await;
+                    let _ = ws.close(None).await;
+                }
+            }
+        });
+        (url, hellos)
+    }
+
+    /// Only a rejection the server calls final stops [`run`]; any other
+    /// ends the connection and the worker comes back.
     #[tokio::test]
-    async fn only_a_fatal_rejection_stops_the_worker() {
-        let opts = WorkerOptions::new("ws://unused");
-        let (mut stats, mut token) = (Stats::new(), None);
-        for (reason, fatal) in [
-            ("protocol version 9 is not supported (server speaks 2)", true),
-            ("send queue full", false),
-        ] {
-            let frame = server(&ServerMsg::Reject {
-                reason: reason.into(),
-            });
-            let err = react(&mut Session::new(), &frame, &opts, &mut stats, &mut token)
-                .await
-                .unwrap_err();
-            let rejected = err.downcast_ref::<Rejected>().expect("a rejection");
-            assert_eq!((rejected.reason.as_str(), rejected.fatal), (reason, fatal));
-            assert_eq!(err.to_string(), format!("server rejected us: {reason}"));
-        }
-        // A protocol violation is an error too, but not a rejection.
-        let err = react(&mut Session::new(), &[0xff; 3], &opts, &mut stats, &mut token)
-            .await
-            .unwrap_err();
-        assert!(err.downcast_ref::<Rejected>().is_none(), "{err:#}");
+    async fn only_a_final_rejection_stops_the_worker() {
+        use std::sync::atomic::Ordering;
+        let (url, hellos) = refusing_server(false).await;
+        let mut opts = WorkerOptions::new(url);
+        opts.progress = None;
+        let err = run(opts, std::future::pending()).await.unwrap_err();
+        assert_eq!(err.to_string(), "server rejected us: not today");
+        assert_eq!(hellos.load(Ordering::SeqCst), 1);
+
+        let (url, hellos) = refusing_server(true).await;
+        let mut opts = WorkerOptions::new(url);
+        opts.progress = None;
+        opts.max_backoff = Duration::from_millis(100);
+        let seen = hellos.clone();
+        let again = async move {
+            while seen.load(Ordering::SeqCst) < 3 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let ran = tokio::time::timeout(Duration::from_secs(30), run(opts, again)).await;
+        assert!(matches!(ran, Ok(Ok(()))), "{ran:?}");
+        assert!(hellos.load(Ordering::SeqCst) >= 3);
+    }
+
+    /// A protocol violation drops the connection without stopping.
+    #[tokio::test]
+    async fn garbage_drops_the_connection_and_the_worker_comes_back() {
+        let mut life = Volunteer::new(ClientKind::Native, 1);
+        let sent = native(&mut life, &[vec![0xff; 3], server(&ServerMsg::Resync)], 1).await;
+        assert_eq!(sent.len(), 1, "only the Hello");
+        assert!(matches!(
+            life.closed(10, 0.5).action,
+            Action::Reconnect { after_ms: 75 }
+        ));
     }
 }

@@ -283,15 +283,21 @@ impl RawClient {
 
     /// Reads until the server closes the connection; returns the Reject reason seen.
     pub async fn expect_rejected(&mut self) -> String {
-        let mut reason = String::new();
+        self.expect_rejection().await.0
+    }
+
+    /// Reads until the server closes the connection; returns the Reject seen:
+    /// its reason, and whether it lets the client retry.
+    pub async fn expect_rejection(&mut self) -> (String, bool) {
+        let mut seen = (String::new(), true);
         loop {
             match self.recv_or_close().await {
-                Ok(ServerMsg::Reject { reason: r }) => reason = r,
+                Ok(ServerMsg::Reject { reason, retry }) => seen = (reason, retry),
                 Ok(_) => continue,
                 Err(close) => {
                     assert!(close != "timed out", "server did not close the connection");
-                    assert!(!reason.is_empty(), "closed without a Reject (close: {close})");
-                    return reason;
+                    assert!(!seen.0.is_empty(), "closed without a Reject (close: {close})");
+                    return seen;
                 }
             }
         }

@@ -24,21 +24,21 @@ async fn hostile_clients_are_rejected_and_nobody_else_notices() {
     let (step, job, members) = c.next_job().await.unwrap();
     let losses = vec![f32::NAN; members.len()];
     c.send(&ClientMsg::Losses { step, job, losses }).await;
-    reasons.push(("NaN loss", c.expect_rejected().await, "NaN or infinite"));
+    reasons.push(("NaN loss", c.expect_rejection().await, "NaN or infinite", true));
 
     // More losses than the job has members.
     let mut c = RawClient::join(&url).await;
     let (step, job, members) = c.next_job().await.unwrap();
     let losses = vec![1.0; members.len() + 1];
     c.send(&ClientMsg::Losses { step, job, losses }).await;
-    reasons.push(("too many losses", c.expect_rejected().await, "members"));
+    reasons.push(("too many losses", c.expect_rejection().await, "members", true));
 
     // Fewer.
     let mut c = RawClient::join(&url).await;
     let (step, job, members) = c.next_job().await.unwrap();
     let losses = vec![1.0; members.len() - 1];
     c.send(&ClientMsg::Losses { step, job, losses }).await;
-    reasons.push(("too few losses", c.expect_rejected().await, "members"));
+    reasons.push(("too few losses", c.expect_rejection().await, "members", true));
 
     // A result for a step and job never issued to this client.
     let mut c = RawClient::join(&url).await;
@@ -48,17 +48,17 @@ async fn hostile_clients_are_rejected_and_nobody_else_notices() {
         losses: vec![1.0],
     })
     .await;
-    reasons.push(("forged step", c.expect_rejected().await, "never issued"));
+    reasons.push(("forged step", c.expect_rejection().await, "never issued", true));
 
     // An oversized frame.
     let mut c = RawClient::join(&url).await;
     c.send_bytes(oversized_frame()).await;
-    reasons.push(("oversized frame", c.expect_rejected().await, "exceeds"));
+    reasons.push(("oversized frame", c.expect_rejection().await, "exceeds", true));
 
     // Random bytes.
     let mut c = RawClient::connect(&url).await;
     c.send_bytes(vec![0xff, 0x13, 0x37, 0x00, 0xee]).await;
-    reasons.push(("random bytes", c.expect_rejected().await, "decode"));
+    reasons.push(("random bytes", c.expect_rejection().await, "decode", true));
 
     // A wrong protocol version.
     let mut c = RawClient::connect(&url).await;
@@ -70,18 +70,26 @@ async fn hostile_clients_are_rejected_and_nobody_else_notices() {
         session: None,
     })
     .await;
-    reasons.push(("wrong version", c.expect_rejected().await, "protocol version"));
+    reasons.push((
+        "wrong version",
+        c.expect_rejection().await,
+        "protocol version",
+        false,
+    ));
 
     // Work before the handshake.
     let mut c = RawClient::connect(&url).await;
     c.send(&ClientMsg::Hash { step: 0, hash: 0 }).await;
-    reasons.push(("no handshake", c.expect_rejected().await, "Hello"));
+    reasons.push(("no handshake", c.expect_rejection().await, "Hello", true));
 
-    for (what, got, want) in &reasons {
+    // Only another protocol version is refused for good: reconnecting
+    // cannot help it, while the other faults may be one bad connection.
+    for (what, (got, retry), want, want_retry) in &reasons {
         assert!(
             got.contains(want),
             "{what}: reason {got:?} does not mention {want:?}"
         );
+        assert_eq!(retry, want_retry, "{what}: may it retry?");
     }
 
     let auth = "Authorization: Bearer hostile\r\n";
@@ -125,7 +133,11 @@ async fn liar(
                 let losses = members.iter().map(|&m| lie(m)).collect();
                 c.send(&ClientMsg::Losses { step, job, losses }).await;
             }
-            Ok(ServerMsg::Reject { reason }) => return (reason, c.session),
+            Ok(ServerMsg::Reject { reason, retry }) => {
+                // Banned: reconnecting cannot help.
+                assert!(!retry, "a liar's ban is final: {reason}");
+                return (reason, c.session);
+            }
             Ok(_) => {}
             Err(close) => return (format!("closed: {close}"), c.session),
         }
@@ -175,8 +187,9 @@ async fn liars_are_outvoted_and_disconnected() {
         let mut again = RawClient::connect(&url).await;
         again.send(&hello(Some(token))).await;
         match again.recv_or_close().await {
-            Ok(ServerMsg::Reject { reason }) => {
-                assert!(reason.contains("cannot rejoin"), "{name}: {reason:?}")
+            Ok(ServerMsg::Reject { reason, retry }) => {
+                assert!(reason.contains("cannot rejoin"), "{name}: {reason:?}");
+                assert!(!retry, "{name}: a banned session is refused for good");
             }
             other => panic!("{name}: a banned session was not refused: {other:?}"),
         }

@@ -129,7 +129,7 @@ impl Volunteer {
                     self.replica =
                         Replica::from_snapshot(config, *step, params.clone(), adam.clone()).unwrap();
                 }
-                ServerMsg::Reject { reason } => panic!("a fault injector was rejected: {reason}"),
+                ServerMsg::Reject { reason, .. } => panic!("a fault injector was rejected: {reason}"),
                 _ => {}
             }
             if until(&msg) {

@@ -9,11 +9,12 @@
 //!
 //! # Layout
 //!
-//! - [`session`]: the browser's side of the protocol state machine the
-//!   native worker shares ([`seedling_core::session`]): its Hello, jobs
+//! - [`session`]: the browser's part of the volunteer lifecycle the native
+//!   worker shares ([`seedling_core::volunteer`]): its profile, jobs
 //!   evaluated on the worker's one thread, text samples; no JavaScript.
-//! - [`net`]: the job loop around it: a WebSocket to `/ws`, reconnection with
-//!   exponential backoff, and progress notices for the page.
+//! - [`net`]: the transport around it: a WebSocket to `/ws`, the timers the
+//!   lifecycle asks for between reconnections, and progress notices for the
+//!   page.
 //! - [`Volunteer`]: the one exported handle. Long-lived state (weights, Adam
 //!   moments, vocabulary) stays in wasm memory behind it; JavaScript only
 //!   sees bytes, numbers and strings.
@@ -35,7 +36,7 @@ pub mod net;
 pub mod session;
 
 use net::State;
-use session::Reaction;
+use session::Action;
 
 /// One volunteer: its replica, its counters and, once started, its
 /// connection. Each Web Worker owns one (and its own wasm instance), so
@@ -93,55 +94,50 @@ impl Volunteer {
 
     /// The encoded Hello a new connection starts with.
     pub fn hello(&self) -> Result<Vec<u8>, JsError> {
-        let mut s = self.state.borrow_mut();
-        let speed = s.stats.rate(js_sys::Date::now()) as f32;
-        session::hello(speed, s.token).map_err(to_js)
+        self.state.borrow().life.hello(net::now_ms()).map_err(to_js)
     }
 
-    /// Handles one server message by hand (the loop does this itself) and
-    /// returns the encoded reply, or `undefined` when there is none. A
-    /// protocol violation or a rejection is an error.
+    /// Handles one server message by hand (the loop does this itself, with
+    /// the same [`session::frame`]) and returns the encoded reply, or
+    /// `undefined` when there is none. A protocol violation or a rejection
+    /// (anything that would close the connection) is an error.
     pub fn receive(&self, bytes: &[u8]) -> Result<Option<Vec<u8>>, JsError> {
         let mut s = self.state.borrow_mut();
-        match s.session.receive(bytes).map_err(to_js)? {
-            Reaction::Joined { session, .. } => {
-                s.token = Some(session);
-                Ok(None)
-            }
-            Reaction::Quiet => Ok(None),
-            Reaction::Evaluate(work) => {
-                let reply = session::answer(&work).map_err(to_js)?;
-                s.stats.members += work.members.len() as u64;
-                Ok(Some(reply))
-            }
-            Reaction::Hashed { reply, .. } => Ok(Some(reply)),
-            Reaction::Rejected { reason, .. } => Err(JsError::new(&format!("rejected: {reason}"))),
+        let outcome = session::frame(&mut s.life, bytes, net::now_ms());
+        match outcome.action {
+            Action::Nothing => Ok(None),
+            Action::Send(reply) => Ok(Some(reply)),
+            _ => Err(JsError::new(&match outcome.event {
+                Some(session::Event::Rejected { reason, .. }) => format!("rejected: {reason}"),
+                Some(session::Event::Broken { error }) => error.to_string(),
+                other => format!("the connection would close ({other:?})"),
+            })),
         }
     }
 
     /// The local replica's step, or `undefined` before a snapshot. (A step
     /// count stays far below 2^53, so a JS number holds it exactly.)
     pub fn step(&self) -> Option<f64> {
-        self.state.borrow().session.replica().map(|r| r.step as f64)
+        self.state.borrow().life.replica().map(|r| r.step as f64)
     }
 
     /// The local replica's weights hash as 16 hex digits (the server's
     /// format in `/api/status`), or `undefined` before a snapshot.
     pub fn hash(&self) -> Option<String> {
         let s = self.state.borrow();
-        s.session.replica().map(|r| format!("{:016x}", r.hash()))
+        s.life.replica().map(|r| format!("{:016x}", r.hash()))
     }
 
     /// Members this volunteer has evaluated.
     #[wasm_bindgen(js_name = membersEvaluated)]
     pub fn members_evaluated(&self) -> f64 {
-        self.state.borrow().stats.members as f64
+        self.state.borrow().life.counters().members as f64
     }
 
     /// `len` characters sampled at `temperature` from the current local
     /// weights, or `undefined` before a snapshot.
     pub fn sample(&self, len: usize, temperature: f32) -> Result<Option<String>, JsError> {
-        session::sample(&self.state.borrow().session, len, temperature).map_err(to_js)
+        session::sample(&self.state.borrow().life, len, temperature).map_err(to_js)
     }
 }
 

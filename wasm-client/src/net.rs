@@ -1,11 +1,16 @@
-//! The job loop of one browser volunteer: a WebSocket to `/ws`, driven by
-//! [`Session`], with reconnection and progress reports to the page.
+//! The browser volunteer's transport: a WebSocket to `/ws`, the timers the
+//! lifecycle asks for, and progress notices for the page.
+//!
+//! What to send, when to reconnect and when to stop is the shared lifecycle's
+//! to say ([`seedling_core::volunteer::Volunteer`]); this module performs
+//! its verbs with web-sys and turns its events into notices.
 //!
 //! Everything is callback-driven (WebSocket events and `setTimeout`) rather
 //! than async: a dedicated Web Worker has nothing else to do while it
 //! evaluates a job, so evaluation runs synchronously inside the `message`
-//! handler and the next frames simply queue behind it, in order. That keeps
-//! the loop free of an executor and of wasm-bindgen-futures.
+//! handler ([`session::frame`]) and the next frames simply queue behind it,
+//! in order. That keeps the loop free of an executor and of
+//! wasm-bindgen-futures.
 //!
 //! Handlers hold only a [`Weak`] reference to the state, so dropping the
 //! exported handle frees everything, and each connection is tagged with a
@@ -13,7 +18,6 @@
 //! stopped) are ignored instead of confusing the current one.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 
 use js_sys::{Function, Object, Reflect, Uint8Array};
@@ -21,23 +25,11 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
 
-use crate::session::{self, Reaction, Session};
+use crate::session::{self, Action, Event, Outcome, Volunteer};
 
-/// First pause before reconnecting; doubles up to [`MAX_BACKOFF_MS`]. The
-/// same schedule as the native worker's.
-const MIN_BACKOFF_MS: f64 = 100.0;
-/// Longest pause between reconnection attempts.
-const MAX_BACKOFF_MS: f64 = 10_000.0;
-/// A connection that lasted this long was healthy: the next failure starts
-/// the backoff from the beginning again.
-const HEALTHY_MS: f64 = 5_000.0;
-/// Members/s is measured over this trailing window, so the figure follows
-/// the volunteer's real contribution (idle time while other volunteers
-/// finish a step included) rather than the speed of one job.
-const RATE_WINDOW_MS: f64 = 10_000.0;
 /// Samples are at least this far apart, so fast runs do not make the
 /// page's text flicker several times a second.
-const SAMPLE_MIN_MS: f64 = 2_000.0;
+const SAMPLE_MIN_MS: u64 = 2_000;
 /// Characters in each text sample: about two lines, enough to see words form.
 pub const SAMPLE_LEN: usize = 120;
 /// Sampling temperature: below 1 so early samples are not pure noise, above
@@ -55,43 +47,10 @@ extern "C" {
     fn clear_timeout(id: i32);
 }
 
-/// Milliseconds on a clock that only needs to be monotonic enough for rates.
-fn now_ms() -> f64 {
-    js_sys::Date::now()
-}
-
-/// What this volunteer has done, across reconnections.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Members evaluated since the handle was made.
-    pub members: u64,
-    /// When the first connection was started, for the rate's denominator.
-    started_ms: Option<f64>,
-    /// (completion time, members) of recent jobs, within [`RATE_WINDOW_MS`].
-    recent: VecDeque<(f64, usize)>,
-}
-
-impl Stats {
-    fn record(&mut self, members: usize, now: f64) {
-        self.members += members as u64;
-        self.recent.push_back((now, members));
-        self.started_ms.get_or_insert(now);
-    }
-
-    /// Members per second over the trailing window (or since the start, if
-    /// that is shorter).
-    pub fn rate(&mut self, now: f64) -> f64 {
-        while self
-            .recent
-            .front()
-            .is_some_and(|&(t, _)| t < now - RATE_WINDOW_MS)
-        {
-            self.recent.pop_front();
-        }
-        let Some(start) = self.started_ms else { return 0.0 };
-        let span = (now - start).clamp(1_000.0, RATE_WINDOW_MS);
-        self.recent.iter().map(|&(_, n)| n).sum::<usize>() as f64 * 1_000.0 / span
-    }
+/// Milliseconds on the lifecycle's clock: wall time, which only needs to
+/// be monotonic enough for rates and backoff.
+pub fn now_ms() -> u64 {
+    js_sys::Date::now() as u64
 }
 
 /// A message for the page, turned into a plain JS object when posted.
@@ -177,8 +136,8 @@ impl Notice {
 /// live as long as the socket can call them; dropping the `Socket` detaches
 /// them first, so a late event never reaches a freed closure.
 ///
-/// Dropping a `Socket` from inside one of its own handlers (a fatal Reject
-/// ends the loop from the message handler) is safe: wasm-bindgen counts
+/// Dropping a `Socket` from inside one of its own handlers (a Reject or a
+/// protocol violation ends the connection from the message handler) is safe: wasm-bindgen counts
 /// running invocations and frees a closure only after its call returns.
 struct Socket {
     ws: WebSocket,
@@ -207,31 +166,17 @@ struct Loop {
     socket: Option<Socket>,
     /// Bumped for every connection; handlers of older ones are ignored.
     generation: u64,
-    /// True after a frame broke the protocol: the socket is closing, and
-    /// frames still in flight must not be acted on.
-    broken: bool,
-    /// True from the Welcome until the connection ends.
-    joined: bool,
-    /// When the current connection opened, to tell a healthy one.
-    opened_ms: f64,
-    /// The next reconnection pause.
-    backoff_ms: f64,
     /// A pending reconnection timer, cleared on stop.
     timer: Option<i32>,
     /// The step and time of the last posted sample.
-    last_sample: Option<(u64, f64)>,
+    last_sample: Option<(u64, u64)>,
 }
 
 /// Everything the exported handle owns.
-#[derive(Default)]
 pub struct State {
-    /// Protocol state of the current connection.
-    pub session: Session,
-    /// Contribution counters, kept across reconnections.
-    pub stats: Stats,
-    /// The session token of the last Welcome, presented again on
-    /// reconnection so the trust this volunteer earned is kept.
-    pub token: Option<seedling_core::protocol::SessionToken>,
+    /// The volunteer's lifecycle: its session, token, backoff and counters,
+    /// kept across reconnections.
+    pub life: Volunteer,
     /// Where notices go (worker.js passes `postMessage`). Kept outside the
     /// loop so the final notices of a stop still reach the page.
     on_event: Option<Function>,
@@ -239,91 +184,57 @@ pub struct State {
     looping: Option<Loop>,
 }
 
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            life: session::volunteer(),
+            on_event: None,
+            looping: None,
+        }
+    }
+}
+
 impl State {
-    /// Reacts to one server frame: updates the session and the counters and
-    /// returns the reply to send (if any) plus what the page should hear.
-    pub fn react(&mut self, bytes: &[u8]) -> (Option<Vec<u8>>, Vec<Notice>) {
-        let mut notices = Vec::new();
-        let reaction = match self.session.receive(bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                self.broke(e, &mut notices);
-                return (None, notices);
-            }
-        };
-        let reply = match reaction {
-            Reaction::Joined { session, .. } => {
-                self.token = Some(session);
-                if let Some(l) = self.looping.as_mut() {
-                    l.joined = true;
-                }
-                None
-            }
-            Reaction::Quiet => None,
-            Reaction::Evaluate(work) => match session::answer(&work) {
-                Ok(reply) => {
-                    self.stats.record(work.members.len(), now_ms());
-                    notices.push(self.status());
-                    Some(reply)
-                }
-                Err(e) => {
-                    self.broke(e, &mut notices);
-                    None
-                }
-            },
-            Reaction::Hashed { reply, step, hash } => {
+    /// The progress notice as of now.
+    pub fn status(&self) -> Notice {
+        Notice::Status {
+            step: self.life.replica().map(|r| r.step),
+            members: self.life.counters().members,
+            rate: self.life.counters().rate(now_ms()),
+            connected: self.looping.is_some() && self.life.joined(),
+        }
+    }
+
+    /// The page's view of a lifecycle event.
+    fn show(&mut self, event: Option<Event>, notices: &mut Vec<Notice>) {
+        match event {
+            None | Some(Event::Joined { .. }) => {}
+            Some(Event::Hashed { step, hash }) => {
                 notices.push(Notice::Hash {
                     step,
                     hash: format!("{hash:016x}"),
                 });
                 notices.push(self.status());
-                if let Some(sample) = self.due_sample(step) {
-                    notices.push(sample);
-                }
-                Some(reply)
+                notices.extend(self.due_sample(step));
             }
-            Reaction::Rejected { reason, fatal } => {
-                let message = if fatal {
+            Some(Event::Evaluated { .. }) => notices.push(self.status()),
+            Some(Event::Rejected { reason, retry }) => {
+                let message = if retry {
+                    format!("The server dropped this worker: {reason}. Reconnecting.")
+                } else {
                     format!(
                         "The server refused this page: {reason}. Reload the page to get the current version."
                     )
-                } else {
-                    format!("The server dropped this worker: {reason}. Reconnecting.")
                 };
-                notices.push(Notice::Error { message, fatal });
-                if fatal {
-                    self.halt();
-                    notices.push(self.status());
-                }
-                None
+                notices.push(Notice::Error {
+                    message,
+                    fatal: !retry,
+                });
             }
-        };
-        (reply, notices)
-    }
-
-    /// A frame broke the protocol: tell the page, and close the socket (its
-    /// close event schedules the reconnection) without acting on the frames
-    /// still in flight.
-    fn broke(&mut self, e: seedling_core::Error, notices: &mut Vec<Notice>) {
-        notices.push(Notice::Error {
-            message: format!("The server sent a message this page cannot use ({e}). Reconnecting."),
-            fatal: false,
-        });
-        if let Some(l) = self.looping.as_mut() {
-            l.broken = true;
-            if let Some(s) = &l.socket {
-                let _ = s.ws.close();
-            }
-        }
-    }
-
-    /// The progress notice as of now.
-    pub fn status(&mut self) -> Notice {
-        Notice::Status {
-            step: self.session.replica().map(|r| r.step),
-            members: self.stats.members,
-            rate: self.stats.rate(now_ms()),
-            connected: self.looping.as_ref().is_some_and(|l| l.joined),
+            Some(Event::Broken { error }) => notices.push(Notice::Error {
+                message: format!("The server sent a message this page cannot use ({error}). Reconnecting."),
+                fatal: false,
+            }),
         }
     }
 
@@ -331,13 +242,14 @@ impl State {
         let l = self.looping.as_mut()?;
         let now = now_ms();
         let due = l.sample_every > 0
-            && l.last_sample
-                .is_none_or(|(last, at)| step >= last + l.sample_every && now - at >= SAMPLE_MIN_MS);
+            && l.last_sample.is_none_or(|(last, at)| {
+                step >= last + l.sample_every && now.saturating_sub(at) >= SAMPLE_MIN_MS
+            });
         if !due {
             return None;
         }
         l.last_sample = Some((step, now));
-        match session::sample(&self.session, SAMPLE_LEN, SAMPLE_TEMPERATURE) {
+        match session::sample(&self.life, SAMPLE_LEN, SAMPLE_TEMPERATURE) {
             Ok(Some(text)) => Some(Notice::Sample { step, text }),
             Ok(None) => None,
             Err(e) => Some(Notice::Error {
@@ -359,21 +271,71 @@ impl State {
     }
 }
 
+/// Performs what the lifecycle asked for, with the state borrowed (no
+/// JavaScript callback runs meanwhile), and collects the notices to post
+/// once it is released.
+fn perform(state: &Rc<RefCell<State>>, s: &mut State, mut outcome: Outcome, notices: &mut Vec<Notice>) {
+    loop {
+        s.show(outcome.event.take(), notices);
+        match outcome.action {
+            Action::Nothing => {}
+            Action::Send(bytes) => {
+                if let Some(socket) = s.looping.as_ref().and_then(|l| l.socket.as_ref()) {
+                    // A failed send means the socket is closing; its close
+                    // event reports it.
+                    let _ = socket.ws.send_with_u8_array(&bytes);
+                }
+            }
+            Action::Evaluate(work) => {
+                outcome = session::evaluate(&mut s.life, work, now_ms());
+                continue;
+            }
+            Action::Close => {
+                // Dropping the socket detaches its handlers (frames still in
+                // flight are not acted on) and closes it; no close event
+                // follows, so report the end here.
+                if let Some(l) = s.looping.as_mut() {
+                    l.socket = None;
+                }
+                outcome = s.life.closed(now_ms(), js_sys::Math::random());
+                notices.push(s.status());
+                continue;
+            }
+            Action::Reconnect { after_ms } => {
+                let Some(l) = s.looping.as_mut() else { return };
+                let generation = l.generation;
+                let weak = Rc::downgrade(state);
+                let retry = Closure::once_into_js(move || {
+                    if let Some(state) = live(&weak, generation) {
+                        connect(&state);
+                    }
+                });
+                l.timer = Some(set_timeout(&retry, after_ms.min(i32::MAX as u64) as i32));
+            }
+            Action::Stop { .. } => {
+                s.halt();
+                notices.push(s.status());
+            }
+        }
+        return;
+    }
+}
+
 /// Starts the loop: connects now and keeps reconnecting until stopped.
 pub fn start(state: &Rc<RefCell<State>>, url: String, on_event: Function, sample_every: u64) {
     {
         let mut s = state.borrow_mut();
         s.halt();
+        if s.life.stopped() {
+            // Started again after a stop: a new volunteer.
+            s.life = session::volunteer();
+        }
         s.on_event = Some(on_event);
         s.looping = Some(Loop {
             url,
             sample_every,
             socket: None,
             generation: 0,
-            broken: false,
-            joined: false,
-            opened_ms: 0.0,
-            backoff_ms: MIN_BACKOFF_MS,
             timer: None,
             last_sample: None,
         });
@@ -384,13 +346,9 @@ pub fn start(state: &Rc<RefCell<State>>, url: String, on_event: Function, sample
 /// Says goodbye to the server and ends the loop.
 pub fn stop(state: &Rc<RefCell<State>>) {
     let mut s = state.borrow_mut();
-    if let Some(socket) = s.looping.as_ref().and_then(|l| l.socket.as_ref()) {
-        if let Ok(bye) = seedling_core::protocol::encode(
-            &seedling_core::protocol::ClientMsg::Bye,
-            seedling_core::protocol::MAX_CLIENT_MESSAGE,
-        ) {
-            let _ = socket.ws.send_with_u8_array(&bye);
-        }
+    let bye = s.life.leave();
+    if let (Ok(bye), Some(socket)) = (bye, s.looping.as_ref().and_then(|l| l.socket.as_ref())) {
+        let _ = socket.ws.send_with_u8_array(&bye);
     }
     s.halt();
     let notice = s.status();
@@ -415,15 +373,10 @@ fn post(state: &Rc<RefCell<State>>, notices: &[Notice]) {
 /// Opens a new connection (replacing any old one) and attaches handlers.
 fn connect(state: &Rc<RefCell<State>>) {
     let mut s = state.borrow_mut();
-    s.session = Session::new();
-    let speed = s.stats.rate(now_ms()) as f32;
-    let token = s.token;
     let Some(l) = s.looping.as_mut() else { return };
     l.timer = None;
     l.socket = None;
     l.generation += 1;
-    l.broken = false;
-    l.joined = false;
     let generation = l.generation;
     let ws = match WebSocket::new(&l.url) {
         Ok(ws) => ws,
@@ -448,13 +401,12 @@ fn connect(state: &Rc<RefCell<State>>) {
         let Some(state) = live(&weak, generation) else {
             return;
         };
+        let mut notices = Vec::new();
         let mut s = state.borrow_mut();
-        let Some(l) = s.looping.as_mut() else { return };
-        l.opened_ms = now_ms();
-        let hello = session::hello(speed, token);
-        if let (Ok(hello), Some(socket)) = (hello, &l.socket) {
-            let _ = socket.ws.send_with_u8_array(&hello);
-        }
+        let outcome = s.life.opened(now_ms());
+        perform(&state, &mut s, outcome, &mut notices);
+        drop(s);
+        post(&state, &notices);
     });
     let weak = Rc::downgrade(state);
     let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |ev: MessageEvent| {
@@ -466,16 +418,10 @@ fn connect(state: &Rc<RefCell<State>>) {
             return;
         };
         let bytes = Uint8Array::new(&buf).to_vec();
+        let mut notices = Vec::new();
         let mut s = state.borrow_mut();
-        if s.looping.as_ref().is_none_or(|l| l.broken) {
-            return;
-        }
-        let (reply, notices) = s.react(&bytes);
-        if let (Some(reply), Some(socket)) = (reply, s.looping.as_ref().and_then(|l| l.socket.as_ref())) {
-            // A failed send means the socket is closing; its close event
-            // schedules the reconnection.
-            let _ = socket.ws.send_with_u8_array(&reply);
-        }
+        let outcome = session::frame(&mut s.life, &bytes, now_ms());
+        perform(&state, &mut s, outcome, &mut notices);
         drop(s);
         post(&state, &notices);
     });
@@ -503,57 +449,22 @@ fn live(weak: &Weak<RefCell<State>>, generation: u64) -> Option<Rc<RefCell<State
     (current == Some(generation)).then_some(state)
 }
 
-/// The connection ended (refused, dropped, or closed by the server): report
-/// it and schedule a reconnection with exponential backoff and jitter.
+/// The server ended the connection (refused, dropped, or closed it): report
+/// it and do what the lifecycle says (wait and reconnect, or stop).
 ///
 /// The socket is kept until the next [`connect`] replaces it, so `stop` can
 /// still find (and detach) it.
 fn closed(state: &Rc<RefCell<State>>, reason: &str) {
     let mut s = state.borrow_mut();
-    let Some(l) = s.looping.as_mut() else { return };
-    let now = now_ms();
-    if l.opened_ms > 0.0 && now - l.opened_ms > HEALTHY_MS {
-        l.backoff_ms = MIN_BACKOFF_MS;
-    }
-    l.joined = false;
-    l.opened_ms = 0.0;
-    // Jitter spreads the reconnections of many tabs after a server restart.
-    let delay = l.backoff_ms * (0.5 + 0.5 * js_sys::Math::random());
-    l.backoff_ms = (l.backoff_ms * 2.0).min(MAX_BACKOFF_MS);
-    let generation = l.generation;
-    let weak = Rc::downgrade(state);
-    let retry = Closure::once_into_js(move || {
-        if let Some(state) = live(&weak, generation) {
-            connect(&state);
-        }
-    });
-    l.timer = Some(set_timeout(&retry, delay as i32));
+    let outcome = s.life.closed(now_ms(), js_sys::Math::random());
     let mut notices = vec![s.status()];
-    if !reason.is_empty() {
+    if !reason.is_empty() && !s.life.stopped() {
         notices.push(Notice::Error {
             message: format!("Disconnected: {reason}. Reconnecting."),
             fatal: false,
         });
     }
+    perform(state, &mut s, outcome, &mut notices);
     drop(s);
     post(state, &notices);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rate_counts_only_the_trailing_window() {
-        let mut s = Stats::default();
-        assert_eq!(s.rate(0.0), 0.0);
-        s.record(10, 0.0);
-        // Within the first second the denominator is one second.
-        assert_eq!(s.rate(500.0), 10.0);
-        s.record(10, 4_000.0);
-        assert_eq!(s.rate(4_000.0), 5.0);
-        // The first job leaves the window after ten seconds.
-        assert_eq!(s.rate(12_000.0), 1.0);
-        assert_eq!(s.members, 20);
-    }
 }

@@ -1,42 +1,56 @@
-//! The browser's side of the shared protocol state machine, free of
-//! JavaScript.
+//! The browser's part of the volunteer lifecycle, free of JavaScript.
 //!
-//! What to do with each server message is decided by
-//! [`seedling_core::session`], the same module the native worker uses, so
-//! the coordinator cannot tell the two apart except by the `kind` and
-//! `threads` in the Hello. This module only adds what is the browser's own:
-//! its Hello (one Web Worker is one thread), evaluating a job right here,
-//! and text samples for the page. It compiles and is unit-tested natively;
-//! the browser tests drive it through the exported handle.
+//! The lifecycle itself ([`seedling_core::volunteer`]) is the one the native
+//! worker drives, so the coordinator cannot tell the two apart except by the
+//! `kind` and `threads` in the Hello. This module only adds what is the
+//! browser's own: its profile (one Web Worker is one thread, and it tells
+//! the server its speed), evaluating a job right here, and text samples for
+//! the page. [`frame`] is the whole of what the WebSocket's message handler
+//! computes for a frame; it compiles and is tested natively (the native
+//! worker's tests compare its replies with the native worker's), and the
+//! browser tests drive it through the exported handle.
 
 use seedling_core::Result;
 use seedling_core::generate::sample_text;
-use seedling_core::protocol::{ClientKind, SessionToken};
+use seedling_core::protocol::ClientKind;
 use seedling_core::rng::{DOMAIN_SAMPLE, Stream, derive};
-pub use seedling_core::session::{Reaction, Session, Work};
+pub use seedling_core::volunteer::{Action, Event, Outcome, Volunteer, Work};
 
-/// The handshake: a browser volunteer evaluating one member stream at a
-/// time (one Web Worker is one thread), with an optional speed estimate in
-/// members per second from an earlier connection (0 = unknown) so the
-/// server can size the first job, and the session token of an earlier
-/// connection so the trust it earned carries over.
-pub fn hello(speed: f32, session: Option<SessionToken>) -> Result<Vec<u8>> {
-    seedling_core::session::hello(ClientKind::Browser, 1, speed, session)
+/// A browser volunteer that has not connected yet: it evaluates one member
+/// stream at a time (one Web Worker is one thread), and its Hello carries
+/// its measured speed in members per second so the server can size the
+/// first job of a reconnection.
+pub fn volunteer() -> Volunteer {
+    Volunteer::new(ClientKind::Browser, 1).announce_speed()
 }
 
-/// The reply to a job, evaluated on this Web Worker's one thread (the
-/// worker has nothing else to do meanwhile; the next frames queue behind).
-pub fn answer(work: &Work) -> Result<Vec<u8>> {
-    work.reply(work.evaluate()?)
+/// What the browser does with one server frame at `now_ms`: the lifecycle
+/// reacts, and a job is evaluated right here (the worker has nothing else
+/// to do meanwhile; the next frames queue behind) and its reply handed
+/// back. The outcome left is for the transport: send, close, stop.
+pub fn frame(life: &mut Volunteer, bytes: &[u8], now_ms: u64) -> Outcome {
+    let outcome = life.receive(bytes);
+    match outcome.action {
+        Action::Evaluate(work) => evaluate(life, work, now_ms),
+        action => Outcome { action, ..outcome },
+    }
 }
 
-/// `len` characters sampled at `temperature` from the session's current
+/// Evaluates a job on this Web Worker's one thread and hands the losses
+/// back to the lifecycle.
+pub fn evaluate(life: &mut Volunteer, work: Work, now_ms: u64) -> Outcome {
+    let losses = work.evaluate();
+    life.evaluated(work, losses, now_ms)
+}
+
+/// `len` characters sampled at `temperature` from the volunteer's current
 /// weights, after a one-character prompt (a newline when the vocabulary has
 /// one, as at the start of a paragraph). The random stream is keyed by run
 /// and step, so a sample is reproducible but changes as the model trains,
 /// and two runs at the same step do not print the same sample. `None`
 /// before the first snapshot.
-pub fn sample(session: &Session, len: usize, temperature: f32) -> Result<Option<String>> {
+pub fn sample(life: &Volunteer, len: usize, temperature: f32) -> Result<Option<String>> {
+    let session = life.session();
     let (Some(replica), Some(tokenizer)) = (session.replica(), session.tokenizer()) else {
         return Ok(None);
     };
@@ -65,17 +79,24 @@ mod tests {
         protocol::encode(msg, MAX_SERVER_MESSAGE).unwrap()
     }
 
+    fn sent(outcome: &Outcome) -> ClientMsg {
+        let Action::Send(bytes) = &outcome.action else {
+            panic!("not a Send: {outcome:?}");
+        };
+        protocol::decode_client(bytes).unwrap()
+    }
+
     #[test]
     fn hello_announces_a_browser_at_this_protocol_version() {
-        let msg = protocol::decode_client(&hello(f32::NAN, Some([3; 16])).unwrap()).unwrap();
+        let mut v = volunteer();
         assert_eq!(
-            msg,
+            sent(&v.opened(0)),
             ClientMsg::Hello {
                 version: PROTOCOL_VERSION,
                 kind: ClientKind::Browser,
                 threads: 1,
                 speed: 0.0,
-                session: Some([3; 16]),
+                session: None,
             }
         );
     }
@@ -86,7 +107,8 @@ mod tests {
         let tokenizer = Tokenizer::from_corpus("abc\nde").unwrap();
         let config = RunConfig::rw256(tokenizer.len() as u32);
         let want = Replica::new(config).unwrap();
-        let mut s = Session::new();
+        let mut v = volunteer();
+        v.opened(0);
         let welcome = ServerMsg::Welcome {
             run: 7,
             client: 1,
@@ -94,14 +116,17 @@ mod tests {
             config,
             tokenizer,
         };
-        s.receive(&server(&welcome)).unwrap();
-        assert_eq!(sample(&s, 10, 0.8).unwrap(), None, "no weights yet");
+        assert!(matches!(
+            frame(&mut v, &server(&welcome), 0).action,
+            Action::Nothing
+        ));
+        assert_eq!(sample(&v, 10, 0.8).unwrap(), None, "no weights yet");
         let snap = ServerMsg::Snapshot {
             step: 0,
             params: want.params.clone(),
             adam: want.adam.clone(),
         };
-        s.receive(&server(&snap)).unwrap();
+        frame(&mut v, &server(&snap), 0);
         let tokens = vec![1u16; config.batch_tokens()];
         let job = ServerMsg::Job {
             step: 0,
@@ -110,20 +135,29 @@ mod tests {
             tokens: tokens.clone(),
             deadline_ms: 1000,
         };
-        let Reaction::Evaluate(work) = s.receive(&server(&job)).unwrap() else {
-            panic!("a job at the replica's step is handed out to evaluate");
-        };
+        let answered = frame(&mut v, &server(&job), 1_000);
         assert_eq!(
-            protocol::decode_client(&answer(&work).unwrap()).unwrap(),
+            sent(&answered),
             ClientMsg::Losses {
                 step: 0,
                 job: 3,
                 losses: want.evaluate(&tokens, &[2, 3]).unwrap()
             }
         );
-        let text = sample(&s, 40, 0.8).unwrap().unwrap();
+        assert!(matches!(
+            answered.event,
+            Some(Event::Evaluated { step: 0, members: 2 })
+        ));
+        let text = sample(&v, 40, 0.8).unwrap().unwrap();
         assert_eq!(text.chars().count(), 40);
         // The same run and step give the same text.
-        assert_eq!(sample(&s, 40, 0.8).unwrap().unwrap(), text);
+        assert_eq!(sample(&v, 40, 0.8).unwrap().unwrap(), text);
+        // The next Hello carries the session token and the measured speed.
+        let ClientMsg::Hello { session, speed, .. } =
+            protocol::decode_client(&v.hello(2_000).unwrap()).unwrap()
+        else {
+            panic!("not a Hello");
+        };
+        assert_eq!((session, speed), (Some([9; 16]), 2.0));
     }
 }

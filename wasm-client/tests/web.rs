@@ -3,12 +3,13 @@
 //!
 //! They prove the two things the browser volunteer rests on: the wasm build
 //! computes bit-identical weights to the native one (the determinism golden,
-//! DESIGN.md section 3), and the exported handle follows the server's replica
-//! through a real message sequence.
+//! ARCHITECTURE.md, Determinism contract), and the exported handle follows
+//! the server's replica through a real message sequence.
 //!
 //! Browser-only (the handle calls JavaScript); natively, the same golden runs
-//! in seedling-core's tests, and the protocol state machine in its
-//! `session` unit tests.
+//! in seedling-core's tests, the volunteer lifecycle in its `volunteer` unit
+//! tests, and the browser's per-frame code (`seedling_wasm::session::frame`)
+//! in the native worker's equivalence test.
 
 #![cfg(target_arch = "wasm32")]
 
@@ -188,9 +189,13 @@ fn handle_follows_the_server_replica() {
         tokens: Vec::new(),
     };
     assert!(v.receive(&server(&stale)).is_err());
-    // A rejection surfaces as an error carrying the server's reason.
-    let reject = ServerMsg::Reject {
-        reason: "testing".into(),
-    };
-    assert!(v.receive(&server(&reject)).is_err());
+    // A rejection surfaces as an error carrying the server's reason, final
+    // or not.
+    for retry in [true, false] {
+        let reject = ServerMsg::Reject {
+            reason: "testing".into(),
+            retry,
+        };
+        assert!(v.receive(&server(&reject)).is_err());
+    }
 }

@@ -182,7 +182,7 @@ impl Coordinator {
                 );
             }
             Input::Message { client, msg } => self.on_message(client, msg, now, out),
-            Input::Invalid { client, reason, code } => self.reject_with(client, &reason, code, out),
+            Input::Invalid { client, reason, code } => self.reject_with(client, &reason, code, true, out),
             Input::Admin { request, command } => {
                 let answer = self.admin(request, command, out);
                 // The operator sees the effect in /api/status once answered.
@@ -245,7 +245,7 @@ impl Coordinator {
                     let why = format!(
                         "protocol version {version} is not supported (server speaks {PROTOCOL_VERSION})"
                     );
-                    return self.reject(id, &why, out);
+                    return self.refuse(id, &why, out);
                 }
                 client.hello = Some((kind, threads.clamp(1, 1024)));
                 client.speed = speed as f64;
@@ -362,17 +362,25 @@ impl Coordinator {
 
     /// Tells a client why and disconnects it; its job goes back to the pool.
     fn reject(&mut self, id: ClientId, reason: &str, out: &mut dyn Outputs) {
-        self.reject_with(id, reason, close::POLICY, out)
+        self.reject_with(id, reason, close::POLICY, true, out)
     }
 
-    /// [`Coordinator::reject`] with the close code that names the fault.
-    /// The one place a [`ServerMsg::Reject`] is built.
-    fn reject_with(&mut self, id: ClientId, reason: &str, code: u16, out: &mut dyn Outputs) {
+    /// [`Coordinator::reject`] for good: reconnecting cannot help (another
+    /// protocol version, a banned session), so the client stops.
+    fn refuse(&mut self, id: ClientId, reason: &str, out: &mut dyn Outputs) {
+        self.reject_with(id, reason, close::POLICY, false, out)
+    }
+
+    /// [`Coordinator::reject`] with the close code that names the fault and
+    /// whether the client may reconnect. The one place a
+    /// [`ServerMsg::Reject`] is built.
+    fn reject_with(&mut self, id: ClientId, reason: &str, code: u16, retry: bool, out: &mut dyn Outputs) {
         tracing::warn!(client = id, reason, "rejecting client");
         self.counters.rejected += 1;
         if self.clients.contains_key(&id) {
             let reject = ServerMsg::Reject {
                 reason: reason.to_string(),
+                retry,
             };
             self.send(id, &reject, out);
             let bye = Outgoing::Close(code, reason.chars().take(100).collect());

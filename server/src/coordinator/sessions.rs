@@ -93,7 +93,7 @@ impl Coordinator {
         if let Some(token) = presented {
             if let Some(rec) = self.sessions.map.get(&token).copied() {
                 if rec.banned {
-                    self.reject(
+                    self.refuse(
                         id,
                         "this session was disconnected because its results disagreed with other \
                          volunteers' too often; it cannot rejoin",

@@ -180,7 +180,7 @@ impl Coordinator {
                 self.sched.pool.insert(m);
             }
         }
-        self.reject(id, "its results disagreed with other volunteers' too often", out);
+        self.refuse(id, "its results disagreed with other volunteers' too often", out);
         true
     }
 

@@ -1,13 +1,10 @@
-//! The volunteer's side of the protocol, shared by every client: what to do
-//! with each server message, free of I/O.
+//! One connection's protocol state and what each server message means.
 //!
-//! Bytes go in ([`Session::receive`]) and reactions with encoded replies
-//! come out, the way mini-redis keeps framing apart from I/O: the browser
-//! client (a Web Worker) and the native worker (tokio) each only move these
-//! bytes over their own WebSocket, so the coordinator sees the same replies
-//! from both, and the machine is tested once, here.
+//! Bytes go in ([`Session::receive`]) and a [`Reaction`] with the encoded
+//! reply comes out. The [`Volunteer`](super::Volunteer) lifecycle turns
+//! reactions into I/O verbs for the drivers, which never see them.
 //!
-//! Evaluating a job is left to the caller ([`Reaction::Evaluate`]): the
+//! Evaluating a job is left to the driver ([`Reaction::Evaluate`]): the
 //! browser evaluates on its one thread ([`Work::evaluate`]), the native
 //! worker on its own threads off its async runtime. The job carries the
 //! replica in an [`Arc`] so the caller can move it to those threads without
@@ -20,32 +17,9 @@ use core::fmt;
 
 use crate::config::RunConfig;
 use crate::error::{Error, Result, check_len};
-use crate::protocol::{
-    self, ClientKind, ClientMsg, MAX_CLIENT_MESSAGE, PROTOCOL_VERSION, ServerMsg, SessionToken,
-};
+use crate::protocol::{self, ClientMsg, MAX_CLIENT_MESSAGE, ServerMsg, SessionToken};
 use crate::replica::Replica;
 use crate::tokenizer::{Token, Tokenizer};
-
-/// The Hello a new connection starts with: what kind of volunteer this is,
-/// how many members it evaluates in parallel, an estimate of its speed in
-/// members per second (0 = unknown; anything not finite and positive is
-/// sent as 0, so a bad estimate cannot get the client refused), and the
-/// session token of an earlier connection so the trust it earned carries
-/// over.
-pub fn hello(kind: ClientKind, threads: u32, speed: f32, session: Option<SessionToken>) -> Result<Vec<u8>> {
-    let speed = if speed.is_finite() && speed > 0.0 {
-        speed
-    } else {
-        0.0
-    };
-    encode(&ClientMsg::Hello {
-        version: PROTOCOL_VERSION,
-        kind,
-        threads,
-        speed,
-        session,
-    })
-}
 
 /// What the caller should do after a server message.
 #[derive(Debug)]
@@ -73,14 +47,17 @@ pub enum Reaction {
         step: u64,
         /// Its weights hash.
         hash: u64,
+        /// True after a snapshot (a join or a divergence), false after an
+        /// update.
+        snapshot: bool,
     },
     /// The server refused this client and is closing the connection.
     Rejected {
         /// The server's reason, for the volunteer to read.
         reason: String,
-        /// True when reconnecting cannot help (a protocol version mismatch:
-        /// this client is older or newer than the server).
-        fatal: bool,
+        /// False when reconnecting cannot help (this client speaks another
+        /// protocol version, or its session is banned): the server's word.
+        retry: bool,
     },
 }
 
@@ -178,7 +155,7 @@ impl Session {
                 let replica = Replica::from_snapshot(config, step, params, adam)?;
                 let hash = replica.hash();
                 self.replica = Some(Arc::new(replica));
-                hashed(step, hash)
+                hashed(step, hash, true)
             }
             ServerMsg::Job {
                 step,
@@ -207,17 +184,13 @@ impl Session {
                 };
                 let replica = Arc::make_mut(replica);
                 replica.apply(step, lr, &weights, &tokens)?;
-                hashed(replica.step, replica.hash())
+                hashed(replica.step, replica.hash(), false)
             }
             ServerMsg::Resync => {
                 self.replica = None;
                 Ok(Reaction::Quiet)
             }
-            ServerMsg::Reject { reason } => {
-                // The coordinator's words for a version mismatch.
-                let fatal = reason.contains("protocol version");
-                Ok(Reaction::Rejected { reason, fatal })
-            }
+            ServerMsg::Reject { reason, retry } => Ok(Reaction::Rejected { reason, retry }),
         }
     }
 
@@ -237,11 +210,12 @@ impl Session {
     }
 }
 
-fn hashed(step: u64, hash: u64) -> Result<Reaction> {
+fn hashed(step: u64, hash: u64, snapshot: bool) -> Result<Reaction> {
     Ok(Reaction::Hashed {
         reply: encode(&ClientMsg::Hash { step, hash })?,
         step,
         hash,
+        snapshot,
     })
 }
 
@@ -299,28 +273,6 @@ mod tests {
     }
 
     #[test]
-    fn hello_announces_the_kind_at_this_protocol_version() {
-        for (kind, threads, speed, want) in [
-            (ClientKind::Browser, 1, f32::NAN, 0.0),
-            (ClientKind::Native, 6, 0.0, 0.0),
-            (ClientKind::Browser, 1, -3.0, 0.0),
-            (ClientKind::Native, 2, 12.5, 12.5),
-        ] {
-            let msg = protocol::decode_client(&hello(kind, threads, speed, Some([3; 16])).unwrap()).unwrap();
-            assert_eq!(
-                msg,
-                ClientMsg::Hello {
-                    version: PROTOCOL_VERSION,
-                    kind,
-                    threads,
-                    speed: want,
-                    session: Some([3; 16]),
-                }
-            );
-        }
-    }
-
-    #[test]
     fn follows_the_server_replica_through_a_step() {
         let (mut s, mut want) = setup();
         let snap = ServerMsg::Snapshot {
@@ -367,7 +319,10 @@ mod tests {
             weights,
             tokens: Vec::new(),
         };
-        let Reaction::Hashed { reply, step: 1, hash } = s.receive(&server(&update)).unwrap() else {
+        let Reaction::Hashed {
+            reply, step: 1, hash, ..
+        } = s.receive(&server(&update)).unwrap()
+        else {
             panic!("an update is answered with a hash");
         };
         assert_eq!(hash, want.hash());
@@ -465,21 +420,18 @@ mod tests {
     }
 
     #[test]
-    fn only_a_version_mismatch_is_fatal() {
+    fn a_rejection_carries_the_servers_verdict() {
         let mut s = Session::new();
-        let reject = |reason: &str| {
-            server(&ServerMsg::Reject {
-                reason: reason.into(),
-            })
-        };
-        let r = s
-            .receive(&reject("protocol version 9 is not supported (server speaks 1)"))
-            .unwrap();
-        assert!(matches!(r, Reaction::Rejected { fatal: true, .. }), "{r:?}");
-        let r = s.receive(&reject("send queue full")).unwrap();
-        assert!(
-            matches!(&r, Reaction::Rejected { fatal: false, reason } if reason == "send queue full"),
-            "{r:?}"
-        );
+        for retry in [false, true] {
+            let reject = server(&ServerMsg::Reject {
+                reason: "send queue full".into(),
+                retry,
+            });
+            let r = s.receive(&reject).unwrap();
+            assert!(
+                matches!(&r, Reaction::Rejected { reason, retry: r } if reason == "send queue full" && *r == retry),
+                "{r:?}"
+            );
+        }
     }
 }
