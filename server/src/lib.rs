@@ -20,6 +20,7 @@
 //! - [`delivery`]: the courier task that hands the coordinator's frames to
 //!   the connections.
 //! - [`worker`]: the native volunteer.
+//! - [`duty`]: the volunteer's CPU share (`--cpu-percent`), a duty cycle at low priority.
 //! - [`train`]: `seedling train`, a server plus in-process workers.
 //! - [`data`]: corpus loading, the default-corpus search path, baselines.
 //! - [`checkpoint`]: safetensors checkpoints, atomic writes, resume.
@@ -35,6 +36,7 @@ pub mod commands;
 pub mod coordinator;
 pub mod data;
 pub mod delivery;
+pub mod duty;
 pub mod ledger;
 pub mod plot;
 pub mod seqmap;

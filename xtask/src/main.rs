@@ -21,6 +21,7 @@
 //! - [`report`]: the one benchmark table of a `cargo xtask bench` run.
 
 mod bench;
+mod fleet;
 mod peers;
 mod report;
 mod setup;
@@ -87,6 +88,7 @@ fn main() -> ExitCode {
             )
         }
         "bench" => bench::main(&ctx, rest),
+        "fleet" => fleet::main(&ctx, rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             ExitCode::SUCCESS
