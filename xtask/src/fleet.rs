@@ -47,6 +47,9 @@ const POLL: Duration = Duration::from_millis(250);
 /// How long the server may take to load its corpus and listen.
 const SERVER_START: Duration = Duration::from_secs(120);
 
+/// The flags of `seedling serve` the emulator sets itself.
+const OWN_SERVE_FLAGS: [&str; 5] = ["--port", "--run-dir", "--seed", "--eval-every", "--population"];
+
 /// The usage of `cargo xtask fleet`.
 pub const USAGE: &str = "\
   fleet [--volunteers V] [--cpu-percent P] [--threads T] [--rtt MS] [--jitter MS]
@@ -174,7 +177,23 @@ impl Options {
         if o.volunteers == 0 {
             return Err("--volunteers must be at least 1".into());
         }
+        // serve refuses a flag given twice, and the JSON line reports these
+        // from the emulator's own flags.
+        for flag in OWN_SERVE_FLAGS {
+            if o.passes(flag) {
+                return Err(format!(
+                    "{flag} after `--`: the fleet sets it (use its own flag if it has one)"
+                ));
+            }
+        }
         Ok(o)
+    }
+
+    /// Whether `flag` is among the arguments for serve.
+    fn passes(&self, flag: &str) -> bool {
+        self.serve
+            .iter()
+            .any(|a| a == flag || a.strip_prefix(flag).is_some_and(|rest| rest.starts_with('=')))
     }
 
     /// The arguments of `seedling serve`.
@@ -188,10 +207,11 @@ impl Options {
             self.seed.to_string(),
             "--eval-every".into(),
             self.eval_every.to_string(),
-            // Every volunteer comes from 127.0.0.1.
-            "--max-per-ip".into(),
-            "100000".into(),
         ];
+        if !self.passes("--max-per-ip") {
+            // Every volunteer comes from 127.0.0.1.
+            args.extend(["--max-per-ip".into(), "100000".into()]);
+        }
         if let Some(p) = self.population {
             args.extend(["--population".into(), p.to_string()]);
         }
@@ -479,10 +499,23 @@ mod tests {
         assert_eq!(o.losses, vec![2.5, 2.2]);
         assert!(o.table && o.build && !o.smoke);
         let serve = o.serve_args(Path::new("/tmp/run"));
-        // Ours first, the user's last: clap keeps the last occurrence.
         assert_eq!(&serve[..4], &args("--port 0 --run-dir /tmp/run")[..]);
         assert_eq!(&serve[serve.len() - 2..], &args("--lr 0.02")[..]);
+        assert!(serve.windows(2).any(|w| w == ["--max-per-ip", "100000"]));
         assert!(!serve.contains(&"--population".to_string()));
+        // serve refuses a flag given twice: the user's --max-per-ip replaces
+        // ours, and the flags the fleet sets itself are refused after `--`.
+        let o = Options::parse(&args("-- --max-per-ip=9")).unwrap();
+        assert_eq!(
+            o.serve_args(Path::new("r"))
+                .iter()
+                .filter(|a| a.starts_with("--max-per-ip"))
+                .count(),
+            1
+        );
+        for own in ["--seed 3", "--population=4096", "--port 1"] {
+            assert!(Options::parse(&args(&format!("-- {own}"))).is_err(), "{own}");
+        }
     }
 
     #[test]
