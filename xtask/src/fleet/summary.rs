@@ -99,7 +99,11 @@ fn loss_key(loss: f64) -> String {
     format!("{loss:.2}")
 }
 
-/// The JSON line.
+/// The JSON line. Rates are over the emulator's wall clock from the server
+/// listening to the last status read; members/s counts every closed step
+/// as a full population (with `--min-fraction` below 1 it is an upper
+/// bound). Validation times are the server's own clock (`elapsed_s` of its
+/// history, from its start), the clock `seedling train --minutes` runs on.
 pub fn json_line(config: &Config, seen: &Observed, losses: &[f64]) -> Value {
     let steps = seen.steps();
     let per_s = |n: f64| (seen.wall_s > 0.0).then(|| n / seen.wall_s);
