@@ -28,6 +28,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some(t) = args.threads {
                 opts.threads = t.max(1);
             }
+            crate::duty::CPU_SHARE.set_percent(args.cpu_percent);
             crate::worker::run(opts, shutdown_signal()).await
         }
         Command::Generate(a) => {

@@ -24,6 +24,7 @@
 //!   BPTT baseline.
 //! - [`runbook`]: a run's bookkeeping shared by both trainers: resume or
 //!   init, history, validation and checkpoint cadence, the lr clock.
+//! - [`duty`]: the volunteer's CPU share (`--cpu-percent`), a duty cycle at low priority.
 //! - [`data`]: corpus loading, the default-corpus search path, baselines.
 //! - [`checkpoint`]: safetensors checkpoints, atomic writes, their metadata
 //!   schema and version, the learning curve they keep.
@@ -39,6 +40,7 @@ pub mod coordinator;
 pub mod data;
 pub mod delivery;
 pub mod dispatch;
+pub mod duty;
 pub mod plot;
 pub mod runbook;
 pub mod timing;

@@ -71,8 +71,11 @@ pub fn evaluate_parallel(
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     let threads = threads.clamp(1, members.len().div_ceil(PARALLEL_MIN).max(1));
+    // Each chunk is paced by the process's CPU share (`--cpu-percent`):
+    // thread t rests after its chunks as duty cycle t says.
+    let share = &crate::duty::CPU_SHARE;
     if threads == 1 {
-        return replica.evaluate(tokens, members);
+        return share.paced(0, || replica.evaluate(tokens, members));
     }
     let chunks: Vec<&[u32]> = split::guided(members.len(), threads, PARALLEL_MIN, 2)
         .into_iter()
@@ -80,16 +83,17 @@ pub fn evaluate_parallel(
         .collect();
     let next = AtomicUsize::new(0);
     let done: Vec<Vec<(usize, seedling_core::Result<Vec<f32>>)>> = std::thread::scope(|s| {
+        let (next, chunks) = (&next, &chunks);
         let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
+            .map(|t| {
+                s.spawn(move || {
                     let mut mine = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(chunk) = chunks.get(i) else {
                             break mine;
                         };
-                        mine.push((i, replica.evaluate(tokens, chunk)));
+                        mine.push((i, share.paced(t, || replica.evaluate(tokens, chunk))));
                     }
                 })
             })

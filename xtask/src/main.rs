@@ -31,6 +31,7 @@
 
 mod bench;
 mod cmd;
+mod fleet;
 mod peers;
 mod report;
 mod setup;
@@ -97,6 +98,7 @@ fn main() -> ExitCode {
             )
         }
         "bench" => bench::main(&ctx, rest),
+        "fleet" => fleet::main(&ctx, rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             ExitCode::SUCCESS
