@@ -172,7 +172,7 @@ pub struct RunArgs {
     /// Decoupled weight decay [default: 0].
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub weight_decay: Option<f32>,
-    /// Noise kind: `lowrank` (EGGROLL) or `full` (OpenAI-ES) [default: lowrank].
+    /// Noise kind [default: lowrank].
     #[arg(long, help_heading = "Evolution strategies")]
     pub noise: Option<NoiseFlag>,
     /// Rank of low-rank noise [default: 1].
@@ -181,10 +181,8 @@ pub struct RunArgs {
     /// Init weights uniform in ±scale/sqrt(hidden) [default: 1].
     #[arg(long, allow_negative_numbers = true, help_heading = "Model")]
     pub init_scale: Option<f32>,
-    /// Learning-rate schedule: `constant`, `cosine` (warm-up, then a half
-    /// cosine to min-lr-ratio * lr at decay-steps, else over train's
-    /// --minutes, else at max-steps) or `step` (warm-up, then times
-    /// decay-gamma every decay-steps) [default: cosine over train's
+    /// Learning-rate schedule; a cosine ends at decay-steps, else after
+    /// train's --minutes, else at max-steps [default: cosine over train's
     /// --minutes when given, else constant].
     #[arg(long, help_heading = "Optimizer")]
     pub schedule: Option<ScheduleFlag>,
@@ -201,25 +199,19 @@ pub struct RunArgs {
     /// Step: factor per decay [default: 0.5].
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub decay_gamma: Option<f32>,
-    /// Fitness shaping: `ranks` (centered ranks) or `zscores` [default: ranks].
+    /// Fitness shaping [default: ranks].
     #[arg(long, help_heading = "Evolution strategies")]
     pub shaping: Option<ShapingFlag>,
-    /// The output layer: `by-input` (one matrix and bias per input
-    /// character, trained by the exact readout; see docs/LEARNING.md, "A
-    /// head per input character") or `shared` (one for all) [default: by-input].
+    /// The output layer [default: by-input; see docs/LEARNING.md, "A head
+    /// per input character"].
     #[arg(long, help_heading = "Model")]
     pub head: Option<HeadFlag>,
-    /// The readout's update: `exact` (every replica computes the output
-    /// layer's exact gradient on the step's minibatch, one forward pass
-    /// without a backward pass through time, and ES estimates the rest) or
-    /// `es` (ES estimates every weight) [default: exact; see
+    /// How the output layer is updated [default: exact; see
     /// docs/LEARNING.md, "An exact readout"].
     #[arg(long, help_heading = "Evolution strategies")]
     pub readout: Option<ReadoutFlag>,
-    /// Which rows of the input matrix ES's estimate covers: `seen` (only
-    /// the characters the step's minibatch reads; the others' exact
-    /// gradient is zero) or `all` [default: seen; see docs/LEARNING.md,
-    /// "Only the input rows the minibatch reads"].
+    /// Which rows of the input matrix ES's estimate covers [default: seen;
+    /// see docs/LEARNING.md, "Only the input rows the minibatch reads"].
     #[arg(long, help_heading = "Evolution strategies")]
     pub input_rows: Option<InputRowsFlag>,
     /// A fresh run's output bias: `unigram` (the training text's character
@@ -585,7 +577,9 @@ pub enum ShapingFlag {
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReadoutFlag {
-    /// Its exact gradient on the step's minibatch, on every replica.
+    /// Every replica computes the output layer's exact gradient on the
+    /// step's minibatch (one forward pass, no backward pass through time);
+    /// ES estimates the rest.
     #[default]
     Exact,
     /// ES's estimate, like every other weight.
@@ -607,7 +601,8 @@ pub enum HeadFlag {
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InputRowsFlag {
-    /// Only the characters the step's minibatch reads.
+    /// Only the characters the step's minibatch reads (the others' exact
+    /// gradient is zero).
     #[default]
     Seen,
     /// Every row.

@@ -228,12 +228,13 @@ pub fn train_bptt(args: TrainArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> 
         };
         progress.update(&last, Instant::now());
     }
-    progress.finish(&last, Instant::now());
     // The final point always carries a validation loss, so every run ends
     // on a measured value.
     if book.last_needs_validation() {
         book.set_last_validation(val(&params)?);
     }
+    last.val_loss = book.val_loss();
+    progress.finish(&last, Instant::now());
     let path = checkpoint::save(&dir, &book.checkpoint(step, &params, &adam), settings.keep)?;
     println!(
         "Stopped at step {step} after {:.1} min; validation loss {}.",
