@@ -774,3 +774,169 @@ pub async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("seedling").chain(args.iter().copied()))
+    }
+
+    fn train(args: &[&str]) -> TrainArgs {
+        match parse(&[&["train"], args].concat()).unwrap().command {
+            Command::Train(t) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn enum_flags_take_their_spellings_and_map_to_the_core() {
+        let t = train(&[
+            "--noise",
+            "low-rank",
+            "--rank",
+            "2",
+            "--schedule",
+            "step",
+            "--decay-steps",
+            "10",
+            "--shaping",
+            "zscores",
+            "--readout",
+            "es",
+            "--head",
+            "shared",
+            "--input-rows",
+            "all",
+        ]);
+        let c = t.run_args().unwrap().run_config(20).unwrap();
+        assert_eq!(c.es.noise, NoiseKind::LowRank { rank: 2 });
+        assert!(matches!(c.recipe.schedule, LrSchedule::Step { every: 10, .. }));
+        assert_eq!(c.recipe.shaping, Shaping::ZScores);
+        assert_eq!(c.recipe.readout, Readout::Es);
+        assert_eq!(c.model.head, Head::Shared);
+        assert_eq!(c.recipe.input_rows, InputRows::All);
+        // The defaults are what they were.
+        let c = train(&[]).run_args().unwrap().run_config(20).unwrap();
+        assert_eq!(c.es.noise, NoiseKind::LowRank { rank: 1 });
+        assert_eq!(c.recipe.schedule, LrSchedule::Constant);
+        assert_eq!(
+            (
+                c.recipe.shaping,
+                c.recipe.readout,
+                c.model.head,
+                c.recipe.input_rows
+            ),
+            (
+                Shaping::CenteredRanks,
+                Readout::Exact,
+                Head::ByInput,
+                InputRows::Seen
+            )
+        );
+        let e = parse(&["train", "--head", "by_input"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn negative_numbers_are_values() {
+        // Read as the value, then refused by the check that knows why.
+        let t = train(&["--lr", "-0.1", "--minutes", "-1"]);
+        assert_eq!(t.run.lr, Some(-0.1));
+        assert!(
+            t.clone()
+                .with_file()
+                .unwrap_err()
+                .to_string()
+                .contains("--minutes")
+        );
+        assert!(t.run_args().unwrap().run_config(20).is_err());
+        let e = parse(&["generate", "--checkpoint", "c", "--temperature", "-1"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+        let Command::Generate(g) = parse(&["generate", "--checkpoint", "c", "--temperature", "0"])
+            .unwrap()
+            .command
+        else {
+            unreachable!()
+        };
+        assert_eq!(g.temperature, 0.0);
+    }
+
+    #[test]
+    fn bind_listens_beyond_loopback_only_when_asked() {
+        assert_eq!(train(&[]).run.address(), "127.0.0.1:8080");
+        assert_eq!(
+            train(&["--bind", "0.0.0.0", "--port", "9000"]).run.address(),
+            "0.0.0.0:9000"
+        );
+        let Command::Serve(s) = parse(&["serve", "--bind", "::"]).unwrap().command else {
+            unreachable!()
+        };
+        assert_eq!(s.address(), ":::8080");
+    }
+
+    fn write(dir: &std::path::Path, text: &str) -> PathBuf {
+        let p = dir.join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_config_file_may_hold_trains_own_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "minutes = 1\nworkers = 3\nmethod = \"bptt\"\nsample = 0\nhidden = 16\nnoise = \"full\"\n",
+        );
+        let path = p.to_str().unwrap();
+        let t = train(&["--config", path, "--workers", "2"]).with_file().unwrap();
+        assert_eq!(t.minutes, Some(1.0));
+        // The command line wins.
+        assert_eq!((t.workers(), t.method(), t.sample()), (2, Method::Bptt, 0));
+        let run = t.run_args().unwrap();
+        assert_eq!(
+            (run.hidden, run.noise, run.time_budget_s),
+            (Some(16), Some(NoiseFlag::Full), Some(60.0))
+        );
+        // serve reads the same file and leaves train's keys alone.
+        let Command::Serve(s) = parse(&["serve", "--config", path]).unwrap().command else {
+            unreachable!()
+        };
+        assert_eq!(s.with_file().unwrap().hidden, Some(16));
+        // A typo is an error that names the key; so is a bad value.
+        let p = write(dir.path(), "minuts = 1\n");
+        let e = format!(
+            "{:#}",
+            RunArgs::with_file(train(&["--config", p.to_str().unwrap()]).run).unwrap_err()
+        );
+        assert!(e.contains("minuts"), "{e}");
+        let p = write(dir.path(), "schedule = \"cosin\"\n");
+        assert!(read_config_file(&p).is_err());
+    }
+
+    #[test]
+    fn the_example_config_parses_and_says_what_it_says() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/seedling.example.toml");
+        let t = train(&["--config", example]).with_file().unwrap();
+        assert_eq!(t.minutes, Some(30.0));
+        assert_eq!((t.method(), t.workers(), t.sample()), (Method::Es, 1, 300));
+        let run = t.run_args().unwrap();
+        assert_eq!(run.address(), "127.0.0.1:8080");
+        assert_eq!(run.run_dir.as_deref(), Some(std::path::Path::new("runs/example")));
+        // Its values are the defaults: the same config as no file at all
+        // (with the same time budget).
+        let c = run.run_config(65).unwrap();
+        let bare = train(&["--minutes", "30"])
+            .run_args()
+            .unwrap()
+            .run_config(65)
+            .unwrap();
+        assert_eq!(c, bare);
+        let settings = |r: &RunArgs| format!("{:?}", r.settings());
+        assert_eq!(
+            settings(&run),
+            settings(&train(&["--run-dir", "runs/example"]).run)
+        );
+    }
+}

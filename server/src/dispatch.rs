@@ -158,3 +158,54 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::cli::RunArgs;
+
+    /// The options `serve --data TEXT --www WWW [--run-dir]` would run with.
+    fn options(dir: &Path, www: PathBuf, run_dir: bool) -> ServeOptions {
+        let text = dir.join("t.txt");
+        std::fs::write(&text, "the quick brown fox jumps over the lazy dog.\n".repeat(30)).unwrap();
+        RunArgs {
+            data: vec![text],
+            www: Some(www),
+            run_dir: run_dir.then(|| dir.join("run")),
+            ..RunArgs::default()
+        }
+        .serve_options()
+        .unwrap()
+    }
+
+    #[test]
+    fn serve_warns_of_a_missing_page_build_or_run_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let www = dir.path().join("www");
+        let w = serve_warnings(&options(dir.path(), www.clone(), true));
+        assert!(w.len() == 1 && w[0].contains("does not exist"), "{w:?}");
+        std::fs::create_dir(&www).unwrap();
+        let w = serve_warnings(&options(dir.path(), www.clone(), true));
+        assert!(w.len() == 1 && w[0].contains("pkg is missing"), "{w:?}");
+        std::fs::create_dir(www.join("pkg")).unwrap();
+        assert!(serve_warnings(&options(dir.path(), www.clone(), true)).is_empty());
+        let w = serve_warnings(&options(dir.path(), www, false));
+        assert!(w.len() == 1 && w[0].contains("no --run-dir"), "{w:?}");
+    }
+
+    #[test]
+    fn a_closed_pipe_is_not_an_error() {
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        assert!(print_to(&mut Closed, "text").is_ok());
+    }
+}

@@ -511,6 +511,103 @@ mod tests {
         train_bptt(args, Arc::new(AtomicBool::new(false)))
     }
 
+    /// A `Write` whose bytes the test can read afterwards.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn reading(step: u64) -> Reading {
+        Reading {
+            step,
+            tokens: step * 16_384,
+            train_loss: Some(2.5),
+            val_loss: (step >= 10).then_some(2.25),
+            extra: "1 volunteers, 512 members/s".into(),
+        }
+    }
+
+    /// Without a terminal, progress is a line every 5 s (not one per
+    /// reading, not none), with the rate, tokens, losses and the real time
+    /// left of a `--minutes` budget.
+    #[test]
+    fn a_log_gets_a_progress_line_every_five_seconds() {
+        let out = Shared::default();
+        let t0 = Instant::now();
+        let budget = Some(Duration::from_secs(60));
+        let mut p = Progress::log(Box::new(out.clone()), LOG_EVERY, None, budget, t0);
+        // A reading every 250 ms for 12 s, two steps a second.
+        for i in 0..=48u64 {
+            p.update(&reading(i / 2), t0 + Duration::from_millis(250 * i));
+        }
+        p.finish(&reading(24), t0 + Duration::from_secs(12));
+        let log = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 4, "{log}");
+        assert!(
+            lines[0].starts_with("[0s] step 0 | - steps/s | 0 tokens"),
+            "{log}"
+        );
+        assert_eq!(
+            lines[1],
+            "[5s] step 10 | 2.00 steps/s | 164k tokens | train 2.500 val 2.250 nats/char \
+             | 1 volunteers, 512 members/s | 55s left"
+        );
+        assert!(lines[2].starts_with("[10s] step 20 | 2.00 steps/s") && lines[2].ends_with("50s left"));
+        assert!(lines[3].starts_with("[12s] step 24") && lines[3].ends_with("48s left"));
+        // With a step limit too, the nearer end counts.
+        let mut p = Progress::log(Box::new(Shared::default()), LOG_EVERY, Some(30), budget, t0);
+        p.update(&reading(0), t0);
+        p.update(&reading(10), t0 + Duration::from_secs(5));
+        assert!(
+            p.line(&reading(10), t0 + Duration::from_secs(5))
+                .contains("step 10/30")
+        );
+        assert_eq!(
+            p.time_left(10, t0 + Duration::from_secs(5)),
+            Some(Duration::from_secs(10))
+        );
+    }
+
+    /// On a terminal with `--minutes`, the bar runs over seconds, so its
+    /// ETA is the budget's rest rather than a guess from steps.
+    #[test]
+    fn a_timed_bar_is_sized_by_time() {
+        let t0 = Instant::now();
+        let mut p = Progress::bar(Some(1000), Some(Duration::from_secs(120)), t0);
+        p.update(&reading(3), t0 + Duration::from_secs(30));
+        let Sink::Bar(bar) = &p.sink else {
+            unreachable!("a bar")
+        };
+        assert_eq!((bar.length(), bar.position()), (Some(120), 30));
+        let p = Progress::bar(Some(1000), None, t0);
+        let Sink::Bar(bar) = &p.sink else {
+            unreachable!("a bar")
+        };
+        assert_eq!(bar.length(), Some(1000));
+    }
+
+    #[test]
+    fn rates_and_counts_have_three_significant_digits() {
+        assert_eq!(fmt_rate(0.012345), "0.012");
+        assert_eq!(fmt_rate(3.21345), "3.21");
+        assert_eq!(fmt_rate(12.345), "12.3");
+        assert_eq!(fmt_rate(1234.5), "1234");
+        assert_eq!(fmt_count(999), "999");
+        assert_eq!(fmt_count(163_840), "164k");
+        assert_eq!(fmt_count(4_560_000), "4.56M");
+        assert_eq!(fmt_duration(Duration::from_secs(725)), "12m 05s");
+        assert_eq!(fmt_duration(Duration::from_secs(7380)), "2h 03m");
+    }
+
     /// BPTT resumes through the same run book as ES: it continues its own
     /// checkpoint and refuses one of another vocabulary, even of the same
     /// size (which the config check alone would let through).

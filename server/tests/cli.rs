@@ -123,8 +123,7 @@ fn train_logs_progress_lines_when_stderr_is_not_a_terminal() {
     let err = text(&out.stderr);
     let last = err
         .lines()
-        .filter(|l| l.contains("steps/s"))
-        .last()
+        .rfind(|l| l.contains("steps/s"))
         .unwrap_or_else(|| panic!("no progress line in:\n{err}"));
     assert!(
         last.contains("step 5/5") && last.contains("tokens") && last.contains("val "),
