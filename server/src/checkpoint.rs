@@ -8,14 +8,15 @@
 //! the Adam moments as `adam.m.<name>` and `adam.v.<name>`, and everything
 //! else (config, vocabulary, step, history, hashes) as string metadata.
 //!
-//! Files are `ckpt-{step:010}.safetensors`, so names sort by step. They are
-//! written atomically (temporary file, fsync, rename, fsync of the
+//! Files are `ckpt-{step:010}.safetensors`, so names sort by step, mode
+//! 0644 like any other output. They are written atomically (temporary file, fsync, rename, fsync of the
 //! directory) and carry a checksum over all tensor bytes, so a crash never
 //! leaves a half-written file under a checkpoint name, and a file damaged
 //! later is detected on load; [`latest`] then falls back to an older one.
 //!
 //! The metadata has its own schema and version ([`meta`]), apart from the
-//! wire's, and the learning curve its own file ([`history`]).
+//! wire's, and the learning curve its own file ([`history`]). [`export`]
+//! writes the weights alone, shaped for readers outside Seedling.
 
 use std::collections::HashMap;
 use std::fmt;

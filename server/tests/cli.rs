@@ -228,3 +228,28 @@ fn a_python_reader_of_the_export_agrees_with_seedling_eval() {
         "seedling: {want}python: {got}"
     );
 }
+
+/// The reverse-proxy files keep what the page needs: the WebSocket upgrade
+/// of `/ws` and the two headers that make it cross-origin isolated, with
+/// the values the server itself sends.
+#[test]
+fn the_proxy_files_keep_websockets_and_isolation_headers() {
+    let file = |name: &str| {
+        std::fs::read_to_string(format!("{}/../docs/deploy/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    };
+    let app = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/app.rs")).unwrap();
+    for (header, value) in [
+        ("Cross-Origin-Opener-Policy", "same-origin"),
+        ("Cross-Origin-Embedder-Policy", "require-corp"),
+    ] {
+        assert!(
+            app.contains(&format!("\"{}\"", header.to_lowercase())) && app.contains(&format!("\"{value}\"")),
+            "the server no longer sends {header}: {value}; update docs/deploy"
+        );
+        assert!(file("Caddyfile").contains(&format!("{header} \"{value}\"")));
+        assert!(file("nginx.conf").contains(&format!("add_header {header} \"{value}\" always;")));
+    }
+    let nginx = file("nginx.conf");
+    assert!(nginx.contains("location = /ws") && nginx.contains("proxy_set_header Upgrade $http_upgrade;"));
+    assert!(file("Caddyfile").contains("reverse_proxy 127.0.0.1:8080"));
+}
