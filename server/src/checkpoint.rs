@@ -8,14 +8,15 @@
 //! the Adam moments as `adam.m.<name>` and `adam.v.<name>`, and everything
 //! else (config, vocabulary, step, history, hashes) as string metadata.
 //!
-//! Files are `ckpt-{step:010}.safetensors`, so names sort by step. They are
-//! written atomically (temporary file, fsync, rename, fsync of the
+//! Files are `ckpt-{step:010}.safetensors`, so names sort by step, mode
+//! 0644 like any other output. They are written atomically (temporary file, fsync, rename, fsync of the
 //! directory) and carry a checksum over all tensor bytes, so a crash never
 //! leaves a half-written file under a checkpoint name, and a file damaged
 //! later is detected on load; [`latest`] then falls back to an older one.
 //!
 //! The metadata has its own schema and version ([`meta`]), apart from the
-//! wire's, and the learning curve its own file ([`history`]).
+//! wire's, and the learning curve its own file ([`history`]). [`export`]
+//! writes the weights alone, shaped for readers outside Seedling.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -31,6 +32,7 @@ use seedling_core::hash::weights_hash;
 use seedling_core::model::{Layout, TensorSpec};
 use seedling_core::tokenizer::Tokenizer;
 
+pub mod export;
 pub mod history;
 pub mod meta;
 
@@ -121,7 +123,11 @@ fn to_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-fn shape(t: &TensorSpec) -> Vec<usize> {
+/// A tensor's shape as a checkpoint stores it: `[rows, cols]` for a
+/// matrix or a stack of vectors (a per-input head's `out.b`), `[cols]` for
+/// one vector. `seedling export` reshapes some of them for readers
+/// ([`export::shape`]).
+pub fn shape(t: &TensorSpec) -> Vec<usize> {
     if t.is_matrix || t.rows > 1 {
         vec![t.rows, t.cols]
     } else {
@@ -192,23 +198,40 @@ pub fn save(dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
     fs::create_dir_all(dir)
         .with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
     let dest = dir.join(file_name(ckpt.step));
-    let write = || -> Result<()> {
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".ckpt-")
-            .suffix(".tmp")
-            .tempfile_in(dir)?;
-        tmp.write_all(&bytes)?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(&dest)?;
-        sync_dir(dir)
-    };
-    write().with_context(|| format!("cannot write checkpoint {}", dest.display()))?;
+    write_atomically(dir, &dest, &bytes)
+        .with_context(|| format!("cannot write checkpoint {}", dest.display()))?;
     for (_, old) in list(dir)?.into_iter().skip(keep.max(1)) {
         if let Err(e) = fs::remove_file(&old) {
             tracing::warn!(path = %old.display(), "cannot delete old checkpoint: {e}");
         }
     }
     Ok(dest)
+}
+
+/// Mode of checkpoint and export files: readable by everyone, like any
+/// other output file (a temporary file starts as 0600), so another user or
+/// a web server can read a model the operator publishes.
+pub const FILE_MODE: u32 = 0o644;
+
+/// Writes `bytes` to `dest` through a temporary file in `dir` (the same
+/// directory, so the rename is atomic): written, given [`FILE_MODE`],
+/// fsynced, renamed over `dest`, and the directory fsynced, so a crash
+/// never leaves a half-written file under the final name.
+pub(crate) fn write_atomically(dir: &Path, dest: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".ckpt-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+    }
+    tmp.as_file().sync_all()?;
+    tmp.persist(dest)?;
+    sync_dir(dir)
 }
 
 /// Makes a rename in `dir` durable (POSIX needs an fsync of the directory).
@@ -405,7 +428,7 @@ pub(crate) mod tests {
     }
 
     /// `trained` with a given head (a per-input head takes the exact readout).
-    fn trained_with(steps: u64, head: Head) -> Checkpoint {
+    pub(crate) fn trained_with(steps: u64, head: Head) -> Checkpoint {
         let tokenizer = Tokenizer::from_corpus(TEXT).unwrap();
         let mut config = RunConfig {
             seed: 7,

@@ -18,10 +18,26 @@ use crate::app::{Limits, ServeOptions};
 use crate::coordinator::{RunData, Settings};
 use crate::data;
 
-/// Seedling: train a character-level language model with compute donated by
-/// volunteers' browsers, using evolution strategies.
+/// What `seedling --help` says above the commands: what Seedling is, for a
+/// user rather than the crate's one-line description.
+const ABOUT: &str = "\
+Seedling trains a small character-level language model with compute that
+volunteers donate: anyone who opens the run's page in a browser (or runs
+`seedling worker`) evaluates members of an evolution-strategies population,
+and every replica applies the same update.
+
+Start with `seedling train --minutes 5`: a server on this machine plus
+in-process workers, with the address browsers can join.";
+
+/// What `seedling --help` says below the commands.
+const AFTER_HELP: &str = "\
+Every flag of `serve` and `train` can also come from a TOML file given with
+--config (see docs/seedling.example.toml). `seedling <command> --help` lists a
+command's flags.";
+
+/// The `seedling` command line.
 #[derive(Parser, Debug)]
-#[command(name = "seedling", version, about, long_about = None)]
+#[command(name = "seedling", version, about = ABOUT, after_help = AFTER_HELP)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -44,6 +60,9 @@ pub enum Command {
     Eval(EvalArgs),
     /// Print a checkpoint's config, step, size, history and hash.
     Inspect(InspectArgs),
+    /// Write a checkpoint's weights as a plain safetensors file for numpy or
+    /// PyTorch (no optimizer state; see scripts/seedling_eval.py).
+    Export(ExportArgs),
     /// Draw a run's learning curve (SVG) beside the n-gram baselines.
     Plot(PlotArgs),
     /// Print the add-one n-gram cross-entropy of the validation split.
@@ -63,9 +82,9 @@ pub struct PlotArgs {
     /// Output SVG file.
     #[arg(long, default_value = "docs/learning-curve.svg")]
     pub out: PathBuf,
-    /// Horizontal axis: `minutes`, `tokens` or `both` (two panels).
-    #[arg(long, default_value = "minutes")]
-    pub x: String,
+    /// Horizontal axis (`both`: tokens and minutes side by side).
+    #[arg(long, value_enum, default_value_t = crate::plot::XAxis::Minutes)]
+    pub x: crate::plot::XAxis,
     /// Text for the unigram/bigram baselines [default: tiny-shakespeare].
     #[arg(long)]
     pub data: Vec<PathBuf>,
@@ -100,137 +119,129 @@ pub const DEFAULT_MIN_LR_RATIO: f32 = 0.1;
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RunArgs {
     /// TOML file with any of these flags as keys (command-line flags win).
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Training text: UTF-8 files or directories (default: tiny-shakespeare,
     /// found in $SEEDLING_DATA_DIR, ./data, ../shared/data or the cache, else downloaded).
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub data: Vec<PathBuf>,
     /// Directory for checkpoints; a run resumes from the newest one in it.
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub run_dir: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1].
-    #[arg(long)]
+    #[arg(long, help_heading = "Server")]
     pub bind: Option<String>,
     /// Port to listen on; 0 picks a free one [default: 8080].
-    #[arg(long)]
+    #[arg(long, help_heading = "Server")]
     pub port: Option<u16>,
     /// Directory of the volunteer page [default: the repository's www/].
-    #[arg(long)]
+    #[arg(long, help_heading = "Server")]
     pub www: Option<PathBuf>,
     /// Root of every random stream [default: 0].
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub seed: Option<u64>,
     /// Hidden width [default: 24].
-    #[arg(long)]
+    #[arg(long, help_heading = "Model")]
     pub hidden: Option<u32>,
     /// Stacked tanh layers [default: 1].
-    #[arg(long)]
+    #[arg(long, help_heading = "Model")]
     pub layers: Option<u32>,
     /// Members per step, even [default: 256].
-    #[arg(long)]
+    #[arg(long, help_heading = "Evolution strategies")]
     pub population: Option<u32>,
     /// Sequences per minibatch [default: 1; 32 with --method bptt].
-    #[arg(long)]
+    #[arg(long, help_heading = "Evolution strategies")]
     pub batch: Option<u32>,
     /// Predicted characters per training sequence [default: 64]. Validation
     /// always uses windows of 65 characters, whatever this is.
-    #[arg(long)]
+    #[arg(long, help_heading = "Evolution strategies")]
     pub seq_len: Option<u32>,
     /// Noise scale [default: 0.02].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Evolution strategies")]
     pub sigma: Option<f32>,
     /// Adam step size [default: 0.01].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub lr: Option<f32>,
     /// Adam's first-moment decay [default: 0.9].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub beta1: Option<f32>,
     /// Adam's second-moment decay [default: 0.999].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub beta2: Option<f32>,
     /// Decoupled weight decay [default: 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub weight_decay: Option<f32>,
-    /// Noise kind: `lowrank` (EGGROLL) or `full` (OpenAI-ES) [default: lowrank].
-    #[arg(long)]
-    pub noise: Option<String>,
+    /// Noise kind [default: lowrank].
+    #[arg(long, help_heading = "Evolution strategies")]
+    pub noise: Option<NoiseFlag>,
     /// Rank of low-rank noise [default: 1].
-    #[arg(long)]
+    #[arg(long, help_heading = "Evolution strategies")]
     pub rank: Option<u32>,
     /// Init weights uniform in ±scale/sqrt(hidden) [default: 1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Model")]
     pub init_scale: Option<f32>,
-    /// Learning-rate schedule: `constant`, `cosine` (warm-up, then a half
-    /// cosine to min-lr-ratio * lr at decay-steps, else over train's
-    /// --minutes, else at max-steps) or `step` (warm-up, then times
-    /// decay-gamma every decay-steps) [default: cosine over train's
+    /// Learning-rate schedule; a cosine ends at decay-steps, else after
+    /// train's --minutes, else at max-steps [default: cosine over train's
     /// --minutes when given, else constant].
-    #[arg(long)]
-    pub schedule: Option<String>,
+    #[arg(long, help_heading = "Optimizer")]
+    pub schedule: Option<ScheduleFlag>,
     /// Warm-up steps of the schedule [default: 0].
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimizer")]
     pub warmup: Option<u32>,
     /// Cosine: the step where the decay ends [default: max-steps];
     /// step: steps between decays [required].
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimizer")]
     pub decay_steps: Option<u32>,
     /// Cosine: final lr as a fraction of lr [default: 0.1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub min_lr_ratio: Option<f32>,
     /// Step: factor per decay [default: 0.5].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub decay_gamma: Option<f32>,
-    /// Fitness shaping: `ranks` (centered ranks) or `zscores` [default: ranks].
-    #[arg(long)]
-    pub shaping: Option<String>,
-    /// The output layer: `by-input` (one matrix and bias per input
-    /// character, trained by the exact readout; see docs/LEARNING.md, "A
-    /// head per input character") or `shared` (one for all) [default: by-input].
-    #[arg(long)]
-    pub head: Option<String>,
-    /// The readout's update: `exact` (every replica computes the output
-    /// layer's exact gradient on the step's minibatch, one forward pass
-    /// without a backward pass through time, and ES estimates the rest) or
-    /// `es` (ES estimates every weight) [default: exact; see
+    /// Fitness shaping [default: ranks].
+    #[arg(long, help_heading = "Evolution strategies")]
+    pub shaping: Option<ShapingFlag>,
+    /// The output layer [default: by-input; see docs/LEARNING.md, "A head
+    /// per input character"].
+    #[arg(long, help_heading = "Model")]
+    pub head: Option<HeadFlag>,
+    /// How the output layer is updated [default: exact; see
     /// docs/LEARNING.md, "An exact readout"].
-    #[arg(long)]
-    pub readout: Option<String>,
-    /// Which rows of the input matrix ES's estimate covers: `seen` (only
-    /// the characters the step's minibatch reads; the others' exact
-    /// gradient is zero) or `all` [default: seen; see docs/LEARNING.md,
-    /// "Only the input rows the minibatch reads"].
-    #[arg(long)]
-    pub input_rows: Option<String>,
+    #[arg(long, help_heading = "Evolution strategies")]
+    pub readout: Option<ReadoutFlag>,
+    /// Which rows of the input matrix ES's estimate covers [default: seen;
+    /// see docs/LEARNING.md, "Only the input rows the minibatch reads"].
+    #[arg(long, help_heading = "Evolution strategies")]
+    pub input_rows: Option<InputRowsFlag>,
     /// A fresh run's output bias: `unigram` (the training text's character
     /// frequencies, so the first step already predicts them; see
     /// docs/LEARNING.md) or `zero` [default: unigram].
-    #[arg(long)]
+    #[arg(long, help_heading = "Model")]
     pub output_bias: Option<OutputBias>,
     /// At the step deadline, close with this fraction of members [default: 1.0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Volunteers")]
     pub min_fraction: Option<f32>,
     /// Step deadline in seconds [default: 60].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Volunteers")]
     pub step_timeout: Option<f64>,
     /// Shortest job deadline in seconds [default: 10].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Volunteers")]
     pub job_timeout: Option<f64>,
     /// Validation loss every this many steps [default: 25].
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub eval_every: Option<u64>,
     /// Validation windows of 65 characters [default: 256].
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub eval_windows: Option<usize>,
     /// Checkpoint every this many steps [default: 100].
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub checkpoint_every: Option<u64>,
     /// Checkpoints to keep [default: 3].
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub keep: Option<usize>,
     /// Stop after this many steps [default: never].
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub max_steps: Option<u64>,
     /// The run's wall-clock budget in seconds, set from `seedling train
     /// --minutes`: with it, the default lr schedule decays over the budget
@@ -241,22 +252,27 @@ pub struct RunArgs {
     pub time_budget_s: Option<f64>,
     /// Fraction of members replicated on a second volunteer once trusted;
     /// new volunteers are replicated more [default: 0.05].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Volunteers")]
     pub replicate: Option<f32>,
     /// Relative tolerance for replicated losses to agree [default: 0.001].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Volunteers")]
     pub tolerance: Option<f32>,
     /// Disagreements before a volunteer is disconnected [default: 2].
-    #[arg(long)]
+    #[arg(long, help_heading = "Volunteers")]
     pub max_strikes: Option<u32>,
     /// Token for the admin routes (pause, resume, checkpoint, kick) [default: admin off].
-    #[arg(long, env = "SEEDLING_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SEEDLING_ADMIN_TOKEN",
+        hide_env_values = true,
+        help_heading = "Server"
+    )]
     pub admin_token: Option<String>,
     /// Most volunteer connections at once [default: 10000].
-    #[arg(long)]
+    #[arg(long, help_heading = "Server")]
     pub max_connections: Option<usize>,
     /// Most volunteer connections from one IP address [default: 64].
-    #[arg(long)]
+    #[arg(long, help_heading = "Server")]
     pub max_per_ip: Option<usize>,
 }
 
@@ -265,13 +281,19 @@ macro_rules! merge {
 }
 
 impl RunArgs {
-    /// Fills unset flags from the `--config` file, if any.
-    pub fn with_file(mut self) -> anyhow::Result<Self> {
-        let Some(path) = self.config.clone() else {
-            return Ok(self);
+    /// Fills unset flags from the `--config` file, if any. Keys only
+    /// `train` has (`minutes`, `workers`, ...) are accepted and left to
+    /// [`TrainArgs::with_file`], so one file serves both commands.
+    pub fn with_file(self) -> anyhow::Result<Self> {
+        Ok(self.with_file_and_train_keys()?.0)
+    }
+
+    /// [`RunArgs::with_file`], also returning the file's train-only keys.
+    fn with_file_and_train_keys(mut self) -> anyhow::Result<(Self, TrainFileKeys)> {
+        let Some(path) = self.config.take() else {
+            return Ok((self, TrainFileKeys::default()));
         };
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut f: RunArgs = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let (mut f, train) = read_config_file(&path)?;
         if self.data.is_empty() {
             self.data = std::mem::take(&mut f.data);
         }
@@ -279,7 +301,7 @@ impl RunArgs {
             weight_decay, beta1, beta2, noise, rank, init_scale, schedule, warmup, decay_steps, min_lr_ratio, decay_gamma,
             shaping, head, readout, input_rows, output_bias, min_fraction, step_timeout, job_timeout, eval_every,
             eval_windows, checkpoint_every, keep, max_steps, admin_token, max_connections, max_per_ip, replicate, tolerance, max_strikes);
-        Ok(self)
+        Ok((self, train))
     }
 
     /// The run configuration for a vocabulary of `vocab` characters.
@@ -305,12 +327,11 @@ impl RunArgs {
         c.adam.beta1 = self.beta1.unwrap_or(c.adam.beta1);
         c.adam.beta2 = self.beta2.unwrap_or(c.adam.beta2);
         c.init_scale = self.init_scale.unwrap_or(1.0);
-        c.es.noise = match self.noise.as_deref().unwrap_or("lowrank") {
-            "lowrank" | "low-rank" => NoiseKind::LowRank {
+        c.es.noise = match self.noise.unwrap_or_default() {
+            NoiseFlag::Lowrank => NoiseKind::LowRank {
                 rank: self.rank.unwrap_or(1),
             },
-            "full" => NoiseKind::Full,
-            other => anyhow::bail!("--noise must be `lowrank` or `full`, not `{other}`"),
+            NoiseFlag::Full => NoiseKind::Full,
         };
         let warmup = self.warmup.unwrap_or(0);
         let min_ratio = self.min_lr_ratio.unwrap_or(DEFAULT_MIN_LR_RATIO);
@@ -322,10 +343,14 @@ impl RunArgs {
             seconds: s as f32,
             min_ratio,
         });
-        let default = if timed.is_some() { "cosine" } else { "constant" };
-        c.recipe.schedule = match self.schedule.as_deref().unwrap_or(default) {
-            "constant" => LrSchedule::Constant,
-            "cosine" => match (self.decay_steps, self.max_steps, timed) {
+        let default = if timed.is_some() {
+            ScheduleFlag::Cosine
+        } else {
+            ScheduleFlag::Constant
+        };
+        c.recipe.schedule = match self.schedule.unwrap_or(default) {
+            ScheduleFlag::Constant => LrSchedule::Constant,
+            ScheduleFlag::Cosine => match (self.decay_steps, self.max_steps, timed) {
                 (Some(n), _, _) => LrSchedule::Cosine {
                     warmup,
                     total: n,
@@ -341,34 +366,29 @@ impl RunArgs {
                     anyhow::bail!("--schedule cosine needs --decay-steps, --max-steps or (train) --minutes")
                 }
             },
-            "step" => LrSchedule::Step {
+            ScheduleFlag::Step => LrSchedule::Step {
                 warmup,
                 every: self
                     .decay_steps
                     .context("--schedule step needs --decay-steps (steps between decays)")?,
                 gamma: self.decay_gamma.unwrap_or(0.5),
             },
-            other => anyhow::bail!("--schedule must be `constant`, `cosine` or `step`, not `{other}`"),
         };
-        c.recipe.shaping = match self.shaping.as_deref().unwrap_or("ranks") {
-            "ranks" => Shaping::CenteredRanks,
-            "zscores" => Shaping::ZScores,
-            other => anyhow::bail!("--shaping must be `ranks` or `zscores`, not `{other}`"),
+        c.recipe.shaping = match self.shaping.unwrap_or_default() {
+            ShapingFlag::Ranks => Shaping::CenteredRanks,
+            ShapingFlag::Zscores => Shaping::ZScores,
         };
-        c.recipe.readout = match self.readout.as_deref().unwrap_or("exact") {
-            "exact" => Readout::Exact,
-            "es" => Readout::Es,
-            other => anyhow::bail!("--readout must be `exact` or `es`, not `{other}`"),
+        c.recipe.readout = match self.readout.unwrap_or_default() {
+            ReadoutFlag::Exact => Readout::Exact,
+            ReadoutFlag::Es => Readout::Es,
         };
-        c.model.head = match self.head.as_deref().unwrap_or("by-input") {
-            "shared" => Head::Shared,
-            "by-input" => Head::ByInput,
-            other => anyhow::bail!("--head must be `by-input` or `shared`, not `{other}`"),
+        c.model.head = match self.head.unwrap_or_default() {
+            HeadFlag::Shared => Head::Shared,
+            HeadFlag::ByInput => Head::ByInput,
         };
-        c.recipe.input_rows = match self.input_rows.as_deref().unwrap_or("seen") {
-            "seen" => InputRows::Seen,
-            "all" => InputRows::All,
-            other => anyhow::bail!("--input-rows must be `seen` or `all`, not `{other}`"),
+        c.recipe.input_rows = match self.input_rows.unwrap_or_default() {
+            InputRowsFlag::Seen => InputRows::Seen,
+            InputRowsFlag::All => InputRows::All,
         };
         c.validate()?;
         Ok(c)
@@ -449,6 +469,42 @@ impl RunArgs {
     }
 }
 
+/// The keys of a `--config` file that are flags of `train` alone.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TrainFileKeys {
+    /// `--method`.
+    pub method: Option<Method>,
+    /// `--workers`.
+    pub workers: Option<usize>,
+    /// `--threads`.
+    pub threads: Option<usize>,
+    /// `--minutes`.
+    pub minutes: Option<f64>,
+    /// `--sample`.
+    pub sample: Option<usize>,
+}
+
+/// The names of [`TrainFileKeys`]' fields as file keys.
+const TRAIN_FILE_KEYS: [&str; 5] = ["method", "workers", "threads", "minutes", "sample"];
+
+/// Reads a `--config` file: the flags of `serve` and `train` as keys. An
+/// unknown key is an error naming it (a typo must not be ignored).
+pub fn read_config_file(path: &std::path::Path) -> anyhow::Result<(RunArgs, TrainFileKeys)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let parse = || -> anyhow::Result<(RunArgs, TrainFileKeys)> {
+        let mut table: toml::Table = toml::from_str(&text)?;
+        let mut train = toml::Table::new();
+        for key in TRAIN_FILE_KEYS {
+            if let Some(v) = table.remove(key) {
+                train.insert(key.to_string(), v);
+            }
+        }
+        Ok((table.try_into()?, train.try_into()?))
+    };
+    parse().with_context(|| format!("parsing {}", path.display()))
+}
+
 /// `./www` when run from the repository, else the copy next to the sources.
 fn default_www() -> Option<PathBuf> {
     [
@@ -470,7 +526,8 @@ pub enum OutputBias {
 }
 
 /// How `seedling train` computes its updates.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Evolution strategies through the server and in-process workers.
     #[default]
@@ -480,31 +537,137 @@ pub enum Method {
     Bptt,
 }
 
-/// Flags of `seedling train`.
+/// `--noise`: the kind of perturbation members add to the weights.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoiseFlag {
+    /// Rank-`--rank` noise per matrix (EGGROLL): cheap to apply in a batch.
+    #[default]
+    #[value(alias = "low-rank")]
+    #[serde(alias = "low-rank")]
+    Lowrank,
+    /// Full Gaussian noise on every weight (OpenAI-ES).
+    Full,
+}
+
+/// `--schedule`: how the learning rate moves over the run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleFlag {
+    /// The same lr throughout (after any warm-up).
+    Constant,
+    /// Warm-up, then a half cosine down to min-lr-ratio * lr.
+    Cosine,
+    /// Warm-up, then times decay-gamma every decay-steps.
+    Step,
+}
+
+/// `--shaping`: how member losses become ES weights.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShapingFlag {
+    /// Centered ranks: robust to outliers and to the loss's scale.
+    #[default]
+    Ranks,
+    /// Z-scores of the losses.
+    Zscores,
+}
+
+/// `--readout`: how the output layer is updated.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadoutFlag {
+    /// Every replica computes the output layer's exact gradient on the
+    /// step's minibatch (one forward pass, no backward pass through time);
+    /// ES estimates the rest.
+    #[default]
+    Exact,
+    /// ES's estimate, like every other weight.
+    Es,
+}
+
+/// `--head`: the shape of the output layer.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadFlag {
+    /// One matrix and bias per input character (needs the exact readout).
+    #[default]
+    ByInput,
+    /// One matrix and bias for all inputs.
+    Shared,
+}
+
+/// `--input-rows`: which input rows ES's estimate covers.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputRowsFlag {
+    /// Only the characters the step's minibatch reads (the others' exact
+    /// gradient is zero).
+    #[default]
+    Seen,
+    /// Every row.
+    All,
+}
+
+/// Flags of `seedling train`. Those a `--config` file may also set are
+/// options here, so a file's value fills only what the command line left
+/// unset; [`TrainArgs::with_file`] merges it, and the accessors give the
+/// defaults.
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// Server flags.
     #[command(flatten)]
     pub run: RunArgs,
     /// `es`, or `bptt` for the exact-gradient baseline (its --batch defaults
-    /// to 32 sequences; population, sigma, noise and rank do not apply).
-    #[arg(long, value_enum, default_value_t = Method::Es)]
-    pub method: Method,
-    /// In-process workers.
-    #[arg(long, default_value_t = 1)]
-    pub workers: usize,
+    /// to 32 sequences; population, sigma, noise and rank do not apply) [default: es].
+    #[arg(long, value_enum, help_heading = "Train")]
+    pub method: Option<Method>,
+    /// In-process workers [default: 1].
+    #[arg(long, help_heading = "Train")]
+    pub workers: Option<usize>,
     /// Threads per worker [default: all cores].
-    #[arg(long)]
+    #[arg(long, help_heading = "Train")]
     pub threads: Option<usize>,
-    /// Stop after this many minutes.
-    #[arg(long)]
+    /// Stop after this many minutes; the progress bar and the default lr
+    /// schedule then run over this time.
+    #[arg(long, allow_negative_numbers = true, help_heading = "Train")]
     pub minutes: Option<f64>,
-    /// Characters of text to sample at the end.
-    #[arg(long, default_value_t = 300)]
-    pub sample: usize,
+    /// Characters of text to sample at the end [default: 300].
+    #[arg(long, help_heading = "Train")]
+    pub sample: Option<usize>,
 }
 
 impl TrainArgs {
+    /// Fills unset flags, the server's and train's own, from the
+    /// `--config` file, if any.
+    pub fn with_file(mut self) -> anyhow::Result<Self> {
+        let (run, mut f) = self.run.with_file_and_train_keys()?;
+        self.run = run;
+        merge!(self, f; method, workers, threads, minutes, sample);
+        if let Some(m) = self.minutes {
+            anyhow::ensure!(
+                m.is_finite() && m > 0.0,
+                "--minutes must be a number > 0, not {m}"
+            );
+        }
+        Ok(self)
+    }
+
+    /// `--method`, es by default.
+    pub fn method(&self) -> Method {
+        self.method.unwrap_or_default()
+    }
+
+    /// `--workers`, at least 1.
+    pub fn workers(&self) -> usize {
+        self.workers.unwrap_or(1).max(1)
+    }
+
+    /// `--sample`, 300 characters by default.
+    pub fn sample(&self) -> usize {
+        self.sample.unwrap_or(300)
+    }
+
     /// The server flags with `--config` merged in and `--minutes` as the
     /// run's time budget, which the default lr schedule decays over.
     pub fn run_args(&self) -> anyhow::Result<RunArgs> {
@@ -542,8 +705,8 @@ pub struct GenerateArgs {
     /// Characters to generate.
     #[arg(long, default_value_t = 300)]
     pub len: usize,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.8)]
+    /// Sampling temperature, >= 0 (0 = greedy).
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true, value_parser = temperature)]
     pub temperature: f32,
     /// Sample only among the k most likely characters (0 = all).
     #[arg(long, default_value_t = 0)]
@@ -570,6 +733,30 @@ pub struct EvalArgs {
     pub windows: usize,
 }
 
+/// Parses `--temperature`: a finite number >= 0, so a negative one is a
+/// usage error that says what is allowed.
+fn temperature(s: &str) -> Result<f32, String> {
+    let t: f32 = s.parse().map_err(|e| format!("{e}"))?;
+    if t.is_finite() && t >= 0.0 {
+        Ok(t)
+    } else {
+        Err(format!(
+            "the temperature must be a finite number >= 0 (0 is greedy, 1 samples the model's own distribution), not {t}"
+        ))
+    }
+}
+
+/// Flags of `seedling export`.
+#[derive(Args, Debug, Clone)]
+pub struct ExportArgs {
+    /// Checkpoint file or run dir (newest checkpoint).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The safetensors file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
 /// Flags of `seedling inspect`.
 #[derive(Args, Debug, Clone)]
 pub struct InspectArgs {
@@ -591,4 +778,170 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("seedling").chain(args.iter().copied()))
+    }
+
+    fn train(args: &[&str]) -> TrainArgs {
+        match parse(&[&["train"], args].concat()).unwrap().command {
+            Command::Train(t) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn enum_flags_take_their_spellings_and_map_to_the_core() {
+        let t = train(&[
+            "--noise",
+            "low-rank",
+            "--rank",
+            "2",
+            "--schedule",
+            "step",
+            "--decay-steps",
+            "10",
+            "--shaping",
+            "zscores",
+            "--readout",
+            "es",
+            "--head",
+            "shared",
+            "--input-rows",
+            "all",
+        ]);
+        let c = t.run_args().unwrap().run_config(20).unwrap();
+        assert_eq!(c.es.noise, NoiseKind::LowRank { rank: 2 });
+        assert!(matches!(c.recipe.schedule, LrSchedule::Step { every: 10, .. }));
+        assert_eq!(c.recipe.shaping, Shaping::ZScores);
+        assert_eq!(c.recipe.readout, Readout::Es);
+        assert_eq!(c.model.head, Head::Shared);
+        assert_eq!(c.recipe.input_rows, InputRows::All);
+        // The defaults are what they were.
+        let c = train(&[]).run_args().unwrap().run_config(20).unwrap();
+        assert_eq!(c.es.noise, NoiseKind::LowRank { rank: 1 });
+        assert_eq!(c.recipe.schedule, LrSchedule::Constant);
+        assert_eq!(
+            (
+                c.recipe.shaping,
+                c.recipe.readout,
+                c.model.head,
+                c.recipe.input_rows
+            ),
+            (
+                Shaping::CenteredRanks,
+                Readout::Exact,
+                Head::ByInput,
+                InputRows::Seen
+            )
+        );
+        let e = parse(&["train", "--head", "by_input"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn negative_numbers_are_values() {
+        // Read as the value, then refused by the check that knows why.
+        let t = train(&["--lr", "-0.1", "--minutes", "-1"]);
+        assert_eq!(t.run.lr, Some(-0.1));
+        assert!(
+            t.clone()
+                .with_file()
+                .unwrap_err()
+                .to_string()
+                .contains("--minutes")
+        );
+        assert!(t.run_args().unwrap().run_config(20).is_err());
+        let e = parse(&["generate", "--checkpoint", "c", "--temperature", "-1"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+        let Command::Generate(g) = parse(&["generate", "--checkpoint", "c", "--temperature", "0"])
+            .unwrap()
+            .command
+        else {
+            unreachable!()
+        };
+        assert_eq!(g.temperature, 0.0);
+    }
+
+    #[test]
+    fn bind_listens_beyond_loopback_only_when_asked() {
+        assert_eq!(train(&[]).run.address(), "127.0.0.1:8080");
+        assert_eq!(
+            train(&["--bind", "0.0.0.0", "--port", "9000"]).run.address(),
+            "0.0.0.0:9000"
+        );
+        let Command::Serve(s) = parse(&["serve", "--bind", "::"]).unwrap().command else {
+            unreachable!()
+        };
+        assert_eq!(s.address(), ":::8080");
+    }
+
+    fn write(dir: &std::path::Path, text: &str) -> PathBuf {
+        let p = dir.join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_config_file_may_hold_trains_own_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "minutes = 1\nworkers = 3\nmethod = \"bptt\"\nsample = 0\nhidden = 16\nnoise = \"full\"\n",
+        );
+        let path = p.to_str().unwrap();
+        let t = train(&["--config", path, "--workers", "2"]).with_file().unwrap();
+        assert_eq!(t.minutes, Some(1.0));
+        // The command line wins.
+        assert_eq!((t.workers(), t.method(), t.sample()), (2, Method::Bptt, 0));
+        let run = t.run_args().unwrap();
+        assert_eq!(
+            (run.hidden, run.noise, run.time_budget_s),
+            (Some(16), Some(NoiseFlag::Full), Some(60.0))
+        );
+        // serve reads the same file and leaves train's keys alone.
+        let Command::Serve(s) = parse(&["serve", "--config", path]).unwrap().command else {
+            unreachable!()
+        };
+        assert_eq!(s.with_file().unwrap().hidden, Some(16));
+        // A typo is an error that names the key; so is a bad value.
+        let p = write(dir.path(), "minuts = 1\n");
+        let e = format!(
+            "{:#}",
+            RunArgs::with_file(train(&["--config", p.to_str().unwrap()]).run).unwrap_err()
+        );
+        assert!(e.contains("minuts"), "{e}");
+        let p = write(dir.path(), "schedule = \"cosin\"\n");
+        assert!(read_config_file(&p).is_err());
+    }
+
+    #[test]
+    fn the_example_config_parses_and_says_what_it_says() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/seedling.example.toml");
+        let t = train(&["--config", example]).with_file().unwrap();
+        assert_eq!(t.minutes, Some(30.0));
+        assert_eq!((t.method(), t.workers(), t.sample()), (Method::Es, 1, 300));
+        let run = t.run_args().unwrap();
+        assert_eq!(run.address(), "127.0.0.1:8080");
+        assert_eq!(run.run_dir.as_deref(), Some(std::path::Path::new("runs/example")));
+        // Its values are the defaults: the same config as no file at all
+        // (with the same time budget).
+        let c = run.run_config(65).unwrap();
+        let bare = train(&["--minutes", "30"])
+            .run_args()
+            .unwrap()
+            .run_config(65)
+            .unwrap();
+        assert_eq!(c, bare);
+        let settings = |r: &RunArgs| format!("{:?}", r.settings());
+        assert_eq!(
+            settings(&run),
+            settings(&train(&["--run-dir", "runs/example"]).run)
+        );
+    }
 }
