@@ -645,6 +645,55 @@ mod tests {
     use super::*;
     use seedling_core::tokenizer::Tokenizer;
 
+    fn point(step: u64, val: bool) -> HistoryPoint {
+        HistoryPoint {
+            step,
+            elapsed_s: step as f64,
+            tokens: step * 100,
+            train_loss: 2.5,
+            val_loss: val.then_some(2.4),
+        }
+    }
+
+    #[test]
+    fn the_polled_status_stays_small_with_a_long_run_and_a_crowd() {
+        use crate::coordinator::types::ClientReport;
+        let report = |i: u64| ClientReport {
+            kind: "browser",
+            step: i,
+            hash: format!("{i:016x}"),
+            members: i,
+            trust: i,
+        };
+        let status = Status {
+            history: (1..=crate::checkpoint::HISTORY_CAP as u64)
+                .map(|s| point(s, s % 10 == 0))
+                .collect(),
+            client_hashes: (0..10_000).map(|i| (i, report(i))).collect(),
+            data: "x".repeat(200),
+            hash: format!("{:016x}", u64::MAX),
+            val_loss: Some(1.0),
+            train_loss: Some(1.0),
+            history_step: Some(u64::MAX),
+            ..Status::default()
+        };
+        let json = serde_json::to_vec(&status).unwrap();
+        assert!(json.len() < 4096, "{} bytes", json.len());
+    }
+
+    #[test]
+    fn thinning_keeps_everything_that_fits_and_the_newest_point() {
+        let few: Vec<_> = (1..=10).map(|s| point(s, s % 3 == 0)).collect();
+        assert_eq!(thin(&few, 10), few);
+        let many: Vec<_> = (1..=10_000).map(|s| point(s, s % 7 == 0)).collect();
+        let kept = thin(&many, 1000);
+        assert!((500..=1000).contains(&kept.len()), "{}", kept.len());
+        assert_eq!(kept.last(), many.last());
+        assert!(kept.windows(2).all(|p| p[0].step < p[1].step));
+        let vals = kept.iter().filter(|p| p.val_loss.is_some()).count();
+        assert!((250..=500).contains(&vals), "{vals} validation points");
+    }
+
     #[test]
     fn a_fresh_run_starts_from_the_unigram_bias_when_asked() {
         let text = "aaaaaaab bbc\n".repeat(50);

@@ -121,6 +121,25 @@ async fn metrics_are_typed_labelled_and_count() {
     wait_for(&server, secs, "the run to finish", |s| s.finished).await;
     let (_, last) = http_get(server.addr, "/metrics").await;
     assert_eq!(sample(&last, "seedling_volunteers{kind=\"native\"}"), 1.0);
+    // Every metric the shipped dashboard and docs query is served.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for doc in ["docs/grafana-dashboard.json", "docs/METRICS.md"] {
+        let text = std::fs::read_to_string(root.join(doc)).unwrap();
+        for (at, _) in text.match_indices("seedling_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if name.ends_with('_') {
+                continue; // a pattern such as `seedling_(a|b)_total`
+            }
+            let family = ["_total", "_bucket", "_count", "_sum", "_info"]
+                .iter()
+                .fold(name.as_str(), |n, suffix| n.strip_suffix(suffix).unwrap_or(n));
+            let line = format!("# TYPE {family} ");
+            assert!(last.contains(&line), "{doc} queries {name}, which /metrics lacks");
+        }
+    }
     let steps = |t: &str| sample(t, "seedling_steps_total");
     assert!(
         steps(&last) > steps(&first),
