@@ -2,7 +2,7 @@
 // framework and no build step: the browser loads these ES modules as they are.
 //
 //   pool.js    the Web Workers (worker.js), one volunteer connection each
-//   status.js  /api/status, polled
+//   status.js  /api/status, polled; the curve from /api/history
 //   chart.js   the loss chart
 //   format.js  how numbers are written
 //   state.js   window.seedling, published after every change
@@ -163,10 +163,9 @@ function renderStatus(s) {
   else if (stalled) setPill('', 'Paused');
   else setPill('live', `Training live · ${fmtInt(s.volunteers.total)} online`);
 
-  chart.draw(s.history || []);
-  const last = (s.history || []).at(-1);
+  chart.draw(poller.history);
   const parts = [];
-  if (last && last.train_loss != null) parts.push(`training ${last.train_loss.toFixed(3)}`);
+  if (s.train_loss != null) parts.push(`training ${s.train_loss.toFixed(3)}`);
   if (s.val_loss != null) parts.push(`validation ${s.val_loss.toFixed(3)}`);
   $('loss-now').textContent = parts.length ? `Latest: ${parts.join(', ')}.` : '';
 }

@@ -370,6 +370,15 @@ async fn the_page_trains_alone_and_agrees() {
             v.as_f64().is_some_and(|n| n > 5.0)
         })
         .await;
+        // The page polls the lean status (no curve, no client map) and
+        // fetches the curve by increments: the chart keeps growing.
+        let lean = js(page, "JSON.stringify(window.seedling.status).length").await;
+        assert!(lean.as_f64().is_some_and(|n| n > 0.0 && n < 4096.0), "status of {lean} bytes");
+        let drawn = js(page, chart).await.as_f64().unwrap_or(0.0);
+        page_wait(page, "the chart growing", chart, |v| {
+            v.as_f64().is_some_and(|n| n > drawn)
+        })
+        .await;
         let png = page.screenshot().await.unwrap();
         let path = output_dir().join("browser-page.png");
         std::fs::write(&path, png).unwrap();

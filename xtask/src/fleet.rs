@@ -396,7 +396,7 @@ fn drive(
     };
     let mut next_churn = o.churn.map(|c| t0 + c);
     loop {
-        if let Some(status) = status(server.addr) {
+        if let Some(status) = status(server.addr, seen.validation.keys().next_back().copied()) {
             let finished = status["finished"].as_bool() == Some(true);
             seen.record(status);
             seen.wall_s = t0.elapsed().as_secs_f64();
@@ -451,7 +451,7 @@ fn drive(
         std::thread::sleep(POLL);
     }
     // The final figures: one more read, if the server still answers.
-    if let Some(status) = status(server.addr) {
+    if let Some(status) = status(server.addr, seen.validation.keys().next_back().copied()) {
         seen.record(status);
         seen.wall_s = t0.elapsed().as_secs_f64();
     }
@@ -460,12 +460,22 @@ fn drive(
     Ok(seen)
 }
 
-/// `/api/status` over plain HTTP/1.0 (the server closes the connection
+/// `/api/status`, with the learning curve's points after step `since`
+/// (from `/api/history`, the status itself stays small) under `history`;
+/// `None` if the server does not answer.
+fn status(server: SocketAddr, since: Option<u64>) -> Option<serde_json::Value> {
+    let mut status = get(server, "/api/status")?;
+    let since = since.map_or(-1, |s| s as i64);
+    status["history"] = get(server, &format!("/api/history?since={since}"))?;
+    Some(status)
+}
+
+/// `path` over plain HTTP/1.0 as JSON (the server closes the connection
 /// after the answer); `None` if the server does not answer.
-fn status(server: SocketAddr) -> Option<serde_json::Value> {
+fn get(server: SocketAddr, path: &str) -> Option<serde_json::Value> {
     let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /api/status HTTP/1.0\r\nHost: localhost\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .ok()?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).ok()?;

@@ -66,6 +66,7 @@ impl Coordinator {
             return self.reject(id, &why, out);
         }
         let job = self.sched.jobs.remove(job_id).unwrap();
+        self.counters.round_trip(now.saturating_duration_since(job.sent));
         let secs = now.saturating_duration_since(job.sent).as_secs_f64().max(1e-3);
         let client = self.clients.get_mut(&id).unwrap();
         client.job = None;

@@ -45,8 +45,9 @@ pub struct Observed {
 }
 
 impl Observed {
-    /// Takes in one `/api/status` document: its validation points (the
-    /// status keeps only recent history, so the poller keeps the rest).
+    /// Takes in one `/api/status` document with the newest history points
+    /// under `history`: their validation points (the poller asks only for
+    /// the points since the last validation, so it keeps the rest).
     pub fn record(&mut self, status: Value) {
         for point in status["history"].as_array().into_iter().flatten() {
             let (Some(step), Some(t), Some(loss)) = (
