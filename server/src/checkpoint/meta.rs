@@ -193,64 +193,22 @@ struct DiskRunConfig {
     recipe: DiskRecipe,
 }
 
-/// Writes `From` both ways between a plain enum and its disk mirror,
-/// variant by variant, so a variant added to one side alone does not compile.
-macro_rules! mirror_enum {
-    ($plain:ident <-> $disk:ident { $($v:ident $({ $($f:ident),* })?),* $(,)? }) => {
-        impl From<$plain> for $disk {
-            fn from(x: $plain) -> Self {
-                match x {
-                    $($plain::$v $({ $($f),* })? => $disk::$v $({ $($f),* })?,)*
-                }
-            }
-        }
-        impl From<$disk> for $plain {
-            fn from(x: $disk) -> Self {
-                match x {
-                    $($disk::$v $({ $($f),* })? => $plain::$v $({ $($f),* })?,)*
-                }
-            }
-        }
-    };
-}
-
-/// Writes `From` both ways between a plain struct and its disk mirror,
-/// field by field, so a field added to one side alone does not compile.
-macro_rules! mirror_struct {
-    ($plain:ident <-> $disk:ident { $($f:ident),* $(,)? }) => {
-        impl From<$plain> for $disk {
-            #[allow(clippy::useless_conversion)]
-            fn from(x: $plain) -> Self {
-                let $plain { $($f),* } = x;
-                $disk { $($f: $f.into()),* }
-            }
-        }
-        impl From<$disk> for $plain {
-            #[allow(clippy::useless_conversion)]
-            fn from(x: $disk) -> Self {
-                let $disk { $($f),* } = x;
-                $plain { $($f: $f.into()),* }
-            }
-        }
-    };
-}
-
-mirror_enum!(Head <-> DiskHead { Shared, ByInput });
-mirror_enum!(NoiseKind <-> DiskNoise { Full, LowRank { rank } });
-mirror_enum!(LrSchedule <-> DiskSchedule {
+seedling_core::mirror_enum!(Head <-> DiskHead { Shared, ByInput });
+seedling_core::mirror_enum!(NoiseKind <-> DiskNoise { Full, LowRank { rank } });
+seedling_core::mirror_enum!(LrSchedule <-> DiskSchedule {
     Constant,
     Cosine { warmup, total, min_ratio },
     Step { warmup, every, gamma },
     CosineTime { warmup, seconds, min_ratio },
 });
-mirror_enum!(Shaping <-> DiskShaping { CenteredRanks, ZScores });
-mirror_enum!(Readout <-> DiskReadout { Es, Exact });
-mirror_enum!(InputRows <-> DiskInputRows { All, Seen });
-mirror_struct!(ModelConfig <-> DiskModel { vocab, hidden, layers, head });
-mirror_struct!(EsConfig <-> DiskEs { noise, sigma, population, batch, seq_len });
-mirror_struct!(AdamConfig <-> DiskAdam { lr, beta1, beta2, eps, weight_decay });
-mirror_struct!(Recipe <-> DiskRecipe { schedule, shaping, readout, input_rows });
-mirror_struct!(RunConfig <-> DiskRunConfig { seed, model, es, adam, init_scale, recipe });
+seedling_core::mirror_enum!(Shaping <-> DiskShaping { CenteredRanks, ZScores });
+seedling_core::mirror_enum!(Readout <-> DiskReadout { Es, Exact });
+seedling_core::mirror_enum!(InputRows <-> DiskInputRows { All, Seen });
+seedling_core::mirror_struct!(ModelConfig <-> DiskModel { vocab, hidden, layers, head });
+seedling_core::mirror_struct!(EsConfig <-> DiskEs { noise, sigma, population, batch, seq_len });
+seedling_core::mirror_struct!(AdamConfig <-> DiskAdam { lr, beta1, beta2, eps, weight_decay });
+seedling_core::mirror_struct!(Recipe <-> DiskRecipe { schedule, shaping, readout, input_rows });
+seedling_core::mirror_struct!(RunConfig <-> DiskRunConfig { seed, model, es, adam, init_scale, recipe });
 
 #[cfg(test)]
 mod tests {
