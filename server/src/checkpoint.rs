@@ -421,6 +421,7 @@ pub(crate) mod tests {
                 population: 8,
                 batch: 2,
                 seq_len: 8,
+                lag: 0,
             },
             adam: AdamConfig {
                 lr: 0.01,

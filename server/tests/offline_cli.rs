@@ -35,6 +35,7 @@ fn train_checkpoint_resume_generate_eval_inspect() {
             population: 16,
             batch: 4,
             seq_len: 16,
+            lag: 0,
         },
         adam: AdamConfig {
             lr: 0.02,

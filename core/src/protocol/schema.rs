@@ -69,6 +69,8 @@ pub struct WireEs {
     pub batch: u32,
     /// [`EsConfig::seq_len`].
     pub seq_len: u32,
+    /// [`EsConfig::lag`].
+    pub lag: u32,
 }
 
 /// Wire form of [`AdamConfig`].
@@ -243,7 +245,7 @@ mirror_enum!(Shaping <-> WireShaping { CenteredRanks, ZScores });
 mirror_enum!(Readout <-> WireReadout { Es, Exact });
 mirror_enum!(InputRows <-> WireInputRows { All, Seen });
 mirror_struct!(ModelConfig <-> WireModel { vocab, hidden, layers, head });
-mirror_struct!(EsConfig <-> WireEs { noise, sigma, population, batch, seq_len });
+mirror_struct!(EsConfig <-> WireEs { noise, sigma, population, batch, seq_len, lag });
 mirror_struct!(AdamConfig <-> WireAdam { lr, beta1, beta2, eps, weight_decay });
 mirror_struct!(Recipe <-> WireRecipe { schedule, shaping, readout, input_rows });
 mirror_struct!(RunConfig <-> WireRunConfig { seed, model, es, adam, init_scale, recipe });
