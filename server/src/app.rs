@@ -236,7 +236,8 @@ pub fn initial_replica(
         cadence,
         Instant::now(),
     )?;
-    let replica = Replica::from_snapshot(*book.config(), start.step, start.params, start.adam)?;
+    let replica = Replica::from_snapshot(*book.config(), start.step, start.params, start.adam)?
+        .with_versions(start.versions)?;
     if let Some(path) = resumed {
         tracing::info!(step = replica.step, hash = format!("{:016x}", replica.hash()), path = %path.display(), "resumed");
     }
@@ -250,6 +251,11 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
         "the config's vocab ({}) differs from the data's ({})",
         opts.config.model.vocab,
         opts.data.tokenizer.len()
+    );
+    anyhow::ensure!(
+        opts.config.es.lag == 0,
+        "this coordinator keeps one step open: --lag {} is not supported yet",
+        opts.config.es.lag
     );
     let (replica, book) = initial_replica(&opts.config, &opts.settings, &opts.data)?;
     let run = driver::run_id(&replica);

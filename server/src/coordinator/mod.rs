@@ -353,9 +353,7 @@ impl Coordinator {
         if self.settings.run_dir.is_none() {
             return false;
         }
-        let ckpt = self
-            .book
-            .checkpoint(self.replica.step, &self.replica.params, &self.replica.adam);
+        let ckpt = self.book.checkpoint_of(&self.replica);
         out.push(Output::Checkpoint(Box::new(ckpt), reason));
         true
     }
@@ -397,12 +395,7 @@ impl Coordinator {
     }
 
     fn send_snapshot(&self, id: ClientId, out: &mut dyn Outputs) {
-        let snap = ServerMsg::Snapshot {
-            step: self.replica.step,
-            params: self.replica.params.clone(),
-            adam: self.replica.adam.clone(),
-        };
-        self.send(id, &snap, out);
+        self.send(id, &self.replica.snapshot(), out);
     }
 
     /// Validation loss of the authoritative weights on the fixed held-out set.
