@@ -252,11 +252,6 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
         opts.config.model.vocab,
         opts.data.tokenizer.len()
     );
-    anyhow::ensure!(
-        opts.config.es.lag == 0,
-        "this coordinator keeps one step open: --lag {} is not supported yet",
-        opts.config.es.lag
-    );
     let (replica, book) = initial_replica(&opts.config, &opts.settings, &opts.data)?;
     let run = driver::run_id(&replica);
     let coordinator = Coordinator::new(

@@ -287,7 +287,9 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
         OLD_VERSION_KEY
     };
     let version: u32 = get(key)?.parse().with_context(|| format!("bad {key}"))?;
-    if !READABLE_VERSIONS.contains(&version) {
+    // The old key was written only by versions 1 to 5.
+    let misfiled = key == OLD_VERSION_KEY && version > 5;
+    if !READABLE_VERSIONS.contains(&version) || misfiled {
         return Err(Incompatible(format!(
             "written as checkpoint version {version}, but this build reads versions {READABLE_VERSIONS:?}; \
              use a matching seedling build to resume or convert it"

@@ -89,7 +89,7 @@ impl Coordinator {
             step: self.replica.step,
             steps_closed: c.steps_closed,
             population: self.replica.config.es.population,
-            members_done: self.books.counted() as u32,
+            members_done: self.front().books.counted() as u32,
             params: self.replica.layout.len,
             // The hash of the current step, computed once when it closed.
             hash: format!("{:016x}", self.step.hash().unwrap_or_else(|| self.replica.hash())),

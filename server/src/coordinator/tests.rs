@@ -140,13 +140,21 @@ proptest! {
 /// The bookkeeping invariants that must hold after every event.
 fn check_books(c: &Coordinator) -> Result<(), TestCaseError> {
     let n = c.replica.config.es.population;
-    prop_assert!(c.books.results().all(|(m, _)| m < n));
+    let lag = c.replica.config.es.lag as u64;
+    prop_assert_eq!(c.open.len() as u64, lag + 1);
+    for (i, o) in c.open.iter().enumerate() {
+        prop_assert_eq!(o.step, c.replica.step + i as u64, "open steps are consecutive from the replica's");
+        prop_assert!(o.books.results().all(|(m, _)| m < n));
+        prop_assert!(o.pool.iter().all(|m| !o.books.is_counted(m)));
+        prop_assert!(o.verify.iter().all(|m| !o.pool.contains(m)));
+    }
     let s = &c.sched;
-    prop_assert!(s.pool.iter().all(|m| !c.books.is_counted(m)));
-    prop_assert!(s.verify.iter().all(|m| !s.pool.contains(m)));
     for (_, job) in s.jobs.iter() {
         prop_assert!(c.clients.contains_key(&job.client), "a job outlived its client");
-        prop_assert!(job.members.iter().all(|&m| !s.pool.contains(m)));
+        let i = c.open_index(job.step);
+        prop_assert!(i.is_some(), "a job of a closed step is live");
+        let o = &c.open[i.unwrap()];
+        prop_assert!(job.members.iter().all(|&m| !o.pool.contains(m)));
     }
     for (id, cl) in &c.clients {
         prop_assert!(
