@@ -143,7 +143,11 @@ fn check_books(c: &Coordinator) -> Result<(), TestCaseError> {
     let lag = c.replica.config.es.lag as u64;
     prop_assert_eq!(c.open.len() as u64, lag + 1);
     for (i, o) in c.open.iter().enumerate() {
-        prop_assert_eq!(o.step, c.replica.step + i as u64, "open steps are consecutive from the replica's");
+        prop_assert_eq!(
+            o.step,
+            c.replica.step + i as u64,
+            "open steps are consecutive from the replica's"
+        );
         prop_assert!(o.books.results().all(|(m, _)| m < n));
         prop_assert!(o.pool.iter().all(|m| !o.books.is_counted(m)));
         prop_assert!(o.verify.iter().all(|m| !o.pool.contains(m)));
