@@ -313,7 +313,7 @@ impl RunBook {
 /// differs.
 ///
 /// The vocabulary must be the same characters (a same-sized one would index
-/// other rows of the weights). The model, the ES estimator and the optimizer
+/// other rows of the weights). The model, the ES estimator (with its lag) and the optimizer
 /// must be the same, and the seed, which keys the noise and the minibatches.
 /// `init_scale` is not compared; it only matters before step 0. The recipe
 /// (lr schedule, shaping, readout, input rows) is the checkpoint's: the run
@@ -343,6 +343,7 @@ pub fn check_resumable(ckpt: &Checkpoint, config: &RunConfig, tokenizer: &Tokeni
     same!(es.population);
     same!(es.batch);
     same!(es.seq_len);
+    same!(es.lag);
     same!(adam.lr);
     same!(adam.beta1);
     same!(adam.beta2);
