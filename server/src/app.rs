@@ -244,7 +244,8 @@ pub fn initial_replica(
         cadence,
         Instant::now(),
     )?;
-    let replica = Replica::from_snapshot(*book.config(), start.step, start.params, start.adam)?;
+    let replica = Replica::from_snapshot(*book.config(), start.step, start.params, start.adam)?
+        .with_versions(start.versions)?;
     if let Some(path) = resumed {
         tracing::info!(step = replica.step, hash = format!("{:016x}", replica.hash()), path = %path.display(), "resumed");
     }

@@ -160,6 +160,11 @@ pub struct RunArgs {
     /// Noise scale [default: 0.02].
     #[arg(long, allow_negative_numbers = true, help_heading = "Evolution strategies")]
     pub sigma: Option<f32>,
+    /// Steps in flight beyond the one closing [default: 0, at most 64]:
+    /// step s's members are evaluated at the weights of step s - lag, so
+    /// volunteers work on later steps while earlier ones close.
+    #[arg(long)]
+    pub lag: Option<u32>,
     /// Adam step size [default: 0.01].
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub lr: Option<f32>,
@@ -297,7 +302,7 @@ impl RunArgs {
         if self.data.is_empty() {
             self.data = std::mem::take(&mut f.data);
         }
-        merge!(self, f; run_dir, bind, port, www, seed, hidden, layers, population, batch, seq_len, sigma, lr,
+        merge!(self, f; run_dir, bind, port, www, seed, hidden, layers, population, batch, seq_len, sigma, lag, lr,
             weight_decay, beta1, beta2, noise, rank, init_scale, schedule, warmup, decay_steps, min_lr_ratio, decay_gamma,
             shaping, head, readout, input_rows, output_bias, min_fraction, step_timeout, job_timeout, eval_every,
             eval_windows, checkpoint_every, keep, max_steps, admin_token, max_connections, max_per_ip, replicate, tolerance, max_strikes);
@@ -322,6 +327,7 @@ impl RunArgs {
         c.es.batch = self.batch.unwrap_or(1);
         c.es.seq_len = self.seq_len.unwrap_or(64);
         c.es.sigma = self.sigma.unwrap_or(0.02);
+        c.es.lag = self.lag.unwrap_or(0);
         c.adam.lr = self.lr.unwrap_or(1e-2);
         c.adam.weight_decay = self.weight_decay.unwrap_or(0.0);
         c.adam.beta1 = self.beta1.unwrap_or(c.adam.beta1);

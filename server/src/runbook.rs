@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use seedling_core::Replica;
 use seedling_core::adam::AdamState;
 use seedling_core::config::RunConfig;
 use seedling_core::model::Layout;
@@ -42,6 +43,8 @@ pub struct Start {
     pub params: Vec<f32>,
     /// Adam's moments and update count.
     pub adam: AdamState,
+    /// The past weight versions of a lagged run (`Replica::versions`).
+    pub versions: Vec<Vec<f32>>,
 }
 
 /// What [`RunBook::open`] found: the book, the state to start from, and the
@@ -151,6 +154,7 @@ impl RunBook {
             step: 0,
             params,
             adam: AdamState::new(layout.len),
+            versions: Vec::new(),
         };
         let book = Self::new(*config, tokenizer.clone(), cadence, Vec::new(), None, now);
         (book, start)
@@ -171,6 +175,7 @@ impl RunBook {
             step: ckpt.step,
             params: ckpt.params,
             adam: ckpt.adam,
+            versions: ckpt.versions,
         };
         let book = Self::new(
             ckpt.config,
@@ -288,6 +293,17 @@ impl RunBook {
             adam: adam.clone(),
             history: self.history.clone(),
             lr_override: self.lr_override,
+            versions: Vec::new(),
+        }
+    }
+
+    /// The checkpoint of `replica`, with the past weight versions a lagged
+    /// run keeps ([`Replica::versions`]), so a restart can evaluate every
+    /// step that was open.
+    pub fn checkpoint_of(&self, replica: &Replica) -> Checkpoint {
+        Checkpoint {
+            versions: replica.versions().map(<[f32]>::to_vec).collect(),
+            ..self.checkpoint(replica.step, &replica.params, &replica.adam)
         }
     }
 }
@@ -297,7 +313,7 @@ impl RunBook {
 /// differs.
 ///
 /// The vocabulary must be the same characters (a same-sized one would index
-/// other rows of the weights). The model, the ES estimator and the optimizer
+/// other rows of the weights). The model, the ES estimator (with its lag) and the optimizer
 /// must be the same, and the seed, which keys the noise and the minibatches.
 /// `init_scale` is not compared; it only matters before step 0. The recipe
 /// (lr schedule, shaping, readout, input rows) is the checkpoint's: the run
@@ -327,6 +343,7 @@ pub fn check_resumable(ckpt: &Checkpoint, config: &RunConfig, tokenizer: &Tokeni
     same!(es.population);
     same!(es.batch);
     same!(es.seq_len);
+    same!(es.lag);
     same!(adam.lr);
     same!(adam.beta1);
     same!(adam.beta2);

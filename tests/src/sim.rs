@@ -145,9 +145,16 @@ pub async fn sim_client(
                 config = Some(c);
                 None
             }
-            Ok(ServerMsg::Snapshot { step, params, adam }) if verifier => {
+            Ok(ServerMsg::Snapshot {
+                step,
+                params,
+                adam,
+                versions,
+            }) if verifier => {
                 let c = config.expect("Welcome comes before Snapshot");
-                let r = Replica::from_snapshot(c, step, params, adam).expect("a valid snapshot");
+                let r = Replica::from_snapshot(c, step, params, adam)
+                    .and_then(|r| r.with_versions(versions))
+                    .expect("a valid snapshot");
                 let hash = ClientMsg::Hash { step, hash: r.hash() };
                 replica = Some(r);
                 Some(hash)

@@ -193,6 +193,7 @@ async fn the_status_stays_small_and_the_curve_comes_by_increments() {
         adam: replica.adam.clone(),
         history,
         lr_override: None,
+        versions: Vec::new(),
     };
     checkpoint::save(run.path(), &ckpt, 3).unwrap();
     let server = start(opts).await;

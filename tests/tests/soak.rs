@@ -99,10 +99,19 @@ impl Volunteer {
         let Some(ServerMsg::Welcome { config, .. }) = c.recv().await else {
             return None;
         };
-        let Some(ServerMsg::Snapshot { step, params, adam }) = c.recv().await else {
+        let Some(ServerMsg::Snapshot {
+            step,
+            params,
+            adam,
+            versions,
+        }) = c.recv().await
+        else {
             return None;
         };
-        let replica = Replica::from_snapshot(config, step, params, adam).unwrap();
+        let replica = Replica::from_snapshot(config, step, params, adam)
+            .unwrap()
+            .with_versions(versions)
+            .unwrap();
         Some(Self { c, replica, server })
     }
 
@@ -124,10 +133,17 @@ impl Volunteer {
                     };
                     self.c.send(&hash).await;
                 }
-                ServerMsg::Snapshot { step, params, adam } => {
+                ServerMsg::Snapshot {
+                    step,
+                    params,
+                    adam,
+                    versions,
+                } => {
                     let config = self.replica.config;
-                    self.replica =
-                        Replica::from_snapshot(config, *step, params.clone(), adam.clone()).unwrap();
+                    self.replica = Replica::from_snapshot(config, *step, params.clone(), adam.clone())
+                        .unwrap()
+                        .with_versions(versions.clone())
+                        .unwrap();
                 }
                 ServerMsg::Reject { reason, .. } => panic!("a fault injector was rejected: {reason}"),
                 _ => {}

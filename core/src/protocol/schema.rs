@@ -69,6 +69,8 @@ pub struct WireEs {
     pub batch: u32,
     /// [`EsConfig::seq_len`].
     pub seq_len: u32,
+    /// [`EsConfig::lag`].
+    pub lag: u32,
 }
 
 /// Wire form of [`AdamConfig`].
@@ -200,7 +202,7 @@ crate::mirror_enum!(Shaping <-> WireShaping { CenteredRanks, ZScores });
 crate::mirror_enum!(Readout <-> WireReadout { Es, Exact });
 crate::mirror_enum!(InputRows <-> WireInputRows { All, Seen });
 crate::mirror_struct!(ModelConfig <-> WireModel { vocab, hidden, layers, head });
-crate::mirror_struct!(EsConfig <-> WireEs { noise, sigma, population, batch, seq_len });
+crate::mirror_struct!(EsConfig <-> WireEs { noise, sigma, population, batch, seq_len, lag });
 crate::mirror_struct!(AdamConfig <-> WireAdam { lr, beta1, beta2, eps, weight_decay });
 crate::mirror_struct!(Recipe <-> WireRecipe { schedule, shaping, readout, input_rows });
 crate::mirror_struct!(RunConfig <-> WireRunConfig { seed, model, es, adam, init_scale, recipe });

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 /// wire's protocol version: a change of the wire alone leaves files as they
 /// are. Versions up to 5 were written under [`OLD_VERSION_KEY`], when the two
 /// shared a number, and mean the same here.
-pub const CHECKPOINT_VERSION: u32 = 5;
+pub const CHECKPOINT_VERSION: u32 = 6;
 
 /// Metadata key of the format version.
 pub const VERSION_KEY: &str = "checkpoint_version";
@@ -38,8 +38,10 @@ pub const OLD_VERSION_KEY: &str = "protocol_version";
 /// read as ES's estimate, what they trained with. Version 4 changed only
 /// what members perturb; the weights are the same kind of thing. Version 5
 /// added the model's head, which older configs read as the shared head,
-/// and the four-lane weights hash.
-pub const READABLE_VERSIONS: [u32; 5] = [1, 2, 3, 4, CHECKPOINT_VERSION];
+/// and the four-lane weights hash. Version 6 added the lag (steps in
+/// flight) and the past weight versions a lagged run keeps, which older
+/// files read as no lag and no versions.
+pub const READABLE_VERSIONS: [u32; 6] = [1, 2, 3, 4, 5, CHECKPOINT_VERSION];
 
 /// The weights hash a file of checkpoint `version` recorded: the byte-wise
 /// FNV-1a up to version 4 (see `seedling_core::hash`).
@@ -109,6 +111,14 @@ struct DiskEs {
     population: u32,
     batch: u32,
     seq_len: u32,
+    /// Files from before steps in flight trained without a lag; a run
+    /// without one writes none, so its JSON is what it always was.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    lag: u32,
+}
+
+fn is_zero(x: &u32) -> bool {
+    *x == 0
 }
 
 /// Disk form of [`AdamConfig`].
@@ -205,7 +215,7 @@ seedling_core::mirror_enum!(Shaping <-> DiskShaping { CenteredRanks, ZScores });
 seedling_core::mirror_enum!(Readout <-> DiskReadout { Es, Exact });
 seedling_core::mirror_enum!(InputRows <-> DiskInputRows { All, Seen });
 seedling_core::mirror_struct!(ModelConfig <-> DiskModel { vocab, hidden, layers, head });
-seedling_core::mirror_struct!(EsConfig <-> DiskEs { noise, sigma, population, batch, seq_len });
+seedling_core::mirror_struct!(EsConfig <-> DiskEs { noise, sigma, population, batch, seq_len, lag });
 seedling_core::mirror_struct!(AdamConfig <-> DiskAdam { lr, beta1, beta2, eps, weight_decay });
 seedling_core::mirror_struct!(Recipe <-> DiskRecipe { schedule, shaping, readout, input_rows });
 seedling_core::mirror_struct!(RunConfig <-> DiskRunConfig { seed, model, es, adam, init_scale, recipe });

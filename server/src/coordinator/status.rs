@@ -142,7 +142,7 @@ impl Coordinator {
             steps_closed: c.steps_closed,
             members_counted: c.members,
             population: self.replica.config.es.population,
-            members_done: self.books.counted() as u32,
+            members_done: self.front().books.counted() as u32,
             params: self.replica.layout.len,
             // The hash of the current step, computed once when it closed.
             hash: format!("{:016x}", self.step.hash().unwrap_or_else(|| self.replica.hash())),
