@@ -11,7 +11,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => crate::train::train(args).await,
         Command::Serve(args) => {
-            let args = args.with_file()?;
+            let args = args.run_args()?;
             let opts = args.serve_options()?;
             let listener = tokio::net::TcpListener::bind(args.address())
                 .await

@@ -114,7 +114,7 @@ fn sigkill_restart_resumes_and_matches_an_uninterrupted_run() {
         let Sub::Serve(args) = cli.command else {
             unreachable!()
         };
-        let opts = args.serve_options().unwrap();
+        let opts = args.run_args().unwrap().serve_options().unwrap();
         let server = rt.block_on(async {
             let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
             seedling_server::app::start(l, opts).await.unwrap()
