@@ -99,7 +99,11 @@ fn serve_stops_at_its_budget_with_a_decayed_lr() {
     let steps = late.2;
     assert!(steps > 0, "no step closed: {log}");
     let (_, ckpt) = checkpoint::open(&run_dir).unwrap();
-    assert!(ckpt.step >= steps, "the final checkpoint is at the end: {} < {steps}", ckpt.step);
+    assert!(
+        ckpt.step >= steps,
+        "the final checkpoint is at the end: {} < {steps}",
+        ckpt.step
+    );
     assert!(matches!(
         ckpt.config.recipe.schedule,
         seedling_core::LrSchedule::CosineTime { .. }

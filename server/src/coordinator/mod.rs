@@ -208,7 +208,10 @@ impl Coordinator {
             }
             Input::Tick => {
                 if self.book.tick(now) {
-                    tracing::info!(step = self.replica.step, "the time budget is spent; the run is finished");
+                    tracing::info!(
+                        step = self.replica.step,
+                        "the time budget is spent; the run is finished"
+                    );
                     self.publish(now, out);
                 }
                 self.on_tick(now, out);
