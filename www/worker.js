@@ -16,8 +16,8 @@
 // (the server sends COOP/COEP); elsewhere the page offers 100 % only.
 // The arithmetic is server/src/duty.rs's `DutyCycle`, the native worker's
 // `--cpu-percent`: a token bucket over a 100 ms window, charged with the
-// time spent evaluating (`busyMs`, measured with performance.now() around
-// each evaluation in the Rust loop).
+// time spent computing (`busyMs`, measured with performance.now() around
+// the handling of each server frame, evaluation included, in the Rust loop).
 //
 // Page -> worker:
 //   {type: 'start', url, sampleEvery, share}  join the run at the WebSocket

@@ -71,9 +71,9 @@ pub enum Notice {
         rate: f64,
         /// True while joined to the run.
         connected: bool,
-        /// Milliseconds spent evaluating jobs so far (`performance.now()`
-        /// around each evaluation): what worker.js's duty cycle charges to
-        /// the volunteer's CPU share.
+        /// Milliseconds spent handling the server's frames so far (decoding,
+        /// updates, evaluating jobs; `performance.now()` around each): what
+        /// worker.js's duty cycle charges to the volunteer's CPU share.
         busy_ms: f64,
     },
     /// `{type:'hash', step, hash}` each time a hash is reported to the server,
@@ -193,7 +193,8 @@ pub struct State {
     on_event: Option<Function>,
     /// The job loop, while started.
     looping: Option<Loop>,
-    /// Milliseconds spent evaluating jobs, over the handle's life.
+    /// Milliseconds spent handling frames and evaluating jobs, over the
+    /// handle's life.
     busy_ms: f64,
 }
 
@@ -437,7 +438,11 @@ fn connect(state: &Rc<RefCell<State>>) {
         let bytes = Uint8Array::new(&buf).to_vec();
         let mut notices = Vec::new();
         let mut s = state.borrow_mut();
+        // A frame's handling is the volunteer's computing: decoding, an
+        // update, a job's evaluation.
+        let t0 = performance_now();
         let outcome = session::frame(&mut s.life, &bytes, now_ms());
+        s.busy_ms += (performance_now() - t0).max(0.0);
         perform(&state, &mut s, outcome, &mut notices);
         drop(s);
         post(&state, &notices);
