@@ -2,8 +2,9 @@
 // connection with its own wasm instance, and the tab's tallies of them.
 //
 // The postMessage interface with worker.js:
-//   page -> worker: {type: 'start', url, sampleEvery}
-//   worker -> page: {type: 'status', membersEvaluated, membersPerSec, connected, step}
+//   page -> worker: {type: 'start', url, sampleEvery, share}
+//                   {type: 'share', share}
+//   worker -> page: {type: 'status', membersEvaluated, membersPerSec, connected, step, busyMs, restMs}
 //                   {type: 'hash', step, hash}
 //                   {type: 'sample', text, step}
 //                   {type: 'version', version, protocol}
@@ -32,10 +33,14 @@ export class Pool {
   hashes = [];
   /** Why the pool last stopped: null (never did), 'user' or 'failure'. */
   stopReason = null;
-  /** Live workers in index order: {worker, index, members, rate, rateAt, connected, step}. */
+  /** Live workers in index order: {worker, index, members, rate, rateAt, connected, step, busyMs}. */
   #slots = [];
   /** Members evaluated by workers that were stopped since the page opened. */
   #retiredMembers = 0;
+  /** Milliseconds of evaluation by workers that were stopped. */
+  #retiredBusyMs = 0;
+  /** Each worker's CPU share, in (0, 1] (see worker.js). */
+  #share = 1;
   /** Milliseconds spent contributing before the current run of workers. */
   #contributedMs = 0;
   /** When the current run of workers started (performance.now()), or null. */
@@ -54,6 +59,18 @@ export class Pool {
   /** How many workers run. */
   get size() {
     return this.#slots.length;
+  }
+
+  /** The CPU share every worker computes (0-1]. */
+  get share() {
+    return this.#share;
+  }
+
+  /** Sets every worker's CPU share, running ones included. */
+  setShare(share) {
+    this.#share = share;
+    for (const slot of this.#slots) slot.worker.postMessage({ type: 'share', share });
+    this.#on.onChange();
   }
 
   /** Starts `n` workers. */
@@ -94,6 +111,11 @@ export class Pool {
     return this.#slots.reduce((sum, s) => sum + (now - s.rateAt < RATE_FRESH_MS ? s.rate : 0), 0);
   }
 
+  /** Milliseconds the tab's workers spent evaluating since it opened. */
+  busyMs() {
+    return this.#retiredBusyMs + this.#slots.reduce((sum, s) => sum + s.busyMs, 0);
+  }
+
   /** Workers connected to the server. */
   connected() {
     return this.#slots.filter((s) => s.connected).length;
@@ -116,7 +138,7 @@ export class Pool {
 
   #spawn(index) {
     const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
-    const slot = { worker, index, members: 0, rate: 0, rateAt: 0, connected: false, step: null };
+    const slot = { worker, index, members: 0, rate: 0, rateAt: 0, connected: false, step: null, busyMs: 0 };
     worker.onmessage = (e) => this.#onMessage(slot, e.data);
     // A script that fails to load or a Rust panic: the worker is unusable,
     // and its siblings almost surely share the problem, so stop and say so.
@@ -129,6 +151,7 @@ export class Pool {
       type: 'start',
       url: wsUrl(),
       sampleEvery: index === 0 ? SAMPLE_EVERY_STEPS : 0,
+      share: this.#share,
     });
     return slot;
   }
@@ -137,6 +160,7 @@ export class Pool {
   #retire(slot) {
     slot.worker.terminate();
     this.#retiredMembers += slot.members;
+    this.#retiredBusyMs += slot.busyMs;
   }
 
   #fail(message) {
@@ -153,6 +177,7 @@ export class Pool {
         slot.rateAt = performance.now();
         slot.connected = msg.connected;
         slot.step = msg.step;
+        if (typeof msg.busyMs === 'number') slot.busyMs = msg.busyMs;
         break;
       case 'hash':
         this.hashes[slot.index] = { step: msg.step, hash: msg.hash };

@@ -10,7 +10,13 @@
 //   workers           how many workers run;
 //   membersEvaluated  members this tab evaluated since it opened (the
 //                     figure #tab-members shows);
-//   status            the last /api/status, or null before the first.
+//   status            the last /api/status, or null before the first;
+//   cpu               the tab's CPU share and pause: {share (0-1], paused
+//                     (true while the page holds its workers back), pauseReason
+//                     ('hidden', 'battery' or null), busyMs (evaluation time of
+//                     all its workers so far), busyFraction (busy time per
+//                     worker over the last few seconds of wall time, or null
+//                     before there are two samples)}.
 
 const seedling = {
   hashes: [],
@@ -18,6 +24,7 @@ const seedling = {
   workers: 0,
   membersEvaluated: 0,
   status: null,
+  cpu: { share: 1, paused: false, pauseReason: null, busyMs: 0, busyFraction: null },
 };
 
 /**
@@ -25,11 +32,12 @@ const seedling = {
  * values rather than reading the page's objects, so the published view is
  * exactly what was just rendered.
  */
-export function publish({ hashes, running, workers, membersEvaluated, status }) {
+export function publish({ hashes, running, workers, membersEvaluated, status, cpu }) {
   seedling.hashes = hashes.slice();
   seedling.running = running;
   seedling.workers = workers;
   seedling.membersEvaluated = membersEvaluated;
   seedling.status = status;
+  seedling.cpu = { ...cpu };
   window.seedling = seedling;
 }

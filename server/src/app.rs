@@ -205,6 +205,14 @@ impl Server {
         self.status.lock().unwrap().clone()
     }
 
+    /// Resolves once the run is finished: its max steps done or its time
+    /// budget spent.
+    pub async fn finished(&self) {
+        while !self.status().finished {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Stops accepting, closes every connection, writes the final checkpoint
     /// and waits for all of it.
     pub async fn shutdown(self) -> anyhow::Result<()> {
@@ -244,6 +252,7 @@ pub fn initial_replica(
         cadence,
         Instant::now(),
     )?;
+    let book = book.with_budget(settings.time_budget_s);
     let replica = Replica::from_snapshot(*book.config(), start.step, start.params, start.adam)?
         .with_versions(start.versions)?;
     if let Some(path) = resumed {
@@ -324,14 +333,30 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
     })
 }
 
-/// Serves until `shutdown` resolves, then stops cleanly (final checkpoint).
+/// How long a run that finished by its time budget keeps answering
+/// `/api/status` before it stops: long enough for the last step's update to
+/// reach every volunteer and their hashes to come back, and for whoever
+/// watches the run to read its final figures.
+pub const FINISHED_LINGER: Duration = Duration::from_secs(3);
+
+/// Serves until `shutdown` resolves or, for a run with a time budget, until
+/// the budget is spent (plus [`FINISHED_LINGER`]), then stops cleanly
+/// (final checkpoint).
 pub async fn run(
     listener: TcpListener,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let timed = opts.settings.time_budget_s.is_some();
     let server = start(listener, opts).await?;
-    shutdown.await;
+    tokio::select! {
+        _ = shutdown => {}
+        _ = server.finished(), if timed => {
+            let s = server.status();
+            println!("The time budget is spent at step {}; stopping.", s.step);
+            tokio::time::sleep(FINISHED_LINGER).await;
+        }
+    }
     server.shutdown().await
 }
 

@@ -72,7 +72,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => crate::train::train(args).await,
         Command::Serve(args) => {
-            let args = args.with_file()?;
+            let args = args.run_args()?;
             let opts = args.serve_options()?;
             for w in serve_warnings(&opts) {
                 tracing::warn!("{w}");

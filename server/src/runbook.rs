@@ -6,8 +6,9 @@
 //! optimizer and recipe are checked here and nowhere else), keeps the
 //! learning curve with the run's training time and tokens carried over from
 //! a resumed history, says at which steps to validate and to checkpoint,
-//! runs the learning-rate clock (the schedule, or the operator's override),
-//! and builds the [`Checkpoint`] to write.
+//! runs the learning-rate clock (the schedule, or the operator's override)
+//! and the time budget on the same clock, and builds the [`Checkpoint`] to
+//! write.
 //!
 //! It reads no clock: every method that needs the time takes `now`, so a
 //! state machine that is handed the time can own a run book. Only
@@ -73,6 +74,11 @@ pub struct RunBook {
     tokens: u64,
     /// When this process took the run over.
     started: Instant,
+    /// The run's wall-clock budget in run seconds ([`RunBook::run_seconds`]),
+    /// if it has one.
+    budget_s: Option<f64>,
+    /// Latched once the budget is spent: the run is over.
+    out_of_time: bool,
 }
 
 impl RunBook {
@@ -97,7 +103,32 @@ impl RunBook {
             seconds_before,
             tokens,
             started: now,
+            budget_s: None,
+            out_of_time: false,
         }
+    }
+
+    /// Gives the run a wall-clock budget of `seconds` on the clock of
+    /// [`RunBook::run_seconds`], the one [`seedling_core::LrSchedule::CosineTime`]
+    /// decays over, so a run with `--minutes` ends where its schedule does
+    /// (`train` and `serve` alike). A resumed run spends what is left of it.
+    pub fn with_budget(mut self, seconds: Option<f64>) -> Self {
+        self.budget_s = seconds;
+        self
+    }
+
+    /// Notes the time: once the budget is spent the run is over for good
+    /// ([`RunBook::out_of_time`]). Returns whether this call spent it.
+    pub fn tick(&mut self, now: Instant) -> bool {
+        let spent = self.budget_s.is_some_and(|b| self.run_seconds(now) >= b);
+        let newly = spent && !self.out_of_time;
+        self.out_of_time |= spent;
+        newly
+    }
+
+    /// Whether the run's budget was spent at the last [`RunBook::tick`].
+    pub fn out_of_time(&self) -> bool {
+        self.out_of_time
     }
 
     /// Resumes the newest checkpoint in `run_dir` (created if missing) if
@@ -479,6 +510,23 @@ mod tests {
             (4, book.history().len(), None)
         );
         assert_eq!(c.config, ckpt.config);
+    }
+
+    /// The budget runs on the lr schedule's clock, resumed time included,
+    /// and once spent stays spent.
+    #[test]
+    fn the_budget_runs_on_the_run_clock() {
+        let ckpt = trained(3);
+        let last = *ckpt.history.last().unwrap();
+        let t0 = Instant::now();
+        let (book, _) = RunBook::resume(ckpt.clone(), &ckpt.config, &ckpt.tokenizer, cadence(), t0).unwrap();
+        let mut book = book.with_budget(Some(last.elapsed_s + 2.0));
+        assert!(!book.tick(t0) && !book.out_of_time());
+        assert!(!book.tick(t0 + Duration::from_millis(1999)));
+        assert!(book.tick(t0 + Duration::from_secs(2)) && book.out_of_time());
+        assert!(!book.tick(t0 + Duration::from_secs(3)) && book.out_of_time());
+        let mut open = RunBook::new(ckpt.config, ckpt.tokenizer, cadence(), Vec::new(), None, t0);
+        assert!(!open.tick(t0 + Duration::from_secs(1_000_000)) && !open.out_of_time());
     }
 
     #[test]

@@ -97,7 +97,9 @@ pub async fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         let s = server.status();
         progress.update(&reading(&s), Instant::now());
-        if s.finished || limit.is_some_and(|l| started.elapsed() >= l) {
+        // `--minutes` is the run book's budget: the run is finished when it
+        // is spent, on the clock the lr schedule decays over.
+        if s.finished {
             break;
         }
     }

@@ -134,7 +134,7 @@ fn kill_and_resume(extra: &[&str]) -> Resumed {
         let Sub::Serve(args) = cli.command else {
             unreachable!()
         };
-        let opts = args.serve_options().unwrap();
+        let opts = args.run_args().unwrap().serve_options().unwrap();
         let server = rt.block_on(async {
             let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
             seedling_server::app::start(l, opts).await.unwrap()

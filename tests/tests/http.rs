@@ -270,7 +270,7 @@ fn config_file_sets_flags_and_the_command_line_wins() {
     let Command::Serve(args) = cli.command else {
         panic!("not serve")
     };
-    let args = args.with_file().unwrap();
+    let args = args.run_args().unwrap();
     let c = args.run_config(20).unwrap();
     assert_eq!((c.model.hidden, c.model.layers, c.es.sigma), (32, 1, 0.05));
     assert_eq!(c.es.noise, seedling_core::NoiseKind::Full);
@@ -280,6 +280,6 @@ fn config_file_sets_flags_and_the_command_line_wins() {
     let Command::Serve(args) = cli.command else {
         panic!("not serve")
     };
-    let err = format!("{:#}", args.with_file().unwrap_err());
+    let err = format!("{:#}", args.run_args().unwrap_err());
     assert!(err.contains("hiden"), "a typo is reported: {err}");
 }

@@ -42,13 +42,15 @@
 //! `wasm-pack-build` builds `www/pkg` exactly as `cargo xtask run` does, before
 //! `native-tests`, because `tests/tests/browser.rs` (part of the native tests)
 //! serves the real page to headless Chromium and fails without it.
+//! `fleet-smoke` then runs the fleet emulator's smoke run, a native worker
+//! and a headless tab over delaying proxies, on the release binary.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use crate::cmd::{Ctx, run, stdout_of};
 use crate::setup::{self, CHROMEDRIVER, WASM_TARGET};
-use crate::{bench, wasm};
+use crate::{bench, fleet, wasm};
 
 /// One step of `cargo xtask test`.
 struct Step {
@@ -147,6 +149,13 @@ const STEPS: &[Step] = &[
             let args = ["test", "--workspace", "--release"];
             run(ctx.cargo().args(args).env("SEEDLING_PYTHON", setup::python(ctx))).map(|()| String::new())
         },
+    },
+    Step {
+        name: "fleet-smoke",
+        about: "`cargo xtask fleet --smoke`: a native worker and a Chromium tab at RTT 50 ms agree with the server",
+        // The tab needs www/pkg and Chromium, like the browser tests.
+        needs: &["apt-packages", "wasm-pack-build"],
+        run: fleet::smoke,
     },
     Step {
         name: "wasm-node-core",

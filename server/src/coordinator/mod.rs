@@ -160,9 +160,10 @@ impl Coordinator {
         self.clients.len()
     }
 
-    /// True once `max_steps` steps are done.
+    /// True once `max_steps` steps are done or the run's time budget is
+    /// spent (then no more jobs go out).
     pub fn finished(&self) -> bool {
-        self.settings.max_steps.is_some_and(|m| self.replica.step >= m)
+        self.settings.max_steps.is_some_and(|m| self.replica.step >= m) || self.book.out_of_time()
     }
 
     /// Handles one input at time `now`; what follows from it goes to `out`,
@@ -211,6 +212,13 @@ impl Coordinator {
                 self.drop_client(client, out);
             }
             Input::Tick => {
+                if self.book.tick(now) {
+                    tracing::info!(
+                        step = self.replica.step,
+                        "the time budget is spent; the run is finished"
+                    );
+                    self.publish(now, out);
+                }
                 self.on_tick(now, out);
                 self.assign(now, out);
                 self.maybe_publish(now, out);

@@ -264,6 +264,10 @@ pub struct Settings {
     pub run_dir: Option<PathBuf>,
     /// Stop after this step (None = run until shut down).
     pub max_steps: Option<u64>,
+    /// Stop once the run has trained this many seconds, on the clock the
+    /// lr schedule decays over (None = no budget; see
+    /// [`crate::runbook::RunBook::with_budget`]).
+    pub time_budget_s: Option<f64>,
     /// Fraction of members evaluated twice by different clients once those
     /// clients are trusted; new clients are replicated more (BOINC's
     /// adaptive replication).
@@ -291,6 +295,7 @@ impl Default for Settings {
             keep: 3,
             run_dir: None,
             max_steps: None,
+            time_budget_s: None,
             replicate: 0.05,
             tolerance: 1e-3,
             max_strikes: 2,
@@ -373,7 +378,7 @@ pub struct Status {
     /// served at `/api/clients`.
     #[serde(skip)]
     pub client_hashes: BTreeMap<ClientId, ClientReport>,
-    /// True once `max_steps` is reached.
+    /// True once `max_steps` is reached or the time budget is spent.
     pub finished: bool,
     /// True while the operator has paused the run.
     pub paused: bool,

@@ -9,7 +9,11 @@ use serde_json::{Value, json};
 /// The run's settings, as the JSON line and the table name them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    /// Volunteers in all, native workers and browser tabs.
     pub volunteers: usize,
+    /// Of which headless Chromium tabs.
+    pub browsers: usize,
+    /// `native`, `browser` or `mixed`.
     pub kind: &'static str,
     pub threads: usize,
     pub cpu_percent: u8,
@@ -122,6 +126,7 @@ pub fn json_line(config: &Config, seen: &Observed, losses: &[f64]) -> Value {
     json!({
         "config": {
             "volunteers": config.volunteers,
+            "browsers": config.browsers,
             "kind": config.kind,
             "threads": config.threads,
             "cpu_percent": config.cpu_percent,
@@ -216,6 +221,7 @@ mod tests {
     fn config() -> Config {
         Config {
             volunteers: 8,
+            browsers: 0,
             kind: "native",
             threads: 1,
             cpu_percent: 25,
