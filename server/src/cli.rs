@@ -805,7 +805,7 @@ mod tests {
                 .to_string()
                 .contains("--minutes")
         );
-        assert!(t.run_args().unwrap().run_config(20).is_err());
+        assert!(t.run_args().and_then(|r| r.run_config(20)).is_err());
         let e = parse(&["generate", "--checkpoint", "c", "--temperature", "-1"]).unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
         let Command::Generate(g) = parse(&["generate", "--checkpoint", "c", "--temperature", "0"])
@@ -888,9 +888,7 @@ mod tests {
             .unwrap();
         assert_eq!(c, bare);
         let settings = |r: &RunArgs| format!("{:?}", r.settings());
-        assert_eq!(
-            settings(&run),
-            settings(&train(&["--run-dir", "runs/example"]).run)
-        );
+        let bare = train(&["--run-dir", "runs/example", "--minutes", "30"]);
+        assert_eq!(settings(&run), settings(&bare.run_args().unwrap()));
     }
 }

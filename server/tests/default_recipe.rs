@@ -102,7 +102,7 @@ fn recipe_flags_and_config_keys() {
         let Command::Train(args) = Cli::try_parse_from(argv).unwrap().command else {
             panic!("not train")
         };
-        args.run_args().unwrap().run_config(30)
+        args.run_args().and_then(|r| r.run_config(30))
     };
     let c = parse(&["--schedule", "cosine", "--init-scale", "0.5", "--rank", "3"]).unwrap();
     assert_eq!(
@@ -189,7 +189,7 @@ fn recipe_flags_and_config_keys() {
     assert_eq!(c.recipe.schedule, LrSchedule::Constant);
     let c = parse(&["--minutes", "30", "--schedule", "cosine", "--decay-steps", "40"]).unwrap();
     assert!(matches!(c.recipe.schedule, LrSchedule::Cosine { total: 40, .. }));
-    assert!(err(&["--minutes", "0"]).contains("seconds"));
+    assert!(err(&["--minutes", "0"]).contains("--minutes"));
 }
 
 /// `--output-bias` reaches the coordinator's settings from the flag and the
