@@ -201,6 +201,7 @@ pub fn hello(session: Option<SessionToken>) -> ClientMsg {
         threads: 1,
         speed: 0.0,
         session,
+        name: String::new(),
     }
 }
 

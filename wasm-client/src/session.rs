@@ -97,6 +97,7 @@ mod tests {
                 threads: 1,
                 speed: 0.0,
                 session: None,
+                name: String::new(),
             }
         );
     }

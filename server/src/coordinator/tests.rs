@@ -112,7 +112,7 @@ proptest! {
             let ev = match kind {
                 0 | 1 => Input::Message {
                     client,
-                    msg: ClientMsg::Hello { version: PROTOCOL_VERSION, kind: ClientKind::Simulated, threads: 1, speed: 0.0, session: None },
+                    msg: ClientMsg::Hello { version: PROTOCOL_VERSION, kind: ClientKind::Simulated, threads: 1, speed: 0.0, session: None, name: String::new() },
                 },
                 2 | 3 => {
                     // Sometimes a correct answer to the client's live job.
@@ -208,6 +208,7 @@ fn simulated(session: Option<SessionToken>) -> ClientMsg {
         threads: 1,
         speed: 0.0,
         session,
+        name: String::new(),
     }
 }
 
