@@ -35,7 +35,10 @@ pub mod history;
 pub mod meta;
 
 pub use history::{HISTORY_CAP, HistoryPoint, record};
-use meta::{CHECKPOINT_VERSION, OLD_VERSION_KEY, READABLE_VERSIONS, VERSION_KEY, hash_of_version};
+pub use meta::ContributorRecord;
+use meta::{
+    CHECKPOINT_VERSION, CONTRIBUTORS_KEY, OLD_VERSION_KEY, READABLE_VERSIONS, VERSION_KEY, hash_of_version,
+};
 
 /// Value of the `format` metadata key; anything else is not ours.
 pub const FORMAT: &str = "seedling-checkpoint";
@@ -57,6 +60,9 @@ pub struct Checkpoint {
     pub history: Vec<HistoryPoint>,
     /// The operator's learning rate (`/admin/lr`), so a restart keeps it.
     pub lr_override: Option<f32>,
+    /// Each contributor's verified members, so credit outlives a restart
+    /// (empty for files before checkpoint version 6).
+    pub contributors: Vec<ContributorRecord>,
 }
 
 /// A checkpoint that is intact but cannot be used by this build or run
@@ -168,6 +174,7 @@ pub fn to_bytes_safetensors(ckpt: &Checkpoint) -> Result<Vec<u8>> {
         ("step", ckpt.step.to_string()),
         ("adam_t", ckpt.adam.t.to_string()),
         ("history", serde_json::to_string(&ckpt.history)?),
+        (CONTRIBUTORS_KEY, meta::contributors_to_json(&ckpt.contributors)?),
         ("weights_hash", format!("{:016x}", weights_hash(&ckpt.params))),
         ("checksum", format!("{:016x}", checksum(&ckpt.params, &ckpt.adam))),
     ]
@@ -258,7 +265,8 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
         OLD_VERSION_KEY
     };
     let version: u32 = get(key)?.parse().with_context(|| format!("bad {key}"))?;
-    if !READABLE_VERSIONS.contains(&version) {
+    // Version 6 on was never stored under the old key.
+    if !READABLE_VERSIONS.contains(&version) || (key == OLD_VERSION_KEY && version > 5) {
         return Err(Incompatible(format!(
             "written as checkpoint version {version}, but this build reads versions {READABLE_VERSIONS:?}; \
              use a matching seedling build to resume or convert it"
@@ -289,6 +297,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
             Some(lr)
         }
     };
+    let contributors = meta::contributors_from_json(meta.get(CONTRIBUTORS_KEY).map(String::as_str))?;
     let hex = |key: &str| -> Result<u64> {
         u64::from_str_radix(get(key)?, 16).with_context(|| format!("bad {key} metadata"))
     };
@@ -346,6 +355,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
         adam,
         history,
         lr_override,
+        contributors,
     })
 }
 
@@ -454,6 +464,7 @@ pub(crate) mod tests {
             adam: r.adam,
             history,
             lr_override: None,
+            contributors: Vec::new(),
         }
     }
 
@@ -466,6 +477,12 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ckpt = trained(3);
         ckpt.lr_override = Some(0.0123);
+        ckpt.contributors = vec![ContributorRecord {
+            key: [7; 32],
+            name: "ada \u{1f331}".into(),
+            members: 1234,
+            banned: false,
+        }];
         ckpt.history.push(HistoryPoint {
             step: 3,
             elapsed_s: 1.5,
@@ -485,6 +502,7 @@ pub(crate) mod tests {
         assert_eq!(back.history[..n - 1], ckpt.history[..n - 1]);
         assert!(back.history[n - 1].train_loss.is_nan());
         assert_eq!(back.lr_override, Some(0.0123));
+        assert_eq!(back.contributors, ckpt.contributors);
         // Nothing but the checkpoint is left in the directory.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -622,6 +640,24 @@ pub(crate) mod tests {
             })
         };
         assert_eq!(from_bytes(&old("5")).unwrap(), ckpt);
+        // A version-5 file holds no credit: it loads with an empty tally.
+        let mut credited = ckpt.clone();
+        credited.contributors = vec![ContributorRecord {
+            key: [1; 32],
+            name: "ada".into(),
+            members: 3,
+            banned: false,
+        }];
+        let v5 = with_meta(&to_bytes_safetensors(&credited).unwrap(), |m| {
+            m.remove(VERSION_KEY).unwrap();
+            m.remove(CONTRIBUTORS_KEY).unwrap();
+            m.insert(OLD_VERSION_KEY.into(), "5".into());
+        });
+        assert_eq!(from_bytes(&v5).unwrap().contributors, Vec::new());
+        assert_eq!(
+            from_bytes(&to_bytes_safetensors(&credited).unwrap()).unwrap(),
+            credited
+        );
         let e = from_bytes(&old("6")).unwrap_err();
         assert!(e.downcast_ref::<Incompatible>().is_some(), "{e:#}");
         // Versions 1 to 4 hold the same things and still load, checked with

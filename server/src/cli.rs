@@ -528,6 +528,15 @@ pub struct WorkerArgs {
     /// time, at the lowest OS priority.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub cpu_percent: u8,
+    /// Your display name on the contributors' leaderboard (at most 32
+    /// characters; control characters are dropped).
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Where the worker keeps its session token, so your credit carries on
+    /// across runs [default: seedling/identity in your data directory, e.g.
+    /// ~/.local/share]. One file per running worker.
+    #[arg(long)]
+    pub identity_file: Option<PathBuf>,
 }
 
 /// Flags of `seedling generate`.

@@ -22,7 +22,7 @@ use seedling_core::config::RunConfig;
 use seedling_core::model::Layout;
 use seedling_core::tokenizer::{Token, Tokenizer};
 
-use crate::checkpoint::{self, Checkpoint, HistoryPoint};
+use crate::checkpoint::{self, Checkpoint, ContributorRecord, HistoryPoint};
 
 /// How often a run validates and checkpoints, in closed steps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +64,9 @@ pub struct RunBook {
     cadence: Cadence,
     history: Vec<HistoryPoint>,
     lr_override: Option<f32>,
+    /// The contributors' credit the run was resumed with; the coordinator
+    /// keeps it from there and writes its own into each checkpoint.
+    contributors: Vec<ContributorRecord>,
     /// Training seconds and tokens of the run before this process took it
     /// over (from the resumed history).
     seconds_before: f64,
@@ -91,6 +94,7 @@ impl RunBook {
             cadence,
             history,
             lr_override,
+            contributors: Vec::new(),
             seconds_before,
             tokens,
             started: now,
@@ -172,7 +176,7 @@ impl RunBook {
             params: ckpt.params,
             adam: ckpt.adam,
         };
-        let book = Self::new(
+        let mut book = Self::new(
             ckpt.config,
             ckpt.tokenizer,
             cadence,
@@ -180,6 +184,7 @@ impl RunBook {
             ckpt.lr_override,
             now,
         );
+        book.contributors = ckpt.contributors;
         Ok((book, start))
     }
 
@@ -288,7 +293,14 @@ impl RunBook {
             adam: adam.clone(),
             history: self.history.clone(),
             lr_override: self.lr_override,
+            contributors: self.contributors.clone(),
         }
+    }
+
+    /// The contributors' credit the run was resumed with (empty for a
+    /// fresh run or a file from before checkpoint version 6).
+    pub fn contributors(&self) -> &[ContributorRecord] {
+        &self.contributors
     }
 }
 

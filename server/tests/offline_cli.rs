@@ -66,6 +66,7 @@ fn train_checkpoint_resume_generate_eval_inspect() {
                 adam: replica.adam.clone(),
                 history: history.clone(),
                 lr_override: None,
+                contributors: Vec::new(),
             };
             checkpoint::save(&ckpts, &ckpt, 2).unwrap();
         }

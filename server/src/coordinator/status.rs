@@ -113,6 +113,7 @@ impl Coordinator {
             banned_sessions: c.banned,
             idle_dropped: c.idle,
             slow_dropped: c.slow,
+            contributors: self.credit.board(),
             ..Status::default()
         }
     }

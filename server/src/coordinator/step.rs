@@ -140,6 +140,7 @@ impl Coordinator {
     fn close_step(&mut self, now: Instant, out: &mut dyn Outputs) {
         let step = self.replica.step;
         let losses: Vec<(u32, f32)> = self.books.results().collect();
+        self.credit_close();
         let weights = shape(self.replica.config.recipe.shaping, &losses)
             .expect("losses were checked finite on arrival");
         let lr = self.book.lr_for(step, now);

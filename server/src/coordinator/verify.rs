@@ -169,6 +169,7 @@ impl Coordinator {
         if self.sessions.ban(c.session) {
             self.counters.banned += 1;
         }
+        self.credit.void(c.session);
         self.counters.liars += 1;
         for m in self.books.claimed_by(id) {
             self.books.uncount(m);
