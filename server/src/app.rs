@@ -31,7 +31,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use crate::coordinator::Coordinator;
 use crate::coordinator::driver::{self, Driver};
 use crate::coordinator::types::{
-    AdminCommand, ClientId, Event, Input, Outgoing, RunData, Settings, Status, close,
+    AdminCommand, ClientId, Event, Input, Leaderboard, Outgoing, RunData, Settings, Status, close,
 };
 use crate::delivery::{self, Postbox};
 use crate::runbook::{Cadence, Opened, RunBook};
@@ -323,14 +323,15 @@ pub async fn run(
     server.shutdown().await
 }
 
-/// The router: `/ws` for volunteers, the JSON status, Prometheus metrics and
-/// the volunteer page. Every response carries COOP/COEP so the page is
+/// The router: `/ws` for volunteers, the JSON status and contributors'
+/// leaderboard, Prometheus metrics and the volunteer page. Every response carries COOP/COEP so the page is
 /// cross-origin isolated (shared memory for multi-threaded wasm) when the
 /// browser supports it.
 fn app(state: AppState, www: Option<PathBuf>) -> Router {
     let mut router = Router::new()
         .route("/ws", get(ws_handler))
         .route("/api/status", get(status_handler))
+        .route("/api/contributors", get(contributors_handler))
         .route("/metrics", get(metrics_handler))
         .route("/admin/{command}", post(admin_handler))
         .with_state(state);
@@ -350,6 +351,15 @@ fn app(state: AppState, www: Option<PathBuf>) -> Router {
 
 async fn status_handler(State(state): State<AppState>) -> Json<Status> {
     Json(state.status.lock().unwrap().clone())
+}
+
+/// The contributors' leaderboard: the top 100 by verified members, each
+/// with its public id, display name, members and banned flag, and how many
+/// contributors there are in all. Names are untrusted text, which serde
+/// escapes for JSON; whoever displays them must treat them as text.
+async fn contributors_handler(State(state): State<AppState>) -> Json<Leaderboard> {
+    let board = state.status.lock().unwrap().contributors.clone();
+    Json(Leaderboard::clone(&board))
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> Response {
