@@ -5,6 +5,7 @@
 //   status.js  /api/status, polled
 //   chart.js   the loss chart
 //   format.js  how numbers are written
+//   credit.js  the lasting name and tokens, and the contributors' leaderboard
 //   state.js   window.seedling, published after every change
 //
 // Every change (a worker's message, a button, a status answer, the 1 s
@@ -12,6 +13,7 @@
 // and the poller and publishes them.
 
 import { LossChart } from './chart.js';
+import { Leaderboard, NAME_MAX, cleanName, loadName, saveName } from './credit.js';
 import { fmtDuration, fmtInt, fmtParams, fmtRate, prettyData } from './format.js';
 import { Pool } from './pool.js';
 import { publish } from './state.js';
@@ -66,6 +68,15 @@ const pool = new Pool({
   onSample: showSample,
   onVersion: showVersion,
   onNotice: showNotice,
+  name: () => cleanName($('name').value),
+});
+
+const board = new Leaderboard($('leaderboard'), {
+  mine: () => pool.publicIds(),
+  onBoard: (b) => {
+    $('board-total').textContent = `${fmtInt(b.total)} in all`;
+    render();
+  },
 });
 
 const chart = new LossChart($('chart'), $('chart-empty'));
@@ -98,6 +109,16 @@ function setupControls() {
   $('contribute').addEventListener('click', () => (pool.running ? pool.stop() : pool.start(clampWorkers(input.value))));
 
   $('isolation').textContent = self.crossOriginIsolated ? 'yes' : 'no';
+
+  // The name is kept as the server will show it; running workers keep the
+  // name they joined with until they reconnect.
+  const name = $('name');
+  name.value = loadName();
+  name.addEventListener('change', () => {
+    name.value = cleanName(name.value).slice(0, 4 * NAME_MAX);
+    saveName(name.value);
+    render();
+  });
 }
 
 // ------------------------------------------------------------------ figures
@@ -137,7 +158,19 @@ function render() {
   const step = Math.max(pool.latestStep(), remote);
   $('step').textContent = step >= 0 ? fmtInt(step) : '–';
 
-  publish({ hashes: pool.hashes, running, workers, membersEvaluated: members, status: poller.last });
+  const ids = pool.publicIds();
+  $('my-ids').textContent = ids.length ? ` (${ids.join(', ')})` : '';
+  board.draw();
+
+  publish({
+    hashes: pool.hashes,
+    running,
+    workers,
+    membersEvaluated: members,
+    status: poller.last,
+    identity: { name: cleanName($('name').value), ids },
+    contributors: board.last,
+  });
 }
 
 function setPill(kind, text) {
@@ -176,4 +209,5 @@ function renderStatus(s) {
 setupControls();
 render();
 poller.start();
+board.start();
 setInterval(render, 1000);

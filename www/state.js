@@ -10,7 +10,11 @@
 //   workers           how many workers run;
 //   membersEvaluated  members this tab evaluated since it opened (the
 //                     figure #tab-members shows);
-//   status            the last /api/status, or null before the first.
+//   status            the last /api/status, or null before the first;
+//   identity          {name, ids}: the display name new workers join under
+//                     and the public ids of the running workers'
+//                     contributors (their tokens stay in localStorage);
+//   contributors      the last /api/contributors, or null before the first.
 
 const seedling = {
   hashes: [],
@@ -18,6 +22,8 @@ const seedling = {
   workers: 0,
   membersEvaluated: 0,
   status: null,
+  identity: { name: '', ids: [] },
+  contributors: null,
 };
 
 /**
@@ -25,11 +31,13 @@ const seedling = {
  * values rather than reading the page's objects, so the published view is
  * exactly what was just rendered.
  */
-export function publish({ hashes, running, workers, membersEvaluated, status }) {
+export function publish({ hashes, running, workers, membersEvaluated, status, identity, contributors }) {
   seedling.hashes = hashes.slice();
   seedling.running = running;
   seedling.workers = workers;
   seedling.membersEvaluated = membersEvaluated;
   seedling.status = status;
+  seedling.identity = { name: identity.name, ids: identity.ids.slice() };
+  seedling.contributors = contributors;
   window.seedling = seedling;
 }

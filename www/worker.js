@@ -4,10 +4,15 @@
 // lives in Rust: the volunteer lifecycle (handshake, updates, rejections,
 // reconnection) in seedling-core's `volunteer` module, its WebSocket driver
 // in wasm-client/src/net.rs, which posts plain objects back to the page:
-// {type: 'status' | 'hash' | 'sample' | 'error', ...}.
+// {type: 'status' | 'hash' | 'sample' | 'identity' | 'error', ...}; 'identity'
+// carries the session token to keep for the next load.
 //
 // Page -> worker:
-//   {type: 'start', url, sampleEvery}   join the run at the WebSocket `url`
+//   {type: 'start', url, sampleEvery, token, name}
+//                                        join the run at the WebSocket `url`
+//                                        as the contributor of `token` (from
+//                                        an earlier 'identity' notice; null
+//                                        for a new one) named `name`
 //   {type: 'stop'}                       say goodbye and close
 // (The page stops workers with worker.terminate(); 'stop' is the polite way.)
 
@@ -32,6 +37,7 @@ self.onmessage = async ({ data }) => {
   }
   if (data.type === 'start' && !volunteer) {
     volunteer = new Volunteer();
+    volunteer.identity(data.token ?? undefined, String(data.name ?? ''));
     self.postMessage({ type: 'version', version: Volunteer.version(), protocol: Volunteer.protocolVersion() });
     volunteer.start(data.url, (msg) => self.postMessage(msg), data.sampleEvery ?? 0);
   } else if (data.type === 'stop' && volunteer) {
