@@ -550,11 +550,11 @@ async fn the_page_shows_the_leaderboard_and_a_reload_keeps_its_credit() {
         let typed = js(
             page,
             "(() => { const n = document.getElementById('name'); \
-             n.value = ' <img src=x onerror=window.pwned=1>\\u202e Ada\\n'; \
+             n.value = ' <img src=x onerror=pwned=1>\\u202e Ada\\n'; \
              n.dispatchEvent(new Event('change')); return n.value; })()",
         )
         .await;
-        let name = "<img src=x onerror=window.pwned=1> Ada";
+        let name = "<img src=x onerror=pwned=1> Ada";
         assert_eq!(typed, json!(name), "the field shows the name as the server will");
         contribute(page, 1).await;
         let ids = page_wait(page, "the tab's public id", "window.seedling.identity.ids", |v| {
