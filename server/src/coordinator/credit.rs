@@ -117,7 +117,7 @@ impl Credit {
                 banned: e.banned,
             })
             .collect();
-        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v.sort_by_key(|r| r.key);
         v
     }
 
