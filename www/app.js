@@ -2,7 +2,7 @@
 // framework and no build step: the browser loads these ES modules as they are.
 //
 //   pool.js    the Web Workers (worker.js), one volunteer connection each
-//   status.js  /api/status, polled
+//   status.js  /api/status, polled; the curve from /api/history
 //   chart.js   the loss chart
 //   format.js  how numbers are written
 //   credit.js  the lasting name and tokens, and the contributors' leaderboard
@@ -11,6 +11,14 @@
 // Every change (a worker's message, a button, a status answer, the 1 s
 // clock) ends in `render()`, which redraws the tab's figures from the pool
 // and the poller and publishes them.
+//
+// The volunteer's CPU share and the automatic pause: each worker computes
+// the chosen share of the time (a duty cycle in worker.js), and the page
+// holds every worker back while the tab is hidden (Page Visibility) or the
+// device runs on battery (navigator.getBattery, where the browser has it),
+// starting them again by itself when that ends. The query string may preset
+// the controls: `?share=25&workers=1&autostart=1` (the fleet emulator opens
+// headless tabs so).
 
 import { LossChart } from './chart.js';
 import { Leaderboard, NAME_MAX, cleanName, loadName, saveName } from './credit.js';
@@ -20,6 +28,10 @@ import { publish } from './state.js';
 import { StatusPoller } from './status.js';
 
 const NOTICE_MS = 8000;
+/** The busy fraction is measured over this much recent wall time. */
+const BUSY_WINDOW_MS = 5000;
+/** The CPU shares the page offers, in percent. */
+const SHARES = [25, 50, 75, 100];
 
 const $ = (id) => document.getElementById(id);
 
@@ -61,10 +73,79 @@ function showVersion(version, protocol) {
   $('build').hidden = false;
 }
 
+// ------------------------------------------------------- share and pauses
+
+const query = new URLSearchParams(location.search);
+
+/** Whether the volunteer asked to contribute (pauses aside). */
+let wanted = false;
+/** Why the page holds its workers back: 'hidden', 'battery' or null. */
+let pauseReason = null;
+/** The battery, when the browser tells (null: unknown, treated as mains). */
+let battery = null;
+/** Recent {t, busy, workers} samples of the tab's evaluation time. */
+let busySamples = [];
+
+/** Rest between jobs needs a blocking wait, which needs cross-origin isolation. */
+const canRest = self.crossOriginIsolated && typeof SharedArrayBuffer === 'function';
+
+function shareFromQuery() {
+  const p = Number(query.get('share'));
+  if (!canRest) return 100;
+  return SHARES.includes(p) ? p : 100;
+}
+
+/** Why the workers should pause now, or null. */
+function pauseCause() {
+  if (document.visibilityState === 'hidden') return 'hidden';
+  if (battery && battery.charging === false) return 'battery';
+  return null;
+}
+
+/** Starts or stops the pool so it runs exactly when wanted and not paused. */
+function sync() {
+  pauseReason = pauseCause();
+  const should = wanted && pauseReason == null;
+  if (should && !pool.running) {
+    busySamples = [];
+    pool.start(clampWorkers($('workers').value));
+  } else if (!should && pool.running) {
+    busySamples = [];
+    pool.stop(pauseReason != null ? 'pause' : 'user');
+  }
+  render();
+}
+
+function watchPauses() {
+  document.addEventListener('visibilitychange', sync);
+  if (typeof navigator.getBattery === 'function') {
+    navigator.getBattery().then((b) => {
+      battery = b;
+      b.addEventListener('chargingchange', sync);
+      sync();
+    }, () => {});
+  }
+}
+
+/** The tab's busy time per worker over the last BUSY_WINDOW_MS, or null. */
+function busyFraction(now) {
+  if (!pool.running) return null;
+  busySamples.push({ t: now, busy: pool.busyMs(), workers: pool.size });
+  while (busySamples.length > 2 && now - busySamples[1].t >= BUSY_WINDOW_MS) busySamples.shift();
+  const first = busySamples[0];
+  const span = now - first.t;
+  if (span < 1000 || first.workers !== pool.size) return null;
+  return (pool.busyMs() - first.busy) / (span * pool.size);
+}
+
 // ---------------------------------------------------------------- the parts
 
 const pool = new Pool({
-  onChange: () => render(),
+  onChange: () => {
+    // A failure stops the pool for good: the volunteer presses Contribute again.
+    if (!pool.running && pool.stopReason === 'failure') wanted = false;
+    render();
+  },
   onSample: showSample,
   onVersion: showVersion,
   onNotice: showNotice,
@@ -94,7 +175,7 @@ const poller = new StatusPoller({
 function setupControls() {
   const input = $('workers');
   input.max = String(maxWorkers);
-  input.value = String(Math.max(1, cores - 1));
+  input.value = String(query.has('workers') ? clampWorkers(query.get('workers')) : Math.max(1, cores - 1));
   $('workers-hint').textContent =
     `Your device has ${cores} CPU thread${cores === 1 ? '' : 's'}. Each worker keeps one busy while you contribute.`;
 
@@ -106,7 +187,23 @@ function setupControls() {
   input.addEventListener('change', apply);
   $('workers-minus').addEventListener('click', () => { input.value = String(clampWorkers(input.value) - 1); apply(); });
   $('workers-plus').addEventListener('click', () => { input.value = String(clampWorkers(input.value) + 1); apply(); });
-  $('contribute').addEventListener('click', () => (pool.running ? pool.stop() : pool.start(clampWorkers(input.value))));
+  $('contribute').addEventListener('click', () => {
+    wanted = !wanted;
+    sync();
+  });
+
+  const share = $('cpu-share');
+  for (const p of SHARES) {
+    const option = document.createElement('option');
+    option.value = String(p);
+    option.textContent = `${p} %`;
+    share.append(option);
+  }
+  share.value = String(shareFromQuery());
+  share.disabled = !canRest;
+  if (!canRest) $('cpu-hint').textContent = 'This page is not cross-origin isolated, so its workers cannot rest: they use all of their core.';
+  pool.setShare(Number(share.value) / 100);
+  share.addEventListener('change', () => pool.setShare(Number(share.value) / 100));
 
   $('isolation').textContent = self.crossOriginIsolated ? 'yes' : 'no';
 
@@ -128,9 +225,11 @@ function render() {
   const now = performance.now();
   const running = pool.running;
   const button = $('contribute');
-  button.textContent = running ? 'Stop' : 'Contribute';
-  button.classList.toggle('running', running);
-  button.setAttribute('aria-pressed', String(running));
+  button.textContent = wanted ? 'Stop' : 'Contribute';
+  button.classList.toggle('running', wanted);
+  button.setAttribute('aria-pressed', String(wanted));
+  const fraction = busyFraction(now);
+  const paused = wanted && pauseReason != null;
 
   const members = pool.membersEvaluated();
   const workers = pool.size;
@@ -142,7 +241,12 @@ function render() {
 
   const line = $('state-line');
   line.className = 'state-line';
-  if (!running) {
+  if (paused) {
+    line.textContent = pauseReason === 'hidden'
+      ? 'Paused while this tab is hidden; it resumes when you come back.'
+      : 'Paused while your device runs on battery; it resumes when it charges.';
+    line.classList.add('warn');
+  } else if (!running) {
     if (pool.stopReason === 'failure') line.textContent = 'Stopped because of the problem described above.';
     else if (pool.stopReason === 'user') line.textContent = 'Stopped. Thank you for helping!';
     else line.textContent = 'Not contributing. Nothing runs until you press Contribute.';
@@ -162,6 +266,14 @@ function render() {
   $('my-ids').textContent = ids.length ? ` (${ids.join(', ')})` : '';
   board.draw();
 
+  const sharePct = Math.round(pool.share * 100);
+  $('cpu-state').textContent = paused
+    ? 'paused'
+    : running
+      ? `${sharePct} % of each worker's core${fraction != null ? `, busy ${Math.round(fraction * 100)} % lately` : ''}`
+      : `${sharePct} % of each worker's core`;
+
+  const cpu = { share: pool.share, paused, pauseReason: paused ? pauseReason : null, busyMs: pool.busyMs(), busyFraction: fraction };
   publish({
     hashes: pool.hashes,
     running,
@@ -170,6 +282,7 @@ function render() {
     status: poller.last,
     identity: { name: cleanName($('name').value), ids },
     contributors: board.last,
+    cpu,
   });
 }
 
@@ -196,10 +309,9 @@ function renderStatus(s) {
   else if (stalled) setPill('', 'Paused');
   else setPill('live', `Training live · ${fmtInt(s.volunteers.total)} online`);
 
-  chart.draw(s.history || []);
-  const last = (s.history || []).at(-1);
+  chart.draw(poller.history);
   const parts = [];
-  if (last && last.train_loss != null) parts.push(`training ${last.train_loss.toFixed(3)}`);
+  if (s.train_loss != null) parts.push(`training ${s.train_loss.toFixed(3)}`);
   if (s.val_loss != null) parts.push(`validation ${s.val_loss.toFixed(3)}`);
   $('loss-now').textContent = parts.length ? `Latest: ${parts.join(', ')}.` : '';
 }
@@ -207,7 +319,12 @@ function renderStatus(s) {
 // ---------------------------------------------------------------------- boot
 
 setupControls();
+watchPauses();
 render();
 poller.start();
 board.start();
 setInterval(render, 1000);
+if (query.get('autostart') === '1') {
+  wanted = true;
+  sync();
+}

@@ -47,7 +47,7 @@ export class LossChart {
     new ResizeObserver(() => this.draw(this.#history)).observe(svg);
   }
 
-  /** Draws `history`, /api/status's list of {step, train_loss, val_loss}. */
+  /** Draws `history`, the curve's {step, train_loss, val_loss} points (from /api/history). */
   draw(history) {
     this.#history = history;
     const svg = this.#svg;

@@ -2,8 +2,9 @@
 // connection with its own wasm instance, and the tab's tallies of them.
 //
 // The postMessage interface with worker.js:
-//   page -> worker: {type: 'start', url, sampleEvery, token, name}
-//   worker -> page: {type: 'status', membersEvaluated, membersPerSec, connected, step}
+//   page -> worker: {type: 'start', url, sampleEvery, share, token, name}
+//                   {type: 'share', share}
+//   worker -> page: {type: 'status', membersEvaluated, membersPerSec, connected, step, busyMs, restMs}
 //                   {type: 'hash', step, hash}
 //                   {type: 'sample', text, step}
 //                   {type: 'version', version, protocol}
@@ -38,10 +39,14 @@ export class Pool {
   hashes = [];
   /** Why the pool last stopped: null (never did), 'user' or 'failure'. */
   stopReason = null;
-  /** Live workers in index order: {worker, index, members, rate, rateAt, connected, step, identity, id}. */
+  /** Live workers in index order: {worker, index, members, rate, rateAt, connected, step, busyMs, identity, id}. */
   #slots = [];
   /** Members evaluated by workers that were stopped since the page opened. */
   #retiredMembers = 0;
+  /** Milliseconds of evaluation by workers that were stopped. */
+  #retiredBusyMs = 0;
+  /** Each worker's CPU share, in (0, 1] (see worker.js). */
+  #share = 1;
   /** Milliseconds spent contributing before the current run of workers. */
   #contributedMs = 0;
   /** When the current run of workers started (performance.now()), or null. */
@@ -66,6 +71,18 @@ export class Pool {
   /** How many workers run. */
   get size() {
     return this.#slots.length;
+  }
+
+  /** The CPU share every worker computes (0-1]. */
+  get share() {
+    return this.#share;
+  }
+
+  /** Sets every worker's CPU share, running ones included. */
+  setShare(share) {
+    this.#share = share;
+    for (const slot of this.#slots) slot.worker.postMessage({ type: 'share', share });
+    this.#on.onChange();
   }
 
   /** Starts `n` workers. */
@@ -106,6 +123,11 @@ export class Pool {
     return this.#slots.reduce((sum, s) => sum + (now - s.rateAt < RATE_FRESH_MS ? s.rate : 0), 0);
   }
 
+  /** Milliseconds the tab's workers spent evaluating since it opened. */
+  busyMs() {
+    return this.#retiredBusyMs + this.#slots.reduce((sum, s) => sum + s.busyMs, 0);
+  }
+
   /** Workers connected to the server. */
   connected() {
     return this.#slots.filter((s) => s.connected).length;
@@ -129,7 +151,7 @@ export class Pool {
   #spawn(index) {
     const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
     const slot = {
-      worker, index, members: 0, rate: 0, rateAt: 0, connected: false, step: null, identity: null, id: null,
+      worker, index, members: 0, rate: 0, rateAt: 0, connected: false, step: null, busyMs: 0, identity: null, id: null,
     };
     worker.onmessage = (e) => this.#onMessage(slot, e.data);
     // A script that fails to load or a Rust panic: the worker is unusable,
@@ -148,6 +170,7 @@ export class Pool {
         sampleEvery: index === 0 ? SAMPLE_EVERY_STEPS : 0,
         token: identity.token,
         name: this.#on.name(),
+        share: this.#share,
       });
       slot.id = await publicId(identity.token);
       this.#on.onChange();
@@ -160,6 +183,7 @@ export class Pool {
     slot.worker.terminate();
     if (slot.identity) slot.identity.release();
     this.#retiredMembers += slot.members;
+    this.#retiredBusyMs += slot.busyMs;
   }
 
   #fail(message) {
@@ -176,6 +200,7 @@ export class Pool {
         slot.rateAt = performance.now();
         slot.connected = msg.connected;
         slot.step = msg.step;
+        if (typeof msg.busyMs === 'number') slot.busyMs = msg.busyMs;
         break;
       case 'hash':
         this.hashes[slot.index] = { step: msg.step, hash: msg.hash };

@@ -14,7 +14,13 @@
 //   identity          {name, ids}: the display name new workers join under
 //                     and the public ids of the running workers'
 //                     contributors (their tokens stay in localStorage);
-//   contributors      the last /api/contributors, or null before the first.
+//   contributors      the last /api/contributors, or null before the first;
+//   cpu               the tab's CPU share and pause: {share (0-1], paused
+//                     (true while the page holds its workers back), pauseReason
+//                     ('hidden', 'battery' or null), busyMs (evaluation time of
+//                     all its workers so far), busyFraction (busy time per
+//                     worker over the last few seconds of wall time, or null
+//                     before there are two samples)}.
 
 const seedling = {
   hashes: [],
@@ -24,6 +30,7 @@ const seedling = {
   status: null,
   identity: { name: '', ids: [] },
   contributors: null,
+  cpu: { share: 1, paused: false, pauseReason: null, busyMs: 0, busyFraction: null },
 };
 
 /**
@@ -31,7 +38,7 @@ const seedling = {
  * values rather than reading the page's objects, so the published view is
  * exactly what was just rendered.
  */
-export function publish({ hashes, running, workers, membersEvaluated, status, identity, contributors }) {
+export function publish({ hashes, running, workers, membersEvaluated, status, identity, contributors, cpu }) {
   seedling.hashes = hashes.slice();
   seedling.running = running;
   seedling.workers = workers;
@@ -39,5 +46,6 @@ export function publish({ hashes, running, workers, membersEvaluated, status, id
   seedling.status = status;
   seedling.identity = { name: identity.name, ids: identity.ids.slice() };
   seedling.contributors = contributors;
+  seedling.cpu = { ...cpu };
   window.seedling = seedling;
 }

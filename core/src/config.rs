@@ -65,6 +65,22 @@ pub struct EsConfig {
     pub batch: u32,
     /// Predicted tokens per sequence (each sequence holds `seq_len + 1` tokens).
     pub seq_len: u32,
+    /// Steps in flight: the members of step `s` are evaluated at the weights
+    /// before update `max(s - lag, 0)`, while update `s` is still applied in
+    /// order to the weights after updates `0..s`. With a lag the coordinator
+    /// can hand out later steps before the earlier ones close, so the
+    /// network round trip overlaps with compute. 0 is the synchronous rule;
+    /// at most [`limits::MAX_LAG`], because every replica keeps `lag` past
+    /// weight versions (ARCHITECTURE.md, "Determinism contract").
+    pub lag: u32,
+}
+
+impl EsConfig {
+    /// The weights version (updates applied) the members of `step` are
+    /// evaluated at: `max(step - lag, 0)`.
+    pub fn version_of(&self, step: u64) -> u64 {
+        step.saturating_sub(self.lag as u64)
+    }
 }
 
 /// Adam settings. The update path must be bit-identical on every replica, so
@@ -242,6 +258,10 @@ pub mod limits {
     pub const MAX_BATCH: u32 = 4096;
     /// Largest sequence length.
     pub const MAX_SEQ_LEN: u32 = 4096;
+    /// Largest lag (steps in flight beyond the one closing): a replica keeps
+    /// that many past copies of the weights, so a config from the wire must
+    /// not ask for more.
+    pub const MAX_LAG: u32 = 64;
     /// Most weights of a per-input head ([`super::Head::ByInput`]),
     /// `vocab * vocab * hidden` (64 MiB of f32).
     pub const MAX_BY_INPUT_HEAD: u64 = 1 << 24;
@@ -267,6 +287,7 @@ impl RunConfig {
                 population: 256,
                 batch: 16,
                 seq_len: 64,
+                lag: 0,
             },
             adam: AdamConfig::default(),
             init_scale: 1.0,
@@ -311,6 +332,9 @@ impl RunConfig {
         }
         if e.seq_len == 0 || e.seq_len > MAX_SEQ_LEN {
             return bad("seq_len must be in 1..=4096");
+        }
+        if e.lag > MAX_LAG {
+            return bad("lag must be in 0..=64");
         }
         if !(e.sigma.is_finite() && e.sigma > 0.0) {
             return bad("sigma must be finite and positive");

@@ -58,6 +58,7 @@ pub mod gemm;
 pub mod generate;
 pub mod hash;
 pub mod mingru;
+pub mod mirror;
 pub mod model;
 pub mod perturb;
 pub mod protocol;

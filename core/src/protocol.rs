@@ -36,9 +36,12 @@ pub mod schema;
 /// 6: a Reject says whether reconnecting can help (`retry`), so clients no
 /// longer read that from its text. Only the wire changed: checkpoints of
 /// version 5 hold the same things.
-/// 7: the Hello carries the volunteer's display name (possibly empty), for
+/// 7: steps in flight: the ES config carries a lag, members of step `s` are
+/// evaluated at the weights before update `max(s - lag, 0)`, and a snapshot
+/// carries the past weight versions a replica keeps for that.
+/// 8: the Hello carries the volunteer's display name (possibly empty), for
 /// the contributors' leaderboard.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Longest display name, in characters, after [`clean_name`]. A Hello whose
 /// name is longer does not decode: clients clean their names before sending.
@@ -181,6 +184,11 @@ pub enum ServerMsg {
         /// Adam moments.
         #[serde(with = "schema::adam_state")]
         adam: AdamState,
+        /// The past weight versions a replica at `step` keeps with a lag,
+        /// oldest first, the last being the weights after updates
+        /// `0..step - 1` (see `Replica::versions`); empty without a lag.
+        /// They let a joining or resynced client evaluate any open step.
+        versions: Vec<Vec<f32>>,
     },
     /// Work: evaluate `members` at `step` on the minibatch `tokens`.
     Job {
@@ -370,12 +378,17 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg> {
             }
             check_lr(*lr)?;
         }
-        ServerMsg::Snapshot { params, adam, .. }
-            if params
-                .iter()
-                .chain(&adam.m)
-                .chain(&adam.v)
-                .any(|x| !x.is_finite()) =>
+        ServerMsg::Snapshot {
+            params,
+            adam,
+            versions,
+            ..
+        } if params
+            .iter()
+            .chain(&adam.m)
+            .chain(&adam.v)
+            .chain(versions.iter().flatten())
+            .any(|x| !x.is_finite()) =>
         {
             return Err(Error::NonFinite);
         }
@@ -409,7 +422,7 @@ mod tests {
             bytes,
             [
                 0, 7, 9, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 3, 128, 2, 2, 0, 1, 1, 10,
-                215, 163, 60, 128, 2, 16, 64, 111, 18, 131, 58, 102, 102, 102, 63, 119, 190, 127, 63, 119,
+                215, 163, 60, 128, 2, 16, 64, 0, 111, 18, 131, 58, 102, 102, 102, 63, 119, 190, 127, 63, 119,
                 204, 43, 50, 0, 0, 0, 0, 0, 0, 128, 63, 0, 0, 0, 0, 3, 1, 97, 1, 98, 1, 99
             ]
         );
@@ -418,6 +431,7 @@ mod tests {
         let mut config = RunConfig::rw256(3);
         config.model.head = Head::ByInput;
         config.es.noise = NoiseKind::Full;
+        config.es.lag = 3;
         config.recipe = Recipe {
             schedule: LrSchedule::CosineTime {
                 warmup: 5,
@@ -440,7 +454,7 @@ mod tests {
             bytes,
             [
                 0, 1, 2, 171, 171, 171, 171, 171, 171, 171, 171, 171, 171, 171, 171, 171, 171, 171, 171, 0,
-                3, 128, 2, 2, 1, 0, 10, 215, 163, 60, 128, 2, 16, 64, 111, 18, 131, 58, 102, 102, 102, 63,
+                3, 128, 2, 2, 1, 0, 10, 215, 163, 60, 128, 2, 16, 64, 3, 111, 18, 131, 58, 102, 102, 102, 63,
                 119, 190, 127, 63, 119, 204, 43, 50, 0, 0, 0, 0, 0, 0, 128, 63, 3, 5, 0, 0, 180, 66, 0, 0,
                 128, 62, 1, 1, 1, 3, 1, 97, 1, 98, 1, 99
             ]
@@ -454,16 +468,37 @@ mod tests {
                 v: vec![0.125, 4.0],
                 t: 3,
             },
+            versions: vec![],
         };
         let bytes = encode(&snapshot, MAX_SERVER_MESSAGE).unwrap();
         assert_eq!(
             bytes,
             [
                 1, 3, 2, 0, 0, 128, 63, 0, 0, 32, 192, 2, 0, 0, 0, 63, 0, 0, 128, 62, 2, 0, 0, 0, 62, 0, 0,
-                128, 64, 3
+                128, 64, 3, 0
             ]
         );
         assert_eq!(decode_server(&bytes).unwrap(), snapshot);
+        // With past weight versions (a lagged run).
+        let lagged = ServerMsg::Snapshot {
+            step: 3,
+            params: vec![1.0, -2.5],
+            adam: AdamState {
+                m: vec![0.5, 0.25],
+                v: vec![0.125, 4.0],
+                t: 3,
+            },
+            versions: vec![vec![2.0, 0.0]],
+        };
+        let bytes = encode(&lagged, MAX_SERVER_MESSAGE).unwrap();
+        assert_eq!(bytes[30..], [1, 2, 0, 0, 0, 64, 0, 0, 0, 0]);
+        assert_eq!(decode_server(&bytes).unwrap(), lagged);
+        let mut nan = lagged;
+        if let ServerMsg::Snapshot { versions, .. } = &mut nan {
+            versions[0][1] = f32::NAN;
+        }
+        let bytes = encode(&nan, MAX_SERVER_MESSAGE).unwrap();
+        assert!(matches!(decode_server(&bytes), Err(Error::NonFinite)));
     }
 
     fn hello_named(name: &str) -> Vec<u8> {

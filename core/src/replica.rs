@@ -4,7 +4,16 @@
 //! evaluate members at the current step, and apply the update list the
 //! server broadcasts; equal configs plus equal update lists give
 //! bit-identical weights, which [`Replica::hash`] lets them check.
+//!
+//! With steps in flight (a config's `es.lag` D > 0) the members of step `s`
+//! are evaluated at the weights before update `max(s - D, 0)`, while update
+//! `s` is still applied in order to the newest weights; so a replica keeps
+//! the D weight versions before its current one ([`Replica::versions`]), the
+//! oldest any open step may need. Adam's moments are not kept per version:
+//! only evaluation looks back.
 
+use alloc::collections::VecDeque;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::adam::{self, AdamState};
@@ -30,10 +39,17 @@ pub struct Replica {
     pub params: Vec<f32>,
     /// Adam moments.
     pub adam: AdamState,
-    /// The step the next evaluation and update are for.
+    /// The step the next update is for: `params` are the weights after
+    /// updates `0..step` (weights version `step`).
     pub step: u64,
     /// Forward kernel; the update path does not depend on it.
     pub backend: Backend,
+    /// Past weight versions, oldest first: the last one is version
+    /// `step - 1`, and there are at most `config.es.lag` of them (fewer
+    /// early in a run). Empty without a lag. Shared buffers, so cloning a
+    /// replica (a volunteer holding a job across an update) does not copy
+    /// them.
+    versions: VecDeque<Arc<[f32]>>,
 }
 
 impl Replica {
@@ -50,6 +66,7 @@ impl Replica {
             adam,
             step: 0,
             backend: Backend::Fast,
+            versions: VecDeque::new(),
         })
     }
 
@@ -76,7 +93,68 @@ impl Replica {
             adam,
             step,
             backend: Backend::Fast,
+            versions: VecDeque::new(),
         })
+    }
+
+    /// This replica with the past weight versions of a snapshot or
+    /// checkpoint, oldest first (see [`Replica::versions`]). Refused unless
+    /// they are exactly the ones a replica at this step keeps:
+    /// `min(lag, step)` versions of the model's length, all finite.
+    pub fn with_versions(mut self, versions: Vec<Vec<f32>>) -> Result<Self> {
+        let want = self.step.min(self.config.es.lag as u64);
+        if versions.len() as u64 != want {
+            return Err(Error::Config(alloc::format!(
+                "a replica at step {} with lag {} keeps {want} past weight versions, got {}",
+                self.step,
+                self.config.es.lag,
+                versions.len()
+            )));
+        }
+        for v in &versions {
+            check_len("past weight version", self.layout.len, v.len())?;
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(Error::NonFinite);
+            }
+        }
+        self.versions = versions.into_iter().map(Arc::from).collect();
+        Ok(self)
+    }
+
+    /// The past weight versions, oldest first: the last is the weights
+    /// after updates `0..step - 1` (version `step - 1`). What a snapshot or checkpoint carries so that its receiver can
+    /// evaluate every step still open.
+    pub fn versions(&self) -> impl ExactSizeIterator<Item = &[f32]> {
+        self.versions.iter().map(|v| &v[..])
+    }
+
+    /// The [`crate::protocol::ServerMsg::Snapshot`] of this replica: its
+    /// step, weights, Adam moments and past weight versions, everything a
+    /// client needs to join at this step.
+    pub fn snapshot(&self) -> crate::protocol::ServerMsg {
+        crate::protocol::ServerMsg::Snapshot {
+            step: self.step,
+            params: self.params.clone(),
+            adam: self.adam.clone(),
+            versions: self.versions().map(<[f32]>::to_vec).collect(),
+        }
+    }
+
+    /// The weights after `version` updates, if this replica holds them (its
+    /// current weights or one of its past versions).
+    pub fn weights_at(&self, version: u64) -> Option<&[f32]> {
+        if version == self.step {
+            return Some(&self.params);
+        }
+        let back = self.step.checked_sub(version)?;
+        let n = self.versions.len() as u64;
+        (back <= n).then(|| &self.versions[(n - back) as usize][..])
+    }
+
+    /// Whether this replica can evaluate members of `step`: it holds the
+    /// weights version `step` is evaluated at (`max(step - lag, 0)`).
+    pub fn can_evaluate(&self, step: u64) -> bool {
+        self.weights_at(self.config.es.version_of(step)).is_some()
     }
 
     /// Checks a minibatch against this run's batch shape and vocabulary.
@@ -90,14 +168,29 @@ impl Replica {
         )
     }
 
-    /// Losses of `members` at the current step on the step's minibatch.
+    /// Losses of `members` of the current step on the step's minibatch
+    /// (see [`Replica::evaluate_step`]).
     pub fn evaluate(&self, tokens: &[Token], members: &[u32]) -> Result<Vec<f32>> {
+        self.evaluate_step(self.step, tokens, members)
+    }
+
+    /// Losses of `members` of `step` on the step's minibatch: the step's
+    /// perturbations applied to the weights version `max(step - lag, 0)`.
+    /// Fails with [`Error::Step`] when this replica does not hold that
+    /// version (it has not applied the updates before it, or has dropped
+    /// it).
+    pub fn evaluate_step(&self, step: u64, tokens: &[Token], members: &[u32]) -> Result<Vec<f32>> {
+        let version = self.config.es.version_of(step);
+        let params = self.weights_at(version).ok_or(Error::Step {
+            expected: self.step,
+            got: step,
+        })?;
         let batch = self.minibatch(tokens)?;
         forward::member_losses(
             &self.layout,
-            &self.params,
+            params,
             &self.config,
-            self.step,
+            step,
             &batch,
             members,
             self.backend,
@@ -131,6 +224,8 @@ impl Replica {
             });
         }
         crate::protocol::check_lr(lr)?;
+        // Everything that can fail comes before anything changes.
+        let mut gradient = None;
         if !weights.is_empty() {
             let mut g = es_gradient(&self.layout, &self.config, step, weights)?;
             let recipe = self.config.recipe;
@@ -143,13 +238,24 @@ impl Replica {
                     readout::overwrite_readout(&self.layout, &self.params, &batch, &mut g)?;
                 }
             }
+            gradient = Some(g);
+        }
+        let lag = self.config.es.lag as usize;
+        if lag > 0 {
+            if self.versions.len() == lag {
+                self.versions.pop_front();
+            }
+            self.versions.push_back(Arc::from(&self.params[..]));
+        }
+        if let Some(g) = gradient {
             adam::step(&self.config.adam, lr, &mut self.params, &mut self.adam, &g);
         }
         self.step += 1;
         Ok(())
     }
 
-    /// One whole ES step on this replica alone: evaluate every member, shape,
+    /// One whole ES step on this replica alone: evaluate every member (at
+    /// the lagged weights version when the config has a lag), shape,
     /// apply. Returns the population's mean loss. This is what a
     /// single-process run and the tests do; the server splits the same work
     /// across volunteers.
@@ -165,5 +271,129 @@ impl Replica {
     /// The 64-bit weights hash replicas compare.
     pub fn hash(&self) -> u64 {
         weights_hash(&self.params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use crate::protocol::{self, MAX_SERVER_MESSAGE, ServerMsg};
+    use alloc::vec;
+
+    fn config(lag: u32) -> RunConfig {
+        let mut c = RunConfig::rw256(5);
+        c.model = ModelConfig {
+            vocab: 5,
+            hidden: 8,
+            layers: 2,
+            head: Default::default(),
+        };
+        c.es.population = 4;
+        c.es.batch = 2;
+        c.es.seq_len = 4;
+        c.es.lag = lag;
+        c.adam.lr = 0.05;
+        c
+    }
+
+    fn tokens(step: u64) -> Vec<Token> {
+        (0..10).map(|i| ((i + step) % 5) as Token).collect()
+    }
+
+    /// The ring holds exactly the versions `step - lag ..= step`, and a step
+    /// is evaluated at its lagged version with its own perturbations.
+    #[test]
+    fn the_ring_keeps_the_last_lag_versions() {
+        let mut r = Replica::new(config(2)).unwrap();
+        let mut seen = vec![r.params.clone()];
+        for s in 0..5u64 {
+            assert_eq!(r.versions().len() as u64, s.min(2));
+            for v in 0..=s + 1 {
+                let held = r.weights_at(v).map(<[f32]>::to_vec);
+                let want = (v + 2 >= s && v <= s).then(|| seen[v as usize].clone());
+                assert_eq!(held, want, "step {s} version {v}");
+            }
+            assert!(r.can_evaluate(s + 2) && !r.can_evaluate(s + 3));
+            assert!(r.can_evaluate(s));
+            // Step s + 2 is evaluated at version s, the current weights, with
+            // step s + 2's noise.
+            let want = forward::member_losses(
+                &r.layout,
+                &r.params,
+                &r.config,
+                s + 2,
+                &r.minibatch(&tokens(s)).unwrap(),
+                &[0, 3],
+                r.backend,
+            )
+            .unwrap();
+            assert_eq!(r.evaluate_step(s + 2, &tokens(s), &[0, 3]).unwrap(), want);
+            assert!(matches!(
+                r.evaluate_step(s + 3, &tokens(s), &[0]),
+                Err(Error::Step { .. })
+            ));
+            r.local_step(&tokens(s)).unwrap();
+            seen.push(r.params.clone());
+        }
+    }
+
+    /// Without a lag nothing is kept and only the current step evaluates.
+    #[test]
+    fn no_lag_keeps_no_versions() {
+        let mut r = Replica::new(config(0)).unwrap();
+        r.local_step(&tokens(0)).unwrap();
+        assert_eq!(r.versions().len(), 0);
+        assert!(r.can_evaluate(1) && !r.can_evaluate(0) && !r.can_evaluate(2));
+    }
+
+    /// A snapshot carries the ring through the wire: the receiver evaluates
+    /// every open step and applies later updates exactly as the sender.
+    #[test]
+    fn a_snapshot_round_trips_the_versions() {
+        let mut a = Replica::new(config(3)).unwrap();
+        for s in 0..2 {
+            a.local_step(&tokens(s)).unwrap();
+        }
+        let bytes = protocol::encode(&a.snapshot(), MAX_SERVER_MESSAGE).unwrap();
+        let ServerMsg::Snapshot {
+            step,
+            params,
+            adam,
+            versions,
+        } = protocol::decode_server(&bytes).unwrap()
+        else {
+            panic!("a snapshot")
+        };
+        assert_eq!(versions.len(), 2);
+        let mut b = Replica::from_snapshot(a.config, step, params.clone(), adam.clone())
+            .unwrap()
+            .with_versions(versions.clone())
+            .unwrap();
+        for s in 2..8 {
+            for open in s..=s + 3 {
+                assert_eq!(
+                    a.evaluate_step(open, &tokens(s), &[1, 2]).unwrap(),
+                    b.evaluate_step(open, &tokens(s), &[1, 2]).unwrap()
+                );
+            }
+            a.local_step(&tokens(s)).unwrap();
+            b.local_step(&tokens(s)).unwrap();
+            assert_eq!(a.hash(), b.hash());
+        }
+        // The wrong number of versions, or a wrong length, is refused.
+        let again = || Replica::from_snapshot(a.config, step, params.clone(), adam.clone()).unwrap();
+        assert!(again().with_versions(vec![]).is_err());
+        assert!(again().with_versions(vec![vec![0.0; 3]; 2]).is_err());
+        let mut three = versions.clone();
+        three.push(params.clone());
+        assert!(again().with_versions(three).is_err());
+    }
+
+    /// A lag above the limit is not a valid config.
+    #[test]
+    fn a_lag_is_bounded() {
+        assert!(config(crate::config::limits::MAX_LAG).validate().is_ok());
+        assert!(config(crate::config::limits::MAX_LAG + 1).validate().is_err());
     }
 }

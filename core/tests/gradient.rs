@@ -58,6 +58,7 @@ fn config(noise: NoiseKind, population: u32) -> RunConfig {
             population,
             batch: BATCH,
             seq_len: SEQ_LEN,
+            lag: 0,
         },
         adam: AdamConfig::default(),
         init_scale: 1.0,

@@ -190,6 +190,7 @@ fn run_config(model: ModelConfig, noise: NoiseKind, sigma: f32, seed: u64, popul
             population,
             batch: 1,
             seq_len: 1,
+            lag: 0,
         },
         adam: AdamConfig::default(),
         init_scale: 1.0,
@@ -296,6 +297,7 @@ fn valid_config(vocab: u32) -> impl Strategy<Value = RunConfig> {
             population: 2 * half,
             batch,
             seq_len,
+            lag: batch % 65,
         },
     );
     let adam = (0.0f32..1.0, 0.0f32..1.0, 0.0f32..1.0, 1e-12f32..1.0, 0.0f32..1.0).prop_map(
@@ -346,13 +348,20 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
     let floats = || prop::collection::vec(finite_f32(), 0..48);
     prop_oneof![
         welcome(),
-        (any::<u64>(), floats(), floats(), floats(), any::<u64>()).prop_map(|(step, params, m, v, t)| {
-            ServerMsg::Snapshot {
+        (
+            any::<u64>(),
+            floats(),
+            floats(),
+            floats(),
+            any::<u64>(),
+            prop::collection::vec(floats(), 0..3)
+        )
+            .prop_map(|(step, params, m, v, t, versions)| ServerMsg::Snapshot {
                 step,
                 params,
                 adam: AdamState { m, v, t },
-            }
-        }),
+                versions,
+            }),
         (
             any::<u64>(),
             any::<u64>(),

@@ -28,16 +28,22 @@ use tokio::sync::mpsc;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
+use crate::checkpoint::HistoryPoint;
 use crate::coordinator::Coordinator;
 use crate::coordinator::driver::{self, Driver};
 use crate::coordinator::types::{
     AdminCommand, ClientId, Event, Input, Leaderboard, Outgoing, RunData, Settings, Status, close,
 };
 use crate::delivery::{self, Postbox};
+use crate::metrics::{self, Metrics};
 use crate::runbook::{Cadence, Opened, RunBook};
 
 /// How often deadlines are checked.
 const TICK: Duration = Duration::from_millis(20);
+
+/// Most points one `/api/history` answer holds: a longer stretch is thinned
+/// to about this many, so an answer stays small however long the run.
+pub const HISTORY_POINTS: usize = 1000;
 
 /// Everything `seedling serve` needs to start.
 #[derive(Clone, Debug)]
@@ -175,6 +181,8 @@ impl Admission {
 struct AppState {
     events: mpsc::Sender<Event>,
     status: Arc<Mutex<Status>>,
+    curve: Arc<Mutex<Vec<HistoryPoint>>>,
+    metrics: Arc<Metrics>,
     next_id: Arc<AtomicU64>,
     admission: Arc<Admission>,
     admin_token: Option<Arc<str>>,
@@ -195,6 +203,14 @@ impl Server {
     /// A copy of the current status.
     pub fn status(&self) -> Status {
         self.status.lock().unwrap().clone()
+    }
+
+    /// Resolves once the run is finished: its max steps done or its time
+    /// budget spent.
+    pub async fn finished(&self) {
+        while !self.status().finished {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Stops accepting, closes every connection, writes the final checkpoint
@@ -236,7 +252,9 @@ pub fn initial_replica(
         cadence,
         Instant::now(),
     )?;
-    let replica = Replica::from_snapshot(*book.config(), start.step, start.params, start.adam)?;
+    let book = book.with_budget(settings.time_budget_s);
+    let replica = Replica::from_snapshot(*book.config(), start.step, start.params, start.adam)?
+        .with_versions(start.versions)?;
     if let Some(path) = resumed {
         tracing::info!(step = replica.step, hash = format!("{:016x}", replica.hash()), path = %path.display(), "resumed");
     }
@@ -267,6 +285,7 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
     tokio::spawn(delivery::courier(parcels, events.clone(), spent.clone()));
     let driver = Driver::new(coordinator, Postbox::with_courier(batches, spent), &opts.settings);
     let status = driver.status();
+    let curve = driver.curve();
     let coordinator = std::thread::Builder::new()
         .name("coordinator".into())
         .spawn(move || driver.run(rx))?;
@@ -284,6 +303,8 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
     let state = AppState {
         events: events.clone(),
         status: status.clone(),
+        curve,
+        metrics: Arc::new(Metrics::new(status.clone())),
         next_id: Arc::new(AtomicU64::new(1)),
         admission: Arc::new(Admission::new(opts.limits.clone())),
         admin_token: opts.admin_token.clone().filter(|t| !t.is_empty()).map(Arc::from),
@@ -312,19 +333,37 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
     })
 }
 
-/// Serves until `shutdown` resolves, then stops cleanly (final checkpoint).
+/// How long a run that finished by its time budget keeps answering
+/// `/api/status` before it stops: long enough for the last step's update to
+/// reach every volunteer and their hashes to come back, and for whoever
+/// watches the run to read its final figures.
+pub const FINISHED_LINGER: Duration = Duration::from_secs(3);
+
+/// Serves until `shutdown` resolves or, for a run with a time budget, until
+/// the budget is spent (plus [`FINISHED_LINGER`]), then stops cleanly
+/// (final checkpoint).
 pub async fn run(
     listener: TcpListener,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let timed = opts.settings.time_budget_s.is_some();
     let server = start(listener, opts).await?;
-    shutdown.await;
+    tokio::select! {
+        _ = shutdown => {}
+        _ = server.finished(), if timed => {
+            let s = server.status();
+            println!("The time budget is spent at step {}; stopping.", s.step);
+            tokio::time::sleep(FINISHED_LINGER).await;
+        }
+    }
     server.shutdown().await
 }
 
-/// The router: `/ws` for volunteers, the JSON status and contributors'
-/// leaderboard, Prometheus metrics and the volunteer page. Every response carries COOP/COEP so the page is
+/// The router: `/ws` for volunteers, the JSON status (small, for polling),
+/// the learning curve by increments, the clients' last reports, the
+/// contributors' leaderboard, Prometheus metrics and the volunteer page.
+/// Every response carries COOP/COEP so the page is
 /// cross-origin isolated (shared memory for multi-threaded wasm) when the
 /// browser supports it.
 fn app(state: AppState, www: Option<PathBuf>) -> Router {
@@ -332,6 +371,8 @@ fn app(state: AppState, www: Option<PathBuf>) -> Router {
         .route("/ws", get(ws_handler))
         .route("/api/status", get(status_handler))
         .route("/api/contributors", get(contributors_handler))
+        .route("/api/history", get(history_handler))
+        .route("/api/clients", get(clients_handler))
         .route("/metrics", get(metrics_handler))
         .route("/admin/{command}", post(admin_handler))
         .with_state(state);
@@ -349,8 +390,78 @@ fn app(state: AppState, www: Option<PathBuf>) -> Router {
         ))
 }
 
-async fn status_handler(State(state): State<AppState>) -> Json<Status> {
-    Json(state.status.lock().unwrap().clone())
+/// The run's figures, without the curve or the clients: what every page
+/// polls, so a few KB whatever the run's length or crowd.
+async fn status_handler(State(state): State<AppState>) -> Response {
+    // The history and the client map are not serialized (`serde(skip)`).
+    let body = serde_json::to_vec(&*state.status.lock().unwrap());
+    match body {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// `GET /api/history?since=STEP`: the curve's points after `STEP` (all of
+/// them without `since`), oldest first, thinned to about
+/// [`HISTORY_POINTS`].
+async fn history_handler(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let since = match query.get("since").map(|s| s.parse::<i64>()) {
+        None => None,
+        Some(Ok(step)) => Some(step),
+        Some(Err(_)) => return (StatusCode::BAD_REQUEST, "since needs a step number").into_response(),
+    };
+    let points = {
+        let curve = state.curve.lock().unwrap();
+        let from = match since {
+            Some(step) if step >= 0 => curve.partition_point(|h| h.step <= step as u64),
+            _ => 0,
+        };
+        thin(&curve[from..], HISTORY_POINTS)
+    };
+    Json(points).into_response()
+}
+
+/// At most about `max` of `points`: all when they fit, else an even
+/// selection of the training points and of the validation points (each
+/// held to half of `max`), always with the newest point, in step order.
+pub fn thin(points: &[HistoryPoint], max: usize) -> Vec<HistoryPoint> {
+    if points.len() <= max {
+        return points.to_vec();
+    }
+    let half = (max / 2).max(1);
+    let vals = points.iter().filter(|h| h.val_loss.is_some()).count();
+    let trains = points.len() - vals;
+    let (val_every, train_every) = (vals.div_ceil(half).max(1), trains.div_ceil(half).max(1));
+    let (mut v, mut t) = (vals, trains);
+    let mut kept: Vec<HistoryPoint> = points
+        .iter()
+        .rev()
+        .filter(|h| {
+            // Counted from the newest point, so it is always kept.
+            let (left, every) = if h.val_loss.is_some() {
+                v -= 1;
+                (vals - 1 - v, val_every)
+            } else {
+                t -= 1;
+                (trains - 1 - t, train_every)
+            };
+            left % every == 0
+        })
+        .copied()
+        .collect();
+    kept.reverse();
+    kept
+}
+
+/// Every reporting client's last hash report, by client id: for the
+/// end-to-end tests and operators (it grows with the crowd, so the polled
+/// status leaves it out).
+async fn clients_handler(State(state): State<AppState>) -> Response {
+    let clients = state.status.lock().unwrap().client_hashes.clone();
+    Json(clients).into_response()
 }
 
 /// The contributors' leaderboard: the top 100 by verified members, each
@@ -363,74 +474,11 @@ async fn contributors_handler(State(state): State<AppState>) -> Json<Leaderboard
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> Response {
-    let s = state.status.lock().unwrap().clone();
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-        out.push_str(&format!(
-            "# HELP seedling_{name} {help}\n# TYPE seedling_{name} {kind}\n"
-        ));
-        out.push_str(&format!("seedling_{name} {value}\n"));
-    };
-    metric("step", "gauge", "Step being evaluated.", s.step as f64);
-    metric(
-        "volunteers",
-        "gauge",
-        "Clients past the handshake.",
-        s.volunteers.total as f64,
-    );
-    metric(
-        "members_per_second",
-        "gauge",
-        "Member evaluations per second.",
-        s.members_per_s,
-    );
-    metric(
-        "steps_per_second",
-        "gauge",
-        "Steps closed per second.",
-        s.steps_per_s,
-    );
-    metric(
-        "divergences_total",
-        "counter",
-        "Replicas found diverged.",
-        s.divergences as f64,
-    );
-    metric(
-        "stale_results_total",
-        "counter",
-        "Stale results dropped.",
-        s.stale_results as f64,
-    );
-    metric(
-        "reissued_jobs_total",
-        "counter",
-        "Jobs reissued.",
-        s.reissued_jobs as f64,
-    );
-    metric(
-        "rejected_clients_total",
-        "counter",
-        "Clients rejected for bad input.",
-        s.rejected_clients as f64,
-    );
-    if let Some(v) = s.val_loss {
-        metric(
-            "val_loss",
-            "gauge",
-            "Validation loss, nats per character.",
-            v as f64,
-        );
-    }
-    if let Some(h) = s.history.last() {
-        metric(
-            "train_loss",
-            "gauge",
-            "Mean population loss of the last step.",
-            h.train_loss as f64,
-        );
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 /// Operator commands: `POST /admin/pause|resume|checkpoint`, `POST
@@ -633,6 +681,55 @@ async fn handle_socket(socket: WebSocket, state: AppState) {
 mod tests {
     use super::*;
     use seedling_core::tokenizer::Tokenizer;
+
+    fn point(step: u64, val: bool) -> HistoryPoint {
+        HistoryPoint {
+            step,
+            elapsed_s: step as f64,
+            tokens: step * 100,
+            train_loss: 2.5,
+            val_loss: val.then_some(2.4),
+        }
+    }
+
+    #[test]
+    fn the_polled_status_stays_small_with_a_long_run_and_a_crowd() {
+        use crate::coordinator::types::ClientReport;
+        let report = |i: u64| ClientReport {
+            kind: "browser",
+            step: i,
+            hash: format!("{i:016x}"),
+            members: i,
+            trust: i,
+        };
+        let status = Status {
+            history: (1..=crate::checkpoint::HISTORY_CAP as u64)
+                .map(|s| point(s, s % 10 == 0))
+                .collect(),
+            client_hashes: (0..10_000).map(|i| (i, report(i))).collect(),
+            data: "x".repeat(200),
+            hash: format!("{:016x}", u64::MAX),
+            val_loss: Some(1.0),
+            train_loss: Some(1.0),
+            history_step: Some(u64::MAX),
+            ..Status::default()
+        };
+        let json = serde_json::to_vec(&status).unwrap();
+        assert!(json.len() < 4096, "{} bytes", json.len());
+    }
+
+    #[test]
+    fn thinning_keeps_everything_that_fits_and_the_newest_point() {
+        let few: Vec<_> = (1..=10).map(|s| point(s, s % 3 == 0)).collect();
+        assert_eq!(thin(&few, 10), few);
+        let many: Vec<_> = (1..=10_000).map(|s| point(s, s % 7 == 0)).collect();
+        let kept = thin(&many, 1000);
+        assert!((500..=1000).contains(&kept.len()), "{}", kept.len());
+        assert_eq!(kept.last(), many.last());
+        assert!(kept.windows(2).all(|p| p[0].step < p[1].step));
+        let vals = kept.iter().filter(|p| p.val_loss.is_some()).count();
+        assert!((250..=500).contains(&vals), "{vals} validation points");
+    }
 
     #[test]
     fn a_fresh_run_starts_from_the_unigram_bias_when_asked() {

@@ -5,17 +5,20 @@
 //! layout name (`layers.0.w_ih` is `[vocab, hidden]`, vectors are `[cols]`;
 //! a per-input head's `out.w` is `[vocab * hidden, vocab]`, block x being
 //! input x's matrix, and its `out.b` is `[vocab, vocab]`),
-//! the Adam moments as `adam.m.<name>` and `adam.v.<name>`, and everything
-//! else (config, vocabulary, step, history, hashes) as string metadata.
+//! the Adam moments as `adam.m.<name>` and `adam.v.<name>`, a lagged run's
+//! past weight versions (steps in flight) as flat `versions.<k>` tensors,
+//! oldest first, and everything else (config, vocabulary, step, history,
+//! hashes) as string metadata.
 //!
-//! Files are `ckpt-{step:010}.safetensors`, so names sort by step. They are
-//! written atomically (temporary file, fsync, rename, fsync of the
-//! directory) and carry a checksum over all tensor bytes, so a crash never
+//! Files are `ckpt-{step:010}.safetensors`, so names sort by step, mode
+//! 0644 like any other output. They are written atomically (temporary
+//! file, fsync, rename, fsync of the directory) and carry a checksum over all tensor bytes, so a crash never
 //! leaves a half-written file under a checkpoint name, and a file damaged
 //! later is detected on load; [`latest`] then falls back to an older one.
 //!
 //! The metadata has its own schema and version ([`meta`]), apart from the
-//! wire's, and the learning curve its own file ([`history`]).
+//! wire's, and the learning curve its own file ([`history`]). [`export`]
+//! writes the weights alone, shaped for readers outside Seedling.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -31,6 +34,7 @@ use seedling_core::hash::weights_hash;
 use seedling_core::model::{Layout, TensorSpec};
 use seedling_core::tokenizer::Tokenizer;
 
+pub mod export;
 pub mod history;
 pub mod meta;
 
@@ -60,8 +64,12 @@ pub struct Checkpoint {
     pub history: Vec<HistoryPoint>,
     /// The operator's learning rate (`/admin/lr`), so a restart keeps it.
     pub lr_override: Option<f32>,
+    /// The past weight versions a replica with a lag keeps
+    /// (`Replica::versions`), oldest first, so a restarted server can
+    /// evaluate every step that was open; empty without a lag.
+    pub versions: Vec<Vec<f32>>,
     /// Each contributor's verified members, so credit outlives a restart
-    /// (empty for files before checkpoint version 6).
+    /// (empty for files before checkpoint version 7).
     pub contributors: Vec<ContributorRecord>,
 }
 
@@ -113,21 +121,35 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// 64-bit checksum over every tensor byte (weights, then both moments), so
-/// damage to any tensor is caught, not only to the weights.
-fn checksum(params: &[f32], adam: &AdamState) -> u64 {
-    checksum_with(weights_hash, params, adam)
+/// 64-bit checksum over every tensor byte (weights, both moments, then the
+/// past weight versions), so damage to any tensor is caught, not only to
+/// the weights.
+fn checksum(params: &[f32], adam: &AdamState, versions: &[Vec<f32>]) -> u64 {
+    checksum_with(weights_hash, params, adam, versions)
 }
 
-fn checksum_with(hash: fn(&[f32]) -> u64, params: &[f32], adam: &AdamState) -> u64 {
-    hash(&[params, &adam.m[..], &adam.v[..]].concat())
+fn checksum_with(hash: fn(&[f32]) -> u64, params: &[f32], adam: &AdamState, versions: &[Vec<f32>]) -> u64 {
+    let mut all = [params, &adam.m[..], &adam.v[..]].concat();
+    for v in versions {
+        all.extend_from_slice(v);
+    }
+    hash(&all)
+}
+
+/// Name of the tensor of past weight version `k` (0 the oldest).
+fn version_name(k: usize) -> String {
+    format!("versions.{k}")
 }
 
 fn to_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-fn shape(t: &TensorSpec) -> Vec<usize> {
+/// A tensor's shape as a checkpoint stores it: `[rows, cols]` for a
+/// matrix or a stack of vectors (a per-input head's `out.b`), `[cols]` for
+/// one vector. `seedling export` reshapes some of them for readers
+/// ([`export::shape`]).
+pub fn shape(t: &TensorSpec) -> Vec<usize> {
     if t.is_matrix || t.rows > 1 {
         vec![t.rows, t.cols]
     } else {
@@ -149,7 +171,10 @@ pub fn to_bytes_safetensors(ckpt: &Checkpoint) -> Result<Vec<u8>> {
         ("weights", ckpt.params.len()),
         ("adam.m", ckpt.adam.m.len()),
         ("adam.v", ckpt.adam.v.len()),
-    ] {
+    ]
+    .into_iter()
+    .chain(ckpt.versions.iter().map(|v| ("past weight versions", v.len())))
+    {
         ensure!(
             len == layout.len,
             "checkpoint {what} have {len} values, the model has {}",
@@ -162,10 +187,17 @@ pub fn to_bytes_safetensors(ckpt: &Checkpoint) -> Result<Vec<u8>> {
         buffers.push((format!("adam.m.{}", t.name), t, to_bytes(&ckpt.adam.m[t.range()])));
         buffers.push((format!("adam.v.{}", t.name), t, to_bytes(&ckpt.adam.v[t.range()])));
     }
-    let views = buffers
+    let mut views = buffers
         .iter()
-        .map(|(name, t, bytes)| Ok((name.as_str(), TensorView::new(Dtype::F32, shape(t), bytes)?)))
+        .map(|(name, t, bytes)| Ok((name.clone(), TensorView::new(Dtype::F32, shape(t), bytes)?)))
         .collect::<Result<Vec<_>>>()?;
+    let versions: Vec<Vec<u8>> = ckpt.versions.iter().map(|v| to_bytes(v)).collect();
+    for (k, bytes) in versions.iter().enumerate() {
+        views.push((
+            version_name(k),
+            TensorView::new(Dtype::F32, vec![layout.len], bytes)?,
+        ));
+    }
     let mut meta: HashMap<String, String> = [
         ("format", FORMAT.to_string()),
         (VERSION_KEY, CHECKPOINT_VERSION.to_string()),
@@ -176,7 +208,10 @@ pub fn to_bytes_safetensors(ckpt: &Checkpoint) -> Result<Vec<u8>> {
         ("history", serde_json::to_string(&ckpt.history)?),
         (CONTRIBUTORS_KEY, meta::contributors_to_json(&ckpt.contributors)?),
         ("weights_hash", format!("{:016x}", weights_hash(&ckpt.params))),
-        ("checksum", format!("{:016x}", checksum(&ckpt.params, &ckpt.adam))),
+        (
+            "checksum",
+            format!("{:016x}", checksum(&ckpt.params, &ckpt.adam, &ckpt.versions)),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -199,23 +234,40 @@ pub fn save(dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
     fs::create_dir_all(dir)
         .with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
     let dest = dir.join(file_name(ckpt.step));
-    let write = || -> Result<()> {
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".ckpt-")
-            .suffix(".tmp")
-            .tempfile_in(dir)?;
-        tmp.write_all(&bytes)?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(&dest)?;
-        sync_dir(dir)
-    };
-    write().with_context(|| format!("cannot write checkpoint {}", dest.display()))?;
+    write_atomically(dir, &dest, &bytes)
+        .with_context(|| format!("cannot write checkpoint {}", dest.display()))?;
     for (_, old) in list(dir)?.into_iter().skip(keep.max(1)) {
         if let Err(e) = fs::remove_file(&old) {
             tracing::warn!(path = %old.display(), "cannot delete old checkpoint: {e}");
         }
     }
     Ok(dest)
+}
+
+/// Mode of checkpoint and export files: readable by everyone, like any
+/// other output file (a temporary file starts as 0600), so another user or
+/// a web server can read a model the operator publishes.
+pub const FILE_MODE: u32 = 0o644;
+
+/// Writes `bytes` to `dest` through a temporary file in `dir` (the same
+/// directory, so the rename is atomic): written, given [`FILE_MODE`],
+/// fsynced, renamed over `dest`, and the directory fsynced, so a crash
+/// never leaves a half-written file under the final name.
+pub(crate) fn write_atomically(dir: &Path, dest: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".ckpt-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+    }
+    tmp.as_file().sync_all()?;
+    tmp.persist(dest)?;
+    sync_dir(dir)
 }
 
 /// Makes a rename in `dir` durable (POSIX needs an fsync of the directory).
@@ -265,8 +317,9 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
         OLD_VERSION_KEY
     };
     let version: u32 = get(key)?.parse().with_context(|| format!("bad {key}"))?;
-    // Version 6 on was never stored under the old key.
-    if !READABLE_VERSIONS.contains(&version) || (key == OLD_VERSION_KEY && version > 5) {
+    // The old key was written only by versions 1 to 5.
+    let misfiled = key == OLD_VERSION_KEY && version > 5;
+    if !READABLE_VERSIONS.contains(&version) || misfiled {
         return Err(Incompatible(format!(
             "written as checkpoint version {version}, but this build reads versions {READABLE_VERSIONS:?}; \
              use a matching seedling build to resume or convert it"
@@ -303,11 +356,14 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
     };
     let (want_hash, want_sum) = (hex("weights_hash")?, hex("checksum")?);
 
+    // A lagged run keeps min(lag, step) past weight versions; older files
+    // (no lag) none.
+    let n_versions = step.min(config.es.lag as u64) as usize;
     ensure!(
-        st.len() == 3 * layout.tensors.len(),
+        st.len() == 3 * layout.tensors.len() + n_versions,
         "holds {} tensors, the model needs {}",
         st.len(),
-        3 * layout.tensors.len()
+        3 * layout.tensors.len() + n_versions
     );
     let read = |name: &str, t: &TensorSpec, dst: &mut [f32]| -> Result<()> {
         let view = st.tensor(name).map_err(|_| anyhow!("tensor {name} is missing"))?;
@@ -336,8 +392,19 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
         read(&format!("adam.m.{}", t.name), t, &mut adam.m[r.clone()])?;
         read(&format!("adam.v.{}", t.name), t, &mut adam.v[r])?;
     }
+    let flat = TensorSpec {
+        name: String::new(),
+        offset: 0,
+        rows: 1,
+        cols: layout.len,
+        is_matrix: false,
+    };
+    let mut versions = vec![vec![0.0f32; layout.len]; n_versions];
+    for (k, v) in versions.iter_mut().enumerate() {
+        read(&version_name(k), &flat, v)?;
+    }
     let hash_fn = hash_of_version(version);
-    let sum = checksum_with(hash_fn, &params, &adam);
+    let sum = checksum_with(hash_fn, &params, &adam, &versions);
     ensure!(
         sum == want_sum,
         "checksum {sum:016x} differs from the recorded {want_sum:016x}: the file is damaged"
@@ -355,6 +422,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
         adam,
         history,
         lr_override,
+        versions,
         contributors,
     })
 }
@@ -415,7 +483,12 @@ pub(crate) mod tests {
     }
 
     /// `trained` with a given head (a per-input head takes the exact readout).
-    fn trained_with(steps: u64, head: Head) -> Checkpoint {
+    pub(crate) fn trained_with(steps: u64, head: Head) -> Checkpoint {
+        trained_lagged(steps, head, 0)
+    }
+
+    /// `trained_with` under a lag (steps in flight).
+    fn trained_lagged(steps: u64, head: Head, lag: u32) -> Checkpoint {
         let tokenizer = Tokenizer::from_corpus(TEXT).unwrap();
         let mut config = RunConfig {
             seed: 7,
@@ -431,6 +504,7 @@ pub(crate) mod tests {
                 population: 8,
                 batch: 2,
                 seq_len: 8,
+                lag,
             },
             adam: AdamConfig {
                 lr: 0.01,
@@ -460,12 +534,44 @@ pub(crate) mod tests {
             config,
             tokenizer,
             step: r.step,
+            versions: r.versions().map(<[f32]>::to_vec).collect(),
             params: r.params,
             adam: r.adam,
             history,
             lr_override: None,
             contributors: Vec::new(),
         }
+    }
+
+    /// A lagged run's past weight versions survive a file bit for bit, a
+    /// replica restored from it evaluates like the one saved, and a file
+    /// missing one is refused.
+    #[test]
+    fn past_weight_versions_round_trip() {
+        let ckpt = trained_lagged(3, Head::Shared, 2);
+        assert_eq!(ckpt.versions.len(), 2);
+        let bytes = to_bytes_safetensors(&ckpt).unwrap();
+        let back = from_bytes(&bytes).unwrap();
+        assert_eq!(back.versions.len(), 2);
+        for (a, b) in ckpt.versions.iter().zip(&back.versions) {
+            assert_eq!(bits(a), bits(b));
+        }
+        assert_eq!(back, ckpt);
+        let r = Replica::from_snapshot(back.config, back.step, back.params, back.adam)
+            .unwrap()
+            .with_versions(back.versions)
+            .unwrap();
+        assert!(r.can_evaluate(back.step) && r.can_evaluate(back.step + 2));
+        // One version tensor gone: the count no longer matches the lag.
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+        let kept: Vec<_> = st
+            .tensors()
+            .into_iter()
+            .filter(|(n, _)| n != "versions.1")
+            .collect();
+        let short = safetensors::serialize(kept, meta.metadata().clone()).unwrap();
+        assert!(from_bytes(&short).is_err());
     }
 
     fn bits(v: &[f32]) -> Vec<u32> {
@@ -654,6 +760,12 @@ pub(crate) mod tests {
             m.insert(OLD_VERSION_KEY.into(), "5".into());
         });
         assert_eq!(from_bytes(&v5).unwrap().contributors, Vec::new());
+        // So does a version-6 file (steps in flight, before the credit).
+        let v6 = with_meta(&to_bytes_safetensors(&credited).unwrap(), |m| {
+            m.insert(VERSION_KEY.into(), "6".into());
+            m.remove(CONTRIBUTORS_KEY).unwrap();
+        });
+        assert_eq!(from_bytes(&v6).unwrap().contributors, Vec::new());
         assert_eq!(
             from_bytes(&to_bytes_safetensors(&credited).unwrap()).unwrap(),
             credited
@@ -666,7 +778,7 @@ pub(crate) mod tests {
             ("weights_hash", weights_hash_v1(&ckpt.params)),
             (
                 "checksum",
-                checksum_with(weights_hash_v1, &ckpt.params, &ckpt.adam),
+                checksum_with(weights_hash_v1, &ckpt.params, &ckpt.adam, &[]),
             ),
         ];
         for version in ["1", "2", "3", "4"] {

@@ -17,7 +17,7 @@ use seedling_core::model::Layout;
 use seedling_core::rng::{DOMAIN_SAMPLE, Stream, derive};
 use seedling_core::tokenizer::Token;
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{self, Checkpoint};
 use crate::data::{Corpus, VAL_SEQ_LEN, validation_windows};
 
 /// Layout of a checkpoint's model, with its weights checked against it so
@@ -189,11 +189,15 @@ pub fn inspect(ckpt: &Checkpoint, path: &Path) -> String {
             ckpt.tokenizer.chars().iter().collect::<String>()
         )?;
         writeln!(s, "tensors")?;
+        // The shape the checkpoint file stores, and where `seedling export`
+        // gives the tensor another shape, that one too.
         for t in &layout.tensors {
-            let shape = if t.is_matrix {
-                format!("[{}, {}]", t.rows, t.cols)
+            let stored = checkpoint::shape(t);
+            let exported = checkpoint::export::shape(&layout, t);
+            let shape = if exported == stored {
+                format!("{stored:?}")
             } else {
-                format!("[{}]", t.cols)
+                format!("{stored:?} (exported as {exported:?})")
             };
             writeln!(s, "  {:<16} {shape}", t.name)?;
         }
@@ -338,6 +342,23 @@ mod tests {
         assert!(e.contains("fewer than one window"), "{e}");
     }
 
+    /// A per-input head's bias is one row per input character, in the file
+    /// and in the listing; its matrix is listed with the export's shape.
+    #[test]
+    fn inspect_prints_a_per_input_heads_shapes() {
+        let ckpt = crate::checkpoint::tests::trained_with(1, seedling_core::config::Head::ByInput);
+        let v = ckpt.tokenizer.len();
+        let out = inspect(&ckpt, Path::new("c"));
+        assert!(out.contains(&format!("out.b            [{v}, {v}]\n")), "{out}");
+        assert!(
+            out.contains(&format!(
+                "out.w            [{}, {v}] (exported as [{v}, 8, {v}])",
+                v * 8
+            )),
+            "{out}"
+        );
+    }
+
     #[test]
     fn inspect_summarizes_the_checkpoint() {
         let mut ckpt = trained(3);
@@ -356,6 +377,8 @@ mod tests {
         assert!(out.contains(&format!("parameters   {}", ckpt.params.len())));
         assert!(out.contains("hidden 8, layers 2") && out.contains("population 8"));
         assert!(out.contains("layers.0.w_ih") && out.contains("history      100 points"));
+        let v = ckpt.tokenizer.len();
+        assert!(out.contains(&format!("out.b            [{v}]\n")), "{out}");
         let rows: Vec<&str> = out
             .lines()
             .skip_while(|l| !l.contains("elapsed_s"))

@@ -41,6 +41,7 @@ pub mod data;
 pub mod delivery;
 pub mod dispatch;
 pub mod duty;
+pub mod metrics;
 pub mod plot;
 pub mod runbook;
 pub mod timing;

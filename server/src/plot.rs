@@ -11,10 +11,11 @@ use plotters::prelude::*;
 
 use crate::checkpoint::HistoryPoint;
 
-/// What the horizontal axis measures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What the horizontal axis measures (`seedling plot --x`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum XAxis {
     /// Wall-clock minutes since the run started.
+    #[default]
     Minutes,
     /// Millions of forward tokens evaluated (all members), on a log scale:
     /// ES and BPTT spend tokens at rates orders of magnitude apart.

@@ -6,8 +6,9 @@
 //! optimizer and recipe are checked here and nowhere else), keeps the
 //! learning curve with the run's training time and tokens carried over from
 //! a resumed history, says at which steps to validate and to checkpoint,
-//! runs the learning-rate clock (the schedule, or the operator's override),
-//! and builds the [`Checkpoint`] to write.
+//! runs the learning-rate clock (the schedule, or the operator's override)
+//! and the time budget on the same clock, and builds the [`Checkpoint`] to
+//! write.
 //!
 //! It reads no clock: every method that needs the time takes `now`, so a
 //! state machine that is handed the time can own a run book. Only
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use seedling_core::Replica;
 use seedling_core::adam::AdamState;
 use seedling_core::config::RunConfig;
 use seedling_core::model::Layout;
@@ -42,6 +44,8 @@ pub struct Start {
     pub params: Vec<f32>,
     /// Adam's moments and update count.
     pub adam: AdamState,
+    /// The past weight versions of a lagged run (`Replica::versions`).
+    pub versions: Vec<Vec<f32>>,
 }
 
 /// What [`RunBook::open`] found: the book, the state to start from, and the
@@ -73,6 +77,11 @@ pub struct RunBook {
     tokens: u64,
     /// When this process took the run over.
     started: Instant,
+    /// The run's wall-clock budget in run seconds ([`RunBook::run_seconds`]),
+    /// if it has one.
+    budget_s: Option<f64>,
+    /// Latched once the budget is spent: the run is over.
+    out_of_time: bool,
 }
 
 impl RunBook {
@@ -98,7 +107,32 @@ impl RunBook {
             seconds_before,
             tokens,
             started: now,
+            budget_s: None,
+            out_of_time: false,
         }
+    }
+
+    /// Gives the run a wall-clock budget of `seconds` on the clock of
+    /// [`RunBook::run_seconds`], the one [`seedling_core::LrSchedule::CosineTime`]
+    /// decays over, so a run with `--minutes` ends where its schedule does
+    /// (`train` and `serve` alike). A resumed run spends what is left of it.
+    pub fn with_budget(mut self, seconds: Option<f64>) -> Self {
+        self.budget_s = seconds;
+        self
+    }
+
+    /// Notes the time: once the budget is spent the run is over for good
+    /// ([`RunBook::out_of_time`]). Returns whether this call spent it.
+    pub fn tick(&mut self, now: Instant) -> bool {
+        let spent = self.budget_s.is_some_and(|b| self.run_seconds(now) >= b);
+        let newly = spent && !self.out_of_time;
+        self.out_of_time |= spent;
+        newly
+    }
+
+    /// Whether the run's budget was spent at the last [`RunBook::tick`].
+    pub fn out_of_time(&self) -> bool {
+        self.out_of_time
     }
 
     /// Resumes the newest checkpoint in `run_dir` (created if missing) if
@@ -155,6 +189,7 @@ impl RunBook {
             step: 0,
             params,
             adam: AdamState::new(layout.len),
+            versions: Vec::new(),
         };
         let book = Self::new(*config, tokenizer.clone(), cadence, Vec::new(), None, now);
         (book, start)
@@ -175,6 +210,7 @@ impl RunBook {
             step: ckpt.step,
             params: ckpt.params,
             adam: ckpt.adam,
+            versions: ckpt.versions,
         };
         let mut book = Self::new(
             ckpt.config,
@@ -294,11 +330,22 @@ impl RunBook {
             history: self.history.clone(),
             lr_override: self.lr_override,
             contributors: self.contributors.clone(),
+            versions: Vec::new(),
+        }
+    }
+
+    /// The checkpoint of `replica`, with the past weight versions a lagged
+    /// run keeps ([`Replica::versions`]), so a restart can evaluate every
+    /// step that was open.
+    pub fn checkpoint_of(&self, replica: &Replica) -> Checkpoint {
+        Checkpoint {
+            versions: replica.versions().map(<[f32]>::to_vec).collect(),
+            ..self.checkpoint(replica.step, &replica.params, &replica.adam)
         }
     }
 
     /// The contributors' credit the run was resumed with (empty for a
-    /// fresh run or a file from before checkpoint version 6).
+    /// fresh run or a file from before checkpoint version 7).
     pub fn contributors(&self) -> &[ContributorRecord] {
         &self.contributors
     }
@@ -309,7 +356,7 @@ impl RunBook {
 /// differs.
 ///
 /// The vocabulary must be the same characters (a same-sized one would index
-/// other rows of the weights). The model, the ES estimator and the optimizer
+/// other rows of the weights). The model, the ES estimator (with its lag) and the optimizer
 /// must be the same, and the seed, which keys the noise and the minibatches.
 /// `init_scale` is not compared; it only matters before step 0. The recipe
 /// (lr schedule, shaping, readout, input rows) is the checkpoint's: the run
@@ -339,6 +386,7 @@ pub fn check_resumable(ckpt: &Checkpoint, config: &RunConfig, tokenizer: &Tokeni
     same!(es.population);
     same!(es.batch);
     same!(es.seq_len);
+    same!(es.lag);
     same!(adam.lr);
     same!(adam.beta1);
     same!(adam.beta2);
@@ -474,6 +522,23 @@ mod tests {
             (4, book.history().len(), None)
         );
         assert_eq!(c.config, ckpt.config);
+    }
+
+    /// The budget runs on the lr schedule's clock, resumed time included,
+    /// and once spent stays spent.
+    #[test]
+    fn the_budget_runs_on_the_run_clock() {
+        let ckpt = trained(3);
+        let last = *ckpt.history.last().unwrap();
+        let t0 = Instant::now();
+        let (book, _) = RunBook::resume(ckpt.clone(), &ckpt.config, &ckpt.tokenizer, cadence(), t0).unwrap();
+        let mut book = book.with_budget(Some(last.elapsed_s + 2.0));
+        assert!(!book.tick(t0) && !book.out_of_time());
+        assert!(!book.tick(t0 + Duration::from_millis(1999)));
+        assert!(book.tick(t0 + Duration::from_secs(2)) && book.out_of_time());
+        assert!(!book.tick(t0 + Duration::from_secs(3)) && book.out_of_time());
+        let mut open = RunBook::new(ckpt.config, ckpt.tokenizer, cadence(), Vec::new(), None, t0);
+        assert!(!open.tick(t0 + Duration::from_secs(1_000_000)) && !open.out_of_time());
     }
 
     #[test]

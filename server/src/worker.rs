@@ -169,6 +169,19 @@ pub fn evaluate_parallel(
     members: &[u32],
     threads: usize,
 ) -> seedling_core::Result<Vec<f32>> {
+    evaluate_step_parallel(replica, replica.step, tokens, members, threads)
+}
+
+/// [`evaluate_parallel`] for the members of `step`, which with steps in
+/// flight may be any step whose weights version the replica holds
+/// ([`Replica::evaluate_step`]).
+pub fn evaluate_step_parallel(
+    replica: &Replica,
+    step: u64,
+    tokens: &[Token],
+    members: &[u32],
+    threads: usize,
+) -> seedling_core::Result<Vec<f32>> {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     let threads = threads.clamp(1, members.len().div_ceil(PARALLEL_MIN).max(1));
@@ -176,7 +189,7 @@ pub fn evaluate_parallel(
     // thread t rests after its chunks as duty cycle t says.
     let share = &crate::duty::CPU_SHARE;
     if threads == 1 {
-        return share.paced(0, || replica.evaluate(tokens, members));
+        return share.paced(0, || replica.evaluate_step(step, tokens, members));
     }
     let chunks: Vec<&[u32]> = split::guided(members.len(), threads, PARALLEL_MIN, 2)
         .into_iter()
@@ -194,7 +207,7 @@ pub fn evaluate_parallel(
                         let Some(chunk) = chunks.get(i) else {
                             break mine;
                         };
-                        mine.push((i, share.paced(t, || replica.evaluate(tokens, chunk))));
+                        mine.push((i, share.paced(t, || replica.evaluate_step(step, tokens, chunk))));
                     }
                 })
             })
@@ -356,7 +369,7 @@ async fn evaluate(
     clock: &Clock,
 ) -> anyhow::Result<Outcome> {
     let (work, losses) = tokio::task::spawn_blocking(move || {
-        let losses = evaluate_parallel(&work.replica, &work.tokens, &work.members, threads);
+        let losses = evaluate_step_parallel(&work.replica, work.step, &work.tokens, &work.members, threads);
         (work, losses)
     })
     .await?;
@@ -488,11 +501,7 @@ mod tests {
                 config,
                 tokenizer,
             }),
-            server(&ServerMsg::Snapshot {
-                step: 1,
-                params: want.params.clone(),
-                adam: want.adam.clone(),
-            }),
+            server(&want.snapshot()),
         ];
         let mut expected = vec![ClientMsg::Hash {
             step: 1,
@@ -554,11 +563,7 @@ mod tests {
             deadline_ms: 1000,
         }));
         want.local_step(&batch(3)).unwrap();
-        frames.push(server(&ServerMsg::Snapshot {
-            step: want.step,
-            params: want.params.clone(),
-            adam: want.adam.clone(),
-        }));
+        frames.push(server(&want.snapshot()));
         expected.push(ClientMsg::Hash {
             step: 4,
             hash: want.hash(),

@@ -137,19 +137,27 @@ fn recipe_flags_and_config_keys() {
     );
     assert!((c.lr_at(15, 0.0) - c.adam.lr * 0.7).abs() < 1e-9);
     let err = |extra: &[&str]| format!("{:#}", parse(extra).unwrap_err());
+    // An unknown value of an enum flag is a usage error that names the flag
+    // and lists the values.
+    let bad = |flag: &str, value: &str, valid: &str| {
+        let e = Cli::try_parse_from(["seedling", "train", flag, value]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
+        let e = e.to_string();
+        assert!(e.contains(flag) && e.contains(valid), "{e}");
+    };
     assert!(err(&["--schedule", "step"]).contains("--decay-steps"));
-    assert!(err(&["--schedule", "linear"]).contains("--schedule must be"));
-    assert!(err(&["--shaping", "ranked"]).contains("--shaping must be"));
+    bad("--schedule", "linear", "constant, cosine, step");
+    bad("--shaping", "ranked", "ranks, zscores");
     // The readout: exact by default, ES's estimate on request.
     assert_eq!(c.recipe.readout, Readout::Exact);
-    assert!(err(&["--readout", "backprop"]).contains("--readout must be"));
+    bad("--readout", "backprop", "exact, es");
     // The input rows: those the minibatch reads by default, all on request.
     assert_eq!(c.recipe.input_rows, InputRows::Seen);
     assert_eq!(
         parse(&["--input-rows", "all"]).unwrap().recipe.input_rows,
         InputRows::All
     );
-    assert!(err(&["--input-rows", "some"]).contains("--input-rows must be"));
+    bad("--input-rows", "some", "seen, all");
     // The head: one per input character by default, which ES's readout
     // cannot train; shared on request.
     assert_eq!((c.model.head, c.model.hidden), (Head::ByInput, 24));
@@ -162,7 +170,7 @@ fn recipe_flags_and_config_keys() {
             .readout,
         Readout::Es
     );
-    assert!(err(&["--head", "wide"]).contains("--head must be"));
+    bad("--head", "wide", "by-input, shared");
     assert!(err(&["--schedule", "cosine", "--min-lr-ratio", "2"]).contains("min_ratio"));
 
     // A time budget makes the default a cosine over it; a step horizon or

@@ -35,6 +35,7 @@ fn train_checkpoint_resume_generate_eval_inspect() {
             population: 16,
             batch: 4,
             seq_len: 16,
+            lag: 0,
         },
         adam: AdamConfig {
             lr: 0.02,
@@ -66,6 +67,7 @@ fn train_checkpoint_resume_generate_eval_inspect() {
                 adam: replica.adam.clone(),
                 history: history.clone(),
                 lr_override: None,
+                versions: Vec::new(),
                 contributors: Vec::new(),
             };
             checkpoint::save(&ckpts, &ckpt, 2).unwrap();

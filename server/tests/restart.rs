@@ -96,12 +96,32 @@ fn run_cli(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-#[test]
-fn sigkill_restart_resumes_and_matches_an_uninterrupted_run() {
+/// What [`kill_and_resume`] leaves running: the restarted server and the
+/// files of the run.
+struct Resumed {
+    rt: tokio::runtime::Runtime,
+    tmp: tempfile::TempDir,
+    data: PathBuf,
+    run_dir: PathBuf,
+    second: std::process::Child,
+    steps: u64,
+    /// The final hash of the uninterrupted reference run.
+    reference: String,
+}
+
+/// Runs `steps` steps uninterrupted, then the same run (with `extra`
+/// flags) SIGKILLed after step 12 and restarted from its checkpoint, and
+/// checks both end at the same weights.
+fn kill_and_resume(extra: &[&str]) -> Resumed {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let data = corpus(tmp.path());
     let steps = 20;
+    let run_args = |data: &Path, run_dir: &Path, port: u16, steps: u64| {
+        let mut a = run_args(data, run_dir, port, steps);
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
 
     // Uninterrupted reference, in-process, same flags.
     let ref_dir = tmp.path().join("reference");
@@ -114,7 +134,7 @@ fn sigkill_restart_resumes_and_matches_an_uninterrupted_run() {
         let Sub::Serve(args) = cli.command else {
             unreachable!()
         };
-        let opts = args.serve_options().unwrap();
+        let opts = args.run_args().unwrap().serve_options().unwrap();
         let server = rt.block_on(async {
             let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
             seedling_server::app::start(l, opts).await.unwrap()
@@ -146,7 +166,7 @@ fn sigkill_restart_resumes_and_matches_an_uninterrupted_run() {
     let want_hash = format!("{:016x}", seedling_core::hash::weights_hash(&ckpt.params));
 
     let log = tmp.path().join("second.log");
-    let mut second = spawn_server(&args, &log);
+    let second = spawn_server(&args, &log);
     let s = wait_status(port, "the restarted run to finish", POLL, agree);
     assert_eq!(
         s["hash"].as_str().unwrap(),
@@ -163,6 +183,43 @@ fn sigkill_restart_resumes_and_matches_an_uninterrupted_run() {
         "{resumed}"
     );
     let _ = stop.send(true);
+    Resumed {
+        rt,
+        tmp,
+        data,
+        run_dir,
+        second,
+        steps,
+        reference,
+    }
+}
+
+/// With two steps in flight a restart reproduces the uninterrupted run too:
+/// the checkpoint keeps the past weight versions the open steps need.
+#[test]
+fn sigkill_restart_with_steps_in_flight_matches_an_uninterrupted_run() {
+    let r = kill_and_resume(&["--lag", "2"]);
+    let (_, ckpt) = checkpoint::latest(&r.run_dir).unwrap().unwrap();
+    assert_eq!(ckpt.config.es.lag, 2);
+    assert_eq!(ckpt.versions.len(), 2);
+    let mut second = r.second;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    drop(r.rt);
+}
+
+#[test]
+fn sigkill_restart_resumes_and_matches_an_uninterrupted_run() {
+    let Resumed {
+        rt,
+        tmp: _tmp,
+        data,
+        run_dir,
+        mut second,
+        steps,
+        reference,
+    } = kill_and_resume(&[]);
+    drop(rt);
 
     // SIGTERM: graceful stop with a final checkpoint at the last step.
     let _ = Command::new("kill")

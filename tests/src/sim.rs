@@ -15,6 +15,7 @@
 //! a *verifier*: it keeps a real replica, applies every update and reports
 //! its hash, so a load run still checks that replicas agree.
 
+use seedling_bench_record::Record;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -144,9 +145,16 @@ pub async fn sim_client(
                 config = Some(c);
                 None
             }
-            Ok(ServerMsg::Snapshot { step, params, adam }) if verifier => {
+            Ok(ServerMsg::Snapshot {
+                step,
+                params,
+                adam,
+                versions,
+            }) if verifier => {
                 let c = config.expect("Welcome comes before Snapshot");
-                let r = Replica::from_snapshot(c, step, params, adam).expect("a valid snapshot");
+                let r = Replica::from_snapshot(c, step, params, adam)
+                    .and_then(|r| r.with_versions(versions))
+                    .expect("a valid snapshot");
                 let hash = ClientMsg::Hash { step, hash: r.hash() };
                 replica = Some(r);
                 Some(hash)
@@ -425,18 +433,27 @@ pub async fn coordinator_bench(clients: usize, secs: u64) -> String {
     server.shutdown().await.unwrap();
     let (q, wall) = overhead_quantiles(&overheads);
     let steps = s.step - first.step;
-    format!(
-        "{{\"bench\":\"coordinator-{clients}\",\"workload\":\"RW-256\",\"target\":\"native\",\"threads\":1,\"seconds_per_step\":{:.4},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"wall_p50_ms\":{:.3},\"wall_p99_ms\":{:.3},\"steps\":{steps},\"steps_sampled\":{},\"update_p50_ms\":{:.1},\"delivery_p50_ms\":{:.3},\"population\":4096,\"clients\":{clients},\"dropped\":{},\"note\":\"coordinator thread CPU time per step without the replica's update and hash (wall_*: the same on the wall clock, preempted time included; delivery_*: the courier task's CPU time handing frames to connections, off the coordinator thread); compute-free simulated volunteers on loopback, in-process on the same cores; target p50 <= 5 ms\"}}",
-        elapsed / steps.max(1) as f64,
-        q.p50,
-        q.p99,
-        wall.p50,
-        wall.p99,
-        q.steps,
-        s.update_ms.p50,
-        s.step_delivery_ms.p50,
-        counters.dropped.load(Relaxed),
-    )
+    let mut r = Record::new(format!("coordinator-{clients}"), "native", 1);
+    r.seconds_per_step = Some(elapsed / steps.max(1) as f64);
+    r.set_num("p50_ms", q.p50)
+        .set_num("p99_ms", q.p99)
+        .set_num("wall_p50_ms", wall.p50)
+        .set_num("wall_p99_ms", wall.p99)
+        .set_num("steps", steps as f64)
+        .set_num("steps_sampled", q.steps as f64)
+        .set_num("update_p50_ms", s.update_ms.p50)
+        .set_num("delivery_p50_ms", s.step_delivery_ms.p50)
+        .set_num("population", 4096.0)
+        .set_num("clients", clients as f64)
+        .set_num("dropped", counters.dropped.load(Relaxed) as f64)
+        .set_text(
+            "note",
+            "coordinator thread CPU time per step without the replica's update and hash (wall_*: the same \
+             on the wall clock, preempted time included; delivery_*: the courier task's CPU time handing \
+             frames to connections, off the coordinator thread); compute-free simulated volunteers on \
+             loopback, in-process on the same cores; target p50 <= 5 ms",
+        );
+    r.to_line()
 }
 
 /// `wire-bytes`: uplink bytes per member evaluation, amortized over a short
@@ -463,9 +480,16 @@ pub async fn wire_bytes_bench(steps: u64) -> String {
     // of the step in flight when the workers stopped.
     let evaluations = s.steps_closed * 256 + s.replicated_members + s.members_done as u64;
     let bytes = uplink.load(Relaxed);
-    format!(
-        "{{\"bench\":\"wire-bytes\",\"workload\":\"RW-256\",\"target\":\"native\",\"threads\":1,\"seconds_per_step\":{:.3},\"bytes_per_member\":{:.3},\"uplink_bytes\":{bytes},\"member_evaluations\":{evaluations},\"workers\":2,\"note\":\"client-to-server bytes on the TCP stream (frame headers, masks, upgrade, hashes, close) per member evaluation; target <= 8\"}}",
-        elapsed / s.steps_closed.max(1) as f64,
-        bytes as f64 / evaluations.max(1) as f64,
-    )
+    let mut r = Record::new("wire-bytes", "native", 1);
+    r.seconds_per_step = Some(elapsed / s.steps_closed.max(1) as f64);
+    r.set_num("bytes_per_member", bytes as f64 / evaluations.max(1) as f64)
+        .set_num("uplink_bytes", bytes as f64)
+        .set_num("member_evaluations", evaluations as f64)
+        .set_num("workers", 2.0)
+        .set_text(
+            "note",
+            "client-to-server bytes on the TCP stream (frame headers, masks, upgrade, hashes, close) per \
+             member evaluation; target <= 8",
+        );
+    r.to_line()
 }

@@ -8,7 +8,7 @@
 //! WebSocket loop and the DOM updates to work together with the server. Only a
 //! browser on the served page exercises all of that.
 //!
-//! Three tests share one binary because each starts Chromium, which two busy
+//! The tests share one binary because each starts Chromium, which two busy
 //! cores cannot run twice at once without timeouts; a lock runs them one at a
 //! time.
 //! - `the_page_trains_alone_and_agrees`: browser workers only (no native
@@ -24,6 +24,10 @@
 //!   with markup in it is shown as text on the leaderboard, the tab's row
 //!   is its own, and a reload joins as the same contributor (same public
 //!   id, growing credit).
+//! - `the_page_keeps_its_cpu_share_and_pauses_while_hidden`: a tab opened
+//!   with `?share=25&workers=1&autostart=1` starts by itself, its worker is
+//!   busy about a quarter of the time, and the tab pauses (its worker
+//!   leaves the run) while hidden and resumes by itself when shown.
 //!
 //! Prerequisites are never skipped: without `www/pkg` (built by
 //! `cargo xtask test`'s `wasm-pack-build` step), Chromium or chromedriver the
@@ -41,7 +45,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use futures_util::FutureExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use seedling_server::app::Server;
-use seedling_server::coordinator::Status;
+use seedling_server::coordinator::{Settings, Status};
 use seedling_tests::*;
 use serde_json::{Value, json};
 
@@ -374,6 +378,15 @@ async fn the_page_trains_alone_and_agrees() {
             v.as_f64().is_some_and(|n| n > 5.0)
         })
         .await;
+        // The page polls the lean status (no curve, no client map) and
+        // fetches the curve by increments: the chart keeps growing.
+        let lean = js(page, "JSON.stringify(window.seedling.status).length").await;
+        assert!(lean.as_f64().is_some_and(|n| n > 0.0 && n < 4096.0), "status of {lean} bytes");
+        let drawn = js(page, chart).await.as_f64().unwrap_or(0.0);
+        page_wait(page, "the chart growing", chart, |v| {
+            v.as_f64().is_some_and(|n| n > drawn)
+        })
+        .await;
         let png = page.screenshot().await.unwrap();
         let path = output_dir().join("browser-page.png");
         std::fs::write(&path, png).unwrap();
@@ -628,6 +641,96 @@ async fn the_page_shows_the_leaderboard_and_a_reload_keeps_its_credit() {
             .count();
         assert_eq!(named, 1, "one contributor across the reload");
         stop(page, &server).await;
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+/// The page's CPU share and pause: see the module docs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_keeps_its_cpu_share_and_pauses_while_hidden() {
+    let www = prerequisites();
+    // Jobs long enough (a wider model, a whole population) that a worker's
+    // time goes to evaluating and resting rather than to round trips.
+    let mut opts = corpus_options(
+        Settings {
+            eval_every: 0,
+            checkpoint_every: 0,
+            ..Settings::default()
+        },
+        |vocab| {
+            let mut c = seedling_core::RunConfig::rw256(vocab);
+            c.model.hidden = 64;
+            c.es.batch = 1;
+            c
+        },
+    );
+    opts.www = Some(www);
+    let server = start(opts).await;
+    in_browser(async |page| {
+        // The query presets the controls and starts at once, as the fleet
+        // emulator's tabs do.
+        page.goto(&format!("http://{}/?share=25&workers=1&autostart=1", server.addr))
+            .await
+            .unwrap();
+        page_wait(page, "the page script", "typeof window.seedling", |v| v == "object").await;
+        assert_eq!(js(page, "self.crossOriginIsolated").await, json!(true));
+        assert_eq!(
+            js(page, "document.getElementById('cpu-share').value").await,
+            json!("25")
+        );
+        wait_for(&server, WAIT, "the tab's worker to join", |s| {
+            s.volunteers.browser == 1 && s.steps_closed >= 1
+        })
+        .await;
+        // The page measures busy time per worker over its last 5 s.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let cpu = js(page, "window.seedling.cpu").await;
+        let fraction = cpu["busyFraction"].as_f64().unwrap_or(-1.0);
+        eprintln!("at a 25 % share the tab was busy {fraction:.3} of the time: {cpu}");
+        assert_eq!(cpu["share"], json!(0.25));
+        assert!(
+            (0.1..=0.45).contains(&fraction),
+            "busy {fraction:.3} of the time at a 25 % share: {cpu}"
+        );
+
+        // Hidden: the page holds its workers back, and they leave the run.
+        let set_visibility = |state: &str| {
+            format!(
+                "Object.defineProperty(document, 'visibilityState', {{ configurable: true, get: () => '{state}' }});
+                 Object.defineProperty(document, 'hidden', {{ configurable: true, get: () => {} }});
+                 document.dispatchEvent(new Event('visibilitychange'));",
+                state == "hidden"
+            )
+        };
+        page.execute(&set_visibility("hidden"), vec![]).await.unwrap();
+        let cpu = js(page, "window.seedling.cpu").await;
+        assert_eq!(
+            (&cpu["paused"], &cpu["pauseReason"]),
+            (&json!(true), &json!("hidden")),
+            "{cpu}"
+        );
+        assert_eq!(js(page, "window.seedling.running").await, json!(false));
+        wait_for(&server, WAIT, "the hidden tab's worker to leave", |s| {
+            s.volunteers.browser == 0
+        })
+        .await;
+        let shown = js(page, "document.getElementById('state-line').textContent").await;
+        assert!(shown.as_str().unwrap().contains("hidden"), "{shown}");
+
+        // Shown again: it resumes by itself and works on.
+        page.execute(&set_visibility("visible"), vec![]).await.unwrap();
+        let cpu = js(page, "window.seedling.cpu").await;
+        assert_eq!(cpu["paused"], json!(false), "{cpu}");
+        assert_eq!(js(page, "window.seedling.running").await, json!(true));
+        let before = server.status().steps_closed;
+        wait_for(&server, WAIT, "the shown tab to work again", |s| {
+            s.volunteers.browser == 1 && s.steps_closed > before
+        })
+        .await;
+        let button = page.find(Locator::Id("contribute")).await.unwrap();
+        button.click().await.unwrap();
+        wait_for(&server, WAIT, "the tab to leave", |s| s.volunteers.browser == 0).await;
     })
     .await;
     server.shutdown().await.unwrap();

@@ -99,10 +99,19 @@ impl Volunteer {
         let Some(ServerMsg::Welcome { config, .. }) = c.recv().await else {
             return None;
         };
-        let Some(ServerMsg::Snapshot { step, params, adam }) = c.recv().await else {
+        let Some(ServerMsg::Snapshot {
+            step,
+            params,
+            adam,
+            versions,
+        }) = c.recv().await
+        else {
             return None;
         };
-        let replica = Replica::from_snapshot(config, step, params, adam).unwrap();
+        let replica = Replica::from_snapshot(config, step, params, adam)
+            .unwrap()
+            .with_versions(versions)
+            .unwrap();
         Some(Self { c, replica, server })
     }
 
@@ -124,10 +133,17 @@ impl Volunteer {
                     };
                     self.c.send(&hash).await;
                 }
-                ServerMsg::Snapshot { step, params, adam } => {
+                ServerMsg::Snapshot {
+                    step,
+                    params,
+                    adam,
+                    versions,
+                } => {
                     let config = self.replica.config;
-                    self.replica =
-                        Replica::from_snapshot(config, *step, params.clone(), adam.clone()).unwrap();
+                    self.replica = Replica::from_snapshot(config, *step, params.clone(), adam.clone())
+                        .unwrap()
+                        .with_versions(versions.clone())
+                        .unwrap();
                 }
                 ServerMsg::Reject { reason, .. } => panic!("a fault injector was rejected: {reason}"),
                 _ => {}
@@ -411,7 +427,11 @@ async fn admin(server: &Server, command: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_volunteer_among_five_changes_nothing() {
     let _serial = SERIAL.lock().await;
-    let steps = size(20, 60);
+    // The liar joins once the run is past step 2, and a tiny step takes
+    // milliseconds: on a loaded machine the pause that lets it in can land
+    // a dozen steps later, so the run is long enough that members are
+    // still to be handed out then.
+    let steps = size(40, 60);
     let honest = 4;
     let settings = test_settings(steps);
     let run = |lie: Option<Lie>| {

@@ -3,13 +3,22 @@
 use std::time::Duration;
 
 use seedling_core::protocol::ClientMsg;
+use seedling_core::{Replica, batch};
+use seedling_server::app::ServeOptions;
 use seedling_tests::*;
 
 const LONG: Duration = Duration::from_secs(120);
 
+/// The tiny run's options with `lag` steps in flight.
+fn lagged_options(steps: u64, lag: u32) -> ServeOptions {
+    let mut opts = tiny_options(test_settings(steps));
+    opts.config.es.lag = lag;
+    opts
+}
+
 /// Final hash of a fault-free run of `steps` steps with two workers.
-async fn clean_run(steps: u64) -> String {
-    let server = start(tiny_options(test_settings(steps))).await;
+async fn clean_run(steps: u64, lag: u32) -> String {
+    let server = start(lagged_options(steps, lag)).await;
     let w = [
         spawn_worker(&ws_url(&server), 1),
         spawn_worker(&ws_url(&server), 2),
@@ -52,14 +61,75 @@ async fn three_workers_train_and_agree() {
     server.shutdown().await.unwrap();
 }
 
+/// The final hash of `steps` steps on one replica alone under the lag rule:
+/// step `s`'s members evaluated at the weights before update `s - lag`,
+/// updates applied in order. What every replica of a lagged run must hold.
+fn lagged_reference(opts: &ServeOptions, steps: u64) -> String {
+    let c = opts.config;
+    let mut r = Replica::new(c).unwrap();
+    for s in 0..steps {
+        let tokens = batch::step_batch(
+            &opts.data.train,
+            c.seed,
+            s,
+            c.es.batch as usize,
+            c.es.seq_len as usize,
+        )
+        .unwrap();
+        r.local_step(&tokens).unwrap();
+    }
+    format!("{:016x}", r.hash())
+}
+
+/// Steps in flight through the coordinator: two steps ahead of the one
+/// closing, with two native workers, every replica ends bit-identical to a
+/// single process that applies the same lag rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_in_flight_match_a_single_process_reference() {
+    let steps = 14;
+    let opts = lagged_options(steps, 2);
+    let want = lagged_reference(&opts, steps);
+    assert_ne!(
+        want,
+        lagged_reference(&lagged_options(steps, 0), steps),
+        "the lag changes the trajectory"
+    );
+    let server = start(opts).await;
+    let url = ws_url(&server);
+    let w = [spawn_worker(&url, 1), spawn_worker(&url, 2)];
+    let s = wait_for(&server, LONG, "the lagged run to finish", |s| {
+        s.finished && s.client_hashes.len() == 2 && all_replicas_agree(s)
+    })
+    .await;
+    assert_eq!(s.step, steps);
+    assert_eq!(s.hash, want, "the lagged run left the lag rule");
+    assert_eq!(s.divergences, 0);
+    assert_eq!(s.rejected_clients, 0);
+    for w in w {
+        w.stop().await;
+    }
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_do_not_change_the_weights() {
-    let steps = 12;
-    let clean = clean_run(steps).await;
+    faults_end_at_the_clean_hash(0).await;
+}
 
-    let mut settings = test_settings(steps);
-    settings.job_timeout_min = Duration::from_millis(300);
-    let server = start(tiny_options(settings)).await;
+/// Killed workers, silent clients and late answers with two steps in
+/// flight: the run still ends at the fault-free hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_do_not_change_the_weights_with_steps_in_flight() {
+    faults_end_at_the_clean_hash(2).await;
+}
+
+async fn faults_end_at_the_clean_hash(lag: u32) {
+    let steps = 12;
+    let clean = clean_run(steps, lag).await;
+
+    let mut opts = lagged_options(steps, lag);
+    opts.settings.job_timeout_min = Duration::from_millis(300);
+    let server = start(opts).await;
     let url = ws_url(&server);
     // Hostile timing first, so the faulty clients grab the first jobs.
     let mut vanisher = RawClient::join(&url).await;
@@ -95,9 +165,20 @@ async fn faults_do_not_change_the_weights() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_joiner_catches_up() {
+    late_joiner(0).await;
+}
+
+/// A joiner's snapshot carries the past weight versions, so it evaluates
+/// every open step from its first job on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiner_catches_up_with_steps_in_flight() {
+    late_joiner(2).await;
+}
+
+async fn late_joiner(lag: u32) {
     // An unbounded run, frozen by the operator at the end: a bounded one can
     // finish before the joiner connects when the test thread is starved.
-    let mut opts = tiny_options(test_settings(1_000_000));
+    let mut opts = lagged_options(1_000_000, lag);
     opts.admin_token = Some("late".into());
     let auth = "Authorization: Bearer late\r\n";
     let server = start(opts).await;

@@ -45,6 +45,10 @@ extern "C" {
     /// The global `clearTimeout`.
     #[wasm_bindgen(js_name = clearTimeout)]
     fn clear_timeout(id: i32);
+    /// `performance.now()`, in windows and workers: sub-millisecond and
+    /// monotonic, for the busy time the page's duty cycle works from.
+    #[wasm_bindgen(js_namespace = performance, js_name = now)]
+    fn performance_now() -> f64;
 }
 
 /// Milliseconds on the lifecycle's clock: wall time, which only needs to
@@ -56,7 +60,8 @@ pub fn now_ms() -> u64 {
 /// A message for the page, turned into a plain JS object when posted.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Notice {
-    /// Progress: `{type:'status', step, membersEvaluated, membersPerSec, connected}`.
+    /// Progress: `{type:'status', step, membersEvaluated, membersPerSec,
+    /// connected, busyMs}`.
     Status {
         /// The local replica's step (`null` before a snapshot).
         step: Option<u64>,
@@ -66,6 +71,10 @@ pub enum Notice {
         rate: f64,
         /// True while joined to the run.
         connected: bool,
+        /// Milliseconds spent handling the server's frames so far (decoding,
+        /// updates, evaluating jobs; `performance.now()` around each): what
+        /// worker.js's duty cycle charges to the volunteer's CPU share.
+        busy_ms: f64,
     },
     /// `{type:'hash', step, hash}` each time a hash is reported to the server,
     /// so a test can compare the browser replica with the server's.
@@ -113,12 +122,14 @@ impl Notice {
                 members,
                 rate,
                 connected,
+                busy_ms,
             } => {
                 set("type", "status".into());
                 set("step", step.map_or(JsValue::NULL, num));
                 set("membersEvaluated", num(*members));
                 set("membersPerSec", JsValue::from_f64(*rate));
                 set("connected", JsValue::from_bool(*connected));
+                set("busyMs", JsValue::from_f64(*busy_ms));
             }
             Notice::Hash { step, hash } => {
                 set("type", "hash".into());
@@ -194,6 +205,9 @@ pub struct State {
     on_event: Option<Function>,
     /// The job loop, while started.
     looping: Option<Loop>,
+    /// Milliseconds spent handling frames and evaluating jobs, over the
+    /// handle's life.
+    busy_ms: f64,
 }
 
 impl Default for State {
@@ -202,6 +216,7 @@ impl Default for State {
             life: session::volunteer(),
             on_event: None,
             looping: None,
+            busy_ms: 0.0,
         }
     }
 }
@@ -214,6 +229,7 @@ impl State {
             members: self.life.counters().members,
             rate: self.life.counters().rate(now_ms()),
             connected: self.looping.is_some() && self.life.joined(),
+            busy_ms: self.busy_ms,
         }
     }
 
@@ -306,7 +322,9 @@ fn perform(state: &Rc<RefCell<State>>, s: &mut State, mut outcome: Outcome, noti
                 }
             }
             Action::Evaluate(work) => {
+                let t0 = performance_now();
                 outcome = session::evaluate(&mut s.life, work, now_ms());
+                s.busy_ms += (performance_now() - t0).max(0.0);
                 continue;
             }
             Action::Close => {
@@ -439,7 +457,11 @@ fn connect(state: &Rc<RefCell<State>>) {
         let bytes = Uint8Array::new(&buf).to_vec();
         let mut notices = Vec::new();
         let mut s = state.borrow_mut();
+        // A frame's handling is the volunteer's computing: decoding, an
+        // update, a job's evaluation.
+        let t0 = performance_now();
         let outcome = session::frame(&mut s.life, &bytes, now_ms());
+        s.busy_ms += (performance_now() - t0).max(0.0);
         perform(&state, &mut s, outcome, &mut notices);
         drop(s);
         post(&state, &notices);

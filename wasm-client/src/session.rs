@@ -169,11 +169,7 @@ mod tests {
             Action::Nothing
         ));
         assert_eq!(sample(&v, 10, 0.8).unwrap(), None, "no weights yet");
-        let snap = ServerMsg::Snapshot {
-            step: 0,
-            params: want.params.clone(),
-            adam: want.adam.clone(),
-        };
+        let snap = want.snapshot();
         frame(&mut v, &server(&snap), 0);
         let tokens = vec![1u16; config.batch_tokens()];
         let job = ServerMsg::Job {

@@ -113,11 +113,7 @@ fn handle_follows_the_server_replica() {
         panic!("not a Hello: {hello:?}");
     };
     assert_eq!(session, Some([7; 16]));
-    let snapshot = ServerMsg::Snapshot {
-        step: want.step,
-        params: want.params.clone(),
-        adam: want.adam.clone(),
-    };
+    let snapshot = want.snapshot();
     let reply = protocol::decode_client(&v.receive(&server(&snapshot)).unwrap().unwrap()).unwrap();
     assert_eq!(
         reply,

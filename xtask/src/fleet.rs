@@ -7,20 +7,27 @@
 //! CPU share (`seedling worker --cpu-percent`) and its own delaying proxy
 //! ([`proxy`]: one-way delay plus jitter, both ways), optional churn (one
 //! volunteer leaves and a new one joins every so often), and a wall-clock
-//! budget. It polls the server's `/api/status` and prints one JSON line
+//! budget, which is serve's own (`seedling serve --minutes`: the lr decays
+//! over it as in `train --minutes`, and the server finishes at it). B of
+//! the volunteers may be headless Chromium tabs on the volunteer page
+//! (`--browsers B`), opened through their proxies so the page and its
+//! WebSocket both cross the emulated link. It polls the server's `/api/status` and prints one JSON line
 //! ([`summary`]): steps/s, members/s, the validation curve against the
 //! server's clock, the time to given losses, the final validation loss,
 //! divergences and reissued jobs; `--table` adds a markdown row for
 //! BENCHMARKS.md.
 //!
-//! Everything stays on loopback, and the run stops by itself at its budget.
+//! Everything stays on loopback, and the run stops by itself at its budget
+//! (the server's; the emulator gives it [`BUDGET_GRACE`] more before it
+//! stops the server itself).
 //! It kills only what it started: each process is held by a handle that
 //! kills it on drop ([`procs`]), so an error, a panic or Ctrl-C (caught,
 //! and turned into an early end) leaves nothing behind.
 //!
-//! `--smoke` is a tiny run (two volunteers, RTT 20 ms, 12 s) that fails
-//! unless steps were closed without a divergence: a check for `cargo xtask
-//! test`.
+//! `--smoke` is a tiny mixed run (one native worker and one tab, RTT 50 ms,
+//! 20 s) that fails unless steps were closed without a divergence and every
+//! volunteer's replica ends on the server's hash: the `fleet-smoke` step of
+//! `cargo xtask test`.
 
 mod procs;
 mod proxy;
@@ -35,7 +42,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use procs::{Kind, Launcher, Server, Volunteer};
+use procs::{CHROMIUM, Kind, Launcher, Server, Volunteer};
 use proxy::Link;
 use summary::{Config, Observed};
 
@@ -47,25 +54,45 @@ const POLL: Duration = Duration::from_millis(250);
 /// How long the server may take to load its corpus and listen.
 const SERVER_START: Duration = Duration::from_secs(120);
 
+/// How long past the budget the emulator waits for the server to finish by
+/// itself (its budget runs from when it opened the run, and its last step
+/// and final checkpoint take a moment) before it ends the run itself.
+const BUDGET_GRACE: Duration = Duration::from_secs(30);
+
+/// How long after the server finished the emulator waits for every
+/// volunteer to report the server's final hash.
+const SETTLE: Duration = Duration::from_secs(10);
+
 /// The flags of `seedling serve` the emulator sets itself.
-const OWN_SERVE_FLAGS: [&str; 5] = ["--port", "--run-dir", "--seed", "--eval-every", "--population"];
+const OWN_SERVE_FLAGS: [&str; 6] = [
+    "--port",
+    "--run-dir",
+    "--seed",
+    "--eval-every",
+    "--population",
+    "--minutes",
+];
 
 /// The usage of `cargo xtask fleet`.
 pub const USAGE: &str = "\
-  fleet [--volunteers V] [--cpu-percent P] [--threads T] [--rtt MS] [--jitter MS]
-        [--churn SECS] [--budget SECS] [--population N] [--eval-every STEPS]
-        [--seed N] [--losses L[,L...]] [--table] [--smoke] [--no-build] [--keep]
-        [-- SERVE_ARGS...]
-        build the release `seedling`, run `seedling serve` and V volunteers
-        (`seedling worker --threads T --cpu-percent P`, default 8 x 1 thread
-        x 25%), each behind its own loopback proxy that delays every chunk
-        by RTT/2 +- JITTER/2 each way (default 0 +- 0); with --churn one
-        volunteer leaves and a new one joins every SECS; stop after the
-        budget (default 60 s) and print one JSON line: steps/s, members/s,
+  fleet [--volunteers V] [--browsers B] [--cpu-percent P] [--threads T] [--rtt MS]
+        [--jitter MS] [--churn SECS] [--budget SECS] [--population N]
+        [--eval-every STEPS] [--seed N] [--losses L[,L...]] [--table] [--smoke]
+        [--no-build] [--keep] [-- SERVE_ARGS...]
+        build the release `seedling`, run `seedling serve --minutes BUDGET/60`
+        and V native volunteers (`seedling worker --threads T --cpu-percent
+        P`, default 8 x 1 thread x 25%) plus B headless Chromium tabs on the
+        volunteer page (T Web Workers at a CPU share of P, which the page
+        rounds up to 25/50/75/100; default B = 0), each behind its own
+        loopback proxy that delays every chunk by RTT/2 +- JITTER/2 each way
+        (default 0 +- 0); with --churn one volunteer leaves and a new one of
+        its kind joins every SECS; the server finishes at the budget
+        (default 60 s) and the run prints one JSON line: steps/s, members/s,
         the validation curve, the time to each loss (default 2.40,2.30),
         divergences, reissued jobs. --table also prints a BENCHMARKS.md row
-        (its header on stderr). --smoke: 2 volunteers x 50%, RTT 20 +- 10 ms,
-        population 64, 12 s; fails unless steps > 0 and 0 divergences.
+        (its header on stderr). --smoke: 1 native worker and 1 tab x 50%,
+        RTT 50 ms, population 64, 20 s; fails unless steps > 0, 0
+        divergences and every volunteer ends on the server's hash.
         Logs go to target/fleet/RUN (kept with --keep or on failure).
 ";
 
@@ -87,7 +114,8 @@ pub fn main(ctx: &Ctx, args: &[String]) -> ExitCode {
         }
     };
     match fleet(ctx, &options) {
-        Ok(code) => code,
+        Ok(failures) if failures.is_empty() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
         Err(err) => {
             eprintln!("xtask fleet: {err}");
             ExitCode::FAILURE
@@ -95,10 +123,25 @@ pub fn main(ctx: &Ctx, args: &[String]) -> ExitCode {
     }
 }
 
+/// `cargo xtask fleet --smoke`, for `cargo xtask test`'s `fleet-smoke` step:
+/// `Ok` with a note, or what failed.
+pub fn smoke(ctx: &Ctx) -> Result<String, String> {
+    let o = Options::parse(&["--smoke".to_string()])?;
+    let failures = fleet(ctx, &o)?;
+    if failures.is_empty() {
+        Ok("mixed fleet at RTT 50 ms: 0 divergences, every replica on the server's hash".into())
+    } else {
+        Err(failures.join("; "))
+    }
+}
+
 /// The flags of `cargo xtask fleet`.
 #[derive(Clone, Debug, PartialEq)]
 struct Options {
+    /// Native workers.
     volunteers: usize,
+    /// Headless Chromium tabs.
+    browsers: usize,
     cpu_percent: u8,
     threads: usize,
     rtt: Duration,
@@ -125,13 +168,14 @@ impl Options {
         };
         let smoke = ours.iter().any(|a| a == "--smoke");
         let mut o = Options {
-            volunteers: if smoke { 2 } else { 8 },
+            volunteers: if smoke { 1 } else { 8 },
+            browsers: usize::from(smoke),
             cpu_percent: if smoke { 50 } else { 25 },
             threads: 1,
-            rtt: Duration::from_millis(if smoke { 20 } else { 0 }),
-            jitter: Duration::from_millis(if smoke { 10 } else { 0 }),
+            rtt: Duration::from_millis(if smoke { 50 } else { 0 }),
+            jitter: Duration::ZERO,
             churn: None,
-            budget: Duration::from_secs(if smoke { 12 } else { 60 }),
+            budget: Duration::from_secs(if smoke { 20 } else { 60 }),
             population: smoke.then_some(64),
             eval_every: if smoke { 10 } else { 25 },
             seed: 0,
@@ -147,6 +191,7 @@ impl Options {
             let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
             match arg {
                 "--volunteers" => o.volunteers = number(arg, value()?)?,
+                "--browsers" => o.browsers = number(arg, value()?)?,
                 "--cpu-percent" => {
                     o.cpu_percent = number(arg, value()?)?;
                     if !(1..=100).contains(&o.cpu_percent) {
@@ -174,8 +219,11 @@ impl Options {
                 other => return Err(format!("unknown flag `{other}` (flags for serve go after `--`)")),
             }
         }
-        if o.volunteers == 0 {
-            return Err("--volunteers must be at least 1".into());
+        if o.volunteers + o.browsers == 0 {
+            return Err("the fleet needs a volunteer (--volunteers or --browsers)".into());
+        }
+        if o.budget.is_zero() {
+            return Err("--budget must be positive".into());
         }
         // serve refuses a flag given twice, and the JSON line reports these
         // from the emulator's own flags.
@@ -196,6 +244,31 @@ impl Options {
             .any(|a| a == flag || a.strip_prefix(flag).is_some_and(|rest| rest.starts_with('=')))
     }
 
+    /// The volunteers to start, in order: the native workers, then the tabs.
+    fn roster(&self) -> Vec<Kind> {
+        let native = Kind::Native {
+            threads: self.threads,
+            cpu_percent: self.cpu_percent,
+        };
+        // The page offers 25/50/75/100 %: the share at or above P.
+        let browser = Kind::Browser {
+            workers: self.threads,
+            cpu_percent: (self.cpu_percent.div_ceil(25) * 25).clamp(25, 100),
+        };
+        let mut kinds = vec![native; self.volunteers];
+        kinds.extend(std::iter::repeat_n(browser, self.browsers));
+        kinds
+    }
+
+    /// `native`, `browser` or `mixed`.
+    fn kind(&self) -> &'static str {
+        let roster = self.roster();
+        match roster.first() {
+            Some(first) if roster.iter().all(|k| k.name() == first.name()) => first.name(),
+            _ => "mixed",
+        }
+    }
+
     /// The arguments of `seedling serve`.
     fn serve_args(&self, run_dir: &Path) -> Vec<String> {
         let mut args: Vec<String> = vec![
@@ -207,6 +280,10 @@ impl Options {
             self.seed.to_string(),
             "--eval-every".into(),
             self.eval_every.to_string(),
+            // The server's own budget: the lr decays over it and the server
+            // finishes at it.
+            "--minutes".into(),
+            (self.budget.as_secs_f64() / 60.0).to_string(),
         ];
         if !self.passes("--max-per-ip") {
             // Every volunteer comes from 127.0.0.1.
@@ -234,9 +311,22 @@ fn seconds(flag: &str, v: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(s).map_err(|_| format!("bad {flag} `{v}`"))
 }
 
-/// The whole run; `Ok` carries the exit code (a failed smoke check, an
-/// interruption), `Err` a run that could not take place.
-fn fleet(ctx: &Ctx, o: &Options) -> Result<ExitCode, String> {
+/// The whole run; `Ok` carries what failed (a smoke check, an
+/// interruption; empty when all is well), `Err` a run that could not take
+/// place.
+fn fleet(ctx: &Ctx, o: &Options) -> Result<Vec<String>, String> {
+    if o.browsers > 0 {
+        let pkg = ctx.root.join("www").join("pkg").join("seedling_wasm_bg.wasm");
+        if !pkg.is_file() {
+            return Err(format!(
+                "{} is missing: build it with `cargo xtask test --only wasm-pack-build`",
+                pkg.display()
+            ));
+        }
+        if !Path::new(CHROMIUM).is_file() {
+            return Err(format!("{CHROMIUM} is missing (Debian package chromium)"));
+        }
+    }
     if o.build {
         run(ctx
             .cargo()
@@ -265,12 +355,9 @@ fn fleet(ctx: &Ctx, o: &Options) -> Result<ExitCode, String> {
         }
     };
     let config = Config {
-        volunteers: o.volunteers,
-        kind: Kind::Native {
-            threads: o.threads,
-            cpu_percent: o.cpu_percent,
-        }
-        .name(),
+        volunteers: o.volunteers + o.browsers,
+        browsers: o.browsers,
+        kind: o.kind(),
         threads: o.threads,
         cpu_percent: o.cpu_percent,
         rtt_ms: o.rtt.as_secs_f64() * 1e3,
@@ -304,6 +391,9 @@ fn fleet(ctx: &Ctx, o: &Options) -> Result<ExitCode, String> {
         if back["validation"].as_array().is_none_or(Vec::is_empty) {
             failures.push("no validation point".to_string());
         }
+        if let Some(why) = seen.last.as_ref().and_then(|s| disagreement(s, o)) {
+            failures.push(why);
+        }
     }
     if seen.interrupted {
         failures.push("interrupted".into());
@@ -313,12 +403,49 @@ fn fleet(ctx: &Ctx, o: &Options) -> Result<ExitCode, String> {
     } else {
         eprintln!("xtask fleet: logs in {}", dir.display());
     }
-    if failures.is_empty() {
-        Ok(ExitCode::SUCCESS)
-    } else {
+    if !failures.is_empty() {
         eprintln!("xtask fleet: {}", failures.join("; "));
-        Ok(ExitCode::FAILURE)
     }
+    Ok(failures)
+}
+
+/// Why the final status does not show every volunteer of the fleet on the
+/// server's step and hash (as many native workers and tabs as started,
+/// each having evaluated members), or `None` when it does.
+fn disagreement(status: &serde_json::Value, o: &Options) -> Option<String> {
+    let clients = status["client_hashes"].as_object()?;
+    let kinds = |k: &str| clients.values().filter(|c| c["kind"] == k).count();
+    let (natives, tabs) = (kinds("native"), kinds("browser"));
+    if (natives, tabs) != (o.volunteers, o.browsers) {
+        return Some(format!(
+            "{natives} native and {tabs} browser replicas reported, not {} and {}",
+            o.volunteers, o.browsers
+        ));
+    }
+    let off: Vec<String> = clients
+        .iter()
+        .filter(|(_, c)| {
+            c["step"] != status["step"] || c["hash"] != status["hash"] || c["members"].as_u64() == Some(0)
+        })
+        .map(|(id, c)| format!("{id} ({}) at step {} hash {}", c["kind"], c["step"], c["hash"]))
+        .collect();
+    (!off.is_empty()).then(|| {
+        format!(
+            "replicas off the server's step {} hash {}: {}",
+            status["step"],
+            status["hash"],
+            off.join(", ")
+        )
+    })
+}
+
+/// Whether every reporting volunteer holds the server's step and hash.
+fn settled(status: &serde_json::Value) -> bool {
+    status["client_hashes"].as_object().is_some_and(|clients| {
+        clients
+            .values()
+            .all(|c| c["step"] == status["step"] && c["hash"] == status["hash"])
+    })
 }
 
 /// A fresh directory for the run's logs and checkpoints under
@@ -356,8 +483,10 @@ async fn stop_on_signal(stop: Arc<AtomicBool>) {
     stop.store(true, Ordering::Relaxed);
 }
 
-/// Starts the server and the fleet, runs until the budget, a signal or the
-/// server's end, and returns what was observed. Every process it started
+/// Starts the server and the fleet, runs until the server finishes at its
+/// budget (or a signal, or the budget plus [`BUDGET_GRACE`]), waits up to
+/// [`SETTLE`] for every volunteer to hold the server's final weights, and
+/// returns what was observed. Every process it started
 /// is killed when this returns, whichever way.
 fn drive(
     o: &Options,
@@ -377,26 +506,21 @@ fn drive(
         link: Link::from_rtt(o.rtt, o.jitter),
         seed: o.seed,
     };
-    // Every volunteer is native today; the roster is per volunteer so a
-    // mixed fleet (browser tabs) needs only a second kind.
-    let kind = Kind::Native {
-        threads: o.threads,
-        cpu_percent: o.cpu_percent,
-    };
     // Declared after `server`, so dropped (killed) before it.
     let mut fleet: VecDeque<Volunteer> = VecDeque::new();
     let mut next_id = 0;
-    for _ in 0..o.volunteers {
+    let roster = o.roster();
+    for &kind in &roster {
         fleet.push_back(launcher.volunteer(kind, next_id)?);
         next_id += 1;
     }
     let mut seen = Observed {
-        joins: o.volunteers,
+        joins: roster.len(),
         ..Observed::default()
     };
     let mut next_churn = o.churn.map(|c| t0 + c);
     loop {
-        if let Some(status) = status(server.addr) {
+        if let Some(status) = status(server.addr, seen.validation.keys().next_back().copied()) {
             let finished = status["finished"].as_bool() == Some(true);
             seen.record(status);
             seen.wall_s = t0.elapsed().as_secs_f64();
@@ -404,7 +528,8 @@ fn drive(
                 break;
             }
         }
-        if t0.elapsed() >= o.budget {
+        if t0.elapsed() >= o.budget + BUDGET_GRACE {
+            eprintln!("xtask fleet: the server did not finish at its budget; stopping it");
             break;
         }
         if stop.load(Ordering::Relaxed) {
@@ -450,22 +575,45 @@ fn drive(
         }
         std::thread::sleep(POLL);
     }
-    // The final figures: one more read, if the server still answers.
-    if let Some(status) = status(server.addr) {
+    // The final figures: the server lingers a few seconds after it
+    // finished, while the last update reaches every volunteer and their
+    // hashes come back; read until they agree or it is gone.
+    let finished_at = Instant::now();
+    while finished_at.elapsed() < SETTLE {
+        let Some(status) = status(server.addr, seen.validation.keys().next_back().copied()) else {
+            break;
+        };
+        let done = settled(&status);
         seen.record(status);
         seen.wall_s = t0.elapsed().as_secs_f64();
+        if done {
+            break;
+        }
+        std::thread::sleep(POLL);
     }
     drop(fleet);
     drop(server);
     Ok(seen)
 }
 
-/// `/api/status` over plain HTTP/1.0 (the server closes the connection
+/// `/api/status`, with the learning curve's points after step `since`
+/// (from `/api/history`: the status itself stays small) under `history`,
+/// and every client's last report (from `/api/clients`) under
+/// `client_hashes`; `None` if the server does not answer.
+fn status(server: SocketAddr, since: Option<u64>) -> Option<serde_json::Value> {
+    let mut status = get(server, "/api/status")?;
+    let since = since.map_or(-1, |s| s as i64);
+    status["history"] = get(server, &format!("/api/history?since={since}"))?;
+    status["client_hashes"] = get(server, "/api/clients")?;
+    Some(status)
+}
+
+/// `path` over plain HTTP/1.0 as JSON (the server closes the connection
 /// after the answer); `None` if the server does not answer.
-fn status(server: SocketAddr) -> Option<serde_json::Value> {
+fn get(server: SocketAddr, path: &str) -> Option<serde_json::Value> {
     let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /api/status HTTP/1.0\r\nHost: localhost\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .ok()?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).ok()?;
@@ -522,8 +670,27 @@ mod tests {
     fn smoke_is_a_small_fast_fleet_whose_flags_still_win() {
         let o = Options::parse(&args("--smoke --budget 15")).unwrap();
         assert_eq!(
-            (o.volunteers, o.population, o.rtt),
-            (2, Some(64), Duration::from_millis(20))
+            (o.volunteers, o.browsers, o.population, o.rtt),
+            (1, 1, Some(64), Duration::from_millis(50))
+        );
+        assert_eq!(o.kind(), "mixed");
+        assert_eq!(
+            o.roster(),
+            vec![
+                Kind::Native {
+                    threads: 1,
+                    cpu_percent: 50
+                },
+                Kind::Browser {
+                    workers: 1,
+                    cpu_percent: 50
+                }
+            ]
+        );
+        assert!(
+            o.serve_args(Path::new("r"))
+                .windows(2)
+                .any(|w| w == ["--minutes", "0.25"])
         );
         assert_eq!(o.budget, Duration::from_secs(15));
         assert!(
@@ -539,6 +706,9 @@ mod tests {
             "--cpu-percent 0",
             "--cpu-percent 101",
             "--volunteers 0",
+            "--volunteers 0 --browsers 0",
+            "--budget 0",
+            "-- --minutes 2",
             "--rtt x",
             "--bogus",
             "--budget",
@@ -546,5 +716,17 @@ mod tests {
             assert!(Options::parse(&args(bad)).is_err(), "{bad}");
         }
         assert_eq!(Options::parse(&args("--churn 0")).unwrap().churn, None);
+        let tabs = Options::parse(&args("--volunteers 0 --browsers 2 --cpu-percent 30")).unwrap();
+        assert_eq!(tabs.kind(), "browser");
+        assert_eq!(
+            tabs.roster(),
+            vec![
+                Kind::Browser {
+                    workers: 1,
+                    cpu_percent: 50
+                };
+                2
+            ]
+        );
     }
 }

@@ -26,8 +26,9 @@
 //! - [`report`]: the one benchmark table of a `cargo xtask bench` run.
 //!
 //! Modules depend on each other in one direction only (`main` -> `test` ->
-//! `bench` -> `peers`, `report`, `wasm` -> `setup` -> `cmd`); a test below
-//! reads the sources and fails on an import circle.
+//! `bench` -> `peers`, `report`, `wasm` -> `setup` -> `cmd`); a test
+//! in the core (`core/tests/layering.rs`) reads the sources and fails on an
+//! import circle.
 
 mod bench;
 mod cmd;
@@ -143,7 +144,6 @@ fn passthrough(cmd: &mut Command) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::{BTreeMap, BTreeSet};
 
     #[test]
     fn run_drops_a_leading_separator() {
@@ -159,93 +159,5 @@ mod tests {
         assert_eq!(trainer_args(&args(&[])), args(&[]));
         // Only the first: a later `--` is the trainer's business.
         assert_eq!(trainer_args(&args(&["--", "--"])), args(&["--"]));
-    }
-
-    /// The modules of `src/` and the ones each imports (`crate::name`
-    /// anywhere in its code, tests and comments aside).
-    fn imports() -> BTreeMap<String, BTreeSet<String>> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        let sources: BTreeMap<String, String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| {
-                p.extension().is_some_and(|x| x == "rs") && p.file_stem().is_some_and(|s| s != "main")
-            })
-            .map(|p| {
-                let text = std::fs::read_to_string(&p).unwrap();
-                // Code only: no tests, no comments (doc links name modules too).
-                let code = text.split("#[cfg(test)]").next().unwrap();
-                let code: String = code
-                    .lines()
-                    .map(|l| l.split("//").next().unwrap())
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                (p.file_stem().unwrap().to_string_lossy().into_owned(), code)
-            })
-            .collect();
-        let names: Vec<String> = sources.keys().cloned().collect();
-        sources
-            .iter()
-            .map(|(module, code)| {
-                // `use crate::{a, b::c}` and `crate::a::f()` both name `a` right
-                // after `crate::` or after a `{`/`,` in a `use crate::{...}`.
-                let mut deps = BTreeSet::new();
-                for (i, _) in code.match_indices("crate::") {
-                    let rest = &code[i + "crate::".len()..];
-                    let group = match rest.strip_prefix('{') {
-                        Some(g) => &g[..g.find(';').unwrap_or(g.len())],
-                        None => rest,
-                    };
-                    for part in group.split(',') {
-                        let name: String = part
-                            .trim_start_matches(|c: char| c.is_whitespace() || c == '{')
-                            .chars()
-                            .take_while(|c| c.is_alphanumeric() || *c == '_')
-                            .collect();
-                        if names.contains(&name) && name != *module {
-                            deps.insert(name);
-                        }
-                        if !rest.starts_with('{') {
-                            break;
-                        }
-                    }
-                }
-                (module.clone(), deps)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn modules_import_each_other_without_a_circle() {
-        let graph = imports();
-        assert!(
-            graph["bench"].contains("report"),
-            "the reader finds imports: {graph:?}"
-        );
-        assert!(graph["cmd"].is_empty(), "cmd is a leaf: {graph:?}");
-        // Depth-first search; a module met again while still on the path
-        // closes a circle.
-        fn visit<'a>(
-            m: &'a str,
-            graph: &'a BTreeMap<String, BTreeSet<String>>,
-            path: &mut Vec<&'a str>,
-            done: &mut BTreeSet<&'a str>,
-        ) {
-            if let Some(i) = path.iter().position(|p| *p == m) {
-                panic!("import circle: {} -> {m}", path[i..].join(" -> "));
-            }
-            if !done.insert(m) {
-                return;
-            }
-            path.push(m);
-            for d in &graph[m] {
-                visit(d, graph, path, done);
-            }
-            path.pop();
-        }
-        let mut done = BTreeSet::new();
-        for m in graph.keys() {
-            visit(m, &graph, &mut Vec::new(), &mut done);
-        }
     }
 }

@@ -219,3 +219,59 @@ pub fn wasm_opt(ctx: &Ctx) -> Result<String, String> {
         Err(format!("{} --version does not report {wanted}", bin.display()))
     }
 }
+
+/// numpy for `scripts/seedling_eval.py` and the test that runs it
+/// (`server/tests/cli.rs`); pinned like the other tools.
+pub const NUMPY_VERSION: &str = "2.4.6";
+/// safetensors (Python) for the same script.
+pub const SAFETENSORS_VERSION: &str = "0.8.0";
+
+/// The interpreter of the project's Python venv, `target/tools/pyenv`,
+/// which `native-tests` hands to the tests as `SEEDLING_PYTHON`.
+pub fn python(ctx: &Ctx) -> PathBuf {
+    ctx.tools.join("pyenv").join("bin").join("python")
+}
+
+/// A Python venv under `target/tools` with pinned numpy and safetensors:
+/// the test that checks a `seedling export` read from Python against
+/// `seedling eval` needs them, and a venv of our own never touches the
+/// system's Python packages.
+pub fn python_venv(ctx: &Ctx) -> Result<String, String> {
+    let python = python(ctx);
+    let wanted = format!("{NUMPY_VERSION} {SAFETENSORS_VERSION}");
+    let installed = || {
+        stdout_of(ctx.cmd(&python).args([
+            "-c",
+            "import numpy, safetensors; print(numpy.__version__, safetensors.__version__)",
+        ]))
+        .is_some_and(|out| out.trim() == wanted)
+    };
+    if installed() {
+        return Ok(format!(
+            "numpy {NUMPY_VERSION}, safetensors {SAFETENSORS_VERSION} already in the venv"
+        ));
+    }
+    let venv = ctx.tools.join("pyenv");
+    fs::create_dir_all(&ctx.tools).map_err(|err| format!("cannot create {}: {err}", ctx.tools.display()))?;
+    run(ctx.cmd("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(ctx.cmd(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("numpy=={NUMPY_VERSION}"),
+        &format!("safetensors=={SAFETENSORS_VERSION}"),
+    ]))?;
+    if installed() {
+        Ok(format!(
+            "installed numpy {NUMPY_VERSION}, safetensors {SAFETENSORS_VERSION} into {}",
+            venv.display()
+        ))
+    } else {
+        Err(format!(
+            "{} does not import numpy {NUMPY_VERSION} and safetensors {SAFETENSORS_VERSION}",
+            python.display()
+        ))
+    }
+}

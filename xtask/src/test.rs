@@ -29,18 +29,28 @@
 //! `wasm-client/tests/bench.rs` is a benchmark, run only by
 //! `cargo xtask bench`: minutes of timing would prove nothing here.
 //!
+//! # Python
+//!
+//! `python-venv` makes `target/tools/pyenv` with pinned numpy and
+//! safetensors, and `native-tests` names its interpreter in
+//! `SEEDLING_PYTHON`: `server/tests/cli.rs` checks that
+//! `scripts/seedling_eval.py` scores a `seedling export` as `seedling eval`
+//! does.
+//!
 //! # The whole page
 //!
 //! `wasm-pack-build` builds `www/pkg` exactly as `cargo xtask run` does, before
 //! `native-tests`, because `tests/tests/browser.rs` (part of the native tests)
 //! serves the real page to headless Chromium and fails without it.
+//! `fleet-smoke` then runs the fleet emulator's smoke run, a native worker
+//! and a headless tab over delaying proxies, on the release binary.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use crate::cmd::{Ctx, run, stdout_of};
 use crate::setup::{self, CHROMEDRIVER, WASM_TARGET};
-use crate::{bench, wasm};
+use crate::{bench, fleet, wasm};
 
 /// One step of `cargo xtask test`.
 struct Step {
@@ -92,6 +102,12 @@ const STEPS: &[Step] = &[
         run: setup::wasm_opt,
     },
     Step {
+        name: "python-venv",
+        about: "Python venv in target/tools/pyenv with pinned numpy and safetensors",
+        needs: &[],
+        run: setup::python_venv,
+    },
+    Step {
         name: "fmt",
         about: "code is rustfmt-formatted",
         needs: &[],
@@ -126,8 +142,20 @@ const STEPS: &[Step] = &[
         about: "every crate's tests, natively, in release (with the whole-page browser tests)",
         // tests/tests/browser.rs drives the real page in Chromium: it needs
         // www/pkg and the browser, and fails (never skips) without them.
+        // server/tests/cli.rs reads a `seedling export` with the venv's
+        // numpy (SEEDLING_PYTHON), and likewise fails without it.
+        needs: &["apt-packages", "python-venv", "wasm-pack-build"],
+        run: |ctx| {
+            let args = ["test", "--workspace", "--release"];
+            run(ctx.cargo().args(args).env("SEEDLING_PYTHON", setup::python(ctx))).map(|()| String::new())
+        },
+    },
+    Step {
+        name: "fleet-smoke",
+        about: "`cargo xtask fleet --smoke`: a native worker and a Chromium tab at RTT 50 ms agree with the server",
+        // The tab needs www/pkg and Chromium, like the browser tests.
         needs: &["apt-packages", "wasm-pack-build"],
-        run: |ctx| cargo(ctx, &["test", "--workspace", "--release"]),
+        run: fleet::smoke,
     },
     Step {
         name: "wasm-node-core",

@@ -69,6 +69,8 @@ pub struct WireEs {
     pub batch: u32,
     /// [`EsConfig::seq_len`].
     pub seq_len: u32,
+    /// [`EsConfig::lag`].
+    pub lag: u32,
 }
 
 /// Wire form of [`AdamConfig`].
@@ -188,66 +190,23 @@ pub struct WireAdamState {
     pub t: u64,
 }
 
-/// Writes `From` both ways between a plain enum and its wire mirror, variant
-/// by variant, so adding a variant to one side alone does not compile.
-macro_rules! mirror_enum {
-    ($plain:ident <-> $wire:ident { $($v:ident $({ $($f:ident),* })?),* $(,)? }) => {
-        impl From<$plain> for $wire {
-            fn from(x: $plain) -> Self {
-                match x {
-                    $($plain::$v $({ $($f),* })? => $wire::$v $({ $($f),* })?,)*
-                }
-            }
-        }
-        impl From<$wire> for $plain {
-            fn from(x: $wire) -> Self {
-                match x {
-                    $($wire::$v $({ $($f),* })? => $plain::$v $({ $($f),* })?,)*
-                }
-            }
-        }
-    };
-}
-
-/// Writes `From` both ways between a plain struct and its wire mirror,
-/// field by field (each field converted with `into`), so a field added to
-/// one side alone does not compile.
-macro_rules! mirror_struct {
-    ($plain:ident <-> $wire:ident { $($f:ident),* $(,)? }) => {
-        impl From<$plain> for $wire {
-            #[allow(clippy::useless_conversion)]
-            fn from(x: $plain) -> Self {
-                let $plain { $($f),* } = x;
-                $wire { $($f: $f.into()),* }
-            }
-        }
-        impl From<$wire> for $plain {
-            #[allow(clippy::useless_conversion)]
-            fn from(x: $wire) -> Self {
-                let $wire { $($f),* } = x;
-                $plain { $($f: $f.into()),* }
-            }
-        }
-    };
-}
-
-mirror_enum!(Head <-> WireHead { Shared, ByInput });
-mirror_enum!(NoiseKind <-> WireNoise { Full, LowRank { rank } });
-mirror_enum!(LrSchedule <-> WireSchedule {
+crate::mirror_enum!(Head <-> WireHead { Shared, ByInput });
+crate::mirror_enum!(NoiseKind <-> WireNoise { Full, LowRank { rank } });
+crate::mirror_enum!(LrSchedule <-> WireSchedule {
     Constant,
     Cosine { warmup, total, min_ratio },
     Step { warmup, every, gamma },
     CosineTime { warmup, seconds, min_ratio },
 });
-mirror_enum!(Shaping <-> WireShaping { CenteredRanks, ZScores });
-mirror_enum!(Readout <-> WireReadout { Es, Exact });
-mirror_enum!(InputRows <-> WireInputRows { All, Seen });
-mirror_struct!(ModelConfig <-> WireModel { vocab, hidden, layers, head });
-mirror_struct!(EsConfig <-> WireEs { noise, sigma, population, batch, seq_len });
-mirror_struct!(AdamConfig <-> WireAdam { lr, beta1, beta2, eps, weight_decay });
-mirror_struct!(Recipe <-> WireRecipe { schedule, shaping, readout, input_rows });
-mirror_struct!(RunConfig <-> WireRunConfig { seed, model, es, adam, init_scale, recipe });
-mirror_struct!(AdamState <-> WireAdamState { m, v, t });
+crate::mirror_enum!(Shaping <-> WireShaping { CenteredRanks, ZScores });
+crate::mirror_enum!(Readout <-> WireReadout { Es, Exact });
+crate::mirror_enum!(InputRows <-> WireInputRows { All, Seen });
+crate::mirror_struct!(ModelConfig <-> WireModel { vocab, hidden, layers, head });
+crate::mirror_struct!(EsConfig <-> WireEs { noise, sigma, population, batch, seq_len, lag });
+crate::mirror_struct!(AdamConfig <-> WireAdam { lr, beta1, beta2, eps, weight_decay });
+crate::mirror_struct!(Recipe <-> WireRecipe { schedule, shaping, readout, input_rows });
+crate::mirror_struct!(RunConfig <-> WireRunConfig { seed, model, es, adam, init_scale, recipe });
+crate::mirror_struct!(AdamState <-> WireAdamState { m, v, t });
 
 /// `#[serde(with)]` adapter: a [`RunConfig`] field travels as [`WireRunConfig`].
 pub(super) mod run_config {

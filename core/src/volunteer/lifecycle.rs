@@ -369,11 +369,7 @@ mod tests {
     }
 
     fn snapshot(r: &Replica) -> Vec<u8> {
-        server(&ServerMsg::Snapshot {
-            step: r.step,
-            params: r.params.clone(),
-            adam: r.adam.clone(),
-        })
+        server(&r.snapshot())
     }
 
     fn reject(retry: bool) -> Vec<u8> {

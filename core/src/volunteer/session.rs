@@ -33,11 +33,11 @@ pub enum Reaction {
         session: SessionToken,
     },
     /// Nothing to send: a Resync, an update before any snapshot, or a job
-    /// this replica cannot do (no snapshot yet, or another step; the server
-    /// reissues it).
+    /// this replica cannot do (no snapshot yet, or a step whose weights
+    /// version it does not hold; the server reissues it).
     Quiet,
-    /// A job the replica is at the step of: evaluate it, then send
-    /// [`Work::reply`].
+    /// A job the replica holds the weights version of (its step, or with a
+    /// lag any step still open): evaluate it, then send [`Work::reply`].
     Evaluate(Work),
     /// Send `reply` (the weights hash) after a snapshot or an update.
     Hashed {
@@ -62,10 +62,11 @@ pub enum Reaction {
 }
 
 /// One job to evaluate, with the replica to evaluate it on (at the job's
-/// step). Holding a `Work` past the next server message costs one copy of
+/// step's weights version, which the replica holds). Holding a `Work` past the next server message costs one copy of
 /// the replica when that message changes it, never a wrong answer.
 pub struct Work {
-    /// The job's step (the replica's).
+    /// The job's step: the replica's, or with a lag any step whose weights
+    /// version it holds.
     pub step: u64,
     /// The job id to quote in the reply.
     pub job: u64,
@@ -73,14 +74,15 @@ pub struct Work {
     pub members: Vec<u32>,
     /// The step's minibatch.
     pub tokens: Vec<Token>,
-    /// The replica at `step`, shared with the session.
+    /// The replica that holds `step`'s weights version, shared with the
+    /// session.
     pub replica: Arc<Replica>,
 }
 
 impl Work {
     /// The members' losses evaluated on the calling thread.
     pub fn evaluate(&self) -> Result<Vec<f32>> {
-        self.replica.evaluate(&self.tokens, &self.members)
+        self.replica.evaluate_step(self.step, &self.tokens, &self.members)
     }
 
     /// The encoded [`ClientMsg::Losses`] for this job; `losses` must hold
@@ -148,11 +150,16 @@ impl Session {
                 self.replica = None;
                 Ok(Reaction::Joined { client, session })
             }
-            ServerMsg::Snapshot { step, params, adam } => {
+            ServerMsg::Snapshot {
+                step,
+                params,
+                adam,
+                versions,
+            } => {
                 let config = self
                     .config
                     .ok_or_else(|| Error::Wire("snapshot before welcome".into()))?;
-                let replica = Replica::from_snapshot(config, step, params, adam)?;
+                let replica = Replica::from_snapshot(config, step, params, adam)?.with_versions(versions)?;
                 let hash = replica.hash();
                 self.replica = Some(Arc::new(replica));
                 hashed(step, hash, true)
@@ -163,7 +170,7 @@ impl Session {
                 members,
                 tokens,
                 ..
-            } => match self.replica.as_ref().filter(|r| r.step == step) {
+            } => match self.replica.as_ref().filter(|r| r.can_evaluate(step)) {
                 Some(replica) => Ok(Reaction::Evaluate(Work {
                     step,
                     job,
@@ -279,6 +286,7 @@ mod tests {
             step: 0,
             params: want.params.clone(),
             adam: want.adam.clone(),
+            versions: vec![],
         };
         let Reaction::Hashed { step: 0, hash, .. } = s.receive(&server(&snap)).unwrap() else {
             panic!("a snapshot is answered with a hash");
@@ -354,6 +362,7 @@ mod tests {
             step: 0,
             params: want.params.clone(),
             adam: want.adam.clone(),
+            versions: vec![],
         };
         s.receive(&server(&snap)).unwrap();
         let job = ServerMsg::Job {
@@ -386,6 +395,7 @@ mod tests {
             step: 0,
             params: vec![0.0; 3],
             adam: AdamState::new(3),
+            versions: vec![],
         };
         assert!(s.receive(&server(&snap)).is_err(), "snapshot before welcome");
         assert!(s.receive(&[0xff, 0xff, 0xff]).is_err());
@@ -396,6 +406,7 @@ mod tests {
             step: 4,
             params: want.params.clone(),
             adam: want.adam.clone(),
+            versions: vec![],
         };
         s.receive(&server(&snap)).unwrap();
         let stale = ServerMsg::Update {

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 /// wire's protocol version: a change of the wire alone leaves files as they
 /// are. Versions up to 5 were written under [`OLD_VERSION_KEY`], when the two
 /// shared a number, and mean the same here.
-pub const CHECKPOINT_VERSION: u32 = 6;
+pub const CHECKPOINT_VERSION: u32 = 7;
 
 /// Metadata key of the format version.
 pub const VERSION_KEY: &str = "checkpoint_version";
@@ -38,11 +38,13 @@ pub const OLD_VERSION_KEY: &str = "protocol_version";
 /// read as ES's estimate, what they trained with. Version 4 changed only
 /// what members perturb; the weights are the same kind of thing. Version 5
 /// added the model's head, which older configs read as the shared head,
-/// and the four-lane weights hash. Version 6 added the contributors' credit
-/// (under [`CONTRIBUTORS_KEY`]); older files read with an empty tally.
-pub const READABLE_VERSIONS: [u32; 6] = [1, 2, 3, 4, 5, CHECKPOINT_VERSION];
+/// and the four-lane weights hash. Version 6 added the lag (steps in
+/// flight) and the past weight versions a lagged run keeps, which older
+/// files read as no lag and no versions. Version 7 added the contributors'
+/// credit (under [`CONTRIBUTORS_KEY`]); older files read with an empty tally.
+pub const READABLE_VERSIONS: [u32; 7] = [1, 2, 3, 4, 5, 6, CHECKPOINT_VERSION];
 
-/// Metadata key of the contributors' credit (version 6 on).
+/// Metadata key of the contributors' credit (version 7 on).
 pub const CONTRIBUTORS_KEY: &str = "contributors";
 
 /// One contributor's credit as a checkpoint keeps it (the coordinator's
@@ -84,7 +86,7 @@ pub fn contributors_to_json(records: &[ContributorRecord]) -> Result<String> {
 }
 
 /// Reads the contributors' credit from checkpoint metadata; `None` (a file
-/// from before version 6) is an empty tally.
+/// from before version 7) is an empty tally.
 pub fn contributors_from_json(json: Option<&str>) -> Result<Vec<ContributorRecord>> {
     let Some(json) = json else {
         return Ok(Vec::new());
@@ -180,6 +182,14 @@ struct DiskEs {
     population: u32,
     batch: u32,
     seq_len: u32,
+    /// Files from before steps in flight trained without a lag; a run
+    /// without one writes none, so its JSON is what it always was.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    lag: u32,
+}
+
+fn is_zero(x: &u32) -> bool {
+    *x == 0
 }
 
 /// Disk form of [`AdamConfig`].
@@ -264,64 +274,22 @@ struct DiskRunConfig {
     recipe: DiskRecipe,
 }
 
-/// Writes `From` both ways between a plain enum and its disk mirror,
-/// variant by variant, so a variant added to one side alone does not compile.
-macro_rules! mirror_enum {
-    ($plain:ident <-> $disk:ident { $($v:ident $({ $($f:ident),* })?),* $(,)? }) => {
-        impl From<$plain> for $disk {
-            fn from(x: $plain) -> Self {
-                match x {
-                    $($plain::$v $({ $($f),* })? => $disk::$v $({ $($f),* })?,)*
-                }
-            }
-        }
-        impl From<$disk> for $plain {
-            fn from(x: $disk) -> Self {
-                match x {
-                    $($disk::$v $({ $($f),* })? => $plain::$v $({ $($f),* })?,)*
-                }
-            }
-        }
-    };
-}
-
-/// Writes `From` both ways between a plain struct and its disk mirror,
-/// field by field, so a field added to one side alone does not compile.
-macro_rules! mirror_struct {
-    ($plain:ident <-> $disk:ident { $($f:ident),* $(,)? }) => {
-        impl From<$plain> for $disk {
-            #[allow(clippy::useless_conversion)]
-            fn from(x: $plain) -> Self {
-                let $plain { $($f),* } = x;
-                $disk { $($f: $f.into()),* }
-            }
-        }
-        impl From<$disk> for $plain {
-            #[allow(clippy::useless_conversion)]
-            fn from(x: $disk) -> Self {
-                let $disk { $($f),* } = x;
-                $plain { $($f: $f.into()),* }
-            }
-        }
-    };
-}
-
-mirror_enum!(Head <-> DiskHead { Shared, ByInput });
-mirror_enum!(NoiseKind <-> DiskNoise { Full, LowRank { rank } });
-mirror_enum!(LrSchedule <-> DiskSchedule {
+seedling_core::mirror_enum!(Head <-> DiskHead { Shared, ByInput });
+seedling_core::mirror_enum!(NoiseKind <-> DiskNoise { Full, LowRank { rank } });
+seedling_core::mirror_enum!(LrSchedule <-> DiskSchedule {
     Constant,
     Cosine { warmup, total, min_ratio },
     Step { warmup, every, gamma },
     CosineTime { warmup, seconds, min_ratio },
 });
-mirror_enum!(Shaping <-> DiskShaping { CenteredRanks, ZScores });
-mirror_enum!(Readout <-> DiskReadout { Es, Exact });
-mirror_enum!(InputRows <-> DiskInputRows { All, Seen });
-mirror_struct!(ModelConfig <-> DiskModel { vocab, hidden, layers, head });
-mirror_struct!(EsConfig <-> DiskEs { noise, sigma, population, batch, seq_len });
-mirror_struct!(AdamConfig <-> DiskAdam { lr, beta1, beta2, eps, weight_decay });
-mirror_struct!(Recipe <-> DiskRecipe { schedule, shaping, readout, input_rows });
-mirror_struct!(RunConfig <-> DiskRunConfig { seed, model, es, adam, init_scale, recipe });
+seedling_core::mirror_enum!(Shaping <-> DiskShaping { CenteredRanks, ZScores });
+seedling_core::mirror_enum!(Readout <-> DiskReadout { Es, Exact });
+seedling_core::mirror_enum!(InputRows <-> DiskInputRows { All, Seen });
+seedling_core::mirror_struct!(ModelConfig <-> DiskModel { vocab, hidden, layers, head });
+seedling_core::mirror_struct!(EsConfig <-> DiskEs { noise, sigma, population, batch, seq_len, lag });
+seedling_core::mirror_struct!(AdamConfig <-> DiskAdam { lr, beta1, beta2, eps, weight_decay });
+seedling_core::mirror_struct!(Recipe <-> DiskRecipe { schedule, shaping, readout, input_rows });
+seedling_core::mirror_struct!(RunConfig <-> DiskRunConfig { seed, model, es, adam, init_scale, recipe });
 
 #[cfg(test)]
 mod tests {

@@ -34,6 +34,7 @@ use seedling_core::protocol::{SessionToken, clean_name};
 use sha2::{Digest, Sha256};
 
 use super::Coordinator;
+use super::ledger::Ledger;
 use super::types::{ClientId, Contributor, Leaderboard};
 use crate::checkpoint::ContributorRecord;
 
@@ -76,9 +77,9 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct Credit {
     tally: HashMap<[u8; 32], Entry>,
-    /// The key of every connection that joined since the last close: a
-    /// client that left before its members' step closed is still credited
-    /// at the close, then forgotten.
+    /// The key of every connection that joined: a client that left before
+    /// its members' steps closed is still credited at their closes, then
+    /// forgotten.
     live: HashMap<ClientId, [u8; 32]>,
     /// The leaderboard, built when asked after a change.
     board: RefCell<Option<Arc<Leaderboard>>>,
@@ -240,16 +241,17 @@ impl Coordinator {
         }
     }
 
-    /// The step is closing: credits each of its counted members to every
-    /// contributor whose claim agrees with the loss that counted, once per
-    /// contributor (see the module docs for why this is "verified").
-    pub(super) fn credit_close(&mut self) {
+    /// The step whose ledger is `books` is closing (it has left the open
+    /// steps): credits each of its counted members to every contributor
+    /// whose claim agrees with the loss that counted, once per contributor
+    /// (see the module docs for why this is "verified").
+    pub(super) fn credit_close(&mut self, books: &Ledger) {
         let tol = self.settings.tolerance;
         let agree = |a: f32, b: f32| (a - b).abs() <= tol * a.abs().max(1.0);
         let mut seen: Vec<[u8; 32]> = Vec::with_capacity(3);
-        for (m, loss) in self.books.results() {
+        for (m, loss) in books.results() {
             seen.clear();
-            for &(id, claimed) in self.books.claims(m) {
+            for &(id, claimed) in books.claims(m) {
                 let Some(key) = self.credit.key(id) else { continue };
                 if agree(loss, claimed) && !seen.contains(&key) {
                     seen.push(key);
@@ -257,8 +259,12 @@ impl Coordinator {
                 }
             }
         }
-        let clients = &self.clients;
-        self.credit.retain_live(|id| clients.contains_key(&id));
+        // A connection that left is still credited when a step in flight
+        // that holds its claims closes; after that it is forgotten.
+        let (clients, open) = (&self.clients, &self.open);
+        self.credit.retain_live(|id| {
+            clients.contains_key(&id) || open.iter().any(|o| !o.books.claimed_by(id).is_empty())
+        });
     }
 }
 

@@ -5,7 +5,8 @@
 //! clock, the OS's randomness (session tokens, the run id), the
 //! connections' send queues (through the [`crate::delivery`] postbox), the
 //! reply channels of operator requests, the disk (checkpoints, the final
-//! one at shutdown included) and the status the HTTP handlers read.
+//! one at shutdown included) and the status and learning curve the HTTP
+//! handlers read.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use super::Coordinator;
 use super::types::{
     CheckpointReason, ClientId, Event, Input, Output, Outputs, Phase, RequestId, Settings, Status,
 };
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::{self, Checkpoint, HistoryPoint};
 use crate::delivery::Postbox;
 use crate::timing::{Mark, Span, StepTiming};
 
@@ -85,6 +86,9 @@ struct Io {
     full: Vec<ClientId>,
     replies: HashMap<RequestId, oneshot::Sender<Result<String, String>>>,
     status: Arc<Mutex<Status>>,
+    /// The whole learning curve for `/api/history`: seeded from the run's
+    /// books, extended with each published status's newest points.
+    curve: Arc<Mutex<Vec<HistoryPoint>>>,
     timing: StepTiming,
     update_started: Option<Mark>,
     update: Span,
@@ -102,6 +106,7 @@ impl Driver {
             full: Vec::new(),
             replies: HashMap::new(),
             status: Arc::default(),
+            curve: Arc::new(Mutex::new(coordinator.history().to_vec())),
             timing: StepTiming::default(),
             update_started: None,
             update: Span::default(),
@@ -120,6 +125,11 @@ impl Driver {
     /// The shared status the HTTP handlers read.
     pub fn status(&self) -> Arc<Mutex<Status>> {
         self.io.status.clone()
+    }
+
+    /// The shared learning curve `/api/history` reads.
+    pub fn curve(&self) -> Arc<Mutex<Vec<HistoryPoint>>> {
+        self.io.curve.clone()
     }
 
     /// Runs until a [`Input::Shutdown`] or every sender is gone, then
@@ -247,6 +257,14 @@ impl Outputs for Io {
                 status.step_overhead_wall_ms = t.overhead_wall();
                 status.step_delivery_ms = t.delivery();
                 status.update_ms = t.update();
+                let mut curve = self.curve.lock().unwrap();
+                let last = curve.last().map(|h| h.step);
+                for &point in &status.history {
+                    if last.is_none_or(|l| point.step > l) {
+                        checkpoint::record(&mut curve, point);
+                    }
+                }
+                drop(curve);
                 *self.status.lock().unwrap() = *status;
             }
             Output::Reply(request, outcome) => self.reply(request, outcome),

@@ -15,8 +15,13 @@
 //! - a step's members are handed out in jobs of consecutive members sized to
 //!   each client's measured speed, with a deadline; a late job's members go
 //!   back to the pool and are reissued to an idle client (`scheduler.rs`);
-//! - results for another step or for a job that was reissued are stale:
-//!   dropped and counted, never an error (a slow volunteer is not hostile);
+//! - results for a step no longer open or for a job that was reissued are
+//!   stale: dropped and counted, never an error (a slow volunteer is not
+//!   hostile);
+//! - with steps in flight (`es.lag` D) steps `f..=f + D` are open at once,
+//!   each with its own pool and books; idle clients get members of the
+//!   oldest open step with work, and step `f` closes as a lone step does
+//!   (`step.rs`);
 //! - a result that names members outside its job, or a malformed message,
 //!   gets the client rejected and disconnected; nobody else notices;
 //! - some members are evaluated twice by different clients; a disagreement
@@ -39,7 +44,7 @@ mod step;
 pub mod types;
 mod verify;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -55,11 +60,10 @@ pub use self::types::{
 pub use crate::timing::Quantiles;
 
 use self::credit::Credit;
-use self::ledger::Ledger;
 use self::scheduler::Schedule;
 use self::sessions::Sessions;
 use self::status::Counters;
-use self::step::StepState;
+use self::step::{Open, StepState};
 use crate::runbook::RunBook;
 
 /// What the server knows about one connection.
@@ -102,12 +106,13 @@ pub struct Coordinator {
     credit: Credit,
     /// Who gets which members, and until when.
     sched: Schedule,
-    /// Every evaluation of a member this step, by distinct clients, in
-    /// order, and the losses that count.
-    books: Ledger,
+    /// The open steps, oldest (the replica's step, the next to close)
+    /// first, consecutive: one, or `1 + lag` with steps in flight. Each has
+    /// its own pool, books and minibatch.
+    open: VecDeque<Open>,
     /// Decides which results are replicated.
     coin: seedling_core::rng::Stream,
-    /// The current step's minibatch, job frames and recent hashes.
+    /// Job frames and recent hashes.
     step: StepState,
     /// History, cadences and the learning-rate clock.
     book: RunBook,
@@ -138,15 +143,15 @@ impl Coordinator {
             sessions: Sessions::default(),
             credit: Credit::from_records(book.contributors().to_vec()),
             sched: Schedule::default(),
-            books: Ledger::default(),
+            open: VecDeque::new(),
             coin: seedling_core::rng::Stream::new(run),
-            step: StepState::new(&replica, now),
+            step: StepState::new(&replica),
             book,
             counters: Counters::default(),
             paused: false,
             replica,
         };
-        c.start_step(now);
+        c.open_steps(now);
         c
     }
 
@@ -160,9 +165,10 @@ impl Coordinator {
         self.clients.len()
     }
 
-    /// True once `max_steps` steps are done.
+    /// True once `max_steps` steps are done or the run's time budget is
+    /// spent (then no more jobs go out).
     pub fn finished(&self) -> bool {
-        self.settings.max_steps.is_some_and(|m| self.replica.step >= m)
+        self.settings.max_steps.is_some_and(|m| self.replica.step >= m) || self.book.out_of_time()
     }
 
     /// Handles one input at time `now`; what follows from it goes to `out`,
@@ -211,6 +217,13 @@ impl Coordinator {
                 self.drop_client(client, out);
             }
             Input::Tick => {
+                if self.book.tick(now) {
+                    tracing::info!(
+                        step = self.replica.step,
+                        "the time budget is spent; the run is finished"
+                    );
+                    self.publish(now, out);
+                }
                 self.on_tick(now, out);
                 self.assign(now, out);
                 self.maybe_publish(now, out);
@@ -309,7 +322,7 @@ impl Coordinator {
         if let Some(job_id) = c.job {
             if let Some(job) = self.sched.jobs.remove(job_id) {
                 self.counters.reissued += 1;
-                self.give_back(job.members);
+                self.give_back(job.step, job.members);
             }
         }
         if c.hello.is_some() {
@@ -360,9 +373,7 @@ impl Coordinator {
         if self.settings.run_dir.is_none() {
             return false;
         }
-        let mut ckpt = self
-            .book
-            .checkpoint(self.replica.step, &self.replica.params, &self.replica.adam);
+        let mut ckpt = self.book.checkpoint_of(&self.replica);
         ckpt.contributors = self.credit.records();
         out.push(Output::Checkpoint(Box::new(ckpt), reason));
         true
@@ -405,12 +416,7 @@ impl Coordinator {
     }
 
     fn send_snapshot(&self, id: ClientId, out: &mut dyn Outputs) {
-        let snap = ServerMsg::Snapshot {
-            step: self.replica.step,
-            params: self.replica.params.clone(),
-            adam: self.replica.adam.clone(),
-        };
-        self.send(id, &snap, out);
+        self.send(id, &self.replica.snapshot(), out);
     }
 
     /// Validation loss of the authoritative weights on the fixed held-out set.

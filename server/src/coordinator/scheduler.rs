@@ -3,23 +3,25 @@
 //!
 //! A step's members are handed out in jobs of consecutive members sized to
 //! each client's measured speed, never more than an even share of the step,
-//! with a deadline. A job whose deadline passes goes back to the pool (its
-//! client's speed estimate halves) and is reissued to someone else.
+//! with a deadline. A job whose deadline passes goes back to its step's pool
+//! (its client's speed estimate halves) and is reissued to someone else.
+//! With steps in flight an idle client gets members of the oldest open step
+//! that still has work for it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
 
 use super::Coordinator;
-use super::ledger::MemberSet;
 use super::seqmap::SeqMap;
+use super::step::Open;
 use super::types::{ClientId, Outgoing, Output, Outputs};
 
 /// Recent job owners remembered to classify late results.
 const MAX_OWNERS: usize = 100_000;
 
-/// A job handed out in the current step.
+/// A job handed out in an open step.
 pub(super) struct Job {
     pub(super) client: ClientId,
     pub(super) step: u64,
@@ -41,7 +43,7 @@ pub(super) struct Schedule {
     /// connection (most events of a step find one or two members to hand
     /// out), and becoming idle is a push, not an ordered insert.
     pub(super) idle: VecDeque<ClientId>,
-    /// Live jobs (all of the current step), by id.
+    /// Live jobs (all of open steps), by id.
     pub(super) jobs: SeqMap<Job>,
     /// No live job's deadline is earlier (a lower bound: removing a job
     /// leaves it), so most ticks skip the scan for expired jobs.
@@ -52,14 +54,6 @@ pub(super) struct Schedule {
     owners: VecDeque<(u64, ClientId)>,
     /// Jobs issued so far: the last job's id (ids start at 1).
     issued: u64,
-    /// Members of the current step not yet handed out (or handed back).
-    pub(super) pool: MemberSet,
-    /// Members whose claims need one more evaluation by another client.
-    pub(super) verify: MemberSet,
-    /// Clients that let a job with this member expire in the current step;
-    /// the member is reissued to someone else, so one stuck client cannot
-    /// starve a step by taking the same members again and again.
-    pub(super) missed: HashMap<u32, Vec<ClientId>>,
 }
 
 impl Schedule {
@@ -78,13 +72,6 @@ impl Schedule {
         if let Some(i) = self.idle.iter().position(|&q| q == id) {
             self.idle.remove(i);
         }
-    }
-
-    /// A new step of `population` members: all in the pool, none missed.
-    pub(super) fn reset(&mut self, population: usize) {
-        self.pool.fill(population);
-        self.missed.clear();
-        self.verify.clear();
     }
 }
 
@@ -115,37 +102,59 @@ impl Coordinator {
             self.sync_idle(job.client);
             tracing::debug!(job = id, client = job.client, "job deadline passed; reissuing");
             self.counters.reissued += 1;
-            for &m in &job.members {
-                self.sched.missed.entry(m).or_default().push(job.client);
+            if let Some(i) = self.open_index(job.step) {
+                for &m in &job.members {
+                    self.open[i].missed.entry(m).or_default().push(job.client);
+                }
             }
-            self.give_back(job.members);
+            self.give_back(job.step, job.members);
         }
         self.maybe_close(now, out);
     }
 
-    /// Hands every idle client a job of consecutive members from the pool.
+    /// How many open steps, oldest first, may be handed out: all of them,
+    /// but none at or past `max_steps`.
+    fn workable(&self) -> usize {
+        let first = self.front().step;
+        let left = self
+            .settings
+            .max_steps
+            .map_or(u64::MAX, |m| m.saturating_sub(first));
+        self.open.len().min(usize::try_from(left).unwrap_or(usize::MAX))
+    }
+
+    /// True when no open step that may be handed out has work left.
+    fn drained(&self, workable: usize) -> bool {
+        self.open.iter().take(workable).all(Open::drained)
+    }
+
+    /// Hands every idle client a job of consecutive members from the pool of
+    /// the oldest open step that has work for it.
     pub(super) fn assign(&mut self, now: Instant, out: &mut dyn Outputs) {
         // Most events of a step (results, hash reports) arrive once every
         // member is out: with nothing to hand out there is nothing to settle
         // either, and skipping the scans below keeps an event O(1) however
-        // many volunteers are connected.
-        let sched = &self.sched;
-        if self.finished() || self.paused || (sched.pool.is_empty() && sched.verify.is_empty()) {
+        // many volunteers are connected (O(lag) with steps in flight).
+        let workable = self.workable();
+        if self.finished() || self.paused || self.drained(workable) {
             return;
         }
-        if sched.idle.is_empty() {
+        if self.sched.idle.is_empty() {
             return;
         }
         let ready = self.ready;
-        self.settle_unverifiable();
+        for i in 0..workable {
+            if !self.open[i].drained() {
+                self.settle_unverifiable(i);
+            }
+        }
         // Walk the idle queue from the front: most calls hand out one or
         // two members and stop at the first client. Clients given nothing
         // keep their places.
         let mut passed = Vec::new();
         while let Some(id) = self.sched.idle.pop_front() {
-            let sched = &mut self.sched;
-            if sched.pool.is_empty() && sched.verify.is_empty() {
-                sched.idle.push_front(id);
+            if self.drained(workable) {
+                self.sched.idle.push_front(id);
                 break;
             }
             let Some(c) = self.clients.get(&id) else {
@@ -163,30 +172,42 @@ impl Coordinator {
                 .div_ceil(ready.max(1))
                 .next_multiple_of(2);
             let size = target.max(threads).max(2).min(fair);
-            let missed = &sched.missed;
-            let books = &self.books;
-            let eligible = |m: &u32| {
-                missed.get(m).is_none_or(|who| !who.contains(&id))
-                    && books.claims(*m).iter().all(|c| c.0 != id)
-            };
-            let lagging = missed.values().any(|who| who.contains(&id));
-            // Verifications first (a lagging client checks nobody), then fresh members.
+            // The oldest open step with work this client may take.
             let mut members: SmallVec<[u32; 8]> = SmallVec::with_capacity(size);
-            if !lagging {
-                members.extend(sched.verify.iter().filter(eligible).take(size));
-            }
-            let verified = members.len();
-            members.extend(sched.pool.iter().filter(eligible).take(size - verified));
-            for &m in &members[..verified] {
-                sched.verify.remove(m);
-            }
-            for &m in &members[verified..] {
-                sched.pool.remove(m);
+            let mut chosen = 0;
+            for (i, o) in self.open.iter_mut().enumerate().take(workable) {
+                if o.drained() {
+                    continue;
+                }
+                let missed = &o.missed;
+                let books = &o.books;
+                let eligible = |m: &u32| {
+                    missed.get(m).is_none_or(|who| !who.contains(&id))
+                        && books.claims(*m).iter().all(|c| c.0 != id)
+                };
+                let lagging = missed.values().any(|who| who.contains(&id));
+                // Verifications first (a lagging client checks nobody), then fresh members.
+                if !lagging {
+                    members.extend(o.verify.iter().filter(eligible).take(size));
+                }
+                let verified = members.len();
+                members.extend(o.pool.iter().filter(eligible).take(size - verified));
+                for &m in &members[..verified] {
+                    o.verify.remove(m);
+                }
+                for &m in &members[verified..] {
+                    o.pool.remove(m);
+                }
+                if !members.is_empty() {
+                    chosen = i;
+                    break;
+                }
             }
             if members.is_empty() {
                 passed.push(id);
                 continue;
             }
+            let step = self.open[chosen].step;
             let expected = if c.speed > 0.0 {
                 members.len() as f64 / c.speed
             } else {
@@ -199,15 +220,17 @@ impl Coordinator {
                     .unwrap_or(Duration::MAX)
                     .min(self.settings.step_timeout),
             );
-            sched.issued += 1;
-            let job_id = sched.issued;
-            let frame = self.step.job_frame(self.replica.step, job_id, &members, timeout);
+            self.sched.issued += 1;
+            let job_id = self.sched.issued;
+            let frame = self
+                .step
+                .job_frame(step, &self.open[chosen].token_bytes, job_id, &members, timeout);
             let deadline = now + timeout;
             let sched = &mut self.sched;
             sched.earliest_deadline = Some(sched.earliest_deadline.map_or(deadline, |t| t.min(deadline)));
             let job = Job {
                 client: id,
-                step: self.replica.step,
+                step,
                 members,
                 sent: now,
                 deadline,
@@ -244,13 +267,16 @@ impl Coordinator {
         }
     }
 
-    /// Puts a job's members back: verifications to the verify set, the rest to the pool.
-    pub(super) fn give_back(&mut self, members: impl IntoIterator<Item = u32>) {
+    /// Puts a job's members back into its step, if still open:
+    /// verifications to the verify set, the rest to the pool.
+    pub(super) fn give_back(&mut self, step: u64, members: impl IntoIterator<Item = u32>) {
+        let Some(i) = self.open_index(step) else { return };
+        let o = &mut self.open[i];
         for m in members {
-            if !self.books.claims(m).is_empty() {
-                self.sched.verify.insert(m);
+            if !o.books.claims(m).is_empty() {
+                o.verify.insert(m);
             } else {
-                self.sched.pool.insert(m);
+                o.pool.insert(m);
             }
         }
     }

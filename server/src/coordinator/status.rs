@@ -1,5 +1,6 @@
-//! The run as `/api/status` and `/metrics` show it: counters, rates and
-//! every volunteer's last report, shaped from the coordinator's state.
+//! The run as `/api/status` and `/metrics` show it: counters, rates,
+//! histograms of step and job times, and every volunteer's last report,
+//! shaped from the coordinator's state.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -7,7 +8,8 @@ use std::time::{Duration, Instant};
 use seedling_core::protocol::ClientKind;
 
 use super::Coordinator;
-use super::types::{ClientId, ClientReport, Output, Outputs, Status, Volunteers};
+use super::types::{ClientId, ClientReport, Histogram, Output, Outputs, Status, Volunteers};
+use crate::checkpoint::HistoryPoint;
 
 /// Ticks refresh the published status at most this often; closing a step
 /// and admin commands publish at once. Building the status walks every
@@ -16,6 +18,16 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 /// Recent step closes kept for the rates.
 const CLOSES: usize = 20;
+
+/// Bucket bounds (seconds) of the step-time histogram: from a tiny model on
+/// a fast local worker (milliseconds) to a crowd on a slow network.
+const STEP_BOUNDS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Bucket bounds (seconds) of the job round-trip histogram: jobs are sized
+/// for about half a second, and time out after ten seconds or more.
+const ROUND_TRIP_BOUNDS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// What the status counts, and when it was last published.
 #[derive(Default)]
@@ -31,6 +43,12 @@ pub(super) struct Counters {
     pub(super) banned: u64,
     pub(super) idle: u64,
     pub(super) slow: u64,
+    /// Members counted in all closed steps.
+    members: u64,
+    /// Seconds between consecutive closes.
+    step_seconds: Histogram,
+    /// Seconds from a job's sending to its counted result.
+    round_trips: Histogram,
     /// Recent closes: when, and how many members counted.
     closes: VecDeque<(Instant, u32)>,
     /// When a tick last published the status (from the first tick on).
@@ -41,10 +59,20 @@ impl Counters {
     /// A step closed at `now` with `members` counted.
     pub(super) fn closed(&mut self, now: Instant, members: u32) {
         self.steps_closed += 1;
+        self.members += u64::from(members);
+        if let Some(&(last, _)) = self.closes.back() {
+            let secs = now.saturating_duration_since(last).as_secs_f64();
+            observe(&mut self.step_seconds, STEP_BOUNDS, secs);
+        }
         self.closes.push_back((now, members));
         if self.closes.len() > CLOSES {
             self.closes.pop_front();
         }
+    }
+
+    /// A job's result came `took` after the job was sent.
+    pub(super) fn round_trip(&mut self, took: Duration) {
+        observe(&mut self.round_trips, ROUND_TRIP_BOUNDS, took.as_secs_f64());
     }
 
     /// Member evaluations and steps per second over the recent closes.
@@ -60,7 +88,31 @@ impl Counters {
     }
 }
 
+/// Records `secs` in `h`, giving it its `bounds` on first use.
+fn observe(h: &mut Histogram, bounds: &'static [f64], secs: f64) {
+    if h.counts.is_empty() {
+        *h = Histogram::new(bounds);
+    }
+    h.observe(secs);
+}
+
+/// `h`, or an empty histogram over `bounds` before its first observation.
+fn published(h: &Histogram, bounds: &'static [f64]) -> Histogram {
+    if h.counts.is_empty() {
+        Histogram::new(bounds)
+    } else {
+        h.clone()
+    }
+}
+
 impl Coordinator {
+    /// The run's whole learning curve (thinned past a cap, see
+    /// [`crate::checkpoint::HISTORY_CAP`]): the driver seeds the curve that
+    /// `/api/history` serves with it, and the status carries the newest points.
+    pub fn history(&self) -> &[HistoryPoint] {
+        self.book.history()
+    }
+
     /// Publishes the status now.
     pub(super) fn publish(&self, now: Instant, out: &mut dyn Outputs) {
         out.push(Output::Status(Box::new(self.status(now))));
@@ -88,8 +140,9 @@ impl Coordinator {
             data: self.data.name.clone(),
             step: self.replica.step,
             steps_closed: c.steps_closed,
+            members_counted: c.members,
             population: self.replica.config.es.population,
-            members_done: self.books.counted() as u32,
+            members_done: self.front().books.counted() as u32,
             params: self.replica.layout.len,
             // The hash of the current step, computed once when it closed.
             hash: format!("{:016x}", self.step.hash().unwrap_or_else(|| self.replica.hash())),
@@ -104,6 +157,8 @@ impl Coordinator {
             disagreements: c.disagreements,
             liars_disconnected: c.liars,
             history: history[tail..].to_vec(),
+            history_step: history.last().map(|h| h.step),
+            train_loss: history.last().map(|h| h.train_loss).filter(|l| l.is_finite()),
             val_loss: self.book.val_loss(),
             client_hashes,
             finished: self.finished(),
@@ -114,6 +169,8 @@ impl Coordinator {
             idle_dropped: c.idle,
             slow_dropped: c.slow,
             contributors: self.credit.board(),
+            step_seconds: published(&c.step_seconds, STEP_BOUNDS),
+            job_round_trip_seconds: published(&c.round_trips, ROUND_TRIP_BOUNDS),
             ..Status::default()
         }
     }

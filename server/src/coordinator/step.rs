@@ -1,7 +1,17 @@
-//! The step: its minibatch and job frames, and its close (shaping, the
-//! update, the replica's new hash, the run's books).
+//! The steps: the open ones (each with its pool, books and minibatch), the
+//! job frames, and a step's close (shaping, the update, the replica's new
+//! hash, the run's books).
+//!
+//! With a lag D (steps in flight, `es.lag`) steps `f..=f + D` are open at
+//! once, `f` being the replica's step, the next to close: step `s`'s members
+//! are evaluated at the weights version `max(s - D, 0)`, which every replica
+//! holds. Step `f` closes exactly as a lone step does; its update goes out,
+//! this replica applies it, and step `f + D + 1` opens. Its jobs go out
+//! after the update that the weights version it needs follows, so a
+//! volunteer that reads its connection in order always holds that version.
+//! With D = 0 one step is open at a time, the synchronous rule.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -11,6 +21,7 @@ use seedling_core::tokenizer::Token;
 use seedling_core::{Replica, batch};
 
 use super::Coordinator;
+use super::ledger::{Ledger, MemberSet};
 use super::types::{CheckpointReason, ClientId, JobFrame, Outgoing, Output, Outputs, Phase};
 
 /// Bytes allocated at a time for job frames (a block is freed once every
@@ -21,36 +32,98 @@ const FRAME_BLOCK: usize = 64 << 10;
 /// volunteers report for recent steps.
 const HASHES: usize = 256;
 
-/// The current step's minibatch and frames, and recent hashes.
-pub(super) struct StepState {
-    /// The current step's minibatch: when the recipe needs it (an exact
-    /// readout, the estimate kept to seen input rows) the update carries it,
-    /// and this replica's update reads it.
+/// One open step: the members still to hand out, the books of those
+/// handed out, and its minibatch.
+pub(super) struct Open {
+    /// Which step this is.
+    pub(super) step: u64,
+    /// Members not yet handed out (or handed back).
+    pub(super) pool: MemberSet,
+    /// Members whose claims need one more evaluation by another client.
+    pub(super) verify: MemberSet,
+    /// Clients that let a job with this member expire in this step; the
+    /// member is reissued to someone else, so one stuck client cannot
+    /// starve a step by taking the same members again and again.
+    pub(super) missed: HashMap<u32, Vec<ClientId>>,
+    /// Every evaluation of a member, by distinct clients, in order, and the
+    /// losses that count.
+    pub(super) books: Ledger,
+    /// The minibatch: when the recipe needs it (an exact readout, the
+    /// estimate kept to seen input rows) the update carries it, and this
+    /// replica's update reads it.
     tokens: Vec<Token>,
     /// The minibatch as encoded in its jobs, encoded once and shared by
     /// every job frame of the step.
-    token_bytes: Bytes,
+    pub(super) token_bytes: Bytes,
+    /// When the step became the oldest open one, the one that closes next:
+    /// its step deadline counts from then.
+    started: Instant,
+}
+
+impl Open {
+    /// Step `step` of `replica`'s run with every member in the pool, reusing
+    /// this one's buffers (a closed step's).
+    fn reopen(&mut self, step: u64, replica: &Replica, train: &[Token], now: Instant) {
+        let es = replica.config.es;
+        let tokens = batch::step_batch(
+            train,
+            replica.config.seed,
+            step,
+            es.batch as usize,
+            es.seq_len as usize,
+        )
+        .expect("training data was checked to hold at least one window");
+        let encoded = protocol::EncodedTokens::new(&tokens).expect("a minibatch always encodes");
+        self.step = step;
+        self.token_bytes = Bytes::copy_from_slice(encoded.as_bytes());
+        self.tokens = tokens;
+        self.started = now;
+        self.pool.fill(es.population as usize);
+        self.verify.clear();
+        self.missed.clear();
+        self.books.reset(es.population as usize);
+    }
+
+    /// Step `step`, fresh.
+    fn new(step: u64, replica: &Replica, train: &[Token], now: Instant) -> Self {
+        let mut o = Self {
+            step,
+            pool: MemberSet::default(),
+            verify: MemberSet::default(),
+            missed: HashMap::new(),
+            books: Ledger::default(),
+            tokens: Vec::new(),
+            token_bytes: Bytes::new(),
+            started: now,
+        };
+        o.reopen(step, replica, train, now);
+        o
+    }
+
+    /// True when nothing is left to hand out.
+    pub(super) fn drained(&self) -> bool {
+        self.pool.is_empty() && self.verify.is_empty()
+    }
+}
+
+/// Job frames, and recent hashes.
+pub(super) struct StepState {
     /// Where a job's head and tail are encoded before they are copied into
     /// `frames`.
     job_buf: Vec<u8>,
     /// Job frames are carved from shared blocks of this buffer, so a step's
     /// thousand jobs cost a few allocations, not one each.
     frames: BytesMut,
-    /// When the current step started.
-    started: Instant,
     /// Hashes of the authoritative replica after recent steps.
     hashes: VecDeque<(u64, u64)>,
 }
 
 impl StepState {
     /// Before the first step of `replica` (its current hash remembered).
-    pub(super) fn new(replica: &Replica, now: Instant) -> Self {
+    pub(super) fn new(replica: &Replica) -> Self {
         Self {
-            tokens: Vec::new(),
-            token_bytes: Bytes::new(),
             job_buf: Vec::new(),
             frames: BytesMut::new(),
-            started: now,
             hashes: VecDeque::from([(replica.step, replica.hash())]),
         }
     }
@@ -65,11 +138,13 @@ impl StepState {
         self.hashes.back().map(|h| h.1)
     }
 
-    /// The frame of job `job_id` of `step`. Its head and tail are carved
-    /// from a shared block, its tokens are the step's.
+    /// The frame of job `job_id` of `step`, whose encoded minibatch is
+    /// `token_bytes`. Its head and tail are carved from a shared block, its
+    /// tokens are the step's.
     pub(super) fn job_frame(
         &mut self,
         step: u64,
+        token_bytes: &Bytes,
         job_id: u64,
         members: &[u32],
         timeout: Duration,
@@ -79,7 +154,7 @@ impl StepState {
         let head = self.job_buf.len();
         let deadline_ms = timeout.as_millis().min(u32::MAX as u128) as u32;
         protocol::encode_job_tail(deadline_ms, &mut self.job_buf)?;
-        let len = self.job_buf.len() + self.token_bytes.len();
+        let len = self.job_buf.len() + token_bytes.len();
         if len > MAX_SERVER_MESSAGE {
             let cap = MAX_SERVER_MESSAGE;
             return Err(seedling_core::Error::Wire(format!(
@@ -93,40 +168,50 @@ impl StepState {
         let mut ends = self.frames.split().freeze();
         Ok(JobFrame {
             head: ends.split_to(head),
-            tokens: self.token_bytes.clone(),
+            tokens: token_bytes.clone(),
             tail: ends,
         })
     }
 }
 
 impl Coordinator {
-    /// Starts the replica's step: its minibatch, all members in the pool.
-    pub(super) fn start_step(&mut self, now: Instant) {
-        let es = self.replica.config.es;
-        let tokens = batch::step_batch(
-            &self.data.train,
-            self.replica.config.seed,
-            self.replica.step,
-            es.batch as usize,
-            es.seq_len as usize,
-        )
-        .expect("training data was checked to hold at least one window");
-        let encoded = protocol::EncodedTokens::new(&tokens).expect("a minibatch always encodes");
-        self.step.token_bytes = Bytes::copy_from_slice(encoded.as_bytes());
-        self.step.tokens = tokens;
-        self.step.started = now;
-        self.sched.reset(es.population as usize);
-        self.books.reset(es.population as usize);
+    /// Opens the replica's step and the `lag` after it: their minibatches,
+    /// all members in their pools.
+    pub(super) fn open_steps(&mut self, now: Instant) {
+        let first = self.replica.step;
+        for s in first..=first + self.replica.config.es.lag as u64 {
+            let o = Open::new(s, &self.replica, &self.data.train, now);
+            self.open.push_back(o);
+        }
     }
 
-    /// Closes the step if every member is in, or if it is past its deadline
-    /// with enough of them.
+    /// Where step `step` is in the open steps, if it is open: O(1), the
+    /// open steps being consecutive.
+    pub(super) fn open_index(&self, step: u64) -> Option<usize> {
+        let first = self.open.front()?.step;
+        let i = usize::try_from(step.checked_sub(first)?).ok()?;
+        (i < self.open.len()).then_some(i)
+    }
+
+    /// The oldest open step, the next to close.
+    pub(super) fn front(&self) -> &Open {
+        self.open.front().expect("a step is always open")
+    }
+
+    /// Closes the oldest open step while every member of it is in, or it is
+    /// past its deadline with enough of them. (With a lag the next one may
+    /// be complete already.)
     pub(super) fn maybe_close(&mut self, now: Instant, out: &mut dyn Outputs) {
-        let n = self.replica.config.es.population as usize;
-        let have = self.books.counted();
-        let late = now.saturating_duration_since(self.step.started) >= self.settings.step_timeout;
-        let enough = have as f64 >= (self.settings.min_fraction as f64 * n as f64).ceil().max(2.0);
-        if have == n || (late && enough) {
+        loop {
+            let n = self.replica.config.es.population as usize;
+            let front = self.front();
+            let have = front.books.counted();
+            let late = now.saturating_duration_since(front.started) >= self.settings.step_timeout;
+            let enough = have as f64 >= (self.settings.min_fraction as f64 * n as f64).ceil().max(2.0);
+            // A run that reached `max_steps` closes no step after it.
+            if !(have == n || (late && enough)) || self.finished() {
+                return;
+            }
             self.close_step(now, out);
         }
     }
@@ -139,13 +224,15 @@ impl Coordinator {
     /// back leaves the volunteers' cores idle.
     fn close_step(&mut self, now: Instant, out: &mut dyn Outputs) {
         let step = self.replica.step;
-        let losses: Vec<(u32, f32)> = self.books.results().collect();
-        self.credit_close();
+        let mut closing = self.open.pop_front().expect("a step is always open");
+        debug_assert_eq!(closing.step, step);
+        let losses: Vec<(u32, f32)> = closing.books.results().collect();
+        self.credit_close(&closing.books);
         let weights = shape(self.replica.config.recipe.shaping, &losses)
             .expect("losses were checked finite on arrival");
         let lr = self.book.lr_for(step, now);
         let tokens = if self.replica.config.recipe.needs_minibatch() {
-            self.step.tokens.clone()
+            closing.tokens.clone()
         } else {
             Vec::new()
         };
@@ -182,11 +269,18 @@ impl Coordinator {
         }
         out.push(Output::Mark(Phase::UpdateStarts));
         self.replica
-            .apply(step, lr, &weights, &self.step.tokens)
+            .apply(step, lr, &weights, &closing.tokens)
             .expect("the update list and minibatch were built by this coordinator");
         let hash = self.replica.hash();
         out.push(Output::Mark(Phase::UpdateEnds));
-        self.start_step(now);
+        // The next open step's deadline counts from now; the step the
+        // update just made evaluable opens, in the closed step's buffers.
+        if let Some(next) = self.open.front_mut() {
+            next.started = now;
+        }
+        let lag = self.replica.config.es.lag as u64;
+        closing.reopen(step + 1 + lag, &self.replica, &self.data.train, now);
+        self.open.push_back(closing);
         self.assign(now, out);
         out.push(Output::Flush);
         self.step.hashes.push_back((self.replica.step, hash));

@@ -52,6 +52,11 @@ impl Wires {
 }
 
 fn coordinator() -> Coordinator {
+    lagged_coordinator(0)
+}
+
+/// [`coordinator`] with `lag` steps in flight.
+fn lagged_coordinator(lag: u32) -> Coordinator {
     let text = "abcdefghij ".repeat(200);
     let tokenizer = Tokenizer::from_corpus(&text).unwrap();
     let tokens = tokenizer.encode(&text).unwrap();
@@ -62,6 +67,7 @@ fn coordinator() -> Coordinator {
     cfg.es.population = 8;
     cfg.es.batch = 2;
     cfg.es.seq_len = 8;
+    cfg.es.lag = lag;
     let data = RunData {
         tokenizer,
         train: Arc::new(tokens),
@@ -101,52 +107,104 @@ proptest! {
     /// panics nor breaks its bookkeeping.
     #[test]
     fn any_message_sequence_keeps_the_books_straight(events in prop::collection::vec(event(4), 1..120)) {
-        let mut c = coordinator();
-        let mut w = Wires::default();
-        let t0 = Instant::now();
-        for (i, (client, kind, step, job, losses)) in events.into_iter().enumerate() {
-            let now = t0 + Duration::from_millis(i as u64 * 3);
-            if !c.clients.contains_key(&client) && kind != 7 {
-                connect(&mut c, &mut w, client, now);
-            }
-            let ev = match kind {
-                0 | 1 => Input::Message {
-                    client,
-                    msg: ClientMsg::Hello { version: PROTOCOL_VERSION, kind: ClientKind::Simulated, threads: 1, speed: 0.0, session: None, name: String::new() },
-                },
-                2 | 3 => {
-                    // Sometimes a correct answer to the client's live job.
-                    let live = c.clients.get(&client).and_then(|cl| cl.job).and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.members.to_vec())));
-                    match (kind, live) {
-                        (2, Some((j, members))) => Input::Message {
-                            client,
-                            msg: ClientMsg::Losses { step: c.replica.step, job: j, losses: members.iter().map(|&m| m as f32 * 0.1).collect() },
-                        },
-                        _ => Input::Message { client, msg: ClientMsg::Losses { step, job, losses } },
-                    }
-                }
-                4 => Input::Message { client, msg: ClientMsg::Hash { step, hash: job } },
-                5 => Input::Tick,
-                6 => Input::Invalid { client, reason: "garbage".into(), code: close::INVALID },
-                _ => Input::Disconnected { client },
-            };
-            c.handle(ev, now, &mut w);
-            w.clear();
-            check_books(&c)?;
-        }
+        any_message_sequence(coordinator(), events)?;
     }
+
+    /// The same with two steps in flight: every open step's books stay
+    /// straight, and no job outlives its step.
+    #[test]
+    fn any_message_sequence_keeps_every_open_step_straight(events in prop::collection::vec(event(4), 1..120)) {
+        any_message_sequence(lagged_coordinator(2), events)?;
+    }
+}
+
+/// Feeds `events` to `c`, checking the books after each.
+fn any_message_sequence(
+    mut c: Coordinator,
+    events: Vec<(u64, u8, u64, u64, Vec<f32>)>,
+) -> Result<(), TestCaseError> {
+    let mut w = Wires::default();
+    let t0 = Instant::now();
+    for (i, (client, kind, step, job, losses)) in events.into_iter().enumerate() {
+        let now = t0 + Duration::from_millis(i as u64 * 3);
+        if !c.clients.contains_key(&client) && kind != 7 {
+            connect(&mut c, &mut w, client, now);
+        }
+        let ev = match kind {
+            0 | 1 => Input::Message {
+                client,
+                msg: ClientMsg::Hello {
+                    version: PROTOCOL_VERSION,
+                    kind: ClientKind::Simulated,
+                    threads: 1,
+                    speed: 0.0,
+                    session: None,
+                    name: String::new(),
+                },
+            },
+            2 | 3 => {
+                // Sometimes a correct answer to the client's live job.
+                let live = c
+                    .clients
+                    .get(&client)
+                    .and_then(|cl| cl.job)
+                    .and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.step, jb.members.to_vec())));
+                match (kind, live) {
+                    (2, Some((j, s, members))) => Input::Message {
+                        client,
+                        msg: ClientMsg::Losses {
+                            step: s,
+                            job: j,
+                            losses: members.iter().map(|&m| m as f32 * 0.1).collect(),
+                        },
+                    },
+                    _ => Input::Message {
+                        client,
+                        msg: ClientMsg::Losses { step, job, losses },
+                    },
+                }
+            }
+            4 => Input::Message {
+                client,
+                msg: ClientMsg::Hash { step, hash: job },
+            },
+            5 => Input::Tick,
+            6 => Input::Invalid {
+                client,
+                reason: "garbage".into(),
+                code: close::INVALID,
+            },
+            _ => Input::Disconnected { client },
+        };
+        c.handle(ev, now, &mut w);
+        w.clear();
+        check_books(&c)?;
+    }
+    Ok(())
 }
 
 /// The bookkeeping invariants that must hold after every event.
 fn check_books(c: &Coordinator) -> Result<(), TestCaseError> {
     let n = c.replica.config.es.population;
-    prop_assert!(c.books.results().all(|(m, _)| m < n));
+    let lag = c.replica.config.es.lag as u64;
+    prop_assert_eq!(c.open.len() as u64, lag + 1);
+    for (i, o) in c.open.iter().enumerate() {
+        prop_assert_eq!(
+            o.step,
+            c.replica.step + i as u64,
+            "open steps are consecutive from the replica's"
+        );
+        prop_assert!(o.books.results().all(|(m, _)| m < n));
+        prop_assert!(o.pool.iter().all(|m| !o.books.is_counted(m)));
+        prop_assert!(o.verify.iter().all(|m| !o.pool.contains(m)));
+    }
     let s = &c.sched;
-    prop_assert!(s.pool.iter().all(|m| !c.books.is_counted(m)));
-    prop_assert!(s.verify.iter().all(|m| !s.pool.contains(m)));
     for (_, job) in s.jobs.iter() {
         prop_assert!(c.clients.contains_key(&job.client), "a job outlived its client");
-        prop_assert!(job.members.iter().all(|&m| !s.pool.contains(m)));
+        let i = c.open_index(job.step);
+        prop_assert!(i.is_some(), "a job of a closed step is live");
+        let o = &c.open[i.unwrap()];
+        prop_assert!(job.members.iter().all(|&m| !o.pool.contains(m)));
     }
     for (id, cl) in &c.clients {
         prop_assert!(
@@ -382,7 +440,49 @@ fn a_lone_slow_client_gets_its_expired_members_back() {
 /// between them, and never more than they claimed.
 #[test]
 fn credit_goes_to_agreeing_claims_and_a_liar_is_void() {
-    let mut c = coordinator();
+    let (c, tokens) = credit_run(coordinator());
+    let mut w = Wires::default();
+    let t0 = Instant::now();
+    // The tally goes into checkpoints; a banned token stays refused after
+    // a restart (the sessions are gone, the credit is not).
+    let mut back = coordinator();
+    back.credit = credit::Credit::from_records(c.credit.records());
+    connect(&mut back, &mut w, 9, t0);
+    back.handle(
+        Input::Message {
+            client: 9,
+            msg: simulated(Some(tokens[2])),
+        },
+        t0,
+        &mut w,
+    );
+    assert_eq!(
+        drain(&mut w, 9).1,
+        Some(close::POLICY),
+        "a banned contributor is refused"
+    );
+    // An honest one resumes under its own token, and keeps accumulating.
+    connect(&mut back, &mut w, 10, t0);
+    back.handle(
+        Input::Message {
+            client: 10,
+            msg: simulated(Some(tokens[0])),
+        },
+        t0,
+        &mut w,
+    );
+    let welcome = drain(&mut w, 10).0.into_iter().find_map(|m| match m {
+        ServerMsg::Welcome { session, .. } => Some(session),
+        _ => None,
+    });
+    assert_eq!(welcome, Some(tokens[0]));
+    assert_eq!(back.clients[&10].session, Some(tokens[0]));
+}
+
+/// Two honest clients and a liar answer their jobs until at least five
+/// steps closed and the liar was banned; checks the credit they earned
+/// (see the callers) and returns the coordinator and their tokens.
+fn credit_run(mut c: Coordinator) -> (Coordinator, Vec<SessionToken>) {
     let mut w = Wires::default();
     let t0 = Instant::now();
     let names = ["honest a", "honest b", "<b>liar</b>"];
@@ -461,38 +561,12 @@ fn credit_goes_to_agreeing_claims_and_a_liar_is_void() {
         a.members <= claimed[0] && b.members <= claimed[1],
         "{a:?} {b:?} {claimed:?}"
     );
-    // The tally goes into checkpoints; a banned token stays refused after
-    // a restart (the sessions are gone, the credit is not).
-    let mut back = coordinator();
-    back.credit = credit::Credit::from_records(c.credit.records());
-    connect(&mut back, &mut w, 9, t0);
-    back.handle(
-        Input::Message {
-            client: 9,
-            msg: simulated(Some(tokens[2])),
-        },
-        t0,
-        &mut w,
-    );
-    assert_eq!(
-        drain(&mut w, 9).1,
-        Some(close::POLICY),
-        "a banned contributor is refused"
-    );
-    // An honest one resumes under its own token, and keeps accumulating.
-    connect(&mut back, &mut w, 10, t0);
-    back.handle(
-        Input::Message {
-            client: 10,
-            msg: simulated(Some(tokens[0])),
-        },
-        t0,
-        &mut w,
-    );
-    let welcome = drain(&mut w, 10).0.into_iter().find_map(|m| match m {
-        ServerMsg::Welcome { session, .. } => Some(session),
-        _ => None,
-    });
-    assert_eq!(welcome, Some(tokens[0]));
-    assert_eq!(back.clients[&10].session, Some(tokens[0]));
+    (c, tokens)
+}
+
+/// The same with two steps in flight: each closing step credits its own
+/// claims, and the liar's claims in every open step are void.
+#[test]
+fn credit_with_steps_in_flight_counts_each_closed_step() {
+    credit_run(lagged_coordinator(2));
 }

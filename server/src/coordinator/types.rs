@@ -264,6 +264,10 @@ pub struct Settings {
     pub run_dir: Option<PathBuf>,
     /// Stop after this step (None = run until shut down).
     pub max_steps: Option<u64>,
+    /// Stop once the run has trained this many seconds, on the clock the
+    /// lr schedule decays over (None = no budget; see
+    /// [`crate::runbook::RunBook::with_budget`]).
+    pub time_budget_s: Option<f64>,
     /// Fraction of members evaluated twice by different clients once those
     /// clients are trusted; new clients are replicated more (BOINC's
     /// adaptive replication).
@@ -291,6 +295,7 @@ impl Default for Settings {
             keep: 3,
             run_dir: None,
             max_steps: None,
+            time_budget_s: None,
             replicate: 0.05,
             tolerance: 1e-3,
             max_strikes: 2,
@@ -326,6 +331,8 @@ pub struct Status {
     pub step: u64,
     /// Steps closed by this server process.
     pub steps_closed: u64,
+    /// Members counted in the steps this server process closed.
+    pub members_counted: u64,
     /// Members per step.
     pub population: u32,
     /// Members evaluated in the current step so far.
@@ -354,13 +361,24 @@ pub struct Status {
     pub disagreements: u64,
     /// Clients disconnected for disagreeing too often.
     pub liars_disconnected: u64,
-    /// Recent history: step, train loss, validation loss.
+    /// Recent history: step, train loss, validation loss. Kept off the
+    /// JSON `/api/status` (which the page polls, so it stays small
+    /// however long the run): `/api/history` serves the curve.
+    #[serde(skip)]
     pub history: Vec<HistoryPoint>,
+    /// The newest history point's step (`None` before the first), so a
+    /// poller knows when to ask `/api/history` for more.
+    pub history_step: Option<u64>,
+    /// The newest history point's training loss.
+    pub train_loss: Option<f32>,
     /// Latest validation loss, nats per character.
     pub val_loss: Option<f32>,
-    /// Per-client hash of the last report, for the end-to-end tests.
+    /// Per-client hash of the last report, for the end-to-end tests. Kept
+    /// off the JSON `/api/status` (it grows with the volunteers): it is
+    /// served at `/api/clients`.
+    #[serde(skip)]
     pub client_hashes: BTreeMap<ClientId, ClientReport>,
-    /// True once `max_steps` is reached.
+    /// True once `max_steps` is reached or the time budget is spent.
     pub finished: bool,
     /// True while the operator has paused the run.
     pub paused: bool,
@@ -391,6 +409,54 @@ pub struct Status {
     /// the status JSON; shared, rebuilt only when credit changes).
     #[serde(skip)]
     pub contributors: Arc<Leaderboard>,
+    /// Seconds between consecutive step closes, for `/metrics`.
+    #[serde(skip)]
+    pub step_seconds: Histogram,
+    /// Seconds from a job being sent to its counted result, for `/metrics`.
+    #[serde(skip)]
+    pub job_round_trip_seconds: Histogram,
+}
+
+/// A cumulative histogram the coordinator keeps in its counters and
+/// publishes with the status: the coordinator is sans-I/O, so it records
+/// durations it computes from the times it is given, and `/metrics` encodes
+/// the published copy.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Histogram {
+    /// Upper bounds of the buckets, ascending (a last `+Inf` bucket is implied).
+    pub bounds: &'static [f64],
+    /// Observations per bucket (not cumulative): one more than `bounds`.
+    pub counts: Vec<u64>,
+    /// Sum of the observations.
+    pub sum: f64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+impl Histogram {
+    /// An empty histogram over `bounds`.
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    /// Records one observation of `secs`.
+    pub fn observe(&mut self, secs: f64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(self.bounds.len());
+        if let Some(c) = self.counts.get_mut(i) {
+            *c += 1;
+        }
+        self.sum += secs;
+        self.count += 1;
+    }
 }
 
 /// Counts of connected volunteers.

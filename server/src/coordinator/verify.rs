@@ -7,7 +7,9 @@
 //! results a client has had confirmed, the more of its claims are checked.
 //! A disagreement goes to a third client; the minority gets a strike, and
 //! `max_strikes` strikes disconnect the client, ban its session and void
-//! everything it claimed this step.
+//! everything it claimed in the open steps. Each open step keeps its own
+//! claims; a result for any open step counts, one for a closed step is
+//! stale.
 
 use std::collections::BTreeSet;
 use std::time::Instant;
@@ -28,16 +30,13 @@ impl Coordinator {
         now: Instant,
         out: &mut dyn Outputs,
     ) {
-        let current = self.replica.step;
-        let live = self
-            .sched
-            .jobs
-            .get(job_id)
-            .is_some_and(|j| j.step == current && step == current);
+        let newest = self.front().step + self.open.len() as u64 - 1;
+        let open = self.open_index(step);
+        let live = open.is_some() && self.sched.jobs.get(job_id).is_some_and(|j| j.step == step);
         if !live {
             // A job that was reissued or whose step closed: a slow volunteer,
             // not a hostile one. A job never issued to this client is hostile.
-            if !self.sched.issued_to(job_id, id) || step > current {
+            if !self.sched.issued_to(job_id, id) || step > newest {
                 let why =
                     format!("result for job {job_id} at step {step}, which was never issued to this client");
                 return self.reject(id, &why, out);
@@ -52,6 +51,7 @@ impl Coordinator {
             self.sync_idle(id);
             return;
         }
+        let open = open.expect("checked live above");
         let job = self.sched.jobs.get(job_id).expect("checked live above");
         if job.client != id {
             let why = format!("result for job {job_id}, which belongs to another client");
@@ -66,6 +66,7 @@ impl Coordinator {
             return self.reject(id, &why, out);
         }
         let job = self.sched.jobs.remove(job_id).unwrap();
+        self.counters.round_trip(now.saturating_duration_since(job.sent));
         let secs = now.saturating_duration_since(job.sent).as_secs_f64().max(1e-3);
         let client = self.clients.get_mut(&id).unwrap();
         client.job = None;
@@ -83,18 +84,28 @@ impl Coordinator {
         // trust the client has as its result arrives.
         let trust = client.agreed;
         for (&m, l) in job.members.iter().zip(losses) {
-            if !self.claim(id, trust, m, l, out) {
+            if !self.claim(id, trust, open, m, l, out) {
                 break; // disconnected as a liar; its claims are gone
             }
         }
         self.maybe_close(now, out);
     }
 
-    /// Records one evaluation by a client with `trust` agreements and decides
-    /// whether the member's loss counts, needs another opinion, or exposes a
-    /// liar. False when that liar was the claimant and it was disconnected.
-    fn claim(&mut self, id: ClientId, trust: u64, m: u32, loss: f32, out: &mut dyn Outputs) -> bool {
-        let claims = self.books.claim(m, (id, loss));
+    /// Records one evaluation of member `m` of open step `open` (its index)
+    /// by a client with `trust` agreements and decides whether the member's
+    /// loss counts, needs another opinion, or exposes a liar. False when that
+    /// liar was the claimant and it was disconnected.
+    fn claim(
+        &mut self,
+        id: ClientId,
+        trust: u64,
+        open: usize,
+        m: u32,
+        loss: f32,
+        out: &mut dyn Outputs,
+    ) -> bool {
+        let o = &mut self.open[open];
+        let claims = o.books.claim(m, (id, loss));
         let tol = self.settings.tolerance;
         let agree = |a: f32, b: f32| (a - b).abs() <= tol * a.abs().max(1.0);
         match claims.len() {
@@ -104,16 +115,16 @@ impl Coordinator {
                 let others = self.ready > 1;
                 let u = (self.coin.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
                 if others && u < p {
-                    self.sched.verify.insert(m);
+                    o.verify.insert(m);
                 } else {
-                    self.books.count(m, loss);
+                    o.books.count(m, loss);
                 }
             }
             2 => {
                 let (a, b) = (claims[0], claims[1]);
                 self.counters.replicated += 1;
                 if agree(a.1, b.1) {
-                    self.books.count(m, a.1);
+                    o.books.count(m, a.1);
                     for c in [a.0, b.0] {
                         if let Some(cl) = self.clients.get_mut(&c) {
                             cl.agreed += 1;
@@ -121,7 +132,7 @@ impl Coordinator {
                     }
                 } else {
                     self.counters.disagreements += 1;
-                    self.sched.verify.insert(m);
+                    o.verify.insert(m);
                 }
             }
             _ => {
@@ -135,7 +146,7 @@ impl Coordinator {
                         let good = claims[i].1;
                         let losers: Vec<ClientId> =
                             claims.iter().filter(|c| !agree(c.1, good)).map(|c| c.0).collect();
-                        self.books.count(m, good);
+                        o.books.count(m, good);
                         for liar in losers {
                             if self.strike(liar, out) && liar == id {
                                 return false;
@@ -144,8 +155,8 @@ impl Coordinator {
                     }
                     None => {
                         // Nobody agrees: start the member over.
-                        self.books.forget(m);
-                        self.sched.pool.insert(m);
+                        o.books.forget(m);
+                        o.pool.insert(m);
                     }
                 }
             }
@@ -154,8 +165,9 @@ impl Coordinator {
     }
 
     /// A client ended up in the minority of a replicated member. After
-    /// `max_strikes` it is disconnected and everything it claimed this step
-    /// is discarded and, where nothing else vouches for it, reissued.
+    /// `max_strikes` it is disconnected and everything it claimed in the
+    /// open steps is discarded and, where nothing else vouches for it,
+    /// reissued.
     /// True when this strike disconnected the client.
     fn strike(&mut self, id: ClientId, out: &mut dyn Outputs) -> bool {
         let Some(c) = self.clients.get_mut(&id) else {
@@ -171,14 +183,16 @@ impl Coordinator {
         }
         self.credit.void(c.session);
         self.counters.liars += 1;
-        for m in self.books.claimed_by(id) {
-            self.books.uncount(m);
-            self.sched.verify.remove(m);
-            if self.books.withdraw(m, id) {
-                // A surviving claim is re-checked by someone else.
-                self.sched.verify.insert(m);
-            } else {
-                self.sched.pool.insert(m);
+        for o in &mut self.open {
+            for m in o.books.claimed_by(id) {
+                o.books.uncount(m);
+                o.verify.remove(m);
+                if o.books.withdraw(m, id) {
+                    // A surviving claim is re-checked by someone else.
+                    o.verify.insert(m);
+                } else {
+                    o.pool.insert(m);
+                }
             }
         }
         self.refuse(id, "its results disagreed with other volunteers' too often", out);
@@ -189,10 +203,11 @@ impl Coordinator {
     /// already given one, or let a job with it expire: count the most trusted
     /// claim and move on. A fresh member that every connected client let
     /// expire is offered to all of them again. Either way a client that holds
-    /// on to jobs without answering cannot stall the step.
-    pub(super) fn settle_unverifiable(&mut self) {
+    /// on to jobs without answering cannot stall the step. For open step
+    /// `open` (its index).
+    pub(super) fn settle_unverifiable(&mut self, open: usize) {
         let n = self.ready;
-        let sched = &mut self.sched;
+        let sched = &mut self.open[open];
         // Cheap necessary conditions first: a member can only be missed by
         // all, or checked by all, when as many clients touched it as are
         // connected. With many volunteers that is never, and the full checks
@@ -202,7 +217,7 @@ impl Coordinator {
         let stuck_maybe = sched
             .verify
             .iter()
-            .any(|m| self.books.claims(m).len() + laggards.len() >= n);
+            .any(|m| sched.books.claims(m).len() + laggards.len() >= n);
         if !starved_maybe && !stuck_maybe {
             return;
         }
@@ -230,7 +245,7 @@ impl Coordinator {
             .verify
             .iter()
             .filter(|&m| {
-                let v = self.books.claims(m);
+                let v = sched.books.claims(m);
                 !v.is_empty()
                     && ready
                         .iter()
@@ -239,13 +254,13 @@ impl Coordinator {
             .collect();
         for m in stuck {
             sched.verify.remove(m);
-            let v = self.books.claims(m);
+            let v = sched.books.claims(m);
             let trust = |c: &ClientId| self.clients.get(c).map_or(0, |c| c.agreed);
             let best = v
                 .iter()
                 .max_by_key(|c| (trust(&c.0), std::cmp::Reverse(c.0)))
                 .unwrap();
-            self.books.count(m, best.1);
+            sched.books.count(m, best.1);
         }
     }
 }

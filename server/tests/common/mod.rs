@@ -21,14 +21,23 @@ pub fn spawn_server(args: &[String], log: &Path) -> Child {
         .unwrap()
 }
 
-/// `/api/status` over plain HTTP/1.0; None while the server is down.
-pub fn status(port: u16) -> Option<serde_json::Value> {
+/// `path` over plain HTTP/1.0, as JSON; None while the server is down.
+pub fn get_json(port: u16, path: &str) -> Option<serde_json::Value> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.write_all(b"GET /api/status HTTP/1.0\r\nHost: localhost\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .ok()?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).ok()?;
     serde_json::from_str(raw.split_once("\r\n\r\n")?.1).ok()
+}
+
+/// `/api/status` with the clients' last reports (`/api/clients`, which the
+/// lean status leaves out) under `client_hashes`; None while the server is
+/// down.
+pub fn status(port: u16) -> Option<serde_json::Value> {
+    let mut status = get_json(port, "/api/status")?;
+    status["client_hashes"] = get_json(port, "/api/clients")?;
+    Some(status)
 }
 
 /// Polls the status every `every` until `pred` holds (at most 120 s); returns it.

@@ -1,11 +1,15 @@
-//! The processes a fleet run starts: the server and the volunteers, each
-//! killed when its handle drops, so every way out of a run (its end, an
-//! error, Ctrl-C, a panic) leaves nothing running. Only these handles are
-//! ever killed: the emulator never looks processes up by name.
+//! The processes a fleet run starts: the server and the volunteers (native
+//! workers and headless Chromium tabs), each killed when its handle drops,
+//! so every way out of a run (its end, an error, Ctrl-C, a panic) leaves
+//! nothing running. Only these handles are ever killed: the emulator never
+//! looks processes up by name. A tab's Chromium starts its own helper
+//! processes, so it runs in a process group of its own, and its handle
+//! kills that group (by the id it was given, never by name).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,10 +24,17 @@ pub struct Guarded {
     child: Child,
     /// Its log file, for error messages.
     pub log: PathBuf,
+    /// It leads a process group of its own, killed whole on drop.
+    group: bool,
+    /// It was reaped: its pid, and so its group id, may be someone else's.
+    reaped: bool,
 }
 
 impl Guarded {
-    fn spawn(cmd: &mut Command, log: &Path) -> Result<Self, String> {
+    fn spawn(cmd: &mut Command, log: &Path, group: bool) -> Result<Self, String> {
+        if group {
+            cmd.process_group(0);
+        }
         let out = File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
         let child = cmd
@@ -35,18 +46,30 @@ impl Guarded {
         Ok(Self {
             child,
             log: log.to_path_buf(),
+            group,
+            reaped: false,
         })
     }
 
     /// Whether the process has exited by itself.
     pub fn exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
+        let gone = !matches!(self.child.try_wait(), Ok(None));
+        self.reaped |= gone;
+        gone
     }
 }
 
 impl Drop for Guarded {
     fn drop(&mut self) {
-        // SIGKILL to this pid only; an error means it is already gone.
+        if self.group && !self.reaped {
+            // The group id is the leader's pid, still ours while it is
+            // unreaped: this ends the processes it started and nothing else.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.child.id())])
+                .stderr(Stdio::null())
+                .status();
+        }
+        // SIGKILL to this pid; an error means it is already gone.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -85,6 +108,8 @@ impl Server {
         let process = Guarded {
             child,
             log: log.to_path_buf(),
+            group: false,
+            reaped: false,
         };
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -127,10 +152,29 @@ fn server_address(line: &str) -> Option<SocketAddr> {
     rest.split('/').next()?.parse().ok()
 }
 
-/// What a volunteer runs. Native workers only for now. A headless Chromium
-/// tab would be a second variant started the same way, with its page URL
-/// (`http://PROXY/`) instead of the WebSocket's: the proxy is plain TCP, so
-/// the page and its WebSocket both go through the volunteer's link.
+/// Debian's Chromium, which the browser tests use too.
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Headless in a container, possibly as root: no sandbox, no GPU, `/tmp`
+/// instead of a small `/dev/shm`, none of the background traffic that would
+/// wait on a network the fleet does not have, and no throttling of a tab
+/// nobody looks at (a headless tab is visible, so the page does not pause).
+const CHROMIUM_ARGS: &[&str] = &[
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-background-timer-throttling",
+    "--disable-renderer-backgrounding",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--remote-debugging-port=0",
+];
+
+/// What a volunteer runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// `seedling worker --threads T --cpu-percent P`.
@@ -140,6 +184,17 @@ pub enum Kind {
         /// Share of each thread's core.
         cpu_percent: u8,
     },
+    /// A headless Chromium tab on the volunteer page, opened through the
+    /// volunteer's proxy (`http://PROXY/?autostart=1&...`): the proxy is
+    /// plain TCP, so the page, its wasm and its WebSocket all go through
+    /// the volunteer's link. The page starts by itself with `workers` Web
+    /// Workers at its CPU-share control's `cpu_percent`.
+    Browser {
+        /// Web Workers of the tab.
+        workers: usize,
+        /// The page's CPU share (25, 50, 75 or 100).
+        cpu_percent: u8,
+    },
 }
 
 impl Kind {
@@ -147,11 +202,28 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Native { .. } => "native",
+            Kind::Browser { .. } => "browser",
         }
     }
 
-    fn command(self, bin: &Path, proxy: SocketAddr) -> Command {
+    /// The page a tab opens through `proxy`.
+    pub fn page_url(proxy: SocketAddr, workers: usize, cpu_percent: u8) -> String {
+        format!("http://{proxy}/?autostart=1&workers={workers}&share={cpu_percent}")
+    }
+
+    /// The command of volunteer `id`; a tab keeps its profile under `dir`.
+    fn command(self, bin: &Path, proxy: SocketAddr, dir: &Path, id: usize) -> Command {
         match self {
+            Kind::Browser { workers, cpu_percent } => {
+                let mut cmd = Command::new(CHROMIUM);
+                cmd.args(CHROMIUM_ARGS)
+                    .arg(format!(
+                        "--user-data-dir={}",
+                        dir.join(format!("chromium-{id}")).display()
+                    ))
+                    .arg(Self::page_url(proxy, workers, cpu_percent));
+                cmd
+            }
             Kind::Native { threads, cpu_percent } => {
                 let mut cmd = Command::new(bin);
                 cmd.arg("worker")
@@ -205,7 +277,9 @@ impl Launcher<'_> {
             .block_on(Proxy::start(self.server, self.link, seed))
             .map_err(|e| format!("starting volunteer {id}'s proxy: {e}"))?;
         let log = self.dir.join(format!("volunteer-{id}.log"));
-        let process = Guarded::spawn(&mut kind.command(self.bin, proxy.addr()), &log)?;
+        let group = matches!(kind, Kind::Browser { .. });
+        let mut cmd = kind.command(self.bin, proxy.addr(), self.dir, id);
+        let process = Guarded::spawn(&mut cmd, &log, group)?;
         Ok(Volunteer {
             process,
             link: proxy,
@@ -232,10 +306,40 @@ mod tests {
             threads: 1,
             cpu_percent: 25,
         };
-        let cmd = kind.command(Path::new("seedling"), "127.0.0.1:9".parse().unwrap());
+        let cmd = kind.command(
+            Path::new("seedling"),
+            "127.0.0.1:9".parse().unwrap(),
+            Path::new("d"),
+            0,
+        );
         assert_eq!(
             crate::show(&cmd),
             "seedling worker --server ws://127.0.0.1:9/ws --threads 1 --cpu-percent 25"
         );
+    }
+
+    #[test]
+    fn a_browser_volunteer_opens_the_page_through_its_proxy() {
+        let kind = Kind::Browser {
+            workers: 1,
+            cpu_percent: 25,
+        };
+        let cmd = kind.command(
+            Path::new("seedling"),
+            "127.0.0.1:9".parse().unwrap(),
+            Path::new("/r"),
+            3,
+        );
+        let shown = crate::show(&cmd);
+        assert!(shown.starts_with(CHROMIUM), "{shown}");
+        assert!(
+            shown.contains("--headless=new") && shown.contains("--user-data-dir=/r/chromium-3"),
+            "{shown}"
+        );
+        assert!(
+            shown.ends_with("http://127.0.0.1:9/?autostart=1&workers=1&share=25"),
+            "{shown}"
+        );
+        assert_eq!(kind.name(), "browser");
     }
 }

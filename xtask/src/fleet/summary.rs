@@ -9,7 +9,11 @@ use serde_json::{Value, json};
 /// The run's settings, as the JSON line and the table name them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    /// Volunteers in all, native workers and browser tabs.
     pub volunteers: usize,
+    /// Of which headless Chromium tabs.
+    pub browsers: usize,
+    /// `native`, `browser` or `mixed`.
     pub kind: &'static str,
     pub threads: usize,
     pub cpu_percent: u8,
@@ -45,8 +49,9 @@ pub struct Observed {
 }
 
 impl Observed {
-    /// Takes in one `/api/status` document: its validation points (the
-    /// status keeps only recent history, so the poller keeps the rest).
+    /// Takes in one `/api/status` document with the newest history points
+    /// under `history`: their validation points (the poller asks only for
+    /// the points since the last validation, so it keeps the rest).
     pub fn record(&mut self, status: Value) {
         for point in status["history"].as_array().into_iter().flatten() {
             let (Some(step), Some(t), Some(loss)) = (
@@ -121,6 +126,7 @@ pub fn json_line(config: &Config, seen: &Observed, losses: &[f64]) -> Value {
     json!({
         "config": {
             "volunteers": config.volunteers,
+            "browsers": config.browsers,
             "kind": config.kind,
             "threads": config.threads,
             "cpu_percent": config.cpu_percent,
@@ -215,6 +221,7 @@ mod tests {
     fn config() -> Config {
         Config {
             volunteers: 8,
+            browsers: 0,
             kind: "native",
             threads: 1,
             cpu_percent: 25,
