@@ -5,6 +5,7 @@
 //   status.js  /api/status, polled; the curve from /api/history
 //   chart.js   the loss chart
 //   format.js  how numbers are written
+//   credit.js  the lasting name and tokens, and the contributors' leaderboard
 //   state.js   window.seedling, published after every change
 //
 // Every change (a worker's message, a button, a status answer, the 1 s
@@ -20,6 +21,7 @@
 // headless tabs so).
 
 import { LossChart } from './chart.js';
+import { Leaderboard, NAME_MAX, cleanName, loadName, saveName } from './credit.js';
 import { fmtDuration, fmtInt, fmtParams, fmtRate, prettyData } from './format.js';
 import { Pool } from './pool.js';
 import { publish } from './state.js';
@@ -147,6 +149,15 @@ const pool = new Pool({
   onSample: showSample,
   onVersion: showVersion,
   onNotice: showNotice,
+  name: () => cleanName($('name').value),
+});
+
+const board = new Leaderboard($('leaderboard'), {
+  mine: () => pool.publicIds(),
+  onBoard: (b) => {
+    $('board-total').textContent = `${fmtInt(b.total)} in all`;
+    render();
+  },
 });
 
 const chart = new LossChart($('chart'), $('chart-empty'));
@@ -195,6 +206,16 @@ function setupControls() {
   share.addEventListener('change', () => pool.setShare(Number(share.value) / 100));
 
   $('isolation').textContent = self.crossOriginIsolated ? 'yes' : 'no';
+
+  // The name is kept as the server will show it; running workers keep the
+  // name they joined with until they reconnect.
+  const name = $('name');
+  name.value = loadName();
+  name.addEventListener('change', () => {
+    name.value = cleanName(name.value).slice(0, 4 * NAME_MAX);
+    saveName(name.value);
+    render();
+  });
 }
 
 // ------------------------------------------------------------------ figures
@@ -241,6 +262,10 @@ function render() {
   const step = Math.max(pool.latestStep(), remote);
   $('step').textContent = step >= 0 ? fmtInt(step) : '–';
 
+  const ids = pool.publicIds();
+  $('my-ids').textContent = ids.length ? ` (${ids.join(', ')})` : '';
+  board.draw();
+
   const sharePct = Math.round(pool.share * 100);
   $('cpu-state').textContent = paused
     ? 'paused'
@@ -249,7 +274,16 @@ function render() {
       : `${sharePct} % of each worker's core`;
 
   const cpu = { share: pool.share, paused, pauseReason: paused ? pauseReason : null, busyMs: pool.busyMs(), busyFraction: fraction };
-  publish({ hashes: pool.hashes, running, workers, membersEvaluated: members, status: poller.last, cpu });
+  publish({
+    hashes: pool.hashes,
+    running,
+    workers,
+    membersEvaluated: members,
+    status: poller.last,
+    identity: { name: cleanName($('name').value), ids },
+    contributors: board.last,
+    cpu,
+  });
 }
 
 function setPill(kind, text) {
@@ -288,6 +322,7 @@ setupControls();
 watchPauses();
 render();
 poller.start();
+board.start();
 setInterval(render, 1000);
 if (query.get('autostart') === '1') {
   wanted = true;

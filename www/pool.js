@@ -2,14 +2,20 @@
 // connection with its own wasm instance, and the tab's tallies of them.
 //
 // The postMessage interface with worker.js:
-//   page -> worker: {type: 'start', url, sampleEvery, share}
+//   page -> worker: {type: 'start', url, sampleEvery, share, token, name}
 //                   {type: 'share', share}
 //   worker -> page: {type: 'status', membersEvaluated, membersPerSec, connected, step, busyMs, restMs}
 //                   {type: 'hash', step, hash}
 //                   {type: 'sample', text, step}
 //                   {type: 'version', version, protocol}
+//                   {type: 'identity', token}   (kept for the next load)
 //                   {type: 'error', message, fatal}
 // The page ends a worker with worker.terminate().
+//
+// Each worker joins as the contributor of an identity slot it claims
+// (credit.js): the slot's stored session token and the page's name.
+
+import { claimSlot, publicId, saveToken } from './credit.js';
 
 /** A worker's members/s counts towards the tab's only while this fresh. */
 const RATE_FRESH_MS = 15000;
@@ -33,7 +39,7 @@ export class Pool {
   hashes = [];
   /** Why the pool last stopped: null (never did), 'user' or 'failure'. */
   stopReason = null;
-  /** Live workers in index order: {worker, index, members, rate, rateAt, connected, step, busyMs}. */
+  /** Live workers in index order: {worker, index, members, rate, rateAt, connected, step, busyMs, identity, id}. */
   #slots = [];
   /** Members evaluated by workers that were stopped since the page opened. */
   #retiredMembers = 0;
@@ -47,8 +53,14 @@ export class Pool {
   #since = null;
   #on;
 
-  constructor({ onChange, onSample, onVersion, onNotice }) {
-    this.#on = { onChange, onSample, onVersion, onNotice };
+  /** `name()`: the display name a new worker joins under. */
+  constructor({ onChange, onSample, onVersion, onNotice, name }) {
+    this.#on = { onChange, onSample, onVersion, onNotice, name };
+  }
+
+  /** The public ids of the running workers' contributors (known so far). */
+  publicIds() {
+    return this.#slots.map((s) => s.id).filter((id) => id != null);
   }
 
   /** Whether the tab is contributing. */
@@ -138,7 +150,9 @@ export class Pool {
 
   #spawn(index) {
     const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
-    const slot = { worker, index, members: 0, rate: 0, rateAt: 0, connected: false, step: null, busyMs: 0 };
+    const slot = {
+      worker, index, members: 0, rate: 0, rateAt: 0, connected: false, step: null, busyMs: 0, identity: null, id: null,
+    };
     worker.onmessage = (e) => this.#onMessage(slot, e.data);
     // A script that fails to load or a Rust panic: the worker is unusable,
     // and its siblings almost surely share the problem, so stop and say so.
@@ -147,11 +161,19 @@ export class Pool {
       if (!this.#slots.includes(slot)) return;
       this.#fail(`A worker failed and contributing stopped: ${e.message || 'the worker script could not start'}.`);
     };
-    worker.postMessage({
-      type: 'start',
-      url: wsUrl(),
-      sampleEvery: index === 0 ? SAMPLE_EVERY_STEPS : 0,
-      share: this.#share,
+    claimSlot().then(async (identity) => {
+      if (!this.#slots.includes(slot)) return identity.release();
+      slot.identity = identity;
+      worker.postMessage({
+        type: 'start',
+        url: wsUrl(),
+        sampleEvery: index === 0 ? SAMPLE_EVERY_STEPS : 0,
+        token: identity.token,
+        name: this.#on.name(),
+        share: this.#share,
+      });
+      slot.id = await publicId(identity.token);
+      this.#on.onChange();
     });
     return slot;
   }
@@ -159,6 +181,7 @@ export class Pool {
   /** Ends a worker at once; its counted members stay in the tab's total. */
   #retire(slot) {
     slot.worker.terminate();
+    if (slot.identity) slot.identity.release();
     this.#retiredMembers += slot.members;
     this.#retiredBusyMs += slot.busyMs;
   }
@@ -188,6 +211,13 @@ export class Pool {
         break;
       case 'version':
         this.#on.onVersion(msg.version, msg.protocol);
+        break;
+      case 'identity':
+        if (slot.identity && slot.identity.slot != null) saveToken(slot.identity.slot, msg.token);
+        publicId(msg.token).then((id) => {
+          slot.id = id;
+          this.#on.onChange();
+        });
         break;
       case 'error':
         if (msg.fatal) return this.#fail(msg.message);

@@ -11,6 +11,10 @@
 //   membersEvaluated  members this tab evaluated since it opened (the
 //                     figure #tab-members shows);
 //   status            the last /api/status, or null before the first;
+//   identity          {name, ids}: the display name new workers join under
+//                     and the public ids of the running workers'
+//                     contributors (their tokens stay in localStorage);
+//   contributors      the last /api/contributors, or null before the first;
 //   cpu               the tab's CPU share and pause: {share (0-1], paused
 //                     (true while the page holds its workers back), pauseReason
 //                     ('hidden', 'battery' or null), busyMs (evaluation time of
@@ -24,6 +28,8 @@ const seedling = {
   workers: 0,
   membersEvaluated: 0,
   status: null,
+  identity: { name: '', ids: [] },
+  contributors: null,
   cpu: { share: 1, paused: false, pauseReason: null, busyMs: 0, busyFraction: null },
 };
 
@@ -32,12 +38,14 @@ const seedling = {
  * values rather than reading the page's objects, so the published view is
  * exactly what was just rendered.
  */
-export function publish({ hashes, running, workers, membersEvaluated, status, cpu }) {
+export function publish({ hashes, running, workers, membersEvaluated, status, identity, contributors, cpu }) {
   seedling.hashes = hashes.slice();
   seedling.running = running;
   seedling.workers = workers;
   seedling.membersEvaluated = membersEvaluated;
   seedling.status = status;
+  seedling.identity = { name: identity.name, ids: identity.ids.slice() };
+  seedling.contributors = contributors;
   seedling.cpu = { ...cpu };
   window.seedling = seedling;
 }

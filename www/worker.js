@@ -5,7 +5,8 @@
 // (handshake, updates, rejections, reconnection) in seedling-core's
 // `volunteer` module, its WebSocket driver in wasm-client/src/net.rs, which
 // posts plain objects back to the page: {type: 'status' | 'hash' | 'sample'
-// | 'error', ...}.
+// | 'identity' | 'error', ...}; 'identity' carries the session token to keep
+// for the next load.
 //
 // The duty cycle lives here, not in the Rust loop: that loop evaluates a
 // job synchronously inside the socket's message handler and sends its
@@ -20,11 +21,14 @@
 // the handling of each server frame, evaluation included, in the Rust loop).
 //
 // Page -> worker:
-//   {type: 'start', url, sampleEvery, share}  join the run at the WebSocket
-//                                             `url`, computing `share`
-//                                             (0-1] of the time
-//   {type: 'share', share}                    a new CPU share
-//   {type: 'stop'}                            say goodbye and close
+//   {type: 'start', url, sampleEvery, share, token, name}
+//                                        join the run at the WebSocket `url`,
+//                                        computing `share` (0-1] of the time,
+//                                        as the contributor of `token` (from
+//                                        an earlier 'identity' notice; null
+//                                        for a new one) named `name`
+//   {type: 'share', share}               a new CPU share
+//   {type: 'stop'}                       say goodbye and close
 // (The page stops workers with worker.terminate(); 'stop' is the polite way.)
 // Worker -> page: the Rust loop's notices, each 'status' with `restMs` (the
 // time this worker rested so far) added.
@@ -105,6 +109,7 @@ self.onmessage = async ({ data }) => {
   if (data.type === 'start' && !volunteer) {
     duty = new DutyCycle(data.share ?? 1);
     volunteer = new Volunteer();
+    volunteer.identity(data.token ?? undefined, String(data.name ?? ''));
     self.postMessage({ type: 'version', version: Volunteer.version(), protocol: Volunteer.protocolVersion() });
     volunteer.start(data.url, onNotice, data.sampleEvery ?? 0);
   } else if (data.type === 'share') {

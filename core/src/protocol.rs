@@ -39,7 +39,57 @@ pub mod schema;
 /// 7: steps in flight: the ES config carries a lag, members of step `s` are
 /// evaluated at the weights before update `max(s - lag, 0)`, and a snapshot
 /// carries the past weight versions a replica keeps for that.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: the Hello carries the volunteer's display name (possibly empty), for
+/// the contributors' leaderboard.
+pub const PROTOCOL_VERSION: u32 = 8;
+
+/// Longest display name, in characters, after [`clean_name`]. A Hello whose
+/// name is longer does not decode: clients clean their names before sending.
+pub const MAX_NAME_CHARS: usize = 32;
+
+/// A volunteer's display name as it may be shown: surrounding whitespace
+/// trimmed, control and invisible formatting characters removed (line
+/// breaks, bidirectional overrides such as U+202E, zero-width characters,
+/// which could make a name look like another or garble the page around
+/// it), inner runs of whitespace (line breaks and tabs included) folded to
+/// one space, and cut to
+/// [`MAX_NAME_CHARS`] characters. Names are untrusted: this is not escaping,
+/// which stays the job of whatever displays them.
+pub fn clean_name(name: &str) -> String {
+    let mut out = String::new();
+    let mut chars = 0;
+    let mut space = false;
+    for c in name.chars() {
+        if c.is_whitespace() {
+            space = !out.is_empty();
+            continue;
+        }
+        if hidden_char(c) {
+            continue;
+        }
+        if chars + usize::from(space) + 1 > MAX_NAME_CHARS {
+            break;
+        }
+        if core::mem::take(&mut space) {
+            out.push(' ');
+            chars += 1;
+        }
+        out.push(c);
+        chars += 1;
+    }
+    out
+}
+
+/// Characters a name may not hold: control characters, and the format
+/// characters that are invisible yet change how text around them reads
+/// (bidirectional marks, embeddings, overrides and isolates; zero-width
+/// spaces and joiners; the byte-order mark; the soft hyphen).
+fn hidden_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+}
 
 /// A random secret the server hands a client in its Welcome. Presenting it
 /// again in a later Hello resumes the session: the trust it earned, or the
@@ -77,8 +127,13 @@ pub enum ClientMsg {
         threads: u32,
         /// Estimated member evaluations per second, 0 if unknown.
         speed: f32,
-        /// The token of an earlier connection, to keep its earned trust.
+        /// The token of an earlier connection, to keep its earned trust
+        /// and its credit.
         session: Option<SessionToken>,
+        /// The volunteer's display name on the leaderboard, empty for none.
+        /// Already [`clean_name`]d: a name that cleaning would change does
+        /// not decode.
+        name: String,
     },
     /// Results of one job.
     Losses {
@@ -283,6 +338,9 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg> {
     let msg: ClientMsg = decode(bytes, MAX_CLIENT_MESSAGE)?;
     match &msg {
         ClientMsg::Hello { speed, .. } if !speed.is_finite() => Err(Error::NonFinite),
+        ClientMsg::Hello { name, .. } if clean_name(name) != *name => Err(Error::Wire(format!(
+            "the name in the Hello is not a clean name of at most {MAX_NAME_CHARS} characters"
+        ))),
         ClientMsg::Losses { losses, .. } if losses.iter().any(|l| !l.is_finite()) => Err(Error::NonFinite),
         _ => Ok(msg),
     }
@@ -441,6 +499,70 @@ mod tests {
         }
         let bytes = encode(&nan, MAX_SERVER_MESSAGE).unwrap();
         assert!(matches!(decode_server(&bytes), Err(Error::NonFinite)));
+    }
+
+    fn hello_named(name: &str) -> Vec<u8> {
+        let msg = ClientMsg::Hello {
+            version: PROTOCOL_VERSION,
+            kind: ClientKind::Browser,
+            threads: 1,
+            speed: 0.0,
+            session: None,
+            name: name.into(),
+        };
+        encode(&msg, MAX_CLIENT_MESSAGE).unwrap()
+    }
+
+    /// Names are cut to the cap, lose control and invisible formatting
+    /// characters, and keep everything else (escaping is the display's job).
+    #[test]
+    fn names_are_cleaned_and_a_dirty_one_does_not_decode() {
+        for (raw, want) in [
+            ("", ""),
+            ("  ada  lovelace \t", "ada lovelace"),
+            ("<b>x</b>\"&'", "<b>x</b>\"&'"),
+            ("evil\u{202e}gnp.exe", "evilgnp.exe"),
+            ("a\u{0}b\u{7f}c\r\nd", "abc d"),
+            ("\u{200b}\u{feff}", ""),
+            ("日本語の名前", "日本語の名前"),
+        ] {
+            assert_eq!(clean_name(raw), want, "{raw:?}");
+            assert!(decode_client(&hello_named(want)).is_ok());
+        }
+        let long = "é".repeat(1000);
+        assert_eq!(clean_name(&long).chars().count(), MAX_NAME_CHARS);
+        assert_eq!(clean_name(&"abc ".repeat(20)).chars().count(), MAX_NAME_CHARS - 1);
+        for dirty in [
+            long.as_str(),
+            &"x".repeat(MAX_NAME_CHARS + 1),
+            " x",
+            "a\u{202e}b",
+            "a\nb",
+            "a  b",
+        ] {
+            assert!(
+                matches!(decode_client(&hello_named(dirty)), Err(Error::Wire(_))),
+                "{dirty:?}"
+            );
+        }
+    }
+
+    /// Cleaning is idempotent, whatever the input, so a cleaned name always
+    /// decodes.
+    #[test]
+    fn cleaning_is_idempotent() {
+        let mut stream = crate::rng::Stream::new(5);
+        let alphabet: Vec<char> = " \t\n\u{0}\u{202e}\u{200d}ab<>&\"é日\u{1f600}".chars().collect();
+        for _ in 0..2000 {
+            let len = (rand_core::RngCore::next_u32(&mut stream) % 80) as usize;
+            let raw: String = (0..len)
+                .map(|_| alphabet[rand_core::RngCore::next_u32(&mut stream) as usize % alphabet.len()])
+                .collect();
+            let once = clean_name(&raw);
+            assert_eq!(clean_name(&once), once, "{raw:?}");
+            assert!(once.chars().count() <= MAX_NAME_CHARS);
+            assert!(decode_client(&hello_named(&once)).is_ok());
+        }
     }
 
     /// A vocabulary that is not sorted and distinct does not decode.

@@ -254,15 +254,20 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
             kind,
             any::<u32>(),
             finite_f32(),
-            any::<Option<[u8; 16]>>()
+            any::<Option<[u8; 16]>>(),
+            any::<String>()
         )
-            .prop_map(|(version, kind, threads, speed, session)| ClientMsg::Hello {
-                version,
-                kind,
-                threads,
-                speed,
-                session,
-            }),
+            .prop_map(
+                |(version, kind, threads, speed, session, name)| ClientMsg::Hello {
+                    version,
+                    kind,
+                    threads,
+                    speed,
+                    session,
+                    // Only clean names decode, so the round trips hold them.
+                    name: seedling_core::protocol::clean_name(&name),
+                }
+            ),
         (
             any::<u64>(),
             any::<u64>(),
@@ -568,8 +573,8 @@ proptest! {
         member in any::<u32>(),
     ) {
         let poisoned = match msg {
-            ClientMsg::Hello { version, kind, threads, session, .. } => {
-                ClientMsg::Hello { version, kind, threads, speed: bad, session }
+            ClientMsg::Hello { version, kind, threads, session, name, .. } => {
+                ClientMsg::Hello { version, kind, threads, speed: bad, session, name }
             }
             ClientMsg::Losses { step, job, mut losses } => {
                 losses.insert(at.index(losses.len() + 1), bad);

@@ -32,7 +32,7 @@ use crate::checkpoint::HistoryPoint;
 use crate::coordinator::Coordinator;
 use crate::coordinator::driver::{self, Driver};
 use crate::coordinator::types::{
-    AdminCommand, ClientId, Event, Input, Outgoing, RunData, Settings, Status, close,
+    AdminCommand, ClientId, Event, Input, Leaderboard, Outgoing, RunData, Settings, Status, close,
 };
 use crate::delivery::{self, Postbox};
 use crate::metrics::{self, Metrics};
@@ -361,14 +361,16 @@ pub async fn run(
 }
 
 /// The router: `/ws` for volunteers, the JSON status (small, for polling),
-/// the learning curve by increments, the clients' last reports, Prometheus
-/// metrics and the volunteer page. Every response carries COOP/COEP so the page is
+/// the learning curve by increments, the clients' last reports, the
+/// contributors' leaderboard, Prometheus metrics and the volunteer page.
+/// Every response carries COOP/COEP so the page is
 /// cross-origin isolated (shared memory for multi-threaded wasm) when the
 /// browser supports it.
 fn app(state: AppState, www: Option<PathBuf>) -> Router {
     let mut router = Router::new()
         .route("/ws", get(ws_handler))
         .route("/api/status", get(status_handler))
+        .route("/api/contributors", get(contributors_handler))
         .route("/api/history", get(history_handler))
         .route("/api/clients", get(clients_handler))
         .route("/metrics", get(metrics_handler))
@@ -460,6 +462,15 @@ pub fn thin(points: &[HistoryPoint], max: usize) -> Vec<HistoryPoint> {
 async fn clients_handler(State(state): State<AppState>) -> Response {
     let clients = state.status.lock().unwrap().client_hashes.clone();
     Json(clients).into_response()
+}
+
+/// The contributors' leaderboard: the top 100 by verified members, each
+/// with its public id, display name, members and banned flag, and how many
+/// contributors there are in all. Names are untrusted text, which serde
+/// escapes for JSON; whoever displays them must treat them as text.
+async fn contributors_handler(State(state): State<AppState>) -> Json<Leaderboard> {
+    let board = state.status.lock().unwrap().contributors.clone();
+    Json(Leaderboard::clone(&board))
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> Response {

@@ -39,7 +39,10 @@ pub mod history;
 pub mod meta;
 
 pub use history::{HISTORY_CAP, HistoryPoint, record};
-use meta::{CHECKPOINT_VERSION, OLD_VERSION_KEY, READABLE_VERSIONS, VERSION_KEY, hash_of_version};
+pub use meta::ContributorRecord;
+use meta::{
+    CHECKPOINT_VERSION, CONTRIBUTORS_KEY, OLD_VERSION_KEY, READABLE_VERSIONS, VERSION_KEY, hash_of_version,
+};
 
 /// Value of the `format` metadata key; anything else is not ours.
 pub const FORMAT: &str = "seedling-checkpoint";
@@ -65,6 +68,9 @@ pub struct Checkpoint {
     /// (`Replica::versions`), oldest first, so a restarted server can
     /// evaluate every step that was open; empty without a lag.
     pub versions: Vec<Vec<f32>>,
+    /// Each contributor's verified members, so credit outlives a restart
+    /// (empty for files before checkpoint version 7).
+    pub contributors: Vec<ContributorRecord>,
 }
 
 /// A checkpoint that is intact but cannot be used by this build or run
@@ -200,6 +206,7 @@ pub fn to_bytes_safetensors(ckpt: &Checkpoint) -> Result<Vec<u8>> {
         ("step", ckpt.step.to_string()),
         ("adam_t", ckpt.adam.t.to_string()),
         ("history", serde_json::to_string(&ckpt.history)?),
+        (CONTRIBUTORS_KEY, meta::contributors_to_json(&ckpt.contributors)?),
         ("weights_hash", format!("{:016x}", weights_hash(&ckpt.params))),
         (
             "checksum",
@@ -343,6 +350,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
             Some(lr)
         }
     };
+    let contributors = meta::contributors_from_json(meta.get(CONTRIBUTORS_KEY).map(String::as_str))?;
     let hex = |key: &str| -> Result<u64> {
         u64::from_str_radix(get(key)?, 16).with_context(|| format!("bad {key} metadata"))
     };
@@ -415,6 +423,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
         history,
         lr_override,
         versions,
+        contributors,
     })
 }
 
@@ -530,6 +539,7 @@ pub(crate) mod tests {
             adam: r.adam,
             history,
             lr_override: None,
+            contributors: Vec::new(),
         }
     }
 
@@ -573,6 +583,12 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ckpt = trained(3);
         ckpt.lr_override = Some(0.0123);
+        ckpt.contributors = vec![ContributorRecord {
+            key: [7; 32],
+            name: "ada \u{1f331}".into(),
+            members: 1234,
+            banned: false,
+        }];
         ckpt.history.push(HistoryPoint {
             step: 3,
             elapsed_s: 1.5,
@@ -592,6 +608,7 @@ pub(crate) mod tests {
         assert_eq!(back.history[..n - 1], ckpt.history[..n - 1]);
         assert!(back.history[n - 1].train_loss.is_nan());
         assert_eq!(back.lr_override, Some(0.0123));
+        assert_eq!(back.contributors, ckpt.contributors);
         // Nothing but the checkpoint is left in the directory.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -729,6 +746,30 @@ pub(crate) mod tests {
             })
         };
         assert_eq!(from_bytes(&old("5")).unwrap(), ckpt);
+        // A version-5 file holds no credit: it loads with an empty tally.
+        let mut credited = ckpt.clone();
+        credited.contributors = vec![ContributorRecord {
+            key: [1; 32],
+            name: "ada".into(),
+            members: 3,
+            banned: false,
+        }];
+        let v5 = with_meta(&to_bytes_safetensors(&credited).unwrap(), |m| {
+            m.remove(VERSION_KEY).unwrap();
+            m.remove(CONTRIBUTORS_KEY).unwrap();
+            m.insert(OLD_VERSION_KEY.into(), "5".into());
+        });
+        assert_eq!(from_bytes(&v5).unwrap().contributors, Vec::new());
+        // So does a version-6 file (steps in flight, before the credit).
+        let v6 = with_meta(&to_bytes_safetensors(&credited).unwrap(), |m| {
+            m.insert(VERSION_KEY.into(), "6".into());
+            m.remove(CONTRIBUTORS_KEY).unwrap();
+        });
+        assert_eq!(from_bytes(&v6).unwrap().contributors, Vec::new());
+        assert_eq!(
+            from_bytes(&to_bytes_safetensors(&credited).unwrap()).unwrap(),
+            credited
+        );
         let e = from_bytes(&old("6")).unwrap_err();
         assert!(e.downcast_ref::<Incompatible>().is_some(), "{e:#}");
         // Versions 1 to 4 hold the same things and still load, checked with

@@ -640,6 +640,15 @@ pub struct WorkerArgs {
     /// time, at the lowest OS priority.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub cpu_percent: u8,
+    /// Your display name on the contributors' leaderboard (at most 32
+    /// characters; control characters are dropped).
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Where the worker keeps its session token, so your credit carries on
+    /// across runs [default: seedling/identity in your data directory, e.g.
+    /// ~/.local/share]. One file per running worker.
+    #[arg(long)]
+    pub identity_file: Option<PathBuf>,
 }
 
 /// Flags of `seedling generate`.
@@ -805,7 +814,7 @@ mod tests {
                 .to_string()
                 .contains("--minutes")
         );
-        assert!(t.run_args().and_then(|r| r.run_config(20)).is_err());
+        assert!(t.run_args().unwrap_err().to_string().contains("--minutes"));
         let e = parse(&["generate", "--checkpoint", "c", "--temperature", "-1"]).unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
         let Command::Generate(g) = parse(&["generate", "--checkpoint", "c", "--temperature", "0"])
@@ -888,7 +897,13 @@ mod tests {
             .unwrap();
         assert_eq!(c, bare);
         let settings = |r: &RunArgs| format!("{:?}", r.settings());
-        let bare = train(&["--run-dir", "runs/example", "--minutes", "30"]);
-        assert_eq!(settings(&run), settings(&bare.run_args().unwrap()));
+        assert_eq!(
+            settings(&run),
+            settings(
+                &train(&["--run-dir", "runs/example", "--minutes", "30"])
+                    .run_args()
+                    .unwrap()
+            )
+        );
     }
 }

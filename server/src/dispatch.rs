@@ -93,6 +93,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 opts.threads = t.max(1);
             }
             crate::duty::CPU_SHARE.set_percent(args.cpu_percent);
+            opts.name = args.name;
+            opts.identity = Some(
+                args.identity_file
+                    .unwrap_or_else(crate::worker::default_identity_file),
+            );
             crate::worker::run(opts, shutdown_signal()).await
         }
         Command::Generate(a) => {

@@ -24,7 +24,7 @@ use seedling_core::config::RunConfig;
 use seedling_core::model::Layout;
 use seedling_core::tokenizer::{Token, Tokenizer};
 
-use crate::checkpoint::{self, Checkpoint, HistoryPoint};
+use crate::checkpoint::{self, Checkpoint, ContributorRecord, HistoryPoint};
 
 /// How often a run validates and checkpoints, in closed steps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +68,9 @@ pub struct RunBook {
     cadence: Cadence,
     history: Vec<HistoryPoint>,
     lr_override: Option<f32>,
+    /// The contributors' credit the run was resumed with; the coordinator
+    /// keeps it from there and writes its own into each checkpoint.
+    contributors: Vec<ContributorRecord>,
     /// Training seconds and tokens of the run before this process took it
     /// over (from the resumed history).
     seconds_before: f64,
@@ -100,6 +103,7 @@ impl RunBook {
             cadence,
             history,
             lr_override,
+            contributors: Vec::new(),
             seconds_before,
             tokens,
             started: now,
@@ -208,7 +212,7 @@ impl RunBook {
             adam: ckpt.adam,
             versions: ckpt.versions,
         };
-        let book = Self::new(
+        let mut book = Self::new(
             ckpt.config,
             ckpt.tokenizer,
             cadence,
@@ -216,6 +220,7 @@ impl RunBook {
             ckpt.lr_override,
             now,
         );
+        book.contributors = ckpt.contributors;
         Ok((book, start))
     }
 
@@ -324,6 +329,7 @@ impl RunBook {
             adam: adam.clone(),
             history: self.history.clone(),
             lr_override: self.lr_override,
+            contributors: self.contributors.clone(),
             versions: Vec::new(),
         }
     }
@@ -336,6 +342,12 @@ impl RunBook {
             versions: replica.versions().map(<[f32]>::to_vec).collect(),
             ..self.checkpoint(replica.step, &replica.params, &replica.adam)
         }
+    }
+
+    /// The contributors' credit the run was resumed with (empty for a
+    /// fresh run or a file from before checkpoint version 7).
+    pub fn contributors(&self) -> &[ContributorRecord] {
+        &self.contributors
     }
 }
 

@@ -7,14 +7,20 @@
 //! forward over chunks of the members, cut by [`split::guided`]) and prints
 //! progress. Everything else (the Hello, the session token, what each frame
 //! means, when to reconnect, when to stop) the lifecycle decides.
+//!
+//! A worker's identity outlives the process in its identity file
+//! ([`IdentityFile`]): the session token of its last Welcome, presented in
+//! the next run's first Hello so the contributor's credit and trust carry
+//! on, under the display name `--name` gives.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use seedling_core::Replica;
-use seedling_core::protocol::{ClientKind, MAX_SERVER_MESSAGE};
+use seedling_core::protocol::{ClientKind, MAX_SERVER_MESSAGE, SessionToken};
 use seedling_core::split;
 use seedling_core::tokenizer::Token;
 use seedling_core::volunteer::{Action, Event, Outcome, Volunteer, Work};
@@ -32,6 +38,99 @@ pub struct WorkerOptions {
     pub progress: Option<Duration>,
     /// Longest pause between reconnection attempts.
     pub max_backoff: Duration,
+    /// The display name on the contributors' leaderboard (empty for none;
+    /// cleaned before it is sent).
+    pub name: String,
+    /// Where the session token is kept between runs; `None` starts a new
+    /// contributor every run (the in-process workers of `seedling train`).
+    pub identity: Option<PathBuf>,
+}
+
+/// The identity file `seedling worker` uses without `--identity-file`:
+/// `seedling/identity` under the user's data directory
+/// (`~/.local/share` on Linux, `~/Library/Application Support` on macOS,
+/// `%APPDATA%` on Windows), or `.seedling-identity` in the working
+/// directory where there is none.
+pub fn default_identity_file() -> PathBuf {
+    dirs::data_dir().map_or_else(
+        || PathBuf::from(".seedling-identity"),
+        |d| d.join("seedling").join("identity"),
+    )
+}
+
+/// The file that keeps a worker's session token: 32 hex digits and a line
+/// break, readable by its owner only (the token resumes the session's trust
+/// and credit, so it is a secret). One file per running worker: two workers
+/// presenting one token would replace each other's connection.
+#[derive(Debug)]
+pub struct IdentityFile {
+    path: PathBuf,
+    /// The token the file holds.
+    saved: Option<SessionToken>,
+}
+
+impl IdentityFile {
+    /// Reads the token at `path`; a missing file is a new contributor, one
+    /// that does not hold a token is an error (writing over it would lose
+    /// that contributor's credit).
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let saved = match std::fs::read_to_string(path) {
+            Ok(text) => Some(parse_token(text.trim()).with_context(|| {
+                format!(
+                    "{} does not hold a session token; move it away to start afresh",
+                    path.display()
+                )
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            saved,
+        })
+    }
+
+    /// The token the file holds, if any.
+    pub fn token(&self) -> Option<SessionToken> {
+        self.saved
+    }
+
+    /// Keeps `token` if it is not the one saved: written to a temporary
+    /// file beside the path, then renamed over it, so a crash leaves the
+    /// old token or the new one.
+    pub fn keep(&mut self, token: Option<SessionToken>) -> anyhow::Result<()> {
+        let Some(token) = token.filter(|&t| Some(t) != self.saved) else {
+            return Ok(());
+        };
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut tmp = tempfile::Builder::new().prefix(".identity-").tempfile_in(dir)?;
+        std::io::Write::write_all(&mut tmp, format!("{}\n", hex_token(&token)).as_bytes())?;
+        // tempfile creates the file readable by its owner only.
+        tmp.persist(&self.path)
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        self.saved = Some(token);
+        Ok(())
+    }
+}
+
+/// A token as 32 lowercase hex digits.
+pub fn hex_token(token: &SessionToken) -> String {
+    token.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads [`hex_token`]'s form back.
+pub fn parse_token(hex: &str) -> anyhow::Result<SessionToken> {
+    anyhow::ensure!(hex.len() == 32 && hex.is_ascii(), "not 32 hex digits");
+    let mut token = [0u8; 16];
+    for (i, b) in token.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)?;
+    }
+    Ok(token)
 }
 
 impl WorkerOptions {
@@ -42,6 +141,8 @@ impl WorkerOptions {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             progress: Some(Duration::from_secs(10)),
             max_backoff: Duration::from_secs(10),
+            name: String::new(),
+            identity: None,
         }
     }
 }
@@ -132,12 +233,16 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
     tokio::pin!(shutdown);
     let clock = Clock::new();
     let max_backoff = u64::try_from(opts.max_backoff.as_millis()).unwrap_or(u64::MAX);
-    let mut life = Volunteer::new(ClientKind::Native, opts.threads as u32).max_backoff(max_backoff);
+    let mut identity = opts.identity.as_deref().map(IdentityFile::open).transpose()?;
+    let token = identity.as_ref().and_then(IdentityFile::token);
+    let mut life = Volunteer::new(ClientKind::Native, opts.threads as u32)
+        .max_backoff(max_backoff)
+        .identity(token, &opts.name);
     let mut progress = Progress::new(opts.progress);
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            res = connection(&opts, &mut life, &clock, &mut progress) => {
+            res = connection(&opts, &mut life, &clock, &mut progress, &mut identity) => {
                 if let Err(e) = res {
                     tracing::warn!("connection lost: {e:#}");
                 }
@@ -182,6 +287,7 @@ async fn connection(
     life: &mut Volunteer,
     clock: &Clock,
     progress: &mut Progress,
+    identity: &mut Option<IdentityFile>,
 ) -> anyhow::Result<()> {
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_SERVER_MESSAGE))
@@ -190,7 +296,16 @@ async fn connection(
         .await
         .with_context(|| format!("connecting to {}", opts.url))?;
     let (mut sink, mut stream) = ws.split();
-    converse(life, &mut sink, &mut stream, opts.threads, clock, progress).await
+    converse(
+        life,
+        &mut sink,
+        &mut stream,
+        opts.threads,
+        clock,
+        progress,
+        identity,
+    )
+    .await
 }
 
 /// The native worker's side of one open connection: tells the lifecycle
@@ -204,6 +319,7 @@ async fn converse<E1, E2>(
     threads: usize,
     clock: &Clock,
     progress: &mut Progress,
+    identity: &mut Option<IdentityFile>,
 ) -> anyhow::Result<()>
 where
     E1: std::error::Error + Send + Sync + 'static,
@@ -211,6 +327,12 @@ where
 {
     let mut outcome = life.opened(clock.now());
     loop {
+        if let (Some(Event::Joined { .. }), Some(file)) = (&outcome.event, identity.as_mut()) {
+            // Not fatal: the worker trains on, as a new contributor next run.
+            if let Err(e) = file.keep(life.token()) {
+                tracing::warn!("cannot keep the session token: {e:#}");
+            }
+        }
         progress.show(outcome.event.take(), life, clock);
         match outcome.action {
             Action::Nothing => {}
@@ -317,9 +439,17 @@ mod tests {
                 .map(|f| Ok::<_, std::io::Error>(Message::Binary(f.clone().into()))),
         );
         let (clock, mut progress) = (Clock::new(), Progress::new(None));
-        converse(life, &mut sent, &mut stream, threads, &clock, &mut progress)
-            .await
-            .unwrap();
+        converse(
+            life,
+            &mut sent,
+            &mut stream,
+            threads,
+            &clock,
+            &mut progress,
+            &mut None,
+        )
+        .await
+        .unwrap();
         sent.into_iter().map(|m| m.into_data().to_vec()).collect()
     }
 
@@ -489,6 +619,7 @@ mod tests {
             threads: 3,
             speed,
             session: None,
+            ..
         } = native_hello
         else {
             panic!("not the native Hello: {native_hello:?}");
@@ -499,6 +630,7 @@ mod tests {
             threads: 1,
             speed,
             session: None,
+            name: String::new(),
         };
         assert_eq!(protocol::encode(&as_browser, 64).unwrap(), theirs[0]);
     }
@@ -559,6 +691,38 @@ mod tests {
         let ran = tokio::time::timeout(Duration::from_secs(30), run(opts, again)).await;
         assert!(matches!(ran, Ok(Ok(()))), "{ran:?}");
         assert!(hellos.load(Ordering::SeqCst) >= 3);
+    }
+
+    /// The identity file keeps the token of the last Welcome, refuses to
+    /// overwrite a file that holds something else, and a missing one is a
+    /// new contributor.
+    #[test]
+    fn the_identity_file_keeps_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("identity");
+        let mut f = IdentityFile::open(&path).unwrap();
+        assert_eq!(f.token(), None);
+        f.keep(None).unwrap();
+        assert!(!path.exists());
+        f.keep(Some([0xa5; 16])).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", "a5".repeat(16))
+        );
+        assert_eq!(IdentityFile::open(&path).unwrap().token(), Some([0xa5; 16]));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "only its owner reads it");
+        }
+        std::fs::write(&path, "not a token").unwrap();
+        let e = IdentityFile::open(&path).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("does not hold a session token"),
+            "{e:#}"
+        );
+        assert_eq!(parse_token(&hex_token(&[1; 16])).unwrap(), [1; 16]);
     }
 
     /// A protocol violation drops the connection without stopping.

@@ -68,6 +68,7 @@ fn train_checkpoint_resume_generate_eval_inspect() {
                 history: history.clone(),
                 lr_override: None,
                 versions: Vec::new(),
+                contributors: Vec::new(),
             };
             checkpoint::save(&ckpts, &ckpt, 2).unwrap();
         }

@@ -137,7 +137,20 @@ impl WorkerHandle {
 
 /// Starts a native worker with `threads` threads.
 pub fn spawn_worker(url: &str, threads: usize) -> WorkerHandle {
+    spawn_worker_as(url, threads, "", None)
+}
+
+/// [`spawn_worker`] under a display name, keeping its session token in the
+/// identity file at `identity` (as `seedling worker --name --identity-file`).
+pub fn spawn_worker_as(
+    url: &str,
+    threads: usize,
+    name: &str,
+    identity: Option<&std::path::Path>,
+) -> WorkerHandle {
     let mut opts = worker::WorkerOptions::new(url);
+    opts.name = name.into();
+    opts.identity = identity.map(|p| p.to_path_buf());
     opts.threads = threads;
     opts.progress = None;
     opts.max_backoff = Duration::from_millis(500);
@@ -201,6 +214,7 @@ pub fn hello(session: Option<SessionToken>) -> ClientMsg {
         threads: 1,
         speed: 0.0,
         session,
+        name: String::new(),
     }
 }
 

@@ -20,6 +20,10 @@
 //!   share one run to its last step, and every replica, of both kinds, ends
 //!   on the server's weights (their forward kernels differ in the last bits;
 //!   the update path must not).
+//! - `the_page_shows_the_leaderboard_and_a_reload_keeps_its_credit`: a name
+//!   with markup in it is shown as text on the leaderboard, the tab's row
+//!   is its own, and a reload joins as the same contributor (same public
+//!   id, growing credit).
 //! - `the_page_keeps_its_cpu_share_and_pauses_while_hidden`: a tab opened
 //!   with `?share=25&workers=1&autostart=1` starts by itself, its worker is
 //!   busy about a quarter of the time, and the tab pauses (its worker
@@ -543,6 +547,106 @@ async fn browser_and_native_workers_train_together() {
     server.shutdown().await.unwrap();
 }
 
+/// Credit that lasts, on the page: the name typed in (hostile markup
+/// included) is kept in `localStorage` and shown as text on the
+/// leaderboard, the tab's row is marked as its own, and after a reload the
+/// tab joins as the same contributor (the same public id, whose credit
+/// keeps growing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_the_leaderboard_and_a_reload_keeps_its_credit() {
+    let www = prerequisites();
+    let mut opts = tiny_options(test_settings(1_000_000));
+    opts.www = Some(www);
+    let server = start(opts).await;
+    in_browser(async |page| {
+        open(page, &server).await;
+        let typed = js(
+            page,
+            "(() => { const n = document.getElementById('name'); \
+             n.value = ' <img src=x onerror=pwned=1>\\u202e Ada\\n'; \
+             n.dispatchEvent(new Event('change')); return n.value; })()",
+        )
+        .await;
+        let name = "<img src=x onerror=pwned=1> Ada";
+        assert_eq!(typed, json!(name), "the field shows the name as the server will");
+        contribute(page, 1).await;
+        let ids = page_wait(page, "the tab's public id", "window.seedling.identity.ids", |v| {
+            v.as_array().is_some_and(|a| a.len() == 1)
+        })
+        .await;
+        let id = ids[0].as_str().unwrap().to_string();
+        assert_eq!(id.len(), 12);
+        let mine = "(() => { const r = document.querySelector('#leaderboard tr.mine'); \
+                    return r ? [r.dataset.id, r.cells[1].textContent, \
+                    +r.cells[3].textContent.replace(/,/g, '')] : null; })()";
+        let row = page_wait(page, "the tab's credited row", mine, |v| {
+            v[2].as_u64().is_some_and(|m| m > 0)
+        })
+        .await;
+        assert_eq!(
+            (row[0].as_str(), row[1].as_str()),
+            (Some(id.as_str()), Some(name))
+        );
+        assert_eq!(
+            js(
+                page,
+                "[document.querySelectorAll('#leaderboard img').length, window.pwned === undefined]"
+            )
+            .await,
+            json!([0, true]),
+            "the name is text, never markup"
+        );
+        let board = server.status().contributors;
+        let on_server = board
+            .contributors
+            .iter()
+            .find(|c| c.id == id)
+            .expect("the server lists the tab");
+        assert_eq!(on_server.name, name);
+        page_wait(
+            page,
+            "the stored token",
+            "localStorage.getItem('seedling.token.0')",
+            |v| v.as_str().is_some_and(|t| t.len() == 32),
+        )
+        .await;
+        let before = row[2].as_u64().unwrap();
+
+        page.refresh().await.unwrap();
+        open(page, &server).await;
+        assert_eq!(
+            js(page, "document.getElementById('name').value").await,
+            json!(name),
+            "the name is kept"
+        );
+        contribute(page, 1).await;
+        let ids = page_wait(
+            page,
+            "the tab's public id after the reload",
+            "window.seedling.identity.ids",
+            |v| v.as_array().is_some_and(|a| a.len() == 1),
+        )
+        .await;
+        assert_eq!(ids[0], json!(id), "a reload keeps the public id");
+        page_wait(page, "more credit after the reload", mine, |v| {
+            v[0] == json!(id) && v[2].as_u64().is_some_and(|m| m > before)
+        })
+        .await;
+        let named = server
+            .status()
+            .contributors
+            .contributors
+            .iter()
+            .filter(|c| c.name == name)
+            .count();
+        assert_eq!(named, 1, "one contributor across the reload");
+        stop(page, &server).await;
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
+
+/// The page's CPU share and pause: see the module docs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_keeps_its_cpu_share_and_pauses_while_hidden() {
     let www = prerequisites();

@@ -68,6 +68,7 @@ async fn hostile_clients_are_rejected_and_nobody_else_notices() {
         threads: 1,
         speed: 0.0,
         session: None,
+        name: String::new(),
     })
     .await;
     reasons.push((

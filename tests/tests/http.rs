@@ -194,6 +194,7 @@ async fn the_status_stays_small_and_the_curve_comes_by_increments() {
         history,
         lr_override: None,
         versions: Vec::new(),
+        contributors: Vec::new(),
     };
     checkpoint::save(run.path(), &ckpt, 3).unwrap();
     let server = start(opts).await;

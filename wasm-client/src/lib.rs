@@ -22,8 +22,9 @@
 //! # How the page uses it
 //!
 //! `www/worker.js` (one dedicated Web Worker per volunteer connection) does
-//! `new Volunteer().start(url, postMessage, sampleEvery)`; the loop then posts
-//! plain objects (`{type: 'status' | 'hash' | 'sample' | 'error', ...}`, see
+//! `new Volunteer()`, `identity(token, name)` and
+//! `start(url, postMessage, sampleEvery)`; the loop then posts
+//! plain objects (`{type: 'status' | 'hash' | 'sample' | 'identity' | 'error', ...}`, see
 //! [`net::Notice`]) to the page. Tests drive the same handle by hand with
 //! [`Volunteer::receive`].
 
@@ -76,6 +77,16 @@ impl Volunteer {
     #[wasm_bindgen(js_name = protocolVersion)]
     pub fn protocol_version() -> u32 {
         seedling_core::protocol::PROTOCOL_VERSION
+    }
+
+    /// Joins as the contributor the page kept: `token` is the one an
+    /// `identity` notice reported earlier (32 hex digits; anything else, or
+    /// `undefined`, starts a new contributor), `name` the display name.
+    /// Call before [`Volunteer::start`].
+    pub fn identity(&self, token: Option<String>, name: String) {
+        let mut s = self.state.borrow_mut();
+        let life = std::mem::replace(&mut s.life, session::volunteer());
+        s.life = session::with_identity(life, token.as_deref(), &name);
     }
 
     /// Connects to `url` (e.g. `ws://host/ws`) and runs the volunteer job

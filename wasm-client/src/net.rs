@@ -91,6 +91,14 @@ pub enum Notice {
         /// The text.
         text: String,
     },
+    /// `{type:'identity', token}` when the server welcomed this volunteer:
+    /// the session token (32 hex digits) for the page to keep in
+    /// `localStorage` and hand back on the next load, so its credit
+    /// carries on.
+    Identity {
+        /// The token, as [`session::token_hex`] writes it.
+        token: String,
+    },
     /// `{type:'error', message, fatal}`: something the volunteer should see.
     Error {
         /// What went wrong.
@@ -132,6 +140,10 @@ impl Notice {
                 set("type", "sample".into());
                 set("step", num(*step));
                 set("text", text.as_str().into());
+            }
+            Notice::Identity { token } => {
+                set("type", "identity".into());
+                set("token", token.as_str().into());
             }
             Notice::Error { message, fatal } => {
                 set("type", "error".into());
@@ -224,7 +236,14 @@ impl State {
     /// The page's view of a lifecycle event.
     fn show(&mut self, event: Option<Event>, notices: &mut Vec<Notice>) {
         match event {
-            None | Some(Event::Joined { .. }) => {}
+            None => {}
+            Some(Event::Joined { .. }) => {
+                if let Some(token) = self.life.token() {
+                    notices.push(Notice::Identity {
+                        token: session::token_hex(&token),
+                    });
+                }
+            }
             Some(Event::Hashed { step, hash }) => {
                 notices.push(Notice::Hash {
                     step,

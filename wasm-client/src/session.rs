@@ -12,7 +12,7 @@
 
 use seedling_core::Result;
 use seedling_core::generate::sample_text;
-use seedling_core::protocol::ClientKind;
+use seedling_core::protocol::{ClientKind, SessionToken};
 use seedling_core::rng::{DOMAIN_SAMPLE, Stream, derive};
 pub use seedling_core::volunteer::{Action, Event, Outcome, Volunteer, Work};
 
@@ -22,6 +22,32 @@ pub use seedling_core::volunteer::{Action, Event, Outcome, Volunteer, Work};
 /// first job of a reconnection.
 pub fn volunteer() -> Volunteer {
     Volunteer::new(ClientKind::Browser, 1).announce_speed()
+}
+
+/// The browser volunteer `life` resumed as the contributor the page kept
+/// in `localStorage`: `token` as [`token_hex`] wrote it (anything else, or
+/// `None`, is a new contributor) and the display `name` (cleaned as the
+/// server requires).
+pub fn with_identity(life: Volunteer, token: Option<&str>, name: &str) -> Volunteer {
+    life.identity(token.and_then(parse_token), name)
+}
+
+/// A session token as 32 lowercase hex digits, the form the page stores.
+pub fn token_hex(token: &SessionToken) -> String {
+    token.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// [`token_hex`]'s form read back; `None` if it is not 32 hex digits.
+pub fn parse_token(hex: &str) -> Option<SessionToken> {
+    let hex = hex.trim();
+    if hex.len() != 32 || !hex.is_ascii() {
+        return None;
+    }
+    let mut token = [0u8; 16];
+    for (i, b) in token.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(token)
 }
 
 /// What the browser does with one server frame at `now_ms`: the lifecycle
@@ -97,8 +123,30 @@ mod tests {
                 threads: 1,
                 speed: 0.0,
                 session: None,
+                name: String::new(),
             }
         );
+    }
+
+    /// A stored token and name go into the Hello; a damaged token is a new
+    /// contributor, not an error.
+    #[test]
+    fn a_stored_identity_goes_into_the_hello() {
+        let token = [0x5a; 16];
+        assert_eq!(parse_token(&token_hex(&token)), Some(token));
+        for bad in ["", "xyz", &"g".repeat(32), &"5a".repeat(17)] {
+            assert_eq!(parse_token(bad), None, "{bad:?}");
+        }
+        let mut v = with_identity(volunteer(), Some(&token_hex(&token)), " ada\u{202e} ");
+        let ClientMsg::Hello { session, name, .. } = sent(&v.opened(0)) else {
+            panic!("not a Hello");
+        };
+        assert_eq!((session, name.as_str()), (Some(token), "ada"));
+        let mut v = with_identity(volunteer(), Some("garbage"), "");
+        let ClientMsg::Hello { session, .. } = sent(&v.opened(0)) else {
+            panic!("not a Hello");
+        };
+        assert_eq!(session, None);
     }
 
     #[test]

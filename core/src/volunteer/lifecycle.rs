@@ -118,6 +118,8 @@ pub struct Volunteer {
     announce_speed: bool,
     /// The token of the last Welcome, presented on every reconnection.
     token: Option<SessionToken>,
+    /// The display name announced in the Hello (empty for none).
+    name: String,
     /// The current connection's protocol state.
     session: Session,
     /// When to reconnect.
@@ -144,6 +146,7 @@ impl Volunteer {
             threads,
             announce_speed: false,
             token: None,
+            name: String::new(),
             session: Session::new(),
             backoff: Backoff::default(),
             counters: Counters::default(),
@@ -162,6 +165,17 @@ impl Volunteer {
         self
     }
 
+    /// Starts from the identity a driver kept from an earlier run (a
+    /// browser's `localStorage`, the native worker's identity file): the
+    /// session token presented in the first Hello, so trust and credit
+    /// carry over, and the display name every Hello announces (cleaned as
+    /// the server requires).
+    pub fn identity(mut self, token: Option<SessionToken>, name: &str) -> Self {
+        self.token = token;
+        self.name = crate::protocol::clean_name(name);
+        self
+    }
+
     /// Backs off at most `max_ms` between reconnections.
     pub fn max_backoff(mut self, max_ms: u64) -> Self {
         self.backoff = Backoff::new(max_ms);
@@ -175,7 +189,7 @@ impl Volunteer {
         } else {
             0.0
         };
-        hello(self.kind, self.threads, speed, self.token)
+        hello(self.kind, self.threads, speed, self.token, &self.name)
     }
 
     /// A new connection opened: it starts a new session (the server sends
@@ -281,7 +295,8 @@ impl Volunteer {
         protocol::encode(&ClientMsg::Bye, MAX_CLIENT_MESSAGE)
     }
 
-    /// The session token of the last Welcome.
+    /// The session token of the last Welcome (or the one given to
+    /// [`Volunteer::identity`] before any), for the driver to keep.
     pub fn token(&self) -> Option<SessionToken> {
         self.token
     }
@@ -377,7 +392,8 @@ mod tests {
                 kind: ClientKind::Native,
                 threads: 3,
                 speed: 0.0,
-                session: None
+                session: None,
+                name: String::new(),
             }
         );
         let joined = v.receive(&welcome);

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 /// wire's protocol version: a change of the wire alone leaves files as they
 /// are. Versions up to 5 were written under [`OLD_VERSION_KEY`], when the two
 /// shared a number, and mean the same here.
-pub const CHECKPOINT_VERSION: u32 = 6;
+pub const CHECKPOINT_VERSION: u32 = 7;
 
 /// Metadata key of the format version.
 pub const VERSION_KEY: &str = "checkpoint_version";
@@ -40,8 +40,79 @@ pub const OLD_VERSION_KEY: &str = "protocol_version";
 /// added the model's head, which older configs read as the shared head,
 /// and the four-lane weights hash. Version 6 added the lag (steps in
 /// flight) and the past weight versions a lagged run keeps, which older
-/// files read as no lag and no versions.
-pub const READABLE_VERSIONS: [u32; 6] = [1, 2, 3, 4, 5, CHECKPOINT_VERSION];
+/// files read as no lag and no versions. Version 7 added the contributors'
+/// credit (under [`CONTRIBUTORS_KEY`]); older files read with an empty tally.
+pub const READABLE_VERSIONS: [u32; 7] = [1, 2, 3, 4, 5, 6, CHECKPOINT_VERSION];
+
+/// Metadata key of the contributors' credit (version 7 on).
+pub const CONTRIBUTORS_KEY: &str = "contributors";
+
+/// One contributor's credit as a checkpoint keeps it (the coordinator's
+/// `credit` module says what it counts).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContributorRecord {
+    /// SHA-256 of the session token: the token itself, a secret that
+    /// resumes a session, is never written.
+    pub key: [u8; 32],
+    /// The display name, as cleaned when it arrived.
+    pub name: String,
+    /// Verified members.
+    pub members: u64,
+    /// Banned as a liar: its credit is void and its token refused.
+    pub banned: bool,
+}
+
+/// Disk form of [`ContributorRecord`]: the key as 64 hex digits.
+#[derive(Serialize, Deserialize)]
+struct DiskContributor {
+    key: String,
+    name: String,
+    members: u64,
+    banned: bool,
+}
+
+/// The contributors' credit as checkpoint metadata.
+pub fn contributors_to_json(records: &[ContributorRecord]) -> Result<String> {
+    let disk: Vec<DiskContributor> = records
+        .iter()
+        .map(|r| DiskContributor {
+            key: r.key.iter().map(|b| format!("{b:02x}")).collect(),
+            name: r.name.clone(),
+            members: r.members,
+            banned: r.banned,
+        })
+        .collect();
+    Ok(serde_json::to_string(&disk)?)
+}
+
+/// Reads the contributors' credit from checkpoint metadata; `None` (a file
+/// from before version 7) is an empty tally.
+pub fn contributors_from_json(json: Option<&str>) -> Result<Vec<ContributorRecord>> {
+    let Some(json) = json else {
+        return Ok(Vec::new());
+    };
+    let disk: Vec<DiskContributor> = serde_json::from_str(json).context("bad contributors metadata")?;
+    disk.into_iter()
+        .map(|d| {
+            let mut key = [0u8; 32];
+            anyhow::ensure!(
+                d.key.len() == 64 && d.key.is_ascii(),
+                "bad contributor key {:?}",
+                d.key
+            );
+            for (i, k) in key.iter_mut().enumerate() {
+                *k = u8::from_str_radix(&d.key[2 * i..2 * i + 2], 16)
+                    .with_context(|| format!("bad contributor key {:?}", d.key))?;
+            }
+            Ok(ContributorRecord {
+                key,
+                name: d.name,
+                members: d.members,
+                banned: d.banned,
+            })
+        })
+        .collect()
+}
 
 /// The weights hash a file of checkpoint `version` recorded: the byte-wise
 /// FNV-1a up to version 4 (see `seedling_core::hash`).
@@ -255,6 +326,33 @@ mod tests {
         assert_eq!(json, r#"["\n","a","b"]"#);
         assert_eq!(tokenizer_from_json(&json).unwrap(), t);
         assert!(tokenizer_from_json(r#"["b","a"]"#).is_err());
+    }
+
+    /// The credit round-trips through its JSON, keys as hex, names escaped
+    /// by serde whatever they hold; a file without it has an empty tally.
+    #[test]
+    fn contributors_round_trip_and_old_files_have_none() {
+        let records = vec![
+            ContributorRecord {
+                key: [0xab; 32],
+                name: "<img src=x onerror=alert(1)>\"},{".into(),
+                members: 42,
+                banned: false,
+            },
+            ContributorRecord {
+                key: core::array::from_fn(|i| i as u8),
+                name: String::new(),
+                members: 0,
+                banned: true,
+            },
+        ];
+        let json = contributors_to_json(&records).unwrap();
+        assert!(json.starts_with(r#"[{"key":"abababab"#), "{json}");
+        assert_eq!(contributors_from_json(Some(&json)).unwrap(), records);
+        assert_eq!(contributors_from_json(None).unwrap(), Vec::new());
+        assert!(
+            contributors_from_json(Some(r#"[{"key":"zz","name":"","members":1,"banned":false}]"#)).is_err()
+        );
     }
 
     /// A config written before the model had a head (up to version 4) reads

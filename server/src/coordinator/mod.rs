@@ -33,6 +33,7 @@
 //! - each client reports its weights hash after every update; a mismatch
 //!   is counted and answered with a fresh snapshot.
 
+pub mod credit;
 pub mod driver;
 pub mod ledger;
 mod scheduler;
@@ -53,11 +54,12 @@ use seedling_core::protocol::{
 };
 
 pub use self::types::{
-    AdminCommand, CheckpointReason, ClientId, ClientReport, Event, Input, JobFrame, Outgoing, Output,
-    Outputs, Phase, RequestId, RunData, Settings, Status, Volunteers, close,
+    AdminCommand, CheckpointReason, ClientId, ClientReport, Contributor, Event, Input, JobFrame, Leaderboard,
+    Outgoing, Output, Outputs, Phase, RequestId, RunData, Settings, Status, Volunteers, close,
 };
 pub use crate::timing::Quantiles;
 
+use self::credit::Credit;
 use self::scheduler::Schedule;
 use self::sessions::Sessions;
 use self::status::Counters;
@@ -100,6 +102,8 @@ pub struct Coordinator {
     /// Clients past the handshake.
     ready: usize,
     sessions: Sessions,
+    /// Verified members per contributor, kept in checkpoints.
+    credit: Credit,
     /// Who gets which members, and until when.
     sched: Schedule,
     /// The open steps, oldest (the replica's step, the next to close)
@@ -137,6 +141,7 @@ impl Coordinator {
             clients: HashMap::default(),
             ready: 0,
             sessions: Sessions::default(),
+            credit: Credit::from_records(book.contributors().to_vec()),
             sched: Schedule::default(),
             open: VecDeque::new(),
             coin: seedling_core::rng::Stream::new(run),
@@ -250,6 +255,7 @@ impl Coordinator {
                 threads,
                 speed,
                 session,
+                name,
             } => {
                 if client.hello.is_some() {
                     return self.reject(id, "second Hello on one connection", out);
@@ -267,6 +273,7 @@ impl Coordinator {
                 let Some(session) = self.resume_session(id, session, out) else {
                     return;
                 };
+                self.credit_join(id, &name);
                 let welcome = ServerMsg::Welcome {
                     run: self.run,
                     client: id,
@@ -366,7 +373,8 @@ impl Coordinator {
         if self.settings.run_dir.is_none() {
             return false;
         }
-        let ckpt = self.book.checkpoint_of(&self.replica);
+        let mut ckpt = self.book.checkpoint_of(&self.replica);
+        ckpt.contributors = self.credit.records();
         out.push(Output::Checkpoint(Box::new(ckpt), reason));
         true
     }

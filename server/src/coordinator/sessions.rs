@@ -17,6 +17,10 @@ use super::types::{ClientId, Outgoing, Output, Outputs, close};
 /// ended; the oldest is forgotten first, so memory stays bounded.
 const MAX_SESSIONS: usize = 100_000;
 
+/// Why a banned session's Hello is refused.
+const BANNED: &str = "this session was disconnected because its results disagreed with other \
+                      volunteers' too often; it cannot rejoin";
+
 /// What outlives a connection: the trust its session earned, or its ban.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct SessionRecord {
@@ -93,12 +97,7 @@ impl Coordinator {
         if let Some(token) = presented {
             if let Some(rec) = self.sessions.map.get(&token).copied() {
                 if rec.banned {
-                    self.refuse(
-                        id,
-                        "this session was disconnected because its results disagreed with other \
-                         volunteers' too often; it cannot rejoin",
-                        out,
-                    );
+                    self.refuse(id, BANNED, out);
                     return None;
                 }
                 let (mut agreed, mut strikes) = (rec.agreed, rec.strikes);
@@ -119,6 +118,22 @@ impl Coordinator {
                 let rec = self.sessions.map.get_mut(&token).unwrap();
                 rec.live = Some(id);
                 return Some(token);
+            }
+            // A session from before a restart (or one forgotten) that has
+            // credit here: it goes on under the same token, so its credit
+            // keeps growing, with trust to earn again; unless it was banned.
+            match self.credit.standing(&token) {
+                Some(true) => {
+                    self.refuse(id, BANNED, out);
+                    return None;
+                }
+                Some(false) => {
+                    let client = self.clients.get_mut(&id)?;
+                    client.session = Some(token);
+                    self.sessions.create(token, id);
+                    return Some(token);
+                }
+                None => {}
             }
         }
         let client = self.clients.get_mut(&id)?;

@@ -227,6 +227,7 @@ impl Coordinator {
         let mut closing = self.open.pop_front().expect("a step is always open");
         debug_assert_eq!(closing.step, step);
         let losses: Vec<(u32, f32)> = closing.books.results().collect();
+        self.credit_close(&closing.books);
         let weights = shape(self.replica.config.recipe.shaping, &losses)
             .expect("losses were checked finite on arrival");
         let lr = self.book.lr_for(step, now);

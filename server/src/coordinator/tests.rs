@@ -139,6 +139,7 @@ fn any_message_sequence(
                     threads: 1,
                     speed: 0.0,
                     session: None,
+                    name: String::new(),
                 },
             },
             2 | 3 => {
@@ -265,6 +266,7 @@ fn simulated(session: Option<SessionToken>) -> ClientMsg {
         threads: 1,
         speed: 0.0,
         session,
+        name: String::new(),
     }
 }
 
@@ -429,4 +431,142 @@ fn a_lone_slow_client_gets_its_expired_members_back() {
     });
     assert_eq!(again.expect("the members again"), first);
     assert_eq!(c.counters.reissued, 1);
+}
+
+/// Credit is verified members only: two honest clients and a liar answer
+/// their jobs for several steps. The liar (its claims always replicated,
+/// never agreed with) earns nothing and, once banned, shows as void; the
+/// honest ones earn at least every counted member of the closed steps
+/// between them, and never more than they claimed.
+#[test]
+fn credit_goes_to_agreeing_claims_and_a_liar_is_void() {
+    let (c, tokens) = credit_run(coordinator());
+    let mut w = Wires::default();
+    let t0 = Instant::now();
+    // The tally goes into checkpoints; a banned token stays refused after
+    // a restart (the sessions are gone, the credit is not).
+    let mut back = coordinator();
+    back.credit = credit::Credit::from_records(c.credit.records());
+    connect(&mut back, &mut w, 9, t0);
+    back.handle(
+        Input::Message {
+            client: 9,
+            msg: simulated(Some(tokens[2])),
+        },
+        t0,
+        &mut w,
+    );
+    assert_eq!(
+        drain(&mut w, 9).1,
+        Some(close::POLICY),
+        "a banned contributor is refused"
+    );
+    // An honest one resumes under its own token, and keeps accumulating.
+    connect(&mut back, &mut w, 10, t0);
+    back.handle(
+        Input::Message {
+            client: 10,
+            msg: simulated(Some(tokens[0])),
+        },
+        t0,
+        &mut w,
+    );
+    let welcome = drain(&mut w, 10).0.into_iter().find_map(|m| match m {
+        ServerMsg::Welcome { session, .. } => Some(session),
+        _ => None,
+    });
+    assert_eq!(welcome, Some(tokens[0]));
+    assert_eq!(back.clients[&10].session, Some(tokens[0]));
+}
+
+/// Two honest clients and a liar answer their jobs until at least five
+/// steps closed and the liar was banned; checks the credit they earned
+/// (see the callers) and returns the coordinator and their tokens.
+fn credit_run(mut c: Coordinator) -> (Coordinator, Vec<SessionToken>) {
+    let mut w = Wires::default();
+    let t0 = Instant::now();
+    let names = ["honest a", "honest b", "<b>liar</b>"];
+    for id in 1..=3u64 {
+        connect(&mut c, &mut w, id, t0);
+        let hello = ClientMsg::Hello {
+            version: PROTOCOL_VERSION,
+            kind: ClientKind::Simulated,
+            threads: 1,
+            speed: 0.0,
+            session: None,
+            name: names[id as usize - 1].into(),
+        };
+        c.handle(
+            Input::Message {
+                client: id,
+                msg: hello,
+            },
+            t0,
+            &mut w,
+        );
+    }
+    let tokens: Vec<SessionToken> = (1..=3u64).map(|id| c.clients[&id].session.unwrap()).collect();
+    let mut claimed = [0u64; 3];
+    let start = c.replica.step;
+    for round in 0..400 {
+        let now = t0 + Duration::from_millis(round);
+        for id in 1..=3u64 {
+            for msg in drain(&mut w, id).0 {
+                let ServerMsg::Job {
+                    step, job, members, ..
+                } = msg
+                else {
+                    continue;
+                };
+                let losses: Vec<f32> = members
+                    .iter()
+                    .map(|&m| {
+                        if id == 3 {
+                            50.0 + m as f32
+                        } else {
+                            1.0 + m as f32 * 0.01 + step as f32
+                        }
+                    })
+                    .collect();
+                claimed[id as usize - 1] += members.len() as u64;
+                let msg = ClientMsg::Losses { step, job, losses };
+                c.handle(Input::Message { client: id, msg }, now, &mut w);
+            }
+        }
+        c.handle(Input::Tick, now, &mut w);
+        if c.replica.step >= start + 5 && !c.clients.contains_key(&3) {
+            break;
+        }
+    }
+    let closed = c.replica.step - start;
+    assert!(closed >= 5, "only {closed} steps closed");
+    assert!(!c.clients.contains_key(&3), "the liar was not caught");
+    let board = c.credit.board();
+    let row = |t: &SessionToken| {
+        let id = credit::public_id(&credit::key_of(t));
+        board.contributors.iter().find(|r| r.id == id).cloned().unwrap()
+    };
+    let liar = row(&tokens[2]);
+    assert_eq!(
+        (liar.members, liar.banned, liar.name.as_str()),
+        (0, true, "<b>liar</b>")
+    );
+    let (a, b) = (row(&tokens[0]), row(&tokens[1]));
+    assert!(!a.banned && !b.banned);
+    assert_eq!(a.name, "honest a");
+    let population = c.replica.config.es.population as u64;
+    // The step open now has credited nobody yet.
+    assert!(a.members + b.members >= closed * population, "{a:?} {b:?}");
+    assert!(
+        a.members <= claimed[0] && b.members <= claimed[1],
+        "{a:?} {b:?} {claimed:?}"
+    );
+    (c, tokens)
+}
+
+/// The same with two steps in flight: each closing step credits its own
+/// claims, and the liar's claims in every open step are void.
+#[test]
+fn credit_with_steps_in_flight_counts_each_closed_step() {
+    credit_run(lagged_coordinator(2));
 }

@@ -405,6 +405,10 @@ pub struct Status {
     pub idle_dropped: u64,
     /// Clients dropped because their send queue filled (they read too slowly).
     pub slow_dropped: u64,
+    /// The contributors' leaderboard, for `/api/contributors` (not part of
+    /// the status JSON; shared, rebuilt only when credit changes).
+    #[serde(skip)]
+    pub contributors: Arc<Leaderboard>,
     /// Seconds between consecutive step closes, for `/metrics`.
     #[serde(skip)]
     pub step_seconds: Histogram,
@@ -482,4 +486,30 @@ pub struct ClientReport {
     /// Its results that matched another client's (kept across reconnections
     /// of the same session).
     pub trust: u64,
+}
+
+/// One row of the leaderboard, as `/api/contributors` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Contributor {
+    /// 1 for the most members.
+    pub rank: usize,
+    /// The public id (`credit::public_id`); never the token.
+    pub id: String,
+    /// The display name, cleaned (`seedling_core::protocol::clean_name`); empty for none. Still
+    /// untrusted text: a page shows it as text, never as markup.
+    pub name: String,
+    /// Verified members (see `coordinator/credit.rs` for what counts); 0
+    /// once banned.
+    pub members: u64,
+    /// True when the session was banned as a liar and its credit voided.
+    pub banned: bool,
+}
+
+/// The leaderboard: the top 100 contributors by members.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Leaderboard {
+    /// Contributors known, on the board or not.
+    pub total: usize,
+    /// The top contributors, most members first (ties by public id).
+    pub contributors: Vec<Contributor>,
 }

@@ -181,6 +181,7 @@ impl Coordinator {
         if self.sessions.ban(c.session) {
             self.counters.banned += 1;
         }
+        self.credit.void(c.session);
         self.counters.liars += 1;
         for o in &mut self.open {
             for m in o.books.claimed_by(id) {

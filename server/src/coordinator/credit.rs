@@ -1,0 +1,346 @@
+//! Credit: the verified members each contributor evaluated, across its
+//! connections and the server's restarts, and the leaderboard made of them.
+//!
+//! A contributor is a session: the token the server handed out in a Welcome,
+//! which a browser keeps in `localStorage` and a native worker in its
+//! identity file, and presents again in every Hello. The token is a secret
+//! (it resumes trust), so the tally is keyed by its SHA-256 ([`key_of`]),
+//! which is what a checkpoint stores, and the leaderboard shows only a
+//! short prefix of that ([`public_id`]), from which neither can be found.
+//!
+//! **What "verified" means.** A member is credited to a contributor when
+//! its step closes, if its loss counted in the step's update and the
+//! contributor's own claim on it agrees (within the tolerance the
+//! coordinator compares replicas with) with the loss that counted. Under
+//! adaptive replication (`verify.rs`) most members of a trusted contributor
+//! are evaluated once: such a member counts on its single claim, checked by
+//! sampling (a fraction of that contributor's claims is replicated, and a
+//! contributor caught lying loses everything), so it is credited. A
+//! replicated member credits every claimant that agreed: both of a matching
+//! pair, or the majority of three (the minority gets a strike, not credit).
+//! A member settled without a second opinion credits the claim chosen (and
+//! any that agree with it). A member voided when a liar was disconnected,
+//! or still in flight at the close, credits nobody. And a contributor whose
+//! session is banned as a liar has its whole tally voided: set to zero and
+//! marked banned, kept that way (so the ban outlives a restart, and the
+//! leaderboard says why the name has nothing), and never credited again.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use seedling_core::protocol::{SessionToken, clean_name};
+use sha2::{Digest, Sha256};
+
+use super::Coordinator;
+use super::ledger::Ledger;
+use super::types::{ClientId, Contributor, Leaderboard};
+use crate::checkpoint::ContributorRecord;
+
+/// Contributors remembered. Past this, a newcomer replaces the one with
+/// the fewest members that is neither banned nor connected, so memory stays
+/// bounded whatever the churn of anonymous one-time visitors.
+const MAX_CONTRIBUTORS: usize = 100_000;
+
+/// Rows on the leaderboard.
+pub(super) const BOARD_SIZE: usize = 100;
+
+/// Bytes of the key shown, hex-encoded, as a contributor's public id.
+const PUBLIC_ID_BYTES: usize = 6;
+
+/// The tally's key for a session token: its SHA-256, so a checkpoint that
+/// leaks does not hand out tokens that resume sessions.
+pub fn key_of(token: &SessionToken) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
+/// A contributor's public id: the first 12 hex digits of its key. The page
+/// derives the same from the token it keeps, to find itself on the board.
+pub fn public_id(key: &[u8; 32]) -> String {
+    let mut s = String::with_capacity(2 * PUBLIC_ID_BYTES);
+    for b in &key[..PUBLIC_ID_BYTES] {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// One contributor's credit.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Entry {
+    name: String,
+    members: u64,
+    banned: bool,
+}
+
+/// Every contributor's credit, and which connection is whose.
+#[derive(Debug, Default)]
+pub struct Credit {
+    tally: HashMap<[u8; 32], Entry>,
+    /// The key of every connection that joined: a client that left before
+    /// its members' steps closed is still credited at their closes, then
+    /// forgotten.
+    live: HashMap<ClientId, [u8; 32]>,
+    /// The leaderboard, built when asked after a change.
+    board: RefCell<Option<Arc<Leaderboard>>>,
+}
+
+impl Credit {
+    /// The tally a checkpoint kept.
+    pub fn from_records(records: Vec<ContributorRecord>) -> Self {
+        let tally = records
+            .into_iter()
+            .map(|r| {
+                let entry = Entry {
+                    name: clean_name(&r.name),
+                    members: if r.banned { 0 } else { r.members },
+                    banned: r.banned,
+                };
+                (r.key, entry)
+            })
+            .collect();
+        Self {
+            tally,
+            ..Self::default()
+        }
+    }
+
+    /// The tally for a checkpoint, in key order (so equal tallies write
+    /// equal files).
+    pub fn records(&self) -> Vec<ContributorRecord> {
+        let mut v: Vec<ContributorRecord> = self
+            .tally
+            .iter()
+            .map(|(k, e)| ContributorRecord {
+                key: *k,
+                name: e.name.clone(),
+                members: e.members,
+                banned: e.banned,
+            })
+            .collect();
+        v.sort_by_key(|r| r.key);
+        v
+    }
+
+    /// Whether `token` has credit here, and if so whether it is banned.
+    pub fn standing(&self, token: &SessionToken) -> Option<bool> {
+        self.tally.get(&key_of(token)).map(|e| e.banned)
+    }
+
+    /// Connection `id` joined as the session `token` under `name` (cleaned;
+    /// the latest Hello's name is the contributor's name, empty for none).
+    pub fn join(&mut self, id: ClientId, token: &SessionToken, name: &str) {
+        let key = key_of(token);
+        if !self.tally.contains_key(&key) && self.tally.len() >= MAX_CONTRIBUTORS {
+            self.evict();
+        }
+        let entry = self.tally.entry(key).or_default();
+        let name = clean_name(name);
+        if entry.name != name {
+            entry.name = name;
+            self.changed();
+        }
+        self.live.insert(id, key);
+    }
+
+    /// Forgets the contributor with the fewest members that is neither
+    /// banned nor connected.
+    fn evict(&mut self) {
+        let live: std::collections::HashSet<&[u8; 32]> = self.live.values().collect();
+        let victim = self
+            .tally
+            .iter()
+            .filter(|(k, e)| !e.banned && !live.contains(k))
+            .min_by_key(|(k, e)| (e.members, **k))
+            .map(|(k, _)| *k);
+        if let Some(k) = victim {
+            self.tally.remove(&k);
+            self.changed();
+        }
+    }
+
+    /// Credits one verified member to connection `id`'s contributor; false
+    /// if it has none (no session) or is banned.
+    pub fn credit(&mut self, id: ClientId) -> bool {
+        let Some(e) = self.live.get(&id).and_then(|k| self.tally.get_mut(k)) else {
+            return false;
+        };
+        if e.banned {
+            return false;
+        }
+        e.members += 1;
+        self.changed();
+        true
+    }
+
+    /// The contributor behind connection `id`, for crediting a member once
+    /// per contributor.
+    pub fn key(&self, id: ClientId) -> Option<[u8; 32]> {
+        self.live.get(&id).copied()
+    }
+
+    /// The session `token` was banned: its credit is void, for good.
+    pub fn void(&mut self, token: Option<SessionToken>) {
+        let Some(token) = token else { return };
+        let e = self.tally.entry(key_of(&token)).or_default();
+        (e.members, e.banned) = (0, true);
+        self.changed();
+    }
+
+    /// After a close: forgets the connections that have left.
+    pub fn retain_live(&mut self, connected: impl Fn(ClientId) -> bool) {
+        self.live.retain(|&id, _| connected(id));
+    }
+
+    fn changed(&mut self) {
+        *self.board.get_mut() = None;
+    }
+
+    /// The leaderboard now; built once per change, shared after.
+    pub fn board(&self) -> Arc<Leaderboard> {
+        self.board
+            .borrow_mut()
+            .get_or_insert_with(|| Arc::new(self.build()))
+            .clone()
+    }
+
+    fn build(&self) -> Leaderboard {
+        let mut rows: Vec<(&[u8; 32], &Entry)> = self.tally.iter().collect();
+        let order = |a: &(&[u8; 32], &Entry), b: &(&[u8; 32], &Entry)| {
+            b.1.members.cmp(&a.1.members).then(a.0.cmp(b.0))
+        };
+        if rows.len() > BOARD_SIZE {
+            rows.select_nth_unstable_by(BOARD_SIZE - 1, order);
+            rows.truncate(BOARD_SIZE);
+        }
+        rows.sort_unstable_by(order);
+        Leaderboard {
+            total: self.tally.len(),
+            contributors: rows
+                .into_iter()
+                .enumerate()
+                .map(|(i, (k, e))| Contributor {
+                    rank: i + 1,
+                    id: public_id(k),
+                    name: e.name.clone(),
+                    members: e.members,
+                    banned: e.banned,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Coordinator {
+    /// A connection past its Hello joined under `name`: it earns credit for
+    /// its session, if it has one (without the OS's randomness it has no
+    /// token, and trains without credit).
+    pub(super) fn credit_join(&mut self, id: ClientId, name: &str) {
+        if let Some(token) = self.clients.get(&id).and_then(|c| c.session) {
+            self.credit.join(id, &token, name);
+        }
+    }
+
+    /// The step whose ledger is `books` is closing (it has left the open
+    /// steps): credits each of its counted members to every contributor
+    /// whose claim agrees with the loss that counted, once per contributor
+    /// (see the module docs for why this is "verified").
+    pub(super) fn credit_close(&mut self, books: &Ledger) {
+        let tol = self.settings.tolerance;
+        let agree = |a: f32, b: f32| (a - b).abs() <= tol * a.abs().max(1.0);
+        let mut seen: Vec<[u8; 32]> = Vec::with_capacity(3);
+        for (m, loss) in books.results() {
+            seen.clear();
+            for &(id, claimed) in books.claims(m) {
+                let Some(key) = self.credit.key(id) else { continue };
+                if agree(loss, claimed) && !seen.contains(&key) {
+                    seen.push(key);
+                    self.credit.credit(id);
+                }
+            }
+        }
+        // A connection that left is still credited when a step in flight
+        // that holds its claims closes; after that it is forgotten.
+        let (clients, open) = (&self.clients, &self.open);
+        self.credit.retain_live(|id| {
+            clients.contains_key(&id) || open.iter().any(|o| !o.books.claimed_by(id).is_empty())
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: u8, name: &str, members: u64, banned: bool) -> ContributorRecord {
+        ContributorRecord {
+            key: [key; 32],
+            name: name.into(),
+            members,
+            banned,
+        }
+    }
+
+    #[test]
+    fn the_board_ranks_by_members_and_never_shows_a_token() {
+        let mut c = Credit::default();
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        c.join(1, &a, "ada");
+        c.join(2, &b, "  bob\u{202e} ");
+        for _ in 0..3 {
+            assert!(c.credit(2));
+        }
+        assert!(c.credit(1));
+        assert!(!c.credit(9), "an unknown connection has no credit");
+        let board = c.board();
+        assert_eq!(board.total, 2);
+        let names: Vec<(&str, u64, usize)> = board
+            .contributors
+            .iter()
+            .map(|r| (r.name.as_str(), r.members, r.rank))
+            .collect();
+        assert_eq!(names, [("bob", 3, 1), ("ada", 1, 2)]);
+        assert_eq!(board.contributors[1].id, public_id(&key_of(&a)));
+        assert_eq!(board.contributors[1].id.len(), 12);
+        let json = serde_json::to_string(&*board).unwrap();
+        let hex = |t: &[u8]| t.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert!(!json.contains(&hex(&a)) && !json.contains(&hex(&key_of(&a))));
+    }
+
+    /// A liar's credit is void, stays void, and outlives a restart.
+    #[test]
+    fn a_banned_session_loses_its_credit_for_good() {
+        let mut c = Credit::default();
+        let t = [7u8; 16];
+        c.join(1, &t, "liar");
+        assert!(c.credit(1) && c.credit(1));
+        c.void(Some(t));
+        assert!(!c.credit(1), "a banned contributor earns nothing");
+        let row = &c.board().contributors[0];
+        assert_eq!((row.members, row.banned), (0, true));
+        assert_eq!(c.standing(&t), Some(true));
+        let back = Credit::from_records(c.records());
+        assert_eq!(back.standing(&t), Some(true));
+        assert_eq!(back.board().contributors[0].members, 0);
+        // A file that says banned with members still reads as void.
+        let forged = Credit::from_records(vec![record(3, "x", 50, true)]);
+        assert_eq!(forged.board().contributors[0].members, 0);
+    }
+
+    #[test]
+    fn the_board_keeps_the_top_and_memory_stays_bounded() {
+        let records: Vec<ContributorRecord> = (0..=255u8)
+            .map(|k| record(k, &format!("n{k}"), k as u64, false))
+            .collect();
+        let c = Credit::from_records(records.clone());
+        let board = c.board();
+        assert_eq!(board.total, 256);
+        assert_eq!(board.contributors.len(), BOARD_SIZE);
+        assert_eq!(board.contributors[0].members, 255);
+        assert_eq!(
+            board.contributors[BOARD_SIZE - 1].members,
+            256 - BOARD_SIZE as u64
+        );
+        assert_eq!(c.records(), records, "records come back in key order");
+    }
+}
