@@ -166,11 +166,14 @@ impl Coordinator {
             } else {
                 2 * threads
             };
-            // Never more than an even share of the step, so every volunteer
-            // gets work (and a speed measurement), not just the fastest.
-            let fair = (self.replica.config.es.population as usize)
-                .div_ceil(ready.max(1))
-                .next_multiple_of(2);
+            // Never more than an even share of the work open (one step, or
+            // the D + 1 steps in flight), so every volunteer gets work (and a
+            // speed measurement), not just the fastest. With steps in flight
+            // the share spans them: a volunteer a round trip away then takes
+            // up to a whole step per job, and the round trip is paid per
+            // step rather than per slice of one.
+            let open_work = self.replica.config.es.population as usize * self.open.len().max(1);
+            let fair = open_work.div_ceil(ready.max(1)).next_multiple_of(2);
             let size = target.max(threads).max(2).min(fair);
             // The oldest open step with work this client may take.
             let mut members: SmallVec<[u32; 8]> = SmallVec::with_capacity(size);
