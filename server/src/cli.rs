@@ -238,6 +238,10 @@ pub struct RunArgs {
     /// Shortest job deadline in seconds [default: 10].
     #[arg(long, allow_negative_numbers = true, help_heading = "Volunteers")]
     pub job_timeout: Option<f64>,
+    /// Jobs a volunteer may hold at once: with 2 its next job travels while
+    /// it computes, hiding the round trip [default: 2].
+    #[arg(long, help_heading = "Volunteers")]
+    pub jobs_ahead: Option<usize>,
     /// Validation loss every this many steps [default: 25].
     #[arg(long, help_heading = "Run")]
     pub eval_every: Option<u64>,
@@ -309,7 +313,7 @@ impl RunArgs {
         }
         merge!(self, f; run_dir, bind, port, www, seed, hidden, layers, population, batch, seq_len, sigma, lag, lr,
             weight_decay, beta1, beta2, noise, rank, init_scale, schedule, warmup, decay_steps, min_lr_ratio, decay_gamma,
-            shaping, head, readout, input_rows, output_bias, min_fraction, step_timeout, job_timeout, eval_every,
+            shaping, head, readout, input_rows, output_bias, min_fraction, step_timeout, job_timeout, jobs_ahead, eval_every,
             eval_windows, checkpoint_every, keep, max_steps, admin_token, max_connections, max_per_ip, replicate, tolerance, max_strikes);
         Ok((self, train))
     }
@@ -414,6 +418,7 @@ impl RunArgs {
             job_timeout_min: self
                 .job_timeout
                 .map_or(d.job_timeout_min, Duration::from_secs_f64),
+            jobs_ahead: self.jobs_ahead.unwrap_or(d.jobs_ahead).max(1),
             eval_every: self.eval_every.unwrap_or(25),
             checkpoint_every: self.checkpoint_every.unwrap_or(d.checkpoint_every),
             keep: self.keep.unwrap_or(d.keep),

@@ -76,11 +76,13 @@ struct Entry {
 /// Every contributor's credit, and which connection is whose.
 #[derive(Debug, Default)]
 pub struct Credit {
-    tally: HashMap<[u8; 32], Entry>,
+    /// Keyed by SHA-256 digests of server-made tokens and by server-made
+    /// ids: nobody can aim at collisions, so a fast hash (foldhash) does.
+    tally: HashMap<[u8; 32], Entry, foldhash::fast::RandomState>,
     /// The key of every connection that joined: a client that left before
     /// its members' steps closed is still credited at their closes, then
     /// forgotten.
-    live: HashMap<ClientId, [u8; 32]>,
+    live: HashMap<ClientId, [u8; 32], foldhash::fast::RandomState>,
     /// The leaderboard, built when asked after a change.
     board: RefCell<Option<Arc<Leaderboard>>>,
 }
@@ -159,16 +161,16 @@ impl Credit {
         }
     }
 
-    /// Credits one verified member to connection `id`'s contributor; false
+    /// Credits `n` verified members to connection `id`'s contributor; false
     /// if it has none (no session) or is banned.
-    pub fn credit(&mut self, id: ClientId) -> bool {
+    pub fn credit(&mut self, id: ClientId, n: u64) -> bool {
         let Some(e) = self.live.get(&id).and_then(|k| self.tally.get_mut(k)) else {
             return false;
         };
         if e.banned {
             return false;
         }
-        e.members += 1;
+        e.members += n;
         self.changed();
         true
     }
@@ -248,16 +250,33 @@ impl Coordinator {
     pub(super) fn credit_close(&mut self, books: &Ledger) {
         let tol = self.settings.tolerance;
         let agree = |a: f32, b: f32| (a - b).abs() <= tol * a.abs().max(1.0);
+        // Counted per connection first, then credited once per connection:
+        // a step's thousands of members cost a lookup each, not three.
+        let mut per_client: HashMap<ClientId, u64, foldhash::fast::RandomState> = HashMap::default();
         let mut seen: Vec<[u8; 32]> = Vec::with_capacity(3);
         for (m, loss) in books.results() {
-            seen.clear();
-            for &(id, claimed) in books.claims(m) {
-                let Some(key) = self.credit.key(id) else { continue };
-                if agree(loss, claimed) && !seen.contains(&key) {
-                    seen.push(key);
-                    self.credit.credit(id);
+            match books.claims(m) {
+                // One claim (most members of trusted contributors): no
+                // contributor to tell apart.
+                &[(id, claimed)] => {
+                    if agree(loss, claimed) {
+                        *per_client.entry(id).or_default() += 1;
+                    }
+                }
+                claims => {
+                    seen.clear();
+                    for &(id, claimed) in claims {
+                        let Some(key) = self.credit.key(id) else { continue };
+                        if agree(loss, claimed) && !seen.contains(&key) {
+                            seen.push(key);
+                            *per_client.entry(id).or_default() += 1;
+                        }
+                    }
                 }
             }
+        }
+        for (id, n) in per_client {
+            self.credit.credit(id, n);
         }
         // A connection that left is still credited when a step in flight
         // that holds its claims closes; after that it is forgotten.
@@ -288,10 +307,10 @@ mod tests {
         c.join(1, &a, "ada");
         c.join(2, &b, "  bob\u{202e} ");
         for _ in 0..3 {
-            assert!(c.credit(2));
+            assert!(c.credit(2, 1));
         }
-        assert!(c.credit(1));
-        assert!(!c.credit(9), "an unknown connection has no credit");
+        assert!(c.credit(1, 1));
+        assert!(!c.credit(9, 1), "an unknown connection has no credit");
         let board = c.board();
         assert_eq!(board.total, 2);
         let names: Vec<(&str, u64, usize)> = board
@@ -313,9 +332,9 @@ mod tests {
         let mut c = Credit::default();
         let t = [7u8; 16];
         c.join(1, &t, "liar");
-        assert!(c.credit(1) && c.credit(1));
+        assert!(c.credit(1, 1) && c.credit(1, 1));
         c.void(Some(t));
-        assert!(!c.credit(1), "a banned contributor earns nothing");
+        assert!(!c.credit(1, 1), "a banned contributor earns nothing");
         let row = &c.board().contributors[0];
         assert_eq!((row.members, row.banned), (0, true));
         assert_eq!(c.standing(&t), Some(true));

@@ -52,6 +52,7 @@ use seedling_core::Replica;
 use seedling_core::protocol::{
     self, ClientKind, ClientMsg, MAX_SERVER_MESSAGE, PROTOCOL_VERSION, ServerMsg, SessionToken,
 };
+use smallvec::SmallVec;
 
 pub use self::types::{
     AdminCommand, CheckpointReason, ClientId, ClientReport, Contributor, Event, Input, JobFrame, Leaderboard,
@@ -78,7 +79,11 @@ struct Client {
     /// Results in the minority of a replicated member.
     strikes: u32,
     hello: Option<(ClientKind, u32)>,
-    job: Option<u64>,
+    /// Its live jobs, oldest first: at most [`Settings::jobs_ahead`].
+    jobs: SmallVec<[u64; 2]>,
+    /// When its latest result arrived: a job sent ahead starts computing
+    /// then, not when it was sent.
+    last_result: Option<Instant>,
     /// Members per second, exponential moving average of completed jobs.
     speed: f64,
     members: u64,
@@ -184,7 +189,8 @@ impl Coordinator {
                         agreed: 0,
                         strikes: 0,
                         hello: None,
-                        job: None,
+                        jobs: SmallVec::new(),
+                        last_result: None,
                         speed: 0.0,
                         members: 0,
                         queued: false,
@@ -319,7 +325,7 @@ impl Coordinator {
             self.ready -= 1;
         }
         self.sessions.release(c.session, id, c.agreed, c.strikes);
-        if let Some(job_id) = c.job {
+        for job_id in c.jobs {
             if let Some(job) = self.sched.jobs.remove(job_id) {
                 self.counters.reissued += 1;
                 self.give_back(job.step, job.members);

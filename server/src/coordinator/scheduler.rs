@@ -35,7 +35,7 @@ pub(super) struct Job {
 /// The scheduler's state: work to hand out, jobs out, clients waiting.
 #[derive(Default)]
 pub(super) struct Schedule {
-    /// Clients past the handshake with no job, in the order they became
+    /// Clients past the handshake with room for a job, in the order they became
     /// idle: the serve order of [`Coordinator::assign`], longest waiting
     /// first, so a newcomer is served before anyone who got work after it
     /// joined. A client enters once (its `queued` flag) and leaves when it
@@ -95,7 +95,7 @@ impl Coordinator {
         for id in expired {
             let job = self.sched.jobs.remove(id).unwrap();
             if let Some(c) = self.clients.get_mut(&job.client) {
-                c.job = None;
+                c.jobs.retain(|j| *j != id);
                 // The client is slower than it looked: halve its estimate.
                 c.speed *= 0.5;
             }
@@ -211,8 +211,15 @@ impl Coordinator {
                 continue;
             }
             let step = self.open[chosen].step;
+            // A job sent ahead is evaluated after the client's others.
+            let backlog: usize = c
+                .jobs
+                .iter()
+                .filter_map(|&j| self.sched.jobs.get(j))
+                .map(|j| j.members.len())
+                .sum();
             let expected = if c.speed > 0.0 {
-                members.len() as f64 / c.speed
+                (backlog + members.len()) as f64 / c.speed
             } else {
                 0.0
             };
@@ -242,8 +249,13 @@ impl Coordinator {
                 unreachable!("job ids only grow");
             }
             let client = self.clients.get_mut(&id).unwrap();
-            client.job = Some(job_id);
-            client.queued = false;
+            client.jobs.push(job_id);
+            // Room for another job: back in the queue, behind everyone
+            // waiting, so first jobs go out before second ones.
+            client.queued = client.jobs.len() < self.settings.jobs_ahead.max(1);
+            if client.queued {
+                sched.idle.push_back(id);
+            }
             sched.owners.push_back((job_id, id));
             if sched.owners.len() > MAX_OWNERS {
                 sched.owners.pop_front();
@@ -258,12 +270,12 @@ impl Coordinator {
         }
     }
 
-    /// Queues `id` as idle if it is past its handshake with no job and not
-    /// queued yet. (Only [`Coordinator::assign`] gives a client a job, and
+    /// Queues `id` as idle if it is past its handshake with room for a job
+    /// and not queued yet. (Only [`Coordinator::assign`] gives a client a job, and
     /// it takes the client out of the queue as it does.)
     pub(super) fn sync_idle(&mut self, id: ClientId) {
         if let Some(c) = self.clients.get_mut(&id) {
-            if c.hello.is_some() && c.job.is_none() && !c.queued {
+            if c.hello.is_some() && c.jobs.len() < self.settings.jobs_ahead.max(1) && !c.queued {
                 c.queued = true;
                 self.sched.idle.push_back(id);
             }

@@ -263,7 +263,7 @@ impl Coordinator {
         for id in voided {
             let jobs = &self.sched.jobs;
             if let Some(c) = self.clients.get_mut(&id) {
-                c.job = c.job.filter(|&j| jobs.contains(j));
+                c.jobs.retain(|j| jobs.contains(*j));
             }
             self.sync_idle(id);
         }

@@ -147,7 +147,7 @@ fn any_message_sequence(
                 let live = c
                     .clients
                     .get(&client)
-                    .and_then(|cl| cl.job)
+                    .and_then(|cl| cl.jobs.first().copied())
                     .and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.step, jb.members.to_vec())));
                 match (kind, live) {
                     (2, Some((j, s, members))) => Input::Message {
@@ -199,8 +199,12 @@ fn check_books(c: &Coordinator) -> Result<(), TestCaseError> {
         prop_assert!(o.verify.iter().all(|m| !o.pool.contains(m)));
     }
     let s = &c.sched;
-    for (_, job) in s.jobs.iter() {
+    for (jid, job) in s.jobs.iter() {
         prop_assert!(c.clients.contains_key(&job.client), "a job outlived its client");
+        prop_assert!(
+            c.clients[&job.client].jobs.contains(&jid),
+            "a live job its client does not hold"
+        );
         let i = c.open_index(job.step);
         prop_assert!(i.is_some(), "a job of a closed step is live");
         let o = &c.open[i.unwrap()];
@@ -208,8 +212,13 @@ fn check_books(c: &Coordinator) -> Result<(), TestCaseError> {
     }
     for (id, cl) in &c.clients {
         prop_assert!(
-            cl.job
-                .is_none_or(|j| s.jobs.get(j).is_some_and(|jb| jb.client == *id))
+            cl.jobs
+                .iter()
+                .all(|&j| s.jobs.get(j).is_some_and(|jb| jb.client == *id))
+        );
+        prop_assert!(
+            cl.jobs.len() <= c.settings.jobs_ahead.max(1),
+            "a client holds too many jobs"
         );
     }
     for rec in c.sessions.map.values() {
@@ -223,7 +232,7 @@ fn check_books(c: &Coordinator) -> Result<(), TestCaseError> {
     let want: BTreeSet<ClientId> = c
         .clients
         .iter()
-        .filter(|(_, cl)| cl.hello.is_some() && cl.job.is_none())
+        .filter(|(_, cl)| cl.hello.is_some() && cl.jobs.len() < c.settings.jobs_ahead.max(1))
         .map(|(&id, _)| id)
         .collect();
     let queued: BTreeSet<ClientId> = s.idle.iter().copied().collect();
@@ -345,7 +354,7 @@ proptest! {
                 connect(&mut c, &mut w, offender, now);
             }
             // A real message of the offender's, then damaged.
-            let job = c.clients[&offender].job.and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.members.len())));
+            let job = c.clients[&offender].jobs.first().copied().and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.members.len())));
             let msg = match (which, job) {
                 (0, _) => simulated(None),
                 (1, Some((job, n))) => ClientMsg::Losses { step: c.replica.step, job, losses: vec![0.5; n] },
@@ -372,7 +381,7 @@ proptest! {
                 prop_assert!(!c.clients.contains_key(&offender));
             }
             // The honest client answers whatever it holds, correctly.
-            let live = c.clients[&honest].job.and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.members.to_vec())));
+            let live = c.clients[&honest].jobs.first().copied().and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.members.to_vec())));
             if let Some((job, members)) = live {
                 let losses = members.iter().map(|&m| m as f32 * 0.1).collect();
                 c.handle(Input::Message { client: honest, msg: ClientMsg::Losses { step: c.replica.step, job, losses } }, now, &mut w);
@@ -390,7 +399,7 @@ proptest! {
             }
             now += Duration::from_millis(10);
             c.handle(Input::Tick, now, &mut w);
-            let live = c.clients[&honest].job.and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.members.to_vec())));
+            let live = c.clients[&honest].jobs.first().copied().and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.members.to_vec())));
             if let Some((job, members)) = live {
                 let losses = members.iter().map(|&m| m as f32 * 0.1).collect();
                 c.handle(Input::Message { client: honest, msg: ClientMsg::Losses { step: c.replica.step, job, losses } }, now, &mut w);
@@ -417,20 +426,30 @@ fn a_lone_slow_client_gets_its_expired_members_back() {
         t0,
         &mut w,
     );
-    let first = drain(&mut w, 1).0.into_iter().find_map(|m| match m {
-        ServerMsg::Job { members, .. } => Some(members),
-        _ => None,
-    });
-    let first = first.expect("a job");
-    // Past the deadline: the job expires and is reissued, to the same client.
+    // Every member of the client's jobs (two: one sent ahead), in order.
+    let members = |w: &mut Wires| {
+        let jobs: Vec<Vec<u32>> = drain(w, 1)
+            .0
+            .into_iter()
+            .filter_map(|m| match m {
+                ServerMsg::Job { members, .. } => Some(members),
+                _ => None,
+            })
+            .collect();
+        (jobs.len() as u64, jobs.concat())
+    };
+    let (jobs, first) = members(&mut w);
+    assert_eq!(jobs, c.settings.jobs_ahead as u64, "a job and one sent ahead");
+    // Past the deadline: the jobs expire and are reissued, to the same client.
     let later = t0 + Duration::from_secs(1);
     c.handle(Input::Tick, later, &mut w);
-    let again = drain(&mut w, 1).0.into_iter().find_map(|m| match m {
-        ServerMsg::Job { members, .. } => Some(members),
-        _ => None,
-    });
-    assert_eq!(again.expect("the members again"), first);
-    assert_eq!(c.counters.reissued, 1);
+    let (_, again) = members(&mut w);
+    let sorted = |mut v: Vec<u32>| {
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(sorted(again), sorted(first), "the members again");
+    assert_eq!(c.counters.reissued, jobs);
 }
 
 /// Credit is verified members only: two honest clients and a liar answer
@@ -569,4 +588,104 @@ fn credit_run(mut c: Coordinator) -> (Coordinator, Vec<SessionToken>) {
 #[test]
 fn credit_with_steps_in_flight_counts_each_closed_step() {
     credit_run(lagged_coordinator(2));
+}
+
+/// A volunteer is never left waiting a round trip for work: it holds a job
+/// and the one sent ahead, and each result it returns brings another while
+/// it is still busy with the one it holds.
+#[test]
+fn the_next_job_travels_while_the_client_computes() {
+    let mut c = coordinator();
+    let mut w = Wires::default();
+    let t0 = Instant::now();
+    connect(&mut c, &mut w, 1, t0);
+    c.handle(
+        Input::Message {
+            client: 1,
+            msg: simulated(None),
+        },
+        t0,
+        &mut w,
+    );
+    let jobs = |w: &mut Wires| -> Vec<(u64, u64, usize)> {
+        drain(w, 1)
+            .0
+            .into_iter()
+            .filter_map(|m| match m {
+                ServerMsg::Job {
+                    step, job, members, ..
+                } => Some((step, job, members.len())),
+                _ => None,
+            })
+            .collect()
+    };
+    let sent = jobs(&mut w);
+    assert_eq!(sent.len(), 2, "a job and one sent ahead: {sent:?}");
+    let (step, job, n) = sent[0];
+    let t1 = t0 + Duration::from_millis(100);
+    let losses = vec![1.0; n];
+    c.handle(
+        Input::Message {
+            client: 1,
+            msg: ClientMsg::Losses { step, job, losses },
+        },
+        t1,
+        &mut w,
+    );
+    let next = jobs(&mut w);
+    assert_eq!(next.len(), 1, "one more job as the first comes back: {next:?}");
+    assert_eq!(c.clients[&1].jobs.len(), 2, "still holding two");
+    assert_eq!(
+        c.clients[&1].jobs[0], sent[1].1,
+        "the job sent ahead is the older"
+    );
+    // The job sent ahead began when the first came back: its speed is its
+    // members over the time since then, not since it was sent.
+    let (step, job, n) = sent[1];
+    let t2 = t1 + Duration::from_millis(50);
+    let before = c.clients[&1].speed;
+    c.handle(
+        Input::Message {
+            client: 1,
+            msg: ClientMsg::Losses {
+                step,
+                job,
+                losses: vec![1.0; n],
+            },
+        },
+        t2,
+        &mut w,
+    );
+    let rate = n as f64 / 0.05;
+    let want = 0.7 * before + 0.3 * rate;
+    assert!(
+        (c.clients[&1].speed - want).abs() < 1e-6 * want,
+        "{} != {want}",
+        c.clients[&1].speed
+    );
+}
+
+/// With one job at a time a client gets its next job only after a result.
+#[test]
+fn one_job_at_a_time_when_asked() {
+    let mut c = coordinator();
+    c.settings.jobs_ahead = 1;
+    let mut w = Wires::default();
+    let t0 = Instant::now();
+    connect(&mut c, &mut w, 1, t0);
+    c.handle(
+        Input::Message {
+            client: 1,
+            msg: simulated(None),
+        },
+        t0,
+        &mut w,
+    );
+    let sent = drain(&mut w, 1)
+        .0
+        .into_iter()
+        .filter(|m| matches!(m, ServerMsg::Job { .. }))
+        .count();
+    assert_eq!(sent, 1);
+    assert_eq!(c.clients[&1].jobs.len(), 1);
 }

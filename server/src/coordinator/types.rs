@@ -254,6 +254,12 @@ pub struct Settings {
     pub job_target: Duration,
     /// Shortest job deadline, whatever the client's speed.
     pub job_timeout_min: Duration,
+    /// Jobs a client may hold at once. With two, its next job is already on
+    /// the wire while it evaluates the current one, so a volunteer a round
+    /// trip away computes without a gap instead of idling for a round trip
+    /// after every job. One gives the strict request-reply of a client
+    /// that is never sent work ahead.
+    pub jobs_ahead: usize,
     /// Compute the validation loss every this many steps (0 = never).
     pub eval_every: u64,
     /// Write a checkpoint every this many steps (0 = only at shutdown).
@@ -290,6 +296,7 @@ impl Default for Settings {
             step_timeout: Duration::from_secs(60),
             job_target: Duration::from_millis(500),
             job_timeout_min: Duration::from_secs(10),
+            jobs_ahead: 2,
             eval_every: 50,
             checkpoint_every: 100,
             keep: 3,

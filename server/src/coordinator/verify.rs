@@ -46,7 +46,7 @@ impl Coordinator {
             // step for a live job leaves the job (and its deadline) in place.
             let jobs = &self.sched.jobs;
             if let Some(c) = self.clients.get_mut(&id) {
-                c.job = c.job.filter(|&j| j != job_id || jobs.contains(j));
+                c.jobs.retain(|j| *j != job_id || jobs.contains(*j));
             }
             self.sync_idle(id);
             return;
@@ -67,9 +67,13 @@ impl Coordinator {
         }
         let job = self.sched.jobs.remove(job_id).unwrap();
         self.counters.round_trip(now.saturating_duration_since(job.sent));
-        let secs = now.saturating_duration_since(job.sent).as_secs_f64().max(1e-3);
         let client = self.clients.get_mut(&id).unwrap();
-        client.job = None;
+        // A job sent ahead waited at the client for the one before it: its
+        // evaluation began when that one's result came back.
+        let began = client.last_result.map_or(job.sent, |t| t.max(job.sent));
+        let secs = now.saturating_duration_since(began).as_secs_f64().max(1e-3);
+        client.last_result = Some(now);
+        client.jobs.retain(|j| *j != job_id);
         if !std::mem::replace(&mut client.queued, true) {
             self.sched.idle.push_back(id);
         }
