@@ -41,7 +41,11 @@ pub mod schema;
 /// carries the past weight versions a replica keeps for that.
 /// 8: the Hello carries the volunteer's display name (possibly empty), for
 /// the contributors' leaderboard.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// 9: a job names the weights version its members are evaluated at, so the
+/// coordinator can open steps in flight as the network needs rather than
+/// by a fixed rule; a snapshot carries only the past versions open steps
+/// use.
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Longest display name, in characters, after [`clean_name`]. A Hello whose
 /// name is longer does not decode: clients clean their names before sending.
@@ -190,10 +194,15 @@ pub enum ServerMsg {
         /// They let a joining or resynced client evaluate any open step.
         versions: Vec<Vec<f32>>,
     },
-    /// Work: evaluate `members` at `step` on the minibatch `tokens`.
+    /// Work: evaluate `members` of `step`, perturbing the weights after
+    /// `version` updates, on the minibatch `tokens`.
     Job {
-        /// Step the members belong to.
+        /// Step the members belong to (their noise is the step's).
         step: u64,
+        /// The weights version to perturb: `step` itself when the step waits
+        /// for the one before it, earlier with steps in flight. At most
+        /// `step`; a replica evaluates it only while it holds that version.
+        version: u64,
         /// Id to quote in the reply.
         job: u64,
         /// Member indices to evaluate.
@@ -277,6 +286,7 @@ impl EncodedTokens {
 #[derive(Serialize)]
 struct JobHead<'a> {
     step: u64,
+    version: u64,
     job: u64,
     members: &'a [u32],
 }
@@ -284,12 +294,14 @@ struct JobHead<'a> {
 /// postcard's varint of [`ServerMsg::Job`]'s variant index.
 const JOB_TAG: u8 = 2;
 
-/// Appends to `out` the bytes of `ServerMsg::Job { step, job, members,
-/// tokens, deadline_ms }`, identical to [`encode`]'s, with the minibatch
+/// Appends to `out` the bytes of `ServerMsg::Job { step, version, job,
+/// members, tokens, deadline_ms }`, identical to [`encode`]'s, with the minibatch
 /// copied in already encoded; fails, leaving `out` as it was, only if they
 /// exceed `cap`. Appending lets the caller reuse one buffer for every job.
+#[allow(clippy::too_many_arguments)] // the fields of a Job, in order
 pub fn encode_job(
     step: u64,
+    version: u64,
     job: u64,
     members: &[u32],
     tokens: &EncodedTokens,
@@ -299,7 +311,7 @@ pub fn encode_job(
 ) -> Result<()> {
     let start = out.len();
     out.reserve(tokens.0.len() + 5 * members.len() + 32);
-    encode_job_head(step, job, members, out)?;
+    encode_job_head(step, version, job, members, out)?;
     out.extend_from_slice(&tokens.0);
     encode_job_tail(deadline_ms, out)?;
     within(out.len() - start, cap).inspect_err(|_| out.truncate(start))
@@ -309,9 +321,15 @@ pub fn encode_job(
 /// these, then [`EncodedTokens::as_bytes`], then [`encode_job_tail`]'s.
 /// A server can keep the minibatch, the bulk of every job of a step, in
 /// one shared buffer and let each connection join the three parts.
-pub fn encode_job_head(step: u64, job: u64, members: &[u32], out: &mut Vec<u8>) -> Result<()> {
+pub fn encode_job_head(step: u64, version: u64, job: u64, members: &[u32], out: &mut Vec<u8>) -> Result<()> {
     out.push(JOB_TAG);
-    let bytes = postcard::to_extend(&JobHead { step, job, members }, core::mem::take(out));
+    let head = JobHead {
+        step,
+        version,
+        job,
+        members,
+    };
+    let bytes = postcard::to_extend(&head, core::mem::take(out));
     *out = bytes.map_err(|e| Error::Wire(format!("encode: {e}")))?;
     Ok(())
 }
@@ -371,6 +389,11 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg> {
                     "tokenizer size differs from the model's vocab".into(),
                 ));
             }
+        }
+        ServerMsg::Job { step, version, .. } if version > step => {
+            return Err(Error::Wire(format!(
+                "job of step {step} at weights version {version}, after its own update"
+            )));
         }
         ServerMsg::Update { lr, weights, .. } => {
             if weights.iter().any(|(_, w)| !w.is_finite()) {

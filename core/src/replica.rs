@@ -98,14 +98,15 @@ impl Replica {
     }
 
     /// This replica with the past weight versions of a snapshot or
-    /// checkpoint, oldest first (see [`Replica::versions`]). Refused unless
-    /// they are exactly the ones a replica at this step keeps:
-    /// `min(lag, step)` versions of the model's length, all finite.
+    /// checkpoint, oldest first (see [`Replica::versions`]): the newest of
+    /// those a replica at this step keeps, so at most `min(lag, step)`
+    /// versions of the model's length, all finite. (A snapshot carries only
+    /// the versions the open steps use; the ring fills up as updates come.)
     pub fn with_versions(mut self, versions: Vec<Vec<f32>>) -> Result<Self> {
         let want = self.step.min(self.config.es.lag as u64);
-        if versions.len() as u64 != want {
+        if versions.len() as u64 > want {
             return Err(Error::Config(alloc::format!(
-                "a replica at step {} with lag {} keeps {want} past weight versions, got {}",
+                "a replica at step {} with lag {} keeps at most {want} past weight versions, got {}",
                 self.step,
                 self.config.es.lag,
                 versions.len()
@@ -132,11 +133,19 @@ impl Replica {
     /// step, weights, Adam moments and past weight versions, everything a
     /// client needs to join at this step.
     pub fn snapshot(&self) -> crate::protocol::ServerMsg {
+        self.snapshot_since(0)
+    }
+
+    /// [`Replica::snapshot`] with only the past versions from `oldest` on:
+    /// those the open steps are evaluated at, and no more to send.
+    pub fn snapshot_since(&self, oldest: u64) -> crate::protocol::ServerMsg {
+        let n = self.versions.len() as u64;
+        let skip = n.saturating_sub(self.step.saturating_sub(oldest)) as usize;
         crate::protocol::ServerMsg::Snapshot {
             step: self.step,
             params: self.params.clone(),
             adam: self.adam.clone(),
-            versions: self.versions().map(<[f32]>::to_vec).collect(),
+            versions: self.versions().skip(skip).map(<[f32]>::to_vec).collect(),
         }
     }
 
@@ -151,8 +160,8 @@ impl Replica {
         (back <= n).then(|| &self.versions[(n - back) as usize][..])
     }
 
-    /// Whether this replica can evaluate members of `step`: it holds the
-    /// weights version `step` is evaluated at (`max(step - lag, 0)`).
+    /// Whether this replica can evaluate members of `step` by the config's
+    /// rule: it holds the weights version `max(step - lag, 0)`.
     pub fn can_evaluate(&self, step: u64) -> bool {
         self.weights_at(self.config.es.version_of(step)).is_some()
     }
@@ -180,7 +189,21 @@ impl Replica {
     /// version (it has not applied the updates before it, or has dropped
     /// it).
     pub fn evaluate_step(&self, step: u64, tokens: &[Token], members: &[u32]) -> Result<Vec<f32>> {
-        let version = self.config.es.version_of(step);
+        self.evaluate_at(step, self.config.es.version_of(step), tokens, members)
+    }
+
+    /// Losses of `members` of `step`, their perturbations applied to the
+    /// weights after `version` updates (a job names its version: the
+    /// coordinator decides how far behind each open step is evaluated).
+    /// Fails with [`Error::Step`] when this replica does not hold that
+    /// version.
+    pub fn evaluate_at(
+        &self,
+        step: u64,
+        version: u64,
+        tokens: &[Token],
+        members: &[u32],
+    ) -> Result<Vec<f32>> {
         let params = self.weights_at(version).ok_or(Error::Step {
             expected: self.step,
             got: step,

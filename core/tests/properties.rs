@@ -365,17 +365,21 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
         (
             any::<u64>(),
             any::<u64>(),
+            any::<u64>(),
             prop::collection::vec(any::<u32>(), 0..32),
             prop::collection::vec(any::<Token>(), 0..64),
             any::<u32>()
         )
-            .prop_map(|(step, job, members, tokens, deadline_ms)| ServerMsg::Job {
-                step,
-                job,
-                members,
-                tokens,
-                deadline_ms,
-            }),
+            .prop_map(
+                |(step, behind, job, members, tokens, deadline_ms)| ServerMsg::Job {
+                    step,
+                    version: step.saturating_sub(behind),
+                    job,
+                    members,
+                    tokens,
+                    deadline_ms,
+                }
+            ),
         (
             any::<u64>(),
             0.0f32..10.0,
@@ -492,24 +496,26 @@ proptest! {
     #[test]
     fn spliced_jobs_encode_like_serde(
         step in any::<u64>(),
+        version in any::<u64>(),
         job in any::<u64>(),
         members in prop::collection::vec(any::<u32>(), 0..64),
         tokens in prop::collection::vec(any::<Token>(), 0..600),
         deadline_ms in any::<u32>(),
     ) {
+        let version = version.min(step);
         let wire = EncodedTokens::new(&tokens).unwrap();
         let mut spliced = vec![7u8];
-        protocol::encode_job(step, job, &members, &wire, deadline_ms, MAX_SERVER_MESSAGE, &mut spliced).unwrap();
+        protocol::encode_job(step, version, job, &members, &wire, deadline_ms, MAX_SERVER_MESSAGE, &mut spliced).unwrap();
         prop_assert_eq!(spliced.remove(0), 7, "appends after what the buffer held");
         let mut out = vec![];
-        let over = protocol::encode_job(step, job, &members, &wire, deadline_ms, spliced.len() - 1, &mut out);
+        let over = protocol::encode_job(step, version, job, &members, &wire, deadline_ms, spliced.len() - 1, &mut out);
         prop_assert!(over.is_err() && out.is_empty(), "one byte over the cap must be refused");
         let mut parts = vec![];
-        protocol::encode_job_head(step, job, &members, &mut parts).unwrap();
+        protocol::encode_job_head(step, version, job, &members, &mut parts).unwrap();
         parts.extend_from_slice(wire.as_bytes());
         protocol::encode_job_tail(deadline_ms, &mut parts).unwrap();
         prop_assert_eq!(&parts, &spliced, "head, tokens and tail joined are the frame");
-        let msg = ServerMsg::Job { step, job, members, tokens, deadline_ms };
+        let msg = ServerMsg::Job { step, version, job, members, tokens, deadline_ms };
         prop_assert_eq!(&spliced, &protocol::encode(&msg, MAX_SERVER_MESSAGE).unwrap());
     }
 

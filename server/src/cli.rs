@@ -165,11 +165,17 @@ pub struct RunArgs {
     /// Noise scale [default: 0.02].
     #[arg(long, allow_negative_numbers = true, help_heading = "Evolution strategies")]
     pub sigma: Option<f32>,
-    /// Steps in flight beyond the one closing [default: 0, at most 64]:
-    /// step s's members are evaluated at the weights of step s - lag, so
-    /// volunteers work on later steps while earlier ones close.
+    /// Most steps in flight beyond the one closing [default: 16 for serve,
+    /// 0 for train; at most 64]: volunteers evaluate later steps, at
+    /// weights up to this many updates old, while earlier ones close. serve
+    /// opens only as many as keep its volunteers busy (see --fixed-lag).
     #[arg(long)]
     pub lag: Option<u32>,
+    /// Keep all --lag steps in flight at all times, each evaluated exactly
+    /// lag updates behind, instead of as many as the volunteers need.
+    #[arg(long, help_heading = "Volunteers")]
+    #[serde(default)]
+    pub fixed_lag: bool,
     /// Adam step size [default: 0.01].
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub lr: Option<f32>,
@@ -315,6 +321,7 @@ impl RunArgs {
             weight_decay, beta1, beta2, noise, rank, init_scale, schedule, warmup, decay_steps, min_lr_ratio, decay_gamma,
             shaping, head, readout, input_rows, output_bias, min_fraction, step_timeout, job_timeout, jobs_ahead, eval_every,
             eval_windows, checkpoint_every, keep, max_steps, admin_token, max_connections, max_per_ip, replicate, tolerance, max_strikes);
+        self.fixed_lag |= f.fixed_lag;
         Ok((self, train))
     }
 
@@ -419,6 +426,7 @@ impl RunArgs {
                 .job_timeout
                 .map_or(d.job_timeout_min, Duration::from_secs_f64),
             jobs_ahead: self.jobs_ahead.unwrap_or(d.jobs_ahead).max(1),
+            fixed_lag: self.fixed_lag,
             eval_every: self.eval_every.unwrap_or(25),
             checkpoint_every: self.checkpoint_every.unwrap_or(d.checkpoint_every),
             keep: self.keep.unwrap_or(d.keep),
@@ -612,11 +620,19 @@ pub struct ServeArgs {
     pub minutes: Option<f64>,
 }
 
+/// serve's most steps in flight unless told: enough to cover a round trip
+/// of about 100 ms at the step rate of a fleet of a few cores. Every
+/// replica keeps this many past weight versions.
+pub const SERVE_LAG: u32 = 16;
+
 impl ServeArgs {
     /// The server flags with `--config` merged in and `--minutes` as the
-    /// run's time budget, as for `train`.
+    /// run's time budget, as for `train`; steps in flight up to
+    /// [`SERVE_LAG`] unless the flags say otherwise.
     pub fn run_args(&self) -> anyhow::Result<RunArgs> {
-        with_budget(&self.run, self.minutes)
+        let mut run = with_budget(&self.run, self.minutes)?;
+        run.lag.get_or_insert(SERVE_LAG);
+        Ok(run)
     }
 }
 

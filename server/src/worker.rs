@@ -169,15 +169,16 @@ pub fn evaluate_parallel(
     members: &[u32],
     threads: usize,
 ) -> seedling_core::Result<Vec<f32>> {
-    evaluate_step_parallel(replica, replica.step, tokens, members, threads)
+    evaluate_step_parallel(replica, replica.step, replica.step, tokens, members, threads)
 }
 
-/// [`evaluate_parallel`] for the members of `step`, which with steps in
-/// flight may be any step whose weights version the replica holds
-/// ([`Replica::evaluate_step`]).
+/// [`evaluate_parallel`] for the members of `step` at the weights after
+/// `version` updates, which with steps in flight may be any version the
+/// replica holds ([`Replica::evaluate_at`]).
 pub fn evaluate_step_parallel(
     replica: &Replica,
     step: u64,
+    version: u64,
     tokens: &[Token],
     members: &[u32],
     threads: usize,
@@ -189,7 +190,7 @@ pub fn evaluate_step_parallel(
     // thread t rests after its chunks as duty cycle t says.
     let share = &crate::duty::CPU_SHARE;
     if threads == 1 {
-        return share.paced(0, || replica.evaluate_step(step, tokens, members));
+        return share.paced(0, || replica.evaluate_at(step, version, tokens, members));
     }
     let chunks: Vec<&[u32]> = split::guided(members.len(), threads, PARALLEL_MIN, 2)
         .into_iter()
@@ -207,7 +208,10 @@ pub fn evaluate_step_parallel(
                         let Some(chunk) = chunks.get(i) else {
                             break mine;
                         };
-                        mine.push((i, share.paced(t, || replica.evaluate_step(step, tokens, chunk))));
+                        mine.push((
+                            i,
+                            share.paced(t, || replica.evaluate_at(step, version, tokens, chunk)),
+                        ));
                     }
                 })
             })
@@ -369,7 +373,14 @@ async fn evaluate(
     clock: &Clock,
 ) -> anyhow::Result<Outcome> {
     let (work, losses) = tokio::task::spawn_blocking(move || {
-        let losses = evaluate_step_parallel(&work.replica, work.step, &work.tokens, &work.members, threads);
+        let losses = evaluate_step_parallel(
+            &work.replica,
+            work.step,
+            work.version,
+            &work.tokens,
+            &work.members,
+            threads,
+        );
         (work, losses)
     })
     .await?;
@@ -524,6 +535,7 @@ mod tests {
                 });
                 frames.push(server(&ServerMsg::Job {
                     step,
+                    version: step,
                     job,
                     members,
                     tokens: batch(step),
@@ -532,6 +544,7 @@ mod tests {
             }
             frames.push(server(&ServerMsg::Job {
                 step: step + 1,
+                version: step + 1,
                 job: 99,
                 members: vec![4, 5],
                 tokens: batch(step + 1),
@@ -557,6 +570,7 @@ mod tests {
         frames.push(server(&ServerMsg::Resync));
         frames.push(server(&ServerMsg::Job {
             step: 3,
+            version: 3,
             job: 40,
             members: vec![0, 1],
             tokens: batch(3),
@@ -571,6 +585,7 @@ mod tests {
         let members = vec![7, 3, 30];
         frames.push(server(&ServerMsg::Job {
             step: 4,
+            version: 4,
             job: 41,
             members: members.clone(),
             tokens: batch(4),

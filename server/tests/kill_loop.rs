@@ -47,6 +47,12 @@ fn serve(data: &Path, run_dir: &Path, port: u16, max_steps: u64, log: &Path) -> 
         &max_steps.to_string(),
         "--job-timeout",
         "2",
+        // Steps in flight by the fixed rule: which weights each step is
+        // evaluated at is a function of the step, so the killed run can
+        // end where the uninterrupted one does.
+        "--lag",
+        "3",
+        "--fixed-lag",
     ]
     .map(String::from);
     spawn_server(&args, log)

@@ -84,6 +84,8 @@ async fn next_msg(c: &mut RawClient, server: &Server) -> Option<ServerMsg> {
 /// A job as the volunteer saw it.
 struct Job {
     step: u64,
+    /// The weights version its members perturb.
+    version: u64,
     job: u64,
     members: Vec<u32>,
     tokens: Vec<seedling_core::tokenizer::Token>,
@@ -158,12 +160,14 @@ impl Volunteer {
         match self.read_until(|m| matches!(m, ServerMsg::Job { .. })).await? {
             ServerMsg::Job {
                 step,
+                version,
                 job,
                 members,
                 tokens,
                 deadline_ms,
             } => Some(Job {
                 step,
+                version,
                 job,
                 members,
                 tokens,
@@ -175,11 +179,10 @@ impl Volunteer {
 
     /// The honest answer to `job`.
     fn answer(&self, job: &Job) -> ClientMsg {
-        assert_eq!(
-            self.replica.step, job.step,
-            "a job for another step than the replica's"
-        );
-        let l = self.replica.evaluate(&job.tokens, &job.members).unwrap();
+        let l = self
+            .replica
+            .evaluate_at(job.step, job.version, &job.tokens, &job.members)
+            .expect("the replica holds the job's weights version");
         sim::losses(job.step, job.job, &job.members, |m| {
             l[job.members.iter().position(|&x| x == m).unwrap()]
         })

@@ -174,6 +174,7 @@ mod tests {
         let tokens = vec![1u16; config.batch_tokens()];
         let job = ServerMsg::Job {
             step: 0,
+            version: 0,
             job: 3,
             members: vec![2, 3],
             tokens: tokens.clone(),

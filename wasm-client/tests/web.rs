@@ -130,6 +130,7 @@ fn handle_follows_the_server_replica() {
         let members = vec![2, 3, 4, 5];
         let msg = ServerMsg::Job {
             step,
+            version: step,
             job,
             members: members.clone(),
             tokens: tokens.clone(),

@@ -417,6 +417,7 @@ mod tests {
         let tokens = vec![1u16; 2 * 5];
         let job = server(&ServerMsg::Job {
             step: 0,
+            version: 0,
             job: 4,
             members: vec![1, 2],
             tokens: tokens.clone(),
@@ -527,6 +528,7 @@ mod tests {
             v.receive(&snapshot(&want));
             let job = server(&ServerMsg::Job {
                 step: 0,
+                version: 0,
                 job: 1,
                 members: vec![0, 1, 2, 3],
                 tokens: vec![1u16; 2 * 5],
@@ -553,6 +555,7 @@ mod tests {
         v.receive(&snapshot(&want));
         let job = server(&ServerMsg::Job {
             step: 0,
+            version: 0,
             job: 1,
             members: vec![0, 1],
             tokens: vec![1u16; 3],

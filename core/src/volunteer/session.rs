@@ -68,6 +68,8 @@ pub struct Work {
     /// The job's step: the replica's, or with a lag any step whose weights
     /// version it holds.
     pub step: u64,
+    /// The weights version the job's members perturb.
+    pub version: u64,
     /// The job id to quote in the reply.
     pub job: u64,
     /// The members to evaluate, in the order the losses must come back.
@@ -82,7 +84,8 @@ pub struct Work {
 impl Work {
     /// The members' losses evaluated on the calling thread.
     pub fn evaluate(&self) -> Result<Vec<f32>> {
-        self.replica.evaluate_step(self.step, &self.tokens, &self.members)
+        self.replica
+            .evaluate_at(self.step, self.version, &self.tokens, &self.members)
     }
 
     /// The encoded [`ClientMsg::Losses`] for this job; `losses` must hold
@@ -166,13 +169,15 @@ impl Session {
             }
             ServerMsg::Job {
                 step,
+                version,
                 job,
                 members,
                 tokens,
                 ..
-            } => match self.replica.as_ref().filter(|r| r.can_evaluate(step)) {
+            } => match self.replica.as_ref().filter(|r| r.weights_at(version).is_some()) {
                 Some(replica) => Ok(Reaction::Evaluate(Work {
                     step,
+                    version,
                     job,
                     members,
                     tokens,
@@ -296,6 +301,7 @@ mod tests {
         let tokens = vec![1u16; 2 * 5];
         let job = |step| ServerMsg::Job {
             step,
+            version: step,
             job: 3,
             members: vec![2, 3],
             tokens: tokens.clone(),
@@ -367,6 +373,7 @@ mod tests {
         s.receive(&server(&snap)).unwrap();
         let job = ServerMsg::Job {
             step: 0,
+            version: 0,
             job: 1,
             members: vec![0, 1],
             tokens: vec![1u16; 2 * 5],
@@ -419,6 +426,7 @@ mod tests {
         // A job with a minibatch of the wrong shape fails when evaluated.
         let job = ServerMsg::Job {
             step: 4,
+            version: 4,
             job: 1,
             members: vec![0],
             tokens: vec![1u16; 3],

@@ -43,6 +43,7 @@ mod status;
 mod step;
 pub mod types;
 mod verify;
+pub mod window;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
@@ -112,9 +113,11 @@ pub struct Coordinator {
     /// Who gets which members, and until when.
     sched: Schedule,
     /// The open steps, oldest (the replica's step, the next to close)
-    /// first, consecutive: one, or `1 + lag` with steps in flight. Each has
-    /// its own pool, books and minibatch.
+    /// first, consecutive: one, or up to `1 + lag` with steps in flight.
+    /// Each has its own pool, books, minibatch and weights version.
     open: VecDeque<Open>,
+    /// How many steps to keep open (see [`window`]).
+    window: window::Window,
     /// Decides which results are replicated.
     coin: seedling_core::rng::Stream,
     /// Job frames and recent hashes.
@@ -139,6 +142,7 @@ impl Coordinator {
         run: u64,
         now: Instant,
     ) -> Self {
+        let window = window::Window::new(&settings, replica.config.es.lag);
         let mut c = Self {
             settings,
             data,
@@ -149,6 +153,7 @@ impl Coordinator {
             credit: Credit::from_records(book.contributors().to_vec()),
             sched: Schedule::default(),
             open: VecDeque::new(),
+            window,
             coin: seedling_core::rng::Stream::new(run),
             step: StepState::new(&replica),
             book,
@@ -422,7 +427,14 @@ impl Coordinator {
     }
 
     fn send_snapshot(&self, id: ClientId, out: &mut dyn Outputs) {
-        self.send(id, &self.replica.snapshot(), out);
+        // Only the past versions an open step is evaluated at.
+        let oldest = self
+            .open
+            .iter()
+            .map(|o| o.version)
+            .min()
+            .unwrap_or(self.replica.step);
+        self.send(id, &self.replica.snapshot_since(oldest), out);
     }
 
     /// Validation loss of the authoritative weights on the fixed held-out set.

@@ -232,9 +232,10 @@ impl Coordinator {
             );
             self.sched.issued += 1;
             let job_id = self.sched.issued;
+            let o = &self.open[chosen];
             let frame = self
                 .step
-                .job_frame(step, &self.open[chosen].token_bytes, job_id, &members, timeout);
+                .job_frame(step, o.version, &o.token_bytes, job_id, &members, timeout);
             let deadline = now + timeout;
             let sched = &mut self.sched;
             sched.earliest_deadline = Some(sched.earliest_deadline.map_or(deadline, |t| t.min(deadline)));

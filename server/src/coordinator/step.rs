@@ -37,6 +37,9 @@ const HASHES: usize = 256;
 pub(super) struct Open {
     /// Which step this is.
     pub(super) step: u64,
+    /// The weights version its members perturb (see
+    /// [`Coordinator::version_for`]).
+    pub(super) version: u64,
     /// Members not yet handed out (or handed back).
     pub(super) pool: MemberSet,
     /// Members whose claims need one more evaluation by another client.
@@ -61,9 +64,10 @@ pub(super) struct Open {
 }
 
 impl Open {
-    /// Step `step` of `replica`'s run with every member in the pool, reusing
-    /// this one's buffers (a closed step's).
-    fn reopen(&mut self, step: u64, replica: &Replica, train: &[Token], now: Instant) {
+    /// Step `step` of `replica`'s run, evaluated at weights `version`, with
+    /// every member in the pool, reusing this one's buffers (a closed
+    /// step's).
+    fn reopen(&mut self, step: u64, version: u64, replica: &Replica, train: &[Token], now: Instant) {
         let es = replica.config.es;
         let tokens = batch::step_batch(
             train,
@@ -75,6 +79,7 @@ impl Open {
         .expect("training data was checked to hold at least one window");
         let encoded = protocol::EncodedTokens::new(&tokens).expect("a minibatch always encodes");
         self.step = step;
+        self.version = version;
         self.token_bytes = Bytes::copy_from_slice(encoded.as_bytes());
         self.tokens = tokens;
         self.started = now;
@@ -85,9 +90,10 @@ impl Open {
     }
 
     /// Step `step`, fresh.
-    fn new(step: u64, replica: &Replica, train: &[Token], now: Instant) -> Self {
+    fn new(step: u64, version: u64, replica: &Replica, train: &[Token], now: Instant) -> Self {
         let mut o = Self {
             step,
+            version,
             pool: MemberSet::default(),
             verify: MemberSet::default(),
             missed: HashMap::new(),
@@ -96,7 +102,7 @@ impl Open {
             token_bytes: Bytes::new(),
             started: now,
         };
-        o.reopen(step, replica, train, now);
+        o.reopen(step, version, replica, train, now);
         o
     }
 
@@ -138,19 +144,20 @@ impl StepState {
         self.hashes.back().map(|h| h.1)
     }
 
-    /// The frame of job `job_id` of `step`, whose encoded minibatch is
-    /// `token_bytes`. Its head and tail are carved from a shared block, its
+    /// The frame of job `job_id` of `step` at weights `version`, whose
+    /// encoded minibatch is `token_bytes`. Its head and tail are carved from a shared block, its
     /// tokens are the step's.
     pub(super) fn job_frame(
         &mut self,
         step: u64,
+        version: u64,
         token_bytes: &Bytes,
         job_id: u64,
         members: &[u32],
         timeout: Duration,
     ) -> seedling_core::Result<JobFrame> {
         self.job_buf.clear();
-        protocol::encode_job_head(step, job_id, members, &mut self.job_buf)?;
+        protocol::encode_job_head(step, version, job_id, members, &mut self.job_buf)?;
         let head = self.job_buf.len();
         let deadline_ms = timeout.as_millis().min(u32::MAX as u128) as u32;
         protocol::encode_job_tail(deadline_ms, &mut self.job_buf)?;
@@ -175,12 +182,28 @@ impl StepState {
 }
 
 impl Coordinator {
-    /// Opens the replica's step and the `lag` after it: their minibatches,
-    /// all members in their pools.
+    /// The weights version the members of `step`, opening now, perturb.
+    /// With a fixed lag, the config's rule, `max(step - lag, 0)`: a function
+    /// of the step alone, so a run killed and resumed from a checkpoint ends
+    /// at the same weights as one never interrupted. Otherwise the newest
+    /// weights every replica holds, the replica's: as fresh as the window
+    /// allows, but a run's weights then depend on when its steps opened
+    /// (replicas still agree bit for bit; ARCHITECTURE.md, "Determinism
+    /// contract").
+    pub(super) fn version_for(&self, step: u64) -> u64 {
+        if self.settings.fixed_lag {
+            self.replica.config.es.version_of(step)
+        } else {
+            self.replica.step
+        }
+    }
+
+    /// Opens the replica's step and as many after it as the window holds:
+    /// their minibatches, all members in their pools.
     pub(super) fn open_steps(&mut self, now: Instant) {
-        let first = self.replica.step;
-        for s in first..=first + self.replica.config.es.lag as u64 {
-            let o = Open::new(s, &self.replica, &self.data.train, now);
+        while self.open.len() < self.window.open() {
+            let s = self.replica.step + self.open.len() as u64;
+            let o = Open::new(s, self.version_for(s), &self.replica, &self.data.train, now);
             self.open.push_back(o);
         }
     }
@@ -224,6 +247,13 @@ impl Coordinator {
     /// back leaves the volunteers' cores idle.
     fn close_step(&mut self, now: Instant, out: &mut dyn Outputs) {
         let step = self.replica.step;
+        // A ready volunteer with no job now waited on the network or on
+        // this close: more steps in flight would have kept it busy.
+        let starved = self
+            .clients
+            .values()
+            .any(|c| c.hello.is_some() && c.jobs.is_empty());
+        self.window.closed(starved);
         let mut closing = self.open.pop_front().expect("a step is always open");
         debug_assert_eq!(closing.step, step);
         let losses: Vec<(u32, f32)> = closing.books.results().collect();
@@ -278,9 +308,15 @@ impl Coordinator {
         if let Some(next) = self.open.front_mut() {
             next.started = now;
         }
-        let lag = self.replica.config.es.lag as u64;
-        closing.reopen(step + 1 + lag, &self.replica, &self.data.train, now);
-        self.open.push_back(closing);
+        // The steps the window has room for open at the new weights, the
+        // first in the closed step's buffers.
+        if self.open.len() < self.window.open() {
+            let next = self.replica.step + self.open.len() as u64;
+            let version = self.version_for(next);
+            closing.reopen(next, version, &self.replica, &self.data.train, now);
+            self.open.push_back(closing);
+            self.open_steps(now);
+        }
         self.assign(now, out);
         out.push(Output::Flush);
         self.step.hashes.push_back((self.replica.step, hash));

@@ -52,11 +52,12 @@ impl Wires {
 }
 
 fn coordinator() -> Coordinator {
-    lagged_coordinator(0)
+    lagged_coordinator(0, false)
 }
 
-/// [`coordinator`] with `lag` steps in flight.
-fn lagged_coordinator(lag: u32) -> Coordinator {
+/// [`coordinator`] with up to `lag` steps in flight (always `lag` if
+/// `fixed`).
+fn lagged_coordinator(lag: u32, fixed: bool) -> Coordinator {
     let text = "abcdefghij ".repeat(200);
     let tokenizer = Tokenizer::from_corpus(&text).unwrap();
     let tokens = tokenizer.encode(&text).unwrap();
@@ -77,6 +78,7 @@ fn lagged_coordinator(lag: u32) -> Coordinator {
     };
     let settings = Settings {
         job_timeout_min: Duration::from_millis(5),
+        fixed_lag: fixed,
         ..Settings::default()
     };
     let replica = Replica::new(cfg).unwrap();
@@ -114,7 +116,13 @@ proptest! {
     /// straight, and no job outlives its step.
     #[test]
     fn any_message_sequence_keeps_every_open_step_straight(events in prop::collection::vec(event(4), 1..120)) {
-        any_message_sequence(lagged_coordinator(2), events)?;
+        any_message_sequence(lagged_coordinator(2, false), events)?;
+    }
+
+    /// The same with the lag fixed: always three steps open.
+    #[test]
+    fn any_message_sequence_keeps_a_fixed_lag_straight(events in prop::collection::vec(event(4), 1..120)) {
+        any_message_sequence(lagged_coordinator(2, true), events)?;
     }
 }
 
@@ -187,12 +195,26 @@ fn any_message_sequence(
 fn check_books(c: &Coordinator) -> Result<(), TestCaseError> {
     let n = c.replica.config.es.population;
     let lag = c.replica.config.es.lag as u64;
-    prop_assert_eq!(c.open.len() as u64, lag + 1);
+    prop_assert!(
+        (1..=lag + 1).contains(&(c.open.len() as u64)),
+        "{} steps open",
+        c.open.len()
+    );
+    if c.settings.fixed_lag {
+        prop_assert_eq!(c.open.len() as u64, lag + 1, "a fixed lag keeps every step open");
+    }
     for (i, o) in c.open.iter().enumerate() {
         prop_assert_eq!(
             o.step,
             c.replica.step + i as u64,
             "open steps are consecutive from the replica's"
+        );
+        prop_assert!(
+            o.version <= c.replica.step && o.version + lag >= c.replica.step,
+            "step {} at version {}, which replicas at step {} do not hold",
+            o.step,
+            o.version,
+            c.replica.step
         );
         prop_assert!(o.books.results().all(|(m, _)| m < n));
         prop_assert!(o.pool.iter().all(|m| !o.books.is_counted(m)));
@@ -587,7 +609,7 @@ fn credit_run(mut c: Coordinator) -> (Coordinator, Vec<SessionToken>) {
 /// claims, and the liar's claims in every open step are void.
 #[test]
 fn credit_with_steps_in_flight_counts_each_closed_step() {
-    credit_run(lagged_coordinator(2));
+    credit_run(lagged_coordinator(2, true));
 }
 
 /// A volunteer is never left waiting a round trip for work: it holds a job
@@ -688,4 +710,69 @@ fn one_job_at_a_time_when_asked() {
         .count();
     assert_eq!(sent, 1);
     assert_eq!(c.clients[&1].jobs.len(), 1);
+}
+
+/// A volunteer that waits on every close (it answers all it holds, then
+/// has nothing) makes the window grow: later steps open at the weights the
+/// replicas hold, each job naming that version, never past the lag.
+#[test]
+fn a_starved_volunteer_opens_steps_in_flight_at_held_versions() {
+    let lag = 3;
+    let mut c = lagged_coordinator(lag, false);
+    let mut w = Wires::default();
+    let mut now = Instant::now();
+    connect(&mut c, &mut w, 1, now);
+    c.handle(
+        Input::Message {
+            client: 1,
+            msg: simulated(None),
+        },
+        now,
+        &mut w,
+    );
+    assert_eq!(c.open.len(), 1, "a run starts with one step open");
+    let mut behind = 0;
+    while c.replica.step < 20 {
+        now += Duration::from_millis(1);
+        let jobs: Vec<(u64, u64, u64, usize)> = drain(&mut w, 1)
+            .0
+            .into_iter()
+            .filter_map(|m| match m {
+                ServerMsg::Job {
+                    step,
+                    version,
+                    job,
+                    members,
+                    ..
+                } => Some((step, version, job, members.len())),
+                _ => None,
+            })
+            .collect();
+        assert!(!jobs.is_empty(), "the volunteer always gets work back");
+        for (step, version, job, n) in jobs {
+            assert!(
+                version <= step && version + lag as u64 >= c.replica.step,
+                "step {step} at version {version}"
+            );
+            assert!(
+                version <= c.replica.step,
+                "a version the replicas do not have yet"
+            );
+            behind = behind.max(step - version);
+            let losses = vec![1.0; n];
+            c.handle(
+                Input::Message {
+                    client: 1,
+                    msg: ClientMsg::Losses { step, job, losses },
+                },
+                now,
+                &mut w,
+            );
+        }
+    }
+    assert!(c.window.open() > 1, "the window grew");
+    assert!(
+        (1..=lag as u64).contains(&behind),
+        "steps in flight were evaluated {behind} updates behind"
+    );
 }

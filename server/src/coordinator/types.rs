@@ -260,6 +260,12 @@ pub struct Settings {
     /// after every job. One gives the strict request-reply of a client
     /// that is never sent work ahead.
     pub jobs_ahead: usize,
+    /// Keep all `lag + 1` steps open at all times (each evaluated `lag`
+    /// updates behind) rather than as many as keep the volunteers busy
+    /// (see [`crate::coordinator::window`]). Fixed is the simple rule tests
+    /// can predict; adaptive keeps the weights as fresh as the network
+    /// allows.
+    pub fixed_lag: bool,
     /// Compute the validation loss every this many steps (0 = never).
     pub eval_every: u64,
     /// Write a checkpoint every this many steps (0 = only at shutdown).
@@ -297,6 +303,7 @@ impl Default for Settings {
             job_target: Duration::from_millis(500),
             job_timeout_min: Duration::from_secs(10),
             jobs_ahead: 2,
+            fixed_lag: false,
             eval_every: 50,
             checkpoint_every: 100,
             keep: 3,
