@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use crate::error::{Error, Result};
 use crate::rng::{DOMAIN_BATCH, Stream, derive};
 use crate::tokenizer::Token;
-use rand_core::RngCore;
+use rand_core::Rng;
 
 /// Number of whole windows of `seq_len + 1` tokens in `n_tokens`.
 pub fn window_count(n_tokens: usize, seq_len: usize) -> usize {

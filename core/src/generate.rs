@@ -5,7 +5,7 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
-use rand_core::RngCore;
+use rand_core::Rng;
 
 use crate::activation::tanh_slice;
 use crate::error::{Result, check_len};
@@ -104,7 +104,7 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
 
 /// Samples a token from `logits / temperature`, restricted to the `top_k`
 /// most likely tokens (0 = all). Temperature 0 picks the most likely token.
-pub fn sample(logits: &[f32], temperature: f32, top_k: usize, rng: &mut impl RngCore) -> Token {
+pub fn sample(logits: &[f32], temperature: f32, top_k: usize, rng: &mut impl Rng) -> Token {
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
     if temperature <= 0.0 || !temperature.is_finite() {
@@ -137,7 +137,7 @@ pub fn sample_text(
     len: usize,
     temperature: f32,
     top_k: usize,
-    rng: &mut impl RngCore,
+    rng: &mut impl Rng,
 ) -> Result<Vec<Token>> {
     let mut state = RnnState::new(layout);
     let mut logits = Vec::new();

@@ -577,9 +577,9 @@ mod tests {
         let mut stream = crate::rng::Stream::new(5);
         let alphabet: Vec<char> = " \t\n\u{0}\u{202e}\u{200d}ab<>&\"é日\u{1f600}".chars().collect();
         for _ in 0..2000 {
-            let len = (rand_core::RngCore::next_u32(&mut stream) % 80) as usize;
+            let len = (rand_core::Rng::next_u32(&mut stream) % 80) as usize;
             let raw: String = (0..len)
-                .map(|_| alphabet[rand_core::RngCore::next_u32(&mut stream) as usize % alphabet.len()])
+                .map(|_| alphabet[rand_core::Rng::next_u32(&mut stream) as usize % alphabet.len()])
                 .collect();
             let once = clean_name(&raw);
             assert_eq!(clean_name(&once), once, "{raw:?}");

@@ -20,7 +20,7 @@
 
 mod table;
 
-use rand_core::{RngCore, impls};
+use rand_core::{Infallible, TryRng, utils};
 
 // The core's key domains: the first part of every derived key, so streams
 // drawn for different purposes never coincide.
@@ -111,19 +111,22 @@ impl Stream {
     }
 }
 
-impl RngCore for Stream {
-    fn next_u32(&mut self) -> u32 {
-        self.next_u64() as u32
+/// Infallible, so it is a `rand_core::Rng` too (the blanket impl).
+impl TryRng for Stream {
+    type Error = Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+        self.try_next_u64().map(|w| w as u32)
     }
 
-    fn next_u64(&mut self) -> u64 {
+    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
         let w = word(self.key, self.counter);
         self.counter += 1;
-        w
+        Ok(w)
     }
 
-    fn fill_bytes(&mut self, dst: &mut [u8]) {
-        impls::fill_bytes_via_next(self, dst)
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
+        utils::fill_bytes_via_next_word(dst, || self.try_next_u64())
     }
 }
 

@@ -4,7 +4,7 @@
 
 #![cfg(not(target_arch = "wasm32"))]
 
-use rand_core::RngCore;
+use rand_core::Rng;
 use seedling_core::config::ModelConfig;
 use seedling_core::rng::Stream;
 use seedling_core::{NoiseKind, Replica, RunConfig, batch};

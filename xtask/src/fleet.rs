@@ -29,7 +29,7 @@
 //! volunteer's replica ends on the server's hash: the `fleet-smoke` step of
 //! `cargo xtask test`.
 
-mod procs;
+pub(crate) mod procs;
 mod proxy;
 mod summary;
 
@@ -74,8 +74,7 @@ const OWN_SERVE_FLAGS: [&str; 6] = [
 ];
 
 /// The usage of `cargo xtask fleet`.
-pub const USAGE: &str = "\
-  fleet [--volunteers V] [--browsers B] [--cpu-percent P] [--threads T] [--rtt MS]
+pub const USAGE: &str = "  fleet [--volunteers V] [--browsers B] [--cpu-percent P] [--threads T] [--rtt MS]
         [--jitter MS] [--churn SECS] [--budget SECS] [--population N]
         [--eval-every STEPS] [--seed N] [--losses L[,L...]] [--table] [--smoke]
         [--no-build] [--keep] [-- SERVE_ARGS...]

@@ -24,9 +24,14 @@
 //! - [`bench`]: `cargo xtask bench`, native and wasm figures side by side.
 //! - [`peers`]: the JAX peer and OpenBLAS for `cargo xtask bench --peers`.
 //! - [`report`]: the one benchmark table of a `cargo xtask bench` run.
+//! - [`fleet`]: `cargo xtask fleet`, the fleet emulator, and the process
+//!   handles [`screenshots`] reuses.
+//! - [`screenshots`]: `cargo xtask screenshots`, the README's pictures of
+//!   the page from a short real run.
 //!
 //! Modules depend on each other in one direction only (`main` -> `test` ->
-//! `bench` -> `peers`, `report`, `wasm` -> `setup` -> `cmd`); a test
+//! `bench` -> `peers`, `report`, `wasm` -> `setup` -> `cmd`; `main` ->
+//! `screenshots` -> `fleet`, `wasm`, `setup`); a test
 //! in the core (`core/tests/layering.rs`) reads the sources and fails on an
 //! import circle.
 
@@ -35,6 +40,7 @@ mod cmd;
 mod fleet;
 mod peers;
 mod report;
+mod screenshots;
 mod setup;
 mod test;
 mod wasm;
@@ -69,11 +75,16 @@ commands:
         (default 5, 1 with --quick)
 ";
 
+/// The help: this file's commands, then those with a module of their own.
+fn usage() -> String {
+    format!("{USAGE}{}{}", fleet::USAGE, screenshots::USAGE)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let ctx = Ctx::new();
     let Some((command, rest)) = args.split_first() else {
-        eprint!("{USAGE}");
+        eprint!("{}", usage());
         return ExitCode::from(2);
     };
     match command.as_str() {
@@ -100,13 +111,14 @@ fn main() -> ExitCode {
         }
         "bench" => bench::main(&ctx, rest),
         "fleet" => fleet::main(&ctx, rest),
+        "screenshots" => screenshots::main(&ctx, rest),
         "help" | "-h" | "--help" => {
-            print!("{USAGE}");
+            print!("{}", usage());
             ExitCode::SUCCESS
         }
         other => {
             eprintln!("xtask: unknown command `{other}`\n");
-            eprint!("{USAGE}");
+            eprint!("{}", usage());
             ExitCode::from(2)
         }
     }

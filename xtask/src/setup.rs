@@ -36,7 +36,7 @@ pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// (it refuses to start as root otherwise), no GPU, `/tmp` instead of a small
 /// `/dev/shm`, and none of the background traffic (updates, sync, first-run
 /// pages) that would wait on a network CI does not have.
-const CHROMIUM_ARGS: &[&str] = &[
+pub const CHROMIUM_ARGS: &[&str] = &[
     "--headless",
     "--no-sandbox",
     "--disable-gpu",

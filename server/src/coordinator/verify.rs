@@ -14,7 +14,7 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use rand_core::RngCore;
+use rand_core::Rng;
 
 use super::Coordinator;
 use super::types::{ClientId, Outputs};

@@ -31,7 +31,9 @@ pub struct Guarded {
 }
 
 impl Guarded {
-    fn spawn(cmd: &mut Command, log: &Path, group: bool) -> Result<Self, String> {
+    /// Starts `cmd` with its output in `log`; with `group`, in a process
+    /// group of its own that drop kills whole.
+    pub fn spawn(cmd: &mut Command, log: &Path, group: bool) -> Result<Self, String> {
         if group {
             cmd.process_group(0);
         }
