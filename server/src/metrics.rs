@@ -167,6 +167,11 @@ impl Collector for StatusCollector {
             ("step", "The step being evaluated.", s.step as f64),
             ("population", "Members per step.", s.population as f64),
             (
+                "steps_open",
+                "Steps open now (more than one with steps in flight).",
+                s.steps_open as f64,
+            ),
+            (
                 "paused",
                 "1 while the operator has paused the run.",
                 f64::from(u8::from(s.paused)),

@@ -24,10 +24,10 @@
 //! kills it on drop ([`procs`]), so an error, a panic or Ctrl-C (caught,
 //! and turned into an early end) leaves nothing behind.
 //!
-//! `--smoke` is a tiny mixed run (one native worker and one tab, RTT 50 ms,
-//! 20 s) that fails unless steps were closed without a divergence and every
-//! volunteer's replica ends on the server's hash: the `fleet-smoke` step of
-//! `cargo xtask test`.
+//! `--smoke` is a tiny mixed run (two native workers and two tabs, RTT
+//! 50 ms, 20 s) that fails unless steps were closed in flight (more than
+//! one open) without a divergence and every volunteer's replica ends on the
+//! server's hash: the `fleet-smoke` step of `cargo xtask test`.
 
 pub(crate) mod procs;
 mod proxy;
@@ -89,9 +89,10 @@ pub const USAGE: &str = "  fleet [--volunteers V] [--browsers B] [--cpu-percent 
         (default 60 s) and the run prints one JSON line: steps/s, members/s,
         the validation curve, the time to each loss (default 2.40,2.30),
         divergences, reissued jobs. --table also prints a BENCHMARKS.md row
-        (its header on stderr). --smoke: 1 native worker and 1 tab x 50%,
-        RTT 50 ms, population 64, 20 s; fails unless steps > 0, 0
-        divergences and every volunteer ends on the server's hash.
+        (its header on stderr). --smoke: 2 native workers and 2 tabs x 50%,
+        RTT 50 ms, population 64, 20 s; fails unless steps > 0 with more
+        than one open at a time, 0 divergences and every volunteer ends on
+        the server's hash.
         Logs go to target/fleet/RUN (kept with --keep or on failure).
 ";
 
@@ -128,7 +129,7 @@ pub fn smoke(ctx: &Ctx) -> Result<String, String> {
     let o = Options::parse(&["--smoke".to_string()])?;
     let failures = fleet(ctx, &o)?;
     if failures.is_empty() {
-        Ok("mixed fleet at RTT 50 ms: 0 divergences, every replica on the server's hash".into())
+        Ok("2 workers + 2 tabs at RTT 50 ms, steps in flight: 0 divergences, every replica on the server's hash".into())
     } else {
         Err(failures.join("; "))
     }
@@ -167,8 +168,8 @@ impl Options {
         };
         let smoke = ours.iter().any(|a| a == "--smoke");
         let mut o = Options {
-            volunteers: if smoke { 1 } else { 8 },
-            browsers: usize::from(smoke),
+            volunteers: if smoke { 2 } else { 8 },
+            browsers: if smoke { 2 } else { 0 },
             cpu_percent: if smoke { 50 } else { 25 },
             threads: 1,
             rtt: Duration::from_millis(if smoke { 50 } else { 0 }),
@@ -389,6 +390,14 @@ fn fleet(ctx: &Ctx, o: &Options) -> Result<Vec<String>, String> {
         }
         if back["validation"].as_array().is_none_or(Vec::is_empty) {
             failures.push("no validation point".to_string());
+        }
+        // serve keeps steps in flight as its volunteers need: a round trip
+        // of 50 ms needs more than one open step.
+        if back["steps_open_max"].as_u64().unwrap_or(0) < 2 {
+            failures.push(format!(
+                "no steps in flight (at most {} open)",
+                back["steps_open_max"]
+            ));
         }
         if let Some(why) = seen.last.as_ref().and_then(|s| disagreement(s, o)) {
             failures.push(why);

@@ -42,8 +42,9 @@
 //! `wasm-pack-build` builds `www/pkg` exactly as `cargo xtask run` does, before
 //! `native-tests`, because `tests/tests/browser.rs` (part of the native tests)
 //! serves the real page to headless Chromium and fails without it.
-//! `fleet-smoke` then runs the fleet emulator's smoke run, a native worker
-//! and a headless tab over delaying proxies, on the release binary.
+//! `fleet-smoke` then runs the fleet emulator's smoke run, two native
+//! workers and two headless tabs over delaying proxies with steps in
+//! flight, on the release binary.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -152,7 +153,7 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "fleet-smoke",
-        about: "`cargo xtask fleet --smoke`: a native worker and a Chromium tab at RTT 50 ms agree with the server",
+        about: "`cargo xtask fleet --smoke`: two native workers and two Chromium tabs at RTT 50 ms, steps in flight, agree with the server",
         // The tab needs www/pkg and Chromium, like the browser tests.
         needs: &["apt-packages", "wasm-pack-build"],
         run: fleet::smoke,

@@ -143,6 +143,7 @@ impl Coordinator {
             members_counted: c.members,
             population: self.replica.config.es.population,
             members_done: self.front().books.counted() as u32,
+            steps_open: self.open.len(),
             params: self.replica.layout.len,
             // The hash of the current step, computed once when it closed.
             hash: format!("{:016x}", self.step.hash().unwrap_or_else(|| self.replica.hash())),

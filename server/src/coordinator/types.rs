@@ -351,6 +351,9 @@ pub struct Status {
     pub population: u32,
     /// Members evaluated in the current step so far.
     pub members_done: u32,
+    /// Steps open now: 1, or more with steps in flight (the window follows
+    /// the volunteers' round trip unless the lag is fixed).
+    pub steps_open: usize,
     /// Parameters of the model.
     pub params: usize,
     /// Hash of the authoritative weights.

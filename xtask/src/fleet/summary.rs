@@ -46,6 +46,9 @@ pub struct Observed {
     pub wall_s: f64,
     /// Stopped by a signal before the budget ran out.
     pub interrupted: bool,
+    /// The server's open steps at every status read: the steps-in-flight
+    /// window it chose.
+    pub steps_open: Vec<u64>,
 }
 
 impl Observed {
@@ -62,6 +65,9 @@ impl Observed {
                 continue;
             };
             self.validation.insert(step, (t, loss));
+        }
+        if let Some(n) = status["steps_open"].as_u64() {
+            self.steps_open.push(n);
         }
         self.last = Some(status);
     }
@@ -146,6 +152,9 @@ pub fn json_line(config: &Config, seen: &Observed, losses: &[f64]) -> Value {
         "validation": validation,
         "time_to": time_to,
         "final_val_loss": seen.final_loss(),
+        "steps_open_mean": (!seen.steps_open.is_empty())
+            .then(|| seen.steps_open.iter().sum::<u64>() as f64 / seen.steps_open.len() as f64),
+        "steps_open_max": seen.steps_open.iter().max(),
         "divergences": seen.divergences(),
         "reissued_jobs": seen.counter("reissued_jobs"),
         "stale_results": seen.counter("stale_results"),
