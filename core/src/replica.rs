@@ -404,9 +404,20 @@ mod tests {
             b.local_step(&tokens(s)).unwrap();
             assert_eq!(a.hash(), b.hash());
         }
-        // The wrong number of versions, or a wrong length, is refused.
+        // More versions than the lag keeps, or a wrong length, is refused;
+        // fewer are the newest ones, what a snapshot of the open steps holds.
         let again = || Replica::from_snapshot(a.config, step, params.clone(), adam.clone()).unwrap();
-        assert!(again().with_versions(vec![]).is_err());
+        let newest = again().with_versions(vec![versions[1].clone()]).unwrap();
+        assert_eq!(newest.weights_at(step - 1), Some(&versions[1][..]));
+        assert_eq!(newest.weights_at(step - 2), None);
+        let ServerMsg::Snapshot { versions: since, .. } = again()
+            .with_versions(versions.clone())
+            .unwrap()
+            .snapshot_since(step - 1)
+        else {
+            panic!("a snapshot")
+        };
+        assert_eq!(since, vec![versions[1].clone()], "only the versions from step - 1 on");
         assert!(again().with_versions(vec![vec![0.0; 3]; 2]).is_err());
         let mut three = versions.clone();
         three.push(params.clone());
