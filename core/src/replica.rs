@@ -417,7 +417,11 @@ mod tests {
         else {
             panic!("a snapshot")
         };
-        assert_eq!(since, vec![versions[1].clone()], "only the versions from step - 1 on");
+        assert_eq!(
+            since,
+            vec![versions[1].clone()],
+            "only the versions from step - 1 on"
+        );
         assert!(again().with_versions(vec![vec![0.0; 3]; 2]).is_err());
         let mut three = versions.clone();
         three.push(params.clone());

@@ -13,6 +13,9 @@ const LONG: Duration = Duration::from_secs(120);
 fn lagged_options(steps: u64, lag: u32) -> ServeOptions {
     let mut opts = tiny_options(test_settings(steps));
     opts.config.es.lag = lag;
+    // The fixed rule: which weights a step is evaluated at depends on the
+    // step alone, so runs with and without faults can end at one hash.
+    opts.settings.fixed_lag = true;
     opts
 }
 
@@ -165,20 +168,28 @@ async fn faults_end_at_the_clean_hash(lag: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_joiner_catches_up() {
-    late_joiner(0).await;
+    late_joiner(0, true).await;
 }
 
 /// A joiner's snapshot carries the past weight versions, so it evaluates
 /// every open step from its first job on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_joiner_catches_up_with_steps_in_flight() {
-    late_joiner(2).await;
+    late_joiner(2, true).await;
 }
 
-async fn late_joiner(lag: u32) {
+/// The same with the window of steps in flight following the volunteers:
+/// the joiner's snapshot carries the versions the open steps use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiner_catches_up_with_an_adaptive_window() {
+    late_joiner(4, false).await;
+}
+
+async fn late_joiner(lag: u32, fixed: bool) {
     // An unbounded run, frozen by the operator at the end: a bounded one can
     // finish before the joiner connects when the test thread is starved.
     let mut opts = lagged_options(1_000_000, lag);
+    opts.settings.fixed_lag = fixed;
     opts.admin_token = Some("late".into());
     let auth = "Authorization: Bearer late\r\n";
     let server = start(opts).await;
