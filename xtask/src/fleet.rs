@@ -679,7 +679,7 @@ mod tests {
         let o = Options::parse(&args("--smoke --budget 15")).unwrap();
         assert_eq!(
             (o.volunteers, o.browsers, o.population, o.rtt),
-            (1, 1, Some(64), Duration::from_millis(50))
+            (2, 2, Some(64), Duration::from_millis(50))
         );
         assert_eq!(o.kind(), "mixed");
         assert_eq!(
