@@ -682,19 +682,15 @@ mod tests {
             (2, 2, Some(64), Duration::from_millis(50))
         );
         assert_eq!(o.kind(), "mixed");
-        assert_eq!(
-            o.roster(),
-            vec![
-                Kind::Native {
-                    threads: 1,
-                    cpu_percent: 50
-                },
-                Kind::Browser {
-                    workers: 1,
-                    cpu_percent: 50
-                }
-            ]
-        );
+        let native = Kind::Native {
+            threads: 1,
+            cpu_percent: 50,
+        };
+        let tab = Kind::Browser {
+            workers: 1,
+            cpu_percent: 50,
+        };
+        assert_eq!(o.roster(), vec![native.clone(), native, tab.clone(), tab]);
         assert!(
             o.serve_args(Path::new("r"))
                 .windows(2)
