@@ -690,7 +690,7 @@ mod tests {
             workers: 1,
             cpu_percent: 50,
         };
-        assert_eq!(o.roster(), vec![native.clone(), native, tab.clone(), tab]);
+        assert_eq!(o.roster(), vec![native, native, tab, tab]);
         assert!(
             o.serve_args(Path::new("r"))
                 .windows(2)
