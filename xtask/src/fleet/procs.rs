@@ -234,7 +234,13 @@ impl Kind {
                     .arg("--threads")
                     .arg(threads.to_string())
                     .arg("--cpu-percent")
-                    .arg(cpu_percent.to_string());
+                    .arg(cpu_percent.to_string())
+                    // Each volunteer its own identity: with the default
+                    // file every worker on this machine would present one
+                    // session token, and the server hands a session to the
+                    // newest connection that presents it.
+                    .arg("--identity-file")
+                    .arg(dir.join(format!("volunteer-{id}.identity")));
                 cmd
             }
         }
