@@ -322,7 +322,8 @@ mod tests {
         );
         assert_eq!(
             crate::show(&cmd),
-            "seedling worker --server ws://127.0.0.1:9/ws --threads 1 --cpu-percent 25"
+            "seedling worker --server ws://127.0.0.1:9/ws --threads 1 --cpu-percent 25 \
+             --identity-file d/volunteer-0.identity"
         );
     }
 
