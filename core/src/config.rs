@@ -65,19 +65,22 @@ pub struct EsConfig {
     pub batch: u32,
     /// Predicted tokens per sequence (each sequence holds `seq_len + 1` tokens).
     pub seq_len: u32,
-    /// Steps in flight: the members of step `s` are evaluated at the weights
-    /// before update `max(s - lag, 0)`, while update `s` is still applied in
-    /// order to the weights after updates `0..s`. With a lag the coordinator
-    /// can hand out later steps before the earlier ones close, so the
-    /// network round trip overlaps with compute. 0 is the synchronous rule;
-    /// at most [`limits::MAX_LAG`], because every replica keeps `lag` past
-    /// weight versions (ARCHITECTURE.md, "Determinism contract").
+    /// Most steps in flight: the members of step `s` may be evaluated at
+    /// weights up to `lag` updates old (by the fixed rule, the weights
+    /// before update `max(s - lag, 0)`; a job names its version), while
+    /// update `s` is still applied in order to the weights after updates
+    /// `0..s`. With a lag the coordinator can hand out later steps before
+    /// the earlier ones close, so the network round trip overlaps with
+    /// compute. 0 is the synchronous rule; at most [`limits::MAX_LAG`],
+    /// because every replica keeps up to `lag` past weight versions
+    /// (ARCHITECTURE.md, "Determinism contract").
     pub lag: u32,
 }
 
 impl EsConfig {
-    /// The weights version (updates applied) the members of `step` are
-    /// evaluated at: `max(step - lag, 0)`.
+    /// The fixed rule's weights version (updates applied) for the members
+    /// of `step`: `max(step - lag, 0)`. A function of the step alone, so
+    /// runs that use it replay exactly.
     pub fn version_of(&self, step: u64) -> u64 {
         step.saturating_sub(self.lag as u64)
     }
