@@ -437,28 +437,12 @@ proptest! {
 #[test]
 fn a_lone_slow_client_gets_its_expired_members_back() {
     let mut c = coordinator();
-    let mut w = Wires::default();
-    let t0 = Instant::now();
-    connect(&mut c, &mut w, 1, t0);
-    c.handle(
-        Input::Message {
-            client: 1,
-            msg: simulated(None),
-        },
-        t0,
-        &mut w,
-    );
+    let (mut w, t0) = join_one(&mut c);
     // Every member of the client's jobs (two: one sent ahead), in order.
     let members = |w: &mut Wires| {
-        let jobs: Vec<Vec<u32>> = drain(w, 1)
-            .0
-            .into_iter()
-            .filter_map(|m| match m {
-                ServerMsg::Job { members, .. } => Some(members),
-                _ => None,
-            })
-            .collect();
-        (jobs.len() as u64, jobs.concat())
+        let jobs = jobs_sent(w, 1);
+        let n = jobs.len() as u64;
+        (n, jobs.into_iter().flat_map(|j| j.members).collect::<Vec<u32>>())
     };
     let (jobs, first) = members(&mut w);
     assert_eq!(jobs, c.settings.jobs_ahead as u64, "a job and one sent ahead");
@@ -618,27 +602,11 @@ fn credit_with_steps_in_flight_counts_each_closed_step() {
 #[test]
 fn the_next_job_travels_while_the_client_computes() {
     let mut c = coordinator();
-    let mut w = Wires::default();
-    let t0 = Instant::now();
-    connect(&mut c, &mut w, 1, t0);
-    c.handle(
-        Input::Message {
-            client: 1,
-            msg: simulated(None),
-        },
-        t0,
-        &mut w,
-    );
+    let (mut w, t0) = join_one(&mut c);
     let jobs = |w: &mut Wires| -> Vec<(u64, u64, usize)> {
-        drain(w, 1)
-            .0
+        jobs_sent(w, 1)
             .into_iter()
-            .filter_map(|m| match m {
-                ServerMsg::Job {
-                    step, job, members, ..
-                } => Some((step, job, members.len())),
-                _ => None,
-            })
+            .map(|j| (j.step, j.job, j.members.len()))
             .collect()
     };
     let sent = jobs(&mut w);
@@ -692,23 +660,8 @@ fn the_next_job_travels_while_the_client_computes() {
 fn one_job_at_a_time_when_asked() {
     let mut c = coordinator();
     c.settings.jobs_ahead = 1;
-    let mut w = Wires::default();
-    let t0 = Instant::now();
-    connect(&mut c, &mut w, 1, t0);
-    c.handle(
-        Input::Message {
-            client: 1,
-            msg: simulated(None),
-        },
-        t0,
-        &mut w,
-    );
-    let sent = drain(&mut w, 1)
-        .0
-        .into_iter()
-        .filter(|m| matches!(m, ServerMsg::Job { .. }))
-        .count();
-    assert_eq!(sent, 1);
+    let (mut w, _) = join_one(&mut c);
+    assert_eq!(jobs_sent(&mut w, 1).len(), 1);
     assert_eq!(c.clients[&1].jobs.len(), 1);
 }
 
@@ -719,34 +672,14 @@ fn one_job_at_a_time_when_asked() {
 fn a_starved_volunteer_opens_steps_in_flight_at_held_versions() {
     let lag = 3;
     let mut c = lagged_coordinator(lag, false);
-    let mut w = Wires::default();
-    let mut now = Instant::now();
-    connect(&mut c, &mut w, 1, now);
-    c.handle(
-        Input::Message {
-            client: 1,
-            msg: simulated(None),
-        },
-        now,
-        &mut w,
-    );
+    let (mut w, mut now) = join_one(&mut c);
     assert_eq!(c.open.len(), 1, "a run starts with one step open");
     let mut behind = 0;
     while c.replica.step < 20 {
         now += Duration::from_millis(1);
-        let jobs: Vec<(u64, u64, u64, usize)> = drain(&mut w, 1)
-            .0
+        let jobs: Vec<(u64, u64, u64, usize)> = jobs_sent(&mut w, 1)
             .into_iter()
-            .filter_map(|m| match m {
-                ServerMsg::Job {
-                    step,
-                    version,
-                    job,
-                    members,
-                    ..
-                } => Some((step, version, job, members.len())),
-                _ => None,
-            })
+            .map(|j| (j.step, j.version, j.job, j.members.len()))
             .collect();
         assert!(!jobs.is_empty(), "the volunteer always gets work back");
         for (step, version, job, n) in jobs {
@@ -775,4 +708,48 @@ fn a_starved_volunteer_opens_steps_in_flight_at_held_versions() {
         (1..=lag as u64).contains(&behind),
         "steps in flight were evaluated {behind} updates behind"
     );
+}
+
+/// Client 1 connected and past its Hello, at the returned time.
+fn join_one(c: &mut Coordinator) -> (Wires, Instant) {
+    let mut w = Wires::default();
+    let t0 = Instant::now();
+    connect(c, &mut w, 1, t0);
+    let hello = Input::Message {
+        client: 1,
+        msg: simulated(None),
+    };
+    c.handle(hello, t0, &mut w);
+    (w, t0)
+}
+
+/// A job as a client received it.
+struct SentJob {
+    step: u64,
+    version: u64,
+    job: u64,
+    members: Vec<u32>,
+}
+
+/// The jobs sent to `id` since the last drain, in order.
+fn jobs_sent(w: &mut Wires, id: ClientId) -> Vec<SentJob> {
+    drain(w, id)
+        .0
+        .into_iter()
+        .filter_map(|m| match m {
+            ServerMsg::Job {
+                step,
+                version,
+                job,
+                members,
+                ..
+            } => Some(SentJob {
+                step,
+                version,
+                job,
+                members,
+            }),
+            _ => None,
+        })
+        .collect()
 }
