@@ -12,6 +12,7 @@
 //! oldest any open step may need. Adam's moments are not kept per version:
 //! only evaluation looks back.
 
+use alloc::borrow::Cow;
 use alloc::collections::VecDeque;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -103,7 +104,7 @@ impl Replica {
     /// versions of the model's length, all finite. (A snapshot carries only
     /// the versions the open steps use; the ring fills up as updates come.)
     pub fn with_versions(mut self, versions: Vec<Vec<f32>>) -> Result<Self> {
-        let want = self.step.min(self.config.es.lag as u64);
+        let want = self.step.min(self.config.es.lag as u64 + 1);
         if versions.len() as u64 > want {
             return Err(Error::Config(alloc::format!(
                 "a replica at step {} with lag {} keeps at most {want} past weight versions, got {}",
@@ -204,14 +205,58 @@ impl Replica {
         tokens: &[Token],
         members: &[u32],
     ) -> Result<Vec<f32>> {
-        let params = self.weights_at(version).ok_or(Error::Step {
+        let point = self.point(step, version)?;
+        self.evaluate_around(&point, step, tokens, members)
+    }
+
+    /// The weights step `step`'s members are perturbed around when
+    /// evaluated at `version`: that version moved on by its last update
+    /// once per step it is behind, `w_v + (step - v) * (w_v - w_{v-1})`.
+    ///
+    /// Why: with steps in flight a step is evaluated a few updates behind
+    /// the weights its update will be applied to, and the gradient it
+    /// estimates is that much stale. Adam's steps change direction slowly
+    /// (its momentum averages about ten of them), so the last update is a
+    /// good guess of the ones in between, and evaluating at the guess
+    /// estimates the gradient close to where it is applied (the weight
+    /// prediction of pipelined training, SpecTrain). The update itself is
+    /// unchanged, so replicas stay bit-identical; every replica computes
+    /// the same point from the same two versions, so replicated validation
+    /// compares like with like. At no lag, or at version 0, it is the
+    /// version itself. Fails with [`Error::Step`] when this replica does
+    /// not hold both versions.
+    pub fn point(&self, step: u64, version: u64) -> Result<Cow<'_, [f32]>> {
+        let missing = Error::Step {
             expected: self.step,
             got: step,
-        })?;
+        };
+        let now = self.weights_at(version).ok_or(missing.clone())?;
+        let ahead = step.saturating_sub(version);
+        if ahead == 0 || version == 0 {
+            return Ok(Cow::Borrowed(now));
+        }
+        let before = self.weights_at(version - 1).ok_or(missing)?;
+        let k = ahead as f32;
+        Ok(Cow::Owned(
+            now.iter().zip(before).map(|(&w, &b)| w + k * (w - b)).collect(),
+        ))
+    }
+
+    /// Losses of `members` of `step`, perturbed around `point` (see
+    /// [`Replica::point`]): a caller that splits a job over threads
+    /// computes the point once.
+    pub fn evaluate_around(
+        &self,
+        point: &[f32],
+        step: u64,
+        tokens: &[Token],
+        members: &[u32],
+    ) -> Result<Vec<f32>> {
+        check_len("evaluation point", self.layout.len, point.len())?;
         let batch = self.minibatch(tokens)?;
         forward::member_losses(
             &self.layout,
-            params,
+            point,
             &self.config,
             step,
             &batch,
@@ -265,7 +310,7 @@ impl Replica {
         }
         let lag = self.config.es.lag as usize;
         if lag > 0 {
-            if self.versions.len() == lag {
+            if self.versions.len() > lag {
                 self.versions.pop_front();
             }
             self.versions.push_back(Arc::from(&self.params[..]));
@@ -324,26 +369,40 @@ mod tests {
         (0..10).map(|i| ((i + step) % 5) as Token).collect()
     }
 
-    /// The ring holds exactly the versions `step - lag ..= step`, and a step
-    /// is evaluated at its lagged version with its own perturbations.
+    /// The ring holds exactly the versions `step - lag - 1 ..= step`, and a
+    /// step is evaluated at its lagged version moved on by its last update
+    /// once per step it is behind, with its own perturbations.
     #[test]
-    fn the_ring_keeps_the_last_lag_versions() {
+    fn the_ring_keeps_the_last_lag_versions_and_one_more() {
         let mut r = Replica::new(config(2)).unwrap();
         let mut seen = vec![r.params.clone()];
         for s in 0..5u64 {
-            assert_eq!(r.versions().len() as u64, s.min(2));
+            assert_eq!(r.versions().len() as u64, s.min(3));
             for v in 0..=s + 1 {
                 let held = r.weights_at(v).map(<[f32]>::to_vec);
-                let want = (v + 2 >= s && v <= s).then(|| seen[v as usize].clone());
+                let want = (v + 3 >= s && v <= s).then(|| seen[v as usize].clone());
                 assert_eq!(held, want, "step {s} version {v}");
             }
             assert!(r.can_evaluate(s + 2) && !r.can_evaluate(s + 3));
             assert!(r.can_evaluate(s));
-            // Step s + 2 is evaluated at version s, the current weights, with
-            // step s + 2's noise.
+            // Step s + 2 is evaluated at version s, moved on twice by the
+            // update from s - 1 to s (at version 0, at version 0 itself),
+            // with step s + 2's noise.
+            let point: Vec<f32> = if s == 0 {
+                r.params.clone()
+            } else {
+                let (now, before) = (&seen[s as usize], &seen[s as usize - 1]);
+                now.iter().zip(before).map(|(&w, &b)| w + 2.0 * (w - b)).collect()
+            };
+            assert_eq!(r.point(s + 2, s).unwrap()[..], point[..]);
+            assert_eq!(
+                r.point(s, s).unwrap()[..],
+                r.params[..],
+                "no lag: the version itself"
+            );
             let want = forward::member_losses(
                 &r.layout,
-                &r.params,
+                &point,
                 &r.config,
                 s + 2,
                 &r.minibatch(&tokens(s)).unwrap(),
@@ -359,6 +418,30 @@ mod tests {
             r.local_step(&tokens(s)).unwrap();
             seen.push(r.params.clone());
         }
+    }
+
+    /// A replica holding a version but not the one before it cannot tell
+    /// where to evaluate a step behind it: it refuses rather than guess
+    /// (a guess would differ from every other replica's).
+    #[test]
+    fn a_point_needs_the_version_before() {
+        let mut a = Replica::new(config(2)).unwrap();
+        for s in 0..4 {
+            a.local_step(&tokens(s)).unwrap();
+        }
+        let newest = Replica::from_snapshot(a.config, a.step, a.params.clone(), a.adam.clone())
+            .unwrap()
+            .with_versions(a.versions().last().map(<[f32]>::to_vec).into_iter().collect())
+            .unwrap();
+        assert!(
+            newest.point(a.step + 1, a.step - 1).is_err(),
+            "version step - 2 is not held"
+        );
+        assert!(newest.point(a.step + 1, a.step).is_ok());
+        assert_eq!(
+            newest.point(a.step + 1, a.step).unwrap()[..],
+            a.point(a.step + 1, a.step).unwrap()[..]
+        );
     }
 
     /// Without a lag nothing is kept and only the current step evaluates.

@@ -73,7 +73,8 @@ pub struct Limits {
     pub handshakes_per_s: f64,
     /// Handshakes allowed in a burst above that rate.
     pub handshake_burst: f64,
-    /// The server pings every connection this often.
+    /// The server pings every connection this often: a heartbeat, and the
+    /// round trip the scheduler sends work ahead to cover.
     pub ping_every: Duration,
     /// A connection silent for this long (no frame, no pong) is dropped.
     pub idle_timeout: Duration,
@@ -89,7 +90,7 @@ impl Default for Limits {
             max_per_ip: 64,
             handshakes_per_s: 200.0,
             handshake_burst: 400.0,
-            ping_every: Duration::from_secs(10),
+            ping_every: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(45),
             outbox: 256,
         }
@@ -583,6 +584,13 @@ pub(crate) fn frame_event(client: ClientId, frame: Message) -> Option<Input> {
     })
 }
 
+/// The round trip a pong times: from the latest ping, if it answers that
+/// one (a pong to an older ping, or an unsolicited one, times nothing).
+fn round_trip(pinged: &(u64, Instant), payload: &[u8]) -> Option<Duration> {
+    let nonce = u64::from_le_bytes(payload.try_into().ok()?);
+    (nonce == pinged.0 && nonce > 0).then(|| pinged.1.elapsed())
+}
+
 /// One volunteer connection: decodes frames into events and drains the
 /// client's outbox into the socket. Either side ending ends the other.
 async fn handle_socket(socket: WebSocket, state: AppState) {
@@ -600,10 +608,15 @@ async fn handle_socket(socket: WebSocket, state: AppState) {
     let limits = state.admission.limits.clone();
     let last_seen = Arc::new(Mutex::new(Instant::now()));
     let seen = last_seen.clone();
+    // The latest ping: its nonce and when it went out. Its pong times the
+    // round trip, which the scheduler covers with work sent ahead.
+    let pinged = Arc::new(Mutex::new((0u64, Instant::now())));
+    let ping_out = pinged.clone();
     let events = state.events.clone();
     let mut send_task = tokio::spawn(async move {
+        // The first tick is at once: the round trip is known early.
         let mut ping = tokio::time::interval(limits.ping_every);
-        ping.tick().await;
+        let mut nonce = 0u64;
         // A peer that stopped reading blocks a send once the socket buffers
         // are full; such a send gives up after the idle timeout, so the
         // connection (and its queued frames) cannot outlive it.
@@ -627,7 +640,9 @@ async fn handle_socket(socket: WebSocket, state: AppState) {
                         let _ = events.try_send(Event::Input(Input::Idle { client: id }));
                         closing(close::POLICY, "no heartbeat".into())
                     } else {
-                        Message::Ping(Default::default())
+                        nonce += 1;
+                        *ping_out.lock().unwrap() = (nonce, Instant::now());
+                        Message::Ping(nonce.to_le_bytes().to_vec().into())
                     }
                 }
             };
@@ -640,10 +655,22 @@ async fn handle_socket(socket: WebSocket, state: AppState) {
     });
     let events = state.events.clone();
     let mut recv_task = tokio::spawn(async move {
+        let mut told = None::<Duration>;
         while let Some(frame) = stream.next().await {
             *last_seen.lock().unwrap() = Instant::now();
             let ev = match frame {
                 Ok(Message::Close(_)) | Err(_) => break,
+                Ok(Message::Pong(payload)) => {
+                    let Some(rtt) = round_trip(&pinged.lock().unwrap(), &payload) else {
+                        continue;
+                    };
+                    // Only a change worth acting on reaches the coordinator.
+                    if told.is_some_and(|t| rtt.abs_diff(t) * 10 < t) {
+                        continue;
+                    }
+                    told = Some(rtt);
+                    Input::RoundTrip { client: id, rtt }
+                }
                 Ok(frame) => match frame_event(id, frame) {
                     Some(ev) => ev,
                     None => continue,

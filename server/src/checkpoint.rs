@@ -356,14 +356,20 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
     };
     let (want_hash, want_sum) = (hex("weights_hash")?, hex("checksum")?);
 
-    // A lagged run keeps min(lag, step) past weight versions; older files
-    // (no lag) none.
-    let n_versions = step.min(config.es.lag as u64) as usize;
+    // A lagged run keeps min(lag + 1, step) past weight versions (one
+    // more than the lag: a step is evaluated around its version and the
+    // one before); files of builds that kept min(lag, step) still read,
+    // and files without a lag hold none.
+    let lag = config.es.lag as u64;
+    let model_tensors = 3 * layout.tensors.len();
+    let n_versions = st.len().saturating_sub(model_tensors);
+    let (fewest, most) = (step.min(lag) as usize, step.min(lag + (lag > 0) as u64) as usize);
     ensure!(
-        st.len() == 3 * layout.tensors.len() + n_versions,
-        "holds {} tensors, the model needs {}",
+        (fewest..=most).contains(&n_versions) && st.len() >= model_tensors,
+        "holds {} tensors, the model needs {} to {}",
         st.len(),
-        3 * layout.tensors.len() + n_versions
+        model_tensors + fewest,
+        model_tensors + most
     );
     let read = |name: &str, t: &TensorSpec, dst: &mut [f32]| -> Result<()> {
         let view = st.tensor(name).map_err(|_| anyhow!("tensor {name} is missing"))?;
@@ -549,10 +555,10 @@ pub(crate) mod tests {
     #[test]
     fn past_weight_versions_round_trip() {
         let ckpt = trained_lagged(3, Head::Shared, 2);
-        assert_eq!(ckpt.versions.len(), 2);
+        assert_eq!(ckpt.versions.len(), 3, "lag + 1");
         let bytes = to_bytes_safetensors(&ckpt).unwrap();
         let back = from_bytes(&bytes).unwrap();
-        assert_eq!(back.versions.len(), 2);
+        assert_eq!(back.versions.len(), 3);
         for (a, b) in ckpt.versions.iter().zip(&back.versions) {
             assert_eq!(bits(a), bits(b));
         }

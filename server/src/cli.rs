@@ -244,8 +244,9 @@ pub struct RunArgs {
     /// Shortest job deadline in seconds [default: 10].
     #[arg(long, allow_negative_numbers = true, help_heading = "Volunteers")]
     pub job_timeout: Option<f64>,
-    /// Jobs a volunteer may hold at once: with 2 its next job travels while
-    /// it computes, hiding the round trip [default: 2].
+    /// Jobs a volunteer holds at least: with 2 its next job travels while
+    /// it computes. A volunteer far away holds more, enough to cover its
+    /// round trip (up to 64); 1 sends no work ahead [default: 2].
     #[arg(long, help_heading = "Volunteers")]
     pub jobs_ahead: Option<usize>,
     /// Validation loss every this many steps [default: 25].

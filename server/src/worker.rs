@@ -23,7 +23,7 @@ use seedling_core::Replica;
 use seedling_core::protocol::{ClientKind, MAX_SERVER_MESSAGE, SessionToken};
 use seedling_core::split;
 use seedling_core::tokenizer::Token;
-use seedling_core::volunteer::{Action, Event, Outcome, Volunteer, Work};
+use seedling_core::volunteer::{Action, Event, Volunteer, Work};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -192,6 +192,8 @@ pub fn evaluate_step_parallel(
     if threads == 1 {
         return share.paced(0, || replica.evaluate_at(step, version, tokens, members));
     }
+    let point = replica.point(step, version)?;
+    let point = &point[..];
     let chunks: Vec<&[u32]> = split::guided(members.len(), threads, PARALLEL_MIN, 2)
         .into_iter()
         .map(|r| &members[r])
@@ -210,7 +212,7 @@ pub fn evaluate_step_parallel(
                         };
                         mine.push((
                             i,
-                            share.paced(t, || replica.evaluate_at(step, version, tokens, chunk)),
+                            share.paced(t, || replica.evaluate_around(point, step, tokens, chunk)),
                         ));
                     }
                 })
@@ -330,6 +332,8 @@ where
     E2: std::error::Error + Send + Sync + 'static,
 {
     let mut outcome = life.opened(clock.now());
+    // Frames that arrived while a job was being evaluated, in order.
+    let mut inbox = Inbox::default();
     loop {
         if let (Some(Event::Joined { .. }), Some(file)) = (&outcome.event, identity.as_mut()) {
             // Not fatal: the worker trains on, as a new contributor next run.
@@ -342,37 +346,61 @@ where
             Action::Nothing => {}
             Action::Send(bytes) => sink.send(Message::Binary(bytes.into())).await?,
             Action::Evaluate(work) => {
-                outcome = evaluate(life, work, threads, clock).await?;
+                let (work, losses) = evaluate(work, threads, stream, &mut inbox).await?;
+                outcome = life.evaluated(work, losses, clock.now());
                 continue;
             }
             Action::Close | Action::Reconnect { .. } | Action::Stop { .. } => return Ok(()),
         }
-        let bytes = loop {
-            match stream.next().await {
-                None => return Ok(()),
-                Some(frame) => match frame? {
-                    Message::Binary(b) => break b,
-                    Message::Close(_) => {
-                        tracing::info!("server closed the connection");
-                        return Ok(());
-                    }
-                    _ => continue,
-                },
-            }
+        let bytes = match inbox.frames.pop_front() {
+            Some(b) => b,
+            None if inbox.ended => return Ok(()),
+            None => loop {
+                match stream.next().await {
+                    None => return Ok(()),
+                    Some(frame) => match frame? {
+                        Message::Binary(b) => break b,
+                        Message::Close(_) => {
+                            tracing::info!("server closed the connection");
+                            return Ok(());
+                        }
+                        _ => continue,
+                    },
+                }
+            },
         };
         outcome = life.receive(&bytes);
     }
 }
 
-/// Evaluates a job on `threads` threads off the async runtime and hands the
-/// losses back to the lifecycle.
-async fn evaluate(
-    life: &mut Volunteer,
+/// Frames a server may queue at a worker while it evaluates: jobs sent
+/// ahead (the server holds a volunteer to a few dozen) and updates. More is
+/// a broken server, and the connection is dropped.
+const MAX_INBOX: usize = 4096;
+
+/// Frames read while a job was being evaluated, and whether the connection
+/// ended meanwhile.
+#[derive(Default)]
+struct Inbox {
+    frames: std::collections::VecDeque<bytes::Bytes>,
+    ended: bool,
+}
+
+/// Evaluates a job on `threads` threads off the async runtime. The socket
+/// is read meanwhile (frames queue in `inbox`), so the WebSocket library
+/// answers the server's pings at once: the server times the volunteer's
+/// round trip with them and sends enough work ahead to cover it, and a
+/// pong held behind queued jobs would count their compute as network.
+async fn evaluate<E>(
     work: Work,
     threads: usize,
-    clock: &Clock,
-) -> anyhow::Result<Outcome> {
-    let (work, losses) = tokio::task::spawn_blocking(move || {
+    stream: &mut (impl Stream<Item = Result<Message, E>> + Unpin),
+    inbox: &mut Inbox,
+) -> anyhow::Result<(Work, seedling_core::Result<Vec<f32>>)>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let mut task = tokio::task::spawn_blocking(move || {
         let losses = evaluate_step_parallel(
             &work.replica,
             work.step,
@@ -382,9 +410,23 @@ async fn evaluate(
             threads,
         );
         (work, losses)
-    })
-    .await?;
-    Ok(life.evaluated(work, losses, clock.now()))
+    });
+    loop {
+        tokio::select! {
+            done = &mut task => return Ok(done?),
+            frame = stream.next(), if !inbox.ended => match frame {
+                None | Some(Ok(Message::Close(_))) => inbox.ended = true,
+                Some(Ok(Message::Binary(b))) => {
+                    if inbox.frames.len() >= MAX_INBOX {
+                        anyhow::bail!("the server queued over {MAX_INBOX} frames during one job");
+                    }
+                    inbox.frames.push_back(b);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+            },
+        }
+    }
 }
 
 /// How the native worker displays the lifecycle's events: log lines, and

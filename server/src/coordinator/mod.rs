@@ -80,8 +80,12 @@ struct Client {
     /// Results in the minority of a replicated member.
     strikes: u32,
     hello: Option<(ClientKind, u32)>,
-    /// Its live jobs, oldest first: at most [`Settings::jobs_ahead`].
-    jobs: SmallVec<[u64; 2]>,
+    /// Its live jobs, oldest first: [`Settings::jobs_ahead`], or as many
+    /// as cover its round trip.
+    jobs: SmallVec<[u64; 4]>,
+    /// Its round trip in seconds (a moving average of the driver's pings;
+    /// 0 until the first).
+    rtt: f64,
     /// When its latest result arrived: a job sent ahead starts computing
     /// then, not when it was sent.
     last_result: Option<Instant>,
@@ -195,6 +199,7 @@ impl Coordinator {
                         strikes: 0,
                         hello: None,
                         jobs: SmallVec::new(),
+                        rtt: 0.0,
                         last_result: None,
                         speed: 0.0,
                         members: 0,
@@ -218,6 +223,14 @@ impl Coordinator {
                 if self.clients.contains_key(&client) {
                     self.counters.idle += 1;
                     self.drop_client(client, out);
+                }
+            }
+            Input::RoundTrip { client, rtt } => {
+                if let Some(c) = self.clients.get_mut(&client) {
+                    let rtt = rtt.as_secs_f64();
+                    c.rtt = if c.rtt > 0.0 { 0.7 * c.rtt + 0.3 * rtt } else { rtt };
+                    // More room, perhaps: a job may go out now.
+                    self.sync_idle(client);
                 }
             }
             Input::Slow { client } => {
@@ -427,14 +440,15 @@ impl Coordinator {
     }
 
     fn send_snapshot(&self, id: ClientId, out: &mut dyn Outputs) {
-        // Only the past versions an open step is evaluated at.
+        // Only the past versions an open step is evaluated around: its
+        // own and the one before (see `Replica::point`).
         let oldest = self
             .open
             .iter()
             .map(|o| o.version)
             .min()
             .unwrap_or(self.replica.step);
-        self.send(id, &self.replica.snapshot_since(oldest), out);
+        self.send(id, &self.replica.snapshot_since(oldest.saturating_sub(1)), out);
     }
 
     /// Validation loss of the authoritative weights on the fixed held-out set.

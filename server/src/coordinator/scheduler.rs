@@ -13,13 +13,17 @@ use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
 
-use super::Coordinator;
 use super::seqmap::SeqMap;
 use super::step::Open;
 use super::types::{ClientId, Outgoing, Output, Outputs};
+use super::{Client, Coordinator};
 
 /// Recent job owners remembered to classify late results.
 const MAX_OWNERS: usize = 100_000;
+
+/// Most jobs one client holds, however long its round trip: bounds what a
+/// departing volunteer leaves to reissue and the frames queued for it.
+pub(super) const MAX_HELD: usize = 64;
 
 /// A job handed out in an open step.
 pub(super) struct Job {
@@ -142,7 +146,6 @@ impl Coordinator {
         if self.sched.idle.is_empty() {
             return;
         }
-        let ready = self.ready;
         for i in 0..workable {
             if !self.open[i].drained() {
                 self.settle_unverifiable(i);
@@ -160,21 +163,12 @@ impl Coordinator {
             let Some(c) = self.clients.get(&id) else {
                 continue; // (never: leaving takes a client out of the queue)
             };
-            let threads = c.hello.map_or(1, |h| h.1) as usize;
-            let target = if c.speed > 0.0 {
-                (c.speed * self.settings.job_target.as_secs_f64()) as usize
-            } else {
-                2 * threads
-            };
-            // Never more than an even share of the work open (one step, or
-            // the D + 1 steps in flight), so every volunteer gets work (and a
-            // speed measurement), not just the fastest. With steps in flight
-            // the share spans them: a volunteer a round trip away then takes
-            // up to a whole step per job, and the round trip is paid per
-            // step rather than per slice of one.
-            let open_work = self.replica.config.es.population as usize * self.open.len().max(1);
-            let fair = open_work.div_ceil(ready.max(1)).next_multiple_of(2);
-            let size = target.max(threads).max(2).min(fair);
+            if !self.has_room(c) {
+                // The fleet grew since it was queued: its share shrank.
+                self.clients.get_mut(&id).unwrap().queued = false;
+                continue;
+            }
+            let size = self.job_size(c);
             // The oldest open step with work this client may take.
             let mut members: SmallVec<[u32; 8]> = SmallVec::with_capacity(size);
             let mut chosen = 0;
@@ -212,12 +206,7 @@ impl Coordinator {
             }
             let step = self.open[chosen].step;
             // A job sent ahead is evaluated after the client's others.
-            let backlog: usize = c
-                .jobs
-                .iter()
-                .filter_map(|&j| self.sched.jobs.get(j))
-                .map(|j| j.members.len())
-                .sum();
+            let backlog = self.held(c);
             let expected = if c.speed > 0.0 {
                 (backlog + members.len()) as f64 / c.speed
             } else {
@@ -249,14 +238,6 @@ impl Coordinator {
             if sched.jobs.insert(job_id, job).is_err() {
                 unreachable!("job ids only grow");
             }
-            let client = self.clients.get_mut(&id).unwrap();
-            client.jobs.push(job_id);
-            // Room for another job: back in the queue, behind everyone
-            // waiting, so first jobs go out before second ones.
-            client.queued = client.jobs.len() < self.settings.jobs_ahead.max(1);
-            if client.queued {
-                sched.idle.push_back(id);
-            }
             sched.owners.push_back((job_id, id));
             if sched.owners.len() > MAX_OWNERS {
                 sched.owners.pop_front();
@@ -265,6 +246,12 @@ impl Coordinator {
                 Ok(frame) => out.push(Output::Send(id, Outgoing::Job(frame))),
                 Err(e) => tracing::error!("cannot encode a job: {e}"),
             }
+            let client = self.clients.get_mut(&id).unwrap();
+            client.jobs.push(job_id);
+            // Room for another job: back in the queue, behind everyone
+            // waiting, so first jobs go out before second ones.
+            client.queued = false;
+            self.sync_idle(id);
         }
         for id in passed.into_iter().rev() {
             self.sched.idle.push_front(id);
@@ -275,12 +262,76 @@ impl Coordinator {
     /// and not queued yet. (Only [`Coordinator::assign`] gives a client a job, and
     /// it takes the client out of the queue as it does.)
     pub(super) fn sync_idle(&mut self, id: ClientId) {
-        if let Some(c) = self.clients.get_mut(&id) {
-            if c.hello.is_some() && c.jobs.len() < self.settings.jobs_ahead.max(1) && !c.queued {
-                c.queued = true;
-                self.sched.idle.push_back(id);
-            }
+        let Some(c) = self.clients.get(&id) else { return };
+        if c.hello.is_some() && !c.queued && self.has_room(c) {
+            self.clients.get_mut(&id).unwrap().queued = true;
+            self.sched.idle.push_back(id);
         }
+    }
+
+    /// Members a client's next job gets: what it evaluates in
+    /// [`Settings::job_target`], but never more than one step, nor more
+    /// than an even share of the work open (the steps in flight together),
+    /// so every volunteer gets work (and a speed measurement), not just the
+    /// fastest; never fewer than keep its threads busy. A job takes members
+    /// of one step only, so with steps in flight a volunteer often
+    /// evaluates a whole step per job: a job has fixed costs (its frame,
+    /// its minibatch, the evaluation point): eight volunteers evaluating
+    /// an eighth of each step ran a third fewer members a second than
+    /// the same fleet evaluating whole steps.
+    ///
+    /// [`Settings::job_target`]: super::types::Settings::job_target
+    pub(super) fn job_size(&self, c: &Client) -> usize {
+        let threads = c.hello.map_or(1, |h| h.1) as usize;
+        let target = if c.speed > 0.0 {
+            (c.speed * self.settings.job_target.as_secs_f64()) as usize
+        } else {
+            2 * threads
+        };
+        let population = self.replica.config.es.population as usize;
+        let open_work = population * self.open.len().max(1);
+        let fair = open_work.div_ceil(self.ready.max(1)).next_multiple_of(2);
+        target.min(fair).min(population).max(threads).max(2)
+    }
+
+    /// Members a client should hold to compute without a gap: the job it
+    /// evaluates, plus what it evaluates while a result travels to the
+    /// coordinator and the next job back (its speed times its round trip);
+    /// at least [`Settings::jobs_ahead`] jobs, at most [`MAX_HELD`] jobs.
+    /// Little's law per volunteer: the work in flight is the rate times the
+    /// time a job spends out.
+    ///
+    /// [`Settings::jobs_ahead`]: super::types::Settings::jobs_ahead
+    pub(super) fn wanted(&self, c: &Client) -> usize {
+        let size = self.job_size(c);
+        let ahead = self.settings.jobs_ahead.max(1);
+        if ahead == 1 {
+            return size;
+        }
+        let cover = size + (c.speed * c.rtt) as usize;
+        cover.clamp(ahead * size, MAX_HELD * size)
+    }
+
+    /// Members in a client's live jobs.
+    pub(super) fn held(&self, c: &Client) -> usize {
+        c.jobs
+            .iter()
+            .filter_map(|&j| self.sched.jobs.get(j))
+            .map(|j| j.members.len())
+            .sum()
+    }
+
+    /// True when a client should get another job: fewer than
+    /// [`Settings::jobs_ahead`] jobs, or fewer members than cover its
+    /// round trip (and fewer than [`MAX_HELD`] jobs).
+    ///
+    /// [`Settings::jobs_ahead`]: super::types::Settings::jobs_ahead
+    fn has_room(&self, c: &Client) -> bool {
+        let ahead = self.settings.jobs_ahead.max(1);
+        if c.jobs.len() < ahead {
+            return true;
+        }
+        ahead > 1 && c.jobs.len() < MAX_HELD && self.held(c) < self.wanted(c)
     }
 
     /// Puts a job's members back into its step, if still open:

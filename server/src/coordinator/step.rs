@@ -247,13 +247,18 @@ impl Coordinator {
     /// back leaves the volunteers' cores idle.
     fn close_step(&mut self, now: Instant, out: &mut dyn Outputs) {
         let step = self.replica.step;
-        // A ready volunteer with no job now waited on the network or on
-        // this close: more steps in flight would have kept it busy.
-        let starved = self
-            .clients
-            .values()
-            .any(|c| c.hello.is_some() && c.jobs.is_empty());
-        self.window.closed(starved);
+        // The work the volunteers want to hold sizes the window; a ready
+        // volunteer with no job now waited on the network or on this close,
+        // so the estimate fell short.
+        let mut wanted = 0;
+        let mut starved = false;
+        for c in self.clients.values().filter(|c| c.hello.is_some()) {
+            wanted += self.wanted(c);
+            starved |= c.jobs.is_empty();
+        }
+        let population = self.replica.config.es.population as f64;
+        self.window.closed(wanted as f64 / population, starved);
+        tracing::debug!(step, wanted, starved, open = self.window.open(), "window");
         let mut closing = self.open.pop_front().expect("a step is always open");
         debug_assert_eq!(closing.step, step);
         let losses: Vec<(u32, f32)> = closing.books.results().collect();

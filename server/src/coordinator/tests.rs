@@ -10,6 +10,7 @@ use seedling_core::protocol::{self, ClientKind, ClientMsg, PROTOCOL_VERSION, Ser
 use seedling_core::tokenizer::Tokenizer;
 use seedling_core::{NoiseKind, Replica, RunConfig};
 
+use super::scheduler::MAX_HELD;
 use super::*;
 use crate::runbook::Cadence;
 
@@ -172,9 +173,14 @@ fn any_message_sequence(
                     },
                 }
             }
-            4 => Input::Message {
+            4 if job % 2 == 0 => Input::Message {
                 client,
                 msg: ClientMsg::Hash { step, hash: job },
+            },
+            // A round trip long enough that the client holds several jobs.
+            4 => Input::RoundTrip {
+                client,
+                rtt: Duration::from_millis(step * 400),
             },
             5 => Input::Tick,
             6 => Input::Invalid {
@@ -239,7 +245,7 @@ fn check_books(c: &Coordinator) -> Result<(), TestCaseError> {
                 .all(|&j| s.jobs.get(j).is_some_and(|jb| jb.client == *id))
         );
         prop_assert!(
-            cl.jobs.len() <= c.settings.jobs_ahead.max(1),
+            cl.jobs.len() <= c.settings.jobs_ahead.max(1).max(MAX_HELD),
             "a client holds too many jobs"
         );
     }
@@ -250,8 +256,12 @@ fn check_books(c: &Coordinator) -> Result<(), TestCaseError> {
         );
     }
     prop_assert_eq!(c.sessions.map.len(), c.sessions.order.len());
-    // The idle queue holds every idle client exactly once, and nobody else.
-    let want: BTreeSet<ClientId> = c
+    // The idle queue holds every client short of its least jobs exactly
+    // once, perhaps others with room for more, and nobody else. (Room past
+    // the least jobs moves with the fleet's size; a client without it is
+    // dropped from the queue when reached, and queued again at its next
+    // result.)
+    let must: BTreeSet<ClientId> = c
         .clients
         .iter()
         .filter(|(_, cl)| cl.hello.is_some() && cl.jobs.len() < c.settings.jobs_ahead.max(1))
@@ -259,7 +269,16 @@ fn check_books(c: &Coordinator) -> Result<(), TestCaseError> {
         .collect();
     let queued: BTreeSet<ClientId> = s.idle.iter().copied().collect();
     prop_assert_eq!(s.idle.len(), queued.len(), "a client is queued twice");
-    prop_assert_eq!(&queued, &want, "the idle queue drifted");
+    prop_assert!(
+        must.is_subset(&queued),
+        "the idle queue drifted: {must:?} not in {queued:?}"
+    );
+    for id in &queued {
+        prop_assert!(
+            c.clients[id].hello.is_some(),
+            "a client queued before its handshake"
+        );
+    }
     for (id, cl) in &c.clients {
         prop_assert_eq!(cl.queued, queued.contains(id));
     }
@@ -653,6 +672,100 @@ fn the_next_job_travels_while_the_client_computes() {
         "{} != {want}",
         c.clients[&1].speed
     );
+}
+
+/// A volunteer far away holds enough work to cover its round trip: its
+/// speed times the round trip, plus the job it evaluates; close by, the
+/// least two jobs.
+#[test]
+fn a_distant_volunteer_holds_work_for_its_round_trip() {
+    let mut c = lagged_coordinator(8, true);
+    let (mut w, t0) = join_one(&mut c);
+    let first = jobs_sent(&mut w, 1);
+    assert_eq!(first.len(), 2, "speed unknown, no round trip: the least two jobs");
+    c.clients.get_mut(&1).unwrap().speed = 50.0;
+    c.handle(
+        Input::RoundTrip {
+            client: 1,
+            rtt: Duration::from_millis(400),
+        },
+        t0,
+        &mut w,
+    );
+    let more = jobs_sent(&mut w, 1);
+    // Jobs of a full share of a step (8 members: a lone volunteer takes it
+    // all), until it holds 8 + 50 * 0.4 = 28 members.
+    assert!(
+        more.iter().all(|j| j.members.len() <= 8),
+        "a share of one step at most"
+    );
+    let held = c.held(&c.clients[&1]);
+    assert!((28..28 + 8).contains(&held), "holds {held} members");
+    assert_eq!(c.clients[&1].jobs.len(), first.len() + more.len());
+    // Back close by: a result frees room for nothing more (it holds more
+    // than two jobs' worth).
+    c.handle(
+        Input::RoundTrip {
+            client: 1,
+            rtt: Duration::ZERO,
+        },
+        t0,
+        &mut w,
+    );
+    c.clients.get_mut(&1).unwrap().rtt = 0.0;
+    let j = &first[0];
+    let losses = vec![1.0; j.members.len()];
+    let msg = ClientMsg::Losses {
+        step: j.step,
+        job: j.job,
+        losses,
+    };
+    c.handle(
+        Input::Message { client: 1, msg },
+        t0 + Duration::from_millis(30),
+        &mut w,
+    );
+    assert!(
+        jobs_sent(&mut w, 1).is_empty(),
+        "no job past what covers the trip"
+    );
+}
+
+/// The window opens the steps that hold what the volunteers want, plus
+/// the one being finished: many steps for a fleet far away, one or two
+/// close by.
+#[test]
+fn the_window_follows_the_fleets_round_trip() {
+    let mut c = lagged_coordinator(16, false);
+    let (mut w, t0) = join_one(&mut c);
+    // Answer the oldest job each time, as a volunteer evaluating its queue.
+    let mut held: std::collections::VecDeque<SentJob> = jobs_sent(&mut w, 1).into();
+    // A job every 0.1 s: 80 members/s for a full share of a step.
+    let mut now = t0;
+    let mut answer = |c: &mut Coordinator, w: &mut Wires, rounds: usize, rtt: f64| {
+        for _ in 0..rounds {
+            now += Duration::from_millis(100);
+            let j = held.pop_front().expect("the volunteer always holds work");
+            let msg = ClientMsg::Losses {
+                step: j.step,
+                job: j.job,
+                losses: vec![1.0; j.members.len()],
+            };
+            c.clients.get_mut(&1).unwrap().rtt = rtt;
+            c.handle(Input::Message { client: 1, msg }, now, w);
+            held.extend(jobs_sent(w, 1));
+            held.retain(|j| c.sched.jobs.contains(j.job));
+        }
+    };
+    answer(&mut c, &mut w, 200, 0.5);
+    assert!(c.replica.step >= 100, "steps closed: {}", c.replica.step);
+    // 8 members a job, 8 + 80 * 0.5 = 48 wanted: 6 steps, plus one (the
+    // measured speed wanders around 80).
+    let far = c.window.open();
+    assert!((6..=8).contains(&far), "window {far}");
+    answer(&mut c, &mut w, 100, 0.0);
+    // Close by, two jobs of a step: two steps plus one.
+    assert_eq!(c.window.open(), 3);
 }
 
 /// With one job at a time a client gets its next job only after a result.

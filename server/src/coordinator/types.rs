@@ -116,6 +116,16 @@ pub enum Input {
         /// The silent client.
         client: ClientId,
     },
+    /// A round trip to the client, timed by the driver (a WebSocket ping
+    /// and its pong, which browsers and the native worker answer while
+    /// they compute). The scheduler keeps enough work at each volunteer to
+    /// cover its own round trip.
+    RoundTrip {
+        /// The client pinged.
+        client: ClientId,
+        /// From the ping's send to its pong's arrival.
+        rtt: Duration,
+    },
     /// The client's send queue was full: it reads too slowly to keep up
     /// and is being closed (reported by [`crate::delivery::courier`]).
     Slow {
@@ -254,9 +264,11 @@ pub struct Settings {
     pub job_target: Duration,
     /// Shortest job deadline, whatever the client's speed.
     pub job_timeout_min: Duration,
-    /// Jobs a client may hold at once. With two, its next job is already on
-    /// the wire while it evaluates the current one, so a volunteer a round
-    /// trip away computes without a gap instead of idling for a round trip
+    /// Jobs a client holds at least, whatever its round trip. With two,
+    /// its next job is already on the wire while it evaluates the current
+    /// one. A volunteer a round trip away holds more: as many as cover its
+    /// speed times its round trip (see [`crate::coordinator::scheduler`]),
+    /// so it computes without a gap instead of idling for a round trip
     /// after every job. One gives the strict request-reply of a client
     /// that is never sent work ahead.
     pub jobs_ahead: usize,

@@ -12,7 +12,7 @@
 //! stale.
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand_core::Rng;
 
@@ -69,14 +69,17 @@ impl Coordinator {
         self.counters.round_trip(now.saturating_duration_since(job.sent));
         let client = self.clients.get_mut(&id).unwrap();
         // A job sent ahead waited at the client for the one before it: its
-        // evaluation began when that one's result came back.
-        let began = client.last_result.map_or(job.sent, |t| t.max(job.sent));
+        // evaluation began when that one's result came back, or when the
+        // job itself arrived, a round trip after it was sent (both as seen
+        // here, half a round trip after the client saw them).
+        // (A result back sooner than the estimated round trip says the
+        // estimate is stale: then only the previous result bounds it.)
+        let arrived = job.sent + Duration::try_from_secs_f64(client.rtt).unwrap_or_default();
+        let arrived = if arrived < now { arrived } else { job.sent };
+        let began = client.last_result.map_or(arrived, |t| t.max(arrived));
         let secs = now.saturating_duration_since(began).as_secs_f64().max(1e-3);
         client.last_result = Some(now);
         client.jobs.retain(|j| *j != job_id);
-        if !std::mem::replace(&mut client.queued, true) {
-            self.sched.idle.push_back(id);
-        }
         let rate = job.members.len() as f64 / secs;
         client.speed = if client.speed > 0.0 {
             0.7 * client.speed + 0.3 * rate
@@ -87,6 +90,7 @@ impl Coordinator {
         // How often this job's fresh members are replicated follows the
         // trust the client has as its result arrives.
         let trust = client.agreed;
+        self.sync_idle(id);
         for (&m, l) in job.members.iter().zip(losses) {
             if !self.claim(id, trust, open, m, l, out) {
                 break; // disconnected as a liar; its claims are gone

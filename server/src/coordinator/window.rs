@@ -10,15 +10,18 @@
 //! Staleness costs learning per step, idle volunteers cost steps per
 //! second: the window opens as many steps as the fleet needs to stay busy.
 //!
-//! The rule is a feedback loop on what the coordinator sees, not a model
-//! of the network: at every step's close, if a volunteer sat with no job
-//! at all while every open step was handed out (it waited on the network
-//! or on the close), the window grows by one step, up to `lag + 1`; after
-//! a run of closes with every volunteer busy it shrinks by one, down to
-//! one (the synchronous rule). On one host the window stays near one or
-//! two; 50 ms away it grows until the round trip is covered (the step rate
-//! times the round trip, plus the jobs queued at the volunteers). With
-//! [`Settings::fixed_lag`] it is `lag + 1` always.
+//! The rule is Little's law on what the coordinator measures. Every
+//! volunteer should hold the work it evaluates while a result travels to
+//! the coordinator and its next job travels back: its speed times its round
+//! trip, plus the job in hand (see [`super::scheduler`]). The window opens
+//! enough steps to hold all of that, plus the step being finished:
+//! `ceil(sum of wanted members / population) + 1`. On one host that is
+//! one or two steps; 50 ms away about the step rate times the round trip.
+//! Speeds and round trips are estimates, so a feedback term corrects them:
+//! a close that finds a ready volunteer holding no job at all (it idled on
+//! the network) adds a step of slack, and a run of closes with every
+//! volunteer busy takes one away. With [`Settings::fixed_lag`] the window
+//! is `lag + 1` always.
 
 use super::types::Settings;
 
@@ -30,8 +33,10 @@ const CALM_PER_STEP: u32 = 8;
 /// The number of steps to keep open, and the evidence for changing it.
 #[derive(Clone, Debug)]
 pub struct Window {
-    /// Steps to keep open: 1 ..= `max`.
-    open: usize,
+    /// Steps that hold the work the volunteers want, plus one.
+    needed: usize,
+    /// Steps of slack on top, from the feedback.
+    slack: usize,
     /// `lag + 1`.
     max: usize,
     fixed: bool,
@@ -43,35 +48,40 @@ impl Window {
     /// The starting window for a run with this `lag`: one step (fresh
     /// weights) unless the lag is fixed.
     pub fn new(settings: &Settings, lag: u32) -> Self {
-        let max = lag as usize + 1;
-        let fixed = settings.fixed_lag;
         Self {
-            open: if fixed { max } else { 1 },
-            max,
-            fixed,
+            needed: 1,
+            slack: 0,
+            max: lag as usize + 1,
+            fixed: settings.fixed_lag,
             calm: 0,
         }
     }
 
-    /// How many steps to keep open now.
+    /// How many steps to keep open now: 1 ..= `lag + 1`.
     pub fn open(&self) -> usize {
-        self.open
+        if self.fixed {
+            return self.max;
+        }
+        (self.needed + self.slack).clamp(1, self.max)
     }
 
-    /// A step closed; `starved` says whether a ready volunteer held no job
-    /// at that moment (the open steps were all handed out).
-    pub fn closed(&mut self, starved: bool) {
+    /// A step closed. `wanted` is the work, in steps (members over the
+    /// population), the ready volunteers want to hold; `starved` says
+    /// whether one of them held no job at that moment.
+    pub fn closed(&mut self, wanted: f64, starved: bool) {
         if self.fixed {
             return;
         }
+        // Saturating: a huge or non-finite estimate is clamped, not trusted.
+        self.needed = (wanted.ceil().clamp(0.0, self.max as f64) as usize) + 1;
         if starved {
             self.calm = 0;
-            self.open = (self.open + 1).min(self.max);
+            self.slack = (self.slack + 1).min(self.max);
         } else {
             self.calm += 1;
-            if self.calm >= CALM_PER_STEP * self.open as u32 {
+            if self.calm >= CALM_PER_STEP * self.open() as u32 {
                 self.calm = 0;
-                self.open = (self.open - 1).max(1);
+                self.slack = self.slack.saturating_sub(1);
             }
         }
     }
@@ -86,36 +96,59 @@ mod tests {
     }
 
     #[test]
-    fn starving_grows_the_window_to_the_lag_and_calm_shrinks_it_to_one() {
-        let mut w = auto(3);
+    fn the_window_holds_the_wanted_work_plus_the_step_being_finished() {
+        let mut w = auto(16);
         assert_eq!(w.open(), 1, "a run starts synchronous");
-        for want in [2, 3, 4, 4] {
-            w.closed(true);
+        w.closed(0.0, false);
+        assert_eq!(w.open(), 1, "nothing wanted: one step");
+        w.closed(0.5, false);
+        assert_eq!(w.open(), 2);
+        w.closed(9.2, false);
+        assert_eq!(w.open(), 11, "ceil(9.2) + 1");
+        w.closed(1e9, false);
+        assert_eq!(w.open(), 17, "never past lag + 1");
+        w.closed(f64::NAN, false);
+        assert!((1..=17).contains(&w.open()), "a broken estimate stays in range");
+        w.closed(2.0, false);
+        assert_eq!(w.open(), 3, "the estimate follows the fleet down at once");
+    }
+
+    #[test]
+    fn starving_adds_slack_and_calm_takes_it_away() {
+        let mut w = auto(8);
+        for want in [2, 3, 4] {
+            w.closed(0.0, true);
             assert_eq!(w.open(), want);
         }
-        // Eight calm closes per open step before each shrink.
+        // Eight calm closes per open step before each step of slack goes.
         for _ in 0..CALM_PER_STEP * 4 - 1 {
-            w.closed(false);
+            w.closed(0.0, false);
         }
         assert_eq!(w.open(), 4, "one close short of shrinking");
-        w.closed(false);
+        w.closed(0.0, false);
         assert_eq!(w.open(), 3);
         // A starved close resets the calm count.
         for _ in 0..CALM_PER_STEP * 3 - 1 {
-            w.closed(false);
+            w.closed(0.0, false);
         }
-        w.closed(true);
+        w.closed(0.0, true);
         assert_eq!(w.open(), 4);
+        w.closed(1.5, false);
+        assert_eq!(w.open(), 6, "slack comes on top of the estimate");
         for _ in 0..1000 {
-            w.closed(false);
+            w.closed(1.5, false);
         }
-        assert_eq!(w.open(), 1, "never below one step");
+        assert_eq!(w.open(), 3, "down to what the volunteers want");
+        for _ in 0..100 {
+            w.closed(0.0, true);
+        }
+        assert_eq!(w.open(), 9, "slack never past lag + 1");
     }
 
     #[test]
     fn without_a_lag_or_with_a_fixed_one_the_window_never_moves() {
         let mut w = auto(0);
-        w.closed(true);
+        w.closed(5.0, true);
         assert_eq!(w.open(), 1);
         let fixed = Settings {
             fixed_lag: true,
@@ -124,10 +157,10 @@ mod tests {
         let mut w = Window::new(&fixed, 5);
         assert_eq!(w.open(), 6);
         for starved in [true, false, false] {
-            w.closed(starved);
+            w.closed(0.0, starved);
         }
         for _ in 0..1000 {
-            w.closed(false);
+            w.closed(0.0, false);
         }
         assert_eq!(w.open(), 6);
     }
