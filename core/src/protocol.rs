@@ -9,7 +9,10 @@
 //!
 //! The core's plain types (configs, Adam's state, the vocabulary) carry no
 //! serde derives: inside a message they travel as their mirrors in
-//! [`schema`], so only this module decides what goes on the wire.
+//! [`schema`], so only this module decides what goes on the wire. An
+//! update's `(member, weight)` list travels in the form [`weights`] picks
+//! (centered ranks as ranks, about log2 n bits a member), and decodes to
+//! the same list, so no sender or receiver sees the difference.
 
 use alloc::format;
 use alloc::string::String;

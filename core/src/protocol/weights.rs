@@ -109,8 +109,8 @@ impl WireWeights {
 
     /// The `(member, weight)` list this form carries, checked: a compact
     /// form that does not describe a permutation of ranks over its count of
-    /// members is refused with a reason. (The list form's weights are
-    /// checked by `decode_server`, as before.)
+    /// members is refused with a reason. (`decode_server` checks that the
+    /// list form's weights are finite.)
     pub fn into_list(self) -> Result<Vec<(u32, f32)>> {
         match self {
             WireWeights::List(list) => Ok(list),
@@ -290,8 +290,18 @@ pub(super) mod update_weights {
     use serde::de::Error as _;
     use serde::{Deserializer, Serializer};
 
+    /// [`WireWeights`] with the list borrowed: the same bytes, and a
+    /// z-scored update of many members is not copied to be encoded.
+    #[derive(Serialize)]
+    enum Borrowed<'a> {
+        List(&'a [(u32, f32)]),
+        Ranks(CompactRanks),
+    }
+
     pub fn serialize<S: Serializer>(x: &[(u32, f32)], s: S) -> core::result::Result<S::Ok, S::Error> {
-        WireWeights::from_list(x).serialize(s)
+        CompactRanks::of(x)
+            .map_or(Borrowed::List(x), Borrowed::Ranks)
+            .serialize(s)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> core::result::Result<Vec<(u32, f32)>, D::Error> {
