@@ -9,7 +9,10 @@
 //!
 //! The core's plain types (configs, Adam's state, the vocabulary) carry no
 //! serde derives: inside a message they travel as their mirrors in
-//! [`schema`], so only this module decides what goes on the wire.
+//! [`schema`], so only this module decides what goes on the wire. An
+//! update's `(member, weight)` list travels in the form [`weights`] picks
+//! (centered ranks as ranks, about log2 n bits a member), and decodes to
+//! the same list, so no sender or receiver sees the difference.
 
 use alloc::format;
 use alloc::string::String;
@@ -22,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::tokenizer::{Token, Tokenizer};
 
 pub mod schema;
+pub mod weights;
 
 /// Bumped on any incompatible change; the handshake refuses a mismatch.
 ///
@@ -45,7 +49,11 @@ pub mod schema;
 /// coordinator can open steps in flight as the network needs rather than
 /// by a fixed rule; a snapshot carries only the past versions open steps
 /// use.
-pub const PROTOCOL_VERSION: u32 = 9;
+/// 10: an update's weights travel as [`weights::WireWeights`]: centered
+/// ranks as the members that counted and a permutation of ranks, about
+/// log2 n bits a member instead of 5 to 7 bytes; other shapings as the
+/// list.
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Longest display name, in characters, after [`clean_name`]. A Hello whose
 /// name is longer does not decode: clients clean their names before sending.
@@ -220,7 +228,10 @@ pub enum ServerMsg {
         /// update so the server alone decides it (schedules, operator changes)
         /// and every replica still applies the same one.
         lr: f32,
-        /// Shaped weights of exactly the members that counted.
+        /// Shaped weights of exactly the members that counted. Centered
+        /// ranks travel as ranks and decode to the same bits
+        /// ([`weights`]), so senders and receivers see only the list.
+        #[serde(with = "weights::update_weights")]
         weights: Vec<(u32, f32)>,
         /// The step's minibatch when the recipe needs it
         /// (`Recipe::needs_minibatch`: every replica computes the readout's
@@ -364,6 +375,21 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg> {
     }
 }
 
+/// postcard's varint of [`ServerMsg::Update`]'s variant index.
+const UPDATE_TAG: u8 = 3;
+
+/// Why an Update that did not decode was refused, when its weights were at
+/// fault: postcard keeps no text from the check inside serde, so the frame
+/// is read again with its weights in their wire form and checked here.
+fn explain_update(bytes: &[u8]) -> Option<Error> {
+    let (&tag, rest) = bytes.split_first()?;
+    if tag != UPDATE_TAG {
+        return None;
+    }
+    let raw: weights::RawUpdate = decode(rest, MAX_SERVER_MESSAGE).ok()?;
+    raw.weights.into_list().err()
+}
+
 /// A learning rate a replica may apply: finite and not negative, the range
 /// [`RunConfig::validate`] allows (a warmup schedule may start at 0).
 pub fn check_lr(lr: f32) -> Result<()> {
@@ -378,7 +404,7 @@ pub fn check_lr(lr: f32) -> Result<()> {
 
 /// Decodes and sanity-checks a server message (client side).
 pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg> {
-    let msg: ServerMsg = decode(bytes, MAX_SERVER_MESSAGE)?;
+    let msg: ServerMsg = decode(bytes, MAX_SERVER_MESSAGE).map_err(|e| explain_update(bytes).unwrap_or(e))?;
     match &msg {
         ServerMsg::Welcome {
             config, tokenizer, ..
@@ -522,6 +548,45 @@ mod tests {
         }
         let bytes = encode(&nan, MAX_SERVER_MESSAGE).unwrap();
         assert!(matches!(decode_server(&bytes), Err(Error::NonFinite)));
+    }
+
+    /// The exact bytes of an Update, in both forms of its weights: a change
+    /// here is a change on the wire, which needs a new [`PROTOCOL_VERSION`].
+    #[test]
+    fn update_bytes_are_pinned() {
+        use crate::shaping::shape;
+        // Members 0, 1, 2 and 4 counted (3 missing): ranks 0, 2, 1, 3.
+        let losses = [(0, 3.0), (1, 1.0), (2, 2.0), (4, 0.0)];
+        let ranked = ServerMsg::Update {
+            step: 7,
+            lr: 0.5,
+            weights: shape(Shaping::CenteredRanks, &losses).unwrap(),
+            tokens: vec![],
+        };
+        let bytes = encode(&ranked, MAX_SERVER_MESSAGE).unwrap();
+        // Tag, step, lr; Ranks: 4 counted, a bitmap 0b10111, ranks in 2
+        // bits from the low end 0b11_01_10_00; no tokens.
+        assert_eq!(
+            bytes,
+            [3, 7, 0, 0, 0, 63, 1, 4, 1, 1, 0b10111, 1, 0b11_01_10_00, 0]
+        );
+        assert_eq!(decode_server(&bytes).unwrap(), ranked);
+        // Z-scores travel as the list (here two members, ±1), and tokens
+        // after it.
+        let listed = ServerMsg::Update {
+            step: 7,
+            lr: 0.5,
+            weights: shape(Shaping::ZScores, &losses[..2]).unwrap(),
+            tokens: vec![2, 300],
+        };
+        let bytes = encode(&listed, MAX_SERVER_MESSAGE).unwrap();
+        assert_eq!(
+            bytes,
+            [
+                3, 7, 0, 0, 0, 63, 0, 2, 0, 0, 0, 128, 191, 1, 0, 0, 128, 63, 2, 2, 172, 2
+            ]
+        );
+        assert_eq!(decode_server(&bytes).unwrap(), listed);
     }
 
     fn hello_named(name: &str) -> Vec<u8> {

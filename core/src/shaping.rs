@@ -4,8 +4,11 @@
 //! transform of the loss and bound each member's influence: a lying client
 //! can give the members it evaluated at most weight 0.5. Z-scores keep the
 //! size of each member's advantage, clipped at ±3 so a liar stays bounded.
-//! Only the server shapes (the update list carries the weights), so neither
-//! needs to be bit-identical across targets, but both are deterministic.
+//! Only the server shapes (the update carries the weights), so the
+//! shaping itself need not be bit-identical across targets, but both are
+//! deterministic. A centered-rank update travels as the ranks alone, and
+//! every replica turns a rank into its weight with [`centered_rank`], one
+//! division and one subtraction in f32, the same bits on every target.
 
 use alloc::vec::Vec;
 
@@ -90,14 +93,7 @@ fn ranks_by_comparison(losses: &[(u32, f32)]) -> Result<Vec<(u32, f32)>> {
     let mut out: Vec<(u32, f32)> = order
         .iter()
         .enumerate()
-        .map(|(rank, &(m, _))| {
-            let w = if n > 1 {
-                rank as f32 / (n - 1) as f32 - 0.5
-            } else {
-                0.0
-            };
-            (m, w)
-        })
+        .map(|(rank, &(m, _))| (m, centered_rank(rank, n)))
         .collect();
     out.sort_by_key(|&(m, _)| m);
     if let Some(w) = out.windows(2).find(|w| w[0].0 == w[1].0) {
@@ -128,12 +124,25 @@ fn ranks_of_sorted(losses: &[(u32, f32)]) -> Vec<(u32, f32)> {
         .collect();
     keys.sort_unstable();
     let mut out: Vec<(u32, f32)> = losses.iter().map(|&(m, _)| (m, 0.0)).collect();
-    if n > 1 {
-        for (rank, key) in keys.iter().enumerate() {
-            out[*key as u32 as usize].1 = rank as f32 / (n - 1) as f32 - 0.5;
-        }
+    for (rank, key) in keys.iter().enumerate() {
+        out[*key as u32 as usize].1 = centered_rank(rank, n);
     }
     out
+}
+
+/// The weight of rank `rank` (0 the lowest fitness) among `n` counted
+/// members: `rank / (n - 1) - 0.5`, and 0 for a lone member.
+///
+/// The one expression both shaping paths use, and the one a replica uses
+/// to rebuild the weights from the ranks a compact update carries
+/// (`protocol::weights`): single f32 operations, correctly rounded on
+/// every target, so the rebuilt weights are the server's bit for bit.
+pub fn centered_rank(rank: usize, n: usize) -> f32 {
+    if n > 1 {
+        rank as f32 / (n - 1) as f32 - 0.5
+    } else {
+        0.0
+    }
 }
 
 #[cfg(test)]

@@ -493,3 +493,89 @@ pub async fn wire_bytes_bench(steps: u64) -> String {
         );
     r.to_line()
 }
+
+/// The populations `downlink-bytes` measures.
+pub const DOWNLINK_POPULATIONS: [u32; 3] = [256, 4096, 65_536];
+
+/// Bytes of one server-to-client WebSocket frame carrying `payload` bytes:
+/// the payload and an unmasked header (RFC 6455 section 5.2: 2 bytes, 2
+/// more for a length over 125, 8 more instead over 65,535).
+pub fn ws_frame_bytes(payload: usize) -> usize {
+    let header = match payload {
+        0..=125 => 2,
+        126..=65_535 => 4,
+        _ => 10,
+    };
+    header + payload
+}
+
+/// The Update frame a volunteer receives for one step of an RW-256 run at
+/// `population`: the coordinator's own message (centered ranks of
+/// [`synthetic_loss`]es, shaped by the core's `shape` as the coordinator
+/// shapes) with the members for which `counted` holds, encoded as the
+/// coordinator encodes it. Its length on the WebSocket, header included.
+pub fn update_frame_bytes(
+    population: u32,
+    step: u64,
+    counted: impl Fn(u32) -> bool,
+    minibatch: bool,
+) -> usize {
+    let config = RunConfig::rw256(1);
+    let losses: Vec<(u32, f32)> = (0..population)
+        .filter(|&m| counted(m))
+        .map(|m| (m, synthetic_loss(step, m)))
+        .collect();
+    let weights = seedling_core::shaping::shape(config.recipe.shaping, &losses).expect("finite losses");
+    let tokens = if minibatch {
+        let len = (config.es.batch * (config.es.seq_len + 1)) as u64;
+        (0..len)
+            .map(|i| (seedling_core::rng::derive(&[0x7a, step, i]) % config.model.vocab as u64) as _)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let update = ServerMsg::Update {
+        step,
+        lr: config.adam.lr,
+        weights,
+        tokens,
+    };
+    let frame = protocol::encode(&update, protocol::MAX_SERVER_MESSAGE).expect("an update encodes");
+    ws_frame_bytes(frame.len())
+}
+
+/// `downlink-bytes`: the bytes every volunteer receives per step, at
+/// populations of 256, 4,096 and 65,536: one Update frame (jobs go to one
+/// volunteer each, snapshots only on joining, so neither is counted), with
+/// RW-256's default recipe (no minibatch in the update), its WebSocket
+/// header included, TCP/IP headers not. `bytes_N`: every member counted;
+/// `missing_bytes_N`: a tenth of the members, scattered, missing, as a step
+/// that closes at its deadline under `--min-fraction 0.9` sends;
+/// `minibatch_bytes_N`: every member counted with the minibatch in the
+/// update (`--readout exact` or `--input-rows seen`). Computed, not timed:
+/// one JSON line.
+pub fn downlink_bytes_bench() -> String {
+    let step = 10_000;
+    let mut r = Record::new("downlink-bytes", "native", 1);
+    for n in DOWNLINK_POPULATIONS {
+        let all = update_frame_bytes(n, step, |_| true, false);
+        let missing = update_frame_bytes(
+            n,
+            step,
+            |m| seedling_core::rng::derive(&[0x3b, step, m as u64]) % 10 != 0,
+            false,
+        );
+        let minibatch = update_frame_bytes(n, step, |_| true, true);
+        r.set_num(&format!("bytes_{n}"), all as f64)
+            .set_num(&format!("bytes_per_member_{n}"), all as f64 / n as f64)
+            .set_num(&format!("missing_bytes_{n}"), missing as f64)
+            .set_num(&format!("minibatch_bytes_{n}"), minibatch as f64);
+    }
+    r.set_text(
+        "note",
+        "bytes each volunteer receives per step: the Update frame with its WebSocket header (jobs and \
+         snapshots are per volunteer and not counted; TCP/IP headers not counted); bytes_N every member \
+         counted, missing_bytes_N a scattered tenth missing, minibatch_bytes_N with the minibatch",
+    );
+    r.to_line()
+}

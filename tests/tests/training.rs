@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use seedling_core::protocol::ClientMsg;
-use seedling_core::{Replica, batch};
+use seedling_core::protocol::{ClientMsg, ServerMsg};
+use seedling_core::{Replica, Shaping, batch};
 use seedling_server::app::ServeOptions;
 use seedling_tests::*;
 
@@ -217,4 +217,47 @@ async fn late_joiner(lag: u32, fixed: bool) {
     first.stop().await;
     joiner.stop().await;
     server.shutdown().await.unwrap();
+}
+
+/// Steps that close at their deadline with members missing (their holder
+/// never answers) send the counted members' centered ranks as ranks over a
+/// member set, z-scores send the list, and with either every replica ends
+/// on the server's hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_steps_and_z_scores_keep_replicas_agreeing() {
+    for shaping in [Shaping::CenteredRanks, Shaping::ZScores] {
+        let mut opts = tiny_options(test_settings(12));
+        opts.config.recipe.shaping = shaping;
+        opts.settings.min_fraction = 0.5;
+        opts.settings.step_timeout = Duration::from_millis(300);
+        let population = opts.config.es.population as usize;
+        let server = start(opts).await;
+        let url = ws_url(&server);
+        // Takes jobs, never answers, and decodes every update it receives.
+        let mut silent = RawClient::join(&url).await;
+        let counted = tokio::spawn(async move {
+            let mut counted = Vec::new();
+            while let Some(msg) = silent.recv().await {
+                if let ServerMsg::Update { weights, .. } = msg {
+                    counted.push(weights.len());
+                }
+            }
+            counted
+        });
+        let workers = [spawn_worker(&url, 1), spawn_worker(&url, 1)];
+        let s = wait_for(&server, LONG, "the run to finish with agreeing replicas", |s| {
+            s.finished && s.client_hashes.len() == 2 && all_replicas_agree(s)
+        })
+        .await;
+        assert_eq!(s.divergences, 0, "{shaping:?}");
+        for w in workers {
+            w.stop().await;
+        }
+        server.shutdown().await.unwrap();
+        let counted = counted.await.unwrap();
+        assert!(
+            counted.iter().any(|&n| n < population),
+            "{shaping:?}: no step closed with members missing: {counted:?}"
+        );
+    }
 }

@@ -13,9 +13,10 @@
 //! Every line is a `seedling_bench_record::Record`: the benches print them
 //! and this module reads them back, so both sides share one schema.
 //!
-//! Two system figures come from `seedling-sim bench` (seedling-tests):
+//! Three system figures come from `seedling-sim bench` (seedling-tests):
 //! `coordinator-1000`, the coordinator's time per step with 1,000 simulated
-//! volunteers, and `wire-bytes`, the uplink bytes per member evaluation.
+//! volunteers, `wire-bytes`, the uplink bytes per member evaluation, and
+//! `downlink-bytes`, the bytes every volunteer receives per step.
 //!
 //! `--peers PYTHON` adds the JAX peer and OpenBLAS ([`crate::peers`]) in the
 //! same run, in rounds: round 1 is the whole native bench, later rounds only
@@ -232,10 +233,10 @@ fn native_bench(ctx: &Ctx, args: &[&str]) -> Result<Vec<Record>, String> {
     )?)
 }
 
-/// The system benchmarks (coordinator-1000, wire-bytes): simulated and
-/// native volunteers on loopback, from seedling-tests.
+/// The system benchmarks (coordinator-1000, wire-bytes, downlink-bytes):
+/// simulated and native volunteers on loopback, from seedling-tests.
 fn system_bench(ctx: &Ctx, o: &Options) -> Result<Vec<Record>, String> {
-    let system: Vec<&str> = ["coordinator-1000", "wire-bytes"]
+    let system: Vec<&str> = ["coordinator-1000", "wire-bytes", "downlink-bytes"]
         .into_iter()
         .filter(|name| only_prefixes(&o.pass).is_none_or(|ps| ps.iter().any(|p| name.starts_with(p))))
         .collect();

@@ -77,7 +77,7 @@ pub struct Round {
 #[derive(Default)]
 pub struct Measurements {
     pub rounds: Vec<Round>,
-    /// `seedling-sim bench`: coordinator-1000 and wire-bytes.
+    /// `seedling-sim bench`: coordinator-1000, wire-bytes and downlink-bytes.
     pub system: Vec<Record>,
     /// The wasm bench's es-lowrank records (Node and Chromium).
     pub wasm: Vec<Record>,
@@ -456,6 +456,20 @@ pub fn rows(m: &Measurements) -> Vec<Row> {
     );
     row.unit = "bytes";
     rows.push(row);
+    // No target: how the downlink grows with the population is the figure
+    // (BENCHMARKS.md, "Downlink bytes").
+    let per_step = |n: u32| m.system("downlink-bytes", &format!("bytes_{n}"));
+    rows.push(Row::ours(
+        "downlink bytes per volunteer per step (the update), N = 256 / 4,096 / 65,536",
+        format!(
+            "{} / {} / {}",
+            per_step(256).map_or("-".into(), thousands),
+            per_step(4096).map_or("-".into(), thousands),
+            per_step(65_536).map_or("-".into(), thousands)
+        ),
+        None,
+        None,
+    ));
     rows
 }
 
@@ -774,6 +788,9 @@ mod tests {
                     r#"{"bench":"coordinator-1000","workload":"RW-256","target":"native","threads":1,"seconds_per_step":0.6977,"p50_ms":9.012,"p99_ms":11.8,"wall_p50_ms":7.6}"#,
                 ),
                 rec(r#"{"bench":"wire-bytes","threads":1,"bytes_per_member":4.713}"#),
+                rec(
+                    r#"{"bench":"downlink-bytes","threads":1,"bytes_256":1234,"bytes_4096":20480,"bytes_65536":163846}"#,
+                ),
             ],
             wasm: vec![rec(
                 r#"{"bench":"es-lowrank","workload":"RW-256","target":"wasm-chromium","threads":1,"tokens_per_s":48290,"seconds_per_step":5.4}"#,
@@ -881,6 +898,9 @@ mod tests {
             (bytes.value_cell().as_str(), bytes.status()),
             ("4.7 bytes", "met")
         );
+        let down = row(&rows, "downlink");
+        assert_eq!(down.ours, "1,234 / 20,480 / 163,846");
+        assert_eq!((down.value_cell().as_str(), down.status()), ("-", ""));
     }
 
     #[test]
@@ -951,7 +971,7 @@ mod tests {
         assert_eq!(*lines.last().unwrap(), END);
         // One row per figure, all with seven cells.
         let rows: Vec<&&str> = lines.iter().filter(|l| l.starts_with("| ")).collect();
-        assert_eq!(rows.len(), 1 + 17);
+        assert_eq!(rows.len(), 1 + 18);
         assert!(rows.iter().all(|l| l.matches(" | ").count() == 6), "{rows:?}");
     }
 

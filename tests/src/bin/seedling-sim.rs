@@ -4,7 +4,9 @@
 //!   compute-free volunteers until stdin closes (the load test runs the crowd
 //!   in its own process so the server's memory can be measured apart).
 //! - `seedling-sim bench [--only NAME] [--seconds S]`: `coordinator-1000`
-//!   and `wire-bytes`, one JSON line each, for `cargo xtask bench`.
+//!   `wire-bytes` and `downlink-bytes`, one JSON line each, for `cargo
+//!   xtask bench` (`--only downlink-bytes` prints the downlink figures
+//!   alone, in a second: they are computed, not timed).
 
 use clap::{Parser, Subcommand};
 use seedling_tests::sim;
@@ -56,6 +58,9 @@ async fn main() {
             }
             if on("wire-bytes") {
                 println!("{}", sim::wire_bytes_bench(6).await);
+            }
+            if on("downlink-bytes") {
+                println!("{}", sim::downlink_bytes_bench());
             }
         }
     }
