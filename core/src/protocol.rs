@@ -52,7 +52,10 @@ pub mod weights;
 /// 10: an update's weights travel as [`weights::WireWeights`]: centered
 /// ranks as the members that counted and a permutation of ranks, about
 /// log2 n bits a member instead of 5 to 7 bytes; other shapings as the
-/// list.
+/// list. And a step behind its version is evaluated around that version
+/// moved on by its last update ([`crate::Replica::point`]), so replicas
+/// keep one more past version and a version-9 client would report other
+/// losses.
 pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Longest display name, in characters, after [`clean_name`]. A Hello whose

@@ -57,6 +57,14 @@ impl Window {
         }
     }
 
+    /// Slack tops the estimate up by at most a quarter (at least two
+    /// steps): enough to cover a burst of slow results, not so much that a
+    /// run of bursts leaves the window at its cap (each step of slack is a
+    /// step of staleness for every step evaluated).
+    fn most_slack(&self) -> usize {
+        (self.needed / 4).max(2)
+    }
+
     /// How many steps to keep open now: 1 ..= `lag + 1`.
     pub fn open(&self) -> usize {
         if self.fixed {
@@ -74,9 +82,10 @@ impl Window {
         }
         // Saturating: a huge or non-finite estimate is clamped, not trusted.
         self.needed = (wanted.ceil().clamp(0.0, self.max as f64) as usize) + 1;
+        self.slack = self.slack.min(self.most_slack());
         if starved {
             self.calm = 0;
-            self.slack = (self.slack + 1).min(self.max);
+            self.slack = (self.slack + 1).min(self.most_slack());
         } else {
             self.calm += 1;
             if self.calm >= CALM_PER_STEP * self.open() as u32 {
@@ -115,34 +124,37 @@ mod tests {
 
     #[test]
     fn starving_adds_slack_and_calm_takes_it_away() {
-        let mut w = auto(8);
-        for want in [2, 3, 4] {
-            w.closed(0.0, true);
+        let mut w = auto(32);
+        // 11 steps wanted: 12 open, plus up to a quarter of that in slack.
+        for want in [13, 14, 15, 15] {
+            w.closed(11.0, true);
             assert_eq!(w.open(), want);
         }
         // Eight calm closes per open step before each step of slack goes.
-        for _ in 0..CALM_PER_STEP * 4 - 1 {
-            w.closed(0.0, false);
+        for _ in 0..CALM_PER_STEP * 15 - 1 {
+            w.closed(11.0, false);
         }
-        assert_eq!(w.open(), 4, "one close short of shrinking");
-        w.closed(0.0, false);
-        assert_eq!(w.open(), 3);
+        assert_eq!(w.open(), 15, "one close short of shrinking");
+        w.closed(11.0, false);
+        assert_eq!(w.open(), 14);
         // A starved close resets the calm count.
-        for _ in 0..CALM_PER_STEP * 3 - 1 {
-            w.closed(0.0, false);
+        for _ in 0..CALM_PER_STEP * 14 - 1 {
+            w.closed(11.0, false);
         }
-        w.closed(0.0, true);
-        assert_eq!(w.open(), 4);
-        w.closed(1.5, false);
-        assert_eq!(w.open(), 6, "slack comes on top of the estimate");
+        w.closed(11.0, true);
+        assert_eq!(w.open(), 15);
+        // A smaller estimate takes the excess slack with it.
+        w.closed(3.0, false);
+        assert_eq!(w.open(), 6, "4 needed, at most 2 of slack");
         for _ in 0..1000 {
-            w.closed(1.5, false);
+            w.closed(3.0, false);
         }
-        assert_eq!(w.open(), 3, "down to what the volunteers want");
+        assert_eq!(w.open(), 4, "down to what the volunteers want");
+        let mut w = auto(8);
         for _ in 0..100 {
-            w.closed(0.0, true);
+            w.closed(20.0, true);
         }
-        assert_eq!(w.open(), 9, "slack never past lag + 1");
+        assert_eq!(w.open(), 9, "never past lag + 1");
     }
 
     #[test]
