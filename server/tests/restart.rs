@@ -196,14 +196,18 @@ fn kill_and_resume(extra: &[&str]) -> Resumed {
 
 /// With two steps in flight by the fixed rule a restart reproduces the
 /// uninterrupted run too: the checkpoint keeps the past weight versions the
-/// open steps need. (With the adaptive window which weights a step is
+/// open steps need (each step's version and the one before). (With the adaptive window which weights a step is
 /// evaluated at depends on timing, so only the replicas' agreement holds.)
 #[test]
 fn sigkill_restart_with_steps_in_flight_matches_an_uninterrupted_run() {
     let r = kill_and_resume(&["--lag", "2", "--fixed-lag"]);
     let (_, ckpt) = checkpoint::latest(&r.run_dir).unwrap().unwrap();
     assert_eq!(ckpt.config.es.lag, 2);
-    assert_eq!(ckpt.versions.len(), 2);
+    assert_eq!(
+        ckpt.versions.len(),
+        3,
+        "lag + 1: a step is evaluated around two versions"
+    );
     let mut second = r.second;
     second.kill().unwrap();
     second.wait().unwrap();
