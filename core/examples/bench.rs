@@ -34,6 +34,9 @@
 //!   time over 16 x the single-thread es-lowrank step (the time one core
 //!   needs to evaluate 4096 members); the target is <= 0.05. `gflops` counts
 //!   the 2 flops per parameter and pair of the accumulation.
+//! - `apply-default-N256`: [`seedling_core::Replica::apply`] and the weights
+//!   hash on the recipe `seedling train`/`serve` use by default (not
+//!   RW-256): what every replica pays per step at the fleet's step rate.
 //! - `noise`: [`rng::fill_normal`] samples/s (also in `tokens_per_s`).
 //!   `seconds_per_step` is the time to draw one full-rank step's noise once
 //!   (128 pairs x 230,465 values): the floor of full-rank ES's noise cost.
@@ -709,6 +712,81 @@ fn bench_update(o: &Opts, rw: &Rw, noise_kind: NoiseKind, n: u32, seen: &Seen) {
     .print();
 }
 
+/// `apply-default-N256`: one whole [`Replica::apply`] plus the weights
+/// hash, as every replica does per step, on the recipe `seedling train` and
+/// `serve` use by default (1 x 24 tanh layer, a per-input head, the exact
+/// readout, the seen input rows, 256 members, one 64-character sequence,
+/// a lag of 16), not RW-256. That model is small, so the update (Adam over
+/// every weight, the readout's gradient, the hash, the version ring) costs
+/// as much as evaluating tens of members; and every replica pays it at the
+/// fleet's step rate whatever share of the members it evaluates, so it caps
+/// the step rate a volunteer's share can follow. `seconds_per_step` is one
+/// apply and hash; `core_share_at_100_steps_per_s` is what 100 steps/s
+/// cost one core.
+fn bench_apply_default(o: &Opts) {
+    let name = "apply-default-N256";
+    if !o.wants(name) {
+        return;
+    }
+    // The defaults of the server's `RunArgs::run_config`.
+    let mut cfg = RunConfig::rw256(VOCAB);
+    cfg.model.hidden = 24;
+    cfg.model.layers = 1;
+    cfg.model.head = seedling_core::Head::ByInput;
+    cfg.es.batch = 1;
+    cfg.es.seq_len = 64;
+    cfg.es.lag = 16;
+    cfg.recipe.readout = seedling_core::Readout::Exact;
+    cfg.recipe.input_rows = seedling_core::InputRows::Seen;
+    let n = cfg.es.population;
+    let mut replica = seedling_core::Replica::new(cfg).unwrap();
+    let key = rng::derive(&[0x1056]);
+    let losses: Vec<(u32, f32)> = (0..n)
+        .map(|m| (m, 4.0 + (rng::mix64(key ^ m as u64) >> 40) as f32 / 16_777_216.0))
+        .collect();
+    let weights = centered_ranks(&losses).unwrap();
+    // Text-like minibatches: 65 characters, a few dozen distinct.
+    let tokens = |step: u64| -> Vec<Token> {
+        (0..cfg.batch_tokens() as u64)
+            .map(|j| (rng::mix64(key ^ (step << 8) ^ j) % 40) as Token)
+            .collect()
+    };
+    // Past the version ring's filling, as in a running fleet.
+    for _ in 0..2 * cfg.es.lag {
+        let s = replica.step;
+        replica.apply(s, cfg.adam.lr, &weights, &tokens(s)).unwrap();
+    }
+    let reps = 20 * o.reps().1;
+    let batches: Vec<Vec<Token>> = (0..reps as u64).map(tokens).collect();
+    let mut i = 0;
+    let t = median_time(reps, || {
+        let s = replica.step;
+        replica
+            .apply(s, cfg.adam.lr, &weights, &batches[i % batches.len()])
+            .unwrap();
+        i += 1;
+        replica.hash()
+    });
+    Line {
+        bench: name.into(),
+        threads: 1,
+        tokens_per_s: None,
+        seconds_per_step: t,
+        gflops: None,
+        extra: vec![
+            ("core_share_at_100_steps_per_s", Val::Num(100.0 * t)),
+            (
+                "note",
+                Val::Str(format!(
+                    "Replica::apply + hash, default recipe ({} weights), median of {reps}",
+                    replica.params.len()
+                )),
+            ),
+        ],
+    }
+    .print();
+}
+
 /// The fast forward path against the reference one on the same members:
 /// what the fused kernels buy over plain loops (the CI performance check
 /// fails if this ratio collapses, e.g. when a change loses the
@@ -791,4 +869,5 @@ fn main() {
     bench_update(&o, &rw, lowrank, 256, &seen);
     bench_update(&o, &rw, lowrank, 4096, &seen);
     bench_update(&o, &rw, NoiseKind::Full, 256, &seen);
+    bench_apply_default(&o);
 }

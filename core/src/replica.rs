@@ -27,7 +27,7 @@ use crate::model::Layout;
 use crate::readout;
 use crate::shaping::centered_ranks;
 use crate::tokenizer::Token;
-use crate::update::{es_gradient, keep_seen_rows};
+use crate::update::{es_gradient_into, keep_seen_rows};
 
 /// Weights, optimizer state and step of one participant in a run.
 #[derive(Clone, Debug)]
@@ -46,11 +46,14 @@ pub struct Replica {
     /// Forward kernel; the update path does not depend on it.
     pub backend: Backend,
     /// Past weight versions, oldest first: the last one is version
-    /// `step - 1`, and there are at most `config.es.lag` of them (fewer
+    /// `step - 1`, and there are at most `config.es.lag + 1` of them (fewer
     /// early in a run). Empty without a lag. Shared buffers, so cloning a
     /// replica (a volunteer holding a job across an update) does not copy
     /// them.
-    versions: VecDeque<Arc<[f32]>>,
+    versions: VecDeque<Arc<Vec<f32>>>,
+    /// The gradient buffer [`Replica::apply`] reuses from step to step: not
+    /// part of the replica's state.
+    gradient: Vec<f32>,
 }
 
 impl Replica {
@@ -68,6 +71,7 @@ impl Replica {
             step: 0,
             backend: Backend::Fast,
             versions: VecDeque::new(),
+            gradient: Vec::new(),
         })
     }
 
@@ -95,6 +99,7 @@ impl Replica {
             step,
             backend: Backend::Fast,
             versions: VecDeque::new(),
+            gradient: Vec::new(),
         })
     }
 
@@ -119,7 +124,7 @@ impl Replica {
                 return Err(Error::NonFinite);
             }
         }
-        self.versions = versions.into_iter().map(Arc::from).collect();
+        self.versions = versions.into_iter().map(Arc::new).collect();
         Ok(self)
     }
 
@@ -295,7 +300,8 @@ impl Replica {
         // Everything that can fail comes before anything changes.
         let mut gradient = None;
         if !weights.is_empty() {
-            let mut g = es_gradient(&self.layout, &self.config, step, weights)?;
+            let mut g = core::mem::take(&mut self.gradient);
+            es_gradient_into(&self.layout, &self.config, step, weights, &mut g)?;
             let recipe = self.config.recipe;
             if recipe.needs_minibatch() {
                 let batch = self.minibatch(tokens)?;
@@ -310,13 +316,26 @@ impl Replica {
         }
         let lag = self.config.es.lag as usize;
         if lag > 0 {
-            if self.versions.len() > lag {
-                self.versions.pop_front();
+            // The weights being replaced join the ring as they are: the
+            // new ones are written into the buffer of the version leaving
+            // it (unless a job being evaluated still holds that one), so
+            // no weight is copied and nothing is allocated per step.
+            let mut next = match self.versions.len() > lag {
+                true => self.versions.pop_front().and_then(|v| Arc::try_unwrap(v).ok()),
+                false => None,
             }
-            self.versions.push_back(Arc::from(&self.params[..]));
+            .unwrap_or_else(|| alloc::vec![0.0; self.params.len()]);
+            match &gradient {
+                Some(g) => adam::step_into(&self.config.adam, lr, &self.params, &mut next, &mut self.adam, g),
+                None => next.copy_from_slice(&self.params),
+            }
+            core::mem::swap(&mut self.params, &mut next);
+            self.versions.push_back(Arc::new(next));
+        } else if let Some(g) = &gradient {
+            adam::step(&self.config.adam, lr, &mut self.params, &mut self.adam, g);
         }
         if let Some(g) = gradient {
-            adam::step(&self.config.adam, lr, &mut self.params, &mut self.adam, &g);
+            self.gradient = g;
         }
         self.step += 1;
         Ok(())
@@ -442,6 +461,36 @@ mod tests {
             newest.point(a.step + 1, a.step).unwrap()[..],
             a.point(a.step + 1, a.step).unwrap()[..]
         );
+    }
+
+    /// A replica with a lag writes each update into a recycled buffer
+    /// ([`adam::step_into`]) instead of updating in place; the weights and
+    /// moments are the same bits, also while a clone (a job being
+    /// evaluated) holds the ring's buffers and none can be recycled.
+    #[test]
+    fn the_ring_changes_no_bit_of_the_update() {
+        let mut plain = Replica::new(config(0)).unwrap();
+        let mut ringed = Replica::new(config(2)).unwrap();
+        let mut held = Vec::new();
+        for s in 0..8u64 {
+            // A step whose every member was dropped moves nothing.
+            let weights: &[(u32, f32)] = match s {
+                5 => &[],
+                _ => &[(0, 0.5), (1, -0.5), (2, 0.25), (3, -0.25)],
+            };
+            let lr = 0.05 + s as f32 * 0.01;
+            if s % 3 == 0 {
+                held.push(ringed.clone());
+            }
+            plain.apply(s, lr, weights, &tokens(s)).unwrap();
+            ringed.apply(s, lr, weights, &tokens(s)).unwrap();
+        }
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&plain.params), bits(&ringed.params));
+        assert_eq!(bits(&plain.adam.m), bits(&ringed.adam.m));
+        assert_eq!(bits(&plain.adam.v), bits(&ringed.adam.v));
+        assert_eq!(ringed.versions().len(), 3);
+        assert_eq!(held.len(), 3, "clones held the ring meanwhile");
     }
 
     /// Without a lag nothing is kept and only the current step evaluates.

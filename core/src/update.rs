@@ -56,8 +56,25 @@ fn pair_coefficients(cfg: &RunConfig, weights: &[(u32, f32)]) -> Result<Vec<(u32
 /// `(member, weight)` list. Refuses repeated or out-of-range members and
 /// non-finite weights, since the list comes from the network.
 pub fn es_gradient(layout: &Layout, cfg: &RunConfig, step: u64, weights: &[(u32, f32)]) -> Result<Vec<f32>> {
+    let mut g = Vec::new();
+    es_gradient_into(layout, cfg, step, weights, &mut g)?;
+    Ok(g)
+}
+
+/// [`es_gradient`] into `g` (resized to the model), so a replica applying
+/// update after update reuses one buffer instead of allocating and
+/// faulting in a model-sized one per step. `g`'s old contents do not
+/// matter; on an error it is left unspecified.
+pub fn es_gradient_into(
+    layout: &Layout,
+    cfg: &RunConfig,
+    step: u64,
+    weights: &[(u32, f32)],
+    g: &mut Vec<f32>,
+) -> Result<()> {
     let coefs = pair_coefficients(cfg, weights)?;
-    let mut g = vec![0.0f32; layout.len];
+    g.clear();
+    g.resize(layout.len, 0.0);
     let rank = cfg.es.noise.rank();
     let mut buf = Vec::new();
     for (id, t) in layout.iter() {
@@ -101,7 +118,7 @@ pub fn es_gradient(layout: &Layout, cfg: &RunConfig, step: u64, weights: &[(u32,
             }
         }
     }
-    Ok(g)
+    Ok(())
 }
 
 /// Zeroes the gradient rows of the first layer's input matrix whose

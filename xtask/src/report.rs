@@ -428,6 +428,17 @@ pub fn rows(m: &Measurements) -> Vec<Row> {
         Some(Target::AtMost(0.05)),
     ));
 
+    // No target: every replica pays it at the fleet's step rate.
+    let apply = m.once("apply-default-N256", "seconds_per_step");
+    let mut row = Row::ours(
+        "update and hash per step, default recipe (every replica, one core)",
+        apply.map_or("-".into(), |s| format!("{:.0} us", s * 1e6)),
+        apply.and_then(|s| Stat::of(&[s * 1e6])),
+        None,
+    );
+    row.unit = "us";
+    rows.push(row);
+
     let (p50, p99, wall) = (
         m.system("coordinator-1000", "p50_ms"),
         m.system("coordinator-1000", "p99_ms"),
