@@ -44,6 +44,9 @@ pub fn step(cfg: &AdamConfig, lr: f32, params: &mut [f32], state: &mut AdamState
         unsafe { in_place_avx(&k, params, &mut state.m, &mut state.v, ascent) };
         return;
     }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return simd128::in_place(&k, params, &mut state.m, &mut state.v, ascent);
+    #[allow(unreachable_code)]
     in_place(&k, params, &mut state.m, &mut state.v, ascent);
 }
 
@@ -71,6 +74,9 @@ pub fn step_into(
         unsafe { into_avx(&k, old, new, &mut state.m, &mut state.v, ascent) };
         return;
     }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return simd128::into(&k, old, new, &mut state.m, &mut state.v, ascent);
+    #[allow(unreachable_code)]
     into(&k, old, new, &mut state.m, &mut state.v, ascent);
 }
 
@@ -158,6 +164,103 @@ unsafe fn into_avx(
     ascent: &[f32],
 ) {
     into(k, old, new, m, v, ascent);
+}
+
+/// Adam in wasm on simd128's four lanes: the browser volunteer applies
+/// every step's update on one Web Worker, and without `std` the scalar loop
+/// calls libm's software square root, which nothing vectorizes. Each lane
+/// runs [`Coefficients::weight`]'s operations in its order; wasm's SIMD
+/// arithmetic is IEEE 754 (subnormals included, no fused multiply-add), so
+/// the bits are the scalar loop's.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod simd128 {
+    use super::Coefficients;
+    use core::arch::wasm32::*;
+
+    /// Four weights' [`Coefficients::weight`].
+    #[inline(always)]
+    fn weight4(k: &Coefficients, p: v128, m: &mut v128, v: &mut v128, a: v128) -> v128 {
+        let s = f32x4_splat;
+        let g = f32x4_neg(a);
+        *m = f32x4_add(f32x4_mul(s(k.b1), *m), f32x4_mul(s(k.c1), g));
+        *v = f32x4_add(f32x4_mul(s(k.b2), *v), f32x4_mul(s(k.c2), f32x4_mul(g, g)));
+        let mhat = f32x4_div(*m, s(k.bc1));
+        let vhat = f32x4_div(*v, s(k.bc2));
+        let step = f32x4_mul(s(k.lr), f32x4_div(mhat, f32x4_add(f32x4_sqrt(vhat), s(k.eps))));
+        f32x4_sub(f32x4_sub(p, step), f32x4_mul(s(k.decay), p))
+    }
+
+    /// Loads four lanes from a slice of at least four.
+    #[inline(always)]
+    fn load(x: &[f32]) -> v128 {
+        f32x4(x[0], x[1], x[2], x[3])
+    }
+
+    /// Stores four lanes into a slice of at least four.
+    #[inline(always)]
+    fn store(x: &mut [f32], y: v128) {
+        x[0] = f32x4_extract_lane::<0>(y);
+        x[1] = f32x4_extract_lane::<1>(y);
+        x[2] = f32x4_extract_lane::<2>(y);
+        x[3] = f32x4_extract_lane::<3>(y);
+    }
+
+    pub(super) fn in_place(
+        k: &Coefficients,
+        params: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        ascent: &[f32],
+    ) {
+        let n = params.len().min(m.len()).min(v.len()).min(ascent.len());
+        let body = n / 4 * 4;
+        for i in (0..body).step_by(4) {
+            let (mut m4, mut v4) = (load(&m[i..]), load(&v[i..]));
+            let q = weight4(k, load(&params[i..]), &mut m4, &mut v4, load(&ascent[i..]));
+            store(&mut params[i..], q);
+            store(&mut m[i..], m4);
+            store(&mut v[i..], v4);
+        }
+        super::in_place(
+            k,
+            &mut params[body..n],
+            &mut m[body..n],
+            &mut v[body..n],
+            &ascent[body..n],
+        );
+    }
+
+    pub(super) fn into(
+        k: &Coefficients,
+        old: &[f32],
+        new: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        ascent: &[f32],
+    ) {
+        let n = old
+            .len()
+            .min(new.len())
+            .min(m.len())
+            .min(v.len())
+            .min(ascent.len());
+        let body = n / 4 * 4;
+        for i in (0..body).step_by(4) {
+            let (mut m4, mut v4) = (load(&m[i..]), load(&v[i..]));
+            let q = weight4(k, load(&old[i..]), &mut m4, &mut v4, load(&ascent[i..]));
+            store(&mut new[i..], q);
+            store(&mut m[i..], m4);
+            store(&mut v[i..], v4);
+        }
+        super::into(
+            k,
+            &old[body..n],
+            &mut new[body..n],
+            &mut m[body..n],
+            &mut v[body..n],
+            &ascent[body..n],
+        );
+    }
 }
 
 /// The IEEE square root, correctly rounded on every target, so any

@@ -24,6 +24,15 @@ fn golden_full() {
 }
 
 #[test]
+fn golden_default_recipe_with_a_version_ring() {
+    let h = golden_default_hash_ringed(3);
+    assert_eq!(
+        h, GOLDEN_DEFAULT_RECIPE,
+        "ringed default-recipe golden hash {h:#018x}"
+    );
+}
+
+#[test]
 fn golden_default_recipe() {
     let h = golden_default_hash();
     assert_eq!(h, GOLDEN_DEFAULT_RECIPE, "default-recipe golden hash {h:#018x}");

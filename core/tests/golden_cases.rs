@@ -60,6 +60,23 @@ pub fn default_recipe() -> Recipe {
 
 /// Runs the golden training and returns the final weights hash.
 pub fn golden_hash_with(noise: NoiseKind, head: Head, recipe: Recipe) -> u64 {
+    golden_hash_ringed(noise, head, recipe, 0)
+}
+
+/// The default-recipe golden on a replica that keeps `lag + 1` past weight
+/// versions (every member still evaluated at the newest weights). A replica
+/// with a lag writes each Adam step into a recycled buffer instead of in
+/// place; the hash must be [`GOLDEN_DEFAULT_RECIPE`] all the same.
+pub fn golden_default_hash_ringed(lag: u32) -> u64 {
+    golden_hash_ringed(
+        NoiseKind::LowRank { rank: 1 },
+        Head::ByInput,
+        default_recipe(),
+        lag,
+    )
+}
+
+fn golden_hash_ringed(noise: NoiseKind, head: Head, recipe: Recipe, lag: u32) -> u64 {
     let mut cfg = RunConfig::rw256(13);
     cfg.seed = 2024;
     cfg.model = ModelConfig {
@@ -76,13 +93,23 @@ pub fn golden_hash_with(noise: NoiseKind, head: Head, recipe: Recipe) -> u64 {
     cfg.adam.lr = 0.01;
     cfg.adam.weight_decay = 0.01;
     cfg.recipe = recipe;
+    cfg.es.lag = lag;
     let corpus: Vec<u16> = (0..2000u32).map(|i| ((i * i + 3 * i) % 13) as u16).collect();
     let mut r = Replica::new(cfg).unwrap();
     r.backend = Backend::Reference;
     for step in 0..GOLDEN_STEPS {
         let tokens = batch::step_batch(&corpus, cfg.seed, step, 4, 8).unwrap();
-        let loss = r.local_step(&tokens).unwrap();
-        assert!(loss.is_finite());
+        if lag == 0 {
+            let loss = r.local_step(&tokens).unwrap();
+            assert!(loss.is_finite());
+        } else {
+            // What `local_step` does without a lag: the newest weights.
+            let members: Vec<u32> = (0..cfg.es.population).collect();
+            let losses = r.evaluate_at(step, step, &tokens, &members).unwrap();
+            let pairs: Vec<(u32, f32)> = members.into_iter().zip(losses).collect();
+            let weights = seedling_core::shaping::centered_ranks(&pairs).unwrap();
+            r.apply(step, cfg.adam.lr, &weights, &tokens).unwrap();
+        }
     }
     r.hash()
 }

@@ -126,3 +126,77 @@ fn es_lowrank(count: u32, reps: usize) {
     console_log!("{}", line.to_line());
     assert!(mean_loss.is_finite(), "member losses are not finite: {mean_loss}");
 }
+
+/// `apply-default-N256` in wasm: one [`seedling_core::Replica::apply`] and
+/// the weights hash on the default recipe of `seedling train`/`serve`, as
+/// the native bench times it (core/examples/bench.rs, the same config,
+/// ranks and minibatches). Every browser tab applies every step's update
+/// on its one Web Worker, whatever share of the members it evaluates.
+#[wasm_bindgen_test]
+fn full_apply_default() {
+    apply_default(300);
+}
+
+/// The CI performance check's quick form of [`full_apply_default`].
+#[wasm_bindgen_test]
+fn quick_apply_default() {
+    apply_default(60);
+}
+
+fn apply_default(reps: usize) {
+    use seedling_core::shaping::centered_ranks;
+    use seedling_core::{Head, InputRows, Readout, Replica};
+    // The defaults of the server's `RunArgs::run_config`.
+    let mut cfg = RunConfig::rw256(VOCAB);
+    cfg.model.hidden = 24;
+    cfg.model.layers = 1;
+    cfg.model.head = Head::ByInput;
+    cfg.es.batch = 1;
+    cfg.es.seq_len = 64;
+    cfg.es.lag = 16;
+    cfg.recipe.readout = Readout::Exact;
+    cfg.recipe.input_rows = InputRows::Seen;
+    let n = cfg.es.population;
+    let mut replica = Replica::new(cfg).unwrap();
+    let key = rng::derive(&[0x1056]);
+    let losses: Vec<(u32, f32)> = (0..n)
+        .map(|m| (m, 4.0 + (rng::mix64(key ^ m as u64) >> 40) as f32 / 16_777_216.0))
+        .collect();
+    let weights = centered_ranks(&losses).unwrap();
+    let tokens = |step: u64| -> Vec<Token> {
+        (0..cfg.batch_tokens() as u64)
+            .map(|j| (rng::mix64(key ^ (step << 8) ^ j) % 40) as Token)
+            .collect()
+    };
+    // Past the version ring's filling, as in a running fleet.
+    for _ in 0..2 * cfg.es.lag {
+        let s = replica.step;
+        replica.apply(s, cfg.adam.lr, &weights, &tokens(s)).unwrap();
+    }
+    let batches: Vec<Vec<Token>> = (0..reps as u64).map(tokens).collect();
+    let times: Vec<f64> = batches
+        .iter()
+        .map(|batch| {
+            let t0 = performance_now();
+            let s = replica.step;
+            replica.apply(s, cfg.adam.lr, &weights, batch).unwrap();
+            std::hint::black_box(replica.hash());
+            (performance_now() - t0) / 1e3
+        })
+        .collect();
+    let secs = median(times);
+    let node = js_sys::Reflect::get(&js_sys::global(), &"process".into()).is_ok_and(|p| !p.is_undefined());
+    let target = if node { "wasm-node" } else { "wasm-chromium" };
+    let mut line = Record::new("apply-default-N256", target, 1);
+    line.seconds_per_step = Some(secs);
+    line.set_num("core_share_at_100_steps_per_s", 100.0 * secs)
+        .set_text(
+            "note",
+            format!(
+                "Replica::apply + hash, default recipe ({} weights), median of {reps}",
+                replica.params.len()
+            ),
+        );
+    console_log!("{}", line.to_line());
+    assert!(replica.params.iter().all(|w| w.is_finite()));
+}

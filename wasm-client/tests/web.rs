@@ -57,6 +57,15 @@ fn golden_default_recipe_matches_native() {
 }
 
 #[wasm_bindgen_test]
+fn golden_default_recipe_with_a_version_ring_matches_native() {
+    assert_eq!(
+        golden_default_hash_ringed(3),
+        GOLDEN_DEFAULT_RECIPE,
+        "wasm weights differ from the native golden (the default recipe, a version ring)"
+    );
+}
+
+#[wasm_bindgen_test]
 fn golden_full_matches_native() {
     assert_eq!(
         golden_hash(NoiseKind::Full),

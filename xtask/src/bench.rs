@@ -148,9 +148,10 @@ fn bench(ctx: &Ctx, args: &[String]) -> Result<(), String> {
     // A failed part does not hide the others' figures: everything runs, the
     // table shows what was measured, and the failures fail the command.
     let mut failures = Vec::new();
-    // The wasm bench is es-lowrank only: skip it when `--only` leaves that out.
-    let wasm_too =
-        o.wasm && only_prefixes(&o.pass).is_none_or(|ps| ps.iter().any(|p| "es-lowrank".starts_with(p)));
+    // The wasm bench is es-lowrank and the update: skip it when `--only`
+    // leaves both out.
+    let in_wasm = |p: &str| ["es-lowrank", "apply-default"].iter().any(|b| b.starts_with(p));
+    let wasm_too = o.wasm && only_prefixes(&o.pass).is_none_or(|ps| ps.iter().any(|p| in_wasm(p)));
 
     if o.native {
         // Round 1 is the whole native bench; later rounds repeat the step

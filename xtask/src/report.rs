@@ -124,10 +124,15 @@ impl Measurements {
     }
 
     fn wasm(&self, target: &str) -> Option<f64> {
+        self.wasm_of("es-lowrank", target, |l| l.tokens_per_s)
+    }
+
+    /// A figure of the wasm record of `bench` on `target`.
+    fn wasm_of(&self, bench: &str, target: &str, key: impl Fn(&Record) -> Option<f64>) -> Option<f64> {
         self.wasm
             .iter()
-            .find(|l| l.target == target)
-            .and_then(|l| l.tokens_per_s)
+            .find(|l| l.bench == bench && l.target == target)
+            .and_then(key)
     }
 }
 
@@ -430,9 +435,16 @@ pub fn rows(m: &Measurements) -> Vec<Row> {
 
     // No target: every replica pays it at the fleet's step rate.
     let apply = m.once("apply-default-N256", "seconds_per_step");
+    let wasm_apply = |t| m.wasm_of("apply-default-N256", t, |l| l.seconds_per_step);
+    let us = |s: Option<f64>| s.map_or("-".into(), |s| format!("{:.0}", s * 1e6));
     let mut row = Row::ours(
-        "update and hash per step, default recipe (every replica, one core)",
-        apply.map_or("-".into(), |s| format!("{:.0} us", s * 1e6)),
+        "update and hash per step, default recipe, us: native / Node / Chromium (every replica, one core)",
+        format!(
+            "{} / {} / {}",
+            us(apply),
+            us(wasm_apply("wasm-node")),
+            us(wasm_apply("wasm-chromium"))
+        ),
         apply.and_then(|s| Stat::of(&[s * 1e6])),
         None,
     );
