@@ -712,7 +712,9 @@ fn bench_update(o: &Opts, rw: &Rw, noise_kind: NoiseKind, n: u32, seen: &Seen) {
     .print();
 }
 
-/// `apply-default-N256`: one whole [`Replica::apply`] plus the weights
+include!("shared/apply_workload.rs");
+
+/// `apply-default-N256`: one whole [`seedling_core::Replica::apply`] plus the weights
 /// hash, as every replica does per step, on the recipe `seedling train` and
 /// `serve` use by default (1 x 24 tanh layer, a per-input head, the exact
 /// readout, the seen input rows, 256 members, one 64-character sequence,
@@ -728,41 +730,14 @@ fn bench_apply_default(o: &Opts) {
     if !o.wants(name) {
         return;
     }
-    // The defaults of the server's `RunArgs::run_config`.
-    let mut cfg = RunConfig::rw256(VOCAB);
-    cfg.model.hidden = 24;
-    cfg.model.layers = 1;
-    cfg.model.head = seedling_core::Head::ByInput;
-    cfg.es.batch = 1;
-    cfg.es.seq_len = 64;
-    cfg.es.lag = 16;
-    cfg.recipe.readout = seedling_core::Readout::Exact;
-    cfg.recipe.input_rows = seedling_core::InputRows::Seen;
-    let n = cfg.es.population;
-    let mut replica = seedling_core::Replica::new(cfg).unwrap();
-    let key = rng::derive(&[0x1056]);
-    let losses: Vec<(u32, f32)> = (0..n)
-        .map(|m| (m, 4.0 + (rng::mix64(key ^ m as u64) >> 40) as f32 / 16_777_216.0))
-        .collect();
-    let weights = centered_ranks(&losses).unwrap();
-    // Text-like minibatches: 65 characters, a few dozen distinct.
-    let tokens = |step: u64| -> Vec<Token> {
-        (0..cfg.batch_tokens() as u64)
-            .map(|j| (rng::mix64(key ^ (step << 8) ^ j) % 40) as Token)
-            .collect()
-    };
-    // Past the version ring's filling, as in a running fleet.
-    for _ in 0..2 * cfg.es.lag {
-        let s = replica.step;
-        replica.apply(s, cfg.adam.lr, &weights, &tokens(s)).unwrap();
-    }
     let reps = 20 * o.reps().1;
-    let batches: Vec<Vec<Token>> = (0..reps as u64).map(tokens).collect();
+    let (mut replica, weights, batches) = apply_workload(reps);
+    let lr = replica.config.adam.lr;
     let mut i = 0;
     let t = median_time(reps, || {
         let s = replica.step;
         replica
-            .apply(s, cfg.adam.lr, &weights, &batches[i % batches.len()])
+            .apply(s, lr, &weights, &batches[i % batches.len()])
             .unwrap();
         i += 1;
         replica.hash()

@@ -143,43 +143,17 @@ fn quick_apply_default() {
     apply_default(60);
 }
 
+include!("../../core/examples/shared/apply_workload.rs");
+
 fn apply_default(reps: usize) {
-    use seedling_core::shaping::centered_ranks;
-    use seedling_core::{Head, InputRows, Readout, Replica};
-    // The defaults of the server's `RunArgs::run_config`.
-    let mut cfg = RunConfig::rw256(VOCAB);
-    cfg.model.hidden = 24;
-    cfg.model.layers = 1;
-    cfg.model.head = Head::ByInput;
-    cfg.es.batch = 1;
-    cfg.es.seq_len = 64;
-    cfg.es.lag = 16;
-    cfg.recipe.readout = Readout::Exact;
-    cfg.recipe.input_rows = InputRows::Seen;
-    let n = cfg.es.population;
-    let mut replica = Replica::new(cfg).unwrap();
-    let key = rng::derive(&[0x1056]);
-    let losses: Vec<(u32, f32)> = (0..n)
-        .map(|m| (m, 4.0 + (rng::mix64(key ^ m as u64) >> 40) as f32 / 16_777_216.0))
-        .collect();
-    let weights = centered_ranks(&losses).unwrap();
-    let tokens = |step: u64| -> Vec<Token> {
-        (0..cfg.batch_tokens() as u64)
-            .map(|j| (rng::mix64(key ^ (step << 8) ^ j) % 40) as Token)
-            .collect()
-    };
-    // Past the version ring's filling, as in a running fleet.
-    for _ in 0..2 * cfg.es.lag {
-        let s = replica.step;
-        replica.apply(s, cfg.adam.lr, &weights, &tokens(s)).unwrap();
-    }
-    let batches: Vec<Vec<Token>> = (0..reps as u64).map(tokens).collect();
+    let (mut replica, weights, batches) = apply_workload(reps);
+    let lr = replica.config.adam.lr;
     let times: Vec<f64> = batches
         .iter()
         .map(|batch| {
             let t0 = performance_now();
             let s = replica.step;
-            replica.apply(s, cfg.adam.lr, &weights, batch).unwrap();
+            replica.apply(s, lr, &weights, batch).unwrap();
             std::hint::black_box(replica.hash());
             (performance_now() - t0) / 1e3
         })
