@@ -791,6 +791,7 @@ mod tests {
             r#"{"bench":"update-lowrank-N256","threads":1,"tokens_per_s":null,"seconds_per_step":0.05,"gflops":2.5}"#.to_string(),
             r#"{"bench":"update-full-N256","threads":1,"tokens_per_s":null,"seconds_per_step":0.06}"#.to_string(),
             r#"{"bench":"update-lowrank-N4096","threads":1,"tokens_per_s":null,"seconds_per_step":0.4,"ratio_to_eval_one_core":0.01}"#.to_string(),
+            r#"{"bench":"apply-default-N256","target":"native","threads":1,"tokens_per_s":null,"seconds_per_step":0.00031}"#.to_string(),
         ]
             .map(|l| rec(&l)),
         );
@@ -994,7 +995,13 @@ mod tests {
         assert_eq!(*lines.last().unwrap(), END);
         // One row per figure, all with seven cells.
         let rows: Vec<&&str> = lines.iter().filter(|l| l.starts_with("| ")).collect();
-        assert_eq!(rows.len(), 1 + 18);
+        assert_eq!(rows.len(), 1 + 19);
+        // The update's row: native, then the wasm targets that ran it.
+        assert!(
+            table.contains("| 310 / - / - |"),
+            "{}",
+            rows.iter().find(|r| r.contains("default recipe")).unwrap()
+        );
         assert!(rows.iter().all(|l| l.matches(" | ").count() == 6), "{rows:?}");
     }
 
