@@ -22,7 +22,7 @@ use axum::routing::{get, post};
 use futures_util::{SinkExt, StreamExt};
 use seedling_core::Replica;
 use seedling_core::RunConfig;
-use seedling_core::protocol::{MAX_CLIENT_MESSAGE, decode_client};
+use seedling_core::protocol::{ClientKind, ClientMsg, MAX_CLIENT_MESSAGE, decode_client};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tower_http::services::ServeDir;
@@ -36,6 +36,7 @@ use crate::coordinator::types::{
 };
 use crate::delivery::{self, Postbox};
 use crate::metrics::{self, Metrics};
+use crate::nats::{self, Bridge, NatsOptions, Relays};
 use crate::runbook::{Cadence, Opened, RunBook};
 
 /// How often deadlines are checked.
@@ -60,6 +61,9 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// Bearer token for the admin routes; `None` disables them.
     pub admin_token: Option<String>,
+    /// Relays reach the coordinator over this NATS server (`serve --nats`);
+    /// `None`, the default, is the one-process server.
+    pub nats: Option<NatsOptions>,
 }
 
 /// What one server accepts from the open internet.
@@ -187,6 +191,7 @@ struct AppState {
     next_id: Arc<AtomicU64>,
     admission: Arc<Admission>,
     admin_token: Option<Arc<str>>,
+    relays: Relays,
 }
 
 /// A running server.
@@ -309,7 +314,28 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
         next_id: Arc::new(AtomicU64::new(1)),
         admission: Arc::new(Admission::new(opts.limits.clone())),
         admin_token: opts.admin_token.clone().filter(|t| !t.is_empty()).map(Arc::from),
+        relays: Relays::default(),
     };
+    if let Some(nats_opts) = &opts.nats {
+        let client = nats::connect(nats_opts, "seedling coordinator").await?;
+        let bridge = Bridge::new(
+            client,
+            &nats_opts.prefix,
+            events.clone(),
+            state.next_id.clone(),
+            state.relays.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = bridge.run().await {
+                tracing::error!("the NATS bridge stopped: {e:#}");
+            }
+        });
+        tracing::info!(
+            url = nats_opts.url,
+            prefix = nats_opts.prefix,
+            "relays connect over NATS"
+        );
+    }
     let addr = listener.local_addr()?;
     let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
     let router = app(state, opts.www.clone());
@@ -374,6 +400,7 @@ fn app(state: AppState, www: Option<PathBuf>) -> Router {
         .route("/api/contributors", get(contributors_handler))
         .route("/api/history", get(history_handler))
         .route("/api/clients", get(clients_handler))
+        .route("/api/relays", get(relays_handler))
         .route("/metrics", get(metrics_handler))
         .route("/admin/{command}", post(admin_handler))
         .with_state(state);
@@ -463,6 +490,15 @@ pub fn thin(points: &[HistoryPoint], max: usize) -> Vec<HistoryPoint> {
 async fn clients_handler(State(state): State<AppState>) -> Response {
     let clients = state.status.lock().unwrap().client_hashes.clone();
     Json(clients).into_response()
+}
+
+/// The relays connected now (`serve --nats`), by relay id: each one's
+/// client id, public URL (`seedling relay --public-url`, empty when it
+/// gave none) and its volunteers' threads. The page picks a relay from
+/// here; empty for a one-process server.
+async fn relays_handler(State(state): State<AppState>) -> Response {
+    let relays = state.relays.lock().unwrap().clone();
+    Json(relays).into_response()
 }
 
 /// The contributors' leaderboard: the top 100 by verified members, each
@@ -564,6 +600,16 @@ async fn ws_handler(
 pub(crate) fn frame_event(client: ClientId, frame: Message) -> Option<Input> {
     Some(match frame {
         Message::Binary(bytes) => match decode_client(&bytes) {
+            // Relays are operators' machines and reach the coordinator over
+            // NATS, authenticated; a stranger on /ws cannot claim to be one.
+            Ok(ClientMsg::Hello {
+                kind: ClientKind::Relay,
+                ..
+            }) => Input::Invalid {
+                client,
+                code: close::POLICY,
+                reason: "relays connect over NATS, not /ws".into(),
+            },
             Ok(msg) => Input::Message { client, msg },
             Err(e) => Input::Invalid {
                 client,

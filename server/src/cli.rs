@@ -482,6 +482,7 @@ impl RunArgs {
                 ..Limits::default()
             },
             admin_token: self.admin_token.clone(),
+            nats: None,
         })
     }
 
@@ -619,6 +620,17 @@ pub struct ServeArgs {
     /// stopped, at a constant lr].
     #[arg(long)]
     pub minutes: Option<f64>,
+    /// Also take relays (`seedling relay`) over this NATS server, e.g.
+    /// nats://127.0.0.1:4222. Credentials come from the environment:
+    /// SEEDLING_NATS_USER and SEEDLING_NATS_PASSWORD (or _PASSWORD_FILE),
+    /// or SEEDLING_NATS_TOKEN (or _TOKEN_FILE) [default: no NATS, volunteers
+    /// connect here only].
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
+    /// The run's NATS subject prefix (relays must use the same), so one
+    /// NATS server can carry several runs.
+    #[arg(long, default_value = "default", value_name = "NAME")]
+    pub nats_prefix: String,
 }
 
 /// serve's most steps in flight unless told: enough to cover a round trip
@@ -635,6 +647,24 @@ impl ServeArgs {
         run.lag.get_or_insert(SERVE_LAG);
         Ok(run)
     }
+
+    /// `--nats` with the credentials in the environment, if given.
+    pub fn nats_options(&self) -> anyhow::Result<Option<crate::nats::NatsOptions>> {
+        nats_options(self.nats.as_deref(), &self.nats_prefix)
+    }
+}
+
+/// A NATS URL and subject prefix from the command line with the credentials
+/// from the environment (never from flags, which other users can read).
+pub fn nats_options(url: Option<&str>, prefix: &str) -> anyhow::Result<Option<crate::nats::NatsOptions>> {
+    let Some(url) = url else { return Ok(None) };
+    seedling_core::protocol::relay::check_relay_id(prefix)
+        .map_err(|_| anyhow::anyhow!("--nats-prefix {prefix:?} must be letters, digits, '-' or '_'"))?;
+    Ok(Some(crate::nats::NatsOptions {
+        url: url.to_string(),
+        credentials: crate::nats::Credentials::from_env()?,
+        prefix: prefix.to_string(),
+    }))
 }
 
 /// `run` with `--config` merged in and `minutes` as its time budget: what

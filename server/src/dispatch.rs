@@ -71,9 +71,10 @@ fn export(checkpoint_path: &Path, out: &Path) -> anyhow::Result<()> {
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => crate::train::train(args).await,
-        Command::Serve(args) => {
-            let args = args.run_args()?;
-            let opts = args.serve_options()?;
+        Command::Serve(serve) => {
+            let args = serve.run_args()?;
+            let mut opts = args.serve_options()?;
+            opts.nats = serve.nats_options()?;
             for w in serve_warnings(&opts) {
                 tracing::warn!("{w}");
             }

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod nats;
 pub mod sim;
 
 /// A deterministic text with learnable structure: words drawn from a small
@@ -88,6 +89,7 @@ pub fn corpus_options(settings: Settings, config: impl FnOnce(u32) -> RunConfig)
         www: None,
         limits: Default::default(),
         admin_token: None,
+        nats: None,
     }
 }
 
