@@ -182,16 +182,45 @@ impl Admission {
     }
 }
 
+/// What the `/ws` handler needs: where its events go, the id counter and
+/// the admission limits. The coordinator's router and a relay's
+/// (`crate::relay`) serve volunteers through the same handler, each with
+/// its own gate.
+#[derive(Clone)]
+pub(crate) struct Gate {
+    events: mpsc::Sender<Event>,
+    next_id: Arc<AtomicU64>,
+    admission: Arc<Admission>,
+}
+
+impl Gate {
+    /// A gate feeding `events` (connections, their frames, their ends) as
+    /// the coordinator's driver takes them, admitting by `limits`, with
+    /// client ids from `next_id`.
+    pub(crate) fn new(events: mpsc::Sender<Event>, limits: Limits, next_id: Arc<AtomicU64>) -> Self {
+        Self {
+            events,
+            next_id,
+            admission: Arc::new(Admission::new(limits)),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     events: mpsc::Sender<Event>,
     status: Arc<Mutex<Status>>,
     curve: Arc<Mutex<Vec<HistoryPoint>>>,
     metrics: Arc<Metrics>,
-    next_id: Arc<AtomicU64>,
-    admission: Arc<Admission>,
+    gate: Gate,
     admin_token: Option<Arc<str>>,
     relays: Relays,
+}
+
+impl axum::extract::FromRef<AppState> for Gate {
+    fn from_ref(state: &AppState) -> Gate {
+        state.gate.clone()
+    }
 }
 
 /// A running server.
@@ -311,8 +340,7 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
         status: status.clone(),
         curve,
         metrics: Arc::new(Metrics::new(status.clone())),
-        next_id: Arc::new(AtomicU64::new(1)),
-        admission: Arc::new(Admission::new(opts.limits.clone())),
+        gate: Gate::new(events.clone(), opts.limits.clone(), Arc::new(AtomicU64::new(1))),
         admin_token: opts.admin_token.clone().filter(|t| !t.is_empty()).map(Arc::from),
         relays: Relays::default(),
     };
@@ -322,7 +350,7 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
             client,
             &nats_opts.prefix,
             events.clone(),
-            state.next_id.clone(),
+            state.gate.next_id.clone(),
             state.relays.clone(),
         );
         tokio::spawn(async move {
@@ -407,6 +435,20 @@ fn app(state: AppState, www: Option<PathBuf>) -> Router {
     if let Some(dir) = www {
         router = router.fallback_service(ServeDir::new(dir));
     }
+    isolated(router)
+}
+
+/// `/ws` and the volunteer page alone, behind `gate`: what a relay serves.
+pub(crate) fn volunteer_router(gate: Gate, www: Option<PathBuf>) -> Router {
+    let mut router = Router::new().route("/ws", get(ws_handler)).with_state(gate);
+    if let Some(dir) = www {
+        router = router.fallback_service(ServeDir::new(dir));
+    }
+    isolated(router)
+}
+
+/// Every response with COOP/COEP, so the page is cross-origin isolated.
+fn isolated(router: Router) -> Router {
     router
         .layer(SetResponseHeaderLayer::overriding(
             header::HeaderName::from_static("cross-origin-opener-policy"),
@@ -577,7 +619,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn ws_handler(
     ws: WebSocketUpgrade,
-    State(state): State<AppState>,
+    State(state): State<Gate>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
     let slot = match state.admission.admit(peer.ip()) {
@@ -639,7 +681,7 @@ fn round_trip(pinged: &(u64, Instant), payload: &[u8]) -> Option<Duration> {
 
 /// One volunteer connection: decodes frames into events and drains the
 /// client's outbox into the socket. Either side ending ends the other.
-async fn handle_socket(socket: WebSocket, state: AppState) {
+async fn handle_socket(socket: WebSocket, state: Gate) {
     let id: ClientId = state.next_id.fetch_add(1, Ordering::Relaxed);
     let (out, mut outbox) = mpsc::channel(state.admission.limits.outbox.max(1));
     if state

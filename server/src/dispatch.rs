@@ -88,6 +88,21 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             crate::app::run(listener, opts, shutdown_signal()).await
         }
+        Command::Relay(args) => {
+            let opts = args.relay_options()?;
+            let address = format!("{}:{}", args.bind, args.port);
+            let listener = tokio::net::TcpListener::bind(&address)
+                .await
+                .with_context(|| format!("binding {address}"))?;
+            println!(
+                "Seedling relay {} at http://{}/ (volunteers: ws://{}/ws), coordinator over {}",
+                opts.id,
+                listener.local_addr()?,
+                listener.local_addr()?,
+                opts.nats.url
+            );
+            crate::relay::run(listener, opts, shutdown_signal()).await
+        }
         Command::Worker(args) => {
             let mut opts = crate::worker::WorkerOptions::new(args.server);
             if let Some(t) = args.threads {

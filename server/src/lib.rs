@@ -21,6 +21,8 @@
 //!   the connections.
 //! - [`nats`]: `serve --nats`, the coordinator's bridge to relays over NATS
 //!   (each relay one client), and the NATS connection both sides make.
+//! - [`relay`]: `seedling relay`, an edge serving volunteers that is one
+//!   client of the coordinator over NATS ([`relay::hub`] is its logic).
 //! - [`worker`]: the native volunteer.
 //! - [`train`]: `seedling train`, a server plus in-process workers, or the
 //!   BPTT baseline.
@@ -46,6 +48,7 @@ pub mod duty;
 pub mod metrics;
 pub mod nats;
 pub mod plot;
+pub mod relay;
 pub mod runbook;
 pub mod timing;
 pub mod train;

@@ -124,3 +124,54 @@ fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Coordinator options that take relays over `nats` under `prefix`.
+pub fn with_nats(
+    mut opts: seedling_server::app::ServeOptions,
+    nats: &NatsServer,
+    prefix: &str,
+) -> seedling_server::app::ServeOptions {
+    opts.nats = Some(nats_options(nats, prefix));
+    opts
+}
+
+/// How a relay or coordinator in a test reaches `nats`.
+pub fn nats_options(nats: &NatsServer, prefix: &str) -> seedling_server::nats::NatsOptions {
+    seedling_server::nats::NatsOptions {
+        url: nats.url(),
+        credentials: nats.credentials(),
+        prefix: prefix.into(),
+    }
+}
+
+/// Starts relay `id` on a free loopback port, over `nats` under `prefix`,
+/// with `hub` settings (short chunk deadlines for tests).
+pub async fn start_relay(
+    nats: &NatsServer,
+    prefix: &str,
+    id: &str,
+    hub: seedling_server::relay::hub::HubSettings,
+) -> seedling_server::relay::Relay {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let opts = seedling_server::relay::RelayOptions {
+        nats: nats_options(nats, prefix),
+        id: id.into(),
+        www: None,
+        limits: Default::default(),
+        hub,
+    };
+    seedling_server::relay::start(listener, opts).await.unwrap()
+}
+
+/// Test relay settings: deadlines short enough for a test's faults.
+pub fn test_hub() -> seedling_server::relay::hub::HubSettings {
+    seedling_server::relay::hub::HubSettings {
+        chunk_timeout: Duration::from_millis(1500),
+        ..Default::default()
+    }
+}
+
+/// The volunteer URL of a relay.
+pub fn relay_url(relay: &seedling_server::relay::Relay) -> String {
+    format!("ws://{}/ws", relay.addr)
+}
