@@ -24,6 +24,7 @@ use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::tokenizer::{Token, Tokenizer};
 
+pub mod relay;
 pub mod schema;
 pub mod weights;
 
@@ -56,7 +57,10 @@ pub mod weights;
 /// moved on by its last update ([`crate::Replica::point`]), so replicas
 /// keep one more past version and a version-9 client would report other
 /// losses.
-pub const PROTOCOL_VERSION: u32 = 10;
+/// 11: a client may be a relay ([`ClientKind::Relay`]): one client of the
+/// coordinator, over NATS ([`relay`]), that serves this same protocol to
+/// volunteers of its own.
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// Longest display name, in characters, after [`clean_name`]. A Hello whose
 /// name is longer does not decode: clients clean their names before sending.
@@ -127,6 +131,9 @@ pub enum ClientKind {
     Native,
     /// A test double that computes nothing.
     Simulated,
+    /// A `seedling relay`: the volunteers behind it, as one client (its
+    /// threads and speed are theirs summed).
+    Relay,
 }
 
 /// Client to server.

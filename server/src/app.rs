@@ -22,7 +22,7 @@ use axum::routing::{get, post};
 use futures_util::{SinkExt, StreamExt};
 use seedling_core::Replica;
 use seedling_core::RunConfig;
-use seedling_core::protocol::{MAX_CLIENT_MESSAGE, decode_client};
+use seedling_core::protocol::{ClientKind, ClientMsg, MAX_CLIENT_MESSAGE, decode_client};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tower_http::services::ServeDir;
@@ -36,6 +36,7 @@ use crate::coordinator::types::{
 };
 use crate::delivery::{self, Postbox};
 use crate::metrics::{self, Metrics};
+use crate::nats::{self, Bridge, NatsOptions, Relays};
 use crate::runbook::{Cadence, Opened, RunBook};
 
 /// How often deadlines are checked.
@@ -60,6 +61,9 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// Bearer token for the admin routes; `None` disables them.
     pub admin_token: Option<String>,
+    /// Relays reach the coordinator over this NATS server (`serve --nats`);
+    /// `None`, the default, is the one-process server.
+    pub nats: Option<NatsOptions>,
 }
 
 /// What one server accepts from the open internet.
@@ -178,15 +182,45 @@ impl Admission {
     }
 }
 
+/// What the `/ws` handler needs: where its events go, the id counter and
+/// the admission limits. The coordinator's router and a relay's
+/// (`crate::relay`) serve volunteers through the same handler, each with
+/// its own gate.
+#[derive(Clone)]
+pub(crate) struct Gate {
+    events: mpsc::Sender<Event>,
+    next_id: Arc<AtomicU64>,
+    admission: Arc<Admission>,
+}
+
+impl Gate {
+    /// A gate feeding `events` (connections, their frames, their ends) as
+    /// the coordinator's driver takes them, admitting by `limits`, with
+    /// client ids from `next_id`.
+    pub(crate) fn new(events: mpsc::Sender<Event>, limits: Limits, next_id: Arc<AtomicU64>) -> Self {
+        Self {
+            events,
+            next_id,
+            admission: Arc::new(Admission::new(limits)),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     events: mpsc::Sender<Event>,
     status: Arc<Mutex<Status>>,
     curve: Arc<Mutex<Vec<HistoryPoint>>>,
     metrics: Arc<Metrics>,
-    next_id: Arc<AtomicU64>,
-    admission: Arc<Admission>,
+    gate: Gate,
     admin_token: Option<Arc<str>>,
+    relays: Relays,
+}
+
+impl axum::extract::FromRef<AppState> for Gate {
+    fn from_ref(state: &AppState) -> Gate {
+        state.gate.clone()
+    }
 }
 
 /// A running server.
@@ -306,10 +340,30 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
         status: status.clone(),
         curve,
         metrics: Arc::new(Metrics::new(status.clone())),
-        next_id: Arc::new(AtomicU64::new(1)),
-        admission: Arc::new(Admission::new(opts.limits.clone())),
+        gate: Gate::new(events.clone(), opts.limits.clone(), Arc::new(AtomicU64::new(1))),
         admin_token: opts.admin_token.clone().filter(|t| !t.is_empty()).map(Arc::from),
+        relays: Relays::default(),
     };
+    if let Some(nats_opts) = &opts.nats {
+        let client = nats::connect(nats_opts, "seedling coordinator").await?;
+        let bridge = Bridge::new(
+            client,
+            &nats_opts.prefix,
+            events.clone(),
+            state.gate.next_id.clone(),
+            state.relays.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = bridge.run().await {
+                tracing::error!("the NATS bridge stopped: {e:#}");
+            }
+        });
+        tracing::info!(
+            url = nats_opts.url,
+            prefix = nats_opts.prefix,
+            "relays connect over NATS"
+        );
+    }
     let addr = listener.local_addr()?;
     let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
     let router = app(state, opts.www.clone());
@@ -374,12 +428,27 @@ fn app(state: AppState, www: Option<PathBuf>) -> Router {
         .route("/api/contributors", get(contributors_handler))
         .route("/api/history", get(history_handler))
         .route("/api/clients", get(clients_handler))
+        .route("/api/relays", get(relays_handler))
         .route("/metrics", get(metrics_handler))
         .route("/admin/{command}", post(admin_handler))
         .with_state(state);
     if let Some(dir) = www {
         router = router.fallback_service(ServeDir::new(dir));
     }
+    isolated(router)
+}
+
+/// `/ws` and the volunteer page alone, behind `gate`: what a relay serves.
+pub(crate) fn volunteer_router(gate: Gate, www: Option<PathBuf>) -> Router {
+    let mut router = Router::new().route("/ws", get(ws_handler)).with_state(gate);
+    if let Some(dir) = www {
+        router = router.fallback_service(ServeDir::new(dir));
+    }
+    isolated(router)
+}
+
+/// Every response with COOP/COEP, so the page is cross-origin isolated.
+fn isolated(router: Router) -> Router {
     router
         .layer(SetResponseHeaderLayer::overriding(
             header::HeaderName::from_static("cross-origin-opener-policy"),
@@ -465,6 +534,15 @@ async fn clients_handler(State(state): State<AppState>) -> Response {
     Json(clients).into_response()
 }
 
+/// The relays connected now (`serve --nats`), by relay id: each one's
+/// client id, public URL (`seedling relay --public-url`, empty when it
+/// gave none) and its volunteers' threads. The page picks a relay from
+/// here; empty for a one-process server.
+async fn relays_handler(State(state): State<AppState>) -> Response {
+    let relays = state.relays.lock().unwrap().clone();
+    Json(relays).into_response()
+}
+
 /// The contributors' leaderboard: the top 100 by verified members, each
 /// with its public id, display name, members and banned flag, and how many
 /// contributors there are in all. Names are untrusted text, which serde
@@ -541,7 +619,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn ws_handler(
     ws: WebSocketUpgrade,
-    State(state): State<AppState>,
+    State(state): State<Gate>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
     let slot = match state.admission.admit(peer.ip()) {
@@ -564,6 +642,16 @@ async fn ws_handler(
 pub(crate) fn frame_event(client: ClientId, frame: Message) -> Option<Input> {
     Some(match frame {
         Message::Binary(bytes) => match decode_client(&bytes) {
+            // Relays are operators' machines and reach the coordinator over
+            // NATS, authenticated; a stranger on /ws cannot claim to be one.
+            Ok(ClientMsg::Hello {
+                kind: ClientKind::Relay,
+                ..
+            }) => Input::Invalid {
+                client,
+                code: close::POLICY,
+                reason: "relays connect over NATS, not /ws".into(),
+            },
             Ok(msg) => Input::Message { client, msg },
             Err(e) => Input::Invalid {
                 client,
@@ -593,7 +681,7 @@ fn round_trip(pinged: &(u64, Instant), payload: &[u8]) -> Option<Duration> {
 
 /// One volunteer connection: decodes frames into events and drains the
 /// client's outbox into the socket. Either side ending ends the other.
-async fn handle_socket(socket: WebSocket, state: AppState) {
+async fn handle_socket(socket: WebSocket, state: Gate) {
     let id: ClientId = state.next_id.fetch_add(1, Ordering::Relaxed);
     let (out, mut outbox) = mpsc::channel(state.admission.limits.outbox.max(1));
     if state

@@ -71,9 +71,10 @@ fn export(checkpoint_path: &Path, out: &Path) -> anyhow::Result<()> {
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => crate::train::train(args).await,
-        Command::Serve(args) => {
-            let args = args.run_args()?;
-            let opts = args.serve_options()?;
+        Command::Serve(serve) => {
+            let args = serve.run_args()?;
+            let mut opts = args.serve_options()?;
+            opts.nats = serve.nats_options()?;
             for w in serve_warnings(&opts) {
                 tracing::warn!("{w}");
             }
@@ -86,6 +87,21 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 listener.local_addr()?
             );
             crate::app::run(listener, opts, shutdown_signal()).await
+        }
+        Command::Relay(args) => {
+            let opts = args.relay_options()?;
+            let address = format!("{}:{}", args.bind, args.port);
+            let listener = tokio::net::TcpListener::bind(&address)
+                .await
+                .with_context(|| format!("binding {address}"))?;
+            println!(
+                "Seedling relay {} at http://{}/ (volunteers: ws://{}/ws), coordinator over {}",
+                opts.id,
+                listener.local_addr()?,
+                listener.local_addr()?,
+                opts.nats.url
+            );
+            crate::relay::run(listener, opts, shutdown_signal()).await
         }
         Command::Worker(args) => {
             let mut opts = crate::worker::WorkerOptions::new(args.server);

@@ -19,6 +19,10 @@
 //!   [`coordinator::driver`], which runs it on its own thread.
 //! - [`delivery`]: the courier task that hands the coordinator's frames to
 //!   the connections.
+//! - [`nats`]: `serve --nats`, the coordinator's bridge to relays over NATS
+//!   (each relay one client), and the NATS connection both sides make.
+//! - [`relay`]: `seedling relay`, an edge serving volunteers that is one
+//!   client of the coordinator over NATS ([`relay::hub`] is its logic).
 //! - [`worker`]: the native volunteer.
 //! - [`train`]: `seedling train`, a server plus in-process workers, or the
 //!   BPTT baseline.
@@ -42,7 +46,9 @@ pub mod delivery;
 pub mod dispatch;
 pub mod duty;
 pub mod metrics;
+pub mod nats;
 pub mod plot;
+pub mod relay;
 pub mod runbook;
 pub mod timing;
 pub mod train;

@@ -158,6 +158,7 @@ impl Collector for StatusCollector {
             ("browser", v.browser),
             ("native", v.native),
             ("simulated", v.simulated),
+            ("relay", v.relay),
         ] {
             let labels = [("kind", kind)];
             ConstGauge::new(n as i64).encode(by_kind.encode_family(&labels)?)?;
@@ -247,6 +248,7 @@ mod tests {
                 browser: 2,
                 native: 1,
                 simulated: 0,
+                relay: 0,
             },
             val_loss: Some(2.5),
             step_seconds,

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod nats;
 pub mod sim;
 
 /// A deterministic text with learnable structure: words drawn from a small
@@ -88,6 +89,7 @@ pub fn corpus_options(settings: Settings, config: impl FnOnce(u32) -> RunConfig)
         www: None,
         limits: Default::default(),
         admin_token: None,
+        nats: None,
     }
 }
 
@@ -159,6 +161,29 @@ pub fn spawn_worker_as(
         let _ = rx.wait_for(|s| *s).await;
     }));
     WorkerHandle { stop, task }
+}
+
+/// The final hash of a fault-free run with `opts`, one native worker per
+/// entry of `threads` (with that many threads) on the server: the hash
+/// runs with faults, liars or relays must end at.
+pub async fn clean_run_hash(opts: ServeOptions, threads: &[usize]) -> String {
+    let server = start(opts).await;
+    let workers: Vec<_> = threads
+        .iter()
+        .map(|&t| spawn_worker(&ws_url(&server), t))
+        .collect();
+    let s = wait_for(
+        &server,
+        Duration::from_secs(120),
+        "the clean run to finish",
+        |s| s.finished && all_replicas_agree(s),
+    )
+    .await;
+    for w in workers {
+        w.stop().await;
+    }
+    server.shutdown().await.unwrap();
+    s.hash
 }
 
 /// Polls the server's status until `pred` holds; panics with the last

@@ -148,20 +148,7 @@ async fn liar(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn liars_are_outvoted_and_disconnected() {
     let steps = 15;
-    let clean = {
-        let server = start(tiny_options(test_settings(steps))).await;
-        let url = ws_url(&server);
-        let w: Vec<_> = (0..4).map(|_| spawn_worker(&url, 1)).collect();
-        let s = wait_for(&server, Duration::from_secs(120), "the clean run", |s| {
-            s.finished && all_replicas_agree(s)
-        })
-        .await;
-        for w in w {
-            w.stop().await;
-        }
-        server.shutdown().await.unwrap();
-        s.hash
-    };
+    let clean = clean_run_hash(tiny_options(test_settings(steps)), &[1, 1, 1, 1]).await;
     for (name, lie) in [
         ("lowest loss", (|_| 0.0) as fn(u32) -> f32),
         ("random losses", |m| (m % 7) as f32),

@@ -21,20 +21,7 @@ fn lagged_options(steps: u64, lag: u32) -> ServeOptions {
 
 /// Final hash of a fault-free run of `steps` steps with two workers.
 async fn clean_run(steps: u64, lag: u32) -> String {
-    let server = start(lagged_options(steps, lag)).await;
-    let w = [
-        spawn_worker(&ws_url(&server), 1),
-        spawn_worker(&ws_url(&server), 2),
-    ];
-    let s = wait_for(&server, LONG, "the clean run to finish", |s| {
-        s.finished && all_replicas_agree(s)
-    })
-    .await;
-    for w in w {
-        w.stop().await;
-    }
-    server.shutdown().await.unwrap();
-    s.hash
+    clean_run_hash(lagged_options(steps, lag), &[1, 2]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

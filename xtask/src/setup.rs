@@ -31,6 +31,9 @@ pub const BINARYEN_VERSION: &str = "132";
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 /// Debian's chromedriver, matching [`CHROMIUM`].
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// Debian's NATS server (the `nats-server` package, 2.9 on bookworm): the
+/// relay tests start it on a loopback port, a real broker rather than a mock.
+pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
 
 /// Flags Chromium needs to run headless in a container as root: no sandbox
 /// (it refuses to start as root otherwise), no GPU, `/tmp` instead of a small
@@ -63,12 +66,13 @@ pub fn webdriver_json(ctx: &Ctx) -> Result<PathBuf, String> {
 }
 
 /// Debian packages the other steps rely on: the browser and its driver for
-/// browser tests, Node for wasm tests under Node and for npm, and a C compiler
-/// for `cargo install` (some dependencies of the tools build C code).
+/// browser tests, Node for wasm tests under Node and for npm, a C compiler
+/// for `cargo install` (some dependencies of the tools build C code), and the
+/// NATS server the relay tests start.
 pub fn apt_packages(ctx: &Ctx) -> Result<String, String> {
     let missing = missing_packages(ctx);
     if missing.is_empty() {
-        return Ok("chromium, chromedriver, node, npm, cc present".into());
+        return Ok("chromium, chromedriver, node, npm, cc, nats-server present".into());
     }
     let sudo = sudo_prefix(ctx);
     let apt = |args: &[&str]| {
@@ -94,12 +98,13 @@ pub fn apt_packages(ctx: &Ctx) -> Result<String, String> {
 
 /// The Debian packages (by name) whose programs are not present.
 fn missing_packages(ctx: &Ctx) -> Vec<&'static str> {
-    let checks: [(&'static str, bool); 5] = [
+    let checks: [(&'static str, bool); 6] = [
         ("chromium", Path::new(CHROMIUM).is_file()),
         ("chromium-driver", Path::new(CHROMEDRIVER).is_file()),
         ("nodejs", ctx.which("node").is_some()),
         ("npm", ctx.which("npm").is_some()),
         ("build-essential", ctx.which("cc").is_some()),
+        ("nats-server", Path::new(NATS_SERVER).is_file()),
     ];
     checks
         .into_iter()

@@ -68,6 +68,10 @@ use self::status::Counters;
 use self::step::{Open, StepState};
 use crate::runbook::RunBook;
 
+/// Most threads a relay's capacity counts: the sum over its volunteers,
+/// which may be thousands (one volunteer announces at most 1,024).
+pub const MAX_RELAY_THREADS: u32 = 1 << 20;
+
 /// What the server knows about one connection.
 struct Client {
     /// Its session (set by the Hello).
@@ -233,6 +237,11 @@ impl Coordinator {
                     self.sync_idle(client);
                 }
             }
+            Input::Capacity {
+                client,
+                threads,
+                speed,
+            } => self.on_capacity(client, threads, speed),
             Input::Slow { client } => {
                 // The courier reports a connection once, when it closes it;
                 // the Disconnected event may have come first.
@@ -290,7 +299,12 @@ impl Coordinator {
                     );
                     return self.refuse(id, &why, out);
                 }
-                client.hello = Some((kind, threads.clamp(1, 1024)));
+                let most = if kind == ClientKind::Relay {
+                    MAX_RELAY_THREADS
+                } else {
+                    1024
+                };
+                client.hello = Some((kind, threads.clamp(1, most)));
                 client.speed = speed as f64;
                 self.ready += 1;
                 self.sync_idle(id);
@@ -314,6 +328,25 @@ impl Coordinator {
             ClientMsg::Hash { step, hash } => self.on_hash(id, step, hash, out),
             ClientMsg::Bye => self.drop_client(id, out),
         }
+    }
+
+    /// A relay's new capacity: its threads (up to [`MAX_RELAY_THREADS`])
+    /// size its jobs, and an announced speed replaces the measured one, so
+    /// volunteers joining the relay get it larger jobs at once. Ignored
+    /// from anything but a relay past its Hello.
+    fn on_capacity(&mut self, id: ClientId, threads: u32, speed: f32) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let Some((ClientKind::Relay, _)) = c.hello else {
+            return;
+        };
+        c.hello = Some((ClientKind::Relay, threads.clamp(1, MAX_RELAY_THREADS)));
+        if speed.is_finite() && speed > 0.0 {
+            c.speed = speed as f64;
+        }
+        // More room, perhaps: a job may go out now.
+        self.sync_idle(id);
     }
 
     fn on_hash(&mut self, id: ClientId, step: u64, hash: u64, out: &mut dyn Outputs) {

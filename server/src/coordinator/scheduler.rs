@@ -291,7 +291,12 @@ impl Coordinator {
         let population = self.replica.config.es.population as usize;
         let open_work = population * self.open.len().max(1);
         let fair = open_work.div_ceil(self.ready.max(1)).next_multiple_of(2);
-        target.min(fair).min(population).max(threads).max(2)
+        // A relay's threads (its volunteers' summed) may exceed a step.
+        target
+            .min(fair)
+            .min(population)
+            .max(threads.min(population))
+            .max(2)
     }
 
     /// Members a client should hold to compute without a gap: the job it

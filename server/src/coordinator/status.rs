@@ -195,6 +195,10 @@ impl Coordinator {
                     v.simulated += 1;
                     "simulated"
                 }
+                ClientKind::Relay => {
+                    v.relay += 1;
+                    "relay"
+                }
             };
             v.total += 1;
             if let Some((step, hash)) = c.reported {

@@ -866,3 +866,56 @@ fn jobs_sent(w: &mut Wires, id: ClientId) -> Vec<SentJob> {
         })
         .collect()
 }
+
+/// A relay is one client sized by its volunteers together: its Capacity
+/// raises its threads past a volunteer's cap and sets its speed, so its
+/// jobs grow to whole steps; a volunteer's Capacity changes nothing.
+#[test]
+fn a_relays_capacity_sizes_its_jobs() {
+    let mut c = coordinator();
+    let (mut w, t0) = join_one(&mut c);
+    let population = c.replica.config.es.population as usize;
+    c.handle(
+        Input::Capacity {
+            client: 1,
+            threads: 5_000,
+            speed: 1e6,
+        },
+        t0,
+        &mut w,
+    );
+    assert_eq!(
+        c.clients[&1].hello,
+        Some((ClientKind::Simulated, 1)),
+        "not a relay"
+    );
+    connect(&mut c, &mut w, 2, t0);
+    let hello = ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        kind: ClientKind::Relay,
+        threads: 1,
+        speed: 0.0,
+        session: None,
+        name: String::new(),
+    };
+    c.handle(
+        Input::Message {
+            client: 2,
+            msg: hello,
+        },
+        t0,
+        &mut w,
+    );
+    c.handle(
+        Input::Capacity {
+            client: 2,
+            threads: 5_000,
+            speed: 1e6,
+        },
+        t0,
+        &mut w,
+    );
+    assert_eq!(c.clients[&2].hello, Some((ClientKind::Relay, 5_000)));
+    assert_eq!(c.clients[&2].speed, 1e6);
+    assert_eq!(c.job_size(&c.clients[&2]), population, "a whole step");
+}

@@ -132,6 +132,17 @@ pub enum Input {
         /// The slow reader.
         client: ClientId,
     },
+    /// A relay's volunteers changed: what they can do together, which
+    /// sizes the relay's jobs as a Hello's threads and speed size a
+    /// volunteer's (only a relay's connection announces this).
+    Capacity {
+        /// The relay.
+        client: ClientId,
+        /// Its volunteers' threads, summed.
+        threads: u32,
+        /// Their speeds summed, members per second (0 = unknown).
+        speed: f32,
+    },
     /// Time passes: deadlines are checked.
     Tick,
     /// Close every connection and write a final checkpoint; nothing follows.
@@ -499,12 +510,14 @@ pub struct Volunteers {
     pub native: usize,
     /// Simulated test clients.
     pub simulated: usize,
+    /// Relays (`seedling relay`), each one client for all its volunteers.
+    pub relay: usize,
 }
 
 /// What the server knows about one client.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ClientReport {
-    /// "browser", "native" or "simulated".
+    /// "browser", "native", "simulated" or "relay".
     pub kind: &'static str,
     /// The step of its last hash report.
     pub step: u64,
