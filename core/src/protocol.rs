@@ -60,7 +60,13 @@ pub mod weights;
 /// 11: a client may be a relay ([`ClientKind::Relay`]): one client of the
 /// coordinator, over NATS ([`relay`]), that serves this same protocol to
 /// volunteers of its own.
-pub const PROTOCOL_VERSION: u32 = 11;
+/// 12: a job may float (`floating`): its members may be evaluated at any
+/// weights version from its `version` to its step that the client holds,
+/// and the losses say which version they were evaluated at. A job that
+/// waited in a volunteer's queue is then evaluated at the weights the
+/// updates that arrived meanwhile brought, not at those of when it was
+/// sent.
+pub const PROTOCOL_VERSION: u32 = 12;
 
 /// Longest display name, in characters, after [`clean_name`]. A Hello whose
 /// name is longer does not decode: clients clean their names before sending.
@@ -163,6 +169,11 @@ pub enum ClientMsg {
         step: u64,
         /// The job id from [`ServerMsg::Job`].
         job: u64,
+        /// How many updates before `step` the weights the members were
+        /// evaluated at are: version `step - behind`, the job's, or for a
+        /// floating job any from it to the step. Counted back from the
+        /// step, it takes a byte where the version would take four.
+        behind: u64,
         /// The loss of every member of the job, in the job's member order.
         /// No member indices: the server knows the job, and this keeps the
         /// uplink near 4 bytes per member evaluation.
@@ -221,6 +232,10 @@ pub enum ServerMsg {
         /// for the one before it, earlier with steps in flight. At most
         /// `step`; a replica evaluates it only while it holds that version.
         version: u64,
+        /// The members may be evaluated at any version from `version` to
+        /// `step` the client holds (the newest is best), not only at
+        /// `version`: the losses say which.
+        floating: bool,
         /// Id to quote in the reply.
         job: u64,
         /// Member indices to evaluate.
@@ -308,6 +323,7 @@ impl EncodedTokens {
 struct JobHead<'a> {
     step: u64,
     version: u64,
+    floating: bool,
     job: u64,
     members: &'a [u32],
 }
@@ -315,14 +331,15 @@ struct JobHead<'a> {
 /// postcard's varint of [`ServerMsg::Job`]'s variant index.
 const JOB_TAG: u8 = 2;
 
-/// Appends to `out` the bytes of `ServerMsg::Job { step, version, job,
-/// members, tokens, deadline_ms }`, identical to [`encode`]'s, with the minibatch
+/// Appends to `out` the bytes of `ServerMsg::Job { step, version,
+/// floating, job, members, tokens, deadline_ms }`, identical to [`encode`]'s, with the minibatch
 /// copied in already encoded; fails, leaving `out` as it was, only if they
 /// exceed `cap`. Appending lets the caller reuse one buffer for every job.
 #[allow(clippy::too_many_arguments)] // the fields of a Job, in order
 pub fn encode_job(
     step: u64,
     version: u64,
+    floating: bool,
     job: u64,
     members: &[u32],
     tokens: &EncodedTokens,
@@ -332,7 +349,7 @@ pub fn encode_job(
 ) -> Result<()> {
     let start = out.len();
     out.reserve(tokens.0.len() + 5 * members.len() + 32);
-    encode_job_head(step, version, job, members, out)?;
+    encode_job_head(step, version, floating, job, members, out)?;
     out.extend_from_slice(&tokens.0);
     encode_job_tail(deadline_ms, out)?;
     within(out.len() - start, cap).inspect_err(|_| out.truncate(start))
@@ -342,11 +359,19 @@ pub fn encode_job(
 /// these, then [`EncodedTokens::as_bytes`], then [`encode_job_tail`]'s.
 /// A server can keep the minibatch, the bulk of every job of a step, in
 /// one shared buffer and let each connection join the three parts.
-pub fn encode_job_head(step: u64, version: u64, job: u64, members: &[u32], out: &mut Vec<u8>) -> Result<()> {
+pub fn encode_job_head(
+    step: u64,
+    version: u64,
+    floating: bool,
+    job: u64,
+    members: &[u32],
+    out: &mut Vec<u8>,
+) -> Result<()> {
     out.push(JOB_TAG);
     let head = JobHead {
         step,
         version,
+        floating,
         job,
         members,
     };
@@ -381,6 +406,9 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg> {
             "the name in the Hello is not a clean name of at most {MAX_NAME_CHARS} characters"
         ))),
         ClientMsg::Losses { losses, .. } if losses.iter().any(|l| !l.is_finite()) => Err(Error::NonFinite),
+        ClientMsg::Losses { step, behind, .. } if behind > step => Err(Error::Wire(format!(
+            "losses of step {step} at {behind} updates before it, before the first"
+        ))),
         _ => Ok(msg),
     }
 }

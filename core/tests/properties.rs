@@ -271,9 +271,15 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
         (
             any::<u64>(),
             any::<u64>(),
+            any::<u64>(),
             prop::collection::vec(finite_f32(), 0..64)
         )
-            .prop_map(|(step, job, losses)| ClientMsg::Losses { step, job, losses }),
+            .prop_map(|(step, job, behind, losses)| ClientMsg::Losses {
+                step,
+                job,
+                behind: behind % (step.saturating_add(1)),
+                losses
+            }),
         (any::<u64>(), any::<u64>()).prop_map(|(step, hash)| ClientMsg::Hash { step, hash }),
         Just(ClientMsg::Bye),
     ]
@@ -374,6 +380,7 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
                 |(step, behind, job, members, tokens, deadline_ms)| ServerMsg::Job {
                     step,
                     version: step.saturating_sub(behind),
+                    floating: behind % 2 == 1,
                     job,
                     members,
                     tokens,
@@ -497,6 +504,7 @@ proptest! {
     fn spliced_jobs_encode_like_serde(
         step in any::<u64>(),
         version in any::<u64>(),
+        floating in any::<bool>(),
         job in any::<u64>(),
         members in prop::collection::vec(any::<u32>(), 0..64),
         tokens in prop::collection::vec(any::<Token>(), 0..600),
@@ -505,17 +513,17 @@ proptest! {
         let version = version.min(step);
         let wire = EncodedTokens::new(&tokens).unwrap();
         let mut spliced = vec![7u8];
-        protocol::encode_job(step, version, job, &members, &wire, deadline_ms, MAX_SERVER_MESSAGE, &mut spliced).unwrap();
+        protocol::encode_job(step, version, floating, job, &members, &wire, deadline_ms, MAX_SERVER_MESSAGE, &mut spliced).unwrap();
         prop_assert_eq!(spliced.remove(0), 7, "appends after what the buffer held");
         let mut out = vec![];
-        let over = protocol::encode_job(step, version, job, &members, &wire, deadline_ms, spliced.len() - 1, &mut out);
+        let over = protocol::encode_job(step, version, floating, job, &members, &wire, deadline_ms, spliced.len() - 1, &mut out);
         prop_assert!(over.is_err() && out.is_empty(), "one byte over the cap must be refused");
         let mut parts = vec![];
-        protocol::encode_job_head(step, version, job, &members, &mut parts).unwrap();
+        protocol::encode_job_head(step, version, floating, job, &members, &mut parts).unwrap();
         parts.extend_from_slice(wire.as_bytes());
         protocol::encode_job_tail(deadline_ms, &mut parts).unwrap();
         prop_assert_eq!(&parts, &spliced, "head, tokens and tail joined are the frame");
-        let msg = ServerMsg::Job { step, version, job, members, tokens, deadline_ms };
+        let msg = ServerMsg::Job { step, version, floating, job, members, tokens, deadline_ms };
         prop_assert_eq!(&spliced, &protocol::encode(&msg, MAX_SERVER_MESSAGE).unwrap());
     }
 
@@ -582,9 +590,9 @@ proptest! {
             ClientMsg::Hello { version, kind, threads, session, name, .. } => {
                 ClientMsg::Hello { version, kind, threads, speed: bad, session, name }
             }
-            ClientMsg::Losses { step, job, mut losses } => {
+            ClientMsg::Losses { step, job, behind, mut losses } => {
                 losses.insert(at.index(losses.len() + 1), bad);
-                ClientMsg::Losses { step, job, losses }
+                ClientMsg::Losses { step, job, behind, losses }
             }
             _ => return Ok(()),
         };
@@ -624,13 +632,16 @@ proptest! {
 /// The uplink per member evaluation, WebSocket frame headers included: a
 /// job's losses carry no member indices, so a job of 16 or more members at a
 /// late step with a large job id costs under 8 bytes per member (about 4.3
-/// for 64 members), against 6 to 9 when every loss named its member.
+/// for 64 members), against 6 to 9 when every loss named its member. The
+/// version the losses were evaluated at travels as a count back from the
+/// step, one byte a job.
 #[test]
 fn losses_cost_about_four_bytes_per_member() {
-    for (n, limit) in [(16usize, 5.1), (64, 4.3), (512, 4.05)] {
+    for (n, limit) in [(16usize, 5.15), (64, 4.32), (512, 4.05)] {
         let msg = ClientMsg::Losses {
             step: 10_000_000,
             job: u32::MAX as u64,
+            behind: 16,
             losses: vec![1.5; n],
         };
         let payload = protocol::encode(&msg, MAX_CLIENT_MESSAGE).unwrap().len();
@@ -647,12 +658,12 @@ fn losses_cost_about_four_bytes_per_member() {
 
 /// A `Losses` message whose encoding is exactly `len` bytes: a tag, a
 /// step varint of 1 to 4 bytes (which absorbs the remainder), a job id 0,
-/// the count varint and 4 bytes per loss.
+/// `behind` 0, the count varint and 4 bytes per loss.
 fn losses_of_encoded_len(len: usize) -> ClientMsg {
     let varint_len = |x: u64| (u64::BITS - x.max(1).leading_zeros()).div_ceil(7) as usize;
     for step_len in 1..=4usize {
         for count_len in 1..=3usize {
-            let body = len.saturating_sub(1 + step_len + 1 + count_len);
+            let body = len.saturating_sub(1 + step_len + 1 + 1 + count_len);
             let n = body / 4;
             if body % 4 == 0 && varint_len(n as u64) == count_len {
                 let step = if step_len == 1 {
@@ -664,6 +675,7 @@ fn losses_of_encoded_len(len: usize) -> ClientMsg {
                 return ClientMsg::Losses {
                     step,
                     job: 0,
+                    behind: 0,
                     losses: vec![1.5; n],
                 };
             }

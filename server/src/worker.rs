@@ -334,6 +334,11 @@ where
     let mut outcome = life.opened(clock.now());
     // Frames that arrived while a job was being evaluated, in order.
     let mut inbox = Inbox::default();
+    // Jobs received and not started, in order. A floating job starts once
+    // every frame that has arrived is handled, so it is evaluated at the
+    // newest weights the updates before it brought
+    // ([`Volunteer::refresh`]); any other starts at once.
+    let mut jobs: std::collections::VecDeque<Work> = std::collections::VecDeque::new();
     loop {
         if let (Some(Event::Joined { .. }), Some(file)) = (&outcome.event, identity.as_mut()) {
             // Not fatal: the worker trains on, as a new contributor next run.
@@ -346,11 +351,25 @@ where
             Action::Nothing => {}
             Action::Send(bytes) => sink.send(Message::Binary(bytes.into())).await?,
             Action::Evaluate(work) => {
-                let (work, losses) = evaluate(work, threads, stream, &mut inbox).await?;
-                outcome = life.evaluated(work, losses, clock.now());
-                continue;
+                if jobs.len() >= MAX_INBOX {
+                    anyhow::bail!("the server sent over {MAX_INBOX} jobs ahead");
+                }
+                jobs.push_back(work);
             }
             Action::Close | Action::Reconnect { .. } | Action::Stop { .. } => return Ok(()),
+        }
+        let floating = jobs.front().is_some_and(|w| w.floating);
+        if floating && inbox.frames.is_empty() && !inbox.ended {
+            read_ready(stream, &mut inbox)?;
+        }
+        if jobs
+            .front()
+            .is_some_and(|w| !w.floating || inbox.frames.is_empty())
+        {
+            let work = life.refresh(jobs.pop_front().expect("a job is queued"));
+            let (work, losses) = evaluate(work, threads, stream, &mut inbox).await?;
+            outcome = life.evaluated(work, losses, clock.now());
+            continue;
         }
         let bytes = match inbox.frames.pop_front() {
             Some(b) => b,
@@ -384,6 +403,35 @@ const MAX_INBOX: usize = 4096;
 struct Inbox {
     frames: std::collections::VecDeque<bytes::Bytes>,
     ended: bool,
+}
+
+/// Moves the frames that have already arrived into `inbox`, without
+/// waiting for more.
+fn read_ready<E>(
+    stream: &mut (impl Stream<Item = Result<Message, E>> + Unpin),
+    inbox: &mut Inbox,
+) -> anyhow::Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    use futures_util::FutureExt;
+    while let Some(frame) = stream.next().now_or_never() {
+        match frame {
+            None | Some(Ok(Message::Close(_))) => {
+                inbox.ended = true;
+                return Ok(());
+            }
+            Some(Ok(Message::Binary(b))) => {
+                if inbox.frames.len() >= MAX_INBOX {
+                    anyhow::bail!("the server queued over {MAX_INBOX} frames");
+                }
+                inbox.frames.push_back(b);
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Evaluates a job on `threads` threads off the async runtime. The socket
@@ -573,11 +621,13 @@ mod tests {
                 expected.push(ClientMsg::Losses {
                     step,
                     job,
+                    behind: 0,
                     losses: members.iter().map(|&m| losses[m as usize]).collect(),
                 });
                 frames.push(server(&ServerMsg::Job {
                     step,
                     version: step,
+                    floating: false,
                     job,
                     members,
                     tokens: batch(step),
@@ -587,6 +637,7 @@ mod tests {
             frames.push(server(&ServerMsg::Job {
                 step: step + 1,
                 version: step + 1,
+                floating: false,
                 job: 99,
                 members: vec![4, 5],
                 tokens: batch(step + 1),
@@ -613,6 +664,7 @@ mod tests {
         frames.push(server(&ServerMsg::Job {
             step: 3,
             version: 3,
+            floating: false,
             job: 40,
             members: vec![0, 1],
             tokens: batch(3),
@@ -628,6 +680,7 @@ mod tests {
         frames.push(server(&ServerMsg::Job {
             step: 4,
             version: 4,
+            floating: false,
             job: 41,
             members: members.clone(),
             tokens: batch(4),
@@ -636,6 +689,7 @@ mod tests {
         expected.push(ClientMsg::Losses {
             step: 4,
             job: 41,
+            behind: 0,
             losses: want.evaluate(&batch(4), &members).unwrap(),
         });
         // A rejection the volunteer may retry: both close, and answer no
@@ -792,5 +846,76 @@ mod tests {
             life.closed(10, 0.5).action,
             Action::Reconnect { after_ms: 75 }
         ));
+    }
+
+    /// A floating job starts once the frames at hand are handled, so the
+    /// update that arrived behind it is applied first and the job is
+    /// evaluated at the newer weights (and says so); a pinned job starts at
+    /// once, at its own version.
+    #[tokio::test]
+    async fn a_floating_job_waits_for_the_updates_at_hand() {
+        let text = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n";
+        let tokenizer = Tokenizer::from_corpus(text).unwrap();
+        let corpus = tokenizer.encode(text).unwrap();
+        let mut config = RunConfig::rw256(tokenizer.len() as u32);
+        config.es.population = 16;
+        config.es.batch = 2;
+        config.es.seq_len = 8;
+        config.es.lag = 2;
+        let batch = |step| step_batch(&corpus, config.seed, step, 2, 8).unwrap();
+        let before = Replica::new(config).unwrap();
+        let weights = vec![(0, 1.0), (1, -1.0)];
+        let mut after = before.clone();
+        after.apply(0, 0.02, &weights, &[]).unwrap();
+        let members: Vec<u32> = (0..8).collect();
+        for floating in [true, false] {
+            let frames = vec![
+                server(&ServerMsg::Welcome {
+                    run: 3,
+                    client: 8,
+                    session: [5; 16],
+                    config,
+                    tokenizer: tokenizer.clone(),
+                }),
+                server(&before.snapshot()),
+                server(&ServerMsg::Job {
+                    step: 1,
+                    version: 0,
+                    floating,
+                    job: 7,
+                    members: members.clone(),
+                    tokens: batch(1),
+                    deadline_ms: 1000,
+                }),
+                server(&ServerMsg::Update {
+                    step: 0,
+                    lr: 0.02,
+                    weights: weights.clone(),
+                    tokens: Vec::new(),
+                }),
+            ];
+            let mut life = Volunteer::new(ClientKind::Native, 2);
+            let replies: Vec<ClientMsg> = native(&mut life, &frames, 2).await[1..]
+                .iter()
+                .map(|r| protocol::decode_client(r).unwrap())
+                .collect();
+            let hash = |r: &Replica| ClientMsg::Hash {
+                step: r.step,
+                hash: r.hash(),
+            };
+            let at = u64::from(floating);
+            let losses = ClientMsg::Losses {
+                step: 1,
+                job: 7,
+                behind: 1 - at,
+                losses: after.evaluate_at(1, at, &batch(1), &members).unwrap(),
+            };
+            let want = if floating {
+                vec![hash(&before), hash(&after), losses]
+            } else {
+                vec![hash(&before), losses, hash(&after)]
+            };
+            assert_eq!(replies, want, "floating: {floating}");
+        }
     }
 }

@@ -229,6 +229,8 @@ pub struct RawClient {
     pub id: u64,
     /// The session token from the server's Welcome (zeros before the handshake).
     pub session: SessionToken,
+    /// The weights version of each job [`RawClient::next_job`] returned.
+    versions: std::collections::HashMap<u64, u64>,
 }
 
 /// The Hello of a simulated client, resuming `session` if given.
@@ -251,6 +253,7 @@ impl RawClient {
             ws,
             id: 0,
             session: [0; 16],
+            versions: Default::default(),
         }
     }
 
@@ -313,11 +316,31 @@ impl RawClient {
         loop {
             match self.recv().await? {
                 ServerMsg::Job {
-                    step, job, members, ..
-                } => return Some((step, job, members)),
+                    step,
+                    version,
+                    job,
+                    members,
+                    ..
+                } => {
+                    self.versions.insert(job, version);
+                    return Some((step, job, members));
+                }
                 _ => continue,
             }
         }
+    }
+
+    /// Sends `losses` as the result of job `job` of `step`, at the weights
+    /// version the job named (the step itself for a job never received).
+    pub async fn answer(&mut self, step: u64, job: u64, losses: Vec<f32>) {
+        let version = self.versions.get(&job).copied().unwrap_or(step);
+        self.send(&ClientMsg::Losses {
+            step,
+            job,
+            behind: step.saturating_sub(version),
+            losses,
+        })
+        .await;
     }
 
     /// Reads until the server closes the connection; returns the Reject reason seen.

@@ -40,12 +40,14 @@ pub fn synthetic_loss(step: u64, member: u32) -> f32 {
     1.0 + (h >> 40) as f32 / (1u64 << 24) as f32
 }
 
-/// The reply to job `job` of `step`: one loss per member, in the job's
-/// order. The one place a test builds a Losses message.
-pub fn losses(step: u64, job: u64, members: &[u32], loss: impl Fn(u32) -> f32) -> ClientMsg {
+/// The reply to job `job` of `step` at weights `version`: one loss per
+/// member, in the job's order. The one place a test builds a Losses
+/// message.
+pub fn losses(step: u64, job: u64, version: u64, members: &[u32], loss: impl Fn(u32) -> f32) -> ClientMsg {
     ClientMsg::Losses {
         step,
         job,
+        behind: step.saturating_sub(version),
         losses: members.iter().map(|&m| loss(m)).collect(),
     }
 }
@@ -172,11 +174,15 @@ pub async fn sim_client(
                 })
             }),
             Ok(ServerMsg::Job {
-                step, job, members, ..
+                step,
+                version,
+                job,
+                members,
+                ..
             }) => {
                 counters.jobs.fetch_add(1, Relaxed);
                 counters.members.fetch_add(members.len() as u64, Relaxed);
-                Some(losses(step, job, &members, |m| synthetic_loss(step, m)))
+                Some(losses(step, job, version, &members, |m| synthetic_loss(step, m)))
             }
             Ok(ServerMsg::Reject { .. }) | Err(_) => break,
             Ok(_) => None,

@@ -23,21 +23,21 @@ async fn hostile_clients_are_rejected_and_nobody_else_notices() {
     let mut c = RawClient::join(&url).await;
     let (step, job, members) = c.next_job().await.unwrap();
     let losses = vec![f32::NAN; members.len()];
-    c.send(&ClientMsg::Losses { step, job, losses }).await;
+    c.answer(step, job, losses).await;
     reasons.push(("NaN loss", c.expect_rejection().await, "NaN or infinite", true));
 
     // More losses than the job has members.
     let mut c = RawClient::join(&url).await;
     let (step, job, members) = c.next_job().await.unwrap();
     let losses = vec![1.0; members.len() + 1];
-    c.send(&ClientMsg::Losses { step, job, losses }).await;
+    c.answer(step, job, losses).await;
     reasons.push(("too many losses", c.expect_rejection().await, "members", true));
 
     // Fewer.
     let mut c = RawClient::join(&url).await;
     let (step, job, members) = c.next_job().await.unwrap();
     let losses = vec![1.0; members.len() - 1];
-    c.send(&ClientMsg::Losses { step, job, losses }).await;
+    c.answer(step, job, losses).await;
     reasons.push(("too few losses", c.expect_rejection().await, "members", true));
 
     // A result for a step and job never issued to this client.
@@ -45,6 +45,7 @@ async fn hostile_clients_are_rejected_and_nobody_else_notices() {
     c.send(&ClientMsg::Losses {
         step: 9_999,
         job: 1,
+        behind: 0,
         losses: vec![1.0],
     })
     .await;
@@ -132,7 +133,7 @@ async fn liar(
                     let _ = go.await;
                 }
                 let losses = members.iter().map(|&m| lie(m)).collect();
-                c.send(&ClientMsg::Losses { step, job, losses }).await;
+                c.answer(step, job, losses).await;
             }
             Ok(ServerMsg::Reject { reason, retry }) => {
                 // Banned: reconnecting cannot help.

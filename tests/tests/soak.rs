@@ -165,6 +165,7 @@ impl Volunteer {
                 members,
                 tokens,
                 deadline_ms,
+                ..
             } => Some(Job {
                 step,
                 version,
@@ -183,7 +184,7 @@ impl Volunteer {
             .replica
             .evaluate_at(job.step, job.version, &job.tokens, &job.members)
             .expect("the replica holds the job's weights version");
-        sim::losses(job.step, job.job, &job.members, |m| {
+        sim::losses(job.step, job.job, job.version, &job.members, |m| {
             l[job.members.iter().position(|&x| x == m).unwrap()]
         })
     }
@@ -400,10 +401,15 @@ async fn persistent_liar(url: String, server: Arc<Server>, lie: Lie) -> Vec<(u64
         loop {
             match next_msg(&mut c, &server).await {
                 Some(ServerMsg::Job {
-                    step, job, members, ..
+                    step,
+                    version,
+                    job,
+                    members,
+                    ..
                 }) => {
                     jobs += 1;
-                    c.send(&sim::losses(step, job, &members, |m| lie(step, m))).await;
+                    c.send(&sim::losses(step, job, version, &members, |m| lie(step, m)))
+                        .await;
                 }
                 Some(ServerMsg::Reject { .. }) => {
                     caught.push((joined, server.status().step, jobs));
@@ -562,7 +568,10 @@ fn garbage(rng: &mut Rng) -> Garbage {
                 1 => {
                     let members: Vec<u32> = (0..rng.below(40) as u32).collect();
                     let step = rng.below(30);
-                    sim::losses(step, rng.below(1000), &members, |m| sim::synthetic_loss(step, m))
+                    let version = rng.below(30);
+                    sim::losses(step, rng.below(1000), version, &members, |m| {
+                        sim::synthetic_loss(step, m)
+                    })
                 }
                 2 => ClientMsg::Hash {
                     step: rng.below(30),

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use seedling_core::protocol::{ClientMsg, ServerMsg};
+use seedling_core::protocol::ServerMsg;
 use seedling_core::{Replica, Shaping, batch};
 use seedling_server::app::ServeOptions;
 use seedling_tests::*;
@@ -136,7 +136,7 @@ async fn faults_end_at_the_clean_hash(lag: u32) {
     doomed.kill();
     // Answer long after the deadline: dropped as stale, not counted.
     let losses = vec![0.0; members.len()];
-    late.send(&ClientMsg::Losses { step, job, losses }).await;
+    late.answer(step, job, losses).await;
     let s = wait_for(&server, LONG, "the faulty run to finish", |s| s.finished).await;
     assert_eq!(s.hash, clean, "faults changed the final weights");
     assert!(

@@ -175,6 +175,7 @@ mod tests {
         let job = ServerMsg::Job {
             step: 0,
             version: 0,
+            floating: false,
             job: 3,
             members: vec![2, 3],
             tokens: tokens.clone(),
@@ -186,6 +187,7 @@ mod tests {
             ClientMsg::Losses {
                 step: 0,
                 job: 3,
+                behind: 0,
                 losses: want.evaluate(&tokens, &[2, 3]).unwrap()
             }
         );

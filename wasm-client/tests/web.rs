@@ -140,6 +140,7 @@ fn handle_follows_the_server_replica() {
         let msg = ServerMsg::Job {
             step,
             version: step,
+            floating: false,
             job,
             members: members.clone(),
             tokens: tokens.clone(),
@@ -149,6 +150,7 @@ fn handle_follows_the_server_replica() {
         let ClientMsg::Losses {
             step: s,
             job: j,
+            behind: 0,
             losses,
         } = reply
         else {

@@ -321,6 +321,11 @@ impl Volunteer {
         &self.session
     }
 
+    /// `work` moved onto the newest weights held ([`Session::refresh`]).
+    pub fn refresh(&self, work: Work) -> Work {
+        self.session.refresh(work)
+    }
+
     /// The replica, once a snapshot has arrived on this connection.
     pub fn replica(&self) -> Option<&Replica> {
         self.session.replica()
@@ -418,6 +423,7 @@ mod tests {
         let job = server(&ServerMsg::Job {
             step: 0,
             version: 0,
+            floating: false,
             job: 4,
             members: vec![1, 2],
             tokens: tokens.clone(),
@@ -433,6 +439,7 @@ mod tests {
             ClientMsg::Losses {
                 step: 0,
                 job: 4,
+                behind: 0,
                 losses: want.evaluate(&tokens, &[1, 2]).unwrap()
             }
         );
@@ -529,6 +536,7 @@ mod tests {
             let job = server(&ServerMsg::Job {
                 step: 0,
                 version: 0,
+                floating: false,
                 job: 1,
                 members: vec![0, 1, 2, 3],
                 tokens: vec![1u16; 2 * 5],
@@ -556,6 +564,7 @@ mod tests {
         let job = server(&ServerMsg::Job {
             step: 0,
             version: 0,
+            floating: false,
             job: 1,
             members: vec![0, 1],
             tokens: vec![1u16; 3],

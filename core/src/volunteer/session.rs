@@ -68,8 +68,11 @@ pub struct Work {
     /// The job's step: the replica's, or with a lag any step whose weights
     /// version it holds.
     pub step: u64,
-    /// The weights version the job's members perturb.
+    /// The weights version the job's members perturb (for a floating
+    /// job, the oldest it may use until [`Session::refresh`] moves it).
     pub version: u64,
+    /// Whether any version from `version` to `step` may be used.
+    pub floating: bool,
     /// The job id to quote in the reply.
     pub job: u64,
     /// The members to evaluate, in the order the losses must come back.
@@ -95,6 +98,7 @@ impl Work {
         encode(&ClientMsg::Losses {
             step: self.step,
             job: self.job,
+            behind: self.step - self.version,
             losses,
         })
     }
@@ -170,6 +174,7 @@ impl Session {
             ServerMsg::Job {
                 step,
                 version,
+                floating,
                 job,
                 members,
                 tokens,
@@ -178,6 +183,7 @@ impl Session {
                 Some(replica) => Ok(Reaction::Evaluate(Work {
                     step,
                     version,
+                    floating,
                     job,
                     members,
                     tokens,
@@ -204,6 +210,30 @@ impl Session {
             }
             ServerMsg::Reject { reason, retry } => Ok(Reaction::Rejected { reason, retry }),
         }
+    }
+
+    /// `work` moved onto the newest weights this session holds that its
+    /// step may be evaluated at (at most the step itself): a job that
+    /// waited in a queue is evaluated at weights as fresh as the updates
+    /// that arrived meanwhile, so its staleness is the network's, not the
+    /// queue's.
+    /// A job that does not float is left as it is.
+    pub fn refresh(&self, mut work: Work) -> Work {
+        if !work.floating {
+            return work;
+        }
+        if let Some(replica) = &self.replica {
+            let newest = replica.step.min(work.step);
+            // The evaluation point also reads the version before (see
+            // `Replica::point`), unless the step is evaluated at its own.
+            let held = |v: u64| replica.weights_at(v).is_some();
+            let point = held(newest) && (newest == work.step || newest == 0 || held(newest - 1));
+            if newest > work.version && point {
+                work.version = newest;
+                work.replica = Arc::clone(replica);
+            }
+        }
+        work
     }
 
     /// The run id from the Welcome (0 before it).
@@ -249,6 +279,10 @@ mod tests {
     }
 
     fn setup() -> (Session, Replica) {
+        setup_with_lag(0)
+    }
+
+    fn setup_with_lag(lag: u32) -> (Session, Replica) {
         let tokenizer = Tokenizer::from_corpus("abc\nde").unwrap();
         let mut config = RunConfig::rw256(tokenizer.len() as u32);
         config.model = ModelConfig {
@@ -260,6 +294,7 @@ mod tests {
         config.es.population = 4;
         config.es.batch = 2;
         config.es.seq_len = 4;
+        config.es.lag = lag;
         let server_replica = Replica::new(config).unwrap();
         let mut s = Session::new();
         let welcome = ServerMsg::Welcome {
@@ -302,6 +337,7 @@ mod tests {
         let job = |step| ServerMsg::Job {
             step,
             version: step,
+            floating: false,
             job: 3,
             members: vec![2, 3],
             tokens: tokens.clone(),
@@ -321,6 +357,7 @@ mod tests {
             ClientMsg::Losses {
                 step: 0,
                 job: 3,
+                behind: 0,
                 losses: vec![losses[0], losses[1]]
             }
         );
@@ -374,6 +411,7 @@ mod tests {
         let job = ServerMsg::Job {
             step: 0,
             version: 0,
+            floating: false,
             job: 1,
             members: vec![0, 1],
             tokens: vec![1u16; 2 * 5],
@@ -393,6 +431,69 @@ mod tests {
         };
         assert_ne!(hash, want.hash());
         assert_eq!((work.replica.step, work.replica.hash()), (0, want.hash()));
+    }
+
+    /// A job that waited while updates arrived: a floating one moves to the
+    /// newest weights held (never past its step) and says so in its reply;
+    /// a pinned one stays at its version.
+    #[test]
+    fn a_floating_job_moves_to_the_newest_weights_and_a_pinned_one_stays() {
+        let (mut s, mut want) = setup_with_lag(4);
+        s.receive(&server(&want.snapshot())).unwrap();
+        let tokens = vec![1u16; 2 * 5];
+        let job = |step, floating, job| ServerMsg::Job {
+            step,
+            version: 0,
+            floating,
+            job,
+            members: vec![0, 1],
+            tokens: tokens.clone(),
+            deadline_ms: 1000,
+        };
+        let mut works = Vec::new();
+        for (step, floating, id) in [(3, true, 1), (3, false, 2), (1, true, 3)] {
+            let Reaction::Evaluate(work) = s.receive(&server(&job(step, floating, id))).unwrap() else {
+                panic!("a job at a version the replica holds is handed out");
+            };
+            works.push(work);
+        }
+        for step in 0..2 {
+            let weights = vec![(0, 1.0), (1, -1.0)];
+            want.apply(step, 0.05, &weights, &[]).unwrap();
+            let update = ServerMsg::Update {
+                step,
+                lr: 0.05,
+                weights,
+                tokens: Vec::new(),
+            };
+            s.receive(&server(&update)).unwrap();
+        }
+        let mut works = works.into_iter().map(|w| s.refresh(w));
+        let (floating, pinned, early) = (
+            works.next().unwrap(),
+            works.next().unwrap(),
+            works.next().unwrap(),
+        );
+        assert_eq!(
+            (floating.version, floating.replica.step),
+            (2, 2),
+            "the newest held"
+        );
+        assert_eq!(pinned.version, 0, "a pinned job keeps its version");
+        assert_eq!(early.version, 1, "never past the job's own step");
+        let losses = floating.evaluate().unwrap();
+        assert_eq!(losses, want.evaluate_at(3, 2, &tokens, &[0, 1]).unwrap());
+        assert_ne!(losses, pinned.evaluate().unwrap(), "the versions differ");
+        let reply = protocol::decode_client(&floating.reply(losses.clone()).unwrap()).unwrap();
+        assert_eq!(
+            reply,
+            ClientMsg::Losses {
+                step: 3,
+                job: 1,
+                behind: 1,
+                losses
+            }
+        );
     }
 
     #[test]
@@ -427,6 +528,7 @@ mod tests {
         let job = ServerMsg::Job {
             step: 4,
             version: 4,
+            floating: false,
             job: 1,
             members: vec![0],
             tokens: vec![1u16; 3],

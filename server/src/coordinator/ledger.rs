@@ -33,6 +33,11 @@ impl Ledger {
         self.counted = 0;
     }
 
+    /// The step's population: members are `0..population`.
+    pub fn population(&self) -> usize {
+        self.results.len()
+    }
+
     /// Evaluations of member `m` so far, in arrival order.
     pub fn claims(&self, m: u32) -> &[Claim] {
         self.claims.get(m as usize).map_or(&[], |c| c.as_slice())

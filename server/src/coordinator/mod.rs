@@ -324,7 +324,12 @@ impl Coordinator {
                 tracing::info!(client = id, ?kind, threads, "volunteer joined");
             }
             _ if client.hello.is_none() => self.reject(id, "the first message must be Hello", out),
-            ClientMsg::Losses { step, job, losses } => self.on_losses(id, step, job, losses, now, out),
+            ClientMsg::Losses {
+                step,
+                job,
+                behind,
+                losses,
+            } => self.on_losses(id, step, job, step - behind, losses, now, out),
             ClientMsg::Hash { step, hash } => self.on_hash(id, step, hash, out),
             ClientMsg::Bye => self.drop_client(id, out),
         }

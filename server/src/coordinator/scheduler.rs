@@ -29,6 +29,12 @@ pub(super) const MAX_HELD: usize = 64;
 pub(super) struct Job {
     pub(super) client: ClientId,
     pub(super) step: u64,
+    /// The weights version the job names: the one its losses must be at,
+    /// or if it floats the oldest they may be at.
+    pub(super) version: u64,
+    /// Whether its losses may be at any version from `version` to the step
+    /// (see [`Open::bound`](super::step::Open)).
+    pub(super) floating: bool,
     /// Inline up to a typical crowd's job size: a job is created and
     /// dropped for every result.
     pub(super) members: SmallVec<[u32; 8]>,
@@ -172,6 +178,7 @@ impl Coordinator {
             // The oldest open step with work this client may take.
             let mut members: SmallVec<[u32; 8]> = SmallVec::with_capacity(size);
             let mut chosen = 0;
+            let mut floating = false;
             for (i, o) in self.open.iter_mut().enumerate().take(workable) {
                 if o.drained() {
                     continue;
@@ -197,6 +204,14 @@ impl Coordinator {
                 }
                 if !members.is_empty() {
                     chosen = i;
+                    // A job of the whole step, before any result of the step
+                    // fixed its version, floats; so every loss of a step is
+                    // at one version, and a replicated member is checked at
+                    // the version it was first evaluated at.
+                    floating = !self.settings.fixed_lag
+                        && !o.bound
+                        && verified == 0
+                        && members.len() == o.books.population();
                     break;
                 }
             }
@@ -222,15 +237,23 @@ impl Coordinator {
             self.sched.issued += 1;
             let job_id = self.sched.issued;
             let o = &self.open[chosen];
-            let frame = self
-                .step
-                .job_frame(step, o.version, &o.token_bytes, job_id, &members, timeout);
+            let frame = self.step.job_frame(
+                step,
+                o.version,
+                floating,
+                &o.token_bytes,
+                job_id,
+                &members,
+                timeout,
+            );
             let deadline = now + timeout;
             let sched = &mut self.sched;
             sched.earliest_deadline = Some(sched.earliest_deadline.map_or(deadline, |t| t.min(deadline)));
             let job = Job {
                 client: id,
                 step,
+                version: o.version,
+                floating,
                 members,
                 sent: now,
                 deadline,

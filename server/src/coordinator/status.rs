@@ -45,6 +45,10 @@ pub(super) struct Counters {
     pub(super) slow: u64,
     /// Members counted in all closed steps.
     members: u64,
+    /// Results accepted, and the updates their weights were behind their
+    /// steps, summed: the staleness steps in flight cost.
+    results: u64,
+    behind: u64,
     /// Seconds between consecutive closes.
     step_seconds: Histogram,
     /// Seconds from a job's sending to its counted result.
@@ -71,6 +75,12 @@ impl Counters {
     }
 
     /// A job's result came `took` after the job was sent.
+    /// A result was accepted, evaluated `behind` updates before its step.
+    pub(super) fn result(&mut self, behind: u64) {
+        self.results += 1;
+        self.behind += behind;
+    }
+
     pub(super) fn round_trip(&mut self, took: Duration) {
         observe(&mut self.round_trips, ROUND_TRIP_BOUNDS, took.as_secs_f64());
     }
@@ -144,6 +154,7 @@ impl Coordinator {
             population: self.replica.config.es.population,
             members_done: self.front().books.counted() as u32,
             steps_open: self.open.len(),
+            results_behind: c.behind as f64 / c.results.max(1) as f64,
             params: self.replica.layout.len,
             // The hash of the current step, computed once when it closed.
             hash: format!("{:016x}", self.step.hash().unwrap_or_else(|| self.replica.hash())),

@@ -38,8 +38,15 @@ pub(super) struct Open {
     /// Which step this is.
     pub(super) step: u64,
     /// The weights version its members perturb (see
-    /// [`Coordinator::version_for`]).
+    /// [`Coordinator::version_for`]); until the step is [`bound`](Self::bound),
+    /// the oldest they may perturb.
     pub(super) version: u64,
+    /// Whether a result fixed `version`. Until then a job of the whole step
+    /// floats: the volunteer evaluates it at the newest version it holds
+    /// when it starts the job (a job sent ahead waits in its queue while
+    /// newer updates arrive), and the first result's version becomes the
+    /// step's, for the jobs that replicate or reissue its members.
+    pub(super) bound: bool,
     /// Members not yet handed out (or handed back).
     pub(super) pool: MemberSet,
     /// Members whose claims need one more evaluation by another client.
@@ -80,6 +87,7 @@ impl Open {
         let encoded = protocol::EncodedTokens::new(&tokens).expect("a minibatch always encodes");
         self.step = step;
         self.version = version;
+        self.bound = false;
         self.token_bytes = Bytes::copy_from_slice(encoded.as_bytes());
         self.tokens = tokens;
         self.started = now;
@@ -94,6 +102,7 @@ impl Open {
         let mut o = Self {
             step,
             version,
+            bound: false,
             pool: MemberSet::default(),
             verify: MemberSet::default(),
             missed: HashMap::new(),
@@ -147,17 +156,19 @@ impl StepState {
     /// The frame of job `job_id` of `step` at weights `version`, whose
     /// encoded minibatch is `token_bytes`. Its head and tail are carved from a shared block, its
     /// tokens are the step's.
+    #[allow(clippy::too_many_arguments)] // a Job's fields
     pub(super) fn job_frame(
         &mut self,
         step: u64,
         version: u64,
+        floating: bool,
         token_bytes: &Bytes,
         job_id: u64,
         members: &[u32],
         timeout: Duration,
     ) -> seedling_core::Result<JobFrame> {
         self.job_buf.clear();
-        protocol::encode_job_head(step, version, job_id, members, &mut self.job_buf)?;
+        protocol::encode_job_head(step, version, floating, job_id, members, &mut self.job_buf)?;
         let head = self.job_buf.len();
         let deadline_ms = timeout.as_millis().min(u32::MAX as u128) as u32;
         protocol::encode_job_tail(deadline_ms, &mut self.job_buf)?;

@@ -161,15 +161,11 @@ fn any_message_sequence(
                 match (kind, live) {
                     (2, Some((j, s, members))) => Input::Message {
                         client,
-                        msg: ClientMsg::Losses {
-                            step: s,
-                            job: j,
-                            losses: members.iter().map(|&m| m as f32 * 0.1).collect(),
-                        },
+                        msg: reply(&c, s, j, members.iter().map(|&m| m as f32 * 0.1).collect()),
                     },
                     _ => Input::Message {
                         client,
-                        msg: ClientMsg::Losses { step, job, losses },
+                        msg: reply(&c, step, job, losses),
                     },
                 }
             }
@@ -398,8 +394,8 @@ proptest! {
             let job = c.clients[&offender].jobs.first().copied().and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.members.len())));
             let msg = match (which, job) {
                 (0, _) => simulated(None),
-                (1, Some((job, n))) => ClientMsg::Losses { step: c.replica.step, job, losses: vec![0.5; n] },
-                (1, None) => ClientMsg::Losses { step: c.replica.step, job: 1, losses: vec![0.5; 2] },
+                (1, Some((job, n))) => reply(&c, c.replica.step, job, vec![0.5; n]),
+                (1, None) => reply(&c, c.replica.step, 1, vec![0.5; 2]),
                 (2, _) => ClientMsg::Hash { step: c.replica.step, hash: c.replica.hash() },
                 (3, _) => ClientMsg::Bye,
                 _ => simulated(Some([7; 16])),
@@ -425,7 +421,7 @@ proptest! {
             let live = c.clients[&honest].jobs.first().copied().and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.members.to_vec())));
             if let Some((job, members)) = live {
                 let losses = members.iter().map(|&m| m as f32 * 0.1).collect();
-                c.handle(Input::Message { client: honest, msg: ClientMsg::Losses { step: c.replica.step, job, losses } }, now, &mut w);
+                c.handle(Input::Message { client: honest, msg: reply(&c, c.replica.step, job, losses) }, now, &mut w);
             }
             c.handle(Input::Tick, now, &mut w);
             let _ = drain(&mut w, honest);
@@ -443,11 +439,23 @@ proptest! {
             let live = c.clients[&honest].jobs.first().copied().and_then(|j| c.sched.jobs.get(j).map(|jb| (j, jb.members.to_vec())));
             if let Some((job, members)) = live {
                 let losses = members.iter().map(|&m| m as f32 * 0.1).collect();
-                c.handle(Input::Message { client: honest, msg: ClientMsg::Losses { step: c.replica.step, job, losses } }, now, &mut w);
+                c.handle(Input::Message { client: honest, msg: reply(&c, c.replica.step, job, losses) }, now, &mut w);
             }
             check_books(&c)?;
         }
         prop_assert!(c.replica.step >= start_step + 2 || c.counters.liars > 0, "the run stalled at step {}", c.replica.step);
+    }
+}
+
+/// The Losses answering job `job` of `step`, at the weights version the
+/// job names.
+fn reply(c: &Coordinator, step: u64, job: u64, losses: Vec<f32>) -> ClientMsg {
+    let version = c.sched.jobs.get(job).map_or(step, |j| j.version);
+    ClientMsg::Losses {
+        step,
+        job,
+        behind: step.saturating_sub(version),
+        losses,
     }
 }
 
@@ -573,7 +581,7 @@ fn credit_run(mut c: Coordinator) -> (Coordinator, Vec<SessionToken>) {
                     })
                     .collect();
                 claimed[id as usize - 1] += members.len() as u64;
-                let msg = ClientMsg::Losses { step, job, losses };
+                let msg = reply(&c, step, job, losses);
                 c.handle(Input::Message { client: id, msg }, now, &mut w);
             }
         }
@@ -636,7 +644,7 @@ fn the_next_job_travels_while_the_client_computes() {
     c.handle(
         Input::Message {
             client: 1,
-            msg: ClientMsg::Losses { step, job, losses },
+            msg: reply(&c, step, job, losses),
         },
         t1,
         &mut w,
@@ -656,11 +664,7 @@ fn the_next_job_travels_while_the_client_computes() {
     c.handle(
         Input::Message {
             client: 1,
-            msg: ClientMsg::Losses {
-                step,
-                job,
-                losses: vec![1.0; n],
-            },
+            msg: reply(&c, step, job, vec![1.0; n]),
         },
         t2,
         &mut w,
@@ -715,11 +719,7 @@ fn a_distant_volunteer_holds_work_for_its_round_trip() {
     c.clients.get_mut(&1).unwrap().rtt = 0.0;
     let j = &first[0];
     let losses = vec![1.0; j.members.len()];
-    let msg = ClientMsg::Losses {
-        step: j.step,
-        job: j.job,
-        losses,
-    };
+    let msg = reply(&c, j.step, j.job, losses);
     c.handle(
         Input::Message { client: 1, msg },
         t0 + Duration::from_millis(30),
@@ -746,11 +746,7 @@ fn the_window_follows_the_fleets_round_trip() {
         for _ in 0..rounds {
             now += Duration::from_millis(100);
             let j = held.pop_front().expect("the volunteer always holds work");
-            let msg = ClientMsg::Losses {
-                step: j.step,
-                job: j.job,
-                losses: vec![1.0; j.members.len()],
-            };
+            let msg = reply(c, j.step, j.job, vec![1.0; j.members.len()]);
             c.clients.get_mut(&1).unwrap().rtt = rtt;
             c.handle(Input::Message { client: 1, msg }, now, w);
             held.extend(jobs_sent(w, 1));
@@ -809,7 +805,7 @@ fn a_starved_volunteer_opens_steps_in_flight_at_held_versions() {
             c.handle(
                 Input::Message {
                     client: 1,
-                    msg: ClientMsg::Losses { step, job, losses },
+                    msg: reply(&c, step, job, losses),
                 },
                 now,
                 &mut w,
@@ -837,9 +833,11 @@ fn join_one(c: &mut Coordinator) -> (Wires, Instant) {
 }
 
 /// A job as a client received it.
+#[derive(Debug)]
 struct SentJob {
     step: u64,
     version: u64,
+    floating: bool,
     job: u64,
     members: Vec<u32>,
 }
@@ -853,12 +851,14 @@ fn jobs_sent(w: &mut Wires, id: ClientId) -> Vec<SentJob> {
             ServerMsg::Job {
                 step,
                 version,
+                floating,
                 job,
                 members,
                 ..
             } => Some(SentJob {
                 step,
                 version,
+                floating,
                 job,
                 members,
             }),
@@ -918,4 +918,113 @@ fn a_relays_capacity_sizes_its_jobs() {
     assert_eq!(c.clients[&2].hello, Some((ClientKind::Relay, 5_000)));
     assert_eq!(c.clients[&2].speed, 1e6);
     assert_eq!(c.job_size(&c.clients[&2]), population, "a whole step");
+}
+
+/// A job of a whole step floats; its result may be at any version from
+/// the job's to the step that the coordinator has made, and that version
+/// becomes the step's: the members replicated from it are checked at it
+/// (pinned), and a check at another version, or a result at a version not
+/// made yet, drops its sender.
+#[test]
+fn a_floating_step_binds_at_its_first_result() {
+    // Clients that announce their speed take whole steps.
+    let fast = || ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        kind: ClientKind::Simulated,
+        threads: 1,
+        speed: 1e6,
+        session: None,
+        name: String::new(),
+    };
+    let join = |c: &mut Coordinator, w: &mut Wires, id, now| {
+        connect(c, w, id, now);
+        c.handle(
+            Input::Message {
+                client: id,
+                msg: fast(),
+            },
+            now,
+            w,
+        );
+    };
+    // Two steps open from the start: the second is evaluated at version 0.
+    let two_open = || {
+        let mut c = lagged_coordinator(1, false);
+        c.window.closed(3.0, true);
+        c.open_steps(Instant::now());
+        assert_eq!(c.open.len(), 2);
+        c
+    };
+    // A result at a version the coordinator has not made is a lie.
+    let t0 = Instant::now();
+    let mut liar = two_open();
+    let mut lw = Wires::default();
+    join(&mut liar, &mut lw, 1, t0);
+    let lj = jobs_sent(&mut lw, 1);
+    assert_eq!((lj[1].step, lj[1].version), (1, 0), "{lj:?}");
+    let msg = ClientMsg::Losses {
+        step: 1,
+        job: lj[1].job,
+        behind: 0,
+        losses: vec![1.0; 8],
+    };
+    liar.handle(Input::Message { client: 1, msg }, t0, &mut lw);
+    assert!(!liar.clients.contains_key(&1), "version 1 is not made yet");
+
+    let mut c = two_open();
+    let mut w = Wires::default();
+    join(&mut c, &mut w, 1, t0);
+    let first = jobs_sent(&mut w, 1);
+    assert!(
+        first.iter().all(|j| j.floating && j.members.len() == 8),
+        "whole steps float: {first:?}"
+    );
+    let (j0, j1) = (&first[0], &first[1]);
+    assert_eq!((j0.step, j1.step, j1.version), (0, 1, 0));
+    // Step 0 closes at its own version (one client: nobody checks it).
+    c.handle(
+        Input::Message {
+            client: 1,
+            msg: reply(&c, 0, j0.job, vec![1.0; 8]),
+        },
+        t0,
+        &mut w,
+    );
+    assert_eq!(c.replica.step, 1);
+    // A second client joins with nothing to do (client 1 holds both open
+    // steps); client 1 answers step 1 at version 1, which it now holds,
+    // and its claims are checked by the second.
+    join(&mut c, &mut w, 2, t0);
+    w.clear();
+    let msg = ClientMsg::Losses {
+        step: 1,
+        job: j1.job,
+        behind: 0,
+        losses: vec![1.0; 8],
+    };
+    c.handle(Input::Message { client: 1, msg }, t0, &mut w);
+    assert!(c.clients.contains_key(&1), "version 1 is allowed");
+    let step1 = &c.open[c.open_index(1).expect("open: its claims await a check")];
+    assert!(
+        step1.bound && step1.version == 1,
+        "bound at the first result's version"
+    );
+    let checks: Vec<SentJob> = jobs_sent(&mut w, 2).into_iter().filter(|j| j.step == 1).collect();
+    assert!(!checks.is_empty(), "the claims are checked");
+    assert!(
+        checks.iter().all(|j| !j.floating && j.version == 1),
+        "checked at the version they were made at: {checks:?}"
+    );
+    // A check answered at another version drops its sender.
+    let msg = ClientMsg::Losses {
+        step: 1,
+        job: checks[0].job,
+        behind: 1,
+        losses: vec![1.0; checks[0].members.len()],
+    };
+    c.handle(Input::Message { client: 2, msg }, t0, &mut w);
+    assert!(
+        !c.clients.contains_key(&2),
+        "a pinned job answered at another version"
+    );
 }

@@ -377,6 +377,11 @@ pub struct Status {
     /// Steps open now: 1, or more with steps in flight (the window follows
     /// the volunteers' round trip unless the lag is fixed).
     pub steps_open: usize,
+    /// Updates between the weights a result was evaluated at and its step,
+    /// on average over the results accepted since the server started: the
+    /// staleness steps in flight cost (0 when every step waits for the
+    /// one before).
+    pub results_behind: f64,
     /// Parameters of the model.
     pub params: usize,
     /// Hash of the authoritative weights.

@@ -21,11 +21,13 @@ use super::types::{ClientId, Outputs};
 
 impl Coordinator {
     /// A client's losses for the members of job `job_id`.
+    #[allow(clippy::too_many_arguments)] // a Losses message's fields, and where it goes
     pub(super) fn on_losses(
         &mut self,
         id: ClientId,
         step: u64,
         job_id: u64,
+        version: u64,
         losses: Vec<f32>,
         now: Instant,
         out: &mut dyn Outputs,
@@ -57,6 +59,18 @@ impl Coordinator {
             let why = format!("result for job {job_id}, which belongs to another client");
             return self.reject(id, &why, out);
         }
+        // A floating job may be evaluated at any version the client can
+        // hold from the job's on: none newer than this replica's, none past
+        // the step. Any other job, at its own.
+        let allowed = if job.floating {
+            (job.version..=self.replica.step.min(step)).contains(&version)
+        } else {
+            version == job.version
+        };
+        if !allowed {
+            let why = format!("losses at weights version {version}, which job {job_id} does not allow");
+            return self.reject(id, &why, out);
+        }
         if losses.len() != job.members.len() {
             let why = format!(
                 "result has {} losses but job {job_id} has {} members",
@@ -66,6 +80,12 @@ impl Coordinator {
             return self.reject(id, &why, out);
         }
         let job = self.sched.jobs.remove(job_id).unwrap();
+        self.counters.result(step - version);
+        if job.floating {
+            let o = &mut self.open[open];
+            o.version = version;
+            o.bound = true;
+        }
         self.counters.round_trip(now.saturating_duration_since(job.sent));
         let client = self.clients.get_mut(&id).unwrap();
         // A job sent ahead waited at the client for the one before it: its

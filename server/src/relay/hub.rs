@@ -335,7 +335,12 @@ impl Hub {
             _ if v.hello.is_none() => {
                 self.reject(id, "the first message must be Hello", close::POLICY, true, out)
             }
-            ClientMsg::Losses { step, job, losses } => self.on_losses(id, step, job, losses, now, out),
+            ClientMsg::Losses {
+                step,
+                job,
+                behind,
+                losses,
+            } => self.on_losses(id, step, job, step - behind, losses, now, out),
             ClientMsg::Hash { step, hash } => {
                 v.reported = Some((step, hash));
                 let relay_step = self.up.replica().map_or(0, |r| r.step);
@@ -361,11 +366,13 @@ impl Hub {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // a Losses message's fields, and where it goes
     fn on_losses(
         &mut self,
         id: ClientId,
         step: u64,
         job: u64,
+        version: u64,
         losses: Vec<f32>,
         now: Instant,
         out: &mut Vec<Effect>,
@@ -386,6 +393,21 @@ impl Hub {
         let Some(chunk) = self.chunks.get(&chunk_id) else {
             return;
         };
+        // Chunks never float: the parts of one upstream job, and the claims
+        // checked against each other, are at the upstream job's version.
+        if self
+            .jobs
+            .get(&chunk.up)
+            .is_some_and(|j| j.work.version != version)
+        {
+            return self.reject(
+                id,
+                "losses at another weights version than the job's",
+                close::POLICY,
+                true,
+                out,
+            );
+        }
         if losses.len() != chunk.end - chunk.start {
             return self.reject(id, "wrong number of losses", close::POLICY, true, out);
         }
@@ -670,6 +692,7 @@ impl Hub {
         let msg = ServerMsg::Job {
             step: job.work.step,
             version: job.work.version,
+            floating: false,
             job: sub,
             members: members.to_vec(),
             tokens: job.work.tokens.clone(),
