@@ -42,6 +42,12 @@ use crate::runbook::{Cadence, Opened, RunBook};
 /// How often deadlines are checked.
 const TICK: Duration = Duration::from_millis(20);
 
+/// How long a connection whose close frame went out waits for the peer's
+/// close before dropping the socket (RFC 6455 section 7.1.1: the server
+/// closes TCP after the client's close). Bounded, so a peer that never
+/// answers cannot hold the connection.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
 /// Most points one `/api/history` answer holds: a longer stretch is thinned
 /// to about this many, so an answer stays small however long the run.
 pub const HISTORY_POINTS: usize = 1000;
@@ -744,8 +750,16 @@ async fn handle_socket(socket: WebSocket, state: Gate) {
     let events = state.events.clone();
     let mut recv_task = tokio::spawn(async move {
         let mut told = None::<Duration>;
+        // After an offence the connection is being closed: what the peer
+        // still sends is read and dropped until its close, so the socket
+        // is not shut with unread bytes (the kernel would answer them with
+        // a reset, and the peer could lose the Reject and close frame).
+        let mut closing = false;
         while let Some(frame) = stream.next().await {
             *last_seen.lock().unwrap() = Instant::now();
+            if closing && !matches!(frame, Ok(Message::Close(_)) | Err(_)) {
+                continue;
+            }
             let ev = match frame {
                 Ok(Message::Close(_)) | Err(_) => break,
                 Ok(Message::Pong(payload)) => {
@@ -765,14 +779,21 @@ async fn handle_socket(socket: WebSocket, state: Gate) {
                 },
             };
             let invalid = matches!(ev, Input::Invalid { .. });
-            if events.send(Event::Input(ev)).await.is_err() || invalid {
+            if events.send(Event::Input(ev)).await.is_err() {
                 break;
             }
+            closing |= invalid;
         }
     });
     let started = Instant::now();
     tokio::select! {
-        _ = &mut send_task => recv_task.abort(),
+        _ = &mut send_task => {
+            // The close frame is out (or the peer stopped reading): wait a
+            // moment for the peer's close before dropping the socket.
+            if tokio::time::timeout(CLOSE_LINGER, &mut recv_task).await.is_err() {
+                recv_task.abort();
+            }
+        }
         _ = &mut recv_task => {
             // Let queued frames (a Reject and its close) go out first.
             let _ = state.events.send(Event::Input(Input::Disconnected { client: id })).await;

@@ -229,7 +229,7 @@ pub struct RawClient {
     pub id: u64,
     /// The session token from the server's Welcome (zeros before the handshake).
     pub session: SessionToken,
-    /// The weights version of each job [`RawClient::next_job`] returned.
+    /// The weights version of each job received.
     versions: std::collections::HashMap<u64, u64>,
 }
 
@@ -299,7 +299,13 @@ impl RawClient {
     pub async fn recv_or_close(&mut self) -> Result<ServerMsg, String> {
         loop {
             match tokio::time::timeout(Duration::from_secs(20), self.ws.next()).await {
-                Ok(Some(Ok(Message::Binary(b)))) => return Ok(protocol::decode_server(&b).unwrap()),
+                Ok(Some(Ok(Message::Binary(b)))) => {
+                    let msg = protocol::decode_server(&b).unwrap();
+                    if let ServerMsg::Job { job, version, .. } = &msg {
+                        self.versions.insert(*job, *version);
+                    }
+                    return Ok(msg);
+                }
                 Ok(Some(Ok(Message::Close(f)))) => {
                     return Err(f.map(|f| f.reason.to_string()).unwrap_or_default());
                 }
@@ -316,15 +322,8 @@ impl RawClient {
         loop {
             match self.recv().await? {
                 ServerMsg::Job {
-                    step,
-                    version,
-                    job,
-                    members,
-                    ..
-                } => {
-                    self.versions.insert(job, version);
-                    return Some((step, job, members));
-                }
+                    step, job, members, ..
+                } => return Some((step, job, members)),
                 _ => continue,
             }
         }

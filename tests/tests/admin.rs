@@ -80,8 +80,14 @@ async fn per_ip_cap_and_close_codes() {
     assert_eq!(b.close_code().await, 1009, "oversized frame");
     c.send_text("hello").await;
     assert_eq!(c.close_code().await, 1003, "text frame");
-    // The slots are free again.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The slots are free again once the closed connections are gone (each
+    // waits up to a second for the peer's close frame, which these raw
+    // clients never send).
+    let start = std::time::Instant::now();
+    while tokio_tungstenite::connect_async(&url).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(5), "the slots stayed taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let _d = RawClient::join(&url).await;
     server.shutdown().await.unwrap();
 }
