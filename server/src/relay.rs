@@ -110,8 +110,10 @@ pub async fn start(listener: TcpListener, opts: RelayOptions) -> anyhow::Result<
     };
     let hub = tokio::spawn(driver.run(rx, down));
     let router = Router::new()
-        .route("/api/status", get(status_handler))
-        .route("/api/clients", get(clients_handler))
+        // Not /api/status: the page served here polls that for the run's
+        // figures, which are the coordinator's, not the relay's.
+        .route("/api/relay", get(status_handler))
+        .route("/api/relay/clients", get(clients_handler))
         .with_state(shared.clone())
         .merge(volunteer_router(gate, opts.www.clone()));
     let addr = listener.local_addr()?;
@@ -148,10 +150,12 @@ pub async fn run(
     }
 }
 
+/// `/api/relay`: the relay's figures ([`HubStatus`]).
 async fn status_handler(State(shared): State<Shared>) -> Response {
     Json(shared.lock().unwrap().0.clone()).into_response()
 }
 
+/// `/api/relay/clients`: each volunteer's last hash report, by its id here.
 async fn clients_handler(State(shared): State<Shared>) -> Response {
     Json(shared.lock().unwrap().1.clone()).into_response()
 }

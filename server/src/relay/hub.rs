@@ -406,13 +406,14 @@ impl Hub {
         let chunk = self.chunks.get_mut(&chunk_id).expect("looked up");
         chunk.out.retain(|&s| s != job);
         chunk.claims.push((id, losses));
-        self.settle(chunk_id, now, out);
+        self.settle(chunk_id, false, now, out);
     }
 
     /// Settles a chunk whose claims suffice: its losses go into its
     /// upstream job (answered once complete); disagreeing claims get
     /// strikes.
-    fn settle(&mut self, chunk_id: u64, now: Instant, out: &mut Vec<Effect>) {
+    /// `force` settles on what is there (no volunteer is left to decide).
+    fn settle(&mut self, chunk_id: u64, force: bool, now: Instant, out: &mut Vec<Effect>) {
         let tol = self.settings.tolerance;
         let agree = |a: &[f32], b: &[f32]| {
             a.iter()
@@ -431,9 +432,9 @@ impl Hub {
                     .count();
                 (i, s)
             })
-            .max_by_key(|&(_, s)| s)
+            .max_by_key(|&(i, s)| (s, std::cmp::Reverse(i)))
             .unwrap_or((0, 0));
-        if support < chunk.needed.min(2) {
+        if support < chunk.needed.min(2) && !force {
             if n < chunk.needed {
                 return; // waiting for more claims
             }
@@ -451,10 +452,12 @@ impl Hub {
             self.forget_sub(sub);
         }
         let losses = chunk.claims[best].1.clone();
+        // Only a majority convicts: two claims against each other, or three
+        // all different, strike nobody.
         let liars: Vec<ClientId> = chunk
             .claims
             .iter()
-            .filter(|(_, l)| !agree(&losses, l))
+            .filter(|(_, l)| support >= 2 && !agree(&losses, l))
             .map(|&(c, _)| c)
             .collect();
         for liar in liars {
@@ -616,13 +619,19 @@ impl Hub {
             if chunk.claims.len() + chunk.out.len() >= chunk.needed {
                 continue;
             }
-            let lone = !chunk.claims.is_empty() && chunk.out.is_empty();
             let busy: Vec<ClientId> = chunk
                 .claims
                 .iter()
                 .map(|c| c.0)
                 .chain(chunk.out.iter().filter_map(|s| self.subs.get(s).map(|s| s.vol)))
                 .collect();
+            // Claimed, and no other volunteer here (ready or not) to check.
+            let lone = !chunk.claims.is_empty()
+                && chunk.out.is_empty()
+                && !self
+                    .vols
+                    .iter()
+                    .any(|(id, v)| v.hello.is_some() && !v.waiting && !busy.contains(id));
             let Some(pos) = ready.iter().position(|id| !busy.contains(id)) else {
                 if ready.is_empty() {
                     skipped.push_back(chunk_id);
@@ -630,9 +639,7 @@ impl Hub {
                 }
                 if lone {
                     // Nobody else here can check it: accepted as it is.
-                    let chunk = self.chunks.get_mut(&chunk_id).expect("present");
-                    chunk.needed = chunk.claims.len();
-                    self.settle(chunk_id, now, out);
+                    self.settle(chunk_id, true, now, out);
                 } else {
                     skipped.push_back(chunk_id);
                 }
