@@ -188,7 +188,13 @@ async fn hostile_frames_to_a_relay_drop_only_their_sender() {
     let s = wait_for(&server, LONG, "training to go on", |s| s.step >= before + 5).await;
     assert_eq!(s.rejected_clients, 0, "the coordinator kept the relay");
     assert_eq!(s.volunteers.relay, 1);
-    assert_eq!(relay.status().rejected, reasons.len() as u64);
+    // The relay publishes its figures every `relay::PUBLISH`: wait for
+    // the ones that count the rejections.
+    let status = wait_relay(&relay, LONG, "the relay's figures", |r| {
+        r.rejected >= reasons.len() as u64
+    })
+    .await;
+    assert_eq!(status.rejected, reasons.len() as u64);
     assert_eq!(relay.reports().len(), 1, "only the honest worker is left");
     // A stranger cannot claim to be a relay on the coordinator's /ws either.
     let mut c = RawClient::connect(&ws_url(&server)).await;

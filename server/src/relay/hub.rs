@@ -650,6 +650,16 @@ impl Hub {
             if self.vols[&id].subs.len() < self.settings.held {
                 ready.push(id);
             }
+            // A replicated chunk needs its next copy on another volunteer:
+            // it stays at the front until it has all it needs or nobody
+            // left can take it.
+            if self
+                .chunks
+                .get(&chunk_id)
+                .is_some_and(|c| c.claims.len() + c.out.len() < c.needed)
+            {
+                self.pending.push_front(chunk_id);
+            }
         }
         skipped.extend(self.pending.drain(..));
         self.pending = skipped;
@@ -658,6 +668,8 @@ impl Hub {
     fn give(&mut self, id: ClientId, chunk_id: u64, now: Instant, out: &mut Vec<Effect>) {
         let chunk = &self.chunks[&chunk_id];
         let Some(job) = self.jobs.get(&chunk.up) else {
+            // Its job is over (never so while the chunk lives): drop it.
+            self.chunks.remove(&chunk_id);
             return;
         };
         let members = &job.work.members[chunk.start..chunk.end];
@@ -908,11 +920,11 @@ impl Hub {
         while start < n {
             let end = (start + size).min(n);
             self.made += 1;
-            let needed = if vols.len() >= 2 && self.made % every == 0 {
-                2
-            } else {
-                1
-            };
+            // Picked for replication whoever is here now: a volunteer who
+            // joins before the first claim is in checks it, and a chunk
+            // nobody else can check is accepted when its claim comes (see
+            // `assign`).
+            let needed = if self.made % every == 0 { 2 } else { 1 };
             self.next_id += 1;
             self.chunks.insert(
                 self.next_id,
