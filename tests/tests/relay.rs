@@ -312,3 +312,45 @@ async fn nats_restarted_mid_run_changes_nothing() {
     relay.kill();
     server.shutdown().await.unwrap();
 }
+
+/// A relay that lies about its volunteers' losses is caught at the
+/// coordinator like a lying volunteer: to the coordinator a relay is one
+/// client, its claims replicated on other clients (other relays) like any
+/// volunteer's, so it is outvoted, struck and banned, and the run ends at
+/// the fault-free hash through the honest relays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lying_relay_is_outvoted_and_banned_at_the_coordinator() {
+    let steps = 60;
+    let want = clean_run_hash(options(steps), &[1, 2]).await;
+    let nats = NatsServer::start();
+    let server = start(with_nats(options(steps), &nats, "t6")).await;
+    let hub = seedling_server::relay::hub::HubSettings {
+        lie: 1.0,
+        ..test_hub()
+    };
+    let liar = start_relay(&nats, "t6", "liar", hub).await;
+    let r1 = start_relay(&nats, "t6", "r1", test_hub()).await;
+    let r2 = start_relay(&nats, "t6", "r2", test_hub()).await;
+    // The liar's volunteer first: the lying relay gets work before anyone
+    // can check it, as the liar in the direct test does.
+    let behind_liar = spawn_worker(&relay_url(&liar), 1);
+    let honest = [spawn_worker(&relay_url(&r1), 1), spawn_worker(&relay_url(&r2), 1)];
+    let s = wait_for(&server, LONG, "the lying relay's ban", |s| {
+        s.liars_disconnected == 1 && s.banned_sessions == 1
+    })
+    .await;
+    assert!(s.disagreements >= 1);
+    let hash = wait_relayed_end(&server, &[&r1, &r2], 2, "the run to finish").await;
+    assert_eq!(hash, want, "the lying relay changed the weights");
+    let s = server.status();
+    assert_eq!(s.volunteers.relay, 2, "the lying relay stays out");
+    assert_eq!(s.liars_disconnected, 1);
+    for w in honest {
+        w.stop().await;
+    }
+    behind_liar.kill();
+    liar.kill();
+    r1.kill();
+    r2.kill();
+    server.shutdown().await.unwrap();
+}

@@ -48,6 +48,11 @@ pub struct HubSettings {
     /// Where volunteers reach this relay's page, announced to the
     /// coordinator for its relay list.
     pub public_url: String,
+    /// Tests only: added to every loss the relay reports upstream, making
+    /// it a relay that lies about its volunteers' losses (0 = honest), so
+    /// a test can show the coordinator catches it like a lying volunteer.
+    #[doc(hidden)]
+    pub lie: f32,
 }
 
 impl Default for HubSettings {
@@ -59,6 +64,7 @@ impl Default for HubSettings {
             max_strikes: 2,
             held: 2,
             public_url: String::new(),
+            lie: 0.0,
         }
     }
 }
@@ -469,8 +475,11 @@ impl Hub {
         job.losses[chunk.start..chunk.end].copy_from_slice(&losses);
         job.left -= 1;
         if job.left == 0 {
-            let job = self.jobs.remove(&chunk.up).expect("present");
+            let mut job = self.jobs.remove(&chunk.up).expect("present");
             self.status.jobs_done += 1;
+            if self.settings.lie != 0.0 {
+                job.losses.iter_mut().for_each(|l| *l += self.settings.lie);
+            }
             let outcome = self.up.evaluated(job.work, Ok(job.losses), ms(now));
             self.act(outcome.action, now, out);
         }
