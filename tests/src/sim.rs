@@ -669,14 +669,21 @@ async fn relay_status(addr: &str) -> serde_json::Value {
 /// 16,384. Reports the coordinator's CPU time per step (without the
 /// replica's update, as `coordinator-1000`) and the relays' resident memory
 /// per volunteer. One JSON line; everything it started is stopped.
-pub async fn relay_bench(volunteers: usize, relays: usize, secs: u64) -> String {
+///
+/// `rw256` runs RW-256 instead of the tiny model: every joining volunteer
+/// then gets a snapshot of about 2.7 MiB (parameters and Adam's moments).
+pub async fn relay_bench(volunteers: usize, relays: usize, secs: u64, rw256: bool) -> String {
     let population = 16_384;
     let nats = crate::nats::NatsServer::start();
     let prefix = "bench";
-    // The tiny model: a joining volunteer's snapshot is a few KiB, so the
-    // relays' memory is the connections' (see the note).
+    // The tiny model by default: a joining volunteer's snapshot is a few
+    // KiB, so the relays' memory is the connections' (see the note).
     let opts = crate::corpus_options(bench_settings(), |vocab| {
-        let mut c = crate::tiny_config(vocab, seedling_core::NoiseKind::LowRank { rank: 1 });
+        let mut c = if rw256 {
+            RunConfig::rw256(vocab)
+        } else {
+            crate::tiny_config(vocab, seedling_core::NoiseKind::LowRank { rank: 1 })
+        };
         c.es.population = population;
         c
     });
@@ -775,7 +782,11 @@ pub async fn relay_bench(volunteers: usize, relays: usize, secs: u64) -> String 
     let per_volunteer = kib(&|&(full, idle)| full.saturating_sub(idle));
     let all_in = kib(&|&(full, _)| full);
     let mut r = Record::new(format!("relay-{volunteers}"), "native", 1);
-    r.workload = format!("tiny (H = 24), N = {population}");
+    r.workload = if rw256 {
+        format!("RW-256, N = {population}")
+    } else {
+        format!("tiny (H = 24), N = {population}")
+    };
     r.seconds_per_step = Some(elapsed / steps.max(1) as f64);
     r.set_num("p50_ms", q.p50)
         .set_num("p99_ms", q.p99)
@@ -800,8 +811,9 @@ pub async fn relay_bench(volunteers: usize, relays: usize, secs: u64) -> String 
             "coordinator thread CPU time per step without the replica's update (as coordinator-1000), its \
              clients the relays; relays and their crowds of compute-free volunteers in separate processes \
              on loopback, with nats-server, on the same cores; relay RSS per volunteer: (RSS after the \
-             measured steps - RSS before any volunteer) / volunteers (_all_in: RSS / volunteers); tiny \
-             model (snapshots of a few KiB); targets p50 <= 5 ms, <= 100 KiB per volunteer",
+             measured steps - RSS before any volunteer) / volunteers (_all_in: RSS / volunteers); see the \
+             workload for the model (the tiny one's snapshots are a few KiB); targets p50 <= 5 ms, <= 100 \
+             KiB per volunteer",
         );
     r.to_line()
 }

@@ -64,6 +64,10 @@ enum Command {
         /// Relays of the relay benchmark.
         #[arg(long, default_value_t = 4)]
         relays: usize,
+        /// The relay benchmark on RW-256 (2.7 MiB snapshots) rather than
+        /// the tiny model.
+        #[arg(long)]
+        relay_rw256: bool,
     },
 }
 
@@ -81,6 +85,7 @@ async fn main() {
             seconds,
             relay_volunteers,
             relays,
+            relay_rw256,
         } => {
             let on = |name: &str| only.as_deref().is_none_or(|o| name.starts_with(o));
             if on("coordinator-1000") {
@@ -94,7 +99,10 @@ async fn main() {
             }
             // Minutes of CPU on every core and 20,000 sockets: only on request.
             if only.as_deref().is_some_and(|o| o.starts_with("relay")) {
-                println!("{}", sim::relay_bench(relay_volunteers, relays, seconds).await);
+                println!(
+                    "{}",
+                    sim::relay_bench(relay_volunteers, relays, seconds, relay_rw256).await
+                );
             }
         }
     }
