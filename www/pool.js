@@ -22,10 +22,32 @@ const RATE_FRESH_MS = 15000;
 /** Worker 0 posts a text sample every this many steps (and at most every 2 s). */
 const SAMPLE_EVERY_STEPS = 3;
 
-/** The run's WebSocket, on the server that served the page. */
-function wsUrl() {
+/** The run's WebSocket on the server that served the page. */
+function localWsUrl() {
   const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
   return `${scheme}//${location.host}/ws`;
+}
+
+/**
+ * Where a new worker connects: one of the run's relays, picked at random,
+ * when the coordinator lists relays with a public URL (`/api/relays`,
+ * `seedling serve --nats`); otherwise the server that served the page
+ * (a one-process server, or a relay serving the page itself).
+ */
+async function wsUrl() {
+  try {
+    const res = await fetch('/api/relays');
+    if (res.ok) {
+      const urls = Object.values(await res.json()).map((r) => r.url).filter((u) => /^https?:\/\//.test(u));
+      if (urls.length > 0) {
+        const url = urls[Math.floor(Math.random() * urls.length)].replace(/\/+$/, '');
+        return `${url.replace(/^http/, 'ws')}/ws`;
+      }
+    }
+  } catch {
+    // No relay list: this server is the one to join.
+  }
+  return localWsUrl();
 }
 
 /**
@@ -166,7 +188,7 @@ export class Pool {
       slot.identity = identity;
       worker.postMessage({
         type: 'start',
-        url: wsUrl(),
+        url: await wsUrl(),
         sampleEvery: index === 0 ? SAMPLE_EVERY_STEPS : 0,
         token: identity.token,
         name: this.#on.name(),

@@ -623,6 +623,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Each connection's WebSocket read buffer. tungstenite zero-fills the
+/// whole buffer before its first read, so its default (128 KiB) would be
+/// resident for every connection; a volunteer's frames are small (a job's
+/// losses), and a larger one grows the buffer as it arrives.
+const READ_BUFFER: usize = 8 * 1024;
+
 async fn ws_handler(
     ws: WebSocketUpgrade,
     State(state): State<Gate>,
@@ -636,6 +642,7 @@ async fn ws_handler(
     // message with a clear reason; larger ones are cut off by the socket.
     ws.max_message_size(4 * MAX_CLIENT_MESSAGE)
         .max_frame_size(4 * MAX_CLIENT_MESSAGE)
+        .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| async move {
             handle_socket(socket, state).await;
             drop(slot);

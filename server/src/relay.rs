@@ -38,6 +38,11 @@ use crate::nats::{self, NatsOptions};
 /// How often the hub checks deadlines and heartbeats.
 const TICK: Duration = Duration::from_millis(50);
 
+/// How often the relay's figures and reports are copied out for its HTTP
+/// side and [`Relay::status`]: copying every volunteer's report on every
+/// event would cost more than serving them.
+pub const PUBLISH: Duration = Duration::from_millis(200);
+
 /// Everything `seedling relay` needs.
 #[derive(Clone, Debug)]
 pub struct RelayOptions {
@@ -66,12 +71,13 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// The relay's figures now.
+    /// The relay's figures as last published (refreshed every [`PUBLISH`]).
     pub fn status(&self) -> HubStatus {
         self.shared.lock().unwrap().0.clone()
     }
 
-    /// Every volunteer's last hash report.
+    /// Every volunteer's last hash report, as last published (refreshed
+    /// every [`PUBLISH`]).
     pub fn reports(&self) -> BTreeMap<ClientId, VolReport> {
         self.shared.lock().unwrap().1.clone()
     }
@@ -110,8 +116,10 @@ pub async fn start(listener: TcpListener, opts: RelayOptions) -> anyhow::Result<
     };
     let hub = tokio::spawn(driver.run(rx, down));
     let router = Router::new()
-        .route("/api/status", get(status_handler))
-        .route("/api/clients", get(clients_handler))
+        // Not /api/status: the page served here polls that for the run's
+        // figures, which are the coordinator's, not the relay's.
+        .route("/api/relay", get(status_handler))
+        .route("/api/relay/clients", get(clients_handler))
         .with_state(shared.clone())
         .merge(volunteer_router(gate, opts.www.clone()));
     let addr = listener.local_addr()?;
@@ -148,10 +156,12 @@ pub async fn run(
     }
 }
 
+/// `/api/relay`: the relay's figures ([`HubStatus`]).
 async fn status_handler(State(shared): State<Shared>) -> Response {
     Json(shared.lock().unwrap().0.clone()).into_response()
 }
 
+/// `/api/relay/clients`: each volunteer's last hash report, by its id here.
 async fn clients_handler(State(shared): State<Shared>) -> Response {
     Json(shared.lock().unwrap().1.clone()).into_response()
 }
@@ -210,7 +220,7 @@ impl Driver {
                         }
                     }
                     self.hub.tick(now, &mut fx);
-                    if now.duration_since(self.published) >= Duration::from_millis(200) {
+                    if now.duration_since(self.published) >= PUBLISH {
                         self.published = now;
                         *self.shared.lock().unwrap() = (self.hub.status(), self.hub.reports());
                     }

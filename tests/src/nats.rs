@@ -175,3 +175,23 @@ pub fn test_hub() -> seedling_server::relay::hub::HubSettings {
 pub fn relay_url(relay: &seedling_server::relay::Relay) -> String {
     format!("ws://{}/ws", relay.addr)
 }
+
+/// Polls a relay's published figures until `pred` holds; panics with the
+/// last figures after `timeout`. (A relay publishes them every
+/// [`seedling_server::relay::PUBLISH`], so a figure lags its event.)
+pub async fn wait_relay(
+    relay: &seedling_server::relay::Relay,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&seedling_server::relay::hub::HubStatus) -> bool,
+) -> seedling_server::relay::hub::HubStatus {
+    let start = Instant::now();
+    loop {
+        let s = relay.status();
+        if pred(&s) {
+            return s;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

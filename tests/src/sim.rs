@@ -585,3 +585,241 @@ pub fn downlink_bytes_bench() -> String {
     );
     r.to_line()
 }
+
+/// `seedling-sim relay`: one relay for the `relay-*` bench, in a process of
+/// its own so its memory can be read apart (credentials from the
+/// environment, as `seedling relay` takes them). Prints `addr <ADDR>` once
+/// it listens, serves until stdin closes, then exits.
+pub async fn relay_main(nats_url: &str, prefix: &str, id: &str) {
+    raise_nofile_limit();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let opts = seedling_server::relay::RelayOptions {
+        nats: seedling_server::nats::NatsOptions {
+            url: nats_url.into(),
+            credentials: seedling_server::nats::Credentials::from_env().unwrap(),
+            prefix: prefix.into(),
+        },
+        id: id.into(),
+        www: None,
+        limits: open_limits(),
+        hub: Default::default(),
+    };
+    let relay = seedling_server::relay::start(listener, opts).await.unwrap();
+    println!("addr {}", relay.addr);
+    tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    })
+    .await
+    .unwrap();
+    relay.kill();
+}
+
+/// Connection limits that let a whole simulated crowd in from loopback.
+fn open_limits() -> seedling_server::app::Limits {
+    seedling_server::app::Limits {
+        max_connections: 100_000,
+        max_per_ip: 100_000,
+        handshakes_per_s: 1e6,
+        handshake_burst: 1e6,
+        ..Default::default()
+    }
+}
+
+/// Resident set size of process `pid`, in KiB (0 if it is gone).
+pub fn rss_kib_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A child process of this binary, killed (and reaped) on drop so a
+/// failing bench leaves nothing running.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts this binary with `args` (stdin and stdout piped), with the test
+/// NATS server's credentials in its environment.
+fn spawn_self(args: &[&str]) -> Child {
+    let exe = std::env::current_exe().expect("the bench's own path");
+    let child = std::process::Command::new(exe)
+        .args(args)
+        .env("SEEDLING_NATS_USER", crate::nats::USER)
+        .env("SEEDLING_NATS_PASSWORD", crate::nats::PASSWORD)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting a seedling-sim process");
+    Child(child)
+}
+
+/// The relay's `/api/relay` figures, as JSON.
+async fn relay_status(addr: &str) -> serde_json::Value {
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let (_, body) = crate::http_get(addr, "/api/relay").await;
+    serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
+}
+
+/// `relay-N`: `volunteers` compute-free volunteers over `relays` relays (each
+/// its own process, with its crowd in another), a coordinator (`serve
+/// --nats`, in this process) and a real `nats-server`, at a population of
+/// 16,384. Reports the coordinator's CPU time per step (without the
+/// replica's update, as `coordinator-1000`) and the relays' resident memory
+/// per volunteer. One JSON line; everything it started is stopped.
+///
+/// `rw256` runs RW-256 instead of the tiny model: every joining volunteer
+/// then gets a snapshot of about 2.7 MiB (parameters and Adam's moments).
+pub async fn relay_bench(volunteers: usize, relays: usize, secs: u64, rw256: bool) -> String {
+    let population = 16_384;
+    let nats = crate::nats::NatsServer::start();
+    let prefix = "bench";
+    // The tiny model by default: a joining volunteer's snapshot is a few
+    // KiB, so the relays' memory is the connections' (see the note).
+    let opts = crate::corpus_options(bench_settings(), |vocab| {
+        let mut c = if rw256 {
+            RunConfig::rw256(vocab)
+        } else {
+            crate::tiny_config(vocab, seedling_core::NoiseKind::LowRank { rank: 1 })
+        };
+        c.es.population = population;
+        c
+    });
+    let server = crate::start(crate::nats::with_nats(opts, &nats, prefix)).await;
+    let mut procs = Vec::new();
+    for r in 0..relays {
+        let id = format!("r{r}");
+        let mut child = spawn_self(&["relay", "--nats", &nats.url(), "--prefix", prefix, "--id", &id]);
+        let stdout = child.0.stdout.take().unwrap();
+        let addr = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+            line.trim()
+                .strip_prefix("addr ")
+                .expect("the relay's address")
+                .to_string()
+        })
+        .await
+        .unwrap();
+        let idle = rss_kib_of(child.0.id());
+        procs.push((child, addr, idle));
+    }
+    let per_relay = volunteers / relays;
+    let mut crowds = Vec::new();
+    for (_, addr, _) in &procs {
+        let url = format!("ws://{addr}/ws");
+        crowds.push(spawn_self(&[
+            "crowd",
+            "--url",
+            &url,
+            "--clients",
+            &per_relay.to_string(),
+        ]));
+    }
+    // Every volunteer joined, on every relay.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(180) {
+        let mut joined = 0;
+        for (_, addr, _) in &procs {
+            joined += relay_status(addr).await["volunteers"].as_u64().unwrap_or(0) as usize;
+        }
+        if joined >= per_relay * relays {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let join_s = start.elapsed().as_secs_f64();
+    // Steps that began before everyone joined are not the steady state.
+    let k = server.status().step;
+    crate::wait_for(&server, Duration::from_secs(120), "two full steps", |s| {
+        s.step >= k + 2
+    })
+    .await;
+    let first = server.status();
+    let started = Instant::now();
+    let overheads = collect_overheads(&server, started + Duration::from_secs(secs)).await;
+    let s = server.status();
+    let elapsed = started.elapsed().as_secs_f64();
+    // Memory after the measured steps: every connection has carried jobs
+    // and updates by now.
+    let rss: Vec<(u64, u64)> = procs
+        .iter()
+        .map(|(c, _, idle)| (rss_kib_of(c.0.id()), *idle))
+        .collect();
+    let mut on_relays = Vec::new();
+    for (_, addr, _) in &procs {
+        on_relays.push(relay_status(addr).await["volunteers"].as_u64().unwrap_or(0));
+    }
+    // Stop the crowds (their stdin closes), then the relays, then the rest.
+    let mut dropped = 0;
+    for mut c in crowds {
+        drop(c.0.stdin.take());
+        let out = tokio::task::spawn_blocking(move || {
+            let mut s = String::new();
+            if let Some(mut o) = c.0.stdout.take() {
+                let _ = std::io::Read::read_to_string(&mut o, &mut s);
+            }
+            drop(c);
+            s
+        })
+        .await
+        .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap_or_default();
+        dropped += v["dropped"].as_u64().unwrap_or(0);
+    }
+    drop(procs);
+    server.shutdown().await.unwrap();
+    drop(nats);
+
+    let (q, wall) = overhead_quantiles(&overheads);
+    let steps = s.step - first.step;
+    let kib = |f: &dyn Fn(&(u64, u64)) -> u64| {
+        rss.iter().map(f).sum::<u64>() as f64 / on_relays.iter().sum::<u64>().max(1) as f64
+    };
+    let per_volunteer = kib(&|&(full, idle)| full.saturating_sub(idle));
+    let all_in = kib(&|&(full, _)| full);
+    let mut r = Record::new(format!("relay-{volunteers}"), "native", 1);
+    r.workload = if rw256 {
+        format!("RW-256, N = {population}")
+    } else {
+        format!("tiny (H = 24), N = {population}")
+    };
+    r.seconds_per_step = Some(elapsed / steps.max(1) as f64);
+    r.set_num("p50_ms", q.p50)
+        .set_num("p99_ms", q.p99)
+        .set_num("wall_p50_ms", wall.p50)
+        .set_num("wall_p99_ms", wall.p99)
+        .set_num("steps", steps as f64)
+        .set_num("steps_sampled", q.steps as f64)
+        .set_num("update_p50_ms", s.update_ms.p50)
+        .set_num("relays", relays as f64)
+        .set_num("volunteers", on_relays.iter().sum::<u64>() as f64)
+        .set_num("joined_after_s", join_s)
+        .set_num("relay_rss_kib_per_volunteer", per_volunteer)
+        .set_num("relay_rss_kib_per_volunteer_all_in", all_in)
+        .set_num(
+            "relay_rss_mib_max",
+            rss.iter().map(|r| r.0).max().unwrap_or(0) as f64 / 1024.0,
+        )
+        .set_num("coordinator_clients", s.volunteers.total as f64)
+        .set_num("dropped", dropped as f64)
+        .set_text(
+            "note",
+            "coordinator thread CPU time per step without the replica's update (as coordinator-1000), its \
+             clients the relays; relays and their crowds of compute-free volunteers in separate processes \
+             on loopback, with nats-server, on the same cores; relay RSS per volunteer: (RSS after the \
+             measured steps - RSS before any volunteer) / volunteers (_all_in: RSS / volunteers); see the \
+             workload for the model (the tiny one's snapshots are a few KiB); targets p50 <= 5 ms, <= 100 \
+             KiB per volunteer",
+        );
+    r.to_line()
+}

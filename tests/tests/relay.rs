@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use seedling_core::protocol::{ClientKind, ClientMsg, PROTOCOL_VERSION, ServerMsg};
 use seedling_server::app::ServeOptions;
 use seedling_server::app::Server;
 use seedling_server::relay::Relay;
@@ -82,5 +83,315 @@ async fn two_relays_train_like_one_server() {
     }
     r1.kill();
     r2.kill();
+    server.shutdown().await.unwrap();
+}
+
+/// (2) A relay killed mid-run: the coordinator reissues its jobs, its
+/// volunteers start again on the other relay, and the run ends at the
+/// fault-free hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_killed_mid_run_changes_nothing() {
+    let steps = 40;
+    let want = clean_run_hash(options(steps), &[1, 2]).await;
+    let nats = NatsServer::start();
+    let server = start(with_nats(options(steps), &nats, "t2")).await;
+    let r1 = start_relay(&nats, "t2", "r1", test_hub()).await;
+    let r2 = start_relay(&nats, "t2", "r2", test_hub()).await;
+    let on_r1 = [spawn_worker(&relay_url(&r1), 1), spawn_worker(&relay_url(&r1), 1)];
+    let on_r2 = spawn_worker(&relay_url(&r2), 1);
+    let at = wait_for(&server, LONG, "step 8", |s| s.step >= 8).await.step;
+    assert!(at < steps, "the run ended before the fault");
+    r1.kill();
+    for w in on_r1 {
+        w.kill();
+    }
+    // Its volunteers come back through the other relay.
+    let moved = [spawn_worker(&relay_url(&r2), 1), spawn_worker(&relay_url(&r2), 1)];
+    let hash = wait_relayed_end(&server, &[&r2], 3, "the run to finish on one relay").await;
+    assert_eq!(hash, want, "killing a relay changed the weights");
+    let s = server.status();
+    assert!(
+        s.reissued_jobs > 0 || s.step > at,
+        "the dead relay's work was redone"
+    );
+    assert_eq!(s.volunteers.relay, 1);
+    for w in moved {
+        w.stop().await;
+    }
+    on_r2.stop().await;
+    r2.kill();
+    server.shutdown().await.unwrap();
+}
+
+/// (3) Hostile frames to a relay drop only their sender: the relay
+/// rejects each as the coordinator would, the coordinator sees nothing
+/// wrong with the relay, and training goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_frames_to_a_relay_drop_only_their_sender() {
+    let nats = NatsServer::start();
+    let server = start(with_nats(tiny_options(test_settings(1_000_000)), &nats, "t3")).await;
+    let relay = start_relay(&nats, "t3", "r1", test_hub()).await;
+    let url = relay_url(&relay);
+    let honest = spawn_worker(&url, 1);
+    wait_for(&server, LONG, "step 2", |s| s.step >= 2).await;
+    let mut reasons = Vec::new();
+
+    // A non-finite loss.
+    let mut c = RawClient::join(&url).await;
+    let (step, job, members) = c.next_job().await.unwrap();
+    let losses = vec![f32::NAN; members.len()];
+    c.send(&ClientMsg::Losses { step, job, losses }).await;
+    reasons.push(("NaN loss", c.expect_rejection().await, "NaN or infinite"));
+
+    // More losses than the chunk has members.
+    let mut c = RawClient::join(&url).await;
+    let (step, job, members) = c.next_job().await.unwrap();
+    let losses = vec![1.0; members.len() + 1];
+    c.send(&ClientMsg::Losses { step, job, losses }).await;
+    reasons.push(("too many losses", c.expect_rejection().await, "losses"));
+
+    // An oversized frame.
+    let mut c = RawClient::join(&url).await;
+    c.send_bytes(oversized_frame()).await;
+    reasons.push(("oversized frame", c.expect_rejection().await, "exceeds"));
+
+    // Random bytes.
+    let mut c = RawClient::connect(&url).await;
+    c.send_bytes(vec![0xff, 0x13, 0x37, 0x00, 0xee]).await;
+    reasons.push(("random bytes", c.expect_rejection().await, "decode"));
+
+    // A volunteer claiming to be a relay.
+    let mut c = RawClient::connect(&url).await;
+    c.send(&ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        kind: ClientKind::Relay,
+        threads: 1_000_000,
+        speed: 0.0,
+        session: None,
+        name: String::new(),
+    })
+    .await;
+    reasons.push(("relay kind", c.expect_rejection().await, "relay"));
+
+    // Work before the handshake.
+    let mut c = RawClient::connect(&url).await;
+    c.send(&ClientMsg::Hash { step: 0, hash: 0 }).await;
+    reasons.push(("no handshake", c.expect_rejection().await, "Hello"));
+
+    for (what, (got, _), want) in &reasons {
+        assert!(
+            got.contains(want),
+            "{what}: reason {got:?} does not mention {want:?}"
+        );
+    }
+    let before = server.status().step;
+    let s = wait_for(&server, LONG, "training to go on", |s| s.step >= before + 5).await;
+    assert_eq!(s.rejected_clients, 0, "the coordinator kept the relay");
+    assert_eq!(s.volunteers.relay, 1);
+    // The relay publishes its figures every `relay::PUBLISH`: wait for
+    // the ones that count the rejections.
+    let status = wait_relay(&relay, LONG, "the relay's figures", |r| {
+        r.rejected >= reasons.len() as u64
+    })
+    .await;
+    assert_eq!(status.rejected, reasons.len() as u64);
+    assert_eq!(relay.reports().len(), 1, "only the honest worker is left");
+    // A stranger cannot claim to be a relay on the coordinator's /ws either.
+    let mut c = RawClient::connect(&ws_url(&server)).await;
+    c.send(&ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        kind: ClientKind::Relay,
+        threads: 1,
+        speed: 0.0,
+        session: None,
+        name: String::new(),
+    })
+    .await;
+    let (reason, _) = c.expect_rejection().await;
+    assert!(reason.contains("NATS"), "{reason}");
+    honest.stop().await;
+    relay.kill();
+    server.shutdown().await.unwrap();
+}
+
+/// A volunteer lying to its relay is outvoted there and banned, and the run
+/// ends at the fault-free hash: the relay checks its volunteers as the
+/// coordinator checks its clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_liar_behind_a_relay_is_outvoted_and_banned() {
+    let steps = 30;
+    let want = clean_run_hash(options(steps), &[1, 2]).await;
+    let nats = NatsServer::start();
+    let server = start(with_nats(options(steps), &nats, "t4")).await;
+    let hub = seedling_server::relay::hub::HubSettings {
+        replicate: 1.0,
+        ..test_hub()
+    };
+    let relay = start_relay(&nats, "t4", "r1", hub).await;
+    let url = relay_url(&relay);
+    let mut liar = RawClient::join(&url).await;
+    let (go, wait) = tokio::sync::oneshot::channel::<()>();
+    let banned = tokio::spawn(async move {
+        let mut wait = Some(wait);
+        loop {
+            match liar.recv_or_close().await {
+                Ok(ServerMsg::Job {
+                    step, job, members, ..
+                }) => {
+                    // The first lie waits for the honest workers: alone,
+                    // its results would have nobody to check them.
+                    if let Some(wait) = wait.take() {
+                        let _ = wait.await;
+                    }
+                    let losses = members.iter().map(|&m| (m % 7) as f32).collect();
+                    liar.send(&ClientMsg::Losses { step, job, losses }).await;
+                }
+                Ok(ServerMsg::Reject { reason, retry }) => return (reason, retry),
+                Ok(_) => {}
+                Err(close) => return (format!("closed: {close}"), true),
+            }
+        }
+    });
+    let honest = [spawn_worker(&url, 1), spawn_worker(&url, 1)];
+    let start = Instant::now();
+    while relay.status().volunteers < 3 {
+        assert!(start.elapsed() < LONG, "the honest workers did not join");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = go.send(());
+    let (reason, retry) = banned.await.unwrap();
+    assert!(reason.contains("disagreed"), "the liar left with {reason:?}");
+    assert!(!retry, "a liar's ban is final");
+    let hash = wait_relayed_end(&server, &[&relay], 2, "the run to finish").await;
+    assert_eq!(hash, want, "the liar changed the weights");
+    assert!(relay.status().disagreements >= 2);
+    for w in honest {
+        w.stop().await;
+    }
+    relay.kill();
+    server.shutdown().await.unwrap();
+}
+
+/// (4) The NATS server killed and restarted mid-run: the run stalls, then
+/// resumes once NATS is back (relays and the coordinator reconnect on their
+/// own) and ends at the fault-free hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_restarted_mid_run_changes_nothing() {
+    let steps = 40;
+    let want = clean_run_hash(options(steps), &[1, 2]).await;
+    let mut nats = NatsServer::start();
+    let server = start(with_nats(options(steps), &nats, "t5")).await;
+    let relay = start_relay(&nats, "t5", "r1", test_hub()).await;
+    let workers = [
+        spawn_worker(&relay_url(&relay), 1),
+        spawn_worker(&relay_url(&relay), 2),
+    ];
+    wait_for(&server, LONG, "step 8", |s| s.step >= 8).await;
+    nats.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stalled = server.status().step;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(server.status().step, stalled, "no step closes without NATS");
+    assert!(stalled < steps, "the run ended before the fault");
+    nats.restart();
+    let back = Instant::now();
+    wait_for(&server, Duration::from_secs(30), "the run to resume", |s| {
+        s.step > stalled
+    })
+    .await;
+    let resumed = back.elapsed();
+    assert!(
+        resumed < Duration::from_secs(10),
+        "resumed {resumed:?} after NATS came back"
+    );
+    let hash = wait_relayed_end(&server, &[&relay], 2, "the run to finish").await;
+    assert_eq!(hash, want, "the NATS restart changed the weights");
+    for w in workers {
+        w.stop().await;
+    }
+    relay.kill();
+    server.shutdown().await.unwrap();
+}
+
+/// A relay that lies about its volunteers' losses is caught at the
+/// coordinator like a lying volunteer: to the coordinator a relay is one
+/// client, its claims replicated on other clients (other relays) like any
+/// volunteer's, so it is outvoted, struck and banned, and the run ends at
+/// the fault-free hash through the honest relays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lying_relay_is_outvoted_and_banned_at_the_coordinator() {
+    let steps = 60;
+    let want = clean_run_hash(options(steps), &[1, 2]).await;
+    let nats = NatsServer::start();
+    let server = start(with_nats(options(steps), &nats, "t6")).await;
+    let hub = seedling_server::relay::hub::HubSettings {
+        lie: 1.0,
+        ..test_hub()
+    };
+    let liar = start_relay(&nats, "t6", "liar", hub).await;
+    let r1 = start_relay(&nats, "t6", "r1", test_hub()).await;
+    let r2 = start_relay(&nats, "t6", "r2", test_hub()).await;
+    // The liar's volunteer first: the lying relay gets work before anyone
+    // can check it, as the liar in the direct test does.
+    let behind_liar = spawn_worker(&relay_url(&liar), 1);
+    let honest = [spawn_worker(&relay_url(&r1), 1), spawn_worker(&relay_url(&r2), 1)];
+    let s = wait_for(&server, LONG, "the lying relay's ban", |s| {
+        s.liars_disconnected == 1 && s.banned_sessions == 1
+    })
+    .await;
+    assert!(s.disagreements >= 1);
+    let hash = wait_relayed_end(&server, &[&r1, &r2], 2, "the run to finish").await;
+    assert_eq!(hash, want, "the lying relay changed the weights");
+    let s = server.status();
+    assert_eq!(s.volunteers.relay, 2, "the lying relay stays out");
+    assert_eq!(s.liars_disconnected, 1);
+    for w in honest {
+        w.stop().await;
+    }
+    behind_liar.kill();
+    liar.kill();
+    r1.kill();
+    r2.kill();
+    server.shutdown().await.unwrap();
+}
+
+/// The training suite's faults through a relay: volunteers of the relay
+/// killed mid-job, silent, or answering long after their deadline, and a
+/// worker killed mid-run; the relay reissues their chunks and the run ends
+/// at the fault-free hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn faults_behind_a_relay_end_at_the_clean_hash() {
+    let steps = 12;
+    let want = clean_run_hash(options(steps), &[1, 2]).await;
+    let nats = NatsServer::start();
+    let server = start(with_nats(options(steps), &nats, "t7")).await;
+    let relay = start_relay(&nats, "t7", "r1", test_hub()).await;
+    let url = relay_url(&relay);
+    // Hostile timing first, so the faulty volunteers grab the first chunks.
+    let mut vanisher = RawClient::join(&url).await;
+    let mut sleeper = RawClient::join(&url).await;
+    let mut late = RawClient::join(&url).await;
+    let _ = vanisher.next_job().await.expect("a chunk for the vanisher");
+    vanisher.vanish(); // killed mid-job, no close frame
+    let _ = sleeper.next_job().await.expect("a chunk for the sleeper"); // never answers
+    let (step, job, members) = late.next_job().await.expect("a chunk for the late client");
+    let workers = [spawn_worker(&url, 1), spawn_worker(&url, 1)];
+    // A worker killed mid-run; its chunks are reissued.
+    let doomed = spawn_worker(&url, 1);
+    wait_for(&server, LONG, "step 3", |s| s.step >= 3).await;
+    doomed.kill();
+    // Answer long after the deadline: dropped as stale, not counted.
+    let losses = vec![0.0; members.len()];
+    late.send(&ClientMsg::Losses { step, job, losses }).await;
+    let hash = wait_relayed_end(&server, &[&relay], 2, "the faulty run to finish").await;
+    assert_eq!(hash, want, "faults behind the relay changed the weights");
+    let r = wait_relay(&relay, LONG, "the relay's figures", |r| r.reissued >= 2).await;
+    assert_eq!(r.divergences, 0);
+    assert_eq!(server.status().divergences, 0);
+    drop(sleeper);
+    for w in workers {
+        w.stop().await;
+    }
+    relay.kill();
     server.shutdown().await.unwrap();
 }

@@ -48,6 +48,11 @@ pub struct HubSettings {
     /// Where volunteers reach this relay's page, announced to the
     /// coordinator for its relay list.
     pub public_url: String,
+    /// Tests only: added to every loss the relay reports upstream, making
+    /// it a relay that lies about its volunteers' losses (0 = honest), so
+    /// a test can show the coordinator catches it like a lying volunteer.
+    #[doc(hidden)]
+    pub lie: f32,
 }
 
 impl Default for HubSettings {
@@ -59,6 +64,7 @@ impl Default for HubSettings {
             max_strikes: 2,
             held: 2,
             public_url: String::new(),
+            lie: 0.0,
         }
     }
 }
@@ -428,13 +434,14 @@ impl Hub {
         let chunk = self.chunks.get_mut(&chunk_id).expect("looked up");
         chunk.out.retain(|&s| s != job);
         chunk.claims.push((id, losses));
-        self.settle(chunk_id, now, out);
+        self.settle(chunk_id, false, now, out);
     }
 
     /// Settles a chunk whose claims suffice: its losses go into its
     /// upstream job (answered once complete); disagreeing claims get
     /// strikes.
-    fn settle(&mut self, chunk_id: u64, now: Instant, out: &mut Vec<Effect>) {
+    /// `force` settles on what is there (no volunteer is left to decide).
+    fn settle(&mut self, chunk_id: u64, force: bool, now: Instant, out: &mut Vec<Effect>) {
         let tol = self.settings.tolerance;
         let agree = |a: &[f32], b: &[f32]| {
             a.iter()
@@ -453,9 +460,9 @@ impl Hub {
                     .count();
                 (i, s)
             })
-            .max_by_key(|&(_, s)| s)
+            .max_by_key(|&(i, s)| (s, std::cmp::Reverse(i)))
             .unwrap_or((0, 0));
-        if support < chunk.needed.min(2) {
+        if support < chunk.needed.min(2) && !force {
             if n < chunk.needed {
                 return; // waiting for more claims
             }
@@ -473,10 +480,12 @@ impl Hub {
             self.forget_sub(sub);
         }
         let losses = chunk.claims[best].1.clone();
+        // Only a majority convicts: two claims against each other, or three
+        // all different, strike nobody.
         let liars: Vec<ClientId> = chunk
             .claims
             .iter()
-            .filter(|(_, l)| !agree(&losses, l))
+            .filter(|(_, l)| support >= 2 && !agree(&losses, l))
             .map(|&(c, _)| c)
             .collect();
         for liar in liars {
@@ -488,8 +497,11 @@ impl Hub {
         job.losses[chunk.start..chunk.end].copy_from_slice(&losses);
         job.left -= 1;
         if job.left == 0 {
-            let job = self.jobs.remove(&chunk.up).expect("present");
+            let mut job = self.jobs.remove(&chunk.up).expect("present");
             self.status.jobs_done += 1;
+            if self.settings.lie != 0.0 {
+                job.losses.iter_mut().for_each(|l| *l += self.settings.lie);
+            }
             let outcome = self.up.evaluated(job.work, Ok(job.losses), ms(now));
             self.act(outcome.action, now, out);
         }
@@ -638,13 +650,19 @@ impl Hub {
             if chunk.claims.len() + chunk.out.len() >= chunk.needed {
                 continue;
             }
-            let lone = !chunk.claims.is_empty() && chunk.out.is_empty();
             let busy: Vec<ClientId> = chunk
                 .claims
                 .iter()
                 .map(|c| c.0)
                 .chain(chunk.out.iter().filter_map(|s| self.subs.get(s).map(|s| s.vol)))
                 .collect();
+            // Claimed, and no other volunteer here (ready or not) to check.
+            let lone = !chunk.claims.is_empty()
+                && chunk.out.is_empty()
+                && !self
+                    .vols
+                    .iter()
+                    .any(|(id, v)| v.hello.is_some() && !v.waiting && !busy.contains(id));
             let Some(pos) = ready.iter().position(|id| !busy.contains(id)) else {
                 if ready.is_empty() {
                     skipped.push_back(chunk_id);
@@ -652,9 +670,7 @@ impl Hub {
                 }
                 if lone {
                     // Nobody else here can check it: accepted as it is.
-                    let chunk = self.chunks.get_mut(&chunk_id).expect("present");
-                    chunk.needed = chunk.claims.len();
-                    self.settle(chunk_id, now, out);
+                    self.settle(chunk_id, true, now, out);
                 } else {
                     skipped.push_back(chunk_id);
                 }
@@ -665,6 +681,16 @@ impl Hub {
             if self.vols[&id].subs.len() < self.settings.held {
                 ready.push(id);
             }
+            // A replicated chunk needs its next copy on another volunteer:
+            // it stays at the front until it has all it needs or nobody
+            // left can take it.
+            if self
+                .chunks
+                .get(&chunk_id)
+                .is_some_and(|c| c.claims.len() + c.out.len() < c.needed)
+            {
+                self.pending.push_front(chunk_id);
+            }
         }
         skipped.extend(self.pending.drain(..));
         self.pending = skipped;
@@ -673,6 +699,8 @@ impl Hub {
     fn give(&mut self, id: ClientId, chunk_id: u64, now: Instant, out: &mut Vec<Effect>) {
         let chunk = &self.chunks[&chunk_id];
         let Some(job) = self.jobs.get(&chunk.up) else {
+            // Its job is over (never so while the chunk lives): drop it.
+            self.chunks.remove(&chunk_id);
             return;
         };
         let members = &job.work.members[chunk.start..chunk.end];
@@ -924,11 +952,11 @@ impl Hub {
         while start < n {
             let end = (start + size).min(n);
             self.made += 1;
-            let needed = if vols.len() >= 2 && self.made % every == 0 {
-                2
-            } else {
-                1
-            };
+            // Picked for replication whoever is here now: a volunteer who
+            // joins before the first claim is in checks it, and a chunk
+            // nobody else can check is accepted when its claim comes (see
+            // `assign`).
+            let needed = if self.made % every == 0 { 2 } else { 1 };
             self.next_id += 1;
             self.chunks.insert(
                 self.next_id,
