@@ -140,14 +140,14 @@ async fn hostile_frames_to_a_relay_drop_only_their_sender() {
     let mut c = RawClient::join(&url).await;
     let (step, job, members) = c.next_job().await.unwrap();
     let losses = vec![f32::NAN; members.len()];
-    c.send(&ClientMsg::Losses { step, job, losses }).await;
+    c.answer(step, job, losses).await;
     reasons.push(("NaN loss", c.expect_rejection().await, "NaN or infinite"));
 
     // More losses than the chunk has members.
     let mut c = RawClient::join(&url).await;
     let (step, job, members) = c.next_job().await.unwrap();
     let losses = vec![1.0; members.len() + 1];
-    c.send(&ClientMsg::Losses { step, job, losses }).await;
+    c.answer(step, job, losses).await;
     reasons.push(("too many losses", c.expect_rejection().await, "losses"));
 
     // An oversized frame.
@@ -244,7 +244,7 @@ async fn a_liar_behind_a_relay_is_outvoted_and_banned() {
                         let _ = wait.await;
                     }
                     let losses = members.iter().map(|&m| (m % 7) as f32).collect();
-                    liar.send(&ClientMsg::Losses { step, job, losses }).await;
+                    liar.answer(step, job, losses).await;
                 }
                 Ok(ServerMsg::Reject { reason, retry }) => return (reason, retry),
                 Ok(_) => {}
@@ -382,7 +382,7 @@ async fn faults_behind_a_relay_end_at_the_clean_hash() {
     doomed.kill();
     // Answer long after the deadline: dropped as stale, not counted.
     let losses = vec![0.0; members.len()];
-    late.send(&ClientMsg::Losses { step, job, losses }).await;
+    late.answer(step, job, losses).await;
     let hash = wait_relayed_end(&server, &[&relay], 2, "the faulty run to finish").await;
     assert_eq!(hash, want, "faults behind the relay changed the weights");
     let r = wait_relay(&relay, LONG, "the relay's figures", |r| r.reissued >= 2).await;
