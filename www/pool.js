@@ -29,19 +29,25 @@ function localWsUrl() {
 }
 
 /**
- * Where a new worker connects: one of the run's relays, picked at random,
- * when the coordinator lists relays with a public URL (`/api/relays`,
- * `seedling serve --nats`); otherwise the server that served the page
- * (a one-process server, or a relay serving the page itself).
+ * Where a new worker connects, as WebSocket URLs separated by spaces: the
+ * run's relays in a random order, when the coordinator lists relays with
+ * a public URL (`/api/relays`, `seedling serve --nats`); otherwise the
+ * server that served the page (a one-process server, or a relay serving
+ * the page itself). The worker joins the first and moves to the next
+ * each time its connection ends, so a tab whose relay goes away goes on
+ * through another.
  */
-async function wsUrl() {
+async function wsUrls() {
   try {
     const res = await fetch('/api/relays');
     if (res.ok) {
       const urls = Object.values(await res.json()).map((r) => r.url).filter((u) => /^https?:\/\//.test(u));
       if (urls.length > 0) {
-        const url = urls[Math.floor(Math.random() * urls.length)].replace(/\/+$/, '');
-        return `${url.replace(/^http/, 'ws')}/ws`;
+        for (let i = urls.length - 1; i > 0; i--) {
+          const j = Math.floor(Math.random() * (i + 1));
+          [urls[i], urls[j]] = [urls[j], urls[i]];
+        }
+        return urls.map((u) => `${u.replace(/\/+$/, '').replace(/^http/, 'ws')}/ws`).join(' ');
       }
     }
   } catch {
@@ -188,7 +194,7 @@ export class Pool {
       slot.identity = identity;
       worker.postMessage({
         type: 'start',
-        url: await wsUrl(),
+        url: await wsUrls(),
         sampleEvery: index === 0 ? SAMPLE_EVERY_STEPS : 0,
         token: identity.token,
         name: this.#on.name(),

@@ -22,7 +22,10 @@
 //
 // Page -> worker:
 //   {type: 'start', url, sampleEvery, share, token, name}
-//                                        join the run at the WebSocket `url`,
+//                                        join the run at the WebSocket `url`
+//                                        (or the first of several separated
+//                                        by spaces, moving to the next each
+//                                        time a connection ends),
 //                                        computing `share` (0-1] of the time,
 //                                        as the contributor of `token` (from
 //                                        an earlier 'identity' notice; null

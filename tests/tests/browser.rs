@@ -28,6 +28,11 @@
 //!   with `?share=25&workers=1&autostart=1` starts by itself, its worker is
 //!   busy about a quarter of the time, and the tab pauses (its worker
 //!   leaves the run) while hidden and resumes by itself when shown.
+//! - `a_tab_moves_to_another_relay_when_its_relay_goes_away`: scaled out
+//!   (NATS, the coordinator, two relays with a native worker each), the
+//!   page served by the coordinator joins a relay it found in
+//!   `/api/relays`; that relay is killed, and the tab goes on training
+//!   through the other one.
 //!
 //! Prerequisites are never skipped: without `www/pkg` (built by
 //! `cargo xtask test`'s `wasm-pack-build` step), Chromium or chromedriver the
@@ -733,5 +738,94 @@ async fn the_page_keeps_its_cpu_share_and_pauses_while_hidden() {
         wait_for(&server, WAIT, "the tab to leave", |s| s.volunteers.browser == 0).await;
     })
     .await;
+    server.shutdown().await.unwrap();
+}
+
+/// Scaled out, the page joins one of the run's relays (from `/api/relays`)
+/// and, when that relay goes away, moves to another and trains on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_moves_to_another_relay_when_its_relay_goes_away() {
+    use seedling_tests::nats::*;
+    let www = prerequisites();
+    let nats = NatsServer::start();
+    let mut opts = with_nats(tiny_options(test_settings(1_000_000)), &nats, "tab");
+    opts.www = Some(www);
+    let server = start(opts).await;
+    // Relays whose public URLs the coordinator lists for the page.
+    let mut relays = Vec::new();
+    for id in ["r1", "r2"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hub = seedling_server::relay::hub::HubSettings {
+            public_url: format!("http://{}", listener.local_addr().unwrap()),
+            ..test_hub()
+        };
+        let opts = seedling_server::relay::RelayOptions {
+            nats: nats_options(&nats, "tab"),
+            id: id.into(),
+            www: None,
+            limits: Default::default(),
+            hub,
+        };
+        relays.push(Some(seedling_server::relay::start(listener, opts).await.unwrap()));
+    }
+    // A relay joins the coordinator (and is listed) once it has a
+    // volunteer: a native worker on each.
+    let mut natives: Vec<_> = relays
+        .iter()
+        .map(|r| Some(spawn_worker(&relay_url(r.as_ref().unwrap()), 1)))
+        .collect();
+    let start = Instant::now();
+    loop {
+        let (_, body) = http_get(server.addr, "/api/relays").await;
+        if body.matches("http://").count() == 2 {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "the relays were not listed: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    in_browser(async |page| {
+        open(page, &server).await;
+        contribute(page, 1).await;
+        let start = Instant::now();
+        let first = loop {
+            let on = relays
+                .iter()
+                .position(|r| r.as_ref().is_some_and(|r| r.status().volunteers == 2));
+            if let Some(i) = on {
+                break i;
+            }
+            assert!(start.elapsed() < WAIT, "the tab joined no relay");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let doomed = relays[first].take().unwrap();
+        let other = relays[1 - first].as_ref().unwrap();
+        assert_eq!(other.status().volunteers, 1, "one tab, one relay");
+        // The tab evaluates through its relay.
+        wait_relay(&doomed, WAIT, "the tab's first jobs", |s| s.jobs_done > 0).await;
+        doomed.kill();
+        natives[first].take().unwrap().kill();
+        let moved = wait_relay(other, WAIT, "the tab on the other relay", |s| s.volunteers == 2).await;
+        // ...and the run goes on with it, its replica on the server's weights.
+        let at = server.status().step;
+        let s = wait_for(&server, WAIT, "steps after the move", |s| s.step > at + 5).await;
+        assert_eq!(s.divergences, 0);
+        assert_eq!(moved.divergences, 0);
+        page_wait(
+            page,
+            "the tab to report a step past the move",
+            "window.seedling.hashes",
+            |v| v[0]["step"].as_u64().is_some_and(|step| step > at),
+        )
+        .await;
+        let button = page.find(Locator::Id("contribute")).await.unwrap();
+        button.click().await.unwrap();
+    })
+    .await;
+    for w in natives.into_iter().flatten() {
+        w.stop().await;
+    }
+    for r in relays.into_iter().flatten() {
+        r.kill();
+    }
     server.shutdown().await.unwrap();
 }

@@ -91,11 +91,12 @@ impl Volunteer {
 
     /// Connects to `url` (e.g. `ws://host/ws`) and runs the volunteer job
     /// loop until [`Volunteer::stop`], reconnecting with backoff whenever the
-    /// server goes away. Progress goes to `on_event` as plain objects; a
+    /// server goes away. `url` may list several URLs separated by spaces
+    /// (a run's relays): each reconnection moves to the next. Progress goes to `on_event` as plain objects; a
     /// text sample is generated every `sample_every` steps (0 = never), and
     /// at most every two seconds.
     pub fn start(&self, url: String, on_event: js_sys::Function, sample_every: u32) {
-        net::start(&self.state, url, on_event, sample_every as u64);
+        net::start(&self.state, &url, on_event, sample_every as u64);
     }
 
     /// Says goodbye, closes the connection and stops reconnecting.

@@ -180,8 +180,12 @@ impl Drop for Socket {
 
 /// The loop's state while started.
 struct Loop {
-    /// The server's WebSocket URL.
-    url: String,
+    /// The WebSocket URLs to join (a run's relays, or the one server).
+    urls: Vec<String>,
+    /// The one the current or next connection uses; it moves to the next
+    /// each time a connection ends, so a volunteer whose relay went away
+    /// goes on through another.
+    at: usize,
     /// Post a text sample every this many steps (0 = never): only one worker
     /// of a tab needs to, and the text should not flicker every step.
     sample_every: u64,
@@ -340,6 +344,7 @@ fn perform(state: &Rc<RefCell<State>>, s: &mut State, mut outcome: Outcome, noti
             }
             Action::Reconnect { after_ms } => {
                 let Some(l) = s.looping.as_mut() else { return };
+                l.at = (l.at + 1) % l.urls.len();
                 let generation = l.generation;
                 let weak = Rc::downgrade(state);
                 let retry = Closure::once_into_js(move || {
@@ -359,7 +364,13 @@ fn perform(state: &Rc<RefCell<State>>, s: &mut State, mut outcome: Outcome, noti
 }
 
 /// Starts the loop: connects now and keeps reconnecting until stopped.
-pub fn start(state: &Rc<RefCell<State>>, url: String, on_event: Function, sample_every: u64) {
+/// `urls` holds one WebSocket URL or several separated by whitespace.
+pub fn start(state: &Rc<RefCell<State>>, urls: &str, on_event: Function, sample_every: u64) {
+    let mut urls: Vec<String> = urls.split_whitespace().map(String::from).collect();
+    if urls.is_empty() {
+        // `WebSocket::new` says what is wrong with it.
+        urls.push(String::new());
+    }
     {
         let mut s = state.borrow_mut();
         s.halt();
@@ -369,7 +380,8 @@ pub fn start(state: &Rc<RefCell<State>>, url: String, on_event: Function, sample
         }
         s.on_event = Some(on_event);
         s.looping = Some(Loop {
-            url,
+            urls,
+            at: 0,
             sample_every,
             socket: None,
             generation: 0,
@@ -415,13 +427,14 @@ fn connect(state: &Rc<RefCell<State>>) {
     l.socket = None;
     l.generation += 1;
     let generation = l.generation;
-    let ws = match WebSocket::new(&l.url) {
+    let url = l.urls[l.at].clone();
+    let ws = match WebSocket::new(&url) {
         Ok(ws) => ws,
         Err(e) => {
             // A malformed URL never gets better: stop rather than retry.
             let message = format!(
                 "cannot open a WebSocket to {}: {}",
-                l.url,
+                url,
                 e.as_string().unwrap_or_else(|| format!("{e:?}"))
             );
             s.halt();
