@@ -407,3 +407,27 @@ pub async fn http_request(
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     (head.to_string(), body.to_string())
 }
+
+/// The training suite's faults, on a run at `url` (the server's `/ws` or a
+/// relay's) that `server` coordinates: a client killed mid-job (no close
+/// frame), one that never answers, one that answers long past its
+/// deadline, and a worker killed mid-run, among two honest workers. The
+/// faulty clients join first, so they hold the first jobs. Returns the
+/// silent client (dropping it closes its connection) and the honest
+/// workers, for the caller to stop once it has checked the run.
+pub async fn inject_faults(server: &Server, url: &str) -> (RawClient, [WorkerHandle; 2]) {
+    let mut vanisher = RawClient::join(url).await;
+    let mut sleeper = RawClient::join(url).await;
+    let mut late = RawClient::join(url).await;
+    let _ = vanisher.next_job().await.expect("a job for the vanisher");
+    vanisher.vanish();
+    let _ = sleeper.next_job().await.expect("a job for the sleeper");
+    let (step, job, members) = late.next_job().await.expect("a job for the late client");
+    let workers = [spawn_worker(url, 1), spawn_worker(url, 1)];
+    let doomed = spawn_worker(url, 1);
+    wait_for(server, Duration::from_secs(120), "step 3", |s| s.step >= 3).await;
+    doomed.kill();
+    // Long after the deadline: dropped as stale, not counted.
+    late.answer(step, job, vec![0.0; members.len()]).await;
+    (sleeper, workers)
+}

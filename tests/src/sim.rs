@@ -25,7 +25,7 @@ use futures_util::{SinkExt, StreamExt};
 use seedling_core::protocol::{self, ClientMsg, ServerMsg};
 use seedling_core::{Replica, RunConfig};
 use seedling_server::app::Server;
-use seedling_server::coordinator::Settings;
+use seedling_server::coordinator::{Settings, Status};
 use seedling_server::timing::Quantiles;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -344,6 +344,22 @@ pub async fn uplink_meter(upstream: std::net::SocketAddr) -> (std::net::SocketAd
 
 /// The coordinator's overhead, (CPU, wall) ms, for every step closed while
 /// polling, until `until`, by step (the status carries the last closed
+/// The steady state of a run everyone has joined: waits out two full steps
+/// (those begun before the last joins are not representative), then
+/// collects the coordinator's per-step overheads for `secs`. Returns the
+/// status before and after, the overheads, and the seconds measured.
+async fn steady_steps(server: &Server, secs: u64) -> (Status, BTreeMap<u64, (f64, f64)>, Status, f64) {
+    let k = server.status().step;
+    crate::wait_for(server, Duration::from_secs(120), "two full steps", |s| {
+        s.step >= k + 2
+    })
+    .await;
+    let first = server.status();
+    let started = Instant::now();
+    let overheads = collect_overheads(server, started + Duration::from_secs(secs)).await;
+    (first, overheads, server.status(), started.elapsed().as_secs_f64())
+}
+
 /// step's figure).
 pub async fn collect_overheads(server: &Server, until: Instant) -> BTreeMap<u64, (f64, f64)> {
     let mut out = BTreeMap::new();
@@ -423,17 +439,7 @@ pub async fn coordinator_bench(clients: usize, secs: u64) -> String {
         s.volunteers.total == clients
     })
     .await;
-    // Steps that began before everyone joined are not the steady state.
-    let k = server.status().step;
-    crate::wait_for(&server, Duration::from_secs(120), "two full steps", |s| {
-        s.step >= k + 2
-    })
-    .await;
-    let first = server.status();
-    let started = Instant::now();
-    let overheads = collect_overheads(&server, started + Duration::from_secs(secs)).await;
-    let s = server.status();
-    let elapsed = started.elapsed().as_secs_f64();
+    let (first, overheads, s, elapsed) = steady_steps(&server, secs).await;
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
     server.shutdown().await.unwrap();
@@ -737,17 +743,7 @@ pub async fn relay_bench(volunteers: usize, relays: usize, secs: u64, rw256: boo
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let join_s = start.elapsed().as_secs_f64();
-    // Steps that began before everyone joined are not the steady state.
-    let k = server.status().step;
-    crate::wait_for(&server, Duration::from_secs(120), "two full steps", |s| {
-        s.step >= k + 2
-    })
-    .await;
-    let first = server.status();
-    let started = Instant::now();
-    let overheads = collect_overheads(&server, started + Duration::from_secs(secs)).await;
-    let s = server.status();
-    let elapsed = started.elapsed().as_secs_f64();
+    let (first, overheads, s, elapsed) = steady_steps(&server, secs).await;
     // Memory after the measured steps: every connection has carried jobs
     // and updates by now.
     let rss: Vec<(u64, u64)> = procs

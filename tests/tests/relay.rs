@@ -367,22 +367,7 @@ async fn faults_behind_a_relay_end_at_the_clean_hash() {
     let server = start(with_nats(options(steps), &nats, "t7")).await;
     let relay = start_relay(&nats, "t7", "r1", test_hub()).await;
     let url = relay_url(&relay);
-    // Hostile timing first, so the faulty volunteers grab the first chunks.
-    let mut vanisher = RawClient::join(&url).await;
-    let mut sleeper = RawClient::join(&url).await;
-    let mut late = RawClient::join(&url).await;
-    let _ = vanisher.next_job().await.expect("a chunk for the vanisher");
-    vanisher.vanish(); // killed mid-job, no close frame
-    let _ = sleeper.next_job().await.expect("a chunk for the sleeper"); // never answers
-    let (step, job, members) = late.next_job().await.expect("a chunk for the late client");
-    let workers = [spawn_worker(&url, 1), spawn_worker(&url, 1)];
-    // A worker killed mid-run; its chunks are reissued.
-    let doomed = spawn_worker(&url, 1);
-    wait_for(&server, LONG, "step 3", |s| s.step >= 3).await;
-    doomed.kill();
-    // Answer long after the deadline: dropped as stale, not counted.
-    let losses = vec![0.0; members.len()];
-    late.answer(step, job, losses).await;
+    let (sleeper, workers) = inject_faults(&server, &url).await;
     let hash = wait_relayed_end(&server, &[&relay], 2, "the faulty run to finish").await;
     assert_eq!(hash, want, "faults behind the relay changed the weights");
     let r = wait_relay(&relay, LONG, "the relay's figures", |r| r.reissued >= 2).await;

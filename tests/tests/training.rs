@@ -121,22 +121,7 @@ async fn faults_end_at_the_clean_hash(lag: u32) {
     opts.settings.job_timeout_min = Duration::from_millis(300);
     let server = start(opts).await;
     let url = ws_url(&server);
-    // Hostile timing first, so the faulty clients grab the first jobs.
-    let mut vanisher = RawClient::join(&url).await;
-    let mut sleeper = RawClient::join(&url).await;
-    let mut late = RawClient::join(&url).await;
-    let _ = vanisher.next_job().await.expect("a job for the vanisher");
-    vanisher.vanish(); // killed mid-job, no close frame
-    let _ = sleeper.next_job().await.expect("a job for the sleeper"); // never answers
-    let (step, job, members) = late.next_job().await.expect("a job for the late client");
-    let workers = [spawn_worker(&url, 1), spawn_worker(&url, 1)];
-    // A worker killed mid-run; its jobs are reissued.
-    let doomed = spawn_worker(&url, 1);
-    wait_for(&server, LONG, "step 3", |s| s.step >= 3).await;
-    doomed.kill();
-    // Answer long after the deadline: dropped as stale, not counted.
-    let losses = vec![0.0; members.len()];
-    late.answer(step, job, losses).await;
+    let (sleeper, workers) = inject_faults(&server, &url).await;
     let s = wait_for(&server, LONG, "the faulty run to finish", |s| s.finished).await;
     assert_eq!(s.hash, clean, "faults changed the final weights");
     assert!(
