@@ -358,6 +358,15 @@ where
             }
             Action::Close | Action::Reconnect { .. } | Action::Stop { .. } => return Ok(()),
         }
+        // Below a full CPU share the last job left a rest to take before
+        // the next: take it here, reading what arrives, so the updates
+        // that come meanwhile are applied before a floating job starts.
+        if !jobs.is_empty() {
+            let owed = crate::duty::CPU_SHARE.owed(0);
+            if !owed.is_zero() {
+                reading(tokio::time::sleep(owed), stream, &mut inbox).await?;
+            }
+        }
         let floating = jobs.front().is_some_and(|w| w.floating);
         if floating && inbox.frames.is_empty() && !inbox.ended {
             read_ready(stream, &mut inbox)?;
@@ -448,7 +457,7 @@ async fn evaluate<E>(
 where
     E: std::error::Error + Send + Sync + 'static,
 {
-    let mut task = tokio::task::spawn_blocking(move || {
+    let task = tokio::task::spawn_blocking(move || {
         let losses = evaluate_step_parallel(
             &work.replica,
             work.step,
@@ -459,14 +468,29 @@ where
         );
         (work, losses)
     });
+    Ok(reading(task, stream, inbox).await??)
+}
+
+/// Awaits `task` while reading the socket: frames that arrive meanwhile
+/// queue in `inbox` (up to [`MAX_INBOX`]), and the WebSocket library
+/// answers pings at once.
+async fn reading<T, E>(
+    task: impl Future<Output = T>,
+    stream: &mut (impl Stream<Item = Result<Message, E>> + Unpin),
+    inbox: &mut Inbox,
+) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    tokio::pin!(task);
     loop {
         tokio::select! {
-            done = &mut task => return Ok(done?),
+            done = &mut task => return Ok(done),
             frame = stream.next(), if !inbox.ended => match frame {
                 None | Some(Ok(Message::Close(_))) => inbox.ended = true,
                 Some(Ok(Message::Binary(b))) => {
                     if inbox.frames.len() >= MAX_INBOX {
-                        anyhow::bail!("the server queued over {MAX_INBOX} frames during one job");
+                        anyhow::bail!("the server queued over {MAX_INBOX} frames while the worker was busy");
                     }
                     inbox.frames.push_back(b);
                 }

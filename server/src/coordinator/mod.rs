@@ -384,7 +384,7 @@ impl Coordinator {
         for job_id in c.jobs {
             if let Some(job) = self.sched.jobs.remove(job_id) {
                 self.counters.reissued += 1;
-                self.give_back(job.step, job.members);
+                self.give_back(job.step, id, job.members);
             }
         }
         if c.hello.is_some() {

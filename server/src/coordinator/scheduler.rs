@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use rand_core::Rng;
 use smallvec::SmallVec;
 
 use super::seqmap::SeqMap;
@@ -117,7 +118,7 @@ impl Coordinator {
                     self.open[i].missed.entry(m).or_default().push(job.client);
                 }
             }
-            self.give_back(job.step, job.members);
+            self.give_back(job.step, job.client, job.members);
         }
         self.maybe_close(now, out);
     }
@@ -175,6 +176,14 @@ impl Coordinator {
                 continue;
             }
             let size = self.job_size(c);
+            // The share of this client's fresh members replicated: the
+            // fewer of its results were confirmed, the more (BOINC's
+            // adaptive replication); none while nobody else could check.
+            let replicate = if self.ready > 1 {
+                (self.settings.replicate as f64).max(4.0 / (4.0 + c.agreed as f64))
+            } else {
+                0.0
+            };
             // The oldest open step with work this client may take.
             let mut members: SmallVec<[u32; 8]> = SmallVec::with_capacity(size);
             let mut chosen = 0;
@@ -185,9 +194,11 @@ impl Coordinator {
                 }
                 let missed = &o.missed;
                 let books = &o.books;
+                let eager = &o.eager;
                 let eligible = |m: &u32| {
                     missed.get(m).is_none_or(|who| !who.contains(&id))
                         && books.claims(*m).iter().all(|c| c.0 != id)
+                        && eager.get(m).is_none_or(|holders| !holders.contains(&id))
                 };
                 let lagging = missed.values().any(|who| who.contains(&id));
                 // Verifications first (a lagging client checks nobody), then fresh members.
@@ -195,21 +206,43 @@ impl Coordinator {
                     members.extend(o.verify.iter().filter(eligible).take(size));
                 }
                 let verified = members.len();
-                members.extend(o.pool.iter().filter(eligible).take(size - verified));
+                let (checks, _) = members.split_at(verified);
+                let checks: SmallVec<[u32; 8]> = SmallVec::from_slice(checks);
+                members.extend(
+                    o.pool
+                        .iter()
+                        // Never both copies of a replicated member.
+                        .filter(|m| eligible(m) && !(eager.contains_key(m) && checks.contains(m)))
+                        .take(size - verified),
+                );
                 for &m in &members[..verified] {
                     o.verify.remove(m);
                 }
+                let mut replicated = false;
                 for &m in &members[verified..] {
                     o.pool.remove(m);
+                    // A fresh member handed out again (its job was given
+                    // back) keeps the replication decided the first time,
+                    // and its other copy goes out with it again.
+                    if o.eager.contains_key(&m) || unit(&mut self.coin) < replicate {
+                        o.eager.entry(m).or_default();
+                        o.verify.insert(m);
+                    }
+                }
+                for &m in members.iter() {
+                    if let Some(holders) = o.eager.get_mut(&m) {
+                        holders.push(id);
+                        replicated = true;
+                    }
                 }
                 if !members.is_empty() {
                     chosen = i;
                     // A job of the whole step, before any result of the step
-                    // fixed its version, floats; so every loss of a step is
-                    // at one version, and a replicated member is checked at
-                    // the version it was first evaluated at.
+                    // fixed its version and with no member replicated (a
+                    // check must be at the version it checks), floats.
                     floating = !self.settings.fixed_lag
                         && !o.bound
+                        && !replicated
                         && verified == 0
                         && members.len() == o.books.population();
                     break;
@@ -364,15 +397,21 @@ impl Coordinator {
 
     /// Puts a job's members back into its step, if still open:
     /// verifications to the verify set, the rest to the pool.
-    pub(super) fn give_back(&mut self, step: u64, members: impl IntoIterator<Item = u32>) {
+    /// `client`, which held the job, no longer holds a copy of its
+    /// replicated members.
+    pub(super) fn give_back(&mut self, step: u64, client: ClientId, members: impl IntoIterator<Item = u32>) {
         let Some(i) = self.open_index(step) else { return };
         let o = &mut self.open[i];
         for m in members {
-            if !o.books.claims(m).is_empty() {
-                o.verify.insert(m);
-            } else {
-                o.pool.insert(m);
+            if let Some(holders) = o.eager.get_mut(&m) {
+                holders.retain(|c| *c != client);
             }
+            o.put_back(m);
         }
     }
+}
+
+/// A uniform draw in `[0, 1)` from the coordinator's coin.
+fn unit(coin: &mut seedling_core::rng::Stream) -> f64 {
+    (coin.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }

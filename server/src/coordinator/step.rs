@@ -19,6 +19,7 @@ use seedling_core::protocol::{self, MAX_SERVER_MESSAGE, ServerMsg};
 use seedling_core::shaping::shape;
 use seedling_core::tokenizer::Token;
 use seedling_core::{Replica, batch};
+use smallvec::SmallVec;
 
 use super::Coordinator;
 use super::ledger::{Ledger, MemberSet};
@@ -51,6 +52,12 @@ pub(super) struct Open {
     pub(super) pool: MemberSet,
     /// Members whose claims need one more evaluation by another client.
     pub(super) verify: MemberSet,
+    /// Members replicated from the start: each is handed out twice at
+    /// once, to two clients, so the check travels while the first copy
+    /// does and a step closes a round trip after its jobs went out, not
+    /// two. By member, the clients holding a live copy now (a client may
+    /// not hold both).
+    pub(super) eager: HashMap<u32, SmallVec<[ClientId; 2]>>,
     /// Clients that let a job with this member expire in this step; the
     /// member is reissued to someone else, so one stuck client cannot
     /// starve a step by taking the same members again and again.
@@ -94,6 +101,7 @@ impl Open {
         self.pool.fill(es.population as usize);
         self.verify.clear();
         self.missed.clear();
+        self.eager.clear();
         self.books.reset(es.population as usize);
     }
 
@@ -106,6 +114,7 @@ impl Open {
             pool: MemberSet::default(),
             verify: MemberSet::default(),
             missed: HashMap::new(),
+            eager: HashMap::new(),
             books: Ledger::default(),
             tokens: Vec::new(),
             token_bytes: Bytes::new(),
@@ -113,6 +122,21 @@ impl Open {
         };
         o.reopen(step, version, replica, train, now);
         o
+    }
+
+    /// A copy of member `m` came back unevaluated, or its claim was void:
+    /// it goes out again, as a check when it has a claim or another copy
+    /// is out, else as a fresh member (whose replication, if it was
+    /// replicated, is armed again when it is handed out).
+    pub(super) fn put_back(&mut self, m: u32) {
+        let out = self.eager.get(&m).is_some_and(|holders| !holders.is_empty());
+        if out || !self.books.claims(m).is_empty() {
+            self.pool.remove(m);
+            self.verify.insert(m);
+        } else {
+            self.verify.remove(m);
+            self.pool.insert(m);
+        }
     }
 
     /// True when nothing is left to hand out.

@@ -920,11 +920,12 @@ fn a_relays_capacity_sizes_its_jobs() {
     assert_eq!(c.job_size(&c.clients[&2]), population, "a whole step");
 }
 
-/// A job of a whole step floats; its result may be at any version from
-/// the job's to the step that the coordinator has made, and that version
-/// becomes the step's: the members replicated from it are checked at it
-/// (pinned), and a check at another version, or a result at a version not
-/// made yet, drops its sender.
+/// A job of a whole step with no member replicated floats; its result may
+/// be at any version from the job's to the step that the coordinator has
+/// made, and that version becomes the step's. A result at a version not
+/// made yet drops its sender. A step with replicated members does not
+/// float: its checks go out with it, at one version, and a check answered
+/// at another version drops its sender.
 #[test]
 fn a_floating_step_binds_at_its_first_result() {
     // Clients that announce their speed take whole steps.
@@ -992,8 +993,9 @@ fn a_floating_step_binds_at_its_first_result() {
     );
     assert_eq!(c.replica.step, 1);
     // A second client joins with nothing to do (client 1 holds both open
-    // steps); client 1 answers step 1 at version 1, which it now holds,
-    // and its claims are checked by the second.
+    // steps); client 1 answers step 1 at version 1, which it now holds.
+    // Nobody else could check its members when they were handed out, so
+    // they count as they are, and the step closes at the bound version.
     join(&mut c, &mut w, 2, t0);
     w.clear();
     let msg = ClientMsg::Losses {
@@ -1004,27 +1006,36 @@ fn a_floating_step_binds_at_its_first_result() {
     };
     c.handle(Input::Message { client: 1, msg }, t0, &mut w);
     assert!(c.clients.contains_key(&1), "version 1 is allowed");
-    let step1 = &c.open[c.open_index(1).expect("open: its claims await a check")];
+    assert_eq!(c.replica.step, 2, "step 1 closed");
+    // With a second client ready, a whole step handed out has members
+    // replicated (neither client has been confirmed yet: all of them), so
+    // it does not float, and the check goes to the other client at once,
+    // pinned to the same version, before any result.
+    let sent: Vec<SentJob> = [1, 2].into_iter().flat_map(|id| jobs_sent(&mut w, id)).collect();
+    // (Step 2 opened when step 0 closed, and went to client 1 alone.)
+    let step3: Vec<&SentJob> = sent.iter().filter(|j| j.step == 3).collect();
+    assert_eq!(step3.len(), 2, "a copy and its check: {sent:?}");
     assert!(
-        step1.bound && step1.version == 1,
-        "bound at the first result's version"
+        step3.iter().all(|j| !j.floating && j.version == step3[0].version),
+        "{step3:?}"
     );
-    let checks: Vec<SentJob> = jobs_sent(&mut w, 2).into_iter().filter(|j| j.step == 1).collect();
-    assert!(!checks.is_empty(), "the claims are checked");
-    assert!(
-        checks.iter().all(|j| !j.floating && j.version == 1),
-        "checked at the version they were made at: {checks:?}"
-    );
+    assert_eq!(step3[0].members, step3[1].members, "every member checked");
     // A check answered at another version drops its sender.
+    let check = step3[1];
+    let owner = [1u64, 2]
+        .into_iter()
+        .find(|id| c.clients[id].jobs.contains(&check.job))
+        .unwrap();
     let msg = ClientMsg::Losses {
-        step: 1,
-        job: checks[0].job,
-        behind: 1,
-        losses: vec![1.0; checks[0].members.len()],
+        step: 3,
+        job: check.job,
+        // Version 1, one before the job's.
+        behind: 2,
+        losses: vec![1.0; check.members.len()],
     };
-    c.handle(Input::Message { client: 2, msg }, t0, &mut w);
+    c.handle(Input::Message { client: owner, msg }, t0, &mut w);
     assert!(
-        !c.clients.contains_key(&2),
+        !c.clients.contains_key(&owner),
         "a pinned job answered at another version"
     );
 }

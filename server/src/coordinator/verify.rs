@@ -2,9 +2,13 @@
 //!
 //! A result is checked against its job (stale ones are dropped and counted,
 //! forged ones get the client rejected), then each of its losses is a claim
-//! on a member. A fraction of claims is replicated: another client evaluates
+//! on a member. A fraction of members is replicated: another client evaluates
 //! the same member, and the two must agree within the tolerance. The fewer
-//! results a client has had confirmed, the more of its claims are checked.
+//! results a client has had confirmed, the more of its members are checked.
+//! Replication is decided when a member is handed out, and both copies go
+//! out at once (see [`super::step::Open::eager`]): over a network a check
+//! decided on the first result's arrival would cost its step a second
+//! round trip.
 //! A disagreement goes to a third client; the minority gets a strike, and
 //! `max_strikes` strikes disconnect the client, ban its session and void
 //! everything it claimed in the open steps. Each open step keeps its own
@@ -13,8 +17,6 @@
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
-
-use rand_core::Rng;
 
 use super::Coordinator;
 use super::types::{ClientId, Outputs};
@@ -107,12 +109,9 @@ impl Coordinator {
             rate
         };
         client.members += losses.len() as u64;
-        // How often this job's fresh members are replicated follows the
-        // trust the client has as its result arrives.
-        let trust = client.agreed;
         self.sync_idle(id);
         for (&m, l) in job.members.iter().zip(losses) {
-            if !self.claim(id, trust, open, m, l, out) {
+            if !self.claim(id, open, m, l, out) {
                 break; // disconnected as a liar; its claims are gone
             }
         }
@@ -120,34 +119,29 @@ impl Coordinator {
     }
 
     /// Records one evaluation of member `m` of open step `open` (its index)
-    /// by a client with `trust` agreements and decides whether the member's
-    /// loss counts, needs another opinion, or exposes a liar. False when that
+    /// by client `id` and decides whether the member's loss counts, waits
+    /// for its other copy, needs another opinion, or exposes a liar. False when that
     /// liar was the claimant and it was disconnected.
-    fn claim(
-        &mut self,
-        id: ClientId,
-        trust: u64,
-        open: usize,
-        m: u32,
-        loss: f32,
-        out: &mut dyn Outputs,
-    ) -> bool {
+    fn claim(&mut self, id: ClientId, open: usize, m: u32, loss: f32, out: &mut dyn Outputs) -> bool {
         let o = &mut self.open[open];
+        if let Some(holders) = o.eager.get_mut(&m) {
+            holders.retain(|c| *c != id);
+        }
         let claims = o.books.claim(m, (id, loss));
         let tol = self.settings.tolerance;
         let agree = |a: f32, b: f32| (a - b).abs() <= tol * a.abs().max(1.0);
         match claims.len() {
-            1 => {
-                let p = (self.settings.replicate as f64).max(4.0 / (4.0 + trust as f64));
-                // The claimant is past its handshake: anyone else ready can verify.
-                let others = self.ready > 1;
-                let u = (self.coin.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-                if others && u < p {
-                    o.verify.insert(m);
-                } else {
-                    o.books.count(m, loss);
+            1 => match o.eager.get_mut(&m) {
+                // Replicated when handed out: its other copy is out or
+                // waiting to go; if a fault lost it (a liar's copies are
+                // taken back), it goes out again.
+                Some(holders) => {
+                    if holders.is_empty() && !o.verify.contains(m) && !o.pool.contains(m) {
+                        o.verify.insert(m);
+                    }
                 }
-            }
+                None => o.books.count(m, loss),
+            },
             2 => {
                 let (a, b) = (claims[0], claims[1]);
                 self.counters.replicated += 1;
@@ -215,12 +209,9 @@ impl Coordinator {
             for m in o.books.claimed_by(id) {
                 o.books.uncount(m);
                 o.verify.remove(m);
-                if o.books.withdraw(m, id) {
-                    // A surviving claim is re-checked by someone else.
-                    o.verify.insert(m);
-                } else {
-                    o.pool.insert(m);
-                }
+                // A surviving claim is re-checked by someone else.
+                o.books.withdraw(m, id);
+                o.put_back(m);
             }
         }
         self.refuse(id, "its results disagreed with other volunteers' too often", out);
