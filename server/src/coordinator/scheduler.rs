@@ -176,11 +176,10 @@ impl Coordinator {
                 continue;
             }
             let size = self.job_size(c);
-            // The share of this client's fresh members replicated: the
-            // fewer of its results were confirmed, the more (BOINC's
-            // adaptive replication); none while nobody else could check.
+            // The share of this client's fresh members replicated; none
+            // while nobody else could check them.
             let replicate = if self.ready > 1 {
-                (self.settings.replicate as f64).max(4.0 / (4.0 + c.agreed as f64))
+                self.replication(c.agreed)
             } else {
                 0.0
             };
@@ -227,6 +226,8 @@ impl Coordinator {
                     if o.eager.contains_key(&m) || unit(&mut self.coin) < replicate {
                         o.eager.entry(m).or_default();
                         o.verify.insert(m);
+                    } else if replicate == 0.0 {
+                        o.unchecked.insert(m);
                     }
                 }
                 for &m in members.iter() {
@@ -325,6 +326,13 @@ impl Coordinator {
         }
     }
 
+    /// The share of the fresh members of a client with `trust` agreements
+    /// that is replicated: the fewer of its results were confirmed, the
+    /// more (BOINC's adaptive replication), never under `replicate`.
+    pub(super) fn replication(&self, trust: u64) -> f64 {
+        (self.settings.replicate as f64).max(4.0 / (4.0 + trust as f64))
+    }
+
     /// Members a client's next job gets: what it evaluates in
     /// [`Settings::job_target`], but never more than one step, nor more
     /// than an even share of the work open (the steps in flight together),
@@ -412,6 +420,6 @@ impl Coordinator {
 }
 
 /// A uniform draw in `[0, 1)` from the coordinator's coin.
-fn unit(coin: &mut seedling_core::rng::Stream) -> f64 {
+pub(super) fn unit(coin: &mut seedling_core::rng::Stream) -> f64 {
     (coin.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }

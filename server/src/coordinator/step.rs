@@ -58,6 +58,10 @@ pub(super) struct Open {
     /// two. By member, the clients holding a live copy now (a client may
     /// not hold both).
     pub(super) eager: HashMap<u32, SmallVec<[ClientId; 2]>>,
+    /// Fresh members handed out while nobody else could check them: their
+    /// replication is decided when their result arrives, so a volunteer
+    /// that was alone when it got them is checked once others have joined.
+    pub(super) unchecked: MemberSet,
     /// Clients that let a job with this member expire in this step; the
     /// member is reissued to someone else, so one stuck client cannot
     /// starve a step by taking the same members again and again.
@@ -102,6 +106,7 @@ impl Open {
         self.verify.clear();
         self.missed.clear();
         self.eager.clear();
+        self.unchecked.clear();
         self.books.reset(es.population as usize);
     }
 
@@ -115,6 +120,7 @@ impl Open {
             verify: MemberSet::default(),
             missed: HashMap::new(),
             eager: HashMap::new(),
+            unchecked: MemberSet::default(),
             books: Ledger::default(),
             tokens: Vec::new(),
             token_bytes: Bytes::new(),

@@ -920,23 +920,26 @@ fn a_relays_capacity_sizes_its_jobs() {
     assert_eq!(c.job_size(&c.clients[&2]), population, "a whole step");
 }
 
-/// A job of a whole step with no member replicated floats; its result may
-/// be at any version from the job's to the step that the coordinator has
-/// made, and that version becomes the step's. A result at a version not
-/// made yet drops its sender. A step with replicated members does not
-/// float: its checks go out with it, at one version, and a check answered
-/// at another version drops its sender.
-#[test]
-fn a_floating_step_binds_at_its_first_result() {
-    // Clients that announce their speed take whole steps.
-    let fast = || ClientMsg::Hello {
+/// A client that announces its speed: it takes whole steps.
+fn fast() -> ClientMsg {
+    ClientMsg::Hello {
         version: PROTOCOL_VERSION,
         kind: ClientKind::Simulated,
         threads: 1,
         speed: 1e6,
         session: None,
         name: String::new(),
-    };
+    }
+}
+
+/// A job of a whole step with no member replicated (here: handed out
+/// while its volunteer was alone) floats; its result may be at any version
+/// from the job's to the step that the coordinator has made, and that
+/// version becomes the step's: members checked once a second volunteer
+/// has joined are checked at it (pinned), and a check at another version,
+/// or a result at a version not made yet, drops its sender.
+#[test]
+fn a_floating_step_binds_at_its_first_result() {
     let join = |c: &mut Coordinator, w: &mut Wires, id, now| {
         connect(c, w, id, now);
         c.handle(
@@ -993,9 +996,8 @@ fn a_floating_step_binds_at_its_first_result() {
     );
     assert_eq!(c.replica.step, 1);
     // A second client joins with nothing to do (client 1 holds both open
-    // steps); client 1 answers step 1 at version 1, which it now holds.
-    // Nobody else could check its members when they were handed out, so
-    // they count as they are, and the step closes at the bound version.
+    // steps); client 1 answers step 1 at version 1, which it now holds,
+    // and its claims are checked by the second.
     join(&mut c, &mut w, 2, t0);
     w.clear();
     let msg = ClientMsg::Losses {
@@ -1006,36 +1008,111 @@ fn a_floating_step_binds_at_its_first_result() {
     };
     c.handle(Input::Message { client: 1, msg }, t0, &mut w);
     assert!(c.clients.contains_key(&1), "version 1 is allowed");
-    assert_eq!(c.replica.step, 2, "step 1 closed");
-    // With a second client ready, a whole step handed out has members
-    // replicated (neither client has been confirmed yet: all of them), so
-    // it does not float, and the check goes to the other client at once,
-    // pinned to the same version, before any result.
-    let sent: Vec<SentJob> = [1, 2].into_iter().flat_map(|id| jobs_sent(&mut w, id)).collect();
-    // (Step 2 opened when step 0 closed, and went to client 1 alone.)
-    let step3: Vec<&SentJob> = sent.iter().filter(|j| j.step == 3).collect();
-    assert_eq!(step3.len(), 2, "a copy and its check: {sent:?}");
+    let step1 = &c.open[c.open_index(1).expect("open: its claims await a check")];
     assert!(
-        step3.iter().all(|j| !j.floating && j.version == step3[0].version),
-        "{step3:?}"
+        step1.bound && step1.version == 1,
+        "bound at the first result's version"
     );
-    assert_eq!(step3[0].members, step3[1].members, "every member checked");
-    // A check answered at another version drops its sender.
-    let check = step3[1];
-    let owner = [1u64, 2]
-        .into_iter()
-        .find(|id| c.clients[id].jobs.contains(&check.job))
-        .unwrap();
-    let msg = ClientMsg::Losses {
-        step: 3,
-        job: check.job,
-        // Version 1, one before the job's.
-        behind: 2,
-        losses: vec![1.0; check.members.len()],
-    };
-    c.handle(Input::Message { client: owner, msg }, t0, &mut w);
+    let checks: Vec<SentJob> = jobs_sent(&mut w, 2).into_iter().filter(|j| j.step == 1).collect();
+    assert!(!checks.is_empty(), "the claims are checked");
     assert!(
-        !c.clients.contains_key(&owner),
+        checks.iter().all(|j| !j.floating && j.version == 1),
+        "checked at the version they were made at: {checks:?}"
+    );
+    // A check answered at another version drops its sender.
+    let msg = ClientMsg::Losses {
+        step: 1,
+        job: checks[0].job,
+        behind: 1,
+        losses: vec![1.0; checks[0].members.len()],
+    };
+    c.handle(Input::Message { client: 2, msg }, t0, &mut w);
+    assert!(
+        !c.clients.contains_key(&2),
         "a pinned job answered at another version"
     );
+}
+
+/// With a second volunteer ready, a whole step handed out has members
+/// replicated, so it does not float, and their checks go to the other
+/// volunteer at once, at the same version, before any result: over a
+/// network the step then waits one round trip, not two.
+#[test]
+fn replicated_members_go_out_with_their_step() {
+    let mut c = lagged_coordinator(1, false);
+    let mut w = Wires::default();
+    let t0 = Instant::now();
+    for id in [1, 2] {
+        connect(&mut c, &mut w, id, t0);
+        let hello = Input::Message {
+            client: id,
+            msg: fast(),
+        };
+        c.handle(hello, t0, &mut w);
+    }
+    // Client 1 got step 0 alone (its hello came first): its members are
+    // checked by client 2 once it answers. Answer step 0 in full.
+    let mut sent: Vec<(ClientId, SentJob)> = Vec::new();
+    while c.replica.step == 0 {
+        sent.extend(
+            [1, 2]
+                .into_iter()
+                .flat_map(|id| jobs_sent(&mut w, id).into_iter().map(move |j| (id, j))),
+        );
+        let (id, j) = sent.remove(
+            sent.iter()
+                .position(|(_, j)| j.step == 0)
+                .expect("step 0 has a job out"),
+        );
+        let losses = j.members.iter().map(|&m| m as f32).collect();
+        c.handle(
+            Input::Message {
+                client: id,
+                msg: reply(&c, 0, j.job, losses),
+            },
+            t0,
+            &mut w,
+        );
+    }
+    sent.extend(
+        [1, 2]
+            .into_iter()
+            .flat_map(|id| jobs_sent(&mut w, id).into_iter().map(move |j| (id, j))),
+    );
+    let step1: Vec<&(ClientId, SentJob)> = sent.iter().filter(|(_, j)| j.step == 1).collect();
+    assert_eq!(step1.len(), 2, "a copy and its check: {sent:?}");
+    assert_ne!(step1[0].0, step1[1].0, "on two volunteers");
+    assert!(
+        step1
+            .iter()
+            .all(|(_, j)| !j.floating && j.version == step1[0].1.version),
+        "{step1:?}"
+    );
+    // Each has been confirmed a few times by now: some of its members are
+    // checked, not all.
+    let (whole, check) = if step1[0].1.members.len() == 8 {
+        (&step1[0].1, &step1[1].1)
+    } else {
+        (&step1[1].1, &step1[0].1)
+    };
+    assert_eq!(whole.members.len(), 8, "one copy of the whole step: {step1:?}");
+    assert!(
+        !check.members.is_empty() && check.members.iter().all(|m| whole.members.contains(m)),
+        "{step1:?}"
+    );
+    // Both answer alike: the step closes on the two results.
+    for (id, j) in step1 {
+        assert_eq!(c.replica.step, 1);
+        let losses = j.members.iter().map(|&m| m as f32).collect();
+        c.handle(
+            Input::Message {
+                client: *id,
+                msg: reply(&c, 1, j.job, losses),
+            },
+            t0,
+            &mut w,
+        );
+    }
+    assert_eq!(c.replica.step, 2, "closed without another round trip");
+    assert!(c.clients.values().all(|cl| cl.agreed > 0), "both confirmed");
 }

@@ -109,9 +109,10 @@ impl Coordinator {
             rate
         };
         client.members += losses.len() as u64;
+        let trust = client.agreed;
         self.sync_idle(id);
         for (&m, l) in job.members.iter().zip(losses) {
-            if !self.claim(id, open, m, l, out) {
+            if !self.claim(id, trust, open, m, l, out) {
                 break; // disconnected as a liar; its claims are gone
             }
         }
@@ -119,10 +120,18 @@ impl Coordinator {
     }
 
     /// Records one evaluation of member `m` of open step `open` (its index)
-    /// by client `id` and decides whether the member's loss counts, waits
+    /// by client `id` (with `trust` agreements) and decides whether the member's loss counts, waits
     /// for its other copy, needs another opinion, or exposes a liar. False when that
     /// liar was the claimant and it was disconnected.
-    fn claim(&mut self, id: ClientId, open: usize, m: u32, loss: f32, out: &mut dyn Outputs) -> bool {
+    fn claim(
+        &mut self,
+        id: ClientId,
+        trust: u64,
+        open: usize,
+        m: u32,
+        loss: f32,
+        out: &mut dyn Outputs,
+    ) -> bool {
         let o = &mut self.open[open];
         if let Some(holders) = o.eager.get_mut(&m) {
             holders.retain(|c| *c != id);
@@ -138,6 +147,17 @@ impl Coordinator {
                 Some(holders) => {
                     if holders.is_empty() && !o.verify.contains(m) && !o.pool.contains(m) {
                         o.verify.insert(m);
+                    }
+                }
+                // Handed out while its claimant was alone: checked now if
+                // someone else is here.
+                None if o.unchecked.contains(m) && self.ready > 1 => {
+                    let p = self.replication(trust);
+                    let o = &mut self.open[open];
+                    if super::scheduler::unit(&mut self.coin) < p {
+                        o.verify.insert(m);
+                    } else {
+                        o.books.count(m, loss);
                     }
                 }
                 None => o.books.count(m, loss),
