@@ -309,6 +309,29 @@ mod tests {
         assert!((240..=300).contains(&slept), "{slept} rests");
     }
 
+    /// A chunk's rest is owed after it returns, and taken before the next
+    /// chunk: the result leaves the moment it is computed.
+    #[test]
+    fn a_chunk_returns_at_once_and_its_rest_comes_before_the_next() {
+        let throttle = Throttle::new();
+        throttle.set_percent(25);
+        let burn = |d: Duration| {
+            let start = thread_time();
+            while thread_time().saturating_sub(start) < d {
+                std::hint::black_box(0u64);
+            }
+        };
+        // 150 ms of work at 25 %, with a window's 25 ms saved: a debt of
+        // 87.5 ms, repaid by 350 ms of rest.
+        throttle.paced(0, || burn(Duration::from_millis(150)));
+        let owed = throttle.owed(0);
+        assert!(owed > Duration::from_millis(200), "the rest is still ahead: {owed:?}");
+        let before = Instant::now();
+        throttle.paced(0, || {});
+        assert!(before.elapsed() >= owed - Duration::from_millis(1), "rested first");
+        assert!(throttle.owed(0).is_zero(), "an empty chunk leaves no debt");
+    }
+
     #[test]
     fn a_full_share_never_rests() {
         let t0 = Instant::now();
