@@ -310,6 +310,26 @@ fn admin(port: u16, path: &str) {
     assert!(raw.split_whitespace().nth(1) == Some("200"), "{path}: {raw}");
 }
 
+/// The status of a paused run once its last steps closed: every client
+/// reports its step and hash, and still does half a second later.
+fn settled(port: u16) -> serde_json::Value {
+    let agree = |s: &serde_json::Value| {
+        s["paused"] == true
+            && s["client_hashes"].as_object().is_some_and(|c| {
+                !c.is_empty()
+                    && c.values()
+                        .all(|c| c["step"] == s["step"] && c["hash"] == s["hash"])
+            })
+    };
+    loop {
+        let s = wait_status(port, "the paused run to settle", POLL, agree);
+        std::thread::sleep(Duration::from_millis(500));
+        if common::status(port).is_some_and(|t| agree(&t) && t["step"] == s["step"]) {
+            return s;
+        }
+    }
+}
+
 /// Polls a relay's volunteers' reports (`/api/relay/clients`) until
 /// `volunteers` of them report `step` and `hash` (at most 120 s).
 fn wait_relay_clients(port: u16, volunteers: usize, step: u64, hash: &str) {
@@ -434,15 +454,9 @@ fn sigkill_restart_behind_a_relay_matches_an_uninterrupted_run() {
             s["step"].as_u64().unwrap() >= at
         });
         admin(port, "/admin/pause");
-        // Paused, the steps in flight close and the relay catches up.
-        let s = wait_status(port, "the paused run to settle", POLL, |s| {
-            s["paused"] == true
-                && s["client_hashes"].as_object().is_some_and(|c| {
-                    !c.is_empty()
-                        && c.values()
-                            .all(|c| c["step"] == s["step"] && c["hash"] == s["hash"])
-                })
-        });
+        // Paused, the steps whose members are all out close and the relay
+        // catches up: settled once the replicas agree twice in a row.
+        let s = settled(port);
         let step = s["step"].as_u64().unwrap();
         assert!(step < steps, "the run ended before the fault");
         if step % 5 != 0 {
