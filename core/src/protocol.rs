@@ -66,7 +66,10 @@ pub mod weights;
 /// waited in a volunteer's queue is then evaluated at the weights the
 /// updates that arrived meanwhile brought, not at those of when it was
 /// sent.
-pub const PROTOCOL_VERSION: u32 = 12;
+/// 13: a relay announces itself to the coordinator every second
+/// ([`relay::Up::Presence`]) whether or not it has volunteers, so the
+/// coordinator lists every live relay for the page.
+pub const PROTOCOL_VERSION: u32 = 13;
 
 /// Longest display name, in characters, after [`clean_name`]. A Hello whose
 /// name is longer does not decode: clients clean their names before sending.

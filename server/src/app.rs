@@ -540,10 +540,11 @@ async fn clients_handler(State(state): State<AppState>) -> Response {
     Json(clients).into_response()
 }
 
-/// The relays connected now (`serve --nats`), by relay id: each one's
-/// client id, public URL (`seedling relay --public-url`, empty when it
-/// gave none) and its volunteers' threads. The page picks a relay from
-/// here; empty for a one-process server.
+/// The live relays (`serve --nats`; heard from within `nats::PRESENCE`),
+/// by relay id: each one's client id while it has a connection, public URL
+/// (`seedling relay --public-url`, empty when it gave none) and its
+/// volunteers' threads. The page picks a relay from here; empty for a
+/// one-process server.
 async fn relays_handler(State(state): State<AppState>) -> Response {
     let relays = state.relays.lock().unwrap().clone();
     Json(relays).into_response()

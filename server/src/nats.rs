@@ -15,6 +15,11 @@
 //! the relay's connection number; a message of a connection the bridge does
 //! not know is answered with [`Down::Closed`], so a relay cut off (by a
 //! restart of the NATS server, say) reconnects with a fresh Hello.
+//!
+//! Apart from connections, every relay says [`Up::Presence`] every second
+//! while it lives, with or without volunteers: `/api/relays` lists the
+//! relays heard from within [`PRESENCE`], so a page finds a fresh relay
+//! and stops being sent to a dead one within seconds.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +42,12 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Silence after which a relay (or, seen from a relay, the coordinator)
 /// counts as gone.
 pub const SILENCE: Duration = Duration::from_secs(5);
+
+/// Silence after which a relay is no longer listed at `/api/relays`:
+/// three missed [`Up::Presence`] beats. Shorter than [`SILENCE`], which
+/// reissues the relay's jobs: a page that misses a relay loses nothing, a
+/// page sent to a dead relay loses a reconnection.
+pub const PRESENCE: Duration = Duration::from_secs(3);
 
 /// Frames queued for one relay before the coordinator counts it as too slow
 /// (a relay takes a step's update and a few jobs per step, like one
@@ -174,19 +185,24 @@ pub async fn publish_control<H: Serialize>(client: &async_nats::Client, subject:
     }
 }
 
-/// A relay the coordinator knows, as `/api/relays` lists it.
+/// A live relay, as `/api/relays` lists it.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RelayInfo {
-    /// Its client id on the coordinator.
-    pub client: ClientId,
+    /// Its client id on the coordinator while it has a connection (that
+    /// is, while it has volunteers); none otherwise.
+    pub client: Option<ClientId>,
     /// Where volunteers reach its page (`seedling relay --public-url`),
     /// empty when it announced none.
     pub url: String,
-    /// Its volunteers' threads, summed.
+    /// Its volunteers' threads, summed (0 without a connection).
     pub threads: u32,
+    /// When the relay was last heard from.
+    #[serde(skip)]
+    seen: Option<Instant>,
 }
 
-/// The relays connected now, by relay id (shared with `/api/relays`).
+/// The live relays (heard from within [`PRESENCE`]), by relay id (shared
+/// with `/api/relays`).
 pub type Relays = Arc<Mutex<BTreeMap<String, RelayInfo>>>;
 
 /// One relay connection the bridge knows.
@@ -253,6 +269,10 @@ impl Bridge {
                 }
                 _ = check.tick() => {
                     let now = Instant::now();
+                    self.relays
+                        .lock()
+                        .unwrap()
+                        .retain(|_, r| r.seen.is_some_and(|t| now.duration_since(t) <= PRESENCE));
                     let silent: Vec<String> = self
                         .links
                         .iter()
@@ -296,6 +316,16 @@ impl Bridge {
                 return true;
             }
         };
+        {
+            let mut relays = self.relays.lock().unwrap();
+            let info = relays.entry(relay.clone()).or_default();
+            info.seen = Some(Instant::now());
+            if let Up::Presence { url } = &up {
+                // Only a listing: it belongs to no connection.
+                info.url.clone_from(url);
+                return true;
+            }
+        }
         let conn = up.conn();
         let live = self.links.get(&relay).map(|l| l.conn);
         if live.is_some_and(|c| c < conn) {
@@ -373,6 +403,7 @@ impl Bridge {
                 self.forget(&relay);
                 Input::Disconnected { client }
             }
+            Up::Presence { .. } => return true, // handled above
         };
         self.events.send(Event::Input(input)).await.is_ok()
     }
@@ -400,19 +431,23 @@ impl Bridge {
             },
         );
         self.newest.insert(relay.to_string(), conn);
-        self.relays.lock().unwrap().insert(
-            relay.to_string(),
-            RelayInfo {
-                client,
-                ..RelayInfo::default()
-            },
-        );
+        {
+            let mut relays = self.relays.lock().unwrap();
+            let info = relays.entry(relay.to_string()).or_default();
+            info.client = Some(client);
+            info.seen = Some(Instant::now());
+        }
         tracing::info!(relay, conn, client, "relay connected");
         self.events.send(Event::Connected { client, out }).await.is_ok()
     }
 
+    /// Drops `relay`'s connection. The relay stays listed while it is
+    /// heard from ([`PRESENCE`]).
     fn forget(&mut self, relay: &str) -> Option<Link> {
-        self.relays.lock().unwrap().remove(relay);
+        if let Some(info) = self.relays.lock().unwrap().get_mut(relay) {
+            info.client = None;
+            info.threads = 0;
+        }
         self.links.remove(relay)
     }
 

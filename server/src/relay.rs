@@ -6,7 +6,9 @@
 //! with its limits, heartbeats and hostile-frame handling), a NATS
 //! connection publishing on the relay's up subject and reading its down
 //! subject (frames in parts, heartbeats every second, the coordinator's
-//! silence for [`nats::SILENCE`] taken as a lost connection), and one task
+//! silence for [`nats::SILENCE`] taken as a lost connection, and a
+//! presence every second, volunteers or not, that lists the relay at the
+//! coordinator's `/api/relays`), and one task
 //! that feeds both to the hub and carries out its [`Effect`]s.
 
 pub mod hub;
@@ -111,6 +113,7 @@ pub async fn start(listener: TcpListener, opts: RelayOptions) -> anyhow::Result<
         joiner: Joiner::new(MAX_SERVER_MESSAGE),
         heard: Instant::now(),
         beat: Instant::now(),
+        present: None,
         published: Instant::now(),
         shared: shared.clone(),
     };
@@ -179,6 +182,10 @@ struct Driver {
     heard: Instant,
     /// When the last heartbeat went out.
     beat: Instant,
+    /// When the last [`Up::Presence`] went out (every [`nats::HEARTBEAT`],
+    /// with or without an upstream connection, so the coordinator lists
+    /// the relay while it lives).
+    present: Option<Instant>,
     /// When the status was last published.
     published: Instant,
     shared: Shared,
@@ -210,6 +217,11 @@ impl Driver {
                     self.on_coordinator(&msg.payload, now, &mut fx);
                 }
                 _ = tick.tick() => {
+                    if self.present.is_none_or(|t| now.duration_since(t) >= nats::HEARTBEAT) {
+                        self.present = Some(now);
+                        let presence = Up::Presence { url: self.url.clone() };
+                        nats::publish_control(&self.client, &self.up_subject, &presence).await;
+                    }
                     if self.hub.up_open() {
                         if now.duration_since(self.heard) > nats::SILENCE {
                             self.hub.upstream_silent(now, &mut fx);

@@ -2,13 +2,17 @@
 //! graceful shutdown on SIGTERM, and the checkpoint commands.
 
 mod common;
+/// The relay tests' real `nats-server` on a free loopback port.
+#[path = "../../tests/src/nats.rs"]
+#[allow(dead_code)]
+mod nats;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use clap::Parser;
-use common::{BIN, spawn_server, wait_status};
+use common::{BIN, get_json, spawn_server, spawn_with_env, wait_status};
 use seedling_server::checkpoint;
 use seedling_server::cli::{Cli, Command as Sub};
 
@@ -276,4 +280,222 @@ fn sigkill_restart_resumes_and_matches_an_uninterrupted_run() {
         3,
         "{beams}"
     );
+}
+
+/// A child process killed (and reaped) on drop, so a failing test leaves
+/// nothing running.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The admin token of the relayed restart's coordinator.
+const ADMIN: &str = "restart-admin";
+
+/// POSTs to admin route `path` of the coordinator on `port`; panics
+/// unless it answers 200.
+fn admin(port: u16, path: &str) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\nAuthorization: Bearer {ADMIN}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    assert!(raw.split_whitespace().nth(1) == Some("200"), "{path}: {raw}");
+}
+
+/// The status of a paused run once its last steps closed: every client
+/// reports its step and hash, and still does half a second later.
+fn settled(port: u16) -> serde_json::Value {
+    let agree = |s: &serde_json::Value| {
+        s["paused"] == true
+            && s["client_hashes"].as_object().is_some_and(|c| {
+                !c.is_empty()
+                    && c.values()
+                        .all(|c| c["step"] == s["step"] && c["hash"] == s["hash"])
+            })
+    };
+    loop {
+        let s = wait_status(port, "the paused run to settle", POLL, agree);
+        std::thread::sleep(Duration::from_millis(500));
+        if common::status(port).is_some_and(|t| agree(&t) && t["step"] == s["step"]) {
+            return s;
+        }
+    }
+}
+
+/// Polls a relay's volunteers' reports (`/api/relay/clients`) until
+/// `volunteers` of them report `step` and `hash` (at most 120 s).
+fn wait_relay_clients(port: u16, volunteers: usize, step: u64, hash: &str) {
+    let start = std::time::Instant::now();
+    loop {
+        let clients = get_json(port, "/api/relay/clients").unwrap_or_default();
+        let done = clients.as_object().is_some_and(|c| {
+            c.len() == volunteers && c.values().all(|r| r["step"] == step && r["hash"] == hash)
+        });
+        if done {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the relay's volunteers did not reach step {step} hash {hash}: {clients}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// SIGKILL and restart scaled out: `seedling serve --nats` with a
+/// `seedling relay` process in front of it and two native workers on the
+/// relay. The relay and its workers carry on with the restarted
+/// coordinator by themselves (the relay reconnects, finds the
+/// coordinator's state back at its checkpoint and resynchronises its
+/// volunteers), and the run ends at the hash of an uninterrupted run with
+/// the same flags.
+#[test]
+fn sigkill_restart_behind_a_relay_matches_an_uninterrupted_run() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    // Enough steps that the run is paused well before its end.
+    let steps = 100;
+    let nats = nats::NatsServer::start();
+    let with_nats = |prefix: &str, run_dir: &Path, port: u16| {
+        let mut a = run_args(&data, run_dir, port, steps);
+        let flags = [
+            "--lag",
+            "2",
+            "--fixed-lag",
+            "--nats",
+            &nats.url(),
+            "--nats-prefix",
+            prefix,
+        ];
+        a.extend(flags.iter().map(|x| x.to_string()));
+        a
+    };
+
+    // Uninterrupted reference, in-process, same flags, through a relay.
+    let port = free_port();
+    let reference = {
+        let cli = Cli::try_parse_from(std::iter::once("seedling".to_string()).chain(with_nats(
+            "reference",
+            &tmp.path().join("reference"),
+            port,
+        )))
+        .unwrap();
+        let Sub::Serve(args) = cli.command else {
+            unreachable!()
+        };
+        let mut opts = args.run_args().unwrap().serve_options().unwrap();
+        // The credentials the binary takes from its environment.
+        opts.nats = Some(nats::nats_options(&nats, "reference"));
+        let (server, relay) = rt.block_on(async {
+            let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+            let server = seedling_server::app::start(l, opts).await.unwrap();
+            let relay = nats::start_relay(&nats, "reference", "r1", nats::test_hub()).await;
+            (server, relay)
+        });
+        let stop = common::workers(&rt, relay.addr.port(), 2, Duration::from_millis(300));
+        let s = wait_status(port, "the reference run", POLL, agree);
+        let hash = s["hash"].as_str().unwrap().to_string();
+        wait_relay_clients(relay.addr.port(), 2, steps, &hash);
+        let _ = stop.send(true);
+        relay.kill();
+        rt.block_on(server.shutdown()).unwrap();
+        hash
+    };
+
+    // The same run from the binaries: the coordinator, SIGKILLed after
+    // step 12 and restarted, and a relay that stays up throughout.
+    let run_dir = tmp.path().join("run");
+    let port = free_port();
+    let args = with_nats("run", &run_dir, port);
+    let secrets = [
+        ("SEEDLING_NATS_USER", nats::USER),
+        ("SEEDLING_NATS_PASSWORD", nats::PASSWORD),
+        ("SEEDLING_ADMIN_TOKEN", ADMIN),
+    ];
+    let mut first = Reaped(spawn_with_env(&args, &tmp.path().join("first.log"), &secrets));
+    let relay_port = free_port();
+    let relay_args: Vec<String> = [
+        "relay",
+        "--nats",
+        &nats.url(),
+        "--nats-prefix",
+        "run",
+        "--id",
+        "r1",
+        "--port",
+        &relay_port.to_string(),
+        "--chunk-timeout",
+        "1.5",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    let mut relay = Reaped(spawn_with_env(
+        &relay_args,
+        &tmp.path().join("relay.log"),
+        &secrets,
+    ));
+    let stop = common::workers(&rt, relay_port, 2, Duration::from_millis(300));
+    // Killed while paused between two checkpoints, so the relay's replica
+    // and volunteers are ahead of the checkpoint the coordinator resumes
+    // from (a run this small is too fast to aim a kill at by the clock).
+    let mut at = 12;
+    let paused = loop {
+        wait_status(port, "the run to go on", POLL, |s| {
+            s["step"].as_u64().unwrap() >= at
+        });
+        admin(port, "/admin/pause");
+        // Paused, the steps whose members are all out close and the relay
+        // catches up: settled once the replicas agree twice in a row.
+        let s = settled(port);
+        let step = s["step"].as_u64().unwrap();
+        assert!(step < steps, "the run ended before the fault");
+        if step % 5 != 0 {
+            wait_relay_clients(relay_port, 2, step, s["hash"].as_str().unwrap());
+            break step;
+        }
+        admin(port, "/admin/resume");
+        at = step + 1;
+    };
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let (_, ckpt) = checkpoint::latest(&run_dir)
+        .unwrap()
+        .expect("a checkpoint before the kill");
+    assert_eq!(
+        ckpt.step,
+        paused / 5 * 5,
+        "the last checkpoint before step {paused}"
+    );
+
+    let _second = Reaped(spawn_with_env(&args, &tmp.path().join("second.log"), &secrets));
+    let s = wait_status(port, "the restarted run to finish", POLL, agree);
+    let hash = s["hash"].as_str().unwrap();
+    assert_eq!(
+        hash, reference,
+        "the restarted run differs from the uninterrupted one"
+    );
+    assert_eq!(
+        s["volunteers"]["relay"], 1,
+        "the coordinator's one client is the relay"
+    );
+    wait_relay_clients(relay_port, 2, steps, hash);
+    assert!(relay.0.try_wait().unwrap().is_none(), "the relay stayed up");
+    let figures = get_json(relay_port, "/api/relay").unwrap();
+    assert!(
+        figures["resynced"].as_u64().unwrap() >= 1,
+        "the relay resynchronised its volunteers to the restarted coordinator: {figures}"
+    );
+    assert_eq!(figures["rejected"], 0, "no volunteer was rejected: {figures}");
+    let _ = stop.send(true);
+    drop(rt);
 }

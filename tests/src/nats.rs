@@ -145,14 +145,18 @@ pub fn nats_options(nats: &NatsServer, prefix: &str) -> seedling_server::nats::N
 }
 
 /// Starts relay `id` on a free loopback port, over `nats` under `prefix`,
-/// with `hub` settings (short chunk deadlines for tests).
+/// with `hub` settings (short chunk deadlines for tests); its public URL,
+/// unless `hub` names one, is `http://` and its address.
 pub async fn start_relay(
     nats: &NatsServer,
     prefix: &str,
     id: &str,
-    hub: seedling_server::relay::hub::HubSettings,
+    mut hub: seedling_server::relay::hub::HubSettings,
 ) -> seedling_server::relay::Relay {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    if hub.public_url.is_empty() {
+        hub.public_url = format!("http://{}", listener.local_addr().unwrap());
+    }
     let opts = seedling_server::relay::RelayOptions {
         nats: nats_options(nats, prefix),
         id: id.into(),

@@ -768,8 +768,8 @@ async fn a_tab_moves_to_another_relay_when_its_relay_goes_away() {
         };
         relays.push(Some(seedling_server::relay::start(listener, opts).await.unwrap()));
     }
-    // A relay joins the coordinator (and is listed) once it has a
-    // volunteer: a native worker on each.
+    // A native worker on each relay: the tab's relay is then the one with
+    // two volunteers. (A relay is listed from its start, volunteers or not.)
     let mut natives: Vec<_> = relays
         .iter()
         .map(|r| Some(spawn_worker(&relay_url(r.as_ref().unwrap()), 1)))

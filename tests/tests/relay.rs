@@ -26,11 +26,24 @@ fn options(steps: u64) -> ServeOptions {
 /// Waits until the run is finished and every volunteer on `relays` reports
 /// the coordinator's final hash at its final step; returns that hash.
 async fn wait_relayed_end(server: &Server, relays: &[&Relay], volunteers: usize, what: &str) -> String {
+    wait_relayed_agree(server, relays, volunteers, what, |s| s.finished).await
+}
+
+/// Waits until `settled` holds for the coordinator's status and every
+/// replica, the relays' and their `volunteers` volunteers', reports the
+/// coordinator's hash at its step; returns that hash.
+async fn wait_relayed_agree(
+    server: &Server,
+    relays: &[&Relay],
+    volunteers: usize,
+    what: &str,
+    settled: impl Fn(&seedling_server::coordinator::types::Status) -> bool,
+) -> String {
     let start = Instant::now();
     loop {
         let s = server.status();
         let reports: Vec<_> = relays.iter().flat_map(|r| r.reports().into_values()).collect();
-        let done = s.finished
+        let done = settled(&s)
             && reports.len() == volunteers
             && reports.iter().all(|r| r.step == s.step && r.hash == s.hash)
             && relays.iter().all(|r| r.status().hash == s.hash);
@@ -378,5 +391,116 @@ async fn faults_behind_a_relay_end_at_the_clean_hash() {
         w.stop().await;
     }
     relay.kill();
+    server.shutdown().await.unwrap();
+}
+
+/// A volunteer joining a relay mid-run, with steps in flight by the fixed
+/// rule, catches up from the relay's snapshot (which carries the past
+/// weight versions the open steps use) and ends on the coordinator's hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_joiner_behind_a_relay_catches_up_with_steps_in_flight() {
+    late_joiner_behind_a_relay(2, true, "t8").await;
+}
+
+/// The same with the window of steps in flight following the volunteers:
+/// the coordinator names each job's version, and the relay's snapshot
+/// carries the versions its open steps use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_joiner_behind_a_relay_catches_up_with_an_adaptive_window() {
+    late_joiner_behind_a_relay(4, false, "t9").await;
+}
+
+/// The training suite's `late_joiner` through a relay: a worker trains
+/// through the relay, a second joins it at step 6 or later, and once the
+/// operator pauses the run every replica (the relay's and both workers')
+/// holds the coordinator's hash.
+async fn late_joiner_behind_a_relay(lag: u32, fixed: bool, prefix: &str) {
+    // An unbounded run, frozen by the operator at the end: a bounded one
+    // can finish before the joiner connects when the test thread starves.
+    let mut opts = tiny_options(test_settings(1_000_000));
+    opts.config.es.lag = lag;
+    opts.settings.fixed_lag = fixed;
+    opts.admin_token = Some("late".into());
+    let nats = NatsServer::start();
+    let server = start(with_nats(opts, &nats, prefix)).await;
+    let relay = start_relay(&nats, prefix, "r1", test_hub()).await;
+    let url = relay_url(&relay);
+    let first = spawn_worker(&url, 1);
+    let k = wait_for(&server, LONG, "step 6", |s| s.step >= 6).await.step;
+    let joiner = spawn_worker(&url, 1);
+    // The joiner reports the snapshot's step, then after each update; the
+    // relay checks every report against its own replica's history.
+    let start = Instant::now();
+    loop {
+        let reports = relay.reports();
+        if reports.len() == 2 && reports.values().all(|r| r.step > k + 2) {
+            break;
+        }
+        assert!(
+            start.elapsed() < LONG,
+            "the joiner did not report past step {}: {reports:?}",
+            k + 2
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let auth = "Authorization: Bearer late\r\n";
+    let (head, _) = http_request(server.addr, "POST", "/admin/pause", auth).await;
+    assert!(head.contains("200"), "{head}");
+    // Paused, the steps in flight close and every replica settles on them.
+    wait_relayed_agree(&server, &[&relay], 2, "every replica to agree", |s| s.paused).await;
+    assert_eq!(server.status().divergences, 0);
+    assert_eq!(relay.status().divergences, 0, "the late joiner diverged");
+    assert_eq!(relay.status().rejected, 0);
+    first.stop().await;
+    joiner.stop().await;
+    relay.kill();
+    server.shutdown().await.unwrap();
+}
+
+/// `/api/relays` lists a relay as long as it lives, before any volunteer
+/// reaches it (so a page can find a fresh relay) and after its last one
+/// leaves, and drops it within seconds of its death.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_relay_is_listed_and_a_dead_one_is_not() {
+    let nats = NatsServer::start();
+    let server = start(with_nats(tiny_options(test_settings(1_000_000)), &nats, "t10")).await;
+    let relays = async || -> serde_json::Value {
+        let (_, body) = http_get(server.addr, "/api/relays").await;
+        serde_json::from_str(&body).unwrap()
+    };
+    let listed = async |what: &str, pred: &dyn Fn(&serde_json::Value) -> bool| {
+        let start = Instant::now();
+        loop {
+            let list = relays().await;
+            if pred(&list) {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < LONG, "timed out waiting for {what}: {list}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let relay = start_relay(&nats, "t10", "r1", test_hub()).await;
+    let url = format!("http://{}", relay.addr);
+    let took = listed("the fresh relay's listing", &|l| l["r1"]["url"] == url.as_str()).await;
+    assert!(took < Duration::from_secs(5), "listed after {took:?}");
+    assert!(relays().await["r1"]["client"].is_null(), "no connection yet");
+    // A volunteer makes it join the coordinator; once it leaves, the relay
+    // leaves the coordinator and stays listed.
+    let worker = spawn_worker(&relay_url(&relay), 1);
+    listed("the relay's connection", &|l| l["r1"]["client"].is_u64()).await;
+    worker.stop().await;
+    listed("the relay's connection to end", &|l| l["r1"]["client"].is_null()).await;
+    tokio::time::sleep(seedling_server::nats::PRESENCE + Duration::from_secs(1)).await;
+    assert_eq!(
+        relays().await["r1"]["url"],
+        url.as_str(),
+        "an idle relay stays listed"
+    );
+    relay.kill();
+    let took = listed("the dead relay to leave the list", &|l| l.get("r1").is_none()).await;
+    assert!(
+        took < Duration::from_secs(6),
+        "still listed {took:?} after its death"
+    );
     server.shutdown().await.unwrap();
 }

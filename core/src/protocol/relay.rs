@@ -66,6 +66,14 @@ pub enum Up {
         /// The relay's connection.
         conn: u64,
     },
+    /// The relay is alive and serves volunteers at `url` (empty when not
+    /// announced): sent every second whether or not it has a connection,
+    /// so the coordinator lists a relay for the page as long as it lives,
+    /// not only while it has volunteers. It belongs to no connection.
+    Presence {
+        /// The relay's public URL.
+        url: String,
+    },
 }
 
 /// Coordinator to relay: a header, then (for [`Down::Frame`]) a part of one
@@ -100,13 +108,15 @@ pub enum Down {
 }
 
 impl Up {
-    /// The connection this message belongs to.
+    /// The connection this message belongs to (0, no connection, for
+    /// [`Up::Presence`]).
     pub fn conn(&self) -> u64 {
         match self {
             Up::Frame { conn, .. }
             | Up::Capacity { conn, .. }
             | Up::Heartbeat { conn }
             | Up::Close { conn } => *conn,
+            Up::Presence { .. } => 0,
         }
     }
 }
@@ -174,7 +184,7 @@ pub fn open_up(bytes: &[u8]) -> Result<(Up, &[u8])> {
     match &up {
         Up::Frame { index, count, .. } => check_part(*index, *count)?,
         Up::Capacity { speed, .. } if !speed.is_finite() => return Err(Error::NonFinite),
-        Up::Capacity { url, .. } if url.len() > MAX_RELAY_URL => {
+        Up::Capacity { url, .. } | Up::Presence { url } if url.len() > MAX_RELAY_URL => {
             return Err(Error::Wire(format!("relay url over {MAX_RELAY_URL} bytes")));
         }
         _ if !rest.is_empty() => return Err(Error::Wire(format!("{} trailing bytes", rest.len()))),
@@ -348,6 +358,15 @@ mod tests {
             url: "x".repeat(MAX_RELAY_URL + 1),
         };
         assert!(open_up(&envelope(&long, &[]).unwrap()).is_err());
+        let long = Up::Presence {
+            url: "x".repeat(MAX_RELAY_URL + 1),
+        };
+        assert!(open_up(&envelope(&long, &[]).unwrap()).is_err());
+        let here = Up::Presence {
+            url: "http://relay".into(),
+        };
+        assert_eq!(open_up(&envelope(&here, &[]).unwrap()).unwrap().0, here);
+        assert_eq!(here.conn(), 0);
         let closed = Down::Closed {
             conn: 2,
             code: 1008,

@@ -111,6 +111,10 @@ struct Vol {
     last_result: Option<Instant>,
     /// Its last hash report.
     reported: Option<(u64, u64)>,
+    /// Set when the relay resynchronised it to this (step, hash) after the
+    /// coordinator's state jumped ([`Hub::rebase`]): its reports until it
+    /// reports that state were made on the old state and are not checked.
+    resync: Option<(u64, u64)>,
 }
 
 /// A session's record: strikes, and whether it is banned.
@@ -177,6 +181,10 @@ pub struct HubStatus {
     pub rejected: u64,
     /// Volunteers found with another replica than the relay's.
     pub divergences: u64,
+    /// Volunteers resynchronised because the coordinator's state jumped
+    /// (a restart from a checkpoint, or a run that went on while the relay
+    /// was cut off).
+    pub resynced: u64,
     /// Disagreements between replicated chunks.
     pub disagreements: u64,
     /// Upstream jobs answered.
@@ -193,8 +201,12 @@ pub struct Hub {
     up_open: bool,
     /// When to open the next upstream connection.
     reconnect_at: Option<Instant>,
-    /// The relay's replica's recent hashes, by step.
+    /// The relay's replica's recent hashes, by step: the state its
+    /// volunteers were last brought to is the newest.
     hashes: VecDeque<(u64, u64)>,
+    /// The furthest step the relay's volunteers were brought to before
+    /// the coordinator's state last jumped ([`Hub::rebase`]).
+    high: u64,
     vols: HashMap<ClientId, Vol>,
     sessions: HashMap<SessionToken, Record>,
     jobs: HashMap<u64, UpJob>,
@@ -220,6 +232,7 @@ impl Hub {
             up_open: false,
             reconnect_at: None,
             hashes: VecDeque::new(),
+            high: 0,
             vols: HashMap::new(),
             sessions: HashMap::new(),
             jobs: HashMap::new(),
@@ -285,6 +298,7 @@ impl Hub {
                 speed: 0.0,
                 last_result: None,
                 reported: None,
+                resync: None,
             },
         );
     }
@@ -349,6 +363,13 @@ impl Hub {
             } => self.on_losses(id, step, job, step - behind, losses, now, out),
             ClientMsg::Hash { step, hash } => {
                 v.reported = Some((step, hash));
+                if let Some(want) = v.resync {
+                    // Reports on the state before the resync are stale.
+                    if want == (step, hash) {
+                        v.resync = None;
+                    }
+                    return;
+                }
                 let relay_step = self.up.replica().map_or(0, |r| r.step);
                 match self.hashes.iter().find(|&&(s, _)| s == step) {
                     Some(&(_, want)) if want == hash => {}
@@ -358,7 +379,10 @@ impl Hub {
                         self.send(id, &ServerMsg::Resync, out);
                         self.send_snapshot(id, out);
                     }
-                    None if step > relay_step => self.reject(
+                    // A step past the relay's that it forwarded before the
+                    // coordinator's state went back ([`Hub::rebase`]) is a
+                    // stale report, not a lie.
+                    None if step > relay_step.max(self.high) => self.reject(
                         id,
                         &format!("hash for future step {step}"),
                         close::POLICY,
@@ -825,9 +849,13 @@ impl Hub {
         let outcome = self.up.receive(frame);
         match outcome.event {
             Some(LifeEvent::Hashed { step, hash }) => {
-                self.hashes.push_back((step, hash));
-                while self.hashes.len() > 256 {
-                    self.hashes.pop_front();
+                if frame.first() == Some(&UPDATE_TAG) {
+                    self.hashes.push_back((step, hash));
+                    while self.hashes.len() > 256 {
+                        self.hashes.pop_front();
+                    }
+                } else {
+                    self.rebase(step, hash, out);
                 }
                 self.on_new_state(step, frame, out);
             }
@@ -878,6 +906,54 @@ impl Hub {
             }
         }
         self.welcome_waiting(out);
+    }
+
+    /// A snapshot from the coordinator (the first of each upstream
+    /// connection). When it continues the state the relay's volunteers were
+    /// brought to (the same step and hash: the relay was only cut off),
+    /// nothing changes. Otherwise the coordinator restarted from a
+    /// checkpoint, or moved on while the relay was away: the relay's hash
+    /// history keeps only the steps the new state descends from, and every
+    /// welcomed volunteer gets a Resync and the new snapshot, since the
+    /// updates it would need to get there never come. This is per-volunteer
+    /// work, so it stays here: the coordinator sends one snapshot per relay.
+    fn rebase(&mut self, step: u64, hash: u64, out: &mut Vec<Effect>) {
+        let Some(&last) = self.hashes.back() else {
+            // The first snapshot: nobody was welcomed before it.
+            self.hashes.push_back((step, hash));
+            return;
+        };
+        if last == (step, hash) {
+            return;
+        }
+        self.high = self.high.max(last.0);
+        match self.hashes.iter().position(|&h| h == (step, hash)) {
+            Some(i) => self.hashes.truncate(i + 1),
+            None => {
+                self.hashes.clear();
+                self.hashes.push_back((step, hash));
+            }
+        }
+        tracing::warn!(
+            from = last.0,
+            to = step,
+            "the coordinator's state does not continue the relay's; resynchronising its volunteers"
+        );
+        let Some(replica) = self.up.replica() else { return };
+        let snapshot = match protocol::encode(&replica.snapshot(), MAX_SERVER_MESSAGE) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => return tracing::error!("cannot encode a snapshot: {e}"),
+        };
+        let resync = Bytes::from(protocol::encode(&ServerMsg::Resync, MAX_SERVER_MESSAGE).expect("tiny"));
+        for (&id, v) in self.vols.iter_mut() {
+            if v.hello.is_none() || v.waiting {
+                continue;
+            }
+            v.resync = Some((step, hash));
+            self.status.resynced += 1;
+            out.push(Effect::Send(id, Outgoing::Frame(resync.clone())));
+            out.push(Effect::Send(id, Outgoing::Frame(snapshot.clone())));
+        }
     }
 
     /// The coordinator closed the connection (or does not know it).

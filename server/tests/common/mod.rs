@@ -12,8 +12,15 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_seedling");
 
 /// Starts the binary with `args`, its log (RUST_LOG=info) in `log`.
 pub fn spawn_server(args: &[String], log: &Path) -> Child {
+    spawn_with_env(args, log, &[])
+}
+
+/// [`spawn_server`] with `env` added to the environment (NATS credentials,
+/// say, which never go on the command line).
+pub fn spawn_with_env(args: &[String], log: &Path, env: &[(&str, &str)]) -> Child {
     Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
