@@ -325,10 +325,16 @@ mod tests {
         // 87.5 ms, repaid by 350 ms of rest.
         throttle.paced(0, || burn(Duration::from_millis(150)));
         let owed = throttle.owed(0);
-        assert!(owed > Duration::from_millis(200), "the rest is still ahead: {owed:?}");
+        assert!(
+            owed > Duration::from_millis(200),
+            "the rest is still ahead: {owed:?}"
+        );
         let before = Instant::now();
         throttle.paced(0, || {});
-        assert!(before.elapsed() >= owed - Duration::from_millis(1), "rested first");
+        assert!(
+            before.elapsed() >= owed - Duration::from_millis(1),
+            "rested first"
+        );
         assert!(throttle.owed(0).is_zero(), "an empty chunk leaves no debt");
     }
 
