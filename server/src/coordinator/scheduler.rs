@@ -411,9 +411,7 @@ impl Coordinator {
         let Some(i) = self.open_index(step) else { return };
         let o = &mut self.open[i];
         for m in members {
-            if let Some(holders) = o.eager.get_mut(&m) {
-                holders.retain(|c| *c != client);
-            }
+            o.release(m, client);
             o.put_back(m);
         }
     }

@@ -130,6 +130,14 @@ impl Open {
         o
     }
 
+    /// `client` no longer holds a copy of member `m` (it answered, or its
+    /// job came back): only replicated members track their holders.
+    pub(super) fn release(&mut self, m: u32, client: ClientId) {
+        if let Some(holders) = self.eager.get_mut(&m) {
+            holders.retain(|c| *c != client);
+        }
+    }
+
     /// A copy of member `m` came back unevaluated, or its claim was void:
     /// it goes out again, as a check when it has a claim or another copy
     /// is out, else as a fresh member (whose replication, if it was

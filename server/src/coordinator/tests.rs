@@ -1033,6 +1033,14 @@ fn a_floating_step_binds_at_its_first_result() {
     );
 }
 
+/// The jobs sent to clients 1 and 2 since the last drain, with whom.
+fn both_sent(w: &mut Wires) -> Vec<(ClientId, SentJob)> {
+    [1, 2]
+        .into_iter()
+        .flat_map(|id| jobs_sent(w, id).into_iter().map(move |j| (id, j)))
+        .collect()
+}
+
 /// With a second volunteer ready, a whole step handed out has members
 /// replicated, so it does not float, and their checks go to the other
 /// volunteer at once, at the same version, before any result: over a
@@ -1054,11 +1062,7 @@ fn replicated_members_go_out_with_their_step() {
     // checked by client 2 once it answers. Answer step 0 in full.
     let mut sent: Vec<(ClientId, SentJob)> = Vec::new();
     while c.replica.step == 0 {
-        sent.extend(
-            [1, 2]
-                .into_iter()
-                .flat_map(|id| jobs_sent(&mut w, id).into_iter().map(move |j| (id, j))),
-        );
+        sent.extend(both_sent(&mut w));
         let (id, j) = sent.remove(
             sent.iter()
                 .position(|(_, j)| j.step == 0)
@@ -1074,11 +1078,7 @@ fn replicated_members_go_out_with_their_step() {
             &mut w,
         );
     }
-    sent.extend(
-        [1, 2]
-            .into_iter()
-            .flat_map(|id| jobs_sent(&mut w, id).into_iter().map(move |j| (id, j))),
-    );
+    sent.extend(both_sent(&mut w));
     let step1: Vec<&(ClientId, SentJob)> = sent.iter().filter(|(_, j)| j.step == 1).collect();
     assert_eq!(step1.len(), 2, "a copy and its check: {sent:?}");
     assert_ne!(step1[0].0, step1[1].0, "on two volunteers");

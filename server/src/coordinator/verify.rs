@@ -133,9 +133,7 @@ impl Coordinator {
         out: &mut dyn Outputs,
     ) -> bool {
         let o = &mut self.open[open];
-        if let Some(holders) = o.eager.get_mut(&m) {
-            holders.retain(|c| *c != id);
-        }
+        o.release(m, id);
         let claims = o.books.claim(m, (id, loss));
         let tol = self.settings.tolerance;
         let agree = |a: f32, b: f32| (a - b).abs() <= tol * a.abs().max(1.0);
