@@ -442,6 +442,26 @@ impl RunConfig {
         out as f32
     }
 
+    /// How far the schedule has decayed by `step`, `seconds` into the run:
+    /// the lr as a fraction of its peak, in `[0, 1]`, and 1 during the
+    /// warm-up (which climbs to the peak, not away from it). The
+    /// coordinator reads it to shrink the steps it keeps in flight as the
+    /// lr decays (a step evaluated at stale weights costs more late in a
+    /// run); it never touches the update.
+    pub fn decay_at(&self, step: u64, seconds: f64) -> f64 {
+        let warmup = match self.recipe.schedule {
+            LrSchedule::Constant => 0,
+            LrSchedule::Cosine { warmup, .. }
+            | LrSchedule::Step { warmup, .. }
+            | LrSchedule::CosineTime { warmup, .. } => warmup,
+        };
+        let peak = self.adam.lr as f64;
+        if step < warmup as u64 || peak.is_nan() || peak <= 0.0 {
+            return 1.0;
+        }
+        (self.lr_at(step, seconds) as f64 / peak).clamp(0.0, 1.0)
+    }
+
     /// Tokens in one minibatch: `batch` sequences of `seq_len + 1` tokens.
     pub fn batch_tokens(&self) -> usize {
         self.es.batch as usize * (self.es.seq_len as usize + 1)
@@ -535,6 +555,28 @@ mod tests {
         });
         assert!((c.lr_at(0, 0.0) - 0.001).abs() < 1e-9 && (c.lr_at(10, 0.0) - 0.01).abs() < 1e-9);
         assert_eq!(c.lr_at(10, 100.0), 0.0);
+    }
+
+    #[test]
+    fn the_decay_is_the_lr_over_its_peak_and_whole_during_the_warm_up() {
+        let c = with(LrSchedule::CosineTime {
+            warmup: 10,
+            seconds: 100.0,
+            min_ratio: 0.1,
+        });
+        assert_eq!(c.decay_at(0, 0.0), 1.0, "warming up is not decaying");
+        assert_eq!(c.decay_at(9, 90.0), 1.0);
+        assert_eq!(c.decay_at(10, 0.0), 1.0);
+        assert!(
+            (c.decay_at(10, 50.0) - 0.55).abs() < 1e-6,
+            "{}",
+            c.decay_at(10, 50.0)
+        );
+        assert!((c.decay_at(10, 1e9) - 0.1).abs() < 1e-6);
+        assert_eq!(with(LrSchedule::Constant).decay_at(1 << 40, 1e9), 1.0);
+        let mut c = with(LrSchedule::Constant);
+        c.adam.lr = 0.0;
+        assert_eq!(c.decay_at(5, 5.0), 1.0, "a zero peak has nothing to decay");
     }
 
     #[test]

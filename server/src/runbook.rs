@@ -272,6 +272,18 @@ impl RunBook {
         }
     }
 
+    /// How far the lr has decayed from its peak at `step`, `now`: 1 at the
+    /// peak (and while warming up), down to the schedule's final ratio. An
+    /// operator's override counts against the config's peak. The window of
+    /// steps in flight shrinks with it (see [`crate::coordinator::window`]).
+    pub fn decay(&self, step: u64, now: Instant) -> f64 {
+        match self.lr_override {
+            Some(lr) if self.config.adam.lr > 0.0 => (lr as f64 / self.config.adam.lr as f64).clamp(0.0, 1.0),
+            Some(_) => 1.0,
+            None => self.config.decay_at(step, self.run_seconds(now)),
+        }
+    }
+
     /// Whether the run measures its validation loss once `step` steps are done.
     pub fn validates_at(&self, step: u64) -> bool {
         self.cadence.eval_every > 0 && step % self.cadence.eval_every == 0

@@ -306,6 +306,7 @@ impl Coordinator {
             starved |= c.jobs.is_empty();
         }
         let population = self.replica.config.es.population as f64;
+        self.window.follow(self.book.decay(step, now));
         self.window.closed(wanted as f64 / population, starved);
         tracing::debug!(step, wanted, starved, open = self.window.open(), "window");
         let mut closing = self.open.pop_front().expect("a step is always open");

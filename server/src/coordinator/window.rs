@@ -22,6 +22,16 @@
 //! the network) adds a step of slack, and a run of closes with every
 //! volunteer busy takes one away. With [`Settings::fixed_lag`] the window
 //! is `lag + 1` always.
+//!
+//! The cap on staleness follows the lr schedule. Early in a run a step
+//! evaluated 16 updates behind costs little and the rate it buys is what
+//! reaches a loss soonest; late, as the lr decays and the loss nears its
+//! floor, the same staleness costs more than the rate buys (8 volunteers
+//! at RTT 50 ms for 10 minutes ended at 2.001 with at most 8 steps behind
+//! and 2.035 with 16; docs/LEARNING.md, "Steps in flight that follow the
+//! lr"). So at most `ceil(lag * decay)` steps are behind, where `decay` is
+//! the lr over its peak, and never fewer than half the lag: from `lag`
+//! at the peak down to `lag / 2` once the lr has halved.
 
 use super::types::Settings;
 
@@ -39,6 +49,8 @@ pub struct Window {
     slack: usize,
     /// `lag + 1`.
     max: usize,
+    /// The lr over its peak, in `[0, 1]`: scales the cap (module docs).
+    decay: f64,
     fixed: bool,
     /// Closes in a row at which every ready volunteer held a job.
     calm: u32,
@@ -52,6 +64,7 @@ impl Window {
             needed: 1,
             slack: 0,
             max: lag as usize + 1,
+            decay: 1.0,
             fixed: settings.fixed_lag,
             calm: 0,
         }
@@ -70,7 +83,26 @@ impl Window {
         if self.fixed {
             return self.max;
         }
-        (self.needed + self.slack).clamp(1, self.max)
+        (self.needed + self.slack).clamp(1, self.cap())
+    }
+
+    /// The most steps open at the lr's current decay: the steps behind the
+    /// oldest (`max - 1`, the lag) scaled by the decay, but at least half
+    /// of them.
+    fn cap(&self) -> usize {
+        let lag = self.max - 1;
+        let behind = (lag as f64 * self.decay).ceil() as usize;
+        behind.clamp(lag.div_ceil(2), lag) + 1
+    }
+
+    /// The schedule's lr is now `decay` times its peak. A broken value
+    /// reads as the peak, the cap of a run without a schedule.
+    pub fn follow(&mut self, decay: f64) {
+        self.decay = if decay.is_finite() {
+            decay.clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
     }
 
     /// A step closed. `wanted` is the work, in steps (members over the
@@ -155,6 +187,39 @@ mod tests {
             w.closed(20.0, true);
         }
         assert_eq!(w.open(), 9, "never past lag + 1");
+    }
+
+    #[test]
+    fn the_cap_shrinks_with_the_lr_down_to_half_the_lag() {
+        let mut w = auto(16);
+        w.closed(40.0, false);
+        assert_eq!(w.open(), 17, "at the peak lr, lag + 1");
+        w.follow(0.75);
+        assert_eq!(w.open(), 13, "12 behind");
+        w.follow(0.7);
+        assert_eq!(w.open(), 13, "ceil(11.2) = 12 behind");
+        w.follow(0.3);
+        assert_eq!(w.open(), 9, "never under half the lag");
+        w.closed(3.0, false);
+        assert_eq!(
+            w.open(),
+            4,
+            "the cap only caps: a small fleet's window is its own"
+        );
+        w.follow(f64::NAN);
+        w.closed(40.0, false);
+        assert_eq!(w.open(), 17, "a broken decay reads as the peak");
+        let mut w = auto(1);
+        w.follow(0.0);
+        w.closed(5.0, false);
+        assert_eq!(w.open(), 2, "a lag of one stays one");
+        let fixed = Settings {
+            fixed_lag: true,
+            ..Settings::default()
+        };
+        let mut w = Window::new(&fixed, 5);
+        w.follow(0.1);
+        assert_eq!(w.open(), 6, "a fixed lag does not follow the lr");
     }
 
     #[test]
