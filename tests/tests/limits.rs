@@ -87,10 +87,19 @@ async fn a_silent_client_is_dropped_after_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_is_dropped_when_its_outbox_fills() {
     let outbox = 8;
-    let mut opts = tiny_options(test_settings(100_000));
+    // Snapshots are the largest thing a client can ask for: every wrong
+    // claim for a step past its last snapshot gets one (a real server
+    // refuses a replica that keeps diverging; here it may not).
+    let mut settings = test_settings(100_000);
+    settings.max_resyncs = u32::MAX;
+    // The readers hold jobs they never answer: each step waits for their
+    // deadline before the honest worker gets the members.
+    settings.job_timeout_min = Duration::from_millis(100);
+    let mut opts = tiny_options(settings);
     opts.limits = Limits {
         outbox,
-        idle_timeout: Duration::from_secs(3),
+        // Long enough for the claims, one a step, to fill the queues.
+        idle_timeout: Duration::from_secs(30),
         ..Limits::default()
     };
     let server = start(opts).await;
@@ -100,32 +109,37 @@ async fn a_client_that_does_not_read_is_dropped_when_its_outbox_fills() {
     let params = s.params as u64;
     let before = rss();
 
-    // Each slow reader claims a wrong hash again and again without reading:
-    // every claim is answered with a full snapshot (weights and both Adam
-    // moments). Unbounded, the server would queue all of them.
+    // Each slow reader claims a wrong hash at every new step without
+    // reading: every claim is answered with a full snapshot (weights and
+    // both Adam moments). Unbounded, the server would queue all of them.
     let readers = 4;
     let claims = 3000u64;
     let mut clients = Vec::new();
     for _ in 0..readers {
-        let mut ws = mute_client(&url).await;
+        clients.push(mute_client(&url).await);
+    }
+    let (mut last, mut sent) = (0, 0);
+    while sent < claims && server.status().slow_dropped < readers {
         let step = server.status().step;
-        let claim = protocol::encode(&ClientMsg::Hash { step, hash: 1 }, MAX_CLIENT_MESSAGE).unwrap();
-        for _ in 0..claims {
-            // A failed send means the server already closed us.
-            if ws.send(Message::Binary(claim.clone().into())).await.is_err() {
-                break;
-            }
+        if step == last {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
         }
-        clients.push(ws);
+        (last, sent) = (step, sent + 1);
+        let claim = protocol::encode(&ClientMsg::Hash { step, hash: 1 }, MAX_CLIENT_MESSAGE).unwrap();
+        for ws in &mut clients {
+            // A failed send means the server already closed us.
+            let _ = ws.send(Message::Binary(claim.clone().into())).await;
+        }
     }
     let s = wait_for(&server, Duration::from_secs(60), "the slow readers' drop", |s| {
         s.slow_dropped == readers
     })
     .await;
     let grew = rss().saturating_sub(before);
-    let unbounded = readers * claims * 12 * params;
+    let unbounded = readers * sent * 12 * params;
     println!(
-        "{readers} slow readers asking for {claims} snapshots of {} KiB each: dropped, RSS grew {} MiB \
+        "{readers} slow readers asking for {sent} snapshots of {} KiB each: dropped, RSS grew {} MiB \
          (unbounded queues would hold {} MiB)",
         12 * params / 1024,
         grew >> 20,

@@ -100,6 +100,13 @@ struct Client {
     queued: bool,
     /// Its last hash report: (step, hash).
     reported: Option<(u64, u64)>,
+    /// The step its latest snapshot was taken at: a report for that step
+    /// or earlier was computed before the snapshot could arrive (every
+    /// update is hashed, so a round trip's worth are on the wire), and
+    /// says nothing about the replica the snapshot made.
+    synced_at: u64,
+    /// Snapshots sent for divergence since its last matching report.
+    resyncs: u32,
 }
 
 /// The coordinator's state. See the module docs for the rules.
@@ -209,6 +216,8 @@ impl Coordinator {
                         members: 0,
                         queued: false,
                         reported: None,
+                        synced_at: 0,
+                        resyncs: 0,
                     },
                 );
             }
@@ -360,8 +369,15 @@ impl Coordinator {
         };
         c.reported = Some((step, hash));
         match self.step.hash_at(step) {
-            Some(want) if want == hash => {}
+            Some(want) if want == hash => c.resyncs = 0,
+            // Computed before the last snapshot landed: already resynced.
+            Some(_) if step <= c.synced_at => {}
+            Some(_) if c.resyncs >= self.settings.max_resyncs => {
+                let why = format!("replica diverged again after {} snapshots", c.resyncs);
+                self.refuse(id, &why, out);
+            }
             Some(_) => {
+                c.resyncs += 1;
                 self.counters.divergences += 1;
                 tracing::warn!(client = id, step, "replica diverged; sending a snapshot");
                 self.send_snapshot(id, out);
@@ -477,7 +493,10 @@ impl Coordinator {
         }
     }
 
-    fn send_snapshot(&self, id: ClientId, out: &mut dyn Outputs) {
+    fn send_snapshot(&mut self, id: ClientId, out: &mut dyn Outputs) {
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.synced_at = self.replica.step;
+        }
         // Only the past versions an open step is evaluated around: its
         // own and the one before (see `Replica::point`).
         let oldest = self

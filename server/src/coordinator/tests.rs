@@ -1116,3 +1116,84 @@ fn replicated_members_go_out_with_their_step() {
     assert_eq!(c.replica.step, 2, "closed without another round trip");
     assert!(c.clients.values().all(|cl| cl.agreed > 0), "both confirmed");
 }
+
+/// Answers client 1's live jobs until the replica's step moves past
+/// `step`; returns the hash every replica must have there.
+fn close_through(c: &mut Coordinator, w: &mut Wires, step: u64, now: Instant) -> u64 {
+    while c.replica.step <= step {
+        let live: Vec<(u64, u64, Vec<u32>)> = c.clients[&1]
+            .jobs
+            .iter()
+            .filter_map(|&j| c.sched.jobs.get(j).map(|jb| (j, jb.step, jb.members.to_vec())))
+            .collect();
+        assert!(!live.is_empty(), "a lone volunteer always holds work");
+        for (job, s, members) in live {
+            let losses = members.iter().map(|&m| (m % 7) as f32).collect();
+            let msg = reply(c, s, job, losses);
+            c.handle(Input::Message { client: 1, msg }, now, w);
+        }
+    }
+    c.replica.hash()
+}
+
+/// Snapshots and the close code sent to client 1 since the last drain.
+fn snapshots(w: &mut Wires) -> (usize, Option<u16>, Option<bool>) {
+    let (msgs, code) = drain(w, 1);
+    let snaps = msgs
+        .iter()
+        .filter(|m| matches!(m, ServerMsg::Snapshot { .. }))
+        .count();
+    let retry = msgs.iter().find_map(|m| match m {
+        ServerMsg::Reject { retry, .. } => Some(*retry),
+        _ => None,
+    });
+    (snaps, code, retry)
+}
+
+/// Every update is hashed, so a diverged replica's reports from before its
+/// snapshot landed are on the wire: they get no second snapshot. A replica
+/// that matches after its snapshot starts afresh; one that diverges from
+/// `max_resyncs` snapshots in a row is refused, not sent the model again
+/// at every step.
+#[test]
+fn a_diverged_replica_gets_one_snapshot_and_one_that_keeps_diverging_is_refused() {
+    let mut c = coordinator();
+    let (mut w, t0) = join_one(&mut c);
+    let hash = |c: &mut Coordinator, w: &mut Wires, step: u64, hash: u64| {
+        let msg = ClientMsg::Hash { step, hash };
+        c.handle(Input::Message { client: 1, msg }, t0, w);
+    };
+    assert_eq!(snapshots(&mut w), (1, None, None), "the joiner's snapshot");
+    let right = close_through(&mut c, &mut w, 0, t0);
+    assert_eq!(c.replica.step, 1);
+    hash(&mut c, &mut w, 1, right);
+    assert_eq!(snapshots(&mut w).0, 0, "a matching hash");
+    hash(&mut c, &mut w, 1, right ^ 1);
+    assert_eq!(snapshots(&mut w), (1, None, None), "diverged: one snapshot");
+    hash(&mut c, &mut w, 1, right ^ 2);
+    assert_eq!(
+        snapshots(&mut w),
+        (0, None, None),
+        "from before the snapshot: nothing"
+    );
+    let right = close_through(&mut c, &mut w, 1, t0);
+    hash(&mut c, &mut w, 2, right);
+    assert_eq!(c.counters.divergences, 1);
+    // Diverging again and again, from each fresh snapshot.
+    assert_eq!(c.settings.max_resyncs, 3);
+    for (k, step) in (2..=4).enumerate() {
+        let right = close_through(&mut c, &mut w, step, t0);
+        hash(&mut c, &mut w, step + 1, right ^ 1);
+        assert_eq!(snapshots(&mut w), (1, None, None), "snapshot {} in a row", k + 1);
+    }
+    let right = close_through(&mut c, &mut w, 5, t0);
+    hash(&mut c, &mut w, 6, right ^ 1);
+    let (snaps, code, retry) = snapshots(&mut w);
+    assert_eq!(
+        (snaps, code, retry),
+        (0, Some(close::POLICY), Some(false)),
+        "refused"
+    );
+    assert!(!c.clients.contains_key(&1));
+    assert_eq!(c.counters.divergences, 1 + c.settings.max_resyncs as u64);
+}

@@ -312,6 +312,11 @@ pub struct Settings {
     pub tolerance: f32,
     /// Disagreements that get a client disconnected.
     pub max_strikes: u32,
+    /// Snapshots a replica may need in a row, each after it diverged
+    /// again, before it is refused: a replica that diverges from a fresh
+    /// snapshot is broken (or lying), and each snapshot is the whole model
+    /// on the wire. Reports computed before a snapshot landed do not count.
+    pub max_resyncs: u32,
     /// A fresh run starts its output bias at the training text's character
     /// frequencies ([`crate::data::unigram_output_bias`]) instead of zero.
     /// Server-side only: volunteers receive the weights in their snapshot.
@@ -336,6 +341,7 @@ impl Default for Settings {
             replicate: 0.05,
             tolerance: 1e-3,
             max_strikes: 2,
+            max_resyncs: 3,
             unigram_bias: false,
         }
     }
