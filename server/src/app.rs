@@ -14,17 +14,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use seedling_core::Replica;
 use seedling_core::RunConfig;
 use seedling_core::protocol::{ClientKind, ClientMsg, MAX_CLIENT_MESSAGE, decode_client};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
@@ -38,6 +38,7 @@ use crate::delivery::{self, Postbox};
 use crate::metrics::{self, Metrics};
 use crate::nats::{self, Bridge, NatsOptions, Relays};
 use crate::runbook::{Cadence, Opened, RunBook};
+use crate::ws::{self, CloseFrame, Message, Socket, Upgrade};
 
 /// How often deadlines are checked.
 const TICK: Duration = Duration::from_millis(20);
@@ -631,7 +632,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 const READ_BUFFER: usize = 8 * 1024;
 
 async fn ws_handler(
-    ws: WebSocketUpgrade,
+    upgrade: Upgrade,
     State(state): State<Gate>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
@@ -641,13 +642,14 @@ async fn ws_handler(
     };
     // Frames up to 4x the cap reach the decoder, which rejects an oversized
     // message with a clear reason; larger ones are cut off by the socket.
-    ws.max_message_size(4 * MAX_CLIENT_MESSAGE)
-        .max_frame_size(4 * MAX_CLIENT_MESSAGE)
-        .read_buffer_size(READ_BUFFER)
-        .on_upgrade(move |socket| async move {
-            handle_socket(socket, state).await;
-            drop(slot);
-        })
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(4 * MAX_CLIENT_MESSAGE))
+        .max_frame_size(Some(4 * MAX_CLIENT_MESSAGE))
+        .read_buffer_size(READ_BUFFER);
+    upgrade.config(config).on_upgrade(move |socket| async move {
+        handle_socket(socket, state).await;
+        drop(slot);
+    })
 }
 
 /// What a received data frame means to the coordinator: a decoded message,
@@ -682,7 +684,7 @@ pub(crate) fn frame_event(client: ClientId, frame: Message) -> Option<Input> {
             code: close::UNSUPPORTED,
             reason: "text frames are not part of the protocol".into(),
         },
-        Message::Ping(_) | Message::Pong(_) | Message::Close(_) => return None,
+        Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => return None,
     })
 }
 
@@ -695,7 +697,7 @@ fn round_trip(pinged: &(u64, Instant), payload: &[u8]) -> Option<Duration> {
 
 /// One volunteer connection: decodes frames into events and drains the
 /// client's outbox into the socket. Either side ending ends the other.
-async fn handle_socket(socket: WebSocket, state: Gate) {
+async fn handle_socket(socket: Socket, state: Gate) {
     let id: ClientId = state.next_id.fetch_add(1, Ordering::Relaxed);
     let (out, mut outbox) = mpsc::channel(state.admission.limits.outbox.max(1));
     if state
@@ -723,9 +725,9 @@ async fn handle_socket(socket: WebSocket, state: Gate) {
         // are full; such a send gives up after the idle timeout, so the
         // connection (and its queued frames) cannot outlive it.
         let idle = limits.idle_timeout;
-        let closing = |code, reason: String| {
+        let closing = |code: u16, reason: String| {
             Message::Close(Some(CloseFrame {
-                code,
+                code: code.into(),
                 reason: reason.into(),
             }))
         };
@@ -749,8 +751,7 @@ async fn handle_socket(socket: WebSocket, state: Gate) {
                 }
             };
             let last = matches!(msg, Message::Close(_));
-            let sent = tokio::time::timeout(idle, sink.send(msg)).await;
-            if last || !matches!(sent, Ok(Ok(()))) {
+            if !ws::send(&mut sink, msg, idle).await || last {
                 break;
             }
         }

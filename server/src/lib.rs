@@ -14,6 +14,8 @@
 //!
 //! - [`cli`]: flags of the `seedling` binary; [`dispatch`] runs them.
 //! - [`app`]: HTTP routes, the WebSocket handler, [`app::start`] and [`app::run`].
+//! - [`ws`]: the `/ws` upgrade on tokio-tungstenite, and sending large
+//!   messages in fragments so no connection keeps a snapshot-sized buffer.
 //! - [`coordinator`]: the step state machine (sessions, jobs, deadlines,
 //!   reissue, verification, updates, hash checks), free of I/O, and
 //!   [`coordinator::driver`], which runs it on its own thread.
@@ -53,3 +55,4 @@ pub mod runbook;
 pub mod timing;
 pub mod train;
 pub mod worker;
+pub mod ws;

@@ -509,16 +509,25 @@ pub async fn wire_bytes_bench(steps: u64) -> String {
 /// The populations `downlink-bytes` measures.
 pub const DOWNLINK_POPULATIONS: [u32; 3] = [256, 4096, 65_536];
 
-/// Bytes of one server-to-client WebSocket frame carrying `payload` bytes:
-/// the payload and an unmasked header (RFC 6455 section 5.2: 2 bytes, 2
-/// more for a length over 125, 8 more instead over 65,535).
+/// Bytes of one server-to-client WebSocket message carrying `payload`
+/// bytes: the payload and an unmasked header per frame (RFC 6455 section
+/// 5.2: 2 bytes, 2 more for a length over 125, 8 more instead over
+/// 65,535), in fragments of at most `seedling_server::ws::FRAGMENT` bytes
+/// as the server sends a long message.
 pub fn ws_frame_bytes(payload: usize) -> usize {
-    let header = match payload {
+    let header = |len: usize| match len {
         0..=125 => 2,
         126..=65_535 => 4,
         _ => 10,
     };
-    header + payload
+    let fragment = seedling_server::ws::FRAGMENT;
+    let (whole, rest) = (payload / fragment, payload % fragment);
+    let last = if rest > 0 || whole == 0 {
+        header(rest) + rest
+    } else {
+        0
+    };
+    whole * (header(fragment) + fragment) + last
 }
 
 /// The Update frame a volunteer receives for one step of an RW-256 run at
@@ -560,7 +569,7 @@ pub fn update_frame_bytes(
 /// populations of 256, 4,096 and 65,536: one Update frame (jobs go to one
 /// volunteer each, snapshots only on joining, so neither is counted), with
 /// RW-256's default recipe (no minibatch in the update), its WebSocket
-/// header included, TCP/IP headers not. `bytes_N`: every member counted;
+/// headers (one per fragment) included, TCP/IP headers not. `bytes_N`: every member counted;
 /// `missing_bytes_N`: a tenth of the members, scattered, missing, as a step
 /// that closes at its deadline under `--min-fraction 0.9` sends;
 /// `minibatch_bytes_N`: every member counted with the minibatch in the
@@ -585,7 +594,7 @@ pub fn downlink_bytes_bench() -> String {
     }
     r.set_text(
         "note",
-        "bytes each volunteer receives per step: the Update frame with its WebSocket header (jobs and \
+        "bytes each volunteer receives per step: the Update message with its WebSocket headers (jobs and \
          snapshots are per volunteer and not counted; TCP/IP headers not counted); bytes_N every member \
          counted, missing_bytes_N a scattered tenth missing, minibatch_bytes_N with the minibatch",
     );

@@ -342,8 +342,8 @@ fn damage() -> impl Strategy<Value = Damage> {
     ]
 }
 
-fn apply_damage(mut bytes: Vec<u8>, d: &Damage) -> axum::extract::ws::Message {
-    use axum::extract::ws::Message;
+fn apply_damage(mut bytes: Vec<u8>, d: &Damage) -> crate::ws::Message {
+    use crate::ws::Message;
     match d {
         Damage::Intact => {}
         Damage::Truncate(i) => bytes.truncate(i.index(bytes.len())),

@@ -219,6 +219,10 @@ pub struct Hub {
     made: u64,
     /// The capacity last announced.
     announced: Option<(u32, u32)>,
+    /// The relay's replica's snapshot, encoded, and its step: one copy
+    /// (2.7 MiB for RW-256) shared by every volunteer it is sent to until
+    /// the replica changes, rather than one per joining volunteer.
+    snapshot: Option<(u64, Bytes)>,
     status: HubStatus,
 }
 
@@ -242,6 +246,7 @@ impl Hub {
             next_id: 0,
             made: 0,
             announced: None,
+            snapshot: None,
             status: HubStatus::default(),
         }
     }
@@ -616,25 +621,48 @@ impl Hub {
         }
     }
 
-    fn send_snapshot(&self, id: ClientId, out: &mut Vec<Effect>) {
-        if let Some(r) = self.up.replica() {
-            // Every past version the relay keeps: a job of any step the
-            // coordinator still has open may come.
-            self.send(id, &r.snapshot(), out);
+    /// The relay's replica's snapshot, encoded once per state (see
+    /// [`Hub::snapshot`]'s field). It carries every past version the relay
+    /// keeps: a job of any step the coordinator still has open may come.
+    fn snapshot(&mut self) -> Option<Bytes> {
+        let replica = self.up.replica()?;
+        if let Some((step, bytes)) = &self.snapshot
+            && *step == replica.step
+        {
+            return Some(bytes.clone());
+        }
+        match protocol::encode(&replica.snapshot(), MAX_SERVER_MESSAGE) {
+            Ok(b) => {
+                let bytes = Bytes::from(b);
+                self.snapshot = Some((replica.step, bytes.clone()));
+                Some(bytes)
+            }
+            Err(e) => {
+                tracing::error!("cannot encode a snapshot: {e}");
+                None
+            }
+        }
+    }
+
+    fn send_snapshot(&mut self, id: ClientId, out: &mut Vec<Effect>) {
+        if let Some(snapshot) = self.snapshot() {
+            out.push(Effect::Send(id, Outgoing::Frame(snapshot)));
         }
     }
 
     /// Welcomes the volunteers waiting for the relay's replica, once it has one.
     fn welcome_waiting(&mut self, out: &mut Vec<Effect>) {
+        if !self.vols.values().any(|v| v.waiting) {
+            return;
+        }
+        let Some(snapshot) = self.snapshot() else {
+            return;
+        };
         let (Some(replica), Some(tokenizer)) = (self.up.replica(), self.up.session().tokenizer()) else {
             return;
         };
         let run = self.up.session().run();
         let config = replica.config;
-        let snapshot = match protocol::encode(&replica.snapshot(), MAX_SERVER_MESSAGE) {
-            Ok(b) => Bytes::from(b),
-            Err(e) => return tracing::error!("cannot encode a snapshot: {e}"),
-        };
         for (&id, v) in self.vols.iter_mut().filter(|(_, v)| v.waiting) {
             v.waiting = false;
             let welcome = ServerMsg::Welcome {
@@ -847,6 +875,11 @@ impl Hub {
             return;
         }
         let outcome = self.up.receive(frame);
+        if !matches!(outcome.action, Action::Evaluate(_)) {
+            // Anything but a job may have changed the replica (an update,
+            // a snapshot, a Welcome or a Resync dropping it).
+            self.snapshot = None;
+        }
         match outcome.event {
             Some(LifeEvent::Hashed { step, hash }) => {
                 if frame.first() == Some(&UPDATE_TAG) {
@@ -939,11 +972,7 @@ impl Hub {
             to = step,
             "the coordinator's state does not continue the relay's; resynchronising its volunteers"
         );
-        let Some(replica) = self.up.replica() else { return };
-        let snapshot = match protocol::encode(&replica.snapshot(), MAX_SERVER_MESSAGE) {
-            Ok(b) => Bytes::from(b),
-            Err(e) => return tracing::error!("cannot encode a snapshot: {e}"),
-        };
+        let Some(snapshot) = self.snapshot() else { return };
         let resync = Bytes::from(protocol::encode(&ServerMsg::Resync, MAX_SERVER_MESSAGE).expect("tiny"));
         for (&id, v) in self.vols.iter_mut() {
             if v.hello.is_none() || v.waiting {
