@@ -342,6 +342,29 @@ impl RawClient {
         .await;
     }
 
+    /// Plays a replica that diverges again from every snapshot it is sent:
+    /// after each update it reports a hash no honest replica has, until the
+    /// server (or relay) refuses it. Returns the snapshots it got after
+    /// joining, and the Reject's reason and retry.
+    pub async fn diverge_until_refused(&mut self) -> (u32, (String, bool)) {
+        let mut snapshots = 0;
+        loop {
+            match self.recv_or_close().await {
+                Ok(ServerMsg::Snapshot { .. }) => snapshots += 1,
+                Ok(ServerMsg::Update { step, .. }) => {
+                    let wrong = ClientMsg::Hash {
+                        step: step + 1,
+                        hash: 0x5eed_1ee5,
+                    };
+                    self.send(&wrong).await;
+                }
+                Ok(ServerMsg::Reject { reason, retry }) => return (snapshots, (reason, retry)),
+                Ok(_) => {}
+                Err(close) => panic!("closed without a Reject after {snapshots} snapshots: {close}"),
+            }
+        }
+    }
+
     /// Reads until the server closes the connection; returns the Reject reason seen.
     pub async fn expect_rejected(&mut self) -> String {
         self.expect_rejection().await.0

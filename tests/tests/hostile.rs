@@ -84,8 +84,17 @@ async fn hostile_clients_are_rejected_and_nobody_else_notices() {
     c.send(&ClientMsg::Hash { step: 0, hash: 0 }).await;
     reasons.push(("no handshake", c.expect_rejection().await, "Hello", true));
 
-    // Only another protocol version is refused for good: reconnecting
-    // cannot help it, while the other faults may be one bad connection.
+    // A replica that diverges again from every snapshot it is sent: a few
+    // snapshots, then refused for good (another would not help).
+    let mut c = RawClient::join(&url).await;
+    let (snapshots, rejection) = c.diverge_until_refused().await;
+    let resyncs = seedling_server::coordinator::Settings::default().max_resyncs;
+    assert_eq!(snapshots, resyncs, "one per divergence");
+    reasons.push(("diverging", rejection, "diverged again", false));
+
+    // Only another protocol version and a broken replica are refused for
+    // good: reconnecting cannot help them, while the other faults may be
+    // one bad connection.
     for (what, (got, retry), want, want_retry) in &reasons {
         assert!(
             got.contains(want),
@@ -105,7 +114,7 @@ async fn hostile_clients_are_rejected_and_nobody_else_notices() {
     )
     .await;
     assert_eq!(s.rejected_clients, reasons.len() as u64);
-    assert_eq!(s.divergences, 0);
+    assert_eq!(s.divergences, resyncs as u64, "the diverging client's only");
     assert_eq!(s.client_hashes.len(), 1, "only the honest worker is left");
     honest.stop().await;
     server.shutdown().await.unwrap();

@@ -191,6 +191,13 @@ async fn hostile_frames_to_a_relay_drop_only_their_sender() {
     c.send(&ClientMsg::Hash { step: 0, hash: 0 }).await;
     reasons.push(("no handshake", c.expect_rejection().await, "Hello"));
 
+    // A replica that diverges again from every snapshot the relay sends.
+    let mut c = RawClient::join(&url).await;
+    let (snapshots, rejection) = c.diverge_until_refused().await;
+    assert_eq!(snapshots, test_hub().max_resyncs, "one per divergence");
+    assert!(!rejection.1, "a broken replica is refused for good");
+    reasons.push(("diverging", rejection, "diverged again"));
+
     for (what, (got, _), want) in &reasons {
         assert!(
             got.contains(want),

@@ -42,6 +42,9 @@ pub struct HubSettings {
     pub tolerance: f32,
     /// Disagreements that ban a volunteer's session.
     pub max_strikes: u32,
+    /// Snapshots a volunteer may need in a row, each after it diverged
+    /// again, before it is refused (as the coordinator's `max_resyncs`).
+    pub max_resyncs: u32,
     /// Chunks a volunteer holds at once (its next one travels while it
     /// computes).
     pub held: usize,
@@ -62,6 +65,7 @@ impl Default for HubSettings {
             replicate: 0.05,
             tolerance: 1e-3,
             max_strikes: 2,
+            max_resyncs: 3,
             held: 2,
             public_url: String::new(),
             lie: 0.0,
@@ -115,6 +119,12 @@ struct Vol {
     /// coordinator's state jumped ([`Hub::rebase`]): its reports until it
     /// reports that state were made on the old state and are not checked.
     resync: Option<(u64, u64)>,
+    /// The relay's step when it last sent this volunteer a snapshot for a
+    /// divergence: a report for that step or earlier was computed before
+    /// the snapshot could land, and is not checked.
+    synced_at: u64,
+    /// Snapshots sent for divergence since its last matching report.
+    resyncs: u32,
 }
 
 /// A session's record: strikes, and whether it is banned.
@@ -304,6 +314,8 @@ impl Hub {
                 last_result: None,
                 reported: None,
                 resync: None,
+                synced_at: 0,
+                resyncs: 0,
             },
         );
     }
@@ -377,8 +389,15 @@ impl Hub {
                 }
                 let relay_step = self.up.replica().map_or(0, |r| r.step);
                 match self.hashes.iter().find(|&&(s, _)| s == step) {
-                    Some(&(_, want)) if want == hash => {}
+                    Some(&(_, want)) if want == hash => v.resyncs = 0,
+                    // Computed before the last snapshot landed.
+                    Some(_) if step <= v.synced_at => {}
+                    Some(_) if v.resyncs >= self.settings.max_resyncs => {
+                        let why = format!("replica diverged again after {} snapshots", v.resyncs);
+                        self.reject(id, &why, close::POLICY, false, out);
+                    }
                     Some(_) => {
+                        (v.resyncs, v.synced_at) = (v.resyncs + 1, relay_step);
                         self.status.divergences += 1;
                         tracing::warn!(client = id, step, "volunteer diverged; sending a snapshot");
                         self.send(id, &ServerMsg::Resync, out);
