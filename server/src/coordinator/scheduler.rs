@@ -224,7 +224,7 @@ impl Coordinator {
                     // back) keeps the replication decided the first time,
                     // and its other copy goes out with it again.
                     if o.eager.contains_key(&m) || unit(&mut self.coin) < replicate {
-                        o.eager.entry(m).or_default();
+                        o.eager.replicate(m);
                         o.verify.insert(m);
                     } else if replicate == 0.0 {
                         o.unchecked.insert(m);

@@ -57,7 +57,7 @@ pub(super) struct Open {
     /// does and a step closes a round trip after its jobs went out, not
     /// two. By member, the clients holding a live copy now (a client may
     /// not hold both).
-    pub(super) eager: HashMap<u32, SmallVec<[ClientId; 2]>>,
+    pub(super) eager: Eager,
     /// Fresh members handed out while nobody else could check them: their
     /// replication is decided when their result arrives, so a volunteer
     /// that was alone when it got them is checked once others have joined.
@@ -79,6 +79,54 @@ pub(super) struct Open {
     /// When the step became the oldest open one, the one that closes next:
     /// its step deadline counts from then.
     started: Instant,
+}
+
+/// The members replicated at hand-out and who holds each copy. The
+/// scheduler asks whether a member is replicated for every member it
+/// scans, so a bitmap answers that and the map is read only for the few
+/// that are (a hash lookup per member of a 16,384-member step cost the
+/// coordinator about 1.5 ms a step).
+#[derive(Debug, Default)]
+pub struct Eager {
+    set: MemberSet,
+    holders: HashMap<u32, SmallVec<[ClientId; 2]>>,
+}
+
+impl Eager {
+    /// Whether `m` was replicated when handed out.
+    pub fn contains_key(&self, m: &u32) -> bool {
+        self.set.contains(*m)
+    }
+
+    /// The clients holding a copy of `m`, if it is replicated.
+    pub fn get(&self, m: &u32) -> Option<&SmallVec<[ClientId; 2]>> {
+        if self.set.contains(*m) {
+            self.holders.get(m)
+        } else {
+            None
+        }
+    }
+
+    /// [`Eager::get`], to change.
+    pub fn get_mut(&mut self, m: &u32) -> Option<&mut SmallVec<[ClientId; 2]>> {
+        if self.set.contains(*m) {
+            self.holders.get_mut(m)
+        } else {
+            None
+        }
+    }
+
+    /// Marks `m` replicated (holding nothing yet if it was not).
+    pub fn replicate(&mut self, m: u32) {
+        self.set.insert(m);
+        self.holders.entry(m).or_default();
+    }
+
+    /// Forgets every member (a step reopened in these buffers).
+    pub fn clear(&mut self) {
+        self.set.clear();
+        self.holders.clear();
+    }
 }
 
 impl Open {
@@ -119,7 +167,7 @@ impl Open {
             pool: MemberSet::default(),
             verify: MemberSet::default(),
             missed: HashMap::new(),
-            eager: HashMap::new(),
+            eager: Eager::default(),
             unchecked: MemberSet::default(),
             books: Ledger::default(),
             tokens: Vec::new(),
