@@ -105,7 +105,10 @@ pub async fn start(listener: TcpListener, opts: RelayOptions) -> anyhow::Result<
     let gate = Gate::new(events, opts.limits.clone(), Arc::new(AtomicU64::new(1)));
     let shared: Shared = Arc::default();
     let driver = Driver {
-        hub: Hub::new(opts.hub.clone()),
+        hub: Hub::new(
+            opts.hub.clone(),
+            u64::from_le_bytes(token()[..8].try_into().expect("8 bytes")),
+        ),
         client,
         up_subject: relay::up_subject(&opts.nats.prefix, &opts.id),
         url: opts.hub.public_url.clone(),

@@ -91,6 +91,20 @@ async fn two_relays_train_like_one_server() {
             .values()
             .all(|c| c.kind == "relay" && c.members > 0)
     );
+    // Each relay checks its strangers' first chunks, and fewer as they
+    // earn trust (`max(replicate, 4 / (4 + trust))`), as the coordinator does.
+    for r in [&r1, &r2] {
+        let (st, reports) = (r.status(), r.reports());
+        assert!(
+            st.replicated > 0 && st.replicated < st.chunks,
+            "some chunks checked, not all: {st:?}"
+        );
+        assert!(
+            reports.values().all(|v| v.trust > 0),
+            "every volunteer earned trust: {reports:?}"
+        );
+        assert_eq!(st.disagreements, 0);
+    }
     for w in workers {
         w.stop().await;
     }
@@ -223,14 +237,9 @@ async fn hostile_frames_to_a_relay_drop_only_their_sender() {
     let (reason, _) = c.expect_rejection().await;
     assert!(reason.contains("NATS"), "{reason}");
     // A replica that diverges again from every snapshot its relay sends:
-    // refused for good after `max_resyncs` of them. It never answers its
-    // chunks either, so it is on a relay of its own that checks none: a
-    // chunk waiting for its second copy from it would wait for ever.
-    let quiet = seedling_server::relay::hub::HubSettings {
-        replicate: 0.0,
-        ..test_hub()
-    };
-    let r2 = start_relay(&nats, "t3", "r2", quiet).await;
+    // refused for good after `max_resyncs` of them. (It never answers its
+    // chunks either: see `a_volunteer_that_never_answers_cannot_stall_its_relay`.)
+    let r2 = start_relay(&nats, "t3", "r2", test_hub()).await;
     let honest2 = spawn_worker(&relay_url(&r2), 1);
     let mut c = RawClient::join(&relay_url(&r2)).await;
     let (snapshots, (reason, retry)) = c.diverge_until_refused().await;
@@ -298,6 +307,54 @@ async fn a_liar_behind_a_relay_is_outvoted_and_banned() {
         w.stop().await;
     }
     relay.kill();
+    server.shutdown().await.unwrap();
+}
+
+/// A volunteer that takes chunks and never answers, on a relay that checks
+/// every chunk: once it let a chunk expire it does not get that chunk again,
+/// so a claimed chunk that only it could check is accepted as it is, and
+/// the run ends at the fault-free hash while it stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_volunteer_that_never_answers_cannot_stall_its_relay() {
+    let steps = 10;
+    let want = clean_run_hash(options(steps), &[1, 2]).await;
+    let nats = NatsServer::start();
+    let server = start(with_nats(options(steps), &nats, "t11")).await;
+    let hub = seedling_server::relay::hub::HubSettings {
+        replicate: 1.0,
+        chunk_timeout: Duration::from_millis(300),
+        ..test_hub()
+    };
+    let relay = start_relay(&nats, "t11", "r1", hub).await;
+    let url = relay_url(&relay);
+    let mut silent = RawClient::join(&url).await;
+    let jobs = tokio::spawn(async move {
+        // Reads everything (a full socket would get it dropped as slow),
+        // answers nothing.
+        let mut jobs = 0u32;
+        while let Ok(msg) = silent.recv_or_close().await {
+            jobs += matches!(msg, ServerMsg::Job { .. }) as u32;
+        }
+        jobs
+    });
+    let honest = spawn_worker(&url, 1);
+    let hash = wait_relayed_end(
+        &server,
+        &[&relay],
+        1,
+        "the run to finish past the silent volunteer",
+    )
+    .await;
+    assert_eq!(hash, want, "the silent volunteer changed the weights");
+    let st = wait_relay(&relay, LONG, "the last figures", |st| st.step == steps).await;
+    assert_eq!(
+        st.volunteers, 2,
+        "the silent volunteer is still connected: {st:?}"
+    );
+    assert!(st.reissued > 0, "its chunks were taken back: {st:?}");
+    honest.stop().await;
+    relay.kill();
+    assert!(jobs.await.unwrap() > 0, "the silent volunteer was given chunks");
     server.shutdown().await.unwrap();
 }
 

@@ -36,7 +36,7 @@
 pub mod credit;
 pub mod driver;
 pub mod ledger;
-mod scheduler;
+pub(crate) mod scheduler;
 pub mod seqmap;
 mod sessions;
 mod status;

@@ -330,7 +330,7 @@ impl Coordinator {
     /// that is replicated: the fewer of its results were confirmed, the
     /// more (BOINC's adaptive replication), never under `replicate`.
     pub(super) fn replication(&self, trust: u64) -> f64 {
-        (self.settings.replicate as f64).max(4.0 / (4.0 + trust as f64))
+        replication(self.settings.replicate, trust)
     }
 
     /// Members a client's next job gets: what it evaluates in
@@ -417,7 +417,15 @@ impl Coordinator {
     }
 }
 
-/// A uniform draw in `[0, 1)` from the coordinator's coin.
-pub(super) fn unit(coin: &mut seedling_core::rng::Stream) -> f64 {
+/// The share of the results of a contributor with `trust` confirmed
+/// results that is replicated: BOINC's adaptive replication, all of a
+/// stranger's first results, `4 / (4 + trust)` after, never under `base`.
+/// A relay applies the same rule to its volunteers' chunks.
+pub(crate) fn replication(base: f32, trust: u64) -> f64 {
+    (base as f64).max(4.0 / (4.0 + trust as f64))
+}
+
+/// A uniform draw in `[0, 1)` from a coin (the coordinator's or a relay's).
+pub(crate) fn unit(coin: &mut seedling_core::rng::Stream) -> f64 {
     (coin.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -13,12 +13,16 @@
 //! from its replica, the coordinator's Update frames forwarded as they came
 //! (the same bytes to every volunteer), Hash reports checked against its own
 //! replica (Resync and Snapshot on a mismatch), chunks with deadlines,
-//! reissued on a timeout or a disconnection, and replicated validation: every
-//! `1 / replicate`-th chunk goes to two volunteers; a disagreement goes to a
-//! third, and the minority of the three gets a strike; `max_strikes`
-//! strikes ban the session. Simplified from the coordinator's: trust does
-//! not lower the replication rate, and a chunk no other volunteer can
-//! check is accepted unchecked (the coordinator still checks the relay).
+//! reissued on a timeout or a disconnection, and replicated validation with
+//! the coordinator's rule for trust: a chunk goes to a second volunteer
+//! with the chance `max(replicate, 4 / (4 + trust))`, trust being the
+//! replicated chunks the first one's session saw confirmed; a disagreement
+//! goes to a third, and the minority of the three gets a strike (and loses
+//! its trust); `max_strikes` strikes ban the session. A volunteer that let
+//! a chunk expire does not get it again, so one that holds chunks without
+//! answering cannot stall the relay; a claimed chunk that no other
+//! volunteer here can check is accepted as it is (the coordinator still
+//! checks the relay).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -36,7 +40,9 @@ use crate::coordinator::types::{ClientId, Input, Outgoing, close};
 pub struct HubSettings {
     /// Shortest deadline of a chunk, whatever the volunteer's speed.
     pub chunk_timeout: Duration,
-    /// Fraction of chunks evaluated by two volunteers (0 = none, 1 = all).
+    /// The least fraction of a volunteer's chunks evaluated by a second
+    /// volunteer, however trusted it is (0 = only the trust rule's, 1 =
+    /// all).
     pub replicate: f32,
     /// Losses agree when `|a - b| <= tolerance * max(1, |a|)`.
     pub tolerance: f32,
@@ -127,9 +133,12 @@ struct Vol {
     resyncs: u32,
 }
 
-/// A session's record: strikes, and whether it is banned.
+/// A session's record: its trust, strikes, and whether it is banned.
 #[derive(Default)]
 struct Record {
+    /// Replicated chunks on which it agreed with the other claims; 0
+    /// again after a strike.
+    agreed: u64,
     strikes: u32,
     banned: bool,
 }
@@ -153,6 +162,10 @@ struct Chunk {
     claims: Vec<(ClientId, Vec<f32>)>,
     /// Live assignments.
     out: Vec<u64>,
+    /// Volunteers that let an assignment of it expire: they check nobody's
+    /// claim on it, and get it fresh again only when every volunteer here
+    /// let it expire.
+    missed: Vec<ClientId>,
 }
 
 /// One assignment of a chunk to a volunteer.
@@ -172,6 +185,10 @@ pub struct VolReport {
     pub step: u64,
     /// Its last hash (hex).
     pub hash: String,
+    /// Its session's replicated chunks confirmed by another volunteer
+    /// since its last strike (the fewer, the more of its chunks are
+    /// replicated).
+    pub trust: u64,
 }
 
 /// The relay's figures for its `/api/status`.
@@ -197,6 +214,11 @@ pub struct HubStatus {
     pub resynced: u64,
     /// Disagreements between replicated chunks.
     pub disagreements: u64,
+    /// Chunks cut from upstream jobs.
+    pub chunks: u64,
+    /// Chunks given to a second volunteer to check (a disagreement's third
+    /// copy not counted).
+    pub replicated: u64,
     /// Upstream jobs answered.
     pub jobs_done: u64,
 }
@@ -225,8 +247,9 @@ pub struct Hub {
     pending: VecDeque<u64>,
     subs: HashMap<u64, Sub>,
     next_id: u64,
-    /// Chunks made, for picking every `1 / replicate`-th to replicate.
-    made: u64,
+    /// Draws which chunks are replicated: a volunteer cannot tell which of
+    /// its chunks will be checked.
+    coin: seedling_core::rng::Stream,
     /// The capacity last announced.
     announced: Option<(u32, u32)>,
     /// The relay's replica's snapshot, encoded, and its step: one copy
@@ -237,8 +260,10 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// A relay with no volunteers and no upstream connection.
-    pub fn new(settings: HubSettings) -> Self {
+    /// A relay with no volunteers and no upstream connection; `seed` seeds
+    /// the coin that picks the chunks to replicate (the driver draws it at
+    /// random).
+    pub fn new(settings: HubSettings, seed: u64) -> Self {
         Self {
             settings,
             up: Volunteer::new(ClientKind::Relay, 1).max_backoff(2_000),
@@ -254,7 +279,7 @@ impl Hub {
             pending: VecDeque::new(),
             subs: HashMap::new(),
             next_id: 0,
-            made: 0,
+            coin: seedling_core::rng::Stream::new(seed),
             announced: None,
             snapshot: None,
             status: HubStatus::default(),
@@ -280,6 +305,10 @@ impl Hub {
             .filter_map(|(&id, v)| {
                 let (kind, _) = v.hello?;
                 let (step, hash) = v.reported?;
+                let trust = v
+                    .session
+                    .and_then(|t| self.sessions.get(&t))
+                    .map_or(0, |r| r.agreed);
                 let kind = match kind {
                     ClientKind::Browser => "browser",
                     ClientKind::Native => "native",
@@ -291,6 +320,7 @@ impl Hub {
                         kind,
                         step,
                         hash: format!("{hash:016x}"),
+                        trust,
                     },
                 ))
             })
@@ -539,6 +569,19 @@ impl Hub {
         for liar in liars {
             self.strike(liar, out);
         }
+        if support >= 2 {
+            for (c, l) in &chunk.claims {
+                if agree(&losses, l)
+                    && let Some(r) = self
+                        .vols
+                        .get(c)
+                        .and_then(|v| v.session)
+                        .and_then(|t| self.sessions.get_mut(&t))
+                {
+                    r.agreed += 1;
+                }
+            }
+        }
         let Some(job) = self.jobs.get_mut(&chunk.up) else {
             return;
         };
@@ -563,6 +606,7 @@ impl Hub {
         };
         let record = self.sessions.entry(token).or_default();
         record.strikes += 1;
+        record.agreed = 0;
         tracing::warn!(
             client = id,
             strikes = record.strikes,
@@ -721,19 +765,32 @@ impl Hub {
             if chunk.claims.len() + chunk.out.len() >= chunk.needed {
                 continue;
             }
-            let busy: Vec<ClientId> = chunk
+            let claimed = !chunk.claims.is_empty();
+            // Who may not take it: its claimants and holders, and whoever
+            // let it expire (a volunteer that holds chunks without
+            // answering would otherwise get the same one back for ever).
+            let mut busy: Vec<ClientId> = chunk
                 .claims
                 .iter()
                 .map(|c| c.0)
                 .chain(chunk.out.iter().filter_map(|s| self.subs.get(s).map(|s| s.vol)))
                 .collect();
-            // Claimed, and no other volunteer here (ready or not) to check.
-            let lone = !chunk.claims.is_empty()
-                && chunk.out.is_empty()
-                && !self
-                    .vols
+            let in_busy = busy.len();
+            busy.extend(&chunk.missed);
+            let anyone = |busy: &[ClientId]| {
+                self.vols
                     .iter()
-                    .any(|(id, v)| v.hello.is_some() && !v.waiting && !busy.contains(id));
+                    .any(|(id, v)| v.hello.is_some() && !v.waiting && !busy.contains(id))
+            };
+            let mut others = anyone(&busy);
+            if !claimed && !others && busy.len() > in_busy {
+                // Every volunteer here let it expire: offered to all again.
+                busy.truncate(in_busy);
+                others = anyone(&busy);
+                self.chunks.get_mut(&chunk_id).expect("looked up").missed.clear();
+            }
+            // Claimed, and no other volunteer here (ready or not) to check.
+            let lone = claimed && self.chunks[&chunk_id].out.is_empty() && !others;
             let Some(pos) = ready.iter().position(|id| !busy.contains(id)) else {
                 if ready.is_empty() {
                     skipped.push_back(chunk_id);
@@ -776,6 +833,7 @@ impl Hub {
         };
         let members = &job.work.members[chunk.start..chunk.end];
         let v = &self.vols[&id];
+        let first = chunk.claims.is_empty() && chunk.out.is_empty();
         let expected = if v.speed > 0.0 {
             (members.len() * (v.subs.len() + 1)) as f64 / v.speed
         } else {
@@ -808,7 +866,25 @@ impl Hub {
                 deadline: now + timeout,
             },
         );
-        self.chunks.get_mut(&chunk_id).unwrap().out.push(sub);
+        let trust = v
+            .session
+            .and_then(|t| self.sessions.get(&t))
+            .map_or(0, |r| r.agreed);
+        let chunk = self.chunks.get_mut(&chunk_id).unwrap();
+        chunk.out.push(sub);
+        if first {
+            // Whether another volunteer checks it, drawn by the trust of
+            // the one that computes it first. Drawn even for a volunteer
+            // alone here: one that joins before the claim is in checks it,
+            // and a claim nobody else can check is accepted (see `assign`).
+            let p = crate::coordinator::scheduler::replication(self.settings.replicate, trust);
+            chunk.needed = if crate::coordinator::scheduler::unit(&mut self.coin) < p {
+                self.status.replicated += 1;
+                2
+            } else {
+                1
+            };
+        }
         let v = self.vols.get_mut(&id).unwrap();
         if v.subs.is_empty() {
             v.last_result = Some(now);
@@ -829,6 +905,9 @@ impl Hub {
             if let Some(s) = self.subs.get(&sub) {
                 if let Some(v) = self.vols.get_mut(&s.vol) {
                     v.speed *= 0.5;
+                }
+                if let Some(c) = self.chunks.get_mut(&s.chunk) {
+                    c.missed.push(s.vol);
                 }
             }
             self.unassign(sub);
@@ -1058,29 +1137,19 @@ impl Hub {
     }
 
     /// Cuts an upstream job into chunks: an even share for each volunteer
-    /// (at least two members and its threads), some of them replicated.
+    /// (at least two members and its threads).
     fn split(&mut self, work: Work) {
         let n = work.members.len();
         let vols: Vec<u32> = self.vols.values().filter_map(|v| v.hello.map(|h| h.1)).collect();
         let ready = vols.len().max(1);
         let threads = vols.iter().copied().min().unwrap_or(1) as usize;
         let size = n.div_ceil(ready).max(2 * threads).max(2);
-        let every = if self.settings.replicate > 0.0 {
-            (1.0 / self.settings.replicate).round().max(1.0) as u64
-        } else {
-            u64::MAX
-        };
         let up = work.job;
         let mut start = 0;
         let mut chunks = 0;
         while start < n {
             let end = (start + size).min(n);
-            self.made += 1;
-            // Picked for replication whoever is here now: a volunteer who
-            // joins before the first claim is in checks it, and a chunk
-            // nobody else can check is accepted when its claim comes (see
-            // `assign`).
-            let needed = if self.made % every == 0 { 2 } else { 1 };
+            self.status.chunks += 1;
             self.next_id += 1;
             self.chunks.insert(
                 self.next_id,
@@ -1088,9 +1157,12 @@ impl Hub {
                     up,
                     start,
                     end,
-                    needed,
+                    // Whether a second volunteer checks it is drawn when
+                    // it is first given (see `give`).
+                    needed: 1,
                     claims: Vec::new(),
                     out: Vec::new(),
+                    missed: Vec::new(),
                 },
             );
             self.pending.push_back(self.next_id);
