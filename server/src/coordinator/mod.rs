@@ -36,6 +36,7 @@
 pub mod credit;
 pub mod driver;
 pub mod ledger;
+pub mod resync;
 pub(crate) mod scheduler;
 pub mod seqmap;
 mod sessions;
@@ -100,13 +101,8 @@ struct Client {
     queued: bool,
     /// Its last hash report: (step, hash).
     reported: Option<(u64, u64)>,
-    /// The step its latest snapshot was taken at: a report for that step
-    /// or earlier was computed before the snapshot could arrive (every
-    /// update is hashed, so a round trip's worth are on the wire), and
-    /// says nothing about the replica the snapshot made.
-    synced_at: u64,
-    /// Snapshots sent for divergence since its last matching report.
-    resyncs: u32,
+    /// The snapshots it was sent (`coordinator/resync.rs`).
+    resyncs: resync::Resyncs,
 }
 
 /// The coordinator's state. See the module docs for the rules.
@@ -216,8 +212,7 @@ impl Coordinator {
                         members: 0,
                         queued: false,
                         reported: None,
-                        synced_at: 0,
-                        resyncs: 0,
+                        resyncs: resync::Resyncs::default(),
                     },
                 );
             }
@@ -369,19 +364,15 @@ impl Coordinator {
         };
         c.reported = Some((step, hash));
         match self.step.hash_at(step) {
-            Some(want) if want == hash => c.resyncs = 0,
-            // Computed before the last snapshot landed: already resynced.
-            Some(_) if step <= c.synced_at => {}
-            Some(_) if c.resyncs >= self.settings.max_resyncs => {
-                let why = format!("replica diverged again after {} snapshots", c.resyncs);
-                self.refuse(id, &why, out);
-            }
-            Some(_) => {
-                c.resyncs += 1;
-                self.counters.divergences += 1;
-                tracing::warn!(client = id, step, "replica diverged; sending a snapshot");
-                self.send_snapshot(id, out);
-            }
+            Some(want) => match c.resyncs.judge(step, want == hash, self.settings.max_resyncs) {
+                resync::Verdict::Agrees | resync::Verdict::Stale => {}
+                resync::Verdict::Refuse(why) => self.refuse(id, &why, out),
+                resync::Verdict::Resync => {
+                    self.counters.divergences += 1;
+                    tracing::warn!(client = id, step, "replica diverged; sending a snapshot");
+                    self.send_snapshot(id, out);
+                }
+            },
             None if step > self.replica.step => self.reject(id, &format!("hash for future step {step}"), out),
             None => {} // too old to check; the next report will be checked
         }
@@ -495,7 +486,7 @@ impl Coordinator {
 
     fn send_snapshot(&mut self, id: ClientId, out: &mut dyn Outputs) {
         if let Some(c) = self.clients.get_mut(&id) {
-            c.synced_at = self.replica.step;
+            c.resyncs.sent(self.replica.step);
         }
         // Only the past versions an open step is evaluated around: its
         // own and the one before (see `Replica::point`).

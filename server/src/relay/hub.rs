@@ -33,6 +33,7 @@ use seedling_core::protocol::{
 };
 use seedling_core::volunteer::{Action, Event as LifeEvent, Volunteer, Work};
 
+use crate::coordinator::resync::{Resyncs, Verdict};
 use crate::coordinator::types::{ClientId, Input, Outgoing, close};
 
 /// The relay's knobs.
@@ -125,12 +126,8 @@ struct Vol {
     /// coordinator's state jumped ([`Hub::rebase`]): its reports until it
     /// reports that state were made on the old state and are not checked.
     resync: Option<(u64, u64)>,
-    /// The relay's step when it last sent this volunteer a snapshot for a
-    /// divergence: a report for that step or earlier was computed before
-    /// the snapshot could land, and is not checked.
-    synced_at: u64,
-    /// Snapshots sent for divergence since its last matching report.
-    resyncs: u32,
+    /// The snapshots it was sent for divergence (`coordinator/resync.rs`).
+    resyncs: Resyncs,
 }
 
 /// A session's record: its trust, strikes, and whether it is banned.
@@ -344,8 +341,7 @@ impl Hub {
                 last_result: None,
                 reported: None,
                 resync: None,
-                synced_at: 0,
-                resyncs: 0,
+                resyncs: Resyncs::default(),
             },
         );
     }
@@ -419,19 +415,18 @@ impl Hub {
                 }
                 let relay_step = self.up.replica().map_or(0, |r| r.step);
                 match self.hashes.iter().find(|&&(s, _)| s == step) {
-                    Some(&(_, want)) if want == hash => v.resyncs = 0,
-                    // Computed before the last snapshot landed.
-                    Some(_) if step <= v.synced_at => {}
-                    Some(_) if v.resyncs >= self.settings.max_resyncs => {
-                        let why = format!("replica diverged again after {} snapshots", v.resyncs);
-                        self.reject(id, &why, close::POLICY, false, out);
-                    }
-                    Some(_) => {
-                        (v.resyncs, v.synced_at) = (v.resyncs + 1, relay_step);
-                        self.status.divergences += 1;
-                        tracing::warn!(client = id, step, "volunteer diverged; sending a snapshot");
-                        self.send(id, &ServerMsg::Resync, out);
-                        self.send_snapshot(id, out);
+                    Some(&(_, want)) => {
+                        match v.resyncs.judge(step, want == hash, self.settings.max_resyncs) {
+                            Verdict::Agrees | Verdict::Stale => {}
+                            Verdict::Refuse(why) => self.reject(id, &why, close::POLICY, false, out),
+                            Verdict::Resync => {
+                                v.resyncs.sent(relay_step);
+                                self.status.divergences += 1;
+                                tracing::warn!(client = id, step, "volunteer diverged; sending a snapshot");
+                                self.send(id, &ServerMsg::Resync, out);
+                                self.send_snapshot(id, out);
+                            }
+                        }
                     }
                     // A step past the relay's that it forwarded before the
                     // coordinator's state went back ([`Hub::rebase`]) is a
