@@ -213,8 +213,9 @@ pub struct HubStatus {
     pub disagreements: u64,
     /// Chunks cut from upstream jobs.
     pub chunks: u64,
-    /// Chunks given to a second volunteer to check (a disagreement's third
-    /// copy not counted).
+    /// Chunks settled on the claims of two volunteers or more (checked):
+    /// fewer as volunteers earn trust. A chunk drawn for a check that
+    /// nobody else here could make is not counted.
     pub replicated: u64,
     /// Upstream jobs answered.
     pub jobs_done: u64,
@@ -552,6 +553,9 @@ impl Hub {
         for &sub in &chunk.out {
             self.forget_sub(sub);
         }
+        if chunk.claims.len() >= 2 {
+            self.status.replicated += 1;
+        }
         let losses = chunk.claims[best].1.clone();
         // Only a majority convicts: two claims against each other, or three
         // all different, strike nobody.
@@ -874,7 +878,6 @@ impl Hub {
             // and a claim nobody else can check is accepted (see `assign`).
             let p = crate::coordinator::scheduler::replication(self.settings.replicate, trust);
             chunk.needed = if crate::coordinator::scheduler::unit(&mut self.coin) < p {
-                self.status.replicated += 1;
                 2
             } else {
                 1
