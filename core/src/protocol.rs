@@ -69,7 +69,10 @@ pub mod weights;
 /// 13: a relay announces itself to the coordinator every second
 /// ([`relay::Up::Presence`]) whether or not it has volunteers, so the
 /// coordinator lists every live relay for the page.
-pub const PROTOCOL_VERSION: u32 = 13;
+/// 14: a relay reports what its volunteers earned ([`relay::Up::Credit`]),
+/// and takes the session token a volunteer presents, so a contributor
+/// keeps one identity and one leaderboard row directly and through relays.
+pub const PROTOCOL_VERSION: u32 = 14;
 
 /// Longest display name, in characters, after [`clean_name`]. A Hello whose
 /// name is longer does not decode: clients clean their names before sending.

@@ -390,6 +390,7 @@ impl Bridge {
                     speed,
                 }
             }
+            Up::Credit { earned, .. } => Input::Credit { client, earned },
             Up::Heartbeat { conn } => {
                 publish_control(
                     &self.client,

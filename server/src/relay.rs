@@ -309,6 +309,13 @@ impl Driver {
                             tracing::warn!("NATS publish failed: {e}");
                         }
                     }
+                    Effect::Credit(earned) => {
+                        let credit = Up::Credit {
+                            conn: self.hub.conn(),
+                            earned,
+                        };
+                        nats::publish_control(&self.client, &self.up_subject, &credit).await;
+                    }
                     Effect::Capacity { threads, speed } => {
                         let capacity = Up::Capacity {
                             conn: self.hub.conn(),

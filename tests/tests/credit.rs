@@ -151,6 +151,54 @@ async fn named_workers_earn_credit_that_lasts() {
     server.shutdown().await.unwrap();
 }
 
+/// Credit through a relay: a named worker that earned credit directly
+/// keeps its token and its one row when it trains through a relay, and
+/// its credit keeps growing there; its fellow volunteer on the relay gets
+/// a row of its own, and the relay, one client of the coordinator, none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_earned_through_a_relay_goes_to_its_volunteers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ada, bob) = (dir.path().join("ada.id"), dir.path().join("bob.id"));
+    let nats = seedling_tests::nats::NatsServer::start();
+    let server = start(seedling_tests::nats::with_nats(
+        tiny_options(test_settings(u64::MAX)),
+        &nats,
+        "c1",
+    ))
+    .await;
+    let a = spawn_worker_as(&ws_url(&server), 1, "ada", Some(&ada));
+    wait_board(&server, "ada credited directly", |b| members(b, &ada) > 0).await;
+    a.stop().await;
+    let token = std::fs::read_to_string(&ada).unwrap();
+    let before = members(&settled(&server).await, &ada);
+
+    let relay = seedling_tests::nats::start_relay(&nats, "c1", "r1", seedling_tests::nats::test_hub()).await;
+    let url = seedling_tests::nats::relay_url(&relay);
+    let a = spawn_worker_as(&url, 1, "ada", Some(&ada));
+    let b = spawn_worker_as(&url, 1, "bob", Some(&bob));
+    let board = wait_board(&server, "both credited through the relay", |b| {
+        members(b, &ada) > before + 50 && members(b, &bob) > 50
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(&ada).unwrap(),
+        token,
+        "same token through the relay"
+    );
+    assert_eq!(row(&board, &bob).unwrap()["name"], "bob");
+    let rows = board["contributors"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "ada and bob, and no row for the relay: {board}");
+    assert_eq!(
+        server.status().volunteers.relay,
+        1,
+        "they trained through the relay"
+    );
+    a.stop().await;
+    b.stop().await;
+    relay.kill();
+    server.shutdown().await.unwrap();
+}
+
 fn named_hello(name: &str) -> ClientMsg {
     ClientMsg::Hello {
         version: PROTOCOL_VERSION,

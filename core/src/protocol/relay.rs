@@ -10,7 +10,8 @@
 //! by raw bytes, a part of one frame. The header names the relay's
 //! connection (`conn`, a number the relay increases on every reconnection,
 //! so a stale message of an earlier one is told apart), and carries the
-//! relay-only controls: its capacity, heartbeats, and closes.
+//! relay-only controls: its capacity, heartbeats, closes, and the credit
+//! its volunteers earned.
 //!
 //! Subjects: a relay publishes on [`up_subject`] and listens on
 //! [`down_subject`]; the coordinator listens on [`up_wildcard`].
@@ -27,6 +28,24 @@ pub const MAX_RELAY_ID: usize = 64;
 
 /// Longest public URL a relay announces (for the page's relay list).
 pub const MAX_RELAY_URL: usize = 256;
+
+/// Most contributors in one [`Up::Credit`].
+pub const MAX_EARNED: usize = 1024;
+
+/// What one of a relay's volunteers earned since the relay last said: the
+/// coordinator keeps the leaderboard, the relay knows who did which work.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Earned {
+    /// The SHA-256 of the volunteer's session token (the coordinator's
+    /// credit key; the token itself, a secret, stays at the relay).
+    pub key: [u8; 32],
+    /// Its display name, already [`clean_name`](super::clean_name)d.
+    pub name: String,
+    /// Members whose losses the relay counted from its claims.
+    pub members: u64,
+    /// The relay banned the session as a liar: its credit is void.
+    pub banned: bool,
+}
 
 /// Relay to coordinator: a header, then (for [`Up::Frame`]) a part of one
 /// encoded `ClientMsg`.
@@ -65,6 +84,15 @@ pub enum Up {
     Close {
         /// The relay's connection.
         conn: u64,
+    },
+    /// Credit for the relay's volunteers. The coordinator pays it out of
+    /// the members it verified from this connection, so a relay can share
+    /// out its own credit but not make more.
+    Credit {
+        /// The relay's connection.
+        conn: u64,
+        /// At most [`MAX_EARNED`] contributors.
+        earned: Vec<Earned>,
     },
     /// The relay is alive and serves volunteers at `url` (empty when not
     /// announced): sent every second whether or not it has a connection,
@@ -115,6 +143,7 @@ impl Up {
             Up::Frame { conn, .. }
             | Up::Capacity { conn, .. }
             | Up::Heartbeat { conn }
+            | Up::Credit { conn, .. }
             | Up::Close { conn } => *conn,
             Up::Presence { .. } => 0,
         }
@@ -186,6 +215,12 @@ pub fn open_up(bytes: &[u8]) -> Result<(Up, &[u8])> {
         Up::Capacity { speed, .. } if !speed.is_finite() => return Err(Error::NonFinite),
         Up::Capacity { url, .. } | Up::Presence { url } if url.len() > MAX_RELAY_URL => {
             return Err(Error::Wire(format!("relay url over {MAX_RELAY_URL} bytes")));
+        }
+        Up::Credit { earned, .. } if earned.len() > MAX_EARNED => {
+            return Err(Error::Wire(format!("credit for over {MAX_EARNED} contributors")));
+        }
+        Up::Credit { earned, .. } if earned.iter().any(|e| super::clean_name(&e.name) != e.name) => {
+            return Err(Error::Wire("a credited name is not a clean name".into()));
         }
         _ if !rest.is_empty() => return Err(Error::Wire(format!("{} trailing bytes", rest.len()))),
         _ => {}
@@ -367,6 +402,25 @@ mod tests {
         };
         assert_eq!(open_up(&envelope(&here, &[]).unwrap()).unwrap().0, here);
         assert_eq!(here.conn(), 0);
+        let earned = |name: &str| Earned {
+            key: [7; 32],
+            name: name.into(),
+            members: 12,
+            banned: false,
+        };
+        let credit = Up::Credit {
+            conn: 4,
+            earned: vec![earned("ada")],
+        };
+        assert_eq!(open_up(&envelope(&credit, &[]).unwrap()).unwrap().0, credit);
+        assert_eq!(credit.conn(), 4);
+        for bad in [
+            vec![earned("<b>\u{202e}bob")],
+            vec![earned("ada"); MAX_EARNED + 1],
+        ] {
+            let up = Up::Credit { conn: 4, earned: bad };
+            assert!(open_up(&envelope(&up, &[]).unwrap()).is_err());
+        }
         let closed = Down::Closed {
             conn: 2,
             code: 1008,

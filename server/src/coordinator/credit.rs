@@ -24,12 +24,27 @@
 //! session is banned as a liar has its whole tally voided: set to zero and
 //! marked banned, kept that way (so the ban outlives a restart, and the
 //! leaderboard says why the name has nothing), and never credited again.
+//!
+//! **Through relays.** A relay is one client here, not a contributor: the
+//! members verified from its claims go into its purse, and the relay says
+//! which of its volunteers earned them ([`Earned`], by the key of the
+//! volunteer's token and its name; the relay checks its volunteers as this
+//! coordinator checks its clients). The purse pays what is owed in the
+//! order it was reported, never more than it holds (twice the members
+//! verified from the relay, since a chunk a second volunteer checked there
+//! credits both): a relay can share out the credit its work earned here,
+//! not make more. A volunteer keeps one
+//! row whether it joins directly or through any relay, since relays take
+//! the token it presents.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use std::collections::VecDeque;
+
+use seedling_core::protocol::relay::{Earned, MAX_EARNED};
 use seedling_core::protocol::{SessionToken, clean_name};
 use sha2::{Digest, Sha256};
 
@@ -37,6 +52,7 @@ use super::Coordinator;
 use super::ledger::Ledger;
 use super::types::{ClientId, Contributor, Leaderboard};
 use crate::checkpoint::ContributorRecord;
+use seedling_core::protocol::ClientKind;
 
 /// Contributors remembered. Past this, a newcomer replaces the one with
 /// the fewest members that is neither banned nor connected, so memory stays
@@ -45,6 +61,10 @@ const MAX_CONTRIBUTORS: usize = 100_000;
 
 /// Rows on the leaderboard.
 pub(super) const BOARD_SIZE: usize = 100;
+
+/// Reported credit a relay's purse holds while its members are not yet
+/// verified, past which the oldest is dropped.
+const MAX_OWED: usize = 4 * MAX_EARNED;
 
 /// Bytes of the key shown, hex-encoded, as a contributor's public id.
 const PUBLIC_ID_BYTES: usize = 6;
@@ -83,8 +103,18 @@ pub struct Credit {
     /// its members' steps closed is still credited at their closes, then
     /// forgotten.
     live: HashMap<ClientId, [u8; 32], foldhash::fast::RandomState>,
+    /// Every relay connection's purse.
+    purses: HashMap<ClientId, Purse, foldhash::fast::RandomState>,
     /// The leaderboard, built when asked after a change.
     board: RefCell<Option<Arc<Leaderboard>>>,
+}
+
+/// A relay connection's credit: verified members not yet shared out, and
+/// what its volunteers earned that has not been paid yet.
+#[derive(Debug, Default)]
+struct Purse {
+    budget: u64,
+    owed: VecDeque<Earned>,
 }
 
 impl Credit {
@@ -161,9 +191,79 @@ impl Credit {
         }
     }
 
-    /// Credits `n` verified members to connection `id`'s contributor; false
-    /// if it has none (no session) or is banned.
+    /// Connection `id` is a relay: the credit of its members goes to its
+    /// volunteers (see the module docs).
+    pub fn join_relay(&mut self, id: ClientId) {
+        self.purses.entry(id).or_default();
+    }
+
+    /// Relay connection `id` reports what its volunteers earned: a ban
+    /// voids the contributor at once, the rest is paid as the purse allows.
+    /// Ignored from a connection that is not a relay's.
+    pub fn relay_earned(&mut self, id: ClientId, earned: Vec<Earned>) {
+        let Some(purse) = self.purses.get_mut(&id) else {
+            return;
+        };
+        let mut voided = Vec::new();
+        for e in earned {
+            if e.banned {
+                voided.push(e.key);
+            } else if e.members > 0 {
+                if purse.owed.len() >= MAX_OWED {
+                    purse.owed.pop_front();
+                }
+                purse.owed.push_back(e);
+            }
+        }
+        for key in voided {
+            let e = self.tally.entry(key).or_default();
+            (e.members, e.banned) = (0, true);
+            self.changed();
+        }
+        self.pay(id);
+    }
+
+    /// Pays relay `id`'s volunteers what it owes them, oldest first, as far
+    /// as its purse goes.
+    fn pay(&mut self, id: ClientId) {
+        let Some(purse) = self.purses.get_mut(&id) else {
+            return;
+        };
+        let mut paid = Vec::new();
+        while purse.budget > 0
+            && let Some(front) = purse.owed.front_mut()
+        {
+            let n = front.members.min(purse.budget);
+            (purse.budget, front.members) = (purse.budget - n, front.members - n);
+            paid.push((front.key, clean_name(&front.name), n));
+            if front.members == 0 {
+                purse.owed.pop_front();
+            }
+        }
+        for (key, name, n) in paid {
+            if !self.tally.contains_key(&key) && self.tally.len() >= MAX_CONTRIBUTORS {
+                self.evict();
+            }
+            let e = self.tally.entry(key).or_default();
+            if !e.banned {
+                e.members += n;
+                e.name = name;
+                self.changed();
+            }
+        }
+    }
+
+    /// Credits `n` verified members to connection `id`'s contributor, or
+    /// to its purse if it is a relay; false if it has none (no session) or
+    /// is banned.
     pub fn credit(&mut self, id: ClientId, n: u64) -> bool {
+        if let Some(purse) = self.purses.get_mut(&id) {
+            // Twice: a chunk that a second volunteer at the relay checked
+            // credits both, as a replicated member here credits both.
+            purse.budget += n.saturating_mul(2);
+            self.pay(id);
+            return true;
+        }
         let Some(e) = self.live.get(&id).and_then(|k| self.tally.get_mut(k)) else {
             return false;
         };
@@ -178,7 +278,14 @@ impl Credit {
     /// The contributor behind connection `id`, for crediting a member once
     /// per contributor.
     pub fn key(&self, id: ClientId) -> Option<[u8; 32]> {
-        self.live.get(&id).copied()
+        self.live.get(&id).copied().or_else(|| {
+            // A relay: a key of its own that no SHA-256 digest will be.
+            self.purses.contains_key(&id).then(|| {
+                let mut k = [0xff; 32];
+                k[..8].copy_from_slice(&id.to_le_bytes());
+                k
+            })
+        })
     }
 
     /// The session `token` was banned: its credit is void, for good.
@@ -192,6 +299,7 @@ impl Credit {
     /// After a close: forgets the connections that have left.
     pub fn retain_live(&mut self, connected: impl Fn(ClientId) -> bool) {
         self.live.retain(|&id, _| connected(id));
+        self.purses.retain(|&id, _| connected(id));
     }
 
     fn changed(&mut self) {
@@ -238,7 +346,10 @@ impl Coordinator {
     /// its session, if it has one (without the OS's randomness it has no
     /// token, and trains without credit).
     pub(super) fn credit_join(&mut self, id: ClientId, name: &str) {
-        if let Some(token) = self.clients.get(&id).and_then(|c| c.session) {
+        let Some(c) = self.clients.get(&id) else { return };
+        if c.hello.is_some_and(|h| h.0 == ClientKind::Relay) {
+            self.credit.join_relay(id);
+        } else if let Some(token) = c.session {
             self.credit.join(id, &token, name);
         }
     }
@@ -344,6 +455,60 @@ mod tests {
         // A file that says banned with members still reads as void.
         let forged = Credit::from_records(vec![record(3, "x", 50, true)]);
         assert_eq!(forged.board().contributors[0].members, 0);
+    }
+
+    /// A relay shares out what its members earned here: what it reports
+    /// is paid as its purse fills (twice its verified members), in the
+    /// order reported, never more; a ban it reports voids the contributor;
+    /// a connection that is not a relay's reports nothing.
+    #[test]
+    fn a_relay_pays_its_volunteers_out_of_its_own_verified_members() {
+        let mut c = Credit::default();
+        let (ada, bob) = (key_of(&[1u8; 16]), key_of(&[2u8; 16]));
+        let earned = |key: [u8; 32], name: &str, members: u64, banned: bool| Earned {
+            key,
+            name: name.into(),
+            members,
+            banned,
+        };
+        c.join(1, &[9u8; 16], "direct");
+        c.join_relay(5);
+        assert!(c.key(5).is_some_and(|k| k != ada && c.key(1) != Some(k)));
+        c.relay_earned(
+            5,
+            vec![earned(ada, "ada", 30, false), earned(bob, "bob", 20, false)],
+        );
+        assert_eq!(
+            c.board().total,
+            1,
+            "nothing paid before the relay's members are verified"
+        );
+        assert!(c.credit(5, 20), "a relay's verified members fill its purse");
+        let members = |c: &Credit, name: &str| {
+            c.board()
+                .contributors
+                .iter()
+                .find(|r| r.name == name)
+                .map(|r| r.members)
+        };
+        assert_eq!((members(&c, "ada"), members(&c, "bob")), (Some(30), Some(10)));
+        assert!(c.credit(5, 100));
+        assert_eq!(members(&c, "bob"), Some(20), "paid in full, and no more");
+        assert_eq!(members(&c, "relay"), None, "the relay has no row");
+        // The relay banned bob: his credit is void, for good.
+        c.relay_earned(5, vec![earned(bob, "bob", 0, true)]);
+        c.relay_earned(5, vec![earned(bob, "bob", 5, false)]);
+        assert_eq!(members(&c, "bob"), Some(0));
+        assert!(c.board().contributors.iter().any(|r| r.name == "bob" && r.banned));
+        // A direct volunteer's connection cannot report credit.
+        c.relay_earned(1, vec![earned(ada, "ada", 1_000, false)]);
+        assert!(c.credit(1, 1));
+        assert_eq!(members(&c, "ada"), Some(30));
+        // The purse goes with the relay's connection.
+        c.retain_live(|id| id == 1);
+        assert!(c.key(5).is_none());
+        c.relay_earned(5, vec![earned(ada, "ada", 1, false)]);
+        assert_eq!(members(&c, "ada"), Some(30));
     }
 
     #[test]

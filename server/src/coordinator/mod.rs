@@ -246,6 +246,7 @@ impl Coordinator {
                 threads,
                 speed,
             } => self.on_capacity(client, threads, speed),
+            Input::Credit { client, earned } => self.credit.relay_earned(client, earned),
             Input::Slow { client } => {
                 // The courier reports a connection once, when it closes it;
                 // the Disconnected event may have come first.

@@ -143,6 +143,14 @@ pub enum Input {
         /// Their speeds summed, members per second (0 = unknown).
         speed: f32,
     },
+    /// What a relay's volunteers earned, by the relay's account (only a
+    /// relay's connection reports this; see `coordinator/credit.rs`).
+    Credit {
+        /// The relay.
+        client: ClientId,
+        /// Its volunteers' credit since its last report.
+        earned: Vec<seedling_core::protocol::relay::Earned>,
+    },
     /// Time passes: deadlines are checked.
     Tick,
     /// Close every connection and write a final checkpoint; nothing follows.

@@ -28,6 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use seedling_core::protocol::relay::{Earned, MAX_EARNED};
 use seedling_core::protocol::{
     self, ClientKind, ClientMsg, MAX_SERVER_MESSAGE, PROTOCOL_VERSION, ServerMsg, SessionToken,
 };
@@ -92,6 +93,9 @@ pub enum Effect {
     Open(u64, Vec<u8>),
     /// Send this frame to the coordinator on the current connection.
     Up(Vec<u8>),
+    /// Tell the coordinator what these volunteers earned (on the current
+    /// connection).
+    Credit(Vec<Earned>),
     /// Announce the volunteers' capacity on the current connection.
     Capacity {
         /// Threads summed.
@@ -130,9 +134,23 @@ struct Vol {
     resyncs: Resyncs,
 }
 
-/// A session's record: its trust, strikes, and whether it is banned.
+/// Sessions remembered; past this, those of volunteers that left with
+/// nothing to report and no ban are forgotten.
+const MAX_SESSIONS: usize = 100_000;
+
+/// Most often the relay reports its volunteers' credit upstream.
+const CREDIT_EVERY: Duration = Duration::from_secs(1);
+
+/// A session's record: its trust, strikes, whether it is banned, and the
+/// credit it earned that the coordinator has not been told of.
 #[derive(Default)]
 struct Record {
+    /// The name of its latest Hello.
+    name: String,
+    /// Members counted from its claims since the last report upstream.
+    earned: u64,
+    /// Banned, and the coordinator not told yet.
+    ban_untold: bool,
     /// Replicated chunks on which it agreed with the other claims; 0
     /// again after a strike.
     agreed: u64,
@@ -250,6 +268,8 @@ pub struct Hub {
     coin: seedling_core::rng::Stream,
     /// The capacity last announced.
     announced: Option<(u32, u32)>,
+    /// When credit was last reported upstream.
+    credited_at: Option<Instant>,
     /// The relay's replica's snapshot, encoded, and its step: one copy
     /// (2.7 MiB for RW-256) shared by every volunteer it is sent to until
     /// the replica changes, rather than one per joining volunteer.
@@ -278,6 +298,7 @@ impl Hub {
             subs: HashMap::new(),
             next_id: 0,
             coin: seedling_core::rng::Stream::new(seed),
+            credited_at: None,
             announced: None,
             snapshot: None,
             status: HubStatus::default(),
@@ -368,6 +389,7 @@ impl Hub {
                 kind,
                 threads,
                 session,
+                name,
                 ..
             } => {
                 if v.hello.is_some() {
@@ -382,14 +404,22 @@ impl Hub {
                 if kind == ClientKind::Relay {
                     return self.reject(id, "a relay cannot join a relay", close::POLICY, false, out);
                 }
-                let token = match session {
-                    Some(t) if self.sessions.contains_key(&t) => t,
-                    _ => v.fresh,
-                };
+                // The token it presents, known here or not: the session is
+                // the volunteer's identity on the coordinator's leaderboard
+                // (whose keys are the tokens' digests), the same directly
+                // and through any relay. Tokens are secrets of 128 random
+                // bits, so presenting one gains nothing but its owner's
+                // record; a banned volunteer without one is a new session
+                // either way.
+                let token = session.unwrap_or(v.fresh);
                 if self.sessions.get(&token).is_some_and(|r| r.banned) {
                     return self.reject(id, "this session is banned", close::POLICY, false, out);
                 }
-                self.sessions.entry(token).or_default();
+                if !self.sessions.contains_key(&token) && self.sessions.len() >= MAX_SESSIONS {
+                    self.forget_sessions();
+                }
+                let v = self.vols.get_mut(&id).expect("looked up");
+                self.sessions.entry(token).or_default().name = name;
                 v.session = Some(token);
                 v.hello = Some((kind, threads.clamp(1, 1024)));
                 v.waiting = true;
@@ -568,15 +598,24 @@ impl Hub {
         for liar in liars {
             self.strike(liar, out);
         }
-        if support >= 2 {
-            for (c, l) in &chunk.claims {
-                if agree(&losses, l)
-                    && let Some(r) = self
-                        .vols
-                        .get(c)
-                        .and_then(|v| v.session)
-                        .and_then(|t| self.sessions.get_mut(&t))
-                {
+        // Every session whose claim agrees with the losses that count
+        // earned the chunk's members (once, however many of its
+        // connections claimed), and, when another volunteer checked it, a
+        // unit of trust.
+        let mut credited: Vec<SessionToken> = Vec::with_capacity(chunk.claims.len());
+        for (c, l) in &chunk.claims {
+            let Some(token) = self.vols.get(c).and_then(|v| v.session) else {
+                continue;
+            };
+            if !agree(&losses, l) || credited.contains(&token) {
+                continue;
+            }
+            credited.push(token);
+            if let Some(r) = self.sessions.get_mut(&token)
+                && !r.banned
+            {
+                r.earned += (chunk.end - chunk.start) as u64;
+                if support >= 2 {
                     r.agreed += 1;
                 }
             }
@@ -612,7 +651,7 @@ impl Hub {
             "volunteer disagreed with the majority"
         );
         if record.strikes >= self.settings.max_strikes {
-            record.banned = true;
+            (record.banned, record.ban_untold, record.earned) = (true, true, 0);
             self.reject(
                 id,
                 "banned: results disagreed with other volunteers'",
@@ -930,8 +969,49 @@ impl Hub {
                     speed: speed as f32,
                 });
             }
+            if self
+                .credited_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= CREDIT_EVERY)
+            {
+                self.credited_at = Some(now);
+                self.report_credit(out);
+            }
         }
         self.assign(now, out);
+    }
+
+    /// Tells the coordinator what volunteers earned since the last report
+    /// (at most [`MAX_EARNED`] of them; the rest next time), and which
+    /// sessions were banned.
+    fn report_credit(&mut self, out: &mut Vec<Effect>) {
+        let mut earned = Vec::new();
+        for (token, r) in self.sessions.iter_mut() {
+            if earned.len() == MAX_EARNED {
+                break;
+            }
+            if r.earned > 0 || r.ban_untold {
+                earned.push(Earned {
+                    key: crate::coordinator::credit::key_of(token),
+                    name: r.name.clone(),
+                    members: r.earned,
+                    banned: r.banned,
+                });
+                (r.earned, r.ban_untold) = (0, false);
+            }
+        }
+        if !earned.is_empty() {
+            out.push(Effect::Credit(earned));
+        }
+    }
+
+    /// Forgets the sessions of volunteers that left with no credit to
+    /// report and no ban, to keep at most [`MAX_SESSIONS`] (those of
+    /// connected volunteers stay however many there are).
+    fn forget_sessions(&mut self) {
+        let live: std::collections::HashSet<SessionToken> =
+            self.vols.values().filter_map(|v| v.session).collect();
+        self.sessions
+            .retain(|t, r| r.banned || r.earned > 0 || live.contains(t));
     }
 
     // ----- upstream: the coordinator -----
