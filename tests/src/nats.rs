@@ -171,6 +171,7 @@ pub async fn start_relay(
 pub fn test_hub() -> seedling_server::relay::hub::HubSettings {
     seedling_server::relay::hub::HubSettings {
         chunk_timeout: Duration::from_millis(1500),
+        credit_every: Duration::from_millis(500),
         ..Default::default()
     }
 }

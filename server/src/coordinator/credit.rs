@@ -41,8 +41,10 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 
 use seedling_core::protocol::relay::{Earned, MAX_EARNED};
 use seedling_core::protocol::{SessionToken, clean_name};
@@ -65,6 +67,11 @@ pub(super) const BOARD_SIZE: usize = 100;
 /// Reported credit a relay's purse holds while its members are not yet
 /// verified, past which the oldest is dropped.
 const MAX_OWED: usize = 4 * MAX_EARNED;
+
+/// How often the published status may rebuild the leaderboard while credit
+/// keeps changing: a rebuild ranks every contributor, and relays report
+/// thousands of volunteers' credit every few seconds.
+const BOARD_EVERY: Duration = Duration::from_secs(1);
 
 /// Bytes of the key shown, hex-encoded, as a contributor's public id.
 const PUBLIC_ID_BYTES: usize = 6;
@@ -105,8 +112,11 @@ pub struct Credit {
     live: HashMap<ClientId, [u8; 32], foldhash::fast::RandomState>,
     /// Every relay connection's purse.
     purses: HashMap<ClientId, Purse, foldhash::fast::RandomState>,
-    /// The leaderboard, built when asked after a change.
-    board: RefCell<Option<Arc<Leaderboard>>>,
+    /// The leaderboard and when it was built, rebuilt when asked after a
+    /// change (at most every [`BOARD_EVERY`] for the published status).
+    board: RefCell<Option<(Instant, Arc<Leaderboard>)>>,
+    /// A change since the board was built.
+    dirty: std::cell::Cell<bool>,
 }
 
 /// A relay connection's credit: verified members not yet shared out, and
@@ -204,10 +214,17 @@ impl Credit {
         let Some(purse) = self.purses.get_mut(&id) else {
             return;
         };
+        // Paid at once while the purse holds enough (the common case: a
+        // relay reports its volunteers' credit seconds after it was
+        // verified here), queued behind what is owed otherwise.
+        let mut paid = Vec::with_capacity(earned.len());
         let mut voided = Vec::new();
-        for e in earned {
+        for mut e in earned {
             if e.banned {
                 voided.push(e.key);
+            } else if purse.owed.is_empty() && purse.budget >= e.members {
+                purse.budget -= e.members;
+                paid.push((e.key, std::mem::take(&mut e.name), e.members));
             } else if e.members > 0 {
                 if purse.owed.len() >= MAX_OWED {
                     purse.owed.pop_front();
@@ -220,6 +237,7 @@ impl Credit {
             (e.members, e.banned) = (0, true);
             self.changed();
         }
+        self.grant(paid);
         self.pay(id);
     }
 
@@ -235,10 +253,21 @@ impl Credit {
         {
             let n = front.members.min(purse.budget);
             (purse.budget, front.members) = (purse.budget - n, front.members - n);
-            paid.push((front.key, clean_name(&front.name), n));
             if front.members == 0 {
-                purse.owed.pop_front();
+                let e = purse.owed.pop_front().expect("the front");
+                paid.push((e.key, e.name, n));
+            } else {
+                paid.push((front.key, front.name.clone(), n));
             }
+        }
+        self.grant(paid);
+    }
+
+    /// Credits what a relay paid: (key, name, members); names come clean
+    /// (the relay header does not decode otherwise).
+    fn grant(&mut self, paid: Vec<([u8; 32], String, u64)>) {
+        if paid.is_empty() {
+            return;
         }
         for (key, name, n) in paid {
             if !self.tally.contains_key(&key) && self.tally.len() >= MAX_CONTRIBUTORS {
@@ -247,10 +276,12 @@ impl Credit {
             let e = self.tally.entry(key).or_default();
             if !e.banned {
                 e.members += n;
-                e.name = name;
-                self.changed();
+                if e.name != name {
+                    e.name = name;
+                }
             }
         }
+        self.changed();
     }
 
     /// Credits `n` verified members to connection `id`'s contributor, or
@@ -303,27 +334,55 @@ impl Credit {
     }
 
     fn changed(&mut self) {
-        *self.board.get_mut() = None;
+        self.dirty.set(true);
     }
 
     /// The leaderboard now; built once per change, shared after.
     pub fn board(&self) -> Arc<Leaderboard> {
-        self.board
-            .borrow_mut()
-            .get_or_insert_with(|| Arc::new(self.build()))
-            .clone()
+        self.board_at(Instant::now(), Duration::ZERO)
+    }
+
+    /// The leaderboard for a status published at `now`: as [`Credit::board`],
+    /// but rebuilt at most every [`BOARD_EVERY`].
+    pub fn published_board(&self, now: Instant) -> Arc<Leaderboard> {
+        self.board_at(now, BOARD_EVERY)
+    }
+
+    fn board_at(&self, now: Instant, every: Duration) -> Arc<Leaderboard> {
+        let mut cached = self.board.borrow_mut();
+        if let Some((built, board)) = cached.as_ref()
+            && (!self.dirty.get() || now.saturating_duration_since(*built) < every)
+        {
+            return board.clone();
+        }
+        let board = Arc::new(self.build());
+        *cached = Some((now, board.clone()));
+        self.dirty.set(false);
+        board
     }
 
     fn build(&self) -> Leaderboard {
-        let mut rows: Vec<(&[u8; 32], &Entry)> = self.tally.iter().collect();
-        let order = |a: &(&[u8; 32], &Entry), b: &(&[u8; 32], &Entry)| {
-            b.1.members.cmp(&a.1.members).then(a.0.cmp(b.0))
-        };
-        if rows.len() > BOARD_SIZE {
-            rows.select_nth_unstable_by(BOARD_SIZE - 1, order);
-            rows.truncate(BOARD_SIZE);
+        // The best BOARD_SIZE in one pass, in a min-heap on (members, then
+        // the smaller key first): most contributors lose to the heap's
+        // weakest on their members alone, with no key compared and no list
+        // of everyone made.
+        // A contributor's place: more members first, then the smaller key.
+        type Place<'a> = (u64, Reverse<&'a [u8; 32]>);
+        let mut top: BinaryHeap<Reverse<Place<'_>>> = BinaryHeap::with_capacity(BOARD_SIZE + 1);
+        for (k, e) in &self.tally {
+            let rank = (e.members, Reverse(k));
+            if top.len() < BOARD_SIZE {
+                top.push(Reverse(rank));
+            } else if top.peek().is_some_and(|w| rank > w.0) {
+                top.pop();
+                top.push(Reverse(rank));
+            }
         }
-        rows.sort_unstable_by(order);
+        let mut rows: Vec<(&[u8; 32], &Entry)> = top
+            .into_iter()
+            .map(|Reverse((_, Reverse(k)))| (k, &self.tally[k]))
+            .collect();
+        rows.sort_unstable_by(|a, b| b.1.members.cmp(&a.1.members).then(a.0.cmp(b.0)));
         Leaderboard {
             total: self.tally.len(),
             contributors: rows
@@ -526,5 +585,11 @@ mod tests {
             256 - BOARD_SIZE as u64
         );
         assert_eq!(c.records(), records, "records come back in key order");
+        // Ties go to the smaller key, at the cut too.
+        let tied: Vec<ContributorRecord> = (0..150u8).rev().map(|k| record(k, "t", 5, false)).collect();
+        let board = Credit::from_records(tied).board();
+        let keys: Vec<String> = board.contributors.iter().map(|r| r.id.clone()).collect();
+        let want: Vec<String> = (0..BOARD_SIZE as u8).map(|k| public_id(&[k; 32])).collect();
+        assert_eq!(keys, want);
     }
 }

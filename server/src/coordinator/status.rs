@@ -180,7 +180,7 @@ impl Coordinator {
             banned_sessions: c.banned,
             idle_dropped: c.idle,
             slow_dropped: c.slow,
-            contributors: self.credit.board(),
+            contributors: self.credit.published_board(now),
             step_seconds: published(&c.step_seconds, STEP_BOUNDS),
             job_round_trip_seconds: published(&c.round_trips, ROUND_TRIP_BOUNDS),
             ..Status::default()

@@ -56,6 +56,10 @@ pub struct HubSettings {
     /// Chunks a volunteer holds at once (its next one travels while it
     /// computes).
     pub held: usize,
+    /// How often the relay reports its volunteers' credit upstream: each
+    /// report costs the coordinator a little per volunteer that earned,
+    /// and a leaderboard can lag by seconds.
+    pub credit_every: Duration,
     /// Where volunteers reach this relay's page, announced to the
     /// coordinator for its relay list.
     pub public_url: String,
@@ -75,6 +79,7 @@ impl Default for HubSettings {
             max_strikes: 2,
             max_resyncs: 3,
             held: 2,
+            credit_every: Duration::from_secs(10),
             public_url: String::new(),
             lie: 0.0,
         }
@@ -138,9 +143,6 @@ struct Vol {
 /// nothing to report and no ban are forgotten.
 const MAX_SESSIONS: usize = 100_000;
 
-/// Most often the relay reports its volunteers' credit upstream.
-const CREDIT_EVERY: Duration = Duration::from_secs(1);
-
 /// A session's record: its trust, strikes, whether it is banned, and the
 /// credit it earned that the coordinator has not been told of.
 #[derive(Default)]
@@ -151,6 +153,8 @@ struct Record {
     earned: u64,
     /// Banned, and the coordinator not told yet.
     ban_untold: bool,
+    /// In the hub's queue of sessions to report.
+    queued: bool,
     /// Replicated chunks on which it agreed with the other claims; 0
     /// again after a strike.
     agreed: u64,
@@ -268,8 +272,10 @@ pub struct Hub {
     coin: seedling_core::rng::Stream,
     /// The capacity last announced.
     announced: Option<(u32, u32)>,
-    /// When credit was last reported upstream.
-    credited_at: Option<Instant>,
+    /// Sessions with credit or a ban to report, by when they got it: each
+    /// is reported `credit_every` later, so the reports (and the
+    /// coordinator's work on them) are spread out, not in bursts.
+    owed: VecDeque<(Instant, SessionToken)>,
     /// The relay's replica's snapshot, encoded, and its step: one copy
     /// (2.7 MiB for RW-256) shared by every volunteer it is sent to until
     /// the replica changes, rather than one per joining volunteer.
@@ -298,7 +304,7 @@ impl Hub {
             subs: HashMap::new(),
             next_id: 0,
             coin: seedling_core::rng::Stream::new(seed),
-            credited_at: None,
+            owed: VecDeque::new(),
             announced: None,
             snapshot: None,
             status: HubStatus::default(),
@@ -618,6 +624,10 @@ impl Hub {
                 if support >= 2 {
                     r.agreed += 1;
                 }
+                if !r.queued {
+                    r.queued = true;
+                    self.owed.push_back((now, token));
+                }
             }
         }
         let Some(job) = self.jobs.get_mut(&chunk.up) else {
@@ -652,6 +662,10 @@ impl Hub {
         );
         if record.strikes >= self.settings.max_strikes {
             (record.banned, record.ban_untold, record.earned) = (true, true, 0);
+            if !record.queued {
+                record.queued = true;
+                self.owed.push_back((Instant::now(), token));
+            }
             self.reject(
                 id,
                 "banned: results disagreed with other volunteers'",
@@ -969,29 +983,31 @@ impl Hub {
                     speed: speed as f32,
                 });
             }
-            if self
-                .credited_at
-                .is_none_or(|t| now.saturating_duration_since(t) >= CREDIT_EVERY)
-            {
-                self.credited_at = Some(now);
-                self.report_credit(out);
-            }
+            self.report_credit(now, out);
         }
         self.assign(now, out);
     }
 
-    /// Tells the coordinator what volunteers earned since the last report
-    /// (at most [`MAX_EARNED`] of them; the rest next time), and which
-    /// sessions were banned.
-    fn report_credit(&mut self, out: &mut Vec<Effect>) {
+    /// Tells the coordinator what the volunteers due earned since their
+    /// last report, and which sessions were banned ([`MAX_EARNED`] to a
+    /// message).
+    fn report_credit(&mut self, now: Instant, out: &mut Vec<Effect>) {
         let mut earned = Vec::new();
-        for (token, r) in self.sessions.iter_mut() {
-            if earned.len() == MAX_EARNED {
+        while let Some(&(since, token)) = self.owed.front() {
+            if now.saturating_duration_since(since) < self.settings.credit_every {
                 break;
+            }
+            self.owed.pop_front();
+            let Some(r) = self.sessions.get_mut(&token) else {
+                continue;
+            };
+            r.queued = false;
+            if earned.len() == MAX_EARNED {
+                out.push(Effect::Credit(std::mem::take(&mut earned)));
             }
             if r.earned > 0 || r.ban_untold {
                 earned.push(Earned {
-                    key: crate::coordinator::credit::key_of(token),
+                    key: crate::coordinator::credit::key_of(&token),
                     name: r.name.clone(),
                     members: r.earned,
                     banned: r.banned,
