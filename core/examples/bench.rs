@@ -686,12 +686,12 @@ fn bench_update(o: &Opts, rw: &Rw, noise_kind: NoiseKind, n: u32, seen: &Seen) {
     });
     let pairs = (n / 2) as f64;
     let mut extra = Vec::new();
-    if n == 4096 {
-        if let Some(e) = seen.lowrank_1t {
-            let eval = 16.0 * e;
-            extra.push(("ratio_to_eval_one_core", Val::Num(t / eval)));
-            extra.push(("eval_4096_one_core_seconds", Val::Num(eval)));
-        }
+    if n == 4096
+        && let Some(e) = seen.lowrank_1t
+    {
+        let eval = 16.0 * e;
+        extra.push(("ratio_to_eval_one_core", Val::Num(t / eval)));
+        extra.push(("eval_4096_one_core_seconds", Val::Num(eval)));
     }
     extra.push((
         "note",

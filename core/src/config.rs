@@ -322,13 +322,13 @@ impl RunConfig {
                 return bad("a per-input head needs the exact readout (ES does not perturb it)");
             }
         }
-        if e.population < 2 || e.population > MAX_POPULATION || e.population % 2 != 0 {
+        if e.population < 2 || e.population > MAX_POPULATION || !e.population.is_multiple_of(2) {
             return bad("population must be even and in 2..=2^20");
         }
-        if let NoiseKind::LowRank { rank } = e.noise {
-            if rank == 0 || rank > MAX_RANK {
-                return bad("rank must be in 1..=64");
-            }
+        if let NoiseKind::LowRank { rank } = e.noise
+            && (rank == 0 || rank > MAX_RANK)
+        {
+            return bad("rank must be in 1..=64");
         }
         if e.batch == 0 || e.batch > MAX_BATCH {
             return bad("batch must be in 1..=4096");

@@ -456,7 +456,7 @@ pub fn perturbed_params(
     let rank = cfg.es.noise.rank();
     let mut buf = Vec::new();
     pair_noise(layout, cfg, step, (member / 2) as u64, &mut buf);
-    let sign = if member % 2 == 0 { 1.0 } else { -1.0 };
+    let sign = if member.is_multiple_of(2) { 1.0 } else { -1.0 };
     let sigma = sign * cfg.es.sigma;
     let mut out = params.to_vec();
     let (offsets, _) = pair_noise_offsets(layout, cfg);

@@ -85,7 +85,7 @@ impl MinGru {
     pub fn loss(&self, params: &[f32], tokens: &[Token], seq_len: usize) -> Result<f32> {
         check_len("minGRU parameters", self.len(), params.len())?;
         let w = seq_len + 1;
-        if seq_len == 0 || tokens.is_empty() || tokens.len() % w != 0 {
+        if seq_len == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(w) {
             return Err(Error::Config(
                 "minGRU loss needs whole sequences of seq_len + 1 tokens".into(),
             ));

@@ -509,10 +509,10 @@ impl<'ast> Visit<'ast> for Refs<'_> {
     }
 
     fn visit_stmt(&mut self, s: &'ast syn::Stmt) {
-        if let syn::Stmt::Item(item) = s {
-            if is_test(item_attrs(item)) {
-                return;
-            }
+        if let syn::Stmt::Item(item) = s
+            && is_test(item_attrs(item))
+        {
+            return;
         }
         visit::visit_stmt(self, s);
     }

@@ -665,7 +665,7 @@ fn losses_of_encoded_len(len: usize) -> ClientMsg {
         for count_len in 1..=3usize {
             let body = len.saturating_sub(1 + step_len + 1 + 1 + count_len);
             let n = body / 4;
-            if body % 4 == 0 && varint_len(n as u64) == count_len {
+            if body.is_multiple_of(4) && varint_len(n as u64) == count_len {
                 let step = if step_len == 1 {
                     0
                 } else {

@@ -154,7 +154,7 @@ fn main() -> Result<()> {
     let no_readout_noise = args.iter().any(|a| a == "--no-readout-noise");
     let unigram = args.iter().any(|a| a == "--unigram");
     let seen_rows = args.iter().any(|a| a == "--seen-rows");
-    if population < 2 || population % 2 != 0 {
+    if population < 2 || !population.is_multiple_of(2) {
         bail!("--population must be even and at least 2");
     }
     let corpus = data::load_corpus(&[data::find_default_corpus()?])?;

@@ -761,7 +761,8 @@ pub struct WorkerArgs {
     pub name: String,
     /// Where the worker keeps its session token, so your credit carries on
     /// across runs [default: seedling/identity in your data directory, e.g.
-    /// ~/.local/share]. One file per running worker.
+    /// ~/.local/share]. A second worker started with a file another
+    /// running worker holds uses FILE.2 (then FILE.3, ...) instead.
     #[arg(long)]
     pub identity_file: Option<PathBuf>,
 }

@@ -286,12 +286,12 @@ impl RunBook {
 
     /// Whether the run measures its validation loss once `step` steps are done.
     pub fn validates_at(&self, step: u64) -> bool {
-        self.cadence.eval_every > 0 && step % self.cadence.eval_every == 0
+        self.cadence.eval_every > 0 && step.is_multiple_of(self.cadence.eval_every)
     }
 
     /// Whether the run writes a checkpoint once `step` steps are done.
     pub fn checkpoints_at(&self, step: u64) -> bool {
-        self.cadence.checkpoint_every > 0 && step % self.cadence.checkpoint_every == 0
+        self.cadence.checkpoint_every > 0 && step.is_multiple_of(self.cadence.checkpoint_every)
     }
 
     /// Records that the run reached `step` at `now` with a step of `tokens`

@@ -118,12 +118,12 @@ pub async fn train(args: TrainArgs) -> anyhow::Result<()> {
             .val_loss
             .map_or("-".into(), |v| format!("{v:.3} nats/char"))
     );
-    if args.sample() > 0 {
-        if let Some(dir) = &run.run_dir {
-            let (path, ckpt) = checkpoint::open(dir)?;
-            let text = commands::generate(&ckpt, "", args.sample(), 0.8, 0, None, 0)?;
-            println!("Sample from {}:\n{text}", path.display());
-        }
+    if args.sample() > 0
+        && let Some(dir) = &run.run_dir
+    {
+        let (path, ckpt) = checkpoint::open(dir)?;
+        let text = commands::generate(&ckpt, "", args.sample(), 0.8, 0, None, 0)?;
+        println!("Sample from {}:\n{text}", path.display());
     }
     Ok(())
 }

@@ -61,15 +61,57 @@ pub fn default_identity_file() -> PathBuf {
 /// The file that keeps a worker's session token: 32 hex digits and a line
 /// break, readable by its owner only (the token resumes the session's trust
 /// and credit, so it is a secret). One file per running worker: two workers
-/// presenting one token would replace each other's connection.
+/// presenting one token would replace each other's connection, so a worker
+/// holds an OS lock on it while it runs ([`IdentityFile::claim`]).
 #[derive(Debug)]
 pub struct IdentityFile {
     path: PathBuf,
     /// The token the file holds.
     saved: Option<SessionToken>,
+    /// The lock on `<path>.lock` while this worker uses the file (the file
+    /// itself is replaced by a rename when the token changes, so the lock
+    /// lives beside it).
+    _lock: Option<std::fs::File>,
 }
 
+/// Identity files a worker tries, `path`, `path.2`, ... before it gives up.
+const MAX_IDENTITIES: usize = 64;
+
 impl IdentityFile {
+    /// The identity file at `path` if no other running worker holds it, or
+    /// else the first free one of `path.2`, `path.3`, ...: a second worker
+    /// started with the same (default) file becomes a contributor of its
+    /// own, the same one every time it is the second, instead of the two
+    /// replacing each other's connection with the server for ever.
+    pub fn claim(path: &Path) -> anyhow::Result<Self> {
+        for i in 1..=MAX_IDENTITIES {
+            let candidate = if i == 1 {
+                path.to_path_buf()
+            } else {
+                let mut name = path.as_os_str().to_owned();
+                name.push(format!(".{i}"));
+                PathBuf::from(name)
+            };
+            let Some(lock) = lock_beside(&candidate)? else {
+                continue;
+            };
+            if i > 1 {
+                tracing::info!(
+                    "{} is in use by another worker; this one is {}",
+                    path.display(),
+                    candidate.display()
+                );
+            }
+            let mut file = Self::open(&candidate)?;
+            file._lock = Some(lock);
+            return Ok(file);
+        }
+        anyhow::bail!(
+            "{} and {MAX_IDENTITIES} alternatives are all in use by running workers",
+            path.display()
+        )
+    }
+
     /// Reads the token at `path`; a missing file is a new contributor, one
     /// that does not hold a token is an error (writing over it would lose
     /// that contributor's credit).
@@ -87,6 +129,7 @@ impl IdentityFile {
         Ok(Self {
             path: path.to_path_buf(),
             saved,
+            _lock: None,
         })
     }
 
@@ -115,6 +158,30 @@ impl IdentityFile {
             .with_context(|| format!("writing {}", self.path.display()))?;
         self.saved = Some(token);
         Ok(())
+    }
+}
+
+/// An exclusive lock on `<path>.lock` (created with its directory), `None`
+/// when another process holds it.
+fn lock_beside(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", lock_path.display()))
+        }
     }
 }
 
@@ -239,7 +306,7 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> any
     tokio::pin!(shutdown);
     let clock = Clock::new();
     let max_backoff = u64::try_from(opts.max_backoff.as_millis()).unwrap_or(u64::MAX);
-    let mut identity = opts.identity.as_deref().map(IdentityFile::open).transpose()?;
+    let mut identity = opts.identity.as_deref().map(IdentityFile::claim).transpose()?;
     let token = identity.as_ref().and_then(IdentityFile::token);
     let mut life = Volunteer::new(ClientKind::Native, opts.threads as u32)
         .max_backoff(max_backoff)
@@ -858,6 +925,29 @@ mod tests {
             "{e:#}"
         );
         assert_eq!(parse_token(&hex_token(&[1; 16])).unwrap(), [1; 16]);
+    }
+
+    /// Two workers given one identity file: the first holds it, the second
+    /// gets `.2` (the same one every time it is second), and the file is
+    /// free again once its holder is gone.
+    #[test]
+    fn a_second_worker_on_one_identity_file_becomes_a_contributor_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("identity");
+        let mut first = IdentityFile::claim(&path).unwrap();
+        first.keep(Some([1; 16])).unwrap();
+        let mut second = IdentityFile::claim(&path).unwrap();
+        assert_eq!(second.path, dir.path().join("sub").join("identity.2"));
+        assert_eq!(second.token(), None, "a contributor of its own");
+        second.keep(Some([2; 16])).unwrap();
+        let third = IdentityFile::claim(&path).unwrap();
+        assert!(third.path.ends_with("identity.3"));
+        drop((first, third));
+        let again = IdentityFile::claim(&path).unwrap();
+        assert_eq!((again.path.clone(), again.token()), (path.clone(), Some([1; 16])));
+        drop(second);
+        let back = IdentityFile::claim(&path).unwrap();
+        assert_eq!(back.token(), Some([2; 16]), "the second is the second again");
     }
 
     /// A protocol violation drops the connection without stopping.

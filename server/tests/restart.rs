@@ -459,7 +459,7 @@ fn sigkill_restart_behind_a_relay_matches_an_uninterrupted_run() {
         let s = settled(port);
         let step = s["step"].as_u64().unwrap();
         assert!(step < steps, "the run ended before the fault");
-        if step % 5 != 0 {
+        if !step.is_multiple_of(5) {
             wait_relay_clients(relay_port, 2, step, s["hash"].as_str().unwrap());
             break step;
         }

@@ -583,7 +583,7 @@ pub fn downlink_bytes_bench() -> String {
         let missing = update_frame_bytes(
             n,
             step,
-            |m| seedling_core::rng::derive(&[0x3b, step, m as u64]) % 10 != 0,
+            |m| !seedling_core::rng::derive(&[0x3b, step, m as u64]).is_multiple_of(10),
             false,
         );
         let minibatch = update_frame_bytes(n, step, |_| true, true);

@@ -300,13 +300,13 @@ impl State {
 
     /// Ends the loop: no more events are acted on and no reconnection.
     pub fn halt(&mut self) {
-        if let Some(l) = self.looping.take() {
-            if let Some(id) = l.timer {
-                clear_timeout(id);
-            }
-            // Dropping the loop drops its socket, which detaches the handlers
-            // and closes the connection.
+        if let Some(l) = self.looping.take()
+            && let Some(id) = l.timer
+        {
+            clear_timeout(id);
         }
+        // Dropping the loop drops its socket, which detaches the handlers
+        // and closes the connection.
     }
 }
 

@@ -566,20 +566,20 @@ fn drive(
                 seen.joins += 1;
             }
         }
-        if let (Some(at), Some(every)) = (next_churn, o.churn) {
-            if Instant::now() >= at {
-                // The longest-serving volunteer leaves (killed, with its
-                // link) and a new one of its kind joins.
-                if let Some(old) = fleet.pop_front() {
-                    let kind = old.kind;
-                    drop(old);
-                    seen.leaves += 1;
-                    fleet.push_back(launcher.volunteer(kind, next_id)?);
-                    next_id += 1;
-                    seen.joins += 1;
-                }
-                next_churn = Some(at + every);
+        if let (Some(at), Some(every)) = (next_churn, o.churn)
+            && Instant::now() >= at
+        {
+            // The longest-serving volunteer leaves (killed, with its
+            // link) and a new one of its kind joins.
+            if let Some(old) = fleet.pop_front() {
+                let kind = old.kind;
+                drop(old);
+                seen.leaves += 1;
+                fleet.push_back(launcher.volunteer(kind, next_id)?);
+                next_id += 1;
+                seen.joins += 1;
             }
+            next_churn = Some(at + every);
         }
         std::thread::sleep(POLL);
     }

@@ -215,10 +215,10 @@ impl WebDriver {
         let driver = WebDriver { addr };
         let start = Instant::now();
         loop {
-            if let Ok(status) = driver.call("GET", "/status", None) {
-                if status["ready"] == true {
-                    return Ok(driver);
-                }
+            if let Ok(status) = driver.call("GET", "/status", None)
+                && status["ready"] == true
+            {
+                return Ok(driver);
             }
             if start.elapsed() > Duration::from_secs(30) {
                 return Err(format!("chromedriver did not start on {addr}"));
@@ -312,13 +312,13 @@ impl WebDriver {
             if n == 0 || line.is_empty() {
                 break;
             }
-            if let Some((name, value)) = line.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value
-                        .trim()
-                        .parse()
-                        .map_err(|_| format!("{method} {path}: bad length"))?;
-                }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{method} {path}: bad length"))?;
             }
         }
         let mut body = vec![0; length];

@@ -163,7 +163,7 @@ impl CompactRanks {
                 self.ranks.len()
             )));
         }
-        if n * bits % 8 != 0 && self.ranks.last().is_some_and(|b| b >> (n * bits % 8) != 0) {
+        if !(n * bits).is_multiple_of(8) && self.ranks.last().is_some_and(|b| b >> (n * bits % 8) != 0) {
             return Err(Error::Wire(
                 "compact update: the ranks' padding bits are not zero".into(),
             ));
@@ -346,7 +346,7 @@ mod tests {
     /// `values` distinct values so that small sets tie.
     fn random_step(s: &mut crate::rng::Stream, population: u32, keep: u32, values: u32) -> Vec<(u32, f32)> {
         let block = s.next_u32() % population;
-        let block_len = if s.next_u32() % 2 == 0 {
+        let block_len = if s.next_u32().is_multiple_of(2) {
             s.next_u32() % 40
         } else {
             0

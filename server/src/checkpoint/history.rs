@@ -91,7 +91,7 @@ mod tests {
             elapsed_s: step as f64 * 0.01,
             tokens: step * 100,
             train_loss: 4.0 - step as f32 * 1e-6,
-            val_loss: (step % val_every == 0).then_some(3.0),
+            val_loss: step.is_multiple_of(val_every).then_some(3.0),
         }
     }
 

@@ -119,7 +119,7 @@ impl MemberSet {
     pub fn fill(&mut self, n: usize) {
         self.words.clear();
         self.words.resize(n / 64, u64::MAX);
-        if n % 64 != 0 {
+        if !n.is_multiple_of(64) {
             self.words.push((1u64 << (n % 64)) - 1);
         }
         (self.len, self.first) = (n, 0);

@@ -166,7 +166,7 @@ mod tests {
                         prop_assert_eq!(map.remove(id), model.remove(&id));
                     }
                     Op::Retain(k) => {
-                        let keep = |id: u64| id % u64::from(k.max(2)) != 0;
+                        let keep = |id: u64| !id.is_multiple_of(u64::from(k.max(2)));
                         map.retain(|id, _| keep(id));
                         model.retain(|&id, _| keep(id));
                     }

@@ -75,10 +75,10 @@ impl Sessions {
     /// Connection `id` ended: its session keeps the trust and strikes it
     /// had, if `id` still held it.
     pub(super) fn release(&mut self, token: Option<SessionToken>, id: ClientId, agreed: u64, strikes: u32) {
-        if let Some(rec) = token.and_then(|t| self.map.get_mut(&t)) {
-            if rec.live == Some(id) {
-                (rec.agreed, rec.strikes, rec.live) = (agreed, strikes, None);
-            }
+        if let Some(rec) = token.and_then(|t| self.map.get_mut(&t))
+            && rec.live == Some(id)
+        {
+            (rec.agreed, rec.strikes, rec.live) = (agreed, strikes, None);
         }
     }
 }

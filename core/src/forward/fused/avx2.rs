@@ -71,7 +71,7 @@ fn load(x: &[f32]) -> __m256 {
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn epilogue(out: &mut [f32], pre: &[f32], terms: &Terms) -> (f32, f32) {
     let n = out.len();
-    if n % 8 != 0 {
+    if !n.is_multiple_of(8) {
         return epilogue_portable(out, pre, terms);
     }
     fn chunks(x: &[f32], n: usize) -> core::slice::ChunksExact<'_, f32> {
