@@ -214,17 +214,10 @@ impl Credit {
         let Some(purse) = self.purses.get_mut(&id) else {
             return;
         };
-        // Paid at once while the purse holds enough (the common case: a
-        // relay reports its volunteers' credit seconds after it was
-        // verified here), queued behind what is owed otherwise.
-        let mut paid = Vec::with_capacity(earned.len());
         let mut voided = Vec::new();
-        for mut e in earned {
+        for e in earned {
             if e.banned {
                 voided.push(e.key);
-            } else if purse.owed.is_empty() && purse.budget >= e.members {
-                purse.budget -= e.members;
-                paid.push((e.key, std::mem::take(&mut e.name), e.members));
             } else if e.members > 0 {
                 if purse.owed.len() >= MAX_OWED {
                     purse.owed.pop_front();
@@ -237,7 +230,6 @@ impl Credit {
             (e.members, e.banned) = (0, true);
             self.changed();
         }
-        self.grant(paid);
         self.pay(id);
     }
 

@@ -162,6 +162,16 @@ struct Record {
     banned: bool,
 }
 
+impl Record {
+    /// Puts the session in the queue of those to report (`owed`), once.
+    fn owe(&mut self, owed: &mut VecDeque<(Instant, SessionToken)>, token: SessionToken, now: Instant) {
+        if !self.queued {
+            self.queued = true;
+            owed.push_back((now, token));
+        }
+    }
+}
+
 /// One upstream job being evaluated.
 struct UpJob {
     work: Work,
@@ -323,6 +333,14 @@ impl Hub {
         s
     }
 
+    /// A session's trust: its replicated chunks confirmed since its last
+    /// strike (0 for none).
+    fn trust(&self, session: Option<SessionToken>) -> u64 {
+        session
+            .and_then(|t| self.sessions.get(&t))
+            .map_or(0, |r| r.agreed)
+    }
+
     /// Every volunteer's last hash report, by its id on this relay.
     pub fn reports(&self) -> std::collections::BTreeMap<ClientId, VolReport> {
         self.vols
@@ -330,10 +348,7 @@ impl Hub {
             .filter_map(|(&id, v)| {
                 let (kind, _) = v.hello?;
                 let (step, hash) = v.reported?;
-                let trust = v
-                    .session
-                    .and_then(|t| self.sessions.get(&t))
-                    .map_or(0, |r| r.agreed);
+                let trust = self.trust(v.session);
                 let kind = match kind {
                     ClientKind::Browser => "browser",
                     ClientKind::Native => "native",
@@ -624,10 +639,7 @@ impl Hub {
                 if support >= 2 {
                     r.agreed += 1;
                 }
-                if !r.queued {
-                    r.queued = true;
-                    self.owed.push_back((now, token));
-                }
+                r.owe(&mut self.owed, token, now);
             }
         }
         let Some(job) = self.jobs.get_mut(&chunk.up) else {
@@ -662,10 +674,7 @@ impl Hub {
         );
         if record.strikes >= self.settings.max_strikes {
             (record.banned, record.ban_untold, record.earned) = (true, true, 0);
-            if !record.queued {
-                record.queued = true;
-                self.owed.push_back((Instant::now(), token));
-            }
+            record.owe(&mut self.owed, token, Instant::now());
             self.reject(
                 id,
                 "banned: results disagreed with other volunteers'",
@@ -834,7 +843,11 @@ impl Hub {
                     .iter()
                     .any(|(id, v)| v.hello.is_some() && !v.waiting && !busy.contains(id))
             };
-            let mut others = anyone(&busy);
+            // Whether anyone else here could take it matters only to a
+            // chunk some volunteer let expire, or one claimed with no copy
+            // out; most chunks skip the walk over the volunteers.
+            let out_empty = chunk.out.is_empty();
+            let mut others = !(busy.len() > in_busy || (claimed && out_empty)) || anyone(&busy);
             if !claimed && !others && busy.len() > in_busy {
                 // Every volunteer here let it expire: offered to all again.
                 busy.truncate(in_busy);
@@ -842,7 +855,7 @@ impl Hub {
                 self.chunks.get_mut(&chunk_id).expect("looked up").missed.clear();
             }
             // Claimed, and no other volunteer here (ready or not) to check.
-            let lone = claimed && self.chunks[&chunk_id].out.is_empty() && !others;
+            let lone = claimed && out_empty && !others;
             let Some(pos) = ready.iter().position(|id| !busy.contains(id)) else {
                 if ready.is_empty() {
                     skipped.push_back(chunk_id);
@@ -918,10 +931,7 @@ impl Hub {
                 deadline: now + timeout,
             },
         );
-        let trust = v
-            .session
-            .and_then(|t| self.sessions.get(&t))
-            .map_or(0, |r| r.agreed);
+        let trust = if first { self.trust(v.session) } else { 0 };
         let chunk = self.chunks.get_mut(&chunk_id).unwrap();
         chunk.out.push(sub);
         if first {
