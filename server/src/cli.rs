@@ -188,7 +188,7 @@ pub struct RunArgs {
     /// Adam's second-moment decay [default: 0.999].
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub beta2: Option<f32>,
-    /// Decoupled weight decay [default: 0].
+    /// Decoupled weight decay (AdamW) [default: 0.01].
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub weight_decay: Option<f32>,
     /// Noise kind [default: lowrank].
@@ -349,7 +349,9 @@ impl RunArgs {
         c.es.sigma = self.sigma.unwrap_or(0.02);
         c.es.lag = self.lag.unwrap_or(0);
         c.adam.lr = self.lr.unwrap_or(1e-2);
-        c.adam.weight_decay = self.weight_decay.unwrap_or(0.0);
+        // Decay keeps ES's noisy walk from growing the recurrent weights
+        // until every tanh saturates (docs/LEARNING.md, "Weight decay").
+        c.adam.weight_decay = self.weight_decay.unwrap_or(0.01);
         c.adam.beta1 = self.beta1.unwrap_or(c.adam.beta1);
         c.adam.beta2 = self.beta2.unwrap_or(c.adam.beta2);
         c.init_scale = self.init_scale.unwrap_or(1.0);
