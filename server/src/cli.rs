@@ -350,7 +350,8 @@ impl RunArgs {
         c.es.lag = self.lag.unwrap_or(0);
         c.adam.lr = self.lr.unwrap_or(1e-2);
         // Decay keeps ES's noisy walk from growing the recurrent weights
-        // until every tanh saturates (docs/LEARNING.md, "Weight decay").
+        // until every tanh saturates (docs/LEARNING.md, "Weight decay keeps
+        // the recurrence out of saturation").
         c.adam.weight_decay = self.weight_decay.unwrap_or(0.01);
         c.adam.beta1 = self.beta1.unwrap_or(c.adam.beta1);
         c.adam.beta2 = self.beta2.unwrap_or(c.adam.beta2);

@@ -3,10 +3,9 @@
 //! nats/char below the unigram baseline on the validation split (the
 //! default start, the unigram output bias, begins at about that baseline)
 //! and 0.1 below the bigram baseline, which it passes at about 3M tokens
-//! (docs/LEARNING.md; here it ends at 2.246, 0.236 below bigram, and at 2.253
-//! without the weight decay; the recipe
-//! before the per-input head ended at 2.445, and the one before the exact
-//! readout 0.2 above bigram). The margin leaves room for another machine's
+//! (docs/LEARNING.md; here it ends at 2.246, 0.236 below bigram, and at
+//! 2.253 without the weight decay; the recipe before the per-input head
+//! ended at 2.445, and the one before the exact readout 0.2 above bigram). The margin leaves room for another machine's
 //! rounding in the fast kernels, which changes the ranks and so the
 //! trajectory, like another seed (three seeds end at 2.227 to 2.268).
 //!
