@@ -24,6 +24,7 @@ use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::tokenizer::{Token, Tokenizer};
 
+pub mod handshake;
 pub mod relay;
 pub mod schema;
 pub mod weights;
@@ -72,7 +73,11 @@ pub mod weights;
 /// 14: a relay reports what its volunteers earned ([`relay::Up::Credit`]),
 /// and takes the session token a volunteer presents, so a contributor
 /// keeps one identity and one leaderboard row directly and through relays.
-pub const PROTOCOL_VERSION: u32 = 14;
+/// 15: a volunteer's Hello may travel in the WebSocket URL
+/// ([`handshake`]), so the server answers the upgrade with the Welcome, the
+/// snapshot and the first jobs, one round trip after connecting instead of
+/// two. The messages are unchanged; the version says the server takes it.
+pub const PROTOCOL_VERSION: u32 = 15;
 
 /// Longest display name, in characters, after [`clean_name`]. A Hello whose
 /// name is longer does not decode: clients clean their names before sending.

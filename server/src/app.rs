@@ -632,7 +632,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 const READ_BUFFER: usize = 8 * 1024;
 
 async fn ws_handler(
-    upgrade: Upgrade,
+    mut upgrade: Upgrade,
     State(state): State<Gate>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
@@ -646,8 +646,9 @@ async fn ws_handler(
         .max_message_size(Some(4 * MAX_CLIENT_MESSAGE))
         .max_frame_size(Some(4 * MAX_CLIENT_MESSAGE))
         .read_buffer_size(READ_BUFFER);
+    let hello = upgrade.take_hello();
     upgrade.config(config).on_upgrade(move |socket| async move {
-        handle_socket(socket, state).await;
+        handle_socket(socket, state, hello).await;
         drop(slot);
     })
 }
@@ -697,7 +698,9 @@ fn round_trip(pinged: &(u64, Instant), payload: &[u8]) -> Option<Duration> {
 
 /// One volunteer connection: decodes frames into events and drains the
 /// client's outbox into the socket. Either side ending ends the other.
-async fn handle_socket(socket: Socket, state: Gate) {
+/// `hello`, the Hello the upgrade's URL carried, is taken as the first
+/// frame, so the Welcome and the first jobs go out at once.
+async fn handle_socket(socket: Socket, state: Gate, hello: Option<Vec<u8>>) {
     let id: ClientId = state.next_id.fetch_add(1, Ordering::Relaxed);
     let (out, mut outbox) = mpsc::channel(state.admission.limits.outbox.max(1));
     if state
@@ -707,6 +710,13 @@ async fn handle_socket(socket: Socket, state: Gate) {
         .is_err()
     {
         return;
+    }
+    let mut offended = false;
+    if let Some(ev) = hello.and_then(|bytes| frame_event(id, Message::Binary(bytes.into()))) {
+        offended = matches!(ev, Input::Invalid { .. });
+        if state.events.send(Event::Input(ev)).await.is_err() {
+            return;
+        }
     }
     let (mut sink, mut stream) = socket.split();
     let limits = state.admission.limits.clone();
@@ -763,7 +773,7 @@ async fn handle_socket(socket: Socket, state: Gate) {
         // still sends is read and dropped until its close, so the socket
         // is not shut with unread bytes (the kernel would answer them with
         // a reset, and the peer could lose the Reject and close frame).
-        let mut closing = false;
+        let mut closing = offended;
         while let Some(frame) = stream.next().await {
             *last_seen.lock().unwrap() = Instant::now();
             if closing && !matches!(frame, Ok(Message::Close(_)) | Err(_)) {

@@ -365,7 +365,10 @@ async fn connection(
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_SERVER_MESSAGE))
         .max_frame_size(Some(MAX_SERVER_MESSAGE));
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(&opts.url, Some(config), true)
+    // The Hello rides in the URL: the server answers with the Welcome and
+    // the first jobs a round trip sooner.
+    let url = life.url(&opts.url, clock.now()).context("encoding the Hello")?;
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(&url, Some(config), true)
         .await
         .with_context(|| format!("connecting to {}", opts.url))?;
     let (mut sink, mut stream) = ws.split();
@@ -381,8 +384,9 @@ async fn connection(
     .await
 }
 
-/// The native worker's side of one open connection: tells the lifecycle
-/// that it opened and each frame that arrives, and performs what it asks,
+/// The native worker's side of one connection opened on the lifecycle's
+/// URL (which carries the Hello): tells the lifecycle that it opened and
+/// each frame that arrives, and performs what it asks,
 /// until it asks to close or stop or the server ends the connection.
 /// Generic over the socket's two halves so a test can script the server.
 async fn converse<E1, E2>(
@@ -398,7 +402,7 @@ where
     E1: std::error::Error + Send + Sync + 'static,
     E2: std::error::Error + Send + Sync + 'static,
 {
-    let mut outcome = life.opened(clock.now());
+    let mut outcome = life.opened_with_hello(clock.now());
     // Frames that arrived while a job was being evaluated, in order.
     let mut inbox = Inbox::default();
     // Jobs received and not started, in order. A floating job starts once
@@ -622,7 +626,7 @@ mod tests {
     }
 
     /// Runs the native worker's [`converse`] over a scripted server:
-    /// returns every frame it sent, the Hello first.
+    /// returns every frame it sent (the Hello went in the URL).
     async fn native(life: &mut Volunteer, frames: &[Vec<u8>], threads: usize) -> Vec<Vec<u8>> {
         let mut sent: Vec<Message> = Vec::new();
         let mut stream = futures_util::stream::iter(
@@ -651,7 +655,7 @@ mod tests {
     fn browser(frames: &[Vec<u8>]) -> (Volunteer, Vec<Vec<u8>>) {
         let mut tab = seedling_wasm::session::volunteer();
         let mut sent = Vec::new();
-        let mut outcome = tab.opened(0);
+        let mut outcome = tab.opened_with_hello(0);
         let mut frames = frames.iter();
         loop {
             match outcome.action {
@@ -792,16 +796,17 @@ mod tests {
         frames.push(frames[1].clone());
 
         let mut life = Volunteer::new(ClientKind::Native, 3);
+        let hellos = (
+            life.hello(0).unwrap(),
+            seedling_wasm::session::volunteer().hello(0).unwrap(),
+        );
         let ours = native(&mut life, &frames, 3).await;
         let (tab, theirs) = browser(&frames);
-        // The replies after the Hellos are byte-identical...
-        assert_eq!(ours[1..], theirs[1..]);
+        // The replies are byte-identical...
+        assert_eq!(ours, theirs);
         // ...and not vacuous: a hash per snapshot, then two jobs' losses
         // and a hash per step, each what the server's replica computes.
-        let replies: Vec<ClientMsg> = ours[1..]
-            .iter()
-            .map(|r| protocol::decode_client(r).unwrap())
-            .collect();
+        let replies: Vec<ClientMsg> = ours.iter().map(|r| protocol::decode_client(r).unwrap()).collect();
         assert_eq!(replies, expected);
         for v in [&life, &tab] {
             let c = v.counters();
@@ -814,7 +819,7 @@ mod tests {
         }
 
         // The Hellos differ only in kind and threads.
-        let native_hello = protocol::decode_client(&ours[0]).unwrap();
+        let native_hello = protocol::decode_client(&hellos.0).unwrap();
         let ClientMsg::Hello {
             version,
             kind: ClientKind::Native,
@@ -834,11 +839,11 @@ mod tests {
             session: None,
             name: String::new(),
         };
-        assert_eq!(protocol::encode(&as_browser, 64).unwrap(), theirs[0]);
+        assert_eq!(protocol::encode(&as_browser, 64).unwrap(), hellos.1);
     }
 
-    /// A scripted server that refuses every connection after its Hello;
-    /// returns its URL and a count of the Hellos it saw.
+    /// A scripted server that refuses every connection that carries a
+    /// Hello in its URL; returns its URL and a count of the Hellos it saw.
     async fn refusing_server(retry: bool) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -847,10 +852,15 @@ mod tests {
         let seen = hellos.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                let mut query = String::new();
+                let read_url = |req: &tokio_tungstenite::tungstenite::handshake::server::Request, res| {
+                    query = req.uri().query().unwrap_or("").to_owned();
+                    Ok(res)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, read_url).await else {
                     continue;
                 };
-                if let Some(Ok(Message::Binary(hello))) = ws.next().await {
+                if let Ok(Some(hello)) = seedling_core::protocol::handshake::hello_in_query(&query) {
                     assert!(matches!(
                         protocol::decode_client(&hello),
                         Ok(ClientMsg::Hello { .. })
@@ -955,7 +965,7 @@ mod tests {
     async fn garbage_drops_the_connection_and_the_worker_comes_back() {
         let mut life = Volunteer::new(ClientKind::Native, 1);
         let sent = native(&mut life, &[vec![0xff; 3], server(&ServerMsg::Resync)], 1).await;
-        assert_eq!(sent.len(), 1, "only the Hello");
+        assert!(sent.is_empty(), "nothing: the Hello went in the URL");
         assert!(matches!(
             life.closed(10, 0.5).action,
             Action::Reconnect { after_ms: 75 }
@@ -1009,7 +1019,8 @@ mod tests {
                 }),
             ];
             let mut life = Volunteer::new(ClientKind::Native, 2);
-            let replies: Vec<ClientMsg> = native(&mut life, &frames, 2).await[1..]
+            let replies: Vec<ClientMsg> = native(&mut life, &frames, 2)
+                .await
                 .iter()
                 .map(|r| protocol::decode_client(r).unwrap())
                 .collect();

@@ -29,6 +29,7 @@ use bytes::Bytes;
 use futures_util::{Sink, SinkExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
+use seedling_core::protocol::handshake;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -48,11 +49,13 @@ pub const FRAGMENT: usize = 16 * 1024;
 pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// The `/ws` extractor: an HTTP/1.1 WebSocket upgrade request (RFC 6455
-/// section 4.2.1), checked as axum's `WebSocketUpgrade` checks it.
+/// section 4.2.1), checked as axum's `WebSocketUpgrade` checks it, and the
+/// Hello its URL may carry (`seedling_core::protocol::handshake`).
 pub struct Upgrade {
     key: HeaderValue,
     on_upgrade: OnUpgrade,
     config: WebSocketConfig,
+    hello: Option<Vec<u8>>,
 }
 
 /// Whether header `name` is `value`, ignoring case.
@@ -90,6 +93,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
         let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
             return bad("the Sec-WebSocket-Key header is missing");
         };
+        // Only the query's form is checked here; the Hello's bytes are
+        // decoded as the first frame would be, after the upgrade, so a bad
+        // Hello gets the same Reject and close code either way.
+        let hello = match handshake::hello_in_query(parts.uri.query().unwrap_or("")) {
+            Ok(hello) => hello,
+            Err(_) => return bad("the hello parameter is not one URL-safe base64 Hello of at most 1 KiB"),
+        };
         let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
             return Err((StatusCode::UPGRADE_REQUIRED, "this connection cannot be upgraded"));
         };
@@ -97,6 +107,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             key,
             on_upgrade,
             config: WebSocketConfig::default(),
+            hello,
         })
     }
 }
@@ -106,6 +117,12 @@ impl Upgrade {
     pub fn config(mut self, config: WebSocketConfig) -> Self {
         self.config = config;
         self
+    }
+
+    /// The encoded Hello the request's URL carried, if any: the
+    /// connection's first message, as if it were its first frame.
+    pub fn take_hello(&mut self) -> Option<Vec<u8>> {
+        self.hello.take()
     }
 
     /// The `101 Switching Protocols` answer; once the client has it, the
@@ -120,6 +137,7 @@ impl Upgrade {
             key,
             on_upgrade,
             config,
+            ..
         } = self;
         tokio::spawn(async move {
             let Ok(upgraded) = on_upgrade.await else {

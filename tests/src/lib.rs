@@ -257,6 +257,13 @@ impl RawClient {
         }
     }
 
+    /// Connects with `msg`, the encoded Hello (or anything else), in the
+    /// URL (`seedling_core::protocol::handshake`), saying nothing more.
+    pub async fn connect_saying(url: &str, msg: &ClientMsg) -> Self {
+        let bytes = protocol::encode(msg, usize::MAX).unwrap();
+        Self::connect(&protocol::handshake::hello_url(url, &bytes)).await
+    }
+
     /// Connects and completes the handshake (Welcome and Snapshot consumed).
     pub async fn join(url: &str) -> Self {
         Self::resume(url, None).await

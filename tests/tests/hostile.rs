@@ -61,23 +61,44 @@ async fn hostile_clients_are_rejected_and_nobody_else_notices() {
     c.send_bytes(vec![0xff, 0x13, 0x37, 0x00, 0xee]).await;
     reasons.push(("random bytes", c.expect_rejection().await, "decode", true));
 
-    // A wrong protocol version.
-    let mut c = RawClient::connect(&url).await;
-    c.send(&ClientMsg::Hello {
+    // A wrong protocol version, in the first frame and in the URL.
+    let wrong = ClientMsg::Hello {
         version: 999,
         kind: ClientKind::Native,
         threads: 1,
         speed: 0.0,
         session: None,
         name: String::new(),
-    })
-    .await;
-    reasons.push((
-        "wrong version",
-        c.expect_rejection().await,
-        "protocol version",
-        false,
-    ));
+    };
+    let mut c = RawClient::connect(&url).await;
+    c.send(&wrong).await;
+    let in_frame = c.expect_rejection().await;
+    let in_url = RawClient::connect_saying(&url, &wrong)
+        .await
+        .expect_rejection()
+        .await;
+    for (what, got) in [("wrong version", in_frame), ("wrong version in the URL", in_url)] {
+        reasons.push((what, got, "protocol version", false));
+    }
+
+    // Something else than a Hello in the URL.
+    let mut c = RawClient::connect_saying(&url, &ClientMsg::Hash { step: 0, hash: 0 }).await;
+    reasons.push(("no Hello in the URL", c.expect_rejection().await, "Hello", true));
+
+    // A Hello in the URL and another in the first frame.
+    let mut c = RawClient::connect_saying(&url, &hello(None)).await;
+    assert!(matches!(c.recv().await, Some(ServerMsg::Welcome { .. })));
+    c.send(&hello(None)).await;
+    reasons.push(("two Hellos", c.expect_rejection().await, "second Hello", true));
+
+    // A hello parameter that is not base64 is refused before the upgrade.
+    for query in ["hello=%%%", "hello=AAAA&hello=AAAA"] {
+        let refused = tokio_tungstenite::connect_async(format!("{url}?{query}")).await;
+        assert!(
+            matches!(&refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 400),
+            "{query}: {refused:?}"
+        );
+    }
 
     // Work before the handshake.
     let mut c = RawClient::connect(&url).await;

@@ -422,19 +422,27 @@ fn post(state: &Rc<RefCell<State>>, notices: &[Notice]) {
 /// Opens a new connection (replacing any old one) and attaches handlers.
 fn connect(state: &Rc<RefCell<State>>) {
     let mut s = state.borrow_mut();
+    let Some(base) = s.looping.as_ref().map(|l| l.urls[l.at].clone()) else {
+        return;
+    };
+    // The Hello rides in the URL: the server answers with the Welcome and
+    // the first jobs a round trip sooner.
+    let url = s.life.url(&base, now_ms());
     let Some(l) = s.looping.as_mut() else { return };
     l.timer = None;
     l.socket = None;
     l.generation += 1;
     let generation = l.generation;
-    let url = l.urls[l.at].clone();
-    let ws = match WebSocket::new(&url) {
+    let opened = url
+        .map_err(|e| JsValue::from_str(&e.to_string()))
+        .and_then(|url| WebSocket::new(&url));
+    let ws = match opened {
         Ok(ws) => ws,
         Err(e) => {
             // A malformed URL never gets better: stop rather than retry.
             let message = format!(
                 "cannot open a WebSocket to {}: {}",
-                url,
+                base,
                 e.as_string().unwrap_or_else(|| format!("{e:?}"))
             );
             s.halt();
@@ -453,7 +461,7 @@ fn connect(state: &Rc<RefCell<State>>) {
         };
         let mut notices = Vec::new();
         let mut s = state.borrow_mut();
-        let outcome = s.life.opened(now_ms());
+        let outcome = s.life.opened_with_hello(now_ms());
         perform(&state, &mut s, outcome, &mut notices);
         drop(s);
         post(&state, &notices);

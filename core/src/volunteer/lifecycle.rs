@@ -192,10 +192,30 @@ impl Volunteer {
         hello(self.kind, self.threads, speed, self.token, &self.name)
     }
 
+    /// The WebSocket URL to open at `now_ms`: `base` carrying the Hello
+    /// ([`crate::protocol::handshake`]), so the server answers the upgrade
+    /// with the Welcome, the snapshot and the first jobs, a round trip
+    /// sooner than a Hello sent once the socket is open. Open it, then call
+    /// [`Volunteer::opened_with_hello`].
+    pub fn url(&self, base: &str, now_ms: u64) -> Result<String> {
+        Ok(crate::protocol::handshake::hello_url(base, &self.hello(now_ms)?))
+    }
+
     /// A new connection opened: it starts a new session (the server sends
     /// a fresh snapshot on every join, so nothing stale is carried over)
-    /// with the Hello to send.
+    /// with the Hello to send. For a transport with no URL (a relay's link
+    /// to the coordinator).
     pub fn opened(&mut self, now_ms: u64) -> Outcome {
+        self.open(now_ms, true)
+    }
+
+    /// A connection opened on a [`Volunteer::url`], whose Hello the server
+    /// already has: the new session, with nothing to send.
+    pub fn opened_with_hello(&mut self, now_ms: u64) -> Outcome {
+        self.open(now_ms, false)
+    }
+
+    fn open(&mut self, now_ms: u64, send_hello: bool) -> Outcome {
         if let Some(reason) = &self.stopped {
             return Outcome::act(Action::Stop {
                 reason: reason.clone(),
@@ -208,6 +228,9 @@ impl Volunteer {
         self.session = Session::new();
         self.opened_ms = Some(now_ms);
         self.joined = false;
+        if !send_hello {
+            return Outcome::act(Action::Nothing);
+        }
         match self.hello(now_ms) {
             Ok(bytes) => Outcome::act(Action::Send(bytes)),
             Err(error) => Outcome::with(Action::Close, Event::Broken { error }),
@@ -508,6 +531,32 @@ mod tests {
             ),
             (2, 1, 1, 1, 2, 2)
         );
+    }
+
+    /// A connection opened on the URL carries the same Hello `opened`
+    /// would send, and opening it sends nothing more: a second Hello would
+    /// be refused.
+    #[test]
+    fn the_hello_travels_in_the_url_and_is_not_sent_again() {
+        let (welcome, want) = run();
+        let mut v = Volunteer::new(ClientKind::Native, 2).identity(Some([4; 16]), "ada");
+        let url = v.url("ws://h:1/ws", 0).unwrap();
+        let query = url.strip_prefix("ws://h:1/ws?").unwrap();
+        let bytes = protocol::handshake::hello_in_query(query).unwrap().unwrap();
+        assert_eq!(bytes, v.hello(0).unwrap());
+        let opened = v.opened_with_hello(0);
+        assert!(matches!(opened.action, Action::Nothing), "{opened:?}");
+        assert!(matches!(
+            v.receive(&welcome).event,
+            Some(Event::Joined { client: 11 })
+        ));
+        assert!(matches!(v.receive(&snapshot(&want)).action, Action::Send(_)));
+        // A reconnection counts as one, and a stopped volunteer stays stopped.
+        v.closed(10, 0.0);
+        v.opened_with_hello(20);
+        assert_eq!(v.counters().reconnects, 1);
+        v.leave().unwrap();
+        assert!(matches!(v.opened_with_hello(30).action, Action::Stop { .. }));
     }
 
     #[test]
