@@ -264,6 +264,27 @@ impl RawClient {
         Self::connect(&protocol::handshake::hello_url(url, &bytes)).await
     }
 
+    /// Joins with the Hello in the URL (Welcome and Snapshot consumed,
+    /// nothing sent); None if the server refused the upgrade.
+    pub async fn try_join_by_url(url: &str) -> Option<Self> {
+        let bytes = protocol::encode(&hello(None), usize::MAX).unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async(protocol::handshake::hello_url(url, &bytes))
+            .await
+            .ok()?;
+        let mut c = Self {
+            ws,
+            id: 0,
+            session: [0; 16],
+            versions: Default::default(),
+        };
+        match c.recv().await {
+            Some(ServerMsg::Welcome { client, session, .. }) => (c.id, c.session) = (client, session),
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+        assert!(matches!(c.recv().await, Some(ServerMsg::Snapshot { .. })));
+        Some(c)
+    }
+
     /// Connects and completes the handshake (Welcome and Snapshot consumed).
     pub async fn join(url: &str) -> Self {
         Self::resume(url, None).await

@@ -775,14 +775,15 @@ fn one_job_at_a_time_when_asked() {
 }
 
 /// A volunteer that waits on every close (it answers all it holds, then
-/// has nothing) makes the window grow: later steps open at the weights the
-/// replicas hold, each job naming that version, never past the lag.
+/// has nothing) keeps the window open past one step: later steps open at
+/// the weights the replicas hold, each job naming that version, never past
+/// the lag.
 #[test]
 fn a_starved_volunteer_opens_steps_in_flight_at_held_versions() {
     let lag = 3;
     let mut c = lagged_coordinator(lag, false);
     let (mut w, mut now) = join_one(&mut c);
-    assert_eq!(c.open.len(), 1, "a run starts with one step open");
+    assert_eq!(c.window.open(), lag as usize + 1, "a run starts at the cap");
     let mut behind = 0;
     while c.replica.step < 20 {
         now += Duration::from_millis(1);
@@ -1058,28 +1059,30 @@ fn replicated_members_go_out_with_their_step() {
         };
         c.handle(hello, t0, &mut w);
     }
-    // Client 1 got step 0 alone (its hello came first): its members are
-    // checked by client 2 once it answers. Answer step 0 in full.
+    // Client 1 got the steps open at the start alone (its hello came
+    // first): its members are checked by client 2 once it answers. Answer
+    // them in full; step 2 opens with both volunteers ready.
     let mut sent: Vec<(ClientId, SentJob)> = Vec::new();
-    while c.replica.step == 0 {
+    while c.replica.step < 2 {
         sent.extend(both_sent(&mut w));
+        let step = c.replica.step;
         let (id, j) = sent.remove(
             sent.iter()
-                .position(|(_, j)| j.step == 0)
-                .expect("step 0 has a job out"),
+                .position(|(_, j)| j.step == step)
+                .expect("the oldest open step has a job out"),
         );
         let losses = j.members.iter().map(|&m| m as f32).collect();
         c.handle(
             Input::Message {
                 client: id,
-                msg: reply(&c, 0, j.job, losses),
+                msg: reply(&c, step, j.job, losses),
             },
             t0,
             &mut w,
         );
     }
     sent.extend(both_sent(&mut w));
-    let step1: Vec<&(ClientId, SentJob)> = sent.iter().filter(|(_, j)| j.step == 1).collect();
+    let step1: Vec<&(ClientId, SentJob)> = sent.iter().filter(|(_, j)| j.step == 2).collect();
     assert_eq!(step1.len(), 2, "a copy and its check: {sent:?}");
     assert_ne!(step1[0].0, step1[1].0, "on two volunteers");
     assert!(
@@ -1102,18 +1105,18 @@ fn replicated_members_go_out_with_their_step() {
     );
     // Both answer alike: the step closes on the two results.
     for (id, j) in step1 {
-        assert_eq!(c.replica.step, 1);
+        assert_eq!(c.replica.step, 2);
         let losses = j.members.iter().map(|&m| m as f32).collect();
         c.handle(
             Input::Message {
                 client: *id,
-                msg: reply(&c, 1, j.job, losses),
+                msg: reply(&c, 2, j.job, losses),
             },
             t0,
             &mut w,
         );
     }
-    assert_eq!(c.replica.step, 2, "closed without another round trip");
+    assert_eq!(c.replica.step, 3, "closed without another round trip");
     assert!(c.clients.values().all(|cl| cl.agreed > 0), "both confirmed");
 }
 
