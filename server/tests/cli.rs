@@ -251,5 +251,8 @@ fn the_proxy_files_keep_websockets_and_isolation_headers() {
     }
     let nginx = file("nginx.conf");
     assert!(nginx.contains("location = /ws") && nginx.contains("proxy_set_header Upgrade $http_upgrade;"));
+    // The /ws URL carries session tokens (protocol::handshake).
+    let ws = &nginx[nginx.find("location = /ws").unwrap()..];
+    assert!(ws[..ws.find('}').unwrap()].contains("access_log off;"));
     assert!(file("Caddyfile").contains("reverse_proxy 127.0.0.1:8080"));
 }

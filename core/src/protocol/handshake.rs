@@ -11,6 +11,12 @@
 //! volunteer 150 ms away waited two. A browser's `WebSocket` can set
 //! nothing of the request but its URL, hence the query.
 //!
+//! The URL then carries the session token, which stands for a
+//! contributor's trust and credit. Seedling logs no request URL, and a
+//! browser keeps no history of WebSocket URLs, but a reverse proxy in front
+//! of a server may log them: such a proxy should drop the query of `/ws`
+//! from its logs.
+//!
 //! The server takes the Hello from the URL or, as before, from the first
 //! frame (a client that sends both sends a second Hello, which is refused).
 //! The bytes decode with [`super::decode_client`], so a Hello in the URL is
