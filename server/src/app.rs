@@ -632,7 +632,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 const READ_BUFFER: usize = 8 * 1024;
 
 async fn ws_handler(
-    mut upgrade: Upgrade,
+    upgrade: Upgrade,
     State(state): State<Gate>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
@@ -646,11 +646,12 @@ async fn ws_handler(
         .max_message_size(Some(4 * MAX_CLIENT_MESSAGE))
         .max_frame_size(Some(4 * MAX_CLIENT_MESSAGE))
         .read_buffer_size(READ_BUFFER);
-    let hello = upgrade.take_hello();
-    upgrade.config(config).on_upgrade(move |socket| async move {
-        handle_socket(socket, state, hello).await;
-        drop(slot);
-    })
+    upgrade
+        .config(config)
+        .on_upgrade(move |socket, hello| async move {
+            handle_socket(socket, state, hello).await;
+            drop(slot);
+        })
 }
 
 /// What a received data frame means to the coordinator: a decoded message,

@@ -119,25 +119,21 @@ impl Upgrade {
         self
     }
 
-    /// The encoded Hello the request's URL carried, if any: the
-    /// connection's first message, as if it were its first frame.
-    pub fn take_hello(&mut self) -> Option<Vec<u8>> {
-        self.hello.take()
-    }
-
     /// The `101 Switching Protocols` answer; once the client has it, the
-    /// upgraded socket goes to `callback` in a task of its own. A failed
-    /// upgrade drops `callback` unrun (and whatever it holds).
+    /// upgraded socket goes to `callback` in a task of its own, with the
+    /// encoded Hello the request's URL carried, if any (the connection's
+    /// first message, as if it were its first frame). A failed upgrade
+    /// drops `callback` unrun (and whatever it holds).
     pub fn on_upgrade<F, Fut>(self, callback: F) -> Response
     where
-        F: FnOnce(Socket) -> Fut + Send + 'static,
+        F: FnOnce(Socket, Option<Vec<u8>>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let Upgrade {
             key,
             on_upgrade,
             config,
-            ..
+            hello,
         } = self;
         tokio::spawn(async move {
             let Ok(upgraded) = on_upgrade.await else {
@@ -145,7 +141,7 @@ impl Upgrade {
             };
             let socket =
                 WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-            callback(socket).await;
+            callback(socket, hello).await;
         });
         Response::builder()
             .status(StatusCode::SWITCHING_PROTOCOLS)
