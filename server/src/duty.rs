@@ -107,6 +107,23 @@ impl DutyCycle {
         rest
     }
 
+    /// The thread spent `busy` of CPU on work outside its chunks (applying
+    /// an update) by `now`: [`DutyCycle::rest`] for it, except that time
+    /// spent during a rest does not count as rest, so a rest still ahead
+    /// grows by the rest `busy` calls for instead of starting afresh.
+    pub fn charge(&mut self, now: Instant, busy: Duration) -> Duration {
+        match self.last {
+            Some(end) if end > now => {
+                // Resting r earns share * r, so a debt of `busy` (the rest
+                // already pays for its own wall time) takes busy / share.
+                let extra = Duration::from_secs_f64(busy.as_secs_f64() / self.share);
+                self.last = Some(end + extra);
+                end + extra - now
+            }
+            _ => self.rest(now, busy),
+        }
+    }
+
     /// How much of the last rest is still ahead at `now`: the wait before
     /// the thread may compute again.
     pub fn owed(&self, now: Instant) -> Duration {
@@ -181,6 +198,28 @@ impl Throttle {
         }
         slots[slot].rest(Instant::now(), busy);
         out
+    }
+
+    /// Charges `busy` of CPU time spent outside a chunk (applying an
+    /// update, on the session's thread) to `slot`'s share, which then rests
+    /// longer before its next chunk.
+    ///
+    /// Every replica applies every update whatever share of the members it
+    /// evaluates, so at a fleet's step rate the updates alone can cost a
+    /// volunteer a fifth of a 25 % share (docs/LEARNING.md, "Where the
+    /// fleet's CPU goes, and three ways to the window that did not pay").
+    /// Uncharged, a worker at `--cpu-percent 25` used
+    /// 31 % of a core; the page's duty cycle has always counted them.
+    pub fn charge(&self, slot: usize, busy: Duration) {
+        let percent = self.percent();
+        if percent >= 100 || busy.is_zero() {
+            return;
+        }
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if slots.len() <= slot {
+            slots.resize(slot + 1, DutyCycle::new(percent, WINDOW));
+        }
+        slots[slot].charge(Instant::now(), busy);
     }
 
     /// The rest `slot` still owes before it may compute again: the worker
@@ -336,6 +375,54 @@ mod tests {
             "rested first"
         );
         assert!(throttle.owed(0).is_zero(), "an empty chunk leaves no debt");
+    }
+
+    /// Updates applied between chunks, some during a rest and some while
+    /// idle, count against the share: chunks and updates together stay
+    /// within it, as the page's duty cycle keeps them.
+    #[test]
+    fn charged_updates_count_against_the_share() {
+        for percent in [10u8, 25, 50] {
+            let t0 = Instant::now();
+            let mut duty = DutyCycle::new(percent, WINDOW);
+            let (chunk, update) = (Duration::from_millis(4), Duration::from_micros(350));
+            let (mut now, mut busy) = (t0, Duration::ZERO);
+            while now - t0 < Duration::from_secs(60) {
+                // A chunk, then two updates: the first lands during the
+                // rest the chunk left, the second after it.
+                now += duty.owed(now);
+                now += chunk;
+                busy += chunk;
+                duty.rest(now, chunk);
+                now += update;
+                busy += update;
+                duty.charge(now, update);
+                now += duty.owed(now) + update;
+                busy += update;
+                duty.charge(now, update);
+            }
+            let got = busy.as_secs_f64() / (now - t0).as_secs_f64();
+            let want = f64::from(percent) / 100.0;
+            assert!(got >= want * 0.99 && got <= want * 1.01, "{percent}%: {got}");
+        }
+    }
+
+    #[test]
+    fn a_charge_during_a_rest_lengthens_it() {
+        let t0 = Instant::now();
+        let mut duty = DutyCycle::new(25, WINDOW);
+        // 45 ms of work: 25 ms saved, 20 ms of debt less 11.25 ms earned.
+        let rest = duty.rest(t0, Duration::from_millis(45));
+        assert!((rest.as_secs_f64() - 0.035).abs() < 1e-9, "{rest:?}");
+        // 1 ms of update 10 ms into the rest adds 4 ms to it.
+        let now = t0 + Duration::from_millis(10);
+        let left = duty.charge(now, Duration::from_millis(1));
+        assert!((left.as_secs_f64() - 0.029).abs() < 1e-9, "{left:?}");
+        assert_eq!(duty.owed(now), left);
+        // Past the rest a charge is an ordinary chunk: within the credit
+        // saved since, no rest.
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(duty.charge(later, Duration::from_millis(1)), Duration::ZERO);
     }
 
     #[test]

@@ -468,7 +468,11 @@ where
                 }
             },
         };
+        // Applying an update is CPU the volunteer gives too: it counts
+        // against the share like evaluating does.
+        let start = crate::timing::thread_time();
         outcome = life.receive(&bytes);
+        crate::duty::CPU_SHARE.charge(0, crate::timing::thread_time().saturating_sub(start));
     }
 }
 
