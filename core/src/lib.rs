@@ -53,6 +53,7 @@ pub mod backprop;
 pub mod batch;
 pub mod config;
 pub mod error;
+pub mod exact_exp;
 pub mod forward;
 pub mod gemm;
 pub mod generate;

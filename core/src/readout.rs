@@ -15,7 +15,8 @@
 //!
 //! It is on the update path, so every replica must compute the same bits
 //! (ARCHITECTURE.md, Determinism contract): plain loops in a fixed order,
-//! only `+ - * /`, and `libm`'s tanh and exp, which are the same on every
+//! only `+ - * /`, and `libm`'s tanh and exp (the exp in lanes,
+//! [`crate::exact_exp`], to the same bits), which are the same on every
 //! target. The fast kernels and the fast tanh are not used here.
 
 use alloc::vec;
@@ -103,11 +104,13 @@ fn add_matvec(acc: &mut [f32], x: &[f32], w: &[f32]) {
 /// Softmax in place, around the maximum so large logits cannot overflow.
 fn softmax(z: &mut [f32]) {
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
     for x in z.iter_mut() {
-        *x = libm::expf(*x - max);
-        sum += *x;
+        *x -= max;
     }
+    // libm's expf to the bit, in lanes: the update path's rules hold.
+    crate::exact_exp::expf_in_place(z);
+    // Summed in order from 0.0, as the loop of one expf at a time did.
+    let sum = z.iter().fold(0.0f32, |sum, &x| sum + x);
     for x in z.iter_mut() {
         *x /= sum;
     }
