@@ -755,7 +755,8 @@ pub struct WorkerArgs {
     pub threads: Option<usize>,
     /// Percent of each thread's core to give, 1-100: below 100 each thread
     /// rests between chunks of work so that it computes this share of the
-    /// time, at the lowest OS priority.
+    /// time (applying the run's updates counts too), evaluating at the
+    /// lowest OS priority.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub cpu_percent: u8,
     /// Your display name on the contributors' leaderboard (at most 32

@@ -4,7 +4,9 @@
 //! do. Below 100 % the worker runs a duty cycle: each evaluating thread
 //! computes, then rests long enough that over time it is busy P % of the
 //! wall clock, and it runs at the lowest OS priority (nice 19), so the
-//! owner's own programs always come first even within the share.
+//! owner's own programs always come first even within the share. The
+//! updates the session applies are charged to the first thread's share
+//! ([`Throttle::charge`]): they are CPU the volunteer gives too.
 //!
 //! [`DutyCycle`] is the arithmetic, with the clock passed in so it can be
 //! tested without sleeping. It is a token bucket, the form of a sliding
