@@ -58,8 +58,7 @@ fn expf8(lanes: &mut [f32; 8]) {
     }
     if !common {
         for (y, &x) in lanes.iter_mut().zip(&input) {
-            let abs = x.to_bits() & 0x7fff_ffff;
-            if !(ABS_TINY < abs && abs < ABS_LARGE) {
+            if !on_common_path(x.to_bits() & 0x7fff_ffff) {
                 *y = libm::expf(x);
             }
         }
@@ -97,5 +96,11 @@ fn common_path(x: f32) -> (f32, bool) {
     // libm's scalbnf multiplies once by 2^k when -126 <= k <= 127, which
     // holds on this path (|k| <= 126).
     let scale = f32::from_bits((k.wrapping_add(127) as u32) << 23);
-    (y * scale, ABS_TINY < abs && abs < ABS_LARGE)
+    (y * scale, on_common_path(abs))
+}
+
+/// Whether libm takes its common path for an |x| of these bits.
+#[inline(always)]
+fn on_common_path(abs: u32) -> bool {
+    ABS_TINY < abs && abs < ABS_LARGE
 }

@@ -194,12 +194,18 @@ impl Throttle {
         let start = thread_time();
         let out = work();
         let busy = thread_time().saturating_sub(start);
+        self.with_slot(slot, percent, |cycle| cycle.rest(Instant::now(), busy));
+        out
+    }
+
+    /// Runs `f` on `slot`'s duty cycle, starting one at `percent` if the
+    /// slot has none yet.
+    fn with_slot(&self, slot: usize, percent: u8, f: impl FnOnce(&mut DutyCycle) -> Duration) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         if slots.len() <= slot {
             slots.resize(slot + 1, DutyCycle::new(percent, WINDOW));
         }
-        slots[slot].rest(Instant::now(), busy);
-        out
+        f(&mut slots[slot]);
     }
 
     /// Charges `busy` of CPU time spent outside a chunk (applying an
@@ -210,18 +216,14 @@ impl Throttle {
     /// evaluates, so at a fleet's step rate the updates alone can cost a
     /// volunteer a fifth of a 25 % share (docs/LEARNING.md, "Where the
     /// fleet's CPU goes, and three ways to the window that did not pay").
-    /// Uncharged, a worker at `--cpu-percent 25` used
-    /// 31 % of a core; the page's duty cycle has always counted them.
+    /// Uncharged, a worker at `--cpu-percent 25` used 31 % of a core; the
+    /// page's duty cycle has always counted them.
     pub fn charge(&self, slot: usize, busy: Duration) {
         let percent = self.percent();
         if percent >= 100 || busy.is_zero() {
             return;
         }
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if slots.len() <= slot {
-            slots.resize(slot + 1, DutyCycle::new(percent, WINDOW));
-        }
-        slots[slot].charge(Instant::now(), busy);
+        self.with_slot(slot, percent, |cycle| cycle.charge(Instant::now(), busy));
     }
 
     /// The rest `slot` still owes before it may compute again: the worker
