@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 use seedling_core::Replica;
 use seedling_core::RunConfig;
 use seedling_core::protocol::{ClientKind, ClientMsg, MAX_CLIENT_MESSAGE, decode_client};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tower_http::services::ServeDir;
@@ -376,7 +376,7 @@ pub async fn start(listener: TcpListener, opts: ServeOptions) -> anyhow::Result<
     let router = app(state, opts.www.clone());
     let http = tokio::spawn(async move {
         axum::serve(
-            listener,
+            without_nagle(listener),
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async move {
@@ -443,6 +443,28 @@ fn app(state: AppState, www: Option<PathBuf>) -> Router {
         router = router.fallback_service(ServeDir::new(dir));
     }
     isolated(router)
+}
+
+/// `listener` with Nagle's algorithm off on every connection it accepts
+/// (`TCP_NODELAY`), which axum leaves on.
+///
+/// Why: a step sends a volunteer several small frames back to back (the
+/// update, then its next job). With Nagle's algorithm a small frame written while an earlier
+/// one is unacknowledged waits for that acknowledgement: on a real link a
+/// whole round trip, plus the peer's delayed ACK (40 ms on Linux, up to
+/// 200 ms on Windows), added to the job that follows every update. Steps
+/// in flight exist to hide the round trip; this would add it back. The
+/// native worker and browsers already turn it off on their side. Even
+/// the fleet emulator, whose proxy acknowledges on loopback, ran 9% more
+/// steps a second at 150 ms with it off (docs/LEARNING.md, "Nagle's
+/// algorithm was on at the server").
+pub(crate) fn without_nagle(listener: TcpListener) -> axum::serve::TapIo<TcpListener, fn(&mut TcpStream)> {
+    fn nodelay(tcp: &mut TcpStream) {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot turn Nagle's algorithm off on a connection: {e}");
+        }
+    }
+    axum::serve::ListenerExt::tap_io(listener, nodelay)
 }
 
 /// `/ws` and the volunteer page alone, behind `gate`: what a relay serves.
@@ -837,6 +859,31 @@ async fn handle_socket(socket: Socket, state: Gate, hello: Option<Vec<u8>>) {
 mod tests {
     use super::*;
     use seedling_core::tokenizer::Tokenizer;
+
+    /// Every connection the server (and a relay) accepts has Nagle's
+    /// algorithm off, so a job written right after an update is not held
+    /// for the update's acknowledgement.
+    #[tokio::test]
+    async fn accepted_connections_do_not_wait_for_acknowledgements() {
+        use axum::serve::Listener;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let plain = TcpStream::connect(addr);
+        let (accepted, _peer) = tokio::join!(listener.accept(), plain);
+        assert!(
+            !accepted.unwrap().0.nodelay().unwrap(),
+            "a plain accept keeps Nagle on"
+        );
+
+        let mut listener = without_nagle(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let addr = Listener::local_addr(&listener).unwrap();
+        for _ in 0..3 {
+            let peer = TcpStream::connect(addr);
+            let ((stream, from), peer) = tokio::join!(listener.accept(), peer);
+            assert_eq!(from, peer.unwrap().local_addr().unwrap());
+            assert!(stream.nodelay().unwrap(), "Nagle's algorithm is off");
+        }
+    }
 
     fn point(step: u64, val: bool) -> HistoryPoint {
         HistoryPoint {

@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use self::hub::{Effect, Hub, HubSettings, HubStatus, VolReport};
-use crate::app::{Gate, Limits, volunteer_router};
+use crate::app::{Gate, Limits, volunteer_router, without_nagle};
 use crate::coordinator::types::{ClientId, Event, Input, Outgoing};
 use crate::nats::{self, NatsOptions};
 
@@ -131,7 +131,7 @@ pub async fn start(listener: TcpListener, opts: RelayOptions) -> anyhow::Result<
     let addr = listener.local_addr()?;
     let http = tokio::spawn(async move {
         axum::serve(
-            listener,
+            without_nagle(listener),
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .await
