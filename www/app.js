@@ -10,7 +10,9 @@
 //
 // Every change (a worker's message, a button, a status answer, the 1 s
 // clock) ends in `render()`, which redraws the tab's figures from the pool
-// and the poller and publishes them.
+// and the poller and publishes them. Workers' messages redraw at most every
+// RENDER_MS (`renderSoon`): each worker reports twice a step, and a redraw
+// per report made the tab's main thread cost more CPU than its volunteer.
 //
 // The volunteer's CPU share and the automatic pause: each worker computes
 // the chosen share of the time (a duty cycle in worker.js), and the page
@@ -28,6 +30,18 @@ import { publish } from './state.js';
 import { StatusPoller } from './status.js';
 
 const NOTICE_MS = 8000;
+/**
+ * Workers' messages redraw the page at most this often. A fleet at 64
+ * steps/s sends each worker a hash and a status notice per step; with a
+ * redraw for each, a headless tab's main thread used 22% of a core against
+ * 13% for its volunteer at a 25% share (docs/LEARNING.md, "Browsers in
+ * the fleet").
+ */
+const RENDER_MS = 250;
+/** The pending redraw a worker's message asked for, when the last ran, and how many ran. */
+let renderTimer = null;
+let renderedAt = -Infinity;
+let renders = 0;
 /** The busy fraction is measured over this much recent wall time. */
 const BUSY_WINDOW_MS = 5000;
 /** The CPU shares the page offers, in percent. */
@@ -144,7 +158,7 @@ const pool = new Pool({
   onChange: () => {
     // A failure stops the pool for good: the volunteer presses Contribute again.
     if (!pool.running && pool.stopReason === 'failure') wanted = false;
-    render();
+    renderSoon();
   },
   onSample: showSample,
   onVersion: showVersion,
@@ -220,9 +234,21 @@ function setupControls() {
 
 // ------------------------------------------------------------------ figures
 
+/** `render()` within RENDER_MS of the last one, once however many ask. */
+function renderSoon() {
+  if (renderTimer != null) return;
+  const wait = Math.max(0, renderedAt + RENDER_MS - performance.now());
+  renderTimer = setTimeout(() => {
+    renderTimer = null;
+    render();
+  }, wait);
+}
+
 /** Redraws what depends on the pool and publishes `window.seedling`. */
 function render() {
   const now = performance.now();
+  renderedAt = now;
+  renders += 1;
   const running = pool.running;
   const button = $('contribute');
   button.textContent = wanted ? 'Stop' : 'Contribute';
@@ -275,6 +301,7 @@ function render() {
 
   const cpu = { share: pool.share, paused, pauseReason: paused ? pauseReason : null, busyMs: pool.busyMs(), busyFraction: fraction };
   publish({
+    renders,
     hashes: pool.hashes,
     running,
     workers,

@@ -3,6 +3,8 @@
 // nowhere else, by `publish`, which the page calls after every change, so
 // it can never disagree with what the page shows.
 //
+//   renders           how many times the page redrew its figures (at most
+//                     about four times a second however fast the run goes);
 //   hashes[i]         the last {step, hash} worker i reported to the server
 //                     (hex hash, the server's format), or null before its
 //                     first report;
@@ -23,6 +25,7 @@
 //                     before there are two samples)}.
 
 const seedling = {
+  renders: 0,
   hashes: [],
   running: false,
   workers: 0,
@@ -38,7 +41,8 @@ const seedling = {
  * values rather than reading the page's objects, so the published view is
  * exactly what was just rendered.
  */
-export function publish({ hashes, running, workers, membersEvaluated, status, identity, contributors, cpu }) {
+export function publish({ renders, hashes, running, workers, membersEvaluated, status, identity, contributors, cpu }) {
+  seedling.renders = renders;
   seedling.hashes = hashes.slice();
   seedling.running = running;
   seedling.workers = workers;

@@ -392,6 +392,21 @@ async fn the_page_trains_alone_and_agrees() {
             v.as_f64().is_some_and(|n| n > drawn)
         })
         .await;
+        // However fast the run goes, workers' notices (two per worker per
+        // step) redraw the page at most every 250 ms; the 1 s clock and the
+        // status and leaderboard answers redraw it too, about two a second
+        // more. A redraw per notice cost the tab's main thread more CPU
+        // than its volunteer.
+        let renders = "window.seedling.renders";
+        let (r0, s0, t0) = (js(page, renders).await, server.status().steps_closed, Instant::now());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (r1, s1) = (js(page, renders).await, server.status().steps_closed);
+        let secs = t0.elapsed().as_secs_f64();
+        let redraws = r1.as_f64().unwrap() - r0.as_f64().unwrap();
+        let notices = 2.0 * f64::from(workers) * (s1 - s0) as f64;
+        eprintln!("{redraws} redraws for about {notices} notices in {secs:.1} s");
+        assert!(notices >= 10.0 * secs, "the run went too slowly to tell: {notices} notices in {secs:.1} s");
+        assert!(redraws <= 10.0 * secs, "{redraws} redraws in {secs:.1} s for {notices} notices");
         let png = page.screenshot().await.unwrap();
         let path = output_dir().join("browser-page.png");
         std::fs::write(&path, png).unwrap();

@@ -138,6 +138,14 @@ pub struct Coordinator {
     counters: Counters,
     /// Set by the operator: no jobs are handed out.
     paused: bool,
+    /// The median speed (members a second) of the ready volunteers that
+    /// are not relays, as of the last close: what a job is balanced
+    /// against ([`Coordinator::job_size`]). The median, not the fastest,
+    /// since one job run on saved-up CPU share can look four times as fast
+    /// as the volunteer is.
+    typical_speed: f64,
+    /// The buffer the median is taken in.
+    speeds: Vec<f64>,
 }
 
 impl Coordinator {
@@ -170,6 +178,8 @@ impl Coordinator {
             book,
             counters: Counters::default(),
             paused: false,
+            typical_speed: 0.0,
+            speeds: Vec::new(),
             replica,
         };
         c.open_steps(now);

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use rand_core::Rng;
+use seedling_core::protocol::ClientKind;
 use smallvec::SmallVec;
 
 use super::seqmap::SeqMap;
@@ -25,6 +26,11 @@ const MAX_OWNERS: usize = 100_000;
 /// Most jobs one client holds, however long its round trip: bounds what a
 /// departing volunteer leaves to reissue and the frames queued for it.
 pub(super) const MAX_HELD: usize = 64;
+
+/// How much longer than a typical volunteer's whole step a job may take:
+/// a volunteer slower than the median by more than this gets part of a
+/// step (see [`Coordinator::job_size`]).
+pub(super) const SPREAD: f64 = 1.5;
 
 /// A job handed out in an open step.
 pub(super) struct Job {
@@ -344,6 +350,16 @@ impl Coordinator {
     /// an eighth of each step ran a third fewer members a second than
     /// the same fleet evaluating whole steps.
     ///
+    /// But a volunteer more than [`SPREAD`] times slower than the median
+    /// (a browser tab among native workers) gets the part of a step it
+    /// evaluates in about [`SPREAD`] times what the median volunteer takes
+    /// for a whole one: the oldest open step waits on its slowest job, and
+    /// a whole step at a third of the speed held every step in flight
+    /// behind it. Six native workers and two tabs at RTT 50 ms ran 64
+    /// steps/s with whole steps for all and 80 with this (and the page's
+    /// redraws held to four a second; docs/LEARNING.md, "Browsers in the
+    /// fleet").
+    ///
     /// [`Settings::job_target`]: super::types::Settings::job_target
     pub(super) fn job_size(&self, c: &Client) -> usize {
         let threads = c.hello.map_or(1, |h| h.1) as usize;
@@ -355,12 +371,37 @@ impl Coordinator {
         let population = self.replica.config.es.population as usize;
         let open_work = population * self.open.len().max(1);
         let fair = open_work.div_ceil(self.ready.max(1)).next_multiple_of(2);
+        // A relay's speed is its volunteers' summed: it is balanced by its
+        // own scheduler, not against one volunteer.
+        let relay = c.hello.is_some_and(|h| h.0 == ClientKind::Relay);
+        let balanced = if relay || c.speed <= 0.0 || self.typical_speed <= 0.0 {
+            population
+        } else {
+            (population as f64 * SPREAD * c.speed / self.typical_speed).ceil() as usize
+        };
         // A relay's threads (its volunteers' summed) may exceed a step.
         target
             .min(fair)
+            .min(balanced)
             .min(population)
             .max(threads.min(population))
             .max(2)
+    }
+
+    /// Takes the median speed of the ready volunteers that are not relays
+    /// (see [`Coordinator::job_size`]); at every close, O(clients) like the
+    /// rest of a close's accounting.
+    pub(super) fn note_typical_speed(&mut self) {
+        let mut speeds = std::mem::take(&mut self.speeds);
+        speeds.clear();
+        speeds.extend(
+            self.clients
+                .values()
+                .filter(|c| c.speed > 0.0 && c.hello.is_some_and(|h| h.0 != ClientKind::Relay))
+                .map(|c| c.speed),
+        );
+        self.typical_speed = median(&mut speeds);
+        self.speeds = speeds;
     }
 
     /// Members a client should hold to compute without a gap: the job it
@@ -428,4 +469,14 @@ pub(crate) fn replication(base: f32, trust: u64) -> f64 {
 /// A uniform draw in `[0, 1)` from a coin (the coordinator's or a relay's).
 pub(crate) fn unit(coin: &mut seedling_core::rng::Stream) -> f64 {
     (coin.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The median of `values` (the upper one of an even count; 0 for none),
+/// reordering them: O(n).
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mid = values.len() / 2;
+    *values.select_nth_unstable_by(mid, f64::total_cmp).1
 }

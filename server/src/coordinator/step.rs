@@ -353,6 +353,7 @@ impl Coordinator {
             wanted += self.wanted(c);
             starved |= c.jobs.is_empty();
         }
+        self.note_typical_speed();
         let population = self.replica.config.es.population as f64;
         self.window.follow(self.book.decay(step, now));
         self.window.closed(wanted as f64 / population, starved);

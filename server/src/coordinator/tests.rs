@@ -868,6 +868,18 @@ fn jobs_sent(w: &mut Wires, id: ClientId) -> Vec<SentJob> {
         .collect()
 }
 
+/// A relay's Hello, before its first Capacity.
+fn relay_hello() -> ClientMsg {
+    ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        kind: ClientKind::Relay,
+        threads: 1,
+        speed: 0.0,
+        session: None,
+        name: String::new(),
+    }
+}
+
 /// A relay is one client sized by its volunteers together: its Capacity
 /// raises its threads past a volunteer's cap and sets its speed, so its
 /// jobs grow to whole steps; a volunteer's Capacity changes nothing.
@@ -891,18 +903,10 @@ fn a_relays_capacity_sizes_its_jobs() {
         "not a relay"
     );
     connect(&mut c, &mut w, 2, t0);
-    let hello = ClientMsg::Hello {
-        version: PROTOCOL_VERSION,
-        kind: ClientKind::Relay,
-        threads: 1,
-        speed: 0.0,
-        session: None,
-        name: String::new(),
-    };
     c.handle(
         Input::Message {
             client: 2,
-            msg: hello,
+            msg: relay_hello(),
         },
         t0,
         &mut w,
@@ -919,6 +923,56 @@ fn a_relays_capacity_sizes_its_jobs() {
     assert_eq!(c.clients[&2].hello, Some((ClientKind::Relay, 5_000)));
     assert_eq!(c.clients[&2].speed, 1e6);
     assert_eq!(c.job_size(&c.clients[&2]), population, "a whole step");
+}
+
+/// A volunteer much slower than the median (a tab among native workers)
+/// gets part of a step, sized to take about `SPREAD` times the median's
+/// whole step; one within `SPREAD` of it, or faster, and a relay however
+/// slow, get whole steps. One volunteer far faster than the rest (a job on
+/// saved-up CPU share) does not move the median.
+#[test]
+fn a_slow_volunteer_gets_part_of_a_step() {
+    let mut c = lagged_coordinator(7, true);
+    let population = c.replica.config.es.population as usize;
+    let (mut w, t0) = join_one(&mut c);
+    for id in 2..=5 {
+        connect(&mut c, &mut w, id, t0);
+        let msg = if id == 5 { relay_hello() } else { simulated(None) };
+        c.handle(Input::Message { client: id, msg }, t0, &mut w);
+    }
+    for (id, speed) in [(1, 1000.0), (2, 1000.0), (3, 700.0), (4, 20_000.0), (5, 100.0)] {
+        c.clients.get_mut(&id).unwrap().speed = speed;
+    }
+    assert_eq!(
+        c.job_size(&c.clients[&3]),
+        population,
+        "no median yet: whole steps"
+    );
+    c.note_typical_speed();
+    assert_eq!(
+        c.typical_speed, 1000.0,
+        "the relay does not count, the fast one is one of four"
+    );
+    assert_eq!(c.job_size(&c.clients[&1]), population);
+    assert_eq!(c.job_size(&c.clients[&4]), population);
+    assert_eq!(
+        c.job_size(&c.clients[&3]),
+        population,
+        "0.7 of the median is within SPREAD"
+    );
+    assert_eq!(
+        c.job_size(&c.clients[&5]),
+        population,
+        "a relay balances its own volunteers"
+    );
+    c.clients.get_mut(&3).unwrap().speed = 250.0;
+    let part = c.job_size(&c.clients[&3]);
+    let want = (population as f64 * super::scheduler::SPREAD * 0.25).ceil() as usize;
+    assert!(
+        part < population,
+        "a quarter of the median's speed: part of a step ({part})"
+    );
+    assert_eq!(part, want.max(2));
 }
 
 /// A client that announces its speed: it takes whole steps.
