@@ -36,6 +36,18 @@ fn corpus(dir: &Path) -> PathBuf {
     path
 }
 
+/// A listener on a free loopback port, for an in-process server, and its
+/// port: bound from the start, since a port picked and released
+/// ([`free_port`]) may be taken by a test running beside this one before
+/// it is bound again (CI once failed so, `AddrInUse`).
+fn held_port(rt: &tokio::runtime::Runtime) -> (tokio::net::TcpListener, u16) {
+    let l = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
+
+/// A free loopback port for a server binary to bind (and bind again when
+/// restarted), released at once: only where the port must outlive a process.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -129,7 +141,7 @@ fn kill_and_resume(extra: &[&str]) -> Resumed {
 
     // Uninterrupted reference, in-process, same flags.
     let ref_dir = tmp.path().join("reference");
-    let port = free_port();
+    let (listener, port) = held_port(&rt);
     let reference = {
         let cli = Cli::try_parse_from(
             std::iter::once("seedling".to_string()).chain(run_args(&data, &ref_dir, port, steps)),
@@ -139,10 +151,7 @@ fn kill_and_resume(extra: &[&str]) -> Resumed {
             unreachable!()
         };
         let opts = args.run_args().unwrap().serve_options().unwrap();
-        let server = rt.block_on(async {
-            let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-            seedling_server::app::start(l, opts).await.unwrap()
-        });
+        let server = rt.block_on(seedling_server::app::start(listener, opts)).unwrap();
         let stop = common::workers(&rt, port, 2, Duration::from_millis(300));
         let s = wait_status(port, "the reference run", POLL, agree);
         let _ = stop.send(true);
@@ -383,7 +392,7 @@ fn sigkill_restart_behind_a_relay_matches_an_uninterrupted_run() {
     };
 
     // Uninterrupted reference, in-process, same flags, through a relay.
-    let port = free_port();
+    let (listener, port) = held_port(&rt);
     let reference = {
         let cli = Cli::try_parse_from(std::iter::once("seedling".to_string()).chain(with_nats(
             "reference",
@@ -398,8 +407,7 @@ fn sigkill_restart_behind_a_relay_matches_an_uninterrupted_run() {
         // The credentials the binary takes from its environment.
         opts.nats = Some(nats::nats_options(&nats, "reference"));
         let (server, relay) = rt.block_on(async {
-            let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-            let server = seedling_server::app::start(l, opts).await.unwrap();
+            let server = seedling_server::app::start(listener, opts).await.unwrap();
             let relay = nats::start_relay(&nats, "reference", "r1", nats::test_hub()).await;
             (server, relay)
         });
