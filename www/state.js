@@ -1,10 +1,11 @@
 // `window.seedling`: what the page knows, for tests (tests/tests/browser.rs
 // reads it through WebDriver) and the curious. It is written here and
-// nowhere else, by `publish`, which the page calls after every change, so
-// it can never disagree with what the page shows.
+// nowhere else, by `publish`, which the page calls at every redraw, so it
+// can never disagree with what the page shows.
 //
-//   renders           how many times the page redrew its figures (at most
-//                     about four times a second however fast the run goes);
+//   renders           how many times the page redrew its figures (workers'
+//                     notices add at most four a second, however fast the
+//                     run goes);
 //   hashes[i]         the last {step, hash} worker i reported to the server
 //                     (hex hash, the server's format), or null before its
 //                     first report;

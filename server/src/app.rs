@@ -449,9 +449,9 @@ fn app(state: AppState, www: Option<PathBuf>) -> Router {
 /// (`TCP_NODELAY`), which axum leaves on.
 ///
 /// Why: a step sends a volunteer several small frames back to back (the
-/// update, then its next job). With Nagle's algorithm a small frame written while an earlier
-/// one is unacknowledged waits for that acknowledgement: on a real link a
-/// whole round trip, plus the peer's delayed ACK (40 ms on Linux, up to
+/// update, then its next job). With Nagle's algorithm a small frame
+/// written while an earlier one is unacknowledged waits for that
+/// acknowledgement: on a real link a whole round trip, plus the peer's delayed ACK (40 ms on Linux, up to
 /// 200 ms on Windows), added to the job that follows every update. Steps
 /// in flight exist to hide the round trip; this would add it back. The
 /// native worker and browsers already turn it off on their side. Even
