@@ -251,7 +251,9 @@ pub enum ServerMsg {
         job: u64,
         /// Member indices to evaluate.
         members: Vec<u32>,
-        /// The step's minibatch, `batch * (seq_len + 1)` tokens.
+        /// The step's minibatch: whole sequences of `seq_len + 1` tokens, at
+        /// least `batch` of them (more when the coordinator stretches a far
+        /// fleet's steps).
         tokens: Vec<Token>,
         /// Milliseconds the client has before the job is reissued.
         deadline_ms: u32,

@@ -172,15 +172,28 @@ impl Replica {
         self.weights_at(self.config.es.version_of(step)).is_some()
     }
 
-    /// Checks a minibatch against this run's batch shape and vocabulary.
+    /// Checks a minibatch against this run's shape and vocabulary: whole
+    /// sequences of `seq_len + 1` tokens, at least the config's `batch` of
+    /// them and at most [`crate::config::limits::MAX_BATCH`].
+    ///
+    /// Why more than `batch` may come: a coordinator whose volunteers wait
+    /// on a long round trip gives each step more sequences, using CPU that
+    /// would otherwise idle (the server's `coordinator/stretch.rs`). Every
+    /// replica gets each step's minibatch in its job and its update, so the
+    /// count needs no other agreement, and the update path reads only what
+    /// it is given.
     pub fn minibatch<'a>(&self, tokens: &'a [Token]) -> Result<Minibatch<'a>> {
         let es = &self.config.es;
-        Minibatch::new(
-            tokens,
-            es.batch as usize,
-            es.seq_len as usize,
-            self.layout.vocab(),
-        )
+        let window = es.seq_len as usize + 1;
+        let sequences = tokens.len() / window;
+        let batch = if tokens.len().is_multiple_of(window)
+            && (es.batch as usize..=crate::config::limits::MAX_BATCH as usize).contains(&sequences)
+        {
+            sequences
+        } else {
+            es.batch as usize // the length check below refuses it
+        };
+        Minibatch::new(tokens, batch, es.seq_len as usize, self.layout.vocab())
     }
 
     /// Losses of `members` of the current step on the step's minibatch
@@ -386,6 +399,25 @@ mod tests {
 
     fn tokens(step: u64) -> Vec<Token> {
         (0..10).map(|i| ((i + step) % 5) as Token).collect()
+    }
+
+    /// A step may bring more whole sequences than the config's batch (a
+    /// coordinator stretches far fleets' minibatches), never fewer, never a
+    /// partial one.
+    #[test]
+    fn a_minibatch_may_hold_more_whole_sequences() {
+        let r = Replica::new(config(0)).unwrap();
+        let two = tokens(0);
+        let three: Vec<Token> = two.iter().chain(&tokens(2)[..5]).copied().collect();
+        assert_eq!(r.minibatch(&two).unwrap().batch(), 2);
+        assert_eq!(r.minibatch(&three).unwrap().batch(), 3);
+        assert!(r.minibatch(&two[..5]).is_err(), "fewer than the config's batch");
+        assert!(r.minibatch(&three[..13]).is_err(), "a partial sequence");
+        let mut a = r.clone();
+        a.apply(0, 0.05, &[(0, 1.0), (1, -1.0)], &three).unwrap();
+        let l2 = r.evaluate(&two, &[0, 1]).unwrap();
+        let l3 = r.evaluate(&three, &[0, 1]).unwrap();
+        assert_ne!(l2, l3, "a loss is over every sequence given");
     }
 
     /// The ring holds exactly the versions `step - lag - 1 ..= step`, and a

@@ -247,6 +247,12 @@ pub struct RunArgs {
     /// Shortest job deadline in seconds [default: 10].
     #[arg(long, allow_negative_numbers = true, help_heading = "Volunteers")]
     pub job_timeout: Option<f64>,
+    /// Most sequences per member, as a multiple of --batch, when the
+    /// volunteers are far: a step gets one more for every 75 ms of their
+    /// median round trip, using CPU that would wait on the network (1:
+    /// never; only without --fixed-lag) [default: 3].
+    #[arg(long, help_heading = "Volunteers")]
+    pub far_batch: Option<u32>,
     /// Jobs a volunteer holds at least: with 2 its next job travels while
     /// it computes. A volunteer far away holds more, enough to cover its
     /// round trip (up to 64); 1 sends no work ahead [default: 2].
@@ -323,7 +329,7 @@ impl RunArgs {
         }
         merge!(self, f; run_dir, bind, port, www, seed, hidden, layers, population, batch, seq_len, sigma, lag, lr,
             weight_decay, beta1, beta2, noise, rank, init_scale, schedule, warmup, decay_steps, min_lr_ratio, decay_gamma,
-            shaping, head, readout, input_rows, output_bias, min_fraction, step_timeout, job_timeout, jobs_ahead, eval_every,
+            shaping, head, readout, input_rows, output_bias, min_fraction, step_timeout, job_timeout, jobs_ahead, far_batch, eval_every,
             eval_windows, checkpoint_every, keep, max_steps, admin_token, max_connections, max_per_ip, replicate, tolerance, max_strikes);
         self.fixed_lag |= f.fixed_lag;
         Ok((self, train))
@@ -434,6 +440,7 @@ impl RunArgs {
                 .map_or(d.job_timeout_min, Duration::from_secs_f64),
             jobs_ahead: self.jobs_ahead.unwrap_or(d.jobs_ahead).max(1),
             fixed_lag: self.fixed_lag,
+            far_batch: self.far_batch.unwrap_or(d.far_batch).max(1),
             eval_every: self.eval_every.unwrap_or(25),
             checkpoint_every: self.checkpoint_every.unwrap_or(d.checkpoint_every),
             keep: self.keep.unwrap_or(d.keep),

@@ -42,6 +42,7 @@ pub mod seqmap;
 mod sessions;
 mod status;
 mod step;
+pub mod stretch;
 pub mod types;
 mod verify;
 pub mod window;
@@ -146,6 +147,10 @@ pub struct Coordinator {
     typical_speed: f64,
     /// The buffer the median is taken in.
     speeds: Vec<f64>,
+    /// The median round trip (seconds) of the ready clients that measured
+    /// one, as of the last close: what a step's minibatch stretches with
+    /// ([`stretch`]).
+    typical_rtt: f64,
 }
 
 impl Coordinator {
@@ -180,6 +185,7 @@ impl Coordinator {
             paused: false,
             typical_speed: 0.0,
             speeds: Vec::new(),
+            typical_rtt: 0.0,
             replica,
         };
         c.open_steps(now);

@@ -45,6 +45,10 @@ pub(super) struct Job {
     /// Inline up to a typical crowd's job size: a job is created and
     /// dropped for every result.
     pub(super) members: SmallVec<[u32; 8]>,
+    /// Its step's minibatch over the config's batch (1, or more for a far
+    /// fleet; [`super::stretch`]): each member costs that many times the
+    /// time of one at the config's batch.
+    pub(super) stretch: usize,
     pub(super) sent: Instant,
     pub(super) deadline: Instant,
 }
@@ -260,10 +264,11 @@ impl Coordinator {
                 continue;
             }
             let step = self.open[chosen].step;
+            let stretch = self.stretch_of(chosen);
             // A job sent ahead is evaluated after the client's others.
             let backlog = self.held(c);
             let expected = if c.speed > 0.0 {
-                (backlog + members.len()) as f64 / c.speed
+                (backlog + members.len() * stretch) as f64 / c.speed
             } else {
                 0.0
             };
@@ -295,6 +300,7 @@ impl Coordinator {
                 version: o.version,
                 floating,
                 members,
+                stretch,
                 sent: now,
                 deadline,
             };
@@ -389,9 +395,11 @@ impl Coordinator {
     }
 
     /// Takes the median speed of the ready volunteers that are not relays
-    /// (see [`Coordinator::job_size`]); at every close, O(clients) like the
-    /// rest of a close's accounting.
-    pub(super) fn note_typical_speed(&mut self) {
+    /// (see [`Coordinator::job_size`]) and the median round trip of the
+    /// ready clients (what a step's minibatch stretches with,
+    /// [`super::stretch`]); at every close, O(clients) like the rest of a
+    /// close's accounting.
+    pub(super) fn note_typical(&mut self) {
         let mut speeds = std::mem::take(&mut self.speeds);
         speeds.clear();
         speeds.extend(
@@ -401,6 +409,14 @@ impl Coordinator {
                 .map(|c| c.speed),
         );
         self.typical_speed = median(&mut speeds);
+        speeds.clear();
+        speeds.extend(
+            self.clients
+                .values()
+                .filter(|c| c.rtt > 0.0 && c.hello.is_some())
+                .map(|c| c.rtt),
+        );
+        self.typical_rtt = median(&mut speeds);
         self.speeds = speeds;
     }
 
@@ -413,7 +429,9 @@ impl Coordinator {
     ///
     /// [`Settings::jobs_ahead`]: super::types::Settings::jobs_ahead
     pub(super) fn wanted(&self, c: &Client) -> usize {
-        let size = self.job_size(c);
+        // In members at the config's batch, like speeds and `held`: a job
+        // of a stretched step is worth that many more.
+        let size = self.job_size(c) * self.stretch_now();
         let ahead = self.settings.jobs_ahead.max(1);
         if ahead == 1 {
             return size;
@@ -422,13 +440,27 @@ impl Coordinator {
         cover.clamp(ahead * size, MAX_HELD * size)
     }
 
-    /// Members in a client's live jobs.
+    /// A step opened now: its minibatch over the config's batch.
+    pub(super) fn stretch_now(&self) -> usize {
+        let base = self.replica.config.es.batch.max(1) as usize;
+        (self.sequences_now() / base).max(1)
+    }
+
+    /// Members in a client's live jobs, each counted as many times as its
+    /// step's minibatch is stretched: the work held, in members at the
+    /// config's batch (the unit of speeds).
     pub(super) fn held(&self, c: &Client) -> usize {
         c.jobs
             .iter()
             .filter_map(|&j| self.sched.jobs.get(j))
-            .map(|j| j.members.len())
+            .map(|j| j.members.len() * j.stretch)
             .sum()
+    }
+
+    /// Open step `i`'s minibatch over the config's batch (at least 1).
+    pub(super) fn stretch_of(&self, i: usize) -> usize {
+        let base = self.replica.config.es.batch.max(1) as usize;
+        (self.open[i].sequences / base).max(1)
     }
 
     /// True when a client should get another job: fewer than

@@ -45,6 +45,8 @@ pub(super) struct Counters {
     pub(super) slow: u64,
     /// Members counted in all closed steps.
     members: u64,
+    /// Minibatch sequences of all closed steps, summed.
+    sequences: u64,
     /// Results accepted, and the updates their weights were behind their
     /// steps, summed: the staleness steps in flight cost.
     results: u64,
@@ -61,8 +63,9 @@ pub(super) struct Counters {
 
 impl Counters {
     /// A step closed at `now` with `members` counted.
-    pub(super) fn closed(&mut self, now: Instant, members: u32) {
+    pub(super) fn closed(&mut self, now: Instant, members: u32, sequences: usize) {
         self.steps_closed += 1;
+        self.sequences += sequences as u64;
         self.members += u64::from(members);
         if let Some(&(last, _)) = self.closes.back() {
             let secs = now.saturating_duration_since(last).as_secs_f64();
@@ -155,6 +158,7 @@ impl Coordinator {
             members_done: self.front().books.counted() as u32,
             steps_open: self.open.len(),
             results_behind: c.behind as f64 / c.results.max(1) as f64,
+            sequences_per_member: c.sequences as f64 / c.steps_closed.max(1) as f64,
             params: self.replica.layout.len,
             // The hash of the current step, computed once when it closed.
             hash: format!("{:016x}", self.step.hash().unwrap_or_else(|| self.replica.hash())),

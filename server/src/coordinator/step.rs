@@ -73,6 +73,9 @@ pub(super) struct Open {
     /// estimate kept to seen input rows) the update carries it, and this
     /// replica's update reads it.
     tokens: Vec<Token>,
+    /// Sequences in the minibatch: the config's batch, or more for a far
+    /// fleet ([`super::stretch`]).
+    pub(super) sequences: usize,
     /// The minibatch as encoded in its jobs, encoded once and shared by
     /// every job frame of the step.
     pub(super) token_bytes: Bytes,
@@ -133,22 +136,27 @@ impl Open {
     /// Step `step` of `replica`'s run, evaluated at weights `version`, with
     /// every member in the pool, reusing this one's buffers (a closed
     /// step's).
-    fn reopen(&mut self, step: u64, version: u64, replica: &Replica, train: &[Token], now: Instant) {
+    fn reopen(
+        &mut self,
+        step: u64,
+        version: u64,
+        sequences: usize,
+        replica: &Replica,
+        train: &[Token],
+        now: Instant,
+    ) {
         let es = replica.config.es;
-        let tokens = batch::step_batch(
-            train,
-            replica.config.seed,
-            step,
-            es.batch as usize,
-            es.seq_len as usize,
-        )
-        .expect("training data was checked to hold at least one window");
+        // The first `sequences` windows of the step's stream: a stretched
+        // minibatch starts with the one it stretches.
+        let tokens = batch::step_batch(train, replica.config.seed, step, sequences, es.seq_len as usize)
+            .expect("training data was checked to hold at least one window");
         let encoded = protocol::EncodedTokens::new(&tokens).expect("a minibatch always encodes");
         self.step = step;
         self.version = version;
         self.bound = false;
         self.token_bytes = Bytes::copy_from_slice(encoded.as_bytes());
         self.tokens = tokens;
+        self.sequences = sequences;
         self.started = now;
         self.pool.fill(es.population as usize);
         self.verify.clear();
@@ -158,11 +166,11 @@ impl Open {
         self.books.reset(es.population as usize);
     }
 
-    /// Step `step`, fresh.
-    fn new(step: u64, version: u64, replica: &Replica, train: &[Token], now: Instant) -> Self {
-        let mut o = Self {
-            step,
-            version,
+    /// Buffers for a step, to [`Open::reopen`] before use.
+    fn blank(now: Instant) -> Self {
+        Self {
+            step: 0,
+            version: 0,
             bound: false,
             pool: MemberSet::default(),
             verify: MemberSet::default(),
@@ -171,11 +179,10 @@ impl Open {
             unchecked: MemberSet::default(),
             books: Ledger::default(),
             tokens: Vec::new(),
+            sequences: 0,
             token_bytes: Bytes::new(),
             started: now,
-        };
-        o.reopen(step, version, replica, train, now);
-        o
+        }
     }
 
     /// `client` no longer holds a copy of member `m` (it answered, or its
@@ -295,12 +302,32 @@ impl Coordinator {
         }
     }
 
+    /// Sequences in the minibatch of a step opened now: the config's
+    /// batch, stretched with the volunteers' round trip when the window is
+    /// adaptive ([`super::stretch`]).
+    pub(super) fn sequences_now(&self) -> usize {
+        let es = &self.replica.config.es;
+        if self.settings.fixed_lag || es.lag == 0 {
+            return es.batch as usize;
+        }
+        super::stretch::sequences(es.batch, self.settings.far_batch, self.typical_rtt)
+    }
+
     /// Opens the replica's step and as many after it as the window holds:
     /// their minibatches, all members in their pools.
     pub(super) fn open_steps(&mut self, now: Instant) {
         while self.open.len() < self.window.open() {
             let s = self.replica.step + self.open.len() as u64;
-            let o = Open::new(s, self.version_for(s), &self.replica, &self.data.train, now);
+            let sequences = self.sequences_now();
+            let mut o = Open::blank(now);
+            o.reopen(
+                s,
+                self.version_for(s),
+                sequences,
+                &self.replica,
+                &self.data.train,
+                now,
+            );
             self.open.push_back(o);
         }
     }
@@ -353,14 +380,18 @@ impl Coordinator {
             wanted += self.wanted(c);
             starved |= c.jobs.is_empty();
         }
-        self.note_typical_speed();
+        self.note_typical();
         let population = self.replica.config.es.population as f64;
         self.window.follow(self.book.decay(step, now));
-        self.window.closed(wanted as f64 / population, starved);
+        // Wanted work is in members at the config's batch; a step opened
+        // now holds its population times its stretch of them.
+        let per_step = population * self.stretch_now() as f64;
+        self.window.closed(wanted as f64 / per_step, starved);
         tracing::debug!(step, wanted, starved, open = self.window.open(), "window");
         let mut closing = self.open.pop_front().expect("a step is always open");
         debug_assert_eq!(closing.step, step);
         let losses: Vec<(u32, f32)> = closing.books.results().collect();
+        let sequences_closed = closing.sequences;
         self.credit_close(&closing.books);
         let weights = shape(self.replica.config.recipe.shaping, &losses)
             .expect("losses were checked finite on arrival");
@@ -417,7 +448,8 @@ impl Coordinator {
         if self.open.len() < self.window.open() {
             let next = self.replica.step + self.open.len() as u64;
             let version = self.version_for(next);
-            closing.reopen(next, version, &self.replica, &self.data.train, now);
+            let sequences = self.sequences_now();
+            closing.reopen(next, version, sequences, &self.replica, &self.data.train, now);
             self.open.push_back(closing);
             self.open_steps(now);
         }
@@ -429,7 +461,7 @@ impl Coordinator {
         }
         let es = self.replica.config.es;
         let train_loss = losses.iter().map(|&(_, l)| l as f64).sum::<f64>() / losses.len() as f64;
-        let tokens_step = losses.len() as u64 * es.batch as u64 * es.seq_len as u64;
+        let tokens_step = losses.len() as u64 * sequences_closed as u64 * es.seq_len as u64;
         out.push(Output::Mark(Phase::BooksStart));
         let val = self
             .book
@@ -441,7 +473,7 @@ impl Coordinator {
         if let Some(v) = val {
             tracing::info!(step = self.replica.step, train_loss, val_loss = v, "validation");
         }
-        self.counters.closed(now, losses.len() as u32);
+        self.counters.closed(now, losses.len() as u32, sequences_closed);
         if self.book.checkpoints_at(self.replica.step) {
             self.checkpoint(CheckpointReason::Cadence, out);
         }

@@ -764,6 +764,65 @@ fn the_window_follows_the_fleets_round_trip() {
     assert_eq!(c.window.open(), 3);
 }
 
+/// Steps opened while the volunteers are far hold more sequences (their
+/// CPU would otherwise wait on the round trip); close by, or with a fixed
+/// lag, the config's batch. A stretched job's members count as that much more work.
+#[test]
+fn a_far_fleet_gets_longer_minibatches() {
+    // The test config: batch 2, seq_len 8.
+    let window = 9;
+    for (fixed, rtt, want) in [
+        (false, 0.0, 2),
+        (false, 0.05, 2),
+        (false, 0.16, 6),
+        (true, 0.16, 2),
+    ] {
+        let mut c = lagged_coordinator(4, fixed);
+        let (mut w, mut now) = join_one(&mut c);
+        c.clients.get_mut(&1).unwrap().rtt = rtt;
+        let mut late = Vec::new();
+        while c.replica.step < 12 {
+            now += Duration::from_millis(1);
+            let (msgs, _) = drain(&mut w, 1);
+            for m in msgs {
+                let ServerMsg::Job {
+                    step,
+                    job,
+                    members,
+                    tokens,
+                    ..
+                } = m
+                else {
+                    continue;
+                };
+                assert!(tokens.len().is_multiple_of(window), "whole sequences");
+                // Steps opened after the first close know the round trip.
+                if step >= 6 {
+                    late.push(tokens.len() / window);
+                    let stretch = c.sched.jobs.get(job).unwrap().stretch;
+                    assert_eq!(stretch * 2, tokens.len() / window);
+                }
+                let msg = reply(&c, step, job, vec![1.0; members.len()]);
+                c.handle(Input::Message { client: 1, msg }, now, &mut w);
+            }
+        }
+        assert!(!late.is_empty());
+        assert!(
+            late.iter().all(|&n| n == want),
+            "fixed {fixed}, rtt {rtt}: {late:?}"
+        );
+        let status = c.status(now);
+        assert!(status.sequences_per_member >= 2.0);
+        if want > 2 {
+            assert!(
+                status.sequences_per_member > 2.0,
+                "{}",
+                status.sequences_per_member
+            );
+        }
+    }
+}
+
 /// With one job at a time a client gets its next job only after a result.
 #[test]
 fn one_job_at_a_time_when_asked() {
@@ -948,7 +1007,7 @@ fn a_slow_volunteer_gets_part_of_a_step() {
         population,
         "no median yet: whole steps"
     );
-    c.note_typical_speed();
+    c.note_typical();
     assert_eq!(
         c.typical_speed, 1000.0,
         "the relay does not count, the fast one is one of four"

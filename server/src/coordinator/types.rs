@@ -297,6 +297,10 @@ pub struct Settings {
     /// can predict; adaptive keeps the weights as fresh as the network
     /// allows.
     pub fixed_lag: bool,
+    /// Most times the config's batch a step's minibatch grows to when the
+    /// volunteers' round trip is long (1: never; see
+    /// [`crate::coordinator::stretch`]). Only an adaptive window stretches.
+    pub far_batch: u32,
     /// Compute the validation loss every this many steps (0 = never).
     pub eval_every: u64,
     /// Write a checkpoint every this many steps (0 = only at shutdown).
@@ -340,6 +344,7 @@ impl Default for Settings {
             job_timeout_min: Duration::from_secs(10),
             jobs_ahead: 2,
             fixed_lag: false,
+            far_batch: 3,
             eval_every: 50,
             checkpoint_every: 100,
             keep: 3,
@@ -396,6 +401,10 @@ pub struct Status {
     /// staleness steps in flight cost (0 when every step waits for the
     /// one before).
     pub results_behind: f64,
+    /// Minibatch sequences per member, on average over the steps closed
+    /// since the server started: the config's batch, more while the
+    /// volunteers were far (`coordinator/stretch.rs`).
+    pub sequences_per_member: f64,
     /// Parameters of the model.
     pub params: usize,
     /// Hash of the authoritative weights.

@@ -102,7 +102,8 @@ impl Coordinator {
         let secs = now.saturating_duration_since(began).as_secs_f64().max(1e-3);
         client.last_result = Some(now);
         client.jobs.retain(|j| *j != job_id);
-        let rate = job.members.len() as f64 / secs;
+        // In members at the config's batch: a stretched step's cost more.
+        let rate = (job.members.len() * job.stretch) as f64 / secs;
         client.speed = if client.speed > 0.0 {
             0.7 * client.speed + 0.3 * rate
         } else {

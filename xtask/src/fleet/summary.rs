@@ -156,6 +156,7 @@ pub fn json_line(config: &Config, seen: &Observed, losses: &[f64]) -> Value {
             .then(|| seen.steps_open.iter().sum::<u64>() as f64 / seen.steps_open.len() as f64),
         "steps_open_max": seen.steps_open.iter().max(),
         "results_behind_mean": seen.last.as_ref().and_then(|s| s["results_behind"].as_f64()),
+        "sequences_mean": seen.last.as_ref().and_then(|s| s["sequences_per_member"].as_f64()),
         "divergences": seen.divergences(),
         "reissued_jobs": seen.counter("reissued_jobs"),
         "stale_results": seen.counter("stale_results"),
