@@ -125,11 +125,35 @@ pub fn main(ctx: &Ctx, args: &[String]) -> ExitCode {
 
 /// `cargo xtask fleet --smoke`, for `cargo xtask test`'s `fleet-smoke` step:
 /// `Ok` with a note, or what failed.
+///
+/// Two runs: the mixed fleet at RTT 50 ms, then a worker and a tab 150 ms
+/// away, whose steps hold stretched minibatches (`coordinator/stretch.rs`)
+/// that the tab's wasm replica must apply to the same hash.
 pub fn smoke(ctx: &Ctx) -> Result<String, String> {
-    let o = Options::parse(&["--smoke".to_string()])?;
-    let failures = fleet(ctx, &o)?;
+    let near = Options::parse(&["--smoke".to_string()])?;
+    let far = Options::parse(
+        &[
+            "--smoke",
+            "--volunteers",
+            "1",
+            "--browsers",
+            "1",
+            "--rtt",
+            "150",
+            "--budget",
+            "15",
+        ]
+        .map(String::from),
+    )?;
+    let mut failures = fleet(ctx, &near)?;
     if failures.is_empty() {
-        Ok("2 workers + 2 tabs at RTT 50 ms, steps in flight: 0 divergences, every replica on the server's hash".into())
+        failures = fleet(ctx, &far)?
+            .into_iter()
+            .map(|f| format!("at RTT 150 ms: {f}"))
+            .collect();
+    }
+    if failures.is_empty() {
+        Ok("2 workers + 2 tabs at RTT 50 ms, then 1 + 1 at 150 ms with stretched minibatches, steps in flight: 0 divergences, every replica on the server's hash".into())
     } else {
         Err(failures.join("; "))
     }
@@ -397,6 +421,13 @@ fn fleet(ctx: &Ctx, o: &Options) -> Result<Vec<String>, String> {
             failures.push(format!(
                 "no steps in flight (at most {} open)",
                 back["steps_open_max"]
+            ));
+        }
+        // 150 ms away serve stretches each step's minibatch.
+        let stretched = back["sequences_mean"].as_f64().unwrap_or(0.0);
+        if o.rtt >= Duration::from_millis(150) && stretched <= 1.0 {
+            failures.push(format!(
+                "no stretched minibatches ({stretched} sequences per member)"
             ));
         }
         if let Some(why) = seen.last.as_ref().and_then(|s| disagreement(s, o)) {

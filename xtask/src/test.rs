@@ -153,7 +153,7 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "fleet-smoke",
-        about: "`cargo xtask fleet --smoke`: two native workers and two Chromium tabs at RTT 50 ms, steps in flight, agree with the server",
+        about: "`cargo xtask fleet --smoke`: two native workers and two Chromium tabs at RTT 50 ms, then one of each at 150 ms (stretched minibatches), steps in flight, agree with the server",
         // The tab needs www/pkg and Chromium, like the browser tests.
         needs: &["apt-packages", "wasm-pack-build"],
         run: fleet::smoke,
