@@ -23,6 +23,8 @@
 //!
 //! [`Settings::far_batch`]: super::types::Settings::far_batch
 
+use seedling_core::config::limits::MAX_BATCH;
+
 /// Round trip (seconds) per extra sequence: 50 ms keeps one sequence, 150 ±
 /// 50 ms gets three. Measured with 8 x 25% fleets, 30 s runs: at 50 ms two
 /// sequences reached 2.40 later (1.97 s against 1.64); at 150 ± 50 ms two
@@ -32,15 +34,17 @@ pub const RTT_PER_SEQUENCE: f64 = 0.075;
 
 /// Sequences in a step opened now: `base` (the config's batch) times one
 /// plus a sequence per [`RTT_PER_SEQUENCE`] of `rtt`, at most `most` times
-/// `base`. A broken or unknown round trip (0 before the first pong) keeps
-/// `base`.
+/// `base` and never past the most a replica accepts
+/// ([`MAX_BATCH`], or `base` if that is larger). A broken or unknown round
+/// trip (0 before the first pong) keeps `base`.
 pub fn sequences(base: u32, most: u32, rtt: f64) -> usize {
     let times = if rtt.is_finite() && rtt > 0.0 {
         1 + (rtt / RTT_PER_SEQUENCE) as u64
     } else {
         1
     };
-    base as usize * times.clamp(1, most.max(1) as u64) as usize
+    let stretched = u64::from(base) * times.clamp(1, u64::from(most.max(1)));
+    stretched.min(u64::from(MAX_BATCH.max(base))) as usize
 }
 
 #[cfg(test)]
@@ -61,5 +65,8 @@ mod tests {
         assert_eq!(sequences(1, 3, f64::NAN), 1);
         assert_eq!(sequences(1, 3, f64::INFINITY), 1);
         assert_eq!(sequences(1, 3, -1.0), 1);
+        assert_eq!(sequences(MAX_BATCH, 3, 0.16), MAX_BATCH as usize, "a replica takes no more");
+        assert_eq!(sequences(2000, 3, 0.16), MAX_BATCH as usize);
+        assert_eq!(sequences(1, u32::MAX, 1e9), MAX_BATCH as usize);
     }
 }
