@@ -65,7 +65,11 @@ mod tests {
         assert_eq!(sequences(1, 3, f64::NAN), 1);
         assert_eq!(sequences(1, 3, f64::INFINITY), 1);
         assert_eq!(sequences(1, 3, -1.0), 1);
-        assert_eq!(sequences(MAX_BATCH, 3, 0.16), MAX_BATCH as usize, "a replica takes no more");
+        assert_eq!(
+            sequences(MAX_BATCH, 3, 0.16),
+            MAX_BATCH as usize,
+            "a replica takes no more"
+        );
         assert_eq!(sequences(2000, 3, 0.16), MAX_BATCH as usize);
         assert_eq!(sequences(1, u32::MAX, 1e9), MAX_BATCH as usize);
     }
