@@ -147,10 +147,9 @@ pub struct Coordinator {
     typical_speed: f64,
     /// The buffer the median is taken in.
     speeds: Vec<f64>,
-    /// The median round trip (seconds) of the ready clients that measured
-    /// one, as of the last close: what a step's minibatch stretches with
-    /// ([`stretch`]).
-    typical_rtt: f64,
+    /// How many times the config's batch a step opened now holds, as of
+    /// the last close ([`stretch`]).
+    stretch: u32,
 }
 
 impl Coordinator {
@@ -185,7 +184,7 @@ impl Coordinator {
             paused: false,
             typical_speed: 0.0,
             speeds: Vec::new(),
-            typical_rtt: 0.0,
+            stretch: 1,
             replica,
         };
         c.open_steps(now);

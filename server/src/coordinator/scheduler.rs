@@ -395,10 +395,8 @@ impl Coordinator {
     }
 
     /// Takes the median speed of the ready volunteers that are not relays
-    /// (see [`Coordinator::job_size`]) and the median round trip of the
-    /// ready clients (what a step's minibatch stretches with,
-    /// [`super::stretch`]); at every close, O(clients) like the rest of a
-    /// close's accounting.
+    /// (see [`Coordinator::job_size`]), at every close: O(clients) like
+    /// the rest of a close's accounting.
     pub(super) fn note_typical(&mut self) {
         let mut speeds = std::mem::take(&mut self.speeds);
         speeds.clear();
@@ -409,14 +407,6 @@ impl Coordinator {
                 .map(|c| c.speed),
         );
         self.typical_speed = median(&mut speeds);
-        speeds.clear();
-        speeds.extend(
-            self.clients
-                .values()
-                .filter(|c| c.rtt > 0.0 && c.hello.is_some())
-                .map(|c| c.rtt),
-        );
-        self.typical_rtt = median(&mut speeds);
         self.speeds = speeds;
     }
 
@@ -429,9 +419,14 @@ impl Coordinator {
     ///
     /// [`Settings::jobs_ahead`]: super::types::Settings::jobs_ahead
     pub(super) fn wanted(&self, c: &Client) -> usize {
-        // In members at the config's batch, like speeds and `held`: a job
-        // of a stretched step is worth that many more.
-        let size = self.job_size(c) * self.stretch_now();
+        self.wanted_at(c, self.stretch_now())
+    }
+
+    /// [`Coordinator::wanted`] if a step held `stretch` times the config's
+    /// batch. In members at the config's batch, like speeds and `held`: a
+    /// job of a stretched step is worth that many more.
+    pub(super) fn wanted_at(&self, c: &Client, stretch: usize) -> usize {
+        let size = self.job_size(c) * stretch;
         let ahead = self.settings.jobs_ahead.max(1);
         if ahead == 1 {
             return size;
@@ -442,8 +437,7 @@ impl Coordinator {
 
     /// A step opened now: its minibatch over the config's batch.
     pub(super) fn stretch_now(&self) -> usize {
-        let base = self.replica.config.es.batch.max(1) as usize;
-        (self.sequences_now() / base).max(1)
+        self.stretch_of_sequences(self.sequences_now())
     }
 
     /// Members in a client's live jobs, each counted as many times as its
@@ -459,8 +453,13 @@ impl Coordinator {
 
     /// Open step `i`'s minibatch over the config's batch (at least 1).
     pub(super) fn stretch_of(&self, i: usize) -> usize {
+        self.stretch_of_sequences(self.open[i].sequences)
+    }
+
+    /// A minibatch of `sequences` over the config's batch (at least 1).
+    fn stretch_of_sequences(&self, sequences: usize) -> usize {
         let base = self.replica.config.es.batch.max(1) as usize;
-        (self.open[i].sequences / base).max(1)
+        (sequences / base).max(1)
     }
 
     /// True when a client should get another job: fewer than

@@ -303,14 +303,14 @@ impl Coordinator {
     }
 
     /// Sequences in the minibatch of a step opened now: the config's
-    /// batch, stretched with the volunteers' round trip when the window is
-    /// adaptive ([`super::stretch`]).
+    /// batch, stretched when an adaptive window cannot hold the work the
+    /// volunteers want ([`super::stretch`]).
     pub(super) fn sequences_now(&self) -> usize {
         let es = &self.replica.config.es;
         if self.settings.fixed_lag || es.lag == 0 {
             return es.batch as usize;
         }
-        super::stretch::sequences(es.batch, self.settings.far_batch, self.typical_rtt)
+        super::stretch::sequences(es.batch, self.stretch)
     }
 
     /// Opens the replica's step and as many after it as the window holds:
@@ -374,20 +374,28 @@ impl Coordinator {
         // The work the volunteers want to hold sizes the window; a ready
         // volunteer with no job now waited on the network or on this close,
         // so the estimate fell short.
+        // Wanted work is in members at the config's batch, as if every
+        // step held that batch: what the stretch compares with the window.
         let mut wanted = 0;
         let mut starved = false;
         for c in self.clients.values().filter(|c| c.hello.is_some()) {
-            wanted += self.wanted(c);
+            wanted += self.wanted_at(c, 1);
             starved |= c.jobs.is_empty();
         }
         self.note_typical();
-        let population = self.replica.config.es.population as f64;
+        let need = wanted as f64 / self.replica.config.es.population as f64;
         self.window.follow(self.book.decay(step, now));
-        // Wanted work is in members at the config's batch; a step opened
-        // now holds its population times its stretch of them.
-        let per_step = population * self.stretch_now() as f64;
-        self.window.closed(wanted as f64 / per_step, starved);
-        tracing::debug!(step, wanted, starved, open = self.window.open(), "window");
+        self.stretch = super::stretch::times(need, self.window.behind(), self.settings.far_batch);
+        // A step opened now holds its stretch times the work.
+        self.window.closed(need / self.stretch_now() as f64, starved);
+        tracing::debug!(
+            step,
+            need,
+            starved,
+            open = self.window.open(),
+            stretch = self.stretch,
+            "window"
+        );
         let mut closing = self.open.pop_front().expect("a step is always open");
         debug_assert_eq!(closing.step, step);
         let losses: Vec<(u32, f32)> = closing.books.results().collect();

@@ -764,19 +764,18 @@ fn the_window_follows_the_fleets_round_trip() {
     assert_eq!(c.window.open(), 3);
 }
 
-/// Steps opened while the volunteers are far hold more sequences (their
-/// CPU would otherwise wait on the round trip); close by, or with a fixed
-/// lag, the config's batch. A stretched job's members count as that much more work.
+/// Steps opened while the volunteers want more work than the window holds
+/// (far away, their CPU would otherwise wait on the round trip) hold more
+/// sequences; close by, or with a fixed lag, the config's batch. A
+/// stretched job's members count as that much more work.
 #[test]
 fn a_far_fleet_gets_longer_minibatches() {
     // The test config: batch 2, seq_len 8.
     let window = 9;
-    for (fixed, rtt, want) in [
-        (false, 0.0, 2),
-        (false, 0.05, 2),
-        (false, 0.16, 6),
-        (true, 0.16, 2),
-    ] {
+    // One volunteer close by wants two jobs of at most a step each, which
+    // a window of 4 steps behind holds; 160 ms away it wants its speed
+    // (members per millisecond here) times the round trip, many windows.
+    for (fixed, rtt, want) in [(false, 0.0, 2), (false, 0.16, 6), (true, 0.16, 2)] {
         let mut c = lagged_coordinator(4, fixed);
         let (mut w, mut now) = join_one(&mut c);
         c.clients.get_mut(&1).unwrap().rtt = rtt;

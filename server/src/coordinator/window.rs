@@ -107,6 +107,16 @@ impl Window {
         behind.clamp(lag.div_ceil(2), lag) + 1
     }
 
+    /// The most steps behind the oldest open step at the lr's current
+    /// decay (0 without a lag): what the volunteers' wanted work is
+    /// measured against to stretch a step ([`super::stretch`]).
+    pub fn behind(&self) -> usize {
+        if self.fixed {
+            return self.max - 1;
+        }
+        self.cap() - 1
+    }
+
     /// The schedule's lr is now `decay` times its peak. A broken value
     /// reads as the peak, the cap of a run without a schedule.
     pub fn follow(&mut self, decay: f64) {
