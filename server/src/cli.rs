@@ -248,9 +248,10 @@ pub struct RunArgs {
     #[arg(long, allow_negative_numbers = true, help_heading = "Volunteers")]
     pub job_timeout: Option<f64>,
     /// Most sequences per member, as a multiple of --batch, when the
-    /// volunteers are far: a step gets one more for every 75 ms of their
-    /// median round trip, using CPU that would wait on the network (1:
-    /// never; only without --fixed-lag) [default: 3].
+    /// volunteers want more work than the steps in flight hold (far away,
+    /// or many): a step gets one more batch for each time they want twice
+    /// the window, using CPU that would wait on the network (1: never;
+    /// only without --fixed-lag) [default: 3].
     #[arg(long, help_heading = "Volunteers")]
     pub far_batch: Option<u32>,
     /// Jobs a volunteer holds at least: with 2 its next job travels while

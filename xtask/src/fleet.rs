@@ -128,7 +128,9 @@ pub fn main(ctx: &Ctx, args: &[String]) -> ExitCode {
 ///
 /// Two runs: the mixed fleet at RTT 50 ms, then a worker and a tab 150 ms
 /// away, whose steps hold stretched minibatches (`coordinator/stretch.rs`)
-/// that the tab's wasm replica must apply to the same hash.
+/// that the tab's wasm replica must apply to the same hash. The far run's
+/// lag is 4: two volunteers want more than twice what so short a window
+/// holds, as eight do with the default lag.
 pub fn smoke(ctx: &Ctx) -> Result<String, String> {
     let near = Options::parse(&["--smoke".to_string()])?;
     let far = Options::parse(
@@ -142,6 +144,9 @@ pub fn smoke(ctx: &Ctx) -> Result<String, String> {
             "150",
             "--budget",
             "15",
+            "--",
+            "--lag",
+            "4",
         ]
         .map(String::from),
     )?;

@@ -45,8 +45,8 @@ pub(super) struct Job {
     /// Inline up to a typical crowd's job size: a job is created and
     /// dropped for every result.
     pub(super) members: SmallVec<[u32; 8]>,
-    /// Its step's minibatch over the config's batch (1, or more for a far
-    /// fleet; [`super::stretch`]): each member costs that many times the
+    /// Its step's minibatch over the config's batch (1, or more for a fleet
+    /// the window cannot keep busy; [`super::stretch`]): each member costs that many times the
     /// time of one at the config's batch.
     pub(super) stretch: usize,
     pub(super) sent: Instant,

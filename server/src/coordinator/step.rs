@@ -73,8 +73,8 @@ pub(super) struct Open {
     /// estimate kept to seen input rows) the update carries it, and this
     /// replica's update reads it.
     tokens: Vec<Token>,
-    /// Sequences in the minibatch: the config's batch, or more for a far
-    /// fleet ([`super::stretch`]).
+    /// Sequences in the minibatch: the config's batch, or more for a fleet
+    /// the window cannot keep busy ([`super::stretch`]).
     pub(super) sequences: usize,
     /// The minibatch as encoded in its jobs, encoded once and shared by
     /// every job frame of the step.

@@ -298,7 +298,7 @@ pub struct Settings {
     /// allows.
     pub fixed_lag: bool,
     /// Most times the config's batch a step's minibatch grows to when the
-    /// volunteers' round trip is long (1: never; see
+    /// volunteers want more work than the window holds (1: never; see
     /// [`crate::coordinator::stretch`]). Only an adaptive window stretches.
     pub far_batch: u32,
     /// Compute the validation loss every this many steps (0 = never).
