@@ -386,16 +386,13 @@ impl Coordinator {
         let need = wanted as f64 / self.replica.config.es.population as f64;
         self.window.follow(self.book.decay(step, now));
         self.stretch = super::stretch::times(need, self.window.behind(), self.settings.far_batch);
-        // A step opened now holds its stretch times the work.
-        self.window.closed(need / self.stretch_now() as f64, starved);
-        tracing::debug!(
-            step,
-            need,
-            starved,
-            open = self.window.open(),
-            stretch = self.stretch,
-            "window"
-        );
+        // A step opened now holds its stretch times the work. (At a
+        // stretch of 2 or more `need / stretch` is at least twice
+        // `behind`, so the window is at its cap whatever the job in hand
+        // weighs.)
+        let stretch = self.stretch_now();
+        self.window.closed(need / stretch as f64, starved);
+        tracing::debug!(step, need, starved, open = self.window.open(), stretch, "window");
         let mut closing = self.open.pop_front().expect("a step is always open");
         debug_assert_eq!(closing.step, step);
         let losses: Vec<(u32, f32)> = closing.books.results().collect();

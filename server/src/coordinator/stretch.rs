@@ -20,9 +20,11 @@
 //! [`super::window`]): the volunteers want to hold `need` steps of work
 //! at the config's batch (each its speed times its round trip, plus the
 //! job in hand), and at most `behind` steps may be open behind the
-//! oldest. When `need` is `k` times `behind` or more, the fleet could
-//! evaluate `k` times the work the window holds, so a step opened now
-//! holds `k` times the sequences, up to [`Settings::far_batch`]. A far
+//! oldest. Measured speeds overstate what a volunteer sustains about
+//! twice ([`WANTED_OVER_SUSTAINED`]), so when `need` is `2k` times
+//! `behind` or more, the fleet could evaluate `k` times the work the
+//! window holds, and a step opened now holds `k` times the sequences, up
+//! to [`Settings::far_batch`]. A far
 //! fleet stretches from its first close; a large fleet close by stretches
 //! once the window's cap falls with the lr, which is when a less noisy
 //! step pays most (the loss near its floor). A small fleet, bound by its
